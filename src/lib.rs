@@ -1,0 +1,66 @@
+//! # vdisk — virtual-machine disk images
+//!
+//! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
+//! `Send + Sync`), with backends for raw and qcow2, an opener with an
+//! explicit backing-file policy, and a `vdisk` command-line tool in the
+//! spirit of `qemu-img` (feature `cli`, on by default).
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vdisk::{BlockDevice, MemStorage, Raw};
+//!
+//! let disk = Raw::create(Arc::new(MemStorage::new()), 1 << 20)?;
+//! disk.write_at(b"hello", 4096)?;
+//! let mut buf = [0u8; 5];
+//! disk.read_at(&mut buf, 4096)?;
+//! assert_eq!(&buf, b"hello");
+//! # Ok::<(), vdisk::Error>(())
+//! ```
+//!
+//! # Opening untrusted images
+//!
+//! Every byte of an image may be hostile. vdisk validates every header field
+//! and table position before use, bounds every allocation by a documented
+//! limit ([`limits`]), and never panics on bad input. Two choices stay with
+//! the caller:
+//!
+//! * **Name the format.** Probing ([`OpenOptions::probe`]) is opt-in: a
+//!   guest can write a qcow2 header into its raw disk, and a host that probes
+//!   the disk would then follow whatever backing file the guest named.
+//! * **Choose a backing policy.** [`BackingPolicy::Never`] opens no other
+//!   file; the default [`BackingPolicy::RecordedFormat`] follows backing files
+//!   only with a format recorded in the image; [`OpenOptions::confine_to`]
+//!   keeps them inside one directory.
+//!
+//! # Layers
+//!
+//! ```text
+//!  vdisk CLI        user code / hypervisor
+//!       |                 |
+//!  open() + probe  — picks a format, opens the backing chain under policy
+//!       |
+//!  raw | qcow2      — each implements BlockDevice
+//!       |
+//!  Storage          — host bytes: FileStorage, MemStorage, FaultyStorage
+//! ```
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod device;
+pub mod error;
+pub mod limits;
+pub mod open;
+pub mod probe;
+pub mod qcow2;
+mod quiesce;
+pub mod raw;
+pub mod reader;
+pub mod storage;
+pub mod sys;
+
+pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
+pub use error::{Error, ErrorKind, Result};
+pub use open::{open, BackingPolicy, Image, OpenOptions};
+pub use qcow2::{Qcow2, Qcow2Options};
+pub use raw::Raw;
+pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};

@@ -1,0 +1,54 @@
+//! Every numeric limit vdisk applies to untrusted images, each with the spec
+//! text or QEMU source it mirrors.
+
+/// Smallest qcow2 cluster: 512 bytes (`MIN_CLUSTER_BITS` in QEMU `block/qcow2.h`).
+pub const QCOW2_MIN_CLUSTER_BITS: u32 = 9;
+/// Largest qcow2 cluster: 2 MiB (`MAX_CLUSTER_BITS` in QEMU `block/qcow2.h`).
+pub const QCOW2_MAX_CLUSTER_BITS: u32 = 21;
+/// Largest L1 table: 32 MiB (`QCOW_MAX_L1_SIZE`).
+pub const QCOW2_MAX_L1_BYTES: u64 = 32 << 20;
+/// Largest refcount table: 8 MiB (`QCOW_MAX_REFTABLE_SIZE`).
+pub const QCOW2_MAX_REFTABLE_BYTES: u64 = 8 << 20;
+/// Most internal snapshots (`QCOW_MAX_SNAPSHOTS`).
+pub const QCOW2_MAX_SNAPSHOTS: u32 = 65536;
+/// Largest snapshot table: 64 MiB (`QCOW_MAX_SNAPSHOTS_SIZE`, 1 KiB per snapshot on average).
+pub const QCOW2_MAX_SNAPSHOTS_BYTES: u64 = 64 << 20;
+/// Most extra data per snapshot entry (`QCOW_MAX_SNAPSHOT_EXTRA_DATA`).
+pub const QCOW2_MAX_SNAPSHOT_EXTRA: u32 = 1024;
+/// Longest backing file name (`1023` in `qcow2_do_open`: "Backing file name too long").
+pub const QCOW2_MAX_BACKING_NAME: u32 = 1023;
+/// Longest backing format name: QEMU refuses a backing format extension of
+/// 16 bytes or more (`qcow2_read_extensions`).
+pub const QCOW2_MAX_BACKING_FORMAT: u32 = 15;
+/// Most persistent bitmaps (`QCOW2_MAX_BITMAPS`).
+pub const QCOW2_MAX_BITMAPS: u32 = 65535;
+/// Largest bitmap directory (`QCOW2_MAX_BITMAP_DIRECTORY_SIZE`).
+pub const QCOW2_MAX_BITMAP_DIRECTORY: u64 = 1024 * 65535;
+/// Host offsets must stay below 2^56 (L2 entry offset field, bits 9..55).
+pub const QCOW2_MAX_HOST_OFFSET: u64 = 1 << 56;
+/// Largest virtual size qemu-img creates: 2^63 - 512 is the theoretical
+/// bound; L1 size limits keep real images far below.
+pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64 & !511;
+/// Default L2 cache: enough for the whole image up to 32 MiB, as QEMU's
+/// default (`DEFAULT_L2_CACHE_MAX_SIZE` on Linux).
+pub const QCOW2_DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Fewest L2 tables kept in the cache (`MIN_L2_CACHE_SIZE`).
+pub const QCOW2_MIN_L2_CACHE_TABLES: usize = 2;
+/// Deepest backing chain vdisk opens (a loop or an absurd chain is an error).
+pub const MAX_BACKING_DEPTH: usize = 10;
+
+/// Largest vmdk descriptor vdisk reads: 1 MiB, as QEMU (`vmdk_open_desc_file`).
+pub const VMDK_MAX_DESCRIPTOR: u64 = 1 << 20;
+/// Largest vmdk grain: 0x200000 sectors (1 GiB), as QEMU (`vmdk_open_vmdk4`).
+pub const VMDK_MAX_GRAIN_SECTORS: u64 = 0x200000;
+/// Most grain table entries per grain table (spec fixes 512; QEMU accepts 1..=512).
+pub const VMDK_MAX_GTES_PER_GT: u32 = 512;
+/// Largest grain directory vdisk loads: 64 MiB of entries.
+pub const VMDK_MAX_GD_BYTES: u64 = 64 << 20;
+/// Most extents in one descriptor.
+pub const VMDK_MAX_EXTENTS: usize = 1024;
+/// Longest extent file name (QEMU: 511 characters).
+pub const VMDK_MAX_FILENAME: usize = 511;
+/// Largest vmdk capacity: 2^32 grains tables' worth is absurd; VMware's
+/// limit is 62 TiB. vdisk refuses more than 64 TiB.
+pub const VMDK_MAX_CAPACITY: u64 = 64 << 40;

@@ -1,0 +1,315 @@
+//! Opening images by path: explicit format or opt-in probing, and the
+//! backing-file policy that decides which other host files an image may make
+//! vdisk open.
+
+use std::collections::HashSet;
+use std::io::{IoSlice, IoSliceMut};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::limits::MAX_BACKING_DEPTH;
+use crate::qcow2::{Qcow2, Qcow2Options};
+use crate::raw::Raw;
+use crate::storage::{FileStorage, Storage};
+
+/// Which backing (and external data) files an image may make vdisk open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BackingPolicy {
+    /// Follow backing files whose format the image records (qcow2's backing
+    /// format extension); an image that names a backing file without its
+    /// format is an error. Never probes. The default.
+    #[default]
+    RecordedFormat,
+    /// Follow backing files, probing the format where the image does not
+    /// record it, as `qemu-img` does. Only for trusted images.
+    Follow,
+    /// Open no other file. Reads that fall through to a backing file fail;
+    /// `info` and `map` still work.
+    Never,
+}
+
+/// How to open an image. Built with chained setters:
+///
+/// ```
+/// use vdisk::{OpenOptions, Format, BackingPolicy};
+/// let opts = OpenOptions::new().format(Format::Qcow2).read_only(true).backing(BackingPolicy::Never);
+/// # let _ = opts;
+/// ```
+#[derive(Debug, Clone)]
+pub struct OpenOptions {
+    format: Option<Format>,
+    probe: bool,
+    read_only: bool,
+    backing: BackingPolicy,
+    l2_cache_bytes: Option<u64>,
+    max_depth: usize,
+    confine_to: Option<PathBuf>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl OpenOptions {
+    /// Read-write, no format chosen (set one, or allow probing), backing
+    /// files followed only with a recorded format.
+    pub fn new() -> Self {
+        OpenOptions {
+            format: None,
+            probe: false,
+            read_only: false,
+            backing: BackingPolicy::RecordedFormat,
+            l2_cache_bytes: None,
+            max_depth: MAX_BACKING_DEPTH,
+            confine_to: None,
+        }
+    }
+
+    /// The image's format. A file opened as raw is never looked at.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = Some(format);
+        self
+    }
+
+    /// Sets or clears the format.
+    pub fn format_opt(mut self, format: Option<Format>) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Allows guessing the format from the file's magic when none is set.
+    /// Never use it on a file a guest can write (see [`crate::probe`]).
+    pub fn probe(mut self, probe: bool) -> Self {
+        self.probe = probe;
+        self
+    }
+
+    /// Opens read-only.
+    pub fn read_only(mut self, read_only: bool) -> Self {
+        self.read_only = read_only;
+        self
+    }
+
+    /// The backing-file policy.
+    pub fn backing(mut self, policy: BackingPolicy) -> Self {
+        self.backing = policy;
+        self
+    }
+
+    /// L2 cache size in bytes for qcow2 images (each layer gets its own).
+    pub fn l2_cache_bytes(mut self, bytes: u64) -> Self {
+        self.l2_cache_bytes = Some(bytes);
+        self
+    }
+
+    /// Deepest backing chain to open (default 10).
+    pub fn max_depth(mut self, depth: usize) -> Self {
+        self.max_depth = depth;
+        self
+    }
+
+    /// Refuses backing and data files that resolve outside `dir`.
+    pub fn confine_to(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.confine_to = Some(dir.into());
+        self
+    }
+
+    /// Opens the image at `path`.
+    pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
+        let mut seen = HashSet::new();
+        self.open_layer(path.as_ref(), self.format, self.read_only, 0, &mut seen)
+    }
+
+    fn open_layer(
+        &self,
+        path: &Path,
+        format: Option<Format>,
+        read_only: bool,
+        depth: usize,
+        seen: &mut HashSet<(u64, u64)>,
+    ) -> Result<Image> {
+        if depth > self.max_depth {
+            return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
+        }
+        let storage = FileStorage::open(path, read_only)?;
+        if let Some(f) = storage.file() {
+            use std::os::unix::fs::MetadataExt;
+            let md = f.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
+            if !seen.insert((md.dev(), md.ino())) {
+                return Err(Error::invalid(format!("backing chain loops back to {}", path.display())).with_path(path));
+            }
+        }
+        let storage: Arc<dyn Storage> = Arc::new(storage);
+        let format = match format {
+            Some(f) => f,
+            None if self.probe || depth > 0 => crate::probe::probe(&*storage)?,
+            None => {
+                return Err(Error::invalid_argument(
+                    "no image format given; name one (or enable probing for trusted images)",
+                )
+                .with_path(path))
+            }
+        };
+        match format {
+            Format::Raw => Ok(Image::Raw(Raw::open(storage)?)),
+            Format::Qcow2 => {
+                let h = Qcow2::read_header(&*storage)?;
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut opts = Qcow2Options {
+                    read_only,
+                    l2_cache_bytes: self.l2_cache_bytes,
+                    ..Default::default()
+                };
+                if let Some(name) = &h.backing_file {
+                    opts.backing = self.open_backing(path, dir, name, h.backing_format.as_deref(), depth, seen)?;
+                }
+                if let (Some(name), true) = (&h.data_file, h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0) {
+                    if self.backing != BackingPolicy::Never {
+                        let p = self.resolve(path, dir, name, "data file")?;
+                        opts.data_file = Some(Arc::new(FileStorage::open(&p, read_only)?));
+                    }
+                }
+                Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
+            }
+            Format::Vmdk => Err(Error::unsupported("vmdk images are not supported yet").with_path(path)),
+        }
+    }
+
+    fn resolve(&self, image: &Path, dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(Error::unsupported(format!("{what} '{name}' is not a plain file name")).with_path(image));
+        }
+        let p = Path::new(name);
+        let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
+        if let Some(root) = &self.confine_to {
+            let canon = p
+                .canonicalize()
+                .map_err(|e| Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image))?;
+            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+            if !canon.starts_with(&root) {
+                return Err(Error::new(
+                    ErrorKind::InvalidImage,
+                    format!("{what} '{name}' resolves outside {}", root.display()),
+                )
+                .with_path(image));
+            }
+        }
+        Ok(p)
+    }
+
+    fn open_backing(
+        &self,
+        image: &Path,
+        dir: &Path,
+        name: &str,
+        recorded: Option<&str>,
+        depth: usize,
+        seen: &mut HashSet<(u64, u64)>,
+    ) -> Result<Option<Arc<dyn BlockDevice>>> {
+        let format = match (self.backing, recorded) {
+            (BackingPolicy::Never, _) => return Ok(None),
+            (_, Some(f)) => Some(Format::from_name(f).map_err(|e| e.with_path(image).with_field("backing_format"))?),
+            (BackingPolicy::RecordedFormat, None) => {
+                return Err(Error::invalid(format!(
+                    "the backing file '{name}' has no recorded format; pass a backing policy that allows probing for trusted images"
+                ))
+                .with_path(image)
+                .with_field("backing_format"))
+            }
+            (BackingPolicy::Follow, None) => None,
+        };
+        let p = self.resolve(image, dir, name, "backing file")?;
+        let img = self
+            .open_layer(&p, format, true, depth + 1, seen)
+            .map_err(|e| e.context(format!("opening backing file '{name}'")))?;
+        Ok(Some(Arc::new(img)))
+    }
+}
+
+/// Opens the image at `path` with `options`.
+pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
+    options.open(path)
+}
+
+/// An opened image of any format.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Image {
+    /// A raw image.
+    Raw(Raw),
+    /// A qcow2 image.
+    Qcow2(Qcow2),
+}
+
+impl Image {
+    fn dev(&self) -> &dyn BlockDevice {
+        match self {
+            Image::Raw(d) => d,
+            Image::Qcow2(d) => d,
+        }
+    }
+
+    /// The format.
+    pub fn format(&self) -> Format {
+        match self {
+            Image::Raw(_) => Format::Raw,
+            Image::Qcow2(_) => Format::Qcow2,
+        }
+    }
+
+    /// The backing device, if one was opened.
+    pub fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
+        match self {
+            Image::Qcow2(q) => q.backing(),
+            _ => None,
+        }
+    }
+
+    /// Host bytes allocated by the image file (`st_blocks * 512`).
+    pub fn allocated_bytes(&self) -> Option<u64> {
+        match self {
+            Image::Raw(r) => r.storage().allocated_bytes(),
+            Image::Qcow2(q) => q.file().allocated_bytes(),
+        }
+    }
+}
+
+impl BlockDevice for Image {
+    fn info(&self) -> DeviceInfo {
+        self.dev().info()
+    }
+    fn size(&self) -> u64 {
+        self.dev().size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.dev().read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.dev().write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.dev().write_zeroes(offset, len, mode)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.dev().discard(offset, len)
+    }
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.dev().map(offset, max_len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.dev().flush()
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.dev().resize(new_size)
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.dev().read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.dev().write_vectored_at(bufs, offset)
+    }
+}

@@ -1,0 +1,143 @@
+//! The raw format: the guest disk is the host file, byte for byte.
+//!
+//! `map` reports holes found with `SEEK_DATA`/`SEEK_HOLE`; `discard` and
+//! `write_zeroes` punch holes where the host can. Opening a file as raw never
+//! looks at its content.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
+use crate::error::{ErrorKind, Result};
+use crate::storage::{write_zeroes_slow, Storage};
+
+/// A raw image over a [`Storage`].
+#[derive(Debug)]
+#[must_use = "call flush() to make writes durable"]
+pub struct Raw {
+    storage: Arc<dyn Storage>,
+    size: AtomicU64,
+    read_only: bool,
+}
+
+impl Raw {
+    /// Opens `storage` as a raw image whose size is the storage's length.
+    pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
+        let size = storage.len()?;
+        let read_only = storage.is_read_only();
+        Ok(Raw { storage, size: AtomicU64::new(size), read_only })
+    }
+
+    /// Creates a raw image of `size` bytes (sparse) on an empty storage.
+    pub fn create(storage: Arc<dyn Storage>, size: u64) -> Result<Raw> {
+        storage.set_len(size)?;
+        Raw::open(storage)
+    }
+
+    /// The storage underneath.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    fn check_writable(&self, what: &str) -> Result<()> {
+        if self.read_only {
+            return Err(crate::Error::read_only(what).with_format("raw"));
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Raw {
+    fn info(&self) -> DeviceInfo {
+        DeviceInfo::new(Format::Raw, self.size(), self.read_only)
+    }
+
+    fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        check_request(offset, buf.len() as u64, self.size())?;
+        self.storage.read_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write")?;
+        check_request(offset, buf.len() as u64, self.size())?;
+        self.storage.write_at(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.check_writable("write_zeroes")?;
+        check_request(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        if mode == ZeroMode::MayUnmap {
+            match self.storage.punch_hole(offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Unsupported => {}
+                Err(e) => return Err(e),
+            }
+        }
+        write_zeroes_slow(&*self.storage, offset, len)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.check_writable("discard")?;
+        check_request(offset, len, self.size())?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.storage.punch_hole(offset, len)
+    }
+
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        let size = self.size();
+        check_request(offset, 0, size)?;
+        let max = max_len.min(size - offset);
+        let (data, end) = if max == 0 { (true, offset) } else { self.storage.region(offset)? };
+        // Past the end of a shorter storage reads as zeros.
+        let len = end.saturating_sub(offset).clamp(max.min(1), max);
+        let kind = if data { ExtentKind::Data { host_offset: Some(offset) } } else { ExtentKind::Zero { host_offset: None } };
+        Ok(Extent { offset, length: len, kind, depth: 0, encrypted: false })
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.storage.sync()
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.check_writable("resize")?;
+        self.storage.set_len(new_size)?;
+        self.size.store(new_size, Ordering::Release);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn read_write_bounds() {
+        let r = Raw::create(Arc::new(MemStorage::new()), 4096).unwrap();
+        r.write_at(&[1, 2, 3], 100).unwrap();
+        let mut b = [0u8; 3];
+        r.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+        assert_eq!(r.read_at(&mut b, 4094).unwrap_err().kind(), ErrorKind::OutOfBounds);
+        assert_eq!(r.write_at(&b, 4094).unwrap_err().kind(), ErrorKind::OutOfBounds);
+        r.write_zeroes(100, 2, ZeroMode::MayUnmap).unwrap();
+        r.read_at(&mut b, 100).unwrap();
+        assert_eq!(b, [0, 0, 3]);
+        let e = r.map(0, u64::MAX).unwrap();
+        assert_eq!(e.length, 4096);
+        r.resize(8192).unwrap();
+        assert_eq!(r.size(), 8192);
+    }
+}

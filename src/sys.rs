@@ -1,0 +1,225 @@
+//! The one module allowed `unsafe`: thin wrappers over the few system calls
+//! std does not offer (hole punching, preallocation, SEEK_DATA/SEEK_HOLE,
+//! byte-range open-file-description locks, statvfs).
+//!
+//! Every function takes a borrowed file descriptor, so the descriptor is valid
+//! for the whole call; each `unsafe` block says why the call is sound.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+fn off(v: u64) -> io::Result<libc::off_t> {
+    libc::off_t::try_from(v).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Deallocates `[offset, offset + len)` of a regular file, keeping its size.
+/// Reads of the range return zeros afterwards.
+pub fn punch_hole(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: fallocate only reads its integer arguments; fd is a live
+        // descriptor borrowed for the duration of the call.
+        let r = unsafe {
+            libc::fallocate(
+                fd.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off(offset)?,
+                off(len)?,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// Allocates host blocks for `[offset, offset + len)`, growing the file if the
+/// range ends past its end.
+pub fn fallocate(fd: BorrowedFd<'_>, offset: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: as in punch_hole.
+        let r = unsafe { libc::fallocate(fd.as_raw_fd(), 0, off(offset)?, off(len)?) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, offset, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// Where data or a hole starts at or after `offset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Whence {
+    /// `SEEK_DATA`.
+    Data,
+    /// `SEEK_HOLE`.
+    Hole,
+}
+
+/// `lseek(fd, offset, SEEK_DATA|SEEK_HOLE)`. `Ok(None)` when there is no data
+/// at or after `offset` (ENXIO). The descriptor's file position moves, which
+/// is harmless: all of vdisk's I/O is positional.
+pub fn seek(fd: BorrowedFd<'_>, offset: u64, whence: Whence) -> io::Result<Option<u64>> {
+    #[cfg(target_os = "linux")]
+    {
+        let w = match whence {
+            Whence::Data => libc::SEEK_DATA,
+            Whence::Hole => libc::SEEK_HOLE,
+        };
+        // SAFETY: lseek only reads its integer arguments.
+        let r = unsafe { libc::lseek(fd.as_raw_fd(), off(offset)?, w) };
+        if r >= 0 {
+            Ok(Some(r as u64))
+        } else {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, offset, whence);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// A byte-range lock request on an open file description (Linux OFD locks,
+/// `F_OFD_SETLK`), the kind QEMU takes on image files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockType {
+    /// A shared (read) lock.
+    Shared,
+    /// An exclusive (write) lock.
+    Exclusive,
+    /// Release the range.
+    Unlock,
+}
+
+fn flock_struct(kind: LockType, start: u64, len: u64) -> io::Result<libc::flock> {
+    // SAFETY: libc::flock is a plain C struct for which all-zero bytes are a
+    // valid value (the OFD commands require l_pid == 0).
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = match kind {
+        LockType::Shared => libc::F_RDLCK,
+        LockType::Exclusive => libc::F_WRLCK,
+        LockType::Unlock => libc::F_UNLCK,
+    } as libc::c_short;
+    fl.l_whence = libc::SEEK_SET as libc::c_short;
+    fl.l_start = off(start)?;
+    fl.l_len = off(len)?;
+    Ok(fl)
+}
+
+/// Sets (or releases) an OFD lock without waiting. Fails with
+/// `WouldBlock`-like errors (EAGAIN/EACCES) when another description holds a
+/// conflicting lock.
+pub fn ofd_setlk(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let fl = flock_struct(kind, start, len)?;
+        // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we pass by pointer,
+        // which lives on this stack frame for the whole call.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, kind, start, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// Asks whether a lock of `kind` on the range would conflict with a lock held
+/// through another open file description. `Ok(true)` when it would conflict.
+pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -> io::Result<bool> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut fl = flock_struct(kind, start, len)?;
+        // SAFETY: fcntl(F_OFD_GETLK) reads and writes the flock struct we pass
+        // by pointer, which lives on this stack frame for the whole call.
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+        if r == 0 {
+            Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (fd, kind, start, len);
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// Filesystem figures from `fstatvfs`, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsStats {
+    /// Total size (`f_blocks * f_frsize`).
+    pub capacity: u64,
+    /// Free for unprivileged users (`f_bavail * f_frsize`).
+    pub available: u64,
+    /// Free including root-reserved blocks (`f_bfree * f_frsize`).
+    pub free: u64,
+}
+
+/// `fstatvfs` on an open file or directory.
+pub fn fs_stats(fd: BorrowedFd<'_>) -> io::Result<FsStats> {
+    // SAFETY: statvfs is a plain C struct; all-zero bytes are a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatvfs writes into the struct we pass by pointer, which lives
+    // on this stack frame for the whole call.
+    let r = unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut st as *mut libc::statvfs) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let frsize = st.f_frsize as u64;
+    Ok(FsStats {
+        capacity: (st.f_blocks as u64).saturating_mul(frsize),
+        available: (st.f_bavail as u64).saturating_mul(frsize),
+        free: (st.f_bfree as u64).saturating_mul(frsize),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        punch_hole(f.as_fd(), 0, 512 << 10).unwrap();
+        let d = seek(f.as_fd(), 0, Whence::Data).unwrap();
+        // Filesystems may keep the hole at block granularity; data starts at or
+        // before the end of the punched range.
+        assert!(d.unwrap() <= 512 << 10);
+        let st = fs_stats(f.as_fd()).unwrap();
+        assert!(st.capacity >= st.free && st.free >= st.available);
+    }
+}
