@@ -34,7 +34,9 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
-            other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
+            other => Err(Error::unsupported(format!(
+                "unknown or unsupported image format '{other}'"
+            ))),
         }
     }
 }
@@ -221,6 +223,8 @@ pub struct DeviceInfo {
     pub backing_format: Option<String>,
     /// Format-specific facts.
     pub details: FormatDetails,
+    /// Path of the image file, where there is one.
+    pub path: Option<std::path::PathBuf>,
 }
 
 impl DeviceInfo {
@@ -235,6 +239,7 @@ impl DeviceInfo {
             backing_file: None,
             backing_format: None,
             details: FormatDetails::None,
+            path: None,
         }
     }
 }
@@ -280,7 +285,9 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// where the format can.
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         let _ = (offset, len, mode);
-        Err(Error::unsupported("this device does not support write_zeroes"))
+        Err(Error::unsupported(
+            "this device does not support write_zeroes",
+        ))
     }
 
     /// Gives the space of `[offset, offset + len)` back to the host where the
@@ -300,10 +307,27 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Makes everything written so far durable, metadata in a safe order.
     fn flush(&self) -> Result<()>;
 
+    /// Writes whole clusters compressed (qcow2, streamOptimized vmdk).
+    /// `offset` and `buf.len()` must be multiples of the allocation unit
+    /// (the last unit may end at the device's end). Data that does not
+    /// shrink is stored uncompressed.
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _ = (buf, offset);
+        Err(Error::unsupported(
+            "this device does not support compressed writes",
+        ))
+    }
+
     /// Changes the guest-visible size.
     fn resize(&self, new_size: u64) -> Result<()> {
         let _ = new_size;
         Err(Error::unsupported("this device cannot be resized"))
+    }
+
+    /// The device unallocated ranges fall through to (the backing image),
+    /// if one is open.
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        None
     }
 
     /// Scatter read: fills the buffers in order from `offset`.
@@ -360,6 +384,12 @@ macro_rules! forward_block_device {
             }
             fn resize(&self, new_size: u64) -> Result<()> {
                 (**self).resize(new_size)
+            }
+            fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+                (**self).write_compressed(buf, offset)
+            }
+            fn backing(&self) -> Option<&dyn BlockDevice> {
+                (**self).backing()
             }
             fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
                 (**self).read_vectored_at(bufs, offset)
@@ -451,7 +481,10 @@ impl<D: BlockDevice> Seek for DeviceCursor<D> {
                 self.pos = p;
                 Ok(p)
             }
-            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing position")),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek to a negative or overflowing position",
+            )),
         }
     }
 }

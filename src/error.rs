@@ -149,7 +149,10 @@ impl Error {
 
     /// An [`ErrorKind::ReadOnly`] error.
     pub fn read_only(what: &str) -> Self {
-        Self::new(ErrorKind::ReadOnly, format!("{what}: the device is read-only"))
+        Self::new(
+            ErrorKind::ReadOnly,
+            format!("{what}: the device is read-only"),
+        )
     }
 
     /// Wraps an I/O error with a message saying what was being done.
@@ -196,7 +199,10 @@ impl Error {
     }
 
     /// Sets the underlying cause.
-    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+    pub fn with_source(
+        mut self,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
         self.repr.source = Some(source.into());
         self
     }
@@ -293,7 +299,10 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.repr.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+        self.repr
+            .source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -354,7 +363,10 @@ mod tests {
 
     #[test]
     fn io_error_mapping() {
-        let e = Error::io("reading header", io::Error::new(io::ErrorKind::UnexpectedEof, "eof"));
+        let e = Error::io(
+            "reading header",
+            io::Error::new(io::ErrorKind::UnexpectedEof, "eof"),
+        );
         let ioe: io::Error = e.into();
         assert_eq!(ioe.kind(), io::ErrorKind::UnexpectedEof);
         let ioe: io::Error = Error::read_only("write").into();

@@ -46,6 +46,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod convert;
 pub mod device;
 pub mod error;
 pub mod limits;

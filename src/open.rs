@@ -133,14 +133,24 @@ impl OpenOptions {
         seen: &mut HashSet<(u64, u64)>,
     ) -> Result<Image> {
         if depth > self.max_depth {
-            return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
+            return Err(Error::limit(format!(
+                "backing chain is deeper than {} images",
+                self.max_depth
+            ))
+            .with_path(path));
         }
         let storage = FileStorage::open(path, read_only)?;
         if let Some(f) = storage.file() {
             use std::os::unix::fs::MetadataExt;
-            let md = f.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
+            let md = f
+                .metadata()
+                .map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
             if !seen.insert((md.dev(), md.ino())) {
-                return Err(Error::invalid(format!("backing chain loops back to {}", path.display())).with_path(path));
+                return Err(Error::invalid(format!(
+                    "backing chain loops back to {}",
+                    path.display()
+                ))
+                .with_path(path));
             }
         }
         let storage: Arc<dyn Storage> = Arc::new(storage);
@@ -165,9 +175,19 @@ impl OpenOptions {
                     ..Default::default()
                 };
                 if let Some(name) = &h.backing_file {
-                    opts.backing = self.open_backing(path, dir, name, h.backing_format.as_deref(), depth, seen)?;
+                    opts.backing = self.open_backing(
+                        path,
+                        dir,
+                        name,
+                        h.backing_format.as_deref(),
+                        depth,
+                        seen,
+                    )?;
                 }
-                if let (Some(name), true) = (&h.data_file, h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0) {
+                if let (Some(name), true) = (
+                    &h.data_file,
+                    h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0,
+                ) {
                     if self.backing != BackingPolicy::Never {
                         let p = self.resolve(path, dir, name, "data file")?;
                         opts.data_file = Some(Arc::new(FileStorage::open(&p, read_only)?));
@@ -175,21 +195,32 @@ impl OpenOptions {
                 }
                 Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
             }
-            Format::Vmdk => Err(Error::unsupported("vmdk images are not supported yet").with_path(path)),
+            Format::Vmdk => {
+                Err(Error::unsupported("vmdk images are not supported yet").with_path(path))
+            }
         }
     }
 
     fn resolve(&self, image: &Path, dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
         if name.starts_with("json:") || name.contains("://") {
-            return Err(Error::unsupported(format!("{what} '{name}' is not a plain file name")).with_path(image));
+            return Err(
+                Error::unsupported(format!("{what} '{name}' is not a plain file name"))
+                    .with_path(image),
+            );
         }
         let p = Path::new(name);
-        let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
+        let p = if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            dir.join(p)
+        };
         if let Some(root) = &self.confine_to {
-            let canon = p
+            let canon = p.canonicalize().map_err(|e| {
+                Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image)
+            })?;
+            let root = root
                 .canonicalize()
-                .map_err(|e| Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image))?;
-            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
             if !canon.starts_with(&root) {
                 return Err(Error::new(
                     ErrorKind::InvalidImage,
@@ -261,14 +292,6 @@ impl Image {
         }
     }
 
-    /// The backing device, if one was opened.
-    pub fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
-        match self {
-            Image::Qcow2(q) => q.backing(),
-            _ => None,
-        }
-    }
-
     /// Host bytes allocated by the image file (`st_blocks * 512`).
     pub fn allocated_bytes(&self) -> Option<u64> {
         match self {
@@ -305,6 +328,12 @@ impl BlockDevice for Image {
     }
     fn resize(&self, new_size: u64) -> Result<()> {
         self.dev().resize(new_size)
+    }
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.dev().write_compressed(buf, offset)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.dev().backing()
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         self.dev().read_vectored_at(bufs, offset)

@@ -136,7 +136,8 @@ pub fn ofd_setlk(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -> io
         let fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we pass by pointer,
         // which lives on this stack frame for the whole call.
-        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
+        let r =
+            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
         if r == 0 {
             Ok(())
         } else {
@@ -158,7 +159,13 @@ pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -
         let mut fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_GETLK) reads and writes the flock struct we pass
         // by pointer, which lives on this stack frame for the whole call.
-        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+        let r = unsafe {
+            libc::fcntl(
+                fd.as_raw_fd(),
+                libc::F_OFD_GETLK,
+                &mut fl as *mut libc::flock,
+            )
+        };
         if r == 0 {
             Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
         } else {
@@ -222,4 +229,25 @@ mod tests {
         let st = fs_stats(f.as_fd()).unwrap();
         assert!(st.capacity >= st.free && st.free >= st.available);
     }
+}
+
+/// Broken-down local time: (year, month 1-12, day, hour, minute, second).
+pub fn local_time(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
+    let t = secs as libc::time_t;
+    // SAFETY: libc::tm is a plain C struct; all-zero bytes are a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes `tm`, both live on this stack
+    // frame for the whole call; it is the thread-safe variant.
+    let r = unsafe { libc::localtime_r(&t as *const libc::time_t, &mut tm as *mut libc::tm) };
+    if r.is_null() {
+        return (1970, 1, 1, 0, 0, 0);
+    }
+    (
+        tm.tm_year + 1900,
+        (tm.tm_mon + 1) as u32,
+        tm.tm_mday as u32,
+        tm.tm_hour as u32,
+        tm.tm_min as u32,
+        tm.tm_sec as u32,
+    )
 }

@@ -113,10 +113,16 @@ impl Qcow2 {
     /// data file names before deciding what to open.
     pub fn read_header(file: &dyn Storage) -> Result<Header> {
         let mut first = [0u8; 512];
-        file.read_at(&mut first, 0).map_err(|e| qerr(e, file.path()))?;
+        file.read_at(&mut first, 0)
+            .map_err(|e| qerr(e, file.path()))?;
         let len = file.len()?;
         if len < u64::from(header::V2_HEADER_LEN) {
-            return Err(qerr(Error::invalid(format!("file of {len} bytes is too short for a qcow2 header")), file.path()));
+            return Err(qerr(
+                Error::invalid(format!(
+                    "file of {len} bytes is too short for a qcow2 header"
+                )),
+                file.path(),
+            ));
         }
         let cluster_bits = header::peek_cluster_bits(&first).map_err(|e| qerr(e, file.path()))?;
         let mut c0 = vec![0u8; 1 << cluster_bits];
@@ -134,7 +140,10 @@ impl Qcow2 {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
         if h.crypt_method == header::CRYPT_LUKS {
-            return Err(Error::unsupported("LUKS encrypted qcow2 images are not supported").with_field("crypt_method"));
+            return Err(
+                Error::unsupported("LUKS encrypted qcow2 images are not supported")
+                    .with_field("crypt_method"),
+            );
         }
         if h.crypt_method == header::CRYPT_AES {
             return Err(Error::new(
@@ -150,7 +159,9 @@ impl Qcow2 {
             .with_field("incompatible_features"));
         }
         if !read_only {
-            return Err(Error::unsupported("writing qcow2 images is not implemented yet"));
+            return Err(Error::unsupported(
+                "writing qcow2 images is not implemented yet",
+            ));
         }
         let cs = h.cluster_size();
         let geo = Geometry {
@@ -160,13 +171,13 @@ impl Qcow2 {
         };
         let data = match (&h.data_file, opts.data_file) {
             (Some(_), Some(d)) if geo.data_file => d,
-            (Some(name), None) if geo.data_file => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("the image keeps its data in the external file '{name}', which was not opened"),
-                )
-                .with_field("data_file"))
-            }
+            (Some(name), None) if geo.data_file => return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "the image keeps its data in the external file '{name}', which was not opened"
+                ),
+            )
+            .with_field("data_file")),
             _ => file.clone(),
         };
         // L1 table.
@@ -186,7 +197,10 @@ impl Qcow2 {
             compression: h.compression_type,
             read_only,
             size: AtomicU64::new(h.size),
-            map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
+            map: RwLock::new(MapState {
+                l1,
+                l2: L2Cache::new(tables),
+            }),
             snapshots: RwLock::new(snaps),
             gate: Quiesce::new(),
             zcache: Mutex::new(Vec::new()),
@@ -211,11 +225,6 @@ impl Qcow2 {
         &self.file
     }
 
-    /// The backing device, if opened.
-    pub fn backing(&self) -> Option<&Arc<dyn BlockDevice>> {
-        self.backing.as_ref()
-    }
-
     /// Cluster size in bytes.
     pub fn cluster_size(&self) -> u64 {
         self.geo.cluster_size()
@@ -237,8 +246,10 @@ impl Qcow2 {
             }
             if l2_off & (self.geo.cluster_size() - 1) != 0 {
                 return Err(self.err(
-                    Error::corrupt(format!("L2 table offset {l2_off:#x} in L1 entry {l1_index} is not cluster aligned"))
-                        .with_offset(l2_off),
+                    Error::corrupt(format!(
+                        "L2 table offset {l2_off:#x} in L1 entry {l1_index} is not cluster aligned"
+                    ))
+                    .with_offset(l2_off),
                 ));
             }
             if let Some(t) = st.l2.get(l2_off) {
@@ -308,7 +319,9 @@ impl Qcow2 {
             }
             let len = g.min(limit) - guest;
             let m = match first {
-                Mapping::Data { host } => Mapping::Data { host: host + (guest & (granule - 1)) },
+                Mapping::Data { host } => Mapping::Data {
+                    host: host + (guest & (granule - 1)),
+                },
                 other => other,
             };
             Ok((m, len))
@@ -345,7 +358,11 @@ impl Qcow2 {
         match &self.backing {
             Some(b) => {
                 let bsize = b.size();
-                let n = if guest >= bsize { 0 } else { ((bsize - guest).min(buf.len() as u64)) as usize };
+                let n = if guest >= bsize {
+                    0
+                } else {
+                    ((bsize - guest).min(buf.len() as u64)) as usize
+                };
                 if n > 0 {
                     b.read_at(&mut buf[..n], guest)?;
                 }
@@ -413,13 +430,24 @@ impl Qcow2 {
 
 /// Reads a table of `count` big-endian u64 entries at `offset`, bounded by
 /// the L1 limit (the caller validated `count`).
-pub(crate) fn read_u64_table(file: &dyn Storage, offset: u64, count: usize, what: &str) -> Result<Vec<u64>> {
+pub(crate) fn read_u64_table(
+    file: &dyn Storage,
+    offset: u64,
+    count: usize,
+    what: &str,
+) -> Result<Vec<u64>> {
     if count as u64 > QCOW2_MAX_L1_BYTES / 8 {
-        return Err(Error::limit(format!("{what} of {count} entries is too large")));
+        return Err(Error::limit(format!(
+            "{what} of {count} entries is too large"
+        )));
     }
     let mut buf = vec![0u8; count * 8];
-    file.read_at(&mut buf, offset).map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+    file.read_at(&mut buf, offset)
+        .map_err(|e| e.context(format!("reading the {what}")))?;
+    Ok(buf
+        .chunks_exact(8)
+        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect())
 }
 
 impl BlockDevice for Qcow2 {
@@ -431,6 +459,7 @@ impl BlockDevice for Qcow2 {
         info.backing_file = h.backing_file.clone();
         info.backing_format = h.backing_format.clone();
         drop(h);
+        info.path = self.path.clone();
         info.details = FormatDetails::Qcow2(self.details());
         info
     }
@@ -450,32 +479,61 @@ impl BlockDevice for Qcow2 {
         check_request(offset, 0, size)?;
         let max = max_len.min(size - offset);
         if max == 0 {
-            return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
+            return Ok(Extent {
+                offset,
+                length: 0,
+                kind: ExtentKind::Unallocated,
+                depth: 0,
+                encrypted: false,
+            });
         }
         let _g = self.gate.enter();
         let (m, len) = self.lookup(offset, max)?;
         let encrypted = false;
         let kind = match m {
-            Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
-            Mapping::Zero { prealloc } => ExtentKind::Zero { host_offset: prealloc },
+            Mapping::Data { host } => ExtentKind::Data {
+                host_offset: Some(host),
+            },
+            Mapping::Zero { prealloc } => ExtentKind::Zero {
+                host_offset: prealloc,
+            },
             Mapping::Compressed { host, .. } => ExtentKind::Compressed { host_offset: host },
             Mapping::Unallocated => {
                 if let Some(b) = &self.backing {
                     let bsize = b.size();
                     if offset < bsize {
                         let e = b.map(offset, len.min(bsize - offset))?;
-                        return Ok(Extent { depth: e.depth + 1, ..e });
+                        return Ok(Extent {
+                            depth: e.depth + 1,
+                            ..e
+                        });
                     }
                     // Past the backing image's end: reads as zeros.
-                    return Ok(Extent { offset, length: len, kind: ExtentKind::Unallocated, depth: 1, encrypted });
+                    return Ok(Extent {
+                        offset,
+                        length: len,
+                        kind: ExtentKind::Unallocated,
+                        depth: 1,
+                        encrypted,
+                    });
                 }
                 ExtentKind::Unallocated
             }
         };
-        Ok(Extent { offset, length: len, kind, depth: 0, encrypted })
+        Ok(Extent {
+            offset,
+            length: len,
+            kind,
+            depth: 0,
+            encrypted,
+        })
     }
 
     fn flush(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.backing.as_deref()
     }
 }

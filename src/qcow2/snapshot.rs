@@ -75,7 +75,10 @@ impl Snapshot {
         BigEndian::write_u32(&mut f[16..20], self.date_sec);
         BigEndian::write_u32(&mut f[20..24], self.date_nsec);
         BigEndian::write_u64(&mut f[24..32], self.vm_clock_nsec);
-        BigEndian::write_u32(&mut f[32..36], self.vm_state_size.min(u64::from(u32::MAX)) as u32);
+        BigEndian::write_u32(
+            &mut f[32..36],
+            self.vm_state_size.min(u64::from(u32::MAX)) as u32,
+        );
         let extra_len = 24 + self.unknown_extra.len();
         BigEndian::write_u32(&mut f[36..40], extra_len as u32);
         out.extend_from_slice(&f);
@@ -93,16 +96,27 @@ impl Snapshot {
 }
 
 fn bad(i: u32, msg: String, offset: u64) -> Error {
-    Error::invalid(format!("snapshot {i}: {msg}")).with_format("qcow2").with_field("snapshot table").with_offset(offset)
+    Error::invalid(format!("snapshot {i}: {msg}"))
+        .with_format("qcow2")
+        .with_field("snapshot table")
+        .with_offset(offset)
 }
 
 /// Reads and validates `count` snapshot entries at `offset`.
-pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64) -> Result<(Vec<Snapshot>, u64)> {
+pub fn read_table(
+    file: &dyn Storage,
+    offset: u64,
+    count: u32,
+    cluster_size: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     if count == 0 {
         return Ok((Vec::new(), 0));
     }
     if count > QCOW2_MAX_SNAPSHOTS {
-        return Err(Error::limit(format!("{count} snapshots is more than {QCOW2_MAX_SNAPSHOTS}")).with_field("nb_snapshots"));
+        return Err(Error::limit(format!(
+            "{count} snapshots is more than {QCOW2_MAX_SNAPSHOTS}"
+        ))
+        .with_field("nb_snapshots"));
     }
     check_table("snapshots_offset", offset, 1, cluster_size)?;
     let file_len = file.len()?;
@@ -111,7 +125,10 @@ pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64
     for i in 0..count {
         let used = pos - offset;
         if used > QCOW2_MAX_SNAPSHOTS_BYTES {
-            return Err(Error::limit(format!("snapshot table is larger than {QCOW2_MAX_SNAPSHOTS_BYTES} bytes")).with_field("snapshot table"));
+            return Err(Error::limit(format!(
+                "snapshot table is larger than {QCOW2_MAX_SNAPSHOTS_BYTES} bytes"
+            ))
+            .with_field("snapshot table"));
         }
         if pos >= file_len {
             return Err(bad(i, "entry starts past the end of the file".into(), pos));
@@ -148,14 +165,29 @@ pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64
             let v = BigEndian::read_u64(&extra[16..24]);
             icount = if v == u64::MAX { None } else { Some(v) };
         }
-        let unknown_extra = if extra.len() > 24 { extra[24..].to_vec() } else { Vec::new() };
-        let id = String::from_utf8(id.to_vec()).map_err(|_| bad(i, "id is not UTF-8".into(), pos))?;
-        let name = String::from_utf8(name.to_vec()).map_err(|_| bad(i, "name is not UTF-8".into(), pos))?;
+        let unknown_extra = if extra.len() > 24 {
+            extra[24..].to_vec()
+        } else {
+            Vec::new()
+        };
+        let id =
+            String::from_utf8(id.to_vec()).map_err(|_| bad(i, "id is not UTF-8".into(), pos))?;
+        let name = String::from_utf8(name.to_vec())
+            .map_err(|_| bad(i, "name is not UTF-8".into(), pos))?;
         if u64::from(l1_size) > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(bad(i, format!("L1 table of {l1_size} entries is too large"), pos + 8));
+            return Err(bad(
+                i,
+                format!("L1 table of {l1_size} entries is too large"),
+                pos + 8,
+            ));
         }
-        check_table("snapshot l1_table_offset", l1_table_offset, u64::from(l1_size) * 8, cluster_size)
-            .map_err(|e| e.context(format!("snapshot {i}")))?;
+        check_table(
+            "snapshot l1_table_offset",
+            l1_table_offset,
+            u64::from(l1_size) * 8,
+            cluster_size,
+        )
+        .map_err(|e| e.context(format!("snapshot {i}")))?;
         let entry_len = (ENTRY_FIXED_LEN + var_len).div_ceil(8) as u64 * 8;
         pos += entry_len;
         out.push(Snapshot {
@@ -204,7 +236,12 @@ mod tests {
             icount: None,
             unknown_extra: vec![9; 8],
         };
-        let mut t = Snapshot { id: "2".into(), name: "b".into(), unknown_extra: vec![], ..s.clone() };
+        let mut t = Snapshot {
+            id: "2".into(),
+            name: "b".into(),
+            unknown_extra: vec![],
+            ..s.clone()
+        };
         t.icount = Some(5);
         let enc = encode_table(&[s.clone(), t.clone()]);
         let m = MemStorage::new();

@@ -1,0 +1,189 @@
+//! Helpers shared by the subcommands: sizes with qemu's suffixes, qemu-style
+//! human sizes, opening images, JSON printing.
+
+use std::path::Path;
+
+use vdisk::{BackingPolicy, Error, Format, Image, OpenOptions, Result};
+
+/// Parses a size with qemu-img's suffixes: `k`/`K` (KiB), `M`, `G`, `T`,
+/// `P`, `E`, optionally followed by `B`/`iB`, a plain number being bytes.
+/// Fractions such as `1.5G` are accepted when the result is whole bytes.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let bad = || Error::invalid_argument(format!("invalid size '{s}'"));
+    if t.is_empty() {
+        return Err(bad());
+    }
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, suffix) = t.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let suffix = suffix.trim();
+    let suffix = suffix
+        .strip_suffix("iB")
+        .or_else(|| suffix.strip_suffix('B'))
+        .unwrap_or(suffix);
+    let shift = match suffix {
+        "" => 0,
+        "k" | "K" => 10,
+        "m" | "M" => 20,
+        "g" | "G" => 30,
+        "t" | "T" => 40,
+        "p" | "P" => 50,
+        "e" | "E" => 60,
+        _ => return Err(bad()),
+    };
+    if let Some((int, frac)) = num.split_once('.') {
+        if frac.contains('.') {
+            return Err(bad());
+        }
+        let int: u64 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| bad())?
+        };
+        let mult = 1u128 << shift;
+        let mut frac_val = 0u128;
+        let mut denom = 1u128;
+        for c in frac.chars().take(18) {
+            frac_val = frac_val * 10 + u128::from(c.to_digit(10).ok_or_else(bad)?);
+            denom *= 10;
+        }
+        let total = u128::from(int) * mult + frac_val * mult / denom;
+        if frac_val * mult % denom != 0 {
+            return Err(Error::invalid_argument(format!(
+                "size '{s}' is not a whole number of bytes"
+            )));
+        }
+        return u64::try_from(total)
+            .map_err(|_| Error::invalid_argument(format!("size '{s}' is too large")));
+    }
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
+}
+
+/// `%0.3g` as C prints it.
+fn g3(x: f64) -> String {
+    if x == 0.0 {
+        return "0".into();
+    }
+    let e = x.abs().log10().floor() as i32;
+    // Round to 3 significant digits first; rounding may bump the exponent.
+    let s = format!("{:.2e}", x);
+    let (mant, exp) = s.split_once('e').unwrap_or((&s, "0"));
+    let exp: i32 = exp.parse().unwrap_or(e);
+    if !(-4..3).contains(&exp) {
+        let mant = mant.trim_end_matches('0').trim_end_matches('.');
+        return format!("{mant}e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    }
+    let decimals = (2 - exp).max(0) as usize;
+    let f = format!("{:.*}", decimals, x);
+    if f.contains('.') {
+        f.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        f
+    }
+}
+
+/// A size as qemu prints it: `336 KiB`, `1.5 GiB`, `0 B`.
+pub fn human_size(val: u64) -> String {
+    const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    // floor(log2(val * 1024 / 1000)) / 10 picks the unit, as qemu's size_to_str.
+    let scaled = val as f64 / (1000.0 / 1024.0);
+    let i = if scaled < 1.0 {
+        0
+    } else {
+        (scaled.log2().floor() as usize) / 10
+    };
+    let i = i.min(6);
+    let div = (1u64 << (i * 10)) as f64;
+    format!("{} {}B", g3(val as f64 / div), SUFFIXES[i])
+}
+
+/// Opens an image the way qemu-img does for the CLI: the named format, or a
+/// probe when none is named; backing files followed (probing their format
+/// when the image does not record it).
+pub fn open_image(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+) -> Result<Image> {
+    let mut opts = OpenOptions::new()
+        .read_only(read_only)
+        .backing(if follow_backing {
+            BackingPolicy::Follow
+        } else {
+            BackingPolicy::Never
+        });
+    match format {
+        Some(f) => opts = opts.format(Format::from_name(f)?),
+        None => opts = opts.probe(true),
+    }
+    opts.open(path)
+}
+
+/// Pretty-prints JSON with 4-space indentation, as qemu-img does.
+pub fn print_json(v: &serde_json::Value) {
+    use serde::Serialize;
+    let mut out = Vec::new();
+    let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
+    let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
+    if v.serialize(&mut ser).is_ok() {
+        println!("{}", String::from_utf8_lossy(&out));
+    }
+}
+
+/// Whether stdout is a terminal (progress bars only there).
+pub fn stdout_is_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stdout().is_terminal()
+}
+
+/// A progress printer in qemu-img's style: `    (12.34/100%)`.
+pub fn progress_printer(enabled: bool) -> impl Fn(u64, u64) + Sync {
+    let last = std::sync::atomic::AtomicU64::new(u64::MAX);
+    move |done, total| {
+        if !enabled || total == 0 {
+            return;
+        }
+        let pct = (done as f64 * 10000.0 / total as f64) as u64;
+        if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
+            use std::io::Write;
+            print!("    ({:.2}/100%)\r", pct as f64 / 100.0);
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert!(parse_size("1.0000001k").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(4194304), "4 MiB");
+        assert_eq!(human_size(344064), "336 KiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(1000), "0.977 KiB");
+        assert_eq!(human_size(999), "999 B");
+    }
+}

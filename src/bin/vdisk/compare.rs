@@ -1,0 +1,54 @@
+//! `vdisk compare`: exit 0 when the guest contents are equal, 1 when they
+//! differ (saying where), 2 on error.
+
+use std::path::PathBuf;
+
+use vdisk::Result;
+
+use crate::common::open_image;
+
+/// Arguments of `vdisk compare`.
+#[derive(clap::Args, Debug)]
+pub struct CompareArgs {
+    /// Format of the first image.
+    #[arg(short = 'f')]
+    pub fmt_a: Option<String>,
+    /// Format of the second image.
+    #[arg(short = 'F')]
+    pub fmt_b: Option<String>,
+    /// Strict: images of different sizes differ.
+    #[arg(short = 's')]
+    pub strict: bool,
+    /// Open even if another process holds the images.
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// First image.
+    pub a: PathBuf,
+    /// Second image.
+    pub b: PathBuf,
+}
+
+/// Runs `vdisk compare`.
+pub fn run(a: &CompareArgs) -> Result<i32> {
+    let _ = a.force_share;
+    let ia = open_image(&a.a, a.fmt_a.as_deref(), true, true)?;
+    let ib = open_image(&a.b, a.fmt_b.as_deref(), true, true)?;
+    use vdisk::BlockDevice;
+    if ia.size() != ib.size() && !a.strict {
+        println!("Warning: Image size mismatch!");
+    }
+    match vdisk::convert::compare(&ia, &ib, a.strict)? {
+        None => {
+            println!("Images are identical.");
+            Ok(0)
+        }
+        Some(off) => {
+            if a.strict && ia.size() != ib.size() {
+                println!("Strict mode: Image size mismatch!");
+            } else {
+                println!("Content mismatch at offset {off}!");
+            }
+            Ok(1)
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! `vdisk info`: what `qemu-img info` shows.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+use vdisk::device::{FormatDetails, SnapshotInfo};
+use vdisk::{BlockDevice, DeviceInfo, Image, Result};
+
+use crate::common::{human_size, open_image, print_json};
+
+/// Arguments of `vdisk info`.
+#[derive(clap::Args, Debug)]
+pub struct InfoArgs {
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// Image format (probed when absent).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Show every image of the backing chain.
+    #[arg(long = "backing-chain")]
+    pub backing_chain: bool,
+    /// Open even if another process holds the image (read-only, no locks).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    /// The image.
+    pub image: PathBuf,
+}
+
+struct Layer {
+    filename: String,
+    info: DeviceInfo,
+    actual_size: Option<u64>,
+    full_backing: Option<String>,
+}
+
+fn layer(path: &Path, img: &Image) -> Layer {
+    let info = img.info();
+    let full_backing = info.backing_file.as_ref().map(|b| {
+        let p = Path::new(b);
+        if p.is_absolute() {
+            b.clone()
+        } else {
+            path.parent()
+                .unwrap_or(Path::new(""))
+                .join(p)
+                .display()
+                .to_string()
+        }
+    });
+    Layer {
+        filename: path.display().to_string(),
+        actual_size: img.allocated_bytes(),
+        info,
+        full_backing,
+    }
+}
+
+fn snapshot_json(s: &SnapshotInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(i) = s.icount {
+        m.insert("icount".into(), json!(i));
+    }
+    m.insert(
+        "vm-clock-nsec".into(),
+        json!(s.vm_clock_nsec % 1_000_000_000),
+    );
+    m.insert("name".into(), json!(s.name));
+    m.insert("date-sec".into(), json!(s.date_sec));
+    m.insert("date-nsec".into(), json!(s.date_nsec));
+    m.insert(
+        "vm-clock-sec".into(),
+        json!(s.vm_clock_nsec / 1_000_000_000),
+    );
+    m.insert("id".into(), json!(s.id));
+    m.insert("vm-state-size".into(), json!(s.vm_state_size));
+    Value::Object(m)
+}
+
+fn to_json(l: &Layer) -> Value {
+    let i = &l.info;
+    let mut m = Map::new();
+    m.insert("virtual-size".into(), json!(i.virtual_size));
+    m.insert("filename".into(), json!(l.filename));
+    if let Some(c) = i.cluster_size {
+        m.insert("cluster-size".into(), json!(c));
+    }
+    m.insert("format".into(), json!(i.format.name()));
+    if let Some(a) = l.actual_size {
+        m.insert("actual-size".into(), json!(a));
+    }
+    if i.encrypted {
+        m.insert("encrypted".into(), json!(true));
+    }
+    if let Some(b) = &i.backing_file {
+        m.insert("backing-filename".into(), json!(b));
+        if let Some(fb) = &l.full_backing {
+            m.insert("full-backing-filename".into(), json!(fb));
+        }
+        if let Some(f) = &i.backing_format {
+            m.insert("backing-filename-format".into(), json!(f));
+        }
+    }
+    let mut dirty = false;
+    match &i.details {
+        FormatDetails::Qcow2(q) => {
+            dirty = q.dirty;
+            if !q.snapshots.is_empty() {
+                m.insert(
+                    "snapshots".into(),
+                    Value::Array(q.snapshots.iter().map(snapshot_json).collect()),
+                );
+            }
+            let mut d = Map::new();
+            d.insert("compat".into(), json!(q.compat));
+            if q.compat != "0.10" {
+                d.insert("compression-type".into(), json!(q.compression_type));
+                d.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+            } else {
+                d.insert("compression-type".into(), json!(q.compression_type));
+            }
+            d.insert("refcount-bits".into(), json!(q.refcount_bits));
+            if i.encrypted {
+                d.insert("encrypt".into(), json!({ "format": "aes" }));
+            }
+            d.insert("corrupt".into(), json!(q.corrupt));
+            d.insert("extended-l2".into(), json!(q.extended_l2));
+            if let Some(df) = &q.data_file {
+                d.insert("data-file".into(), json!(df));
+                d.insert("data-file-raw".into(), json!(q.data_file_raw));
+            }
+            m.insert(
+                "format-specific".into(),
+                json!({ "type": "qcow2", "data": Value::Object(d) }),
+            );
+        }
+        FormatDetails::Vmdk(v) => {
+            let extents: Vec<Value> = v
+                .extents
+                .iter()
+                .map(|e| {
+                    let mut x = Map::new();
+                    x.insert("virtual-size".into(), json!(e.virtual_size));
+                    x.insert("filename".into(), json!(e.filename));
+                    if let Some(c) = e.cluster_size {
+                        x.insert("cluster-size".into(), json!(c));
+                    }
+                    x.insert("format".into(), json!(e.kind));
+                    if e.compressed {
+                        x.insert("compressed".into(), json!(true));
+                    }
+                    Value::Object(x)
+                })
+                .collect();
+            m.insert(
+                "format-specific".into(),
+                json!({ "type": "vmdk", "data": {
+                    "cid": v.cid, "parent-cid": v.parent_cid, "create-type": v.create_type,
+                    "extents": extents } }),
+            );
+        }
+        _ => {}
+    }
+    m.insert("dirty-flag".into(), json!(dirty));
+    Value::Object(m)
+}
+
+/// One snapshot row in qemu-img's layout (also used by `vdisk snapshot -l`).
+pub fn snapshot_header() -> String {
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
+    )
+}
+
+/// One snapshot row in qemu-img's layout.
+pub fn snapshot_row(s: &SnapshotInfo) -> String {
+    let (y, mo, d, h, mi, se) = vdisk::sys::local_time(i64::from(s.date_sec));
+    let date = format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{se:02}");
+    let secs = s.vm_clock_nsec / 1_000_000_000;
+    let clock = format!(
+        "{:04}:{:02}:{:02}.{:03}",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60,
+        (s.vm_clock_nsec / 1_000_000) % 1000
+    );
+    let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
+    format!(
+        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
+        s.id,
+        s.name,
+        human_size(s.vm_state_size),
+        date,
+        clock,
+        icount
+    )
+}
+
+fn print_human(l: &Layer) {
+    let i = &l.info;
+    println!("image: {}", l.filename);
+    println!("file format: {}", i.format.name());
+    println!(
+        "virtual size: {} ({} bytes)",
+        human_size(i.virtual_size),
+        i.virtual_size
+    );
+    match l.actual_size {
+        Some(a) => println!("disk size: {}", human_size(a)),
+        None => println!("disk size: unavailable"),
+    }
+    if let Some(c) = i.cluster_size {
+        println!("cluster_size: {c}");
+    }
+    if i.encrypted {
+        println!("encrypted: yes");
+    }
+    if let Some(b) = &i.backing_file {
+        match &l.full_backing {
+            Some(fb) if fb != b => println!("backing file: {b} (actual path: {fb})"),
+            _ => println!("backing file: {b}"),
+        }
+        if let Some(f) = &i.backing_format {
+            println!("backing file format: {f}");
+        }
+    }
+    match &i.details {
+        FormatDetails::Qcow2(q) => {
+            if !q.snapshots.is_empty() {
+                println!("Snapshot list:");
+                println!("{}", snapshot_header());
+                for s in &q.snapshots {
+                    println!("{}", snapshot_row(s));
+                }
+            }
+            println!("Format specific information:");
+            println!("    compat: {}", q.compat);
+            println!("    compression type: {}", q.compression_type);
+            if q.compat != "0.10" {
+                println!("    lazy refcounts: {}", q.lazy_refcounts);
+            }
+            println!("    refcount bits: {}", q.refcount_bits);
+            if i.encrypted {
+                println!("    encrypt:");
+                println!("        format: aes");
+            }
+            println!("    corrupt: {}", q.corrupt);
+            println!("    extended l2: {}", q.extended_l2);
+            if let Some(df) = &q.data_file {
+                println!("    data file: {df}");
+                println!("    data file raw: {}", q.data_file_raw);
+            }
+            if q.dirty {
+                println!("    dirty: true");
+            }
+        }
+        FormatDetails::Vmdk(v) => {
+            println!("Format specific information:");
+            println!("    cid: {}", v.cid);
+            println!("    parent cid: {}", v.parent_cid);
+            println!("    create type: {}", v.create_type);
+            println!("    extents:");
+            for e in &v.extents {
+                println!("        [{}]:", "0");
+                println!("            virtual size: {}", e.virtual_size);
+                println!("            filename: {}", e.filename);
+                if let Some(c) = e.cluster_size {
+                    println!("            cluster size: {c}");
+                }
+                println!("            format: {}", e.kind);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Runs `vdisk info`.
+pub fn run(a: &InfoArgs) -> Result<i32> {
+    let json = match a.output.as_str() {
+        "human" => false,
+        "json" => true,
+        other => {
+            return Err(vdisk::Error::invalid_argument(format!(
+                "--output must be human or json, not '{other}'"
+            )))
+        }
+    };
+    let _ = a.force_share;
+    let mut layers = Vec::new();
+    if a.backing_chain {
+        // Open the whole chain and describe each layer.
+        let img = open_image(&a.image, a.format.as_deref(), true, true)?;
+        layers.push(layer(&a.image, &img));
+        let mut next = img.backing();
+        while let Some(dev) = next {
+            let info = dev.info();
+            let path = info.path.clone().unwrap_or_default();
+            let full_backing = info.backing_file.clone().map(|b| {
+                if Path::new(&b).is_absolute() {
+                    b
+                } else {
+                    path.parent()
+                        .unwrap_or(Path::new(""))
+                        .join(b)
+                        .display()
+                        .to_string()
+                }
+            });
+            let actual = std::fs::metadata(&path).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.blocks() * 512
+            });
+            layers.push(Layer {
+                filename: path.display().to_string(),
+                info,
+                actual_size: actual,
+                full_backing,
+            });
+            next = dev.backing();
+        }
+    } else {
+        let img = open_image(&a.image, a.format.as_deref(), true, false)?;
+        layers.push(layer(&a.image, &img));
+    }
+    if json {
+        if a.backing_chain {
+            print_json(&Value::Array(layers.iter().map(to_json).collect()));
+        } else {
+            print_json(&to_json(&layers[0]));
+        }
+    } else {
+        for (n, l) in layers.iter().enumerate() {
+            if n > 0 {
+                println!();
+            }
+            print_human(l);
+        }
+    }
+    Ok(0)
+}
