@@ -645,6 +645,45 @@ impl Storage for FaultyStorage {
     }
 }
 
+/// Stands in for a file the caller's policy did not open (an external data
+/// file under `BackingPolicy::Never`): every access fails with the reason.
+#[derive(Debug)]
+pub struct Unopened {
+    reason: String,
+}
+
+impl Unopened {
+    /// A stand-in whose accesses fail with `reason`.
+    pub fn new(reason: String) -> Self {
+        Unopened { reason }
+    }
+
+    fn err(&self) -> Error {
+        Error::new(ErrorKind::NotFound, self.reason.clone())
+    }
+}
+
+impl Storage for Unopened {
+    fn read_at(&self, _buf: &mut [u8], _offset: u64) -> Result<()> {
+        Err(self.err())
+    }
+    fn write_at(&self, _buf: &[u8], _offset: u64) -> Result<()> {
+        Err(self.err())
+    }
+    fn len(&self) -> Result<u64> {
+        Err(self.err())
+    }
+    fn set_len(&self, _len: u64) -> Result<()> {
+        Err(self.err())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
+
 impl<S: Storage + ?Sized> Storage for Arc<S> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         (**self).read_at(buf, offset)

@@ -171,17 +171,36 @@ impl Qcow2 {
         };
         let data = match (&h.data_file, opts.data_file) {
             (Some(_), Some(d)) if geo.data_file => d,
-            (Some(name), None) if geo.data_file => return Err(Error::new(
-                ErrorKind::NotFound,
-                format!(
+            (Some(name), None) if geo.data_file => {
+                Arc::new(crate::storage::Unopened::new(format!(
                     "the image keeps its data in the external file '{name}', which was not opened"
-                ),
-            )
-            .with_field("data_file")),
+                )))
+            }
+
             _ => file.clone(),
         };
-        // L1 table.
+        // Tables must lie inside the file: a table past the end means a
+        // truncated or hostile image (QEMU would read zeros there).
+        let file_len = file.len()?;
+        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
+        for (field, off, len) in [
+            (
+                "l1_table_offset",
+                h.l1_table_offset,
+                u64::from(h.l1_size) * 8,
+            ),
+            ("refcount_table_offset", h.refcount_table_offset, rt_bytes),
+        ] {
+            if len > 0 && off + len > file_len {
+                return Err(Error::invalid(format!(
+                    "table at {off:#x} of {len} bytes runs past the end of the file ({file_len} bytes)"
+                ))
+                .with_field(field)
+                .with_offset(off));
+            }
+        }
         let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
+
         // Snapshots (validated; their tables are read on demand).
         let (snaps, _) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
