@@ -390,17 +390,21 @@ impl L2Cache {
         table.last_use.store(now, Ordering::Relaxed);
         let t = Arc::new(table);
         self.tables.insert(t.offset, t.clone());
-        self.evict_clean();
+        self.evict_except(Some(t.offset));
         t
     }
 
     /// Evicts least recently used clean tables while over capacity.
     pub fn evict_clean(&mut self) {
+        self.evict_except(None)
+    }
+
+    fn evict_except(&mut self, keep: Option<u64>) {
         while self.tables.len() > self.capacity {
             let victim = self
                 .tables
                 .values()
-                .filter(|t| !t.is_dirty())
+                .filter(|t| !t.is_dirty() && Some(t.offset) != keep)
                 .min_by_key(|t| t.last_use.load(Ordering::Relaxed))
                 .map(|t| t.offset);
             match victim {

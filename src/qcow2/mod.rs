@@ -20,16 +20,22 @@
 //! order: `alloc` before `map` before `header`. Data I/O never runs under
 //! `map` or `header`.
 
+pub mod check;
 pub mod compress;
+pub mod create;
+pub mod crypt;
 pub mod header;
 pub mod l2;
+pub mod refcount;
 pub mod snapshot;
+mod write;
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::device::{
     check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details,
@@ -38,9 +44,12 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
 use crate::storage::Storage;
+use crypt::{Cipher, Secret};
 use header::{CompressionType, Header};
 use l2::{Geometry, L2Cache, L2Table, Mapping, OFFSET_MASK};
+use refcount::{Refcounts, Reserved};
 use snapshot::Snapshot;
+use write::AllocState;
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +65,8 @@ pub struct Qcow2Options {
     pub backing: Option<Arc<dyn BlockDevice>>,
     /// The opened external data file, for images that need one.
     pub data_file: Option<Arc<dyn Storage>>,
+    /// The passphrase of an encrypted (legacy AES) image.
+    pub key: Option<Secret>,
 }
 
 /// State guarded by the `map` lock.
@@ -81,8 +92,20 @@ pub struct Qcow2 {
     geo: Geometry,
     /// Compression type (immutable).
     compression: CompressionType,
+    /// Header version (2 or 3, immutable).
+    version: u32,
     /// Writes refused.
     read_only: bool,
+    /// Corruption was detected: writes refused from now on.
+    corrupt: AtomicBool,
+    /// The AES cipher of an encrypted image.
+    crypt: Option<Cipher>,
+    /// Allocation state (refcounts, in-flight clusters); `None` read-only.
+    alloc: Option<Mutex<AllocState>>,
+    /// Signalled when in-flight allocations complete.
+    alloc_cv: Condvar,
+    /// Host ranges of fixed metadata (header, L1, refcount table, snapshots).
+    reserved: RwLock<Reserved>,
     /// The current header (rewritten on metadata changes).
     header: Mutex<Header>,
     /// Guest-visible size.
@@ -145,23 +168,24 @@ impl Qcow2 {
                     .with_field("crypt_method"),
             );
         }
-        if h.crypt_method == header::CRYPT_AES {
-            return Err(Error::new(
-                ErrorKind::Crypto,
-                "the image is encrypted (legacy AES) and no key was given",
-            )
-            .with_field("crypt_method"));
-        }
+        let crypt =
+            if h.crypt_method == header::CRYPT_AES {
+                match &opts.key {
+                    Some(k) => Some(Cipher::from_passphrase(k)?),
+                    None => return Err(Error::new(
+                        ErrorKind::Crypto,
+                        "the image is encrypted (legacy AES): a passphrase is needed to open it",
+                    )
+                    .with_field("crypt_method")),
+                }
+            } else {
+                None
+            };
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
             )
             .with_field("incompatible_features"));
-        }
-        if !read_only {
-            return Err(Error::unsupported(
-                "writing qcow2 images is not implemented yet",
-            ));
         }
         let cs = h.cluster_size();
         let geo = Geometry {
@@ -202,18 +226,78 @@ impl Qcow2 {
         let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
-        let (snaps, _) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
+        let (snaps, snap_table_len) =
+            snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let needed = h.size.div_ceil(cs) * h.l2_entry_size();
             needed.min(QCOW2_DEFAULT_L2_CACHE_BYTES)
         });
         let tables = (cache_bytes / cs).max(QCOW2_MIN_L2_CACHE_TABLES as u64) as usize;
         let path = file.path().map(Path::to_path_buf);
-        Ok(Qcow2 {
+        // Fixed metadata the allocator must never hand out.
+        let mut reserved = Reserved::default();
+        reserved.add(0, cs);
+        let round = |b: u64| b.div_ceil(cs) * cs;
+        reserved.add(h.l1_table_offset, round(u64::from(h.l1_size) * 8));
+        reserved.add(h.refcount_table_offset, rt_bytes);
+        if h.nb_snapshots > 0 {
+            reserved.add(h.snapshots_offset, round(snap_table_len));
+        }
+        for s in &snaps {
+            reserved.add(s.l1_table_offset, round(u64::from(s.l1_size) * 8));
+        }
+        if let (Some(b), true) = (
+            h.bitmaps,
+            h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0,
+        ) {
+            reserved.add(b.directory_offset, round(b.directory_size));
+        }
+        let alloc = if read_only {
+            None
+        } else {
+            let mut rc = Refcounts::load(
+                &*file,
+                h.refcount_order,
+                h.cluster_bits,
+                h.refcount_table_offset,
+                h.refcount_table_clusters,
+            )?;
+            for (i, &e) in rc.table.iter().enumerate() {
+                let off = e & refcount::REFT_OFFSET_MASK;
+                if off != 0 && reserved.overlaps(off, cs) {
+                    return Err(Error::corrupt(format!(
+                        "refcount block {i} at {off:#x} overlaps the image's metadata"
+                    ))
+                    .with_field("refcount table"));
+                }
+            }
+            rc.reserved = reserved.clone();
+            Some(Mutex::new(AllocState {
+                rc,
+                pending: Vec::new(),
+                pending_punch: Vec::new(),
+                inflight: HashSet::new(),
+                l1_dirty: false,
+                data_written: false,
+                compressed_next: 0,
+                alloc_end: 0,
+                lazy: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
+                marked_dirty: false,
+            }))
+        };
+        let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
+        let clear_autoclear = !read_only && h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
+        let q = Qcow2 {
             data,
             backing: opts.backing,
             geo,
             compression: h.compression_type,
+            version: h.version,
+            corrupt: AtomicBool::new(false),
+            crypt,
+            alloc,
+            alloc_cv: Condvar::new(),
+            reserved: RwLock::new(reserved),
             read_only,
             size: AtomicU64::new(h.size),
             map: RwLock::new(MapState {
@@ -226,7 +310,29 @@ impl Qcow2 {
             header: Mutex::new(h),
             path,
             file,
-        })
+        };
+        if !read_only {
+            if dirty {
+                // Refcounts may be stale (lazy refcounts, crash): rebuild
+                // them before anything is allocated.
+                q.repair_dirty()?;
+            }
+            if clear_autoclear {
+                // vdisk does not maintain persistent bitmaps: say so, as the
+                // spec asks of writers that do not understand them.
+                let mut h = q.header.lock();
+                h.autoclear_features &= !header::AUTOCLEAR_BITMAPS;
+                q.write_header_locked(&mut h)?;
+                drop(h);
+                q.file.sync()?;
+            }
+        }
+        Ok(q)
+    }
+
+    /// Whether guest data is encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.crypt.is_some()
     }
 
     /// A copy of the current header.
@@ -279,9 +385,13 @@ impl Qcow2 {
             let mut buf = vec![0u8; self.geo.cluster_size() as usize];
             self.file.read_at(&mut buf, l2_off)?;
             let table = L2Table::from_bytes(l2_off, &buf);
+            if self.alloc.is_some() {
+                self.validate_l2(&table)?;
+            }
             let mut st = self.map.write();
             if st.l2.generation() == generation {
-                st.l2.insert(table);
+                let t = st.l2.insert(table);
+                return f(Some(&t));
             }
         }
     }
@@ -414,7 +524,18 @@ impl Qcow2 {
             let n = n as usize;
             let chunk = &mut buf[pos..pos + n];
             match m {
-                Mapping::Data { host } => self.data.read_at(chunk, host)?,
+                Mapping::Data { host } => match &self.crypt {
+                    None => self.data.read_at(chunk, host)?,
+                    Some(c) => {
+                        // Whole sectors are read and decrypted.
+                        let head = guest % 512;
+                        let span = (head + n as u64).div_ceil(512) * 512;
+                        let mut sec = vec![0u8; span as usize];
+                        self.data.read_at(&mut sec, host - head)?;
+                        c.decrypt(guest - head, &mut sec)?;
+                        chunk.copy_from_slice(&sec[head as usize..head as usize + n]);
+                    }
+                },
                 Mapping::Zero { .. } => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(chunk, guest)?,
                 Mapping::Compressed { host, len } => {
@@ -508,7 +629,7 @@ impl BlockDevice for Qcow2 {
         }
         let _g = self.gate.enter();
         let (m, len) = self.lookup(offset, max)?;
-        let encrypted = false;
+        let encrypted = self.crypt.is_some();
         let kind = match m {
             Mapping::Data { host } => ExtentKind::Data {
                 host_offset: Some(host),
@@ -548,8 +669,28 @@ impl BlockDevice for Qcow2 {
         })
     }
 
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_at_impl(buf, offset)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, mode: crate::device::ZeroMode) -> Result<()> {
+        self.write_zeroes_impl(offset, len, mode)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard_impl(offset, len)
+    }
+
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.write_compressed_impl(buf, offset)
+    }
+
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.resize_with(new_size, false)
+    }
+
     fn flush(&self) -> Result<()> {
-        Ok(())
+        self.flush_impl()
     }
 
     fn backing(&self) -> Option<&dyn BlockDevice> {

@@ -212,3 +212,77 @@ pub fn map_classes(json: &str, size: u64, granule: u64) -> Vec<u8> {
     }
     out
 }
+
+/// A small deterministic PRNG for test workloads.
+#[derive(Debug, Clone)]
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        // xorshift64*
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// A value in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// An in-memory model of a disk.
+#[derive(Debug, Clone)]
+pub struct Model {
+    pub data: Vec<u8>,
+}
+
+impl Model {
+    pub fn new(size: u64) -> Self {
+        Model {
+            data: vec![0; size as usize],
+        }
+    }
+    pub fn write(&mut self, off: u64, buf: &[u8]) {
+        self.data[off as usize..off as usize + buf.len()].copy_from_slice(buf);
+    }
+    pub fn zero(&mut self, off: u64, len: u64) {
+        self.data[off as usize..(off + len) as usize].fill(0);
+    }
+    pub fn resize(&mut self, size: u64) {
+        self.data.resize(size as usize, 0);
+    }
+    /// Writes the model as a raw file for qemu-img compare.
+    pub fn save(&self, path: &Path) {
+        std::fs::write(path, &self.data).unwrap();
+    }
+}
+
+/// A deterministic pattern for a write: bytes depend on the seed and offset.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut r = Rng(seed | 1);
+    (0..len).map(|_| (r.next() >> 56) as u8).collect()
+}
+
+/// `qemu-img compare` of an image against a model (raw file).
+pub fn assert_qemu_compare(img: &Path, fmt: &str, model: &Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let raw = dir.path().join("model.raw");
+    model.save(&raw);
+    let (code, out, err) = run_status(
+        "qemu-img",
+        &[
+            "compare",
+            "-f",
+            fmt,
+            "-F",
+            "raw",
+            &img.display().to_string(),
+            &raw.display().to_string(),
+        ],
+    );
+    assert_eq!(code, 0, "qemu-img compare {}: {out}{err}", img.display());
+}

@@ -1,0 +1,731 @@
+//! Consistency check and repair, as `qemu-img check` does them.
+//!
+//! The check counts every reference to every host cluster (header, L1 and
+//! L2 tables of the active state and of every snapshot, data and compressed
+//! clusters, refcount table and blocks, snapshot table, bitmap directory and
+//! tables) and compares the counts with the stored refcounts:
+//!
+//! * stored < counted: an error (a cluster could be handed out twice);
+//! * stored > counted: a leak (wasted space, no harm to data).
+//!
+//! It also reports entries that are not cluster aligned and COPIED flags that
+//! disagree with the refcount, in the same words as QEMU. Repair:
+//! [`Repair::Leaks`] lowers leaked refcounts in place; [`Repair::All`]
+//! rebuilds the refcount structures from the counts (placing a new table and
+//! blocks past the end of the image and switching the header to them) and
+//! fixes COPIED flags.
+
+use byteorder::{BigEndian, ByteOrder};
+
+use super::header::{self, Header};
+use super::l2::{Geometry, L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use super::refcount::{get_entry, set_entry, REFT_OFFSET_MASK};
+use super::snapshot::Snapshot;
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::storage::Storage;
+
+/// What to repair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Repair {
+    /// Only check.
+    #[default]
+    None,
+    /// Free leaked clusters.
+    Leaks,
+    /// Free leaks, rebuild wrong refcounts, fix COPIED flags.
+    All,
+}
+
+/// What a check found, with QEMU's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CheckReport {
+    /// Errors that stopped parts of the check (I/O errors).
+    pub check_errors: u64,
+    /// Metadata errors (refcounts too low, misaligned entries, wrong flags).
+    pub corruptions: u64,
+    /// Leaked clusters (refcounts too high).
+    pub leaks: u64,
+    /// Corruptions repaired.
+    pub corruptions_fixed: u64,
+    /// Leaks repaired.
+    pub leaks_fixed: u64,
+    /// One past the last byte of the image file in use.
+    pub image_end_offset: u64,
+    /// Guest clusters of the virtual disk.
+    pub total_clusters: u64,
+    /// Guest clusters allocated in the active state.
+    pub allocated_clusters: u64,
+    /// Allocated guest clusters not contiguous with the previous one.
+    pub fragmented_clusters: u64,
+    /// Compressed guest clusters.
+    pub compressed_clusters: u64,
+    /// One line per finding, as `qemu-img check` prints them.
+    pub messages: Vec<String>,
+}
+
+impl CheckReport {
+    /// `qemu-img check`'s exit code: 0 clean, 2 corrupted, 3 leaks only,
+    /// 1 when the check itself failed.
+    pub fn exit_code(&self) -> i32 {
+        if self.check_errors > 0 {
+            1
+        } else if self.corruptions > 0 {
+            2
+        } else if self.leaks > 0 {
+            3
+        } else {
+            0
+        }
+    }
+
+    /// Whether nothing is wrong.
+    pub fn is_clean(&self) -> bool {
+        self.exit_code() == 0
+    }
+}
+
+/// The reference counts found by walking the metadata.
+struct Refs {
+    counts: Vec<u64>,
+    cluster_bits: u32,
+    limit: u64,
+}
+
+impl Refs {
+    fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
+        if len == 0 {
+            return;
+        }
+        let first = offset >> self.cluster_bits;
+        let last = (offset + len - 1) >> self.cluster_bits;
+        if last >= self.limit {
+            r.corruptions += 1;
+            r.messages.push(format!(
+                "ERROR {what} at offset {offset:#x} lies far beyond the end of the image"
+            ));
+            return;
+        }
+        if self.counts.len() as u64 <= last {
+            self.counts.resize(last as usize + 1, 0);
+        }
+        for c in first..=last {
+            self.counts[c as usize] = self.counts[c as usize].saturating_add(1);
+        }
+    }
+}
+
+struct Walker<'a> {
+    file: &'a dyn Storage,
+    geo: Geometry,
+
+    refs: Refs,
+    report: CheckReport,
+}
+
+impl Walker<'_> {
+    fn read_table(&mut self, offset: u64, count: u64, what: &str) -> Option<Vec<u64>> {
+        let mut buf = vec![0u8; (count * 8) as usize];
+        match self.file.read_at(&mut buf, offset) {
+            Ok(()) => Some(buf.chunks_exact(8).map(BigEndian::read_u64).collect()),
+            Err(e) => {
+                self.report.check_errors += 1;
+                self.report
+                    .messages
+                    .push(format!("ERROR: could not read {what} at {offset:#x}: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Counts the references of one L1 table and its L2 tables. `active`
+    /// gathers the allocation statistics.
+    fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) {
+        let cs = self.geo.cluster_size();
+        self.refs.add(
+            &mut self.report,
+            l1_offset,
+            u64::from(l1_size) * 8,
+            "L1 table",
+        );
+        let Some(l1) = self.read_table(l1_offset, u64::from(l1_size), "the L1 table") else {
+            return;
+        };
+        let words = cs / 8;
+        let mut next_contiguous = 0u64;
+        for &l1e in l1.iter() {
+            let l2_off = l1e & OFFSET_MASK;
+            if l2_off == 0 {
+                continue;
+            }
+            if l2_off & (cs - 1) != 0 {
+                self.report.corruptions += 1;
+                self.report.messages.push(format!(
+                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
+                ));
+                continue;
+            }
+            self.refs.add(&mut self.report, l2_off, cs, "L2 table");
+            let Some(t) = self.read_table(l2_off, words, "an L2 table") else {
+                continue;
+            };
+            let per = self.geo.words_per_entry();
+            for (j, e) in t.chunks_exact(per).enumerate() {
+                let entry = L2Entry {
+                    word: e[0],
+                    bitmap: if per == 2 { e[1] } else { 0 },
+                };
+                if entry.word & OFLAG_COMPRESSED != 0 {
+                    if entry.word & OFLAG_COPIED != 0 {
+                        self.report.corruptions += 1;
+                        self.report.messages.push(format!(
+                            "ERROR: coffset={:#x}: Compressed cluster has the COPIED flag",
+                            entry.word & self.geo.compressed_offset_mask()
+                        ));
+                    }
+                    let (host, len) = entry.compressed(&self.geo);
+                    self.refs
+                        .add(&mut self.report, host, len, "compressed cluster");
+                    if active {
+                        self.report.allocated_clusters += 1;
+                        self.report.compressed_clusters += 1;
+                        self.report.fragmented_clusters += 1;
+                    }
+                    continue;
+                }
+                let off = entry.word & OFFSET_MASK;
+                if self.geo.extended_l2 {
+                    let alloc = entry.bitmap & 0xffff_ffff;
+                    let zero = entry.bitmap >> 32;
+                    if alloc & zero != 0 || (off == 0 && alloc != 0) {
+                        self.report.corruptions += 1;
+                        self.report.messages.push(format!(
+                            "ERROR invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {j:#x})"
+                        ));
+                    }
+                }
+                if off == 0 {
+                    continue;
+                }
+                if off & (cs - 1) != 0 {
+                    self.report.corruptions += 1;
+                    self.report.messages.push(format!(
+                        "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
+                    ));
+                    continue;
+                }
+                if self.geo.data_file {
+                    continue;
+                }
+                self.refs.add(&mut self.report, off, cs, "data cluster");
+                if active {
+                    let zero = !self.geo.extended_l2 && entry.word & OFLAG_ZERO != 0;
+                    if !zero {
+                        self.report.allocated_clusters += 1;
+                    }
+                    if next_contiguous != 0 && off != next_contiguous {
+                        self.report.fragmented_clusters += 1;
+                    }
+                    next_contiguous = off + cs;
+                }
+            }
+        }
+    }
+}
+
+/// The full reference walk over an image's metadata.
+fn count_references(
+    file: &dyn Storage,
+    h: &Header,
+    l1: (u64, u32),
+    snaps: &[Snapshot],
+    snap_table_len: u64,
+    include_refcount_structures: bool,
+    reftable: &[u64],
+) -> Result<(Refs, CheckReport)> {
+    let cs = h.cluster_size();
+    let file_clusters = file.len()?.div_ceil(cs);
+    let geo = Geometry {
+        cluster_bits: h.cluster_bits,
+        extended_l2: h.extended_l2(),
+        data_file: h.incompatible_features & header::INCOMPAT_DATA_FILE != 0,
+    };
+    let mut w = Walker {
+        file,
+        geo,
+
+        refs: Refs {
+            counts: vec![0; file_clusters as usize],
+            cluster_bits: h.cluster_bits,
+            limit: file_clusters + (1 << 20),
+        },
+        report: CheckReport::default(),
+    };
+    w.report.total_clusters = h.size.div_ceil(cs);
+    w.refs.add(&mut w.report, 0, cs, "header");
+    w.walk_l1(l1.0, l1.1, true);
+    for s in snaps {
+        w.walk_l1(s.l1_table_offset, s.l1_size, false);
+    }
+    if h.nb_snapshots > 0 {
+        w.refs.add(
+            &mut w.report,
+            h.snapshots_offset,
+            snap_table_len,
+            "snapshot table",
+        );
+    }
+    if let (Some(b), true) = (
+        h.bitmaps,
+        h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0,
+    ) {
+        count_bitmaps(&mut w, b.directory_offset, b.directory_size);
+    } else if let Some(b) = h.bitmaps {
+        // Inconsistent bitmaps are still stored and referenced.
+        count_bitmaps(&mut w, b.directory_offset, b.directory_size);
+    }
+    if include_refcount_structures {
+        w.refs.add(
+            &mut w.report,
+            h.refcount_table_offset,
+            u64::from(h.refcount_table_clusters) * cs,
+            "refcount table",
+        );
+        for (i, &e) in reftable.iter().enumerate() {
+            let off = e & REFT_OFFSET_MASK;
+            if off == 0 {
+                continue;
+            }
+            if off & (cs - 1) != 0 {
+                w.report.corruptions += 1;
+                w.report.messages.push(format!(
+                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
+                ));
+                continue;
+            }
+            if off >> h.cluster_bits >= file_clusters {
+                w.report.corruptions += 1;
+                w.report
+                    .messages
+                    .push(format!("ERROR refcount block {i} is outside image"));
+                continue;
+            }
+            w.refs.add(&mut w.report, off, cs, "refcount block");
+        }
+    }
+    Ok((w.refs, w.report))
+}
+
+/// Counts the bitmap directory, bitmap tables and bitmap data clusters.
+fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
+    let cs = w.geo.cluster_size();
+    if dir_size > QCOW2_MAX_BITMAP_DIRECTORY || dir_off % cs != 0 {
+        return;
+    }
+    w.refs
+        .add(&mut w.report, dir_off, dir_size, "bitmap directory");
+    let mut dir = vec![0u8; dir_size as usize];
+    if w.file.read_at(&mut dir, dir_off).is_err() {
+        w.report.check_errors += 1;
+        return;
+    }
+    let mut pos = 0usize;
+    while pos + 24 <= dir.len() {
+        let table_off = BigEndian::read_u64(&dir[pos..pos + 8]);
+        let table_size = u64::from(BigEndian::read_u32(&dir[pos + 8..pos + 12]));
+        let name_size = usize::from(BigEndian::read_u16(&dir[pos + 14..pos + 16]));
+        let extra = BigEndian::read_u32(&dir[pos + 16..pos + 20]) as usize;
+        if table_off % cs == 0 && table_size <= QCOW2_MAX_L1_BYTES / 8 {
+            w.refs
+                .add(&mut w.report, table_off, table_size * 8, "bitmap table");
+            if let Some(t) = w.read_table(table_off, table_size, "a bitmap table") {
+                for e in t {
+                    let off = e & 0x00ff_ffff_ffff_fe00;
+                    if off != 0 {
+                        w.refs.add(&mut w.report, off, cs, "bitmap data");
+                    }
+                }
+            }
+        }
+        pos += (24 + extra + name_size).div_ceil(8) * 8;
+    }
+}
+
+/// Reads stored refcounts for clusters `0..n`.
+fn stored_refcounts(file: &dyn Storage, h: &Header, reftable: &[u64], n: u64) -> Result<Vec<u64>> {
+    let cs = h.cluster_size();
+    let epb = (cs * 8) >> h.refcount_order;
+    let mut out = vec![0u64; n as usize];
+    let mut block = vec![0u8; cs as usize];
+    for (ti, &e) in reftable.iter().enumerate() {
+        let start = ti as u64 * epb;
+        if start >= n {
+            break;
+        }
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 || off & (cs - 1) != 0 {
+            continue;
+        }
+        file.read_at(&mut block, off)?;
+        for i in 0..epb.min(n - start) {
+            out[(start + i) as usize] = get_entry(&block, h.refcount_order, i as usize);
+        }
+    }
+    Ok(out)
+}
+
+impl Qcow2 {
+    /// Checks the image's metadata, repairing what `repair` asks for.
+    /// Repairs need the image open read-write.
+    pub fn check(&self, repair: Repair) -> Result<CheckReport> {
+        if repair != Repair::None && self.alloc.is_none() {
+            return Err(self.err(Error::read_only("repair")));
+        }
+        self.flush_impl()?;
+        let guard = self
+            .alloc
+            .as_ref()
+            .map(|a| self.wait_all_inflight(a.lock()));
+        let h = self.header.lock().clone();
+        let snaps = self.snapshots.read().clone();
+        let file = &*self.file;
+        let cs = h.cluster_size();
+        let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
+        let reftable = super::read_u64_table(
+            file,
+            h.refcount_table_offset,
+            (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
+            "refcount table",
+        )?;
+        let (refs, mut report) = count_references(
+            file,
+            &h,
+            (h.l1_table_offset, h.l1_size),
+            &snaps,
+            snap_len,
+            true,
+            &reftable,
+        )?;
+        let file_clusters = file.len()?.div_ceil(cs);
+        let n = (refs.counts.len() as u64).max(file_clusters);
+        let stored = stored_refcounts(file, &h, &reftable, n)?;
+        let mut leaked = Vec::new();
+        let mut need_rebuild = false;
+        let mut end = 0u64;
+        for c in 0..n {
+            let counted = refs.counts.get(c as usize).copied().unwrap_or(0);
+            let s = stored[c as usize];
+            if s > 0 || counted > 0 {
+                end = c + 1;
+            }
+            if s == counted {
+                continue;
+            }
+            if s < counted {
+                report.corruptions += 1;
+                need_rebuild = true;
+                report.messages.push(format!(
+                    "ERROR cluster {c} refcount={s} reference={counted}"
+                ));
+            } else {
+                report.leaks += 1;
+                leaked.push((c, counted));
+                report.messages.push(format!(
+                    "Leaked cluster {c} refcount={s} reference={counted}"
+                ));
+            }
+        }
+        report.image_end_offset = end * cs;
+        // COPIED flags of the active tables.
+        let copied_fixes = self.check_copied(&h, &refs.counts, &stored, &mut report)?;
+        drop(guard);
+        match repair {
+            Repair::None => Ok(report),
+            Repair::Leaks if !leaked.is_empty() => {
+                self.fix_leaks(&leaked)?;
+                report.leaks_fixed = leaked.len() as u64;
+                self.finish_repair(report)
+            }
+            Repair::All if need_rebuild || !leaked.is_empty() || !copied_fixes.is_empty() => {
+                let leaks = report.leaks;
+                let corruptions = report.corruptions;
+                if need_rebuild || !leaked.is_empty() {
+                    self.rebuild_refcounts()?;
+                }
+                self.fix_copied(&copied_fixes)?;
+                report.leaks_fixed = leaks;
+                report.corruptions_fixed = corruptions.min(
+                    copied_fixes.len() as u64
+                        + report
+                            .messages
+                            .iter()
+                            .filter(|m| m.starts_with("ERROR cluster"))
+                            .count() as u64,
+                );
+                self.finish_repair(report)
+            }
+            _ => Ok(report),
+        }
+    }
+
+    /// After a repair: a second check reports what is left, with the fixed
+    /// counters of the first.
+    fn finish_repair(&self, first: CheckReport) -> Result<CheckReport> {
+        let mut after = self.check(Repair::None)?;
+        after.leaks_fixed = first.leaks_fixed;
+        after.corruptions_fixed = first.corruptions_fixed;
+        let mut messages = first.messages;
+        messages.extend(after.messages);
+        after.messages = messages;
+        Ok(after)
+    }
+
+    /// Lists active L1/L2 entries whose COPIED flag disagrees with the
+    /// refcount: (is_l1, table offset or L1 index, entry index, want COPIED).
+    fn check_copied(
+        &self,
+        h: &Header,
+        counts: &[u64],
+        stored: &[u64],
+        report: &mut CheckReport,
+    ) -> Result<Vec<(bool, u64, usize, bool)>> {
+        let mut fixes = Vec::new();
+        if h.incompatible_features & header::INCOMPAT_DATA_FILE != 0 {
+            return Ok(fixes);
+        }
+        let cs = h.cluster_size();
+        let file = &*self.file;
+        let _ = counts;
+        let refcount = |off: u64| -> u64 { stored.get((off / cs) as usize).copied().unwrap_or(0) };
+        let l1 = super::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
+        let per = if h.extended_l2() { 2 } else { 1 };
+        for (i, &l1e) in l1.iter().enumerate() {
+            let l2_off = l1e & OFFSET_MASK;
+            if l2_off == 0 || l2_off & (cs - 1) != 0 {
+                continue;
+            }
+            let rc = refcount(l2_off);
+            let want = rc == 1;
+            if want != (l1e & OFLAG_COPIED != 0) {
+                report.corruptions += 1;
+                report.messages.push(format!(
+                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
+                ));
+                fixes.push((true, i as u64, 0, want));
+            }
+            let t = super::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
+            for (j, e) in t.chunks_exact(per).enumerate() {
+                let w = e[0];
+                if w & OFLAG_COMPRESSED != 0 {
+                    continue;
+                }
+                let off = w & OFFSET_MASK;
+                if off == 0 || off & (cs - 1) != 0 {
+                    continue;
+                }
+                let rc = refcount(off);
+                let want = rc == 1;
+                if want != (w & OFLAG_COPIED != 0) {
+                    report.corruptions += 1;
+                    report.messages.push(format!(
+                        "ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"
+                    ));
+                    fixes.push((false, l2_off, j, want));
+                }
+            }
+        }
+        Ok(fixes)
+    }
+
+    fn fix_copied(&self, fixes: &[(bool, u64, usize, bool)]) -> Result<()> {
+        if fixes.is_empty() {
+            return Ok(());
+        }
+        let mut a = self.alloc_lock()?;
+        for &(is_l1, off, j, want) in fixes {
+            if is_l1 {
+                let mut m = self.map.write();
+                if let Some(e) = m.l1.get_mut(off as usize) {
+                    *e = if want {
+                        *e | OFLAG_COPIED
+                    } else {
+                        *e & !OFLAG_COPIED
+                    };
+                }
+                a.l1_dirty = true;
+            } else {
+                let t = self.load_l2(off)?;
+                let mut e = t.get(&self.geo, j);
+                e.word = if want {
+                    e.word | OFLAG_COPIED
+                } else {
+                    e.word & !OFLAG_COPIED
+                };
+                t.set(&self.geo, j, e);
+            }
+        }
+        self.flush_meta(&mut a)
+    }
+
+    /// Lowers the refcounts of leaked clusters to what is referenced.
+    fn fix_leaks(&self, leaked: &[(u64, u64)]) -> Result<()> {
+        let mut a = self.alloc_lock()?;
+        let file = &*self.file;
+        for &(c, counted) in leaked {
+            a.rc.set(file, c, counted)?;
+            if counted == 0 && c < a.rc.free_hint {
+                a.rc.free_hint = c;
+            }
+        }
+        a.rc.write_blocks(file)?;
+        file.sync()?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table and blocks with ones rebuilt from the
+    /// references, placed past everything in use; the old structures become
+    /// free space.
+    pub(crate) fn rebuild_refcounts(&self) -> Result<()> {
+        let mut a = self.alloc_lock()?;
+        self.flush_meta(&mut a)?;
+        let file = &*self.file;
+        let h = self.header.lock().clone();
+        let snaps = self.snapshots.read().clone();
+        let cs = h.cluster_size();
+        let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
+        let (mut refs, report) = count_references(
+            file,
+            &h,
+            (h.l1_table_offset, h.l1_size),
+            &snaps,
+            snap_len,
+            false,
+            &[],
+        )?;
+        if report.check_errors > 0 {
+            return Err(self.err(Error::corrupt(
+                "cannot rebuild refcounts: the metadata could not be read",
+            )));
+        }
+        let order = h.refcount_order;
+        let max = if order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << order)) - 1
+        };
+        if let Some(c) = refs.counts.iter().position(|&v| v > max) {
+            return Err(self.err(Error::corrupt(format!(
+                "cluster {c} is referenced {} times, more than {}-bit refcounts can hold",
+                refs.counts[c],
+                1u32 << order
+            ))));
+        }
+        let epb = (cs * 8) >> order;
+        let used_end = refs
+            .counts
+            .iter()
+            .rposition(|&v| v > 0)
+            .map_or(1, |p| p as u64 + 1);
+        let e_start = used_end.max(file.len()?.div_ceil(cs));
+        // The table and blocks go at e_start: table first, then blocks, the
+        // blocks covering everything up to their own end.
+        let mut nb = e_start.div_ceil(epb).max(1);
+        let mut tc;
+        loop {
+            tc = (nb * 8).div_ceil(cs).max(1);
+            let need = (e_start + tc + nb).div_ceil(epb);
+            if need <= nb {
+                break;
+            }
+            nb = need;
+        }
+        if tc * cs > QCOW2_MAX_REFTABLE_BYTES {
+            return Err(self.err(Error::limit(
+                "the rebuilt refcount table would be too large",
+            )));
+        }
+        let table_off = e_start * cs;
+        refs.add(
+            &mut CheckReport::default(),
+            table_off,
+            (tc + nb) * cs,
+            "new refcount structures",
+        );
+        let mut table = vec![0u64; (tc * cs / 8) as usize];
+        let mut block = vec![0u8; cs as usize];
+        for b in 0..nb {
+            block.fill(0);
+            for i in 0..epb {
+                let c = b * epb + i;
+                if let Some(&v) = refs.counts.get(c as usize) {
+                    if v > 0 {
+                        set_entry(&mut block, order, i as usize, v);
+                    }
+                }
+            }
+            let off = (e_start + tc + b) * cs;
+            file.write_at(&block, off)?;
+            table[b as usize] = off;
+        }
+        let mut tbytes = vec![0u8; (tc * cs) as usize];
+        for (ch, e) in tbytes.chunks_exact_mut(8).zip(&table) {
+            BigEndian::write_u64(ch, *e);
+        }
+        file.write_at(&tbytes, table_off)?;
+        file.sync()?;
+        let old_table = {
+            let mut hh = self.header.lock();
+            let old = (
+                hh.refcount_table_offset,
+                u64::from(hh.refcount_table_clusters),
+            );
+            hh.refcount_table_offset = table_off;
+            hh.refcount_table_clusters = tc as u32;
+            self.write_header_locked(&mut hh)?;
+            old
+        };
+        file.sync()?;
+        {
+            let mut r = self.reserved.write();
+            r.remove(old_table.0);
+            r.add(table_off, tc * cs);
+        }
+        let mut rc =
+            super::refcount::Refcounts::load(file, order, h.cluster_bits, table_off, tc as u32)?;
+        rc.reserved = self.reserved.read().clone();
+        a.rc = rc;
+        a.alloc_end = e_start + tc + nb;
+        a.compressed_next = 0;
+        Ok(())
+    }
+
+    /// Rebuilds refcounts of an image opened read-write with the dirty bit
+    /// set, then clears the bit.
+    pub(crate) fn repair_dirty(&self) -> Result<()> {
+        self.rebuild_refcounts()?;
+        let report = self.check(Repair::None)?;
+        if report.corruptions > 0 {
+            let fixes = {
+                let h = self.header.lock().clone();
+                let file = &*self.file;
+                let reftable = super::read_u64_table(
+                    file,
+                    h.refcount_table_offset,
+                    (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,
+                    "refcount table",
+                )?;
+                let n = file.len()?.div_ceil(h.cluster_size());
+                let stored = stored_refcounts(file, &h, &reftable, n)?;
+                let mut r = CheckReport::default();
+                self.check_copied(&h, &stored, &stored, &mut r)?
+            };
+            self.fix_copied(&fixes)?;
+        }
+        let mut h = self.header.lock();
+        h.incompatible_features &= !header::INCOMPAT_DIRTY;
+        self.write_header_locked(&mut h)?;
+        drop(h);
+        self.file.sync()
+    }
+}

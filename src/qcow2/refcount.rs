@@ -1,0 +1,624 @@
+//! Refcounts: the refcount table, refcount blocks of every width (1 to 64
+//! bits), and the cluster allocator built on them.
+//!
+//! Spec: `docs/interop/qcow2.txt`, "Host cluster management". The table is
+//! held in memory (it is at most 8 MiB); blocks go through a small
+//! write-back cache. Increments may reach the disk at any time (a crash then
+//! leaks clusters, which is harmless); decrements are queued by the caller
+//! and applied only after the pointers they belong to were removed durably.
+
+use std::collections::HashMap;
+
+use byteorder::{BigEndian, ByteOrder};
+
+use crate::error::{Error, Result};
+use crate::limits::*;
+use crate::storage::Storage;
+
+/// Refcount table entry: bits 9..=63 hold the block offset.
+pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+
+/// Reads refcount entry `i` of a block of `1 << order`-bit entries.
+pub fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
+    match order {
+        0..=2 => {
+            let w = 1usize << order;
+            let bit = i * w;
+            let byte = block.get(bit / 8).copied().unwrap_or(0);
+            u64::from((byte >> (bit % 8)) & ((1u8 << w) - 1))
+        }
+        3 => u64::from(block.get(i).copied().unwrap_or(0)),
+        4 => block
+            .get(2 * i..2 * i + 2)
+            .map_or(0, |b| u64::from(BigEndian::read_u16(b))),
+        5 => block
+            .get(4 * i..4 * i + 4)
+            .map_or(0, |b| u64::from(BigEndian::read_u32(b))),
+        _ => block.get(8 * i..8 * i + 8).map_or(0, BigEndian::read_u64),
+    }
+}
+
+/// Writes refcount entry `i`; `v` must fit in the width.
+pub fn set_entry(block: &mut [u8], order: u32, i: usize, v: u64) {
+    match order {
+        0..=2 => {
+            let w = 1usize << order;
+            let bit = i * w;
+            let mask = ((1u16 << w) - 1) as u8;
+            if let Some(byte) = block.get_mut(bit / 8) {
+                let sh = bit % 8;
+                *byte = (*byte & !(mask << sh)) | (((v as u8) & mask) << sh);
+            }
+        }
+        3 => {
+            if let Some(b) = block.get_mut(i) {
+                *b = v as u8;
+            }
+        }
+        4 => {
+            if let Some(b) = block.get_mut(2 * i..2 * i + 2) {
+                BigEndian::write_u16(b, v as u16);
+            }
+        }
+        5 => {
+            if let Some(b) = block.get_mut(4 * i..4 * i + 4) {
+                BigEndian::write_u32(b, v as u32);
+            }
+        }
+        _ => {
+            if let Some(b) = block.get_mut(8 * i..8 * i + 8) {
+                BigEndian::write_u64(b, v);
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    data: Vec<u8>,
+    dirty: bool,
+    last_use: u64,
+}
+
+/// Host ranges the allocator must never hand out (header, L1 table,
+/// refcount table, snapshot table, snapshot L1 tables, bitmap directory).
+#[derive(Debug, Clone, Default)]
+pub struct Reserved {
+    ranges: Vec<(u64, u64)>,
+}
+
+impl Reserved {
+    /// Adds `[offset, offset + len)`.
+    pub fn add(&mut self, offset: u64, len: u64) {
+        if len > 0 {
+            self.ranges.push((offset, offset.saturating_add(len)));
+        }
+    }
+
+    /// Removes a range added before (exact match).
+    pub fn remove(&mut self, offset: u64) {
+        self.ranges.retain(|r| r.0 != offset);
+    }
+
+    /// Whether `[offset, offset + len)` overlaps a reserved range.
+    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
+        let end = offset.saturating_add(len);
+        self.ranges.iter().any(|&(a, b)| offset < b && a < end)
+    }
+}
+
+/// The refcount structures of an open image.
+#[derive(Debug)]
+pub struct Refcounts {
+    /// log2 of the refcount width in bits.
+    pub order: u32,
+    /// log2 of the cluster size.
+    pub cluster_bits: u32,
+    /// Refcount table entries (block offsets, native order).
+    pub table: Vec<u64>,
+    /// Host offset of the table.
+    pub table_offset: u64,
+    /// Table length in clusters.
+    pub table_clusters: u32,
+    /// Table entries changed since the last write of the table.
+    pub table_dirty: bool,
+    blocks: HashMap<u64, Block>,
+    capacity: usize,
+    tick: u64,
+    /// First cluster index worth scanning for free clusters.
+    pub free_hint: u64,
+    /// Ranges never to allocate over.
+    pub reserved: Reserved,
+}
+
+impl Refcounts {
+    /// Loads the refcount table.
+    pub fn load(
+        file: &dyn Storage,
+        order: u32,
+        cluster_bits: u32,
+        table_offset: u64,
+        table_clusters: u32,
+    ) -> Result<Refcounts> {
+        let cs = 1u64 << cluster_bits;
+        let bytes = u64::from(table_clusters) * cs;
+        if bytes > QCOW2_MAX_REFTABLE_BYTES {
+            return Err(Error::limit(format!(
+                "refcount table of {bytes} bytes is too large"
+            )));
+        }
+        let mut buf = vec![0u8; bytes as usize];
+        file.read_at(&mut buf, table_offset)?;
+        let table: Vec<u64> = buf.chunks_exact(8).map(BigEndian::read_u64).collect();
+        for (i, &e) in table.iter().enumerate() {
+            let off = e & REFT_OFFSET_MASK;
+            if off & (cs - 1) != 0 || e & !REFT_OFFSET_MASK != 0 {
+                return Err(Error::corrupt(format!(
+                    "refcount table entry {i} ({e:#x}) is not a cluster-aligned offset"
+                ))
+                .with_field("refcount table")
+                .with_offset(table_offset + 8 * i as u64));
+            }
+            if off >= QCOW2_MAX_HOST_OFFSET {
+                return Err(Error::corrupt(format!(
+                    "refcount block offset {off:#x} (entry {i}) is out of range"
+                ))
+                .with_field("refcount table"));
+            }
+        }
+        Ok(Refcounts {
+            order,
+            cluster_bits,
+            table,
+            table_offset,
+            table_clusters,
+            table_dirty: false,
+            blocks: HashMap::new(),
+            capacity: 64,
+            tick: 0,
+            free_hint: 0,
+            reserved: Reserved::default(),
+        })
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        1 << self.cluster_bits
+    }
+
+    /// Refcount entries per block.
+    pub fn entries_per_block(&self) -> u64 {
+        (self.cluster_size() * 8) >> self.order
+    }
+
+    /// Largest refcount value.
+    pub fn max_refcount(&self) -> u64 {
+        if self.order == 6 {
+            u64::MAX
+        } else {
+            (1u64 << (1 << self.order)) - 1
+        }
+    }
+
+    fn block<'a>(&'a mut self, file: &dyn Storage, off: u64) -> Result<&'a mut Block> {
+        self.tick += 1;
+        let tick = self.tick;
+        if !self.blocks.contains_key(&off) {
+            if self.blocks.len() >= self.capacity {
+                self.evict(file)?;
+            }
+            let mut data = vec![0u8; self.cluster_size() as usize];
+            file.read_at(&mut data, off)?;
+            self.blocks.insert(
+                off,
+                Block {
+                    data,
+                    dirty: false,
+                    last_use: tick,
+                },
+            );
+        }
+        let b = self
+            .blocks
+            .get_mut(&off)
+            .ok_or_else(|| Error::internal("refcount block vanished from the cache"))?;
+        b.last_use = tick;
+        Ok(b)
+    }
+
+    fn evict(&mut self, file: &dyn Storage) -> Result<()> {
+        // Prefer clean blocks; a dirty one is written first (increments may
+        // reach the disk at any time).
+        let victim = self
+            .blocks
+            .iter()
+            .min_by_key(|(_, b)| (b.dirty, b.last_use))
+            .map(|(&o, _)| o);
+        if let Some(off) = victim {
+            if let Some(b) = self.blocks.get(&off) {
+                if b.dirty {
+                    file.write_at(&b.data, off)?;
+                }
+            }
+            self.blocks.remove(&off);
+        }
+        Ok(())
+    }
+
+    /// The refcount of host cluster `cluster`.
+    pub fn get(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
+        let epb = self.entries_per_block();
+        let ti = cluster / epb;
+        let Some(&e) = self.table.get(ti as usize) else {
+            return Ok(0);
+        };
+        let off = e & REFT_OFFSET_MASK;
+        if off == 0 {
+            return Ok(0);
+        }
+        let order = self.order;
+        let b = self.block(file, off)?;
+        Ok(get_entry(&b.data, order, (cluster % epb) as usize))
+    }
+
+    /// Sets the refcount of `cluster`, which must be covered by an existing
+    /// block (see [`ensure_blocks`](Self::ensure_blocks)).
+    pub fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+        if value > self.max_refcount() {
+            return Err(Error::corrupt(format!(
+                "refcount of cluster {cluster} would overflow {} bits",
+                1u32 << self.order
+            )));
+        }
+        let epb = self.entries_per_block();
+        let ti = (cluster / epb) as usize;
+        let off = self.table.get(ti).map_or(0, |e| e & REFT_OFFSET_MASK);
+        if off == 0 {
+            return Err(Error::internal(format!(
+                "no refcount block for cluster {cluster}"
+            )));
+        }
+        let order = self.order;
+        let b = self.block(file, off)?;
+        set_entry(&mut b.data, order, (cluster % epb) as usize, value);
+        b.dirty = true;
+        Ok(())
+    }
+
+    /// Adds `delta` to the refcount of `cluster`.
+    pub fn add(&mut self, file: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+        let cur = self.get(file, cluster)?;
+        let new = if delta >= 0 {
+            cur.checked_add(delta as u64)
+        } else {
+            cur.checked_sub(delta.unsigned_abs())
+        }
+        .ok_or_else(|| {
+            Error::corrupt(format!(
+                "refcount of cluster {cluster} ({cur}) cannot change by {delta}"
+            ))
+            .with_offset(cluster << self.cluster_bits)
+        })?;
+        if delta > 0 || cur != new {
+            self.ensure_block_for(file, cluster)?;
+            self.set(file, cluster, new)?;
+        }
+        if new == 0 && cluster < self.free_hint {
+            self.free_hint = cluster;
+        }
+        Ok(new)
+    }
+
+    /// Makes sure refcount blocks cover `[start, start + n)`. Returns whether
+    /// a block had to be created (it then occupies a cluster that looked
+    /// free, so the caller must search again).
+    pub fn ensure_blocks(&mut self, file: &dyn Storage, start: u64, n: u64) -> Result<bool> {
+        let epb = self.entries_per_block();
+        let mut created = false;
+        for ti in (start / epb)..=((start + n - 1) / epb) {
+            created |= self.ensure_block_for(file, ti * epb)?;
+        }
+        Ok(created)
+    }
+
+    /// Creates an empty block for table entry `ti` at host offset `off`;
+    /// the caller gives `off` its refcount.
+    pub fn create_block_at(&mut self, file: &dyn Storage, ti: u64, off: u64) -> Result<()> {
+        if ti as usize >= self.table.len() {
+            return Err(Error::internal(format!(
+                "refcount table entry {ti} is beyond the table"
+            )));
+        }
+        self.insert_new_block(file, off)?;
+        self.table[ti as usize] = off;
+        self.table_dirty = true;
+        Ok(())
+    }
+
+    /// Puts a new all-zero block at `off` into the cache (dirty); the
+    /// caller links it into the table.
+
+    pub fn insert_new_block(&mut self, file: &dyn Storage, off: u64) -> Result<()> {
+        if self.blocks.len() >= self.capacity {
+            self.evict(file)?;
+        }
+        self.tick += 1;
+        let data = vec![0u8; self.cluster_size() as usize];
+        self.blocks.insert(
+            off,
+            Block {
+                data,
+                dirty: true,
+                last_use: self.tick,
+            },
+        );
+        Ok(())
+    }
+
+    /// Makes sure a refcount block covers `cluster`, creating one that
+    /// describes itself (placed inside its own range) if needed. Returns
+    /// whether one was created.
+    fn ensure_block_for(&mut self, file: &dyn Storage, cluster: u64) -> Result<bool> {
+        let epb = self.entries_per_block();
+        let ti = cluster / epb;
+        if self
+            .table
+            .get(ti as usize)
+            .is_some_and(|e| e & REFT_OFFSET_MASK != 0)
+        {
+            return Ok(false);
+        }
+
+        if ti as usize >= self.table.len() {
+            return Err(Error::internal(format!(
+                "refcount table too small for cluster {cluster}"
+            )));
+        }
+        // Every cluster of the range reads refcount 0, so the first one that
+        // is not reserved metadata can hold the block itself.
+        let cs = self.cluster_size();
+        let start = ti * epb;
+        let mut c = start.max(1);
+        while self.reserved.overlaps(c * cs, cs) {
+            c += 1;
+            if c >= start + epb {
+                return Err(Error::corrupt(
+                    "no room for a refcount block: its range is all metadata",
+                ));
+            }
+        }
+        let off = c * cs;
+        if off >= QCOW2_MAX_HOST_OFFSET {
+            return Err(Error::limit(
+                "image file would grow past the largest qcow2 offset",
+            ));
+        }
+        let mut data = vec![0u8; cs as usize];
+        set_entry(&mut data, self.order, (c - start) as usize, 1);
+        self.tick += 1;
+        if self.blocks.len() >= self.capacity {
+            self.evict(file)?;
+        }
+        self.blocks.insert(
+            off,
+            Block {
+                data,
+                dirty: true,
+                last_use: self.tick,
+            },
+        );
+        self.table[ti as usize] = off;
+        self.table_dirty = true;
+        Ok(true)
+    }
+
+    /// Whether the table covers `cluster`.
+    pub fn covers(&self, cluster: u64) -> bool {
+        cluster / self.entries_per_block() < self.table.len() as u64
+    }
+
+    /// Finds `n` contiguous free clusters at or after the hint, skipping
+    /// reserved ranges. Clusters the table does not cover count as free.
+    /// Moves the hint past them when the run starts at the first free
+    /// cluster seen.
+    pub fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+        let epb = self.entries_per_block();
+        let mut c = self.free_hint.max(1);
+
+        let mut start = c;
+        let mut run = 0u64;
+        let mut first_free: Option<u64> = None;
+        loop {
+            // One block range at a time, so each block is looked up once.
+            let ti = c / epb;
+            let range_end = (ti + 1) * epb;
+            let block_off = self
+                .table
+                .get(ti as usize)
+                .map_or(0, |e| e & REFT_OFFSET_MASK);
+            if block_off != 0 {
+                self.block(file, block_off)?;
+            }
+            // Taken out of the cache for the scan and put back below.
+            let taken = if block_off != 0 {
+                self.blocks.remove(&block_off)
+            } else {
+                None
+            };
+            let data = taken.as_ref().map(|b| &b.data);
+            let found = self.scan_range(
+                &mut c,
+                range_end,
+                data,
+                n,
+                &mut run,
+                &mut start,
+                &mut first_free,
+            );
+            if let Some(b) = taken {
+                self.blocks.insert(block_off, b);
+            }
+            match found? {
+                Some(s) => return Ok(s),
+                None => continue,
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn scan_range(
+        &mut self,
+        c: &mut u64,
+        range_end: u64,
+        data: Option<&Vec<u8>>,
+        n: u64,
+        run: &mut u64,
+        start: &mut u64,
+        first_free: &mut Option<u64>,
+    ) -> Result<Option<u64>> {
+        let cs = self.cluster_size();
+        let epb = self.entries_per_block();
+        let order = self.order;
+        {
+            while *c < range_end {
+                let cc = *c;
+                if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
+                    return Err(Error::limit(
+                        "image file would grow past the largest qcow2 offset",
+                    ));
+                }
+                let free = !self.reserved.overlaps(cc * cs, cs)
+                    && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
+                if free {
+                    first_free.get_or_insert(cc);
+                    if *run == 0 {
+                        *start = cc;
+                    }
+                    *run += 1;
+                    if *run == n {
+                        if *first_free == Some(*start) {
+                            self.free_hint = *start + n;
+                        } else if let Some(f) = *first_free {
+                            self.free_hint = f;
+                        }
+                        return Ok(Some(*start));
+                    }
+                } else {
+                    *run = 0;
+                }
+                *c += 1;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Dirty blocks: (offset, bytes).
+    pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
+        self.blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(&o, b)| (o, b.data.clone()))
+            .collect()
+    }
+
+    /// Whether any block or the table is dirty.
+    pub fn is_dirty(&self) -> bool {
+        self.table_dirty || self.blocks.values().any(|b| b.dirty)
+    }
+
+    /// Marks every cached block clean (after writing them).
+    pub fn mark_blocks_clean(&mut self) {
+        for b in self.blocks.values_mut() {
+            b.dirty = false;
+        }
+    }
+
+    /// Writes every dirty block (without syncing).
+    pub fn write_blocks(&mut self, file: &dyn Storage) -> Result<bool> {
+        let mut any = false;
+        for (&off, b) in self.blocks.iter_mut() {
+            if b.dirty {
+                file.write_at(&b.data, off)?;
+                b.dirty = false;
+                any = true;
+            }
+        }
+        Ok(any)
+    }
+
+    /// Encodes the table for writing (padded to its clusters).
+    pub fn table_bytes(&self) -> Vec<u8> {
+        let mut b = vec![0u8; (u64::from(self.table_clusters) * self.cluster_size()) as usize];
+        for (c, e) in b.chunks_exact_mut(8).zip(&self.table) {
+            BigEndian::write_u64(c, *e);
+        }
+        b
+    }
+
+    /// Drops cached blocks (after the structure was rebuilt on disk).
+    pub fn clear_cache(&mut self) {
+        self.blocks.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn entries_of_every_width() {
+        for order in 0..=6u32 {
+            let mut block = vec![0u8; 512];
+            let n = 512 * 8 >> order;
+            let max = if order == 6 {
+                u64::MAX
+            } else {
+                (1u64 << (1 << order)) - 1
+            };
+            for i in 0..n {
+                set_entry(&mut block, order, i, (i as u64 * 7 + 3) & max);
+            }
+            for i in 0..n {
+                assert_eq!(
+                    get_entry(&block, order, i),
+                    (i as u64 * 7 + 3) & max,
+                    "order {order} entry {i}"
+                );
+            }
+        }
+        // 1-bit entries pack from the least significant bit.
+        let mut b = [0u8; 1];
+        set_entry(&mut b, 0, 0, 1);
+        set_entry(&mut b, 0, 3, 1);
+        assert_eq!(b[0], 0b1001);
+    }
+
+    #[test]
+    fn allocate_and_self_describing_blocks() {
+        let m = MemStorage::new();
+        // 512-byte clusters, 16-bit refcounts: 256 entries per block.
+        m.set_len(4 * 512).unwrap();
+        let mut table = vec![0u8; 512];
+        BigEndian::write_u64(&mut table[0..8], 2 * 512);
+        m.write_at(&table, 512).unwrap();
+        let mut block = vec![0u8; 512];
+        for c in 0..3 {
+            set_entry(&mut block, 4, c, 1);
+        }
+        m.write_at(&block, 2 * 512).unwrap();
+        let mut r = Refcounts::load(&m, 4, 9, 512, 1).unwrap();
+        r.reserved.add(0, 512);
+        let c = r.find_free(&m, 1).unwrap();
+        assert_eq!(c, 3);
+        r.add(&m, c, 1).unwrap();
+        assert_eq!(r.get(&m, 3).unwrap(), 1);
+        // A cluster in the second block's range: the block is created inside
+        // its own range and counts itself.
+        r.add(&m, 300, 1).unwrap();
+        assert_eq!(r.get(&m, 300).unwrap(), 1);
+        assert_eq!(r.table[1], 256 * 512);
+        assert_eq!(r.get(&m, 256).unwrap(), 1);
+        assert!(r.add(&m, 5, -1).is_err());
+    }
+}
