@@ -1,7 +1,7 @@
 //! # vdisk — virtual-machine disk images
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
-//! `Send + Sync`), with backends for raw and qcow2, an opener with an
+//! `Send + Sync`), with backends for raw, qcow2 and vmdk, an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).
 //!
@@ -39,7 +39,7 @@
 //!       |                 |
 //!  open() + probe  — picks a format, opens the backing chain under policy
 //!       |
-//!  raw | qcow2      — each implements BlockDevice
+//!  raw | qcow2 | vmdk — each implements BlockDevice
 //!       |
 //!  Storage          — host bytes: FileStorage, MemStorage, FaultyStorage
 //! ```
@@ -58,6 +58,7 @@ pub mod raw;
 pub mod reader;
 pub mod storage;
 pub mod sys;
+pub mod vmdk;
 
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
@@ -65,3 +66,4 @@ pub use open::{open, BackingPolicy, Image, OpenOptions};
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};
+pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};
