@@ -258,10 +258,12 @@ fn read_dir(
         .ok_or_else(|| Error::invalid(format!("{what} offset {sector} overflows")))?;
     match off.checked_add(bytes) {
         Some(end) if end <= file_len && off >= SECTOR => {}
-        _ => return Err(Error::invalid(format!(
+        _ => {
+            return Err(Error::invalid(format!(
             "{what} at sector {sector} ({bytes} bytes) lies outside the file of {file_len} bytes"
         ))
-        .with_offset(off)),
+            .with_offset(off))
+        }
     }
     // bytes ≤ VMDK_MAX_GD_BYTES (header validation) and ≤ the file length.
     let mut buf =
