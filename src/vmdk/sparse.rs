@@ -876,8 +876,9 @@ impl SparseExtent {
             for sector in [self.gd_entry(*gdi), self.rgd_entry(*gdi)] {
                 if sector != 0 {
                     let off = self.gt_offset(*gdi, sector)?;
-                    self.file
-                        .write_at(&bytes[..self.geo.gt_bytes() as usize], off)?;
+                    // Whole sectors: tables are sector-addressed, so the
+                    // padding belongs to the table.
+                    self.file.write_at(&bytes, off)?;
                 }
             }
         }
