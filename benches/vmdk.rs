@@ -73,7 +73,9 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("raw", |b| b.iter(|| read_all(&r, &mut buf)));
-    g.bench_function("vmdk_monolithic_sparse", |b| b.iter(|| read_all(&v, &mut buf)));
+    g.bench_function("vmdk_monolithic_sparse", |b| {
+        b.iter(|| read_all(&v, &mut buf))
+    });
     g.finish();
 }
 

@@ -396,9 +396,11 @@ mod tests {
         assert_eq!(SparseHeader::parse(&b).unwrap(), h);
     }
 
+    type Poke = (fn(&mut SparseHeader), crate::ErrorKind);
+
     #[test]
     fn rejects_bad_fields() {
-        let cases: Vec<(fn(&mut SparseHeader), crate::ErrorKind)> = vec![
+        let cases: Vec<Poke> = vec![
             (|h| h.version = 4, crate::ErrorKind::Unsupported),
             (|h| h.version = 0, crate::ErrorKind::Unsupported),
             (|h| h.flags |= 1 << 5, crate::ErrorKind::Unsupported),

@@ -32,10 +32,12 @@
 pub mod check;
 pub mod create;
 pub mod descriptor;
+mod extent;
 pub mod flat;
 pub mod header;
 pub mod sparse;
 pub mod stream;
+mod table;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -54,8 +56,8 @@ use crate::storage::{FileStorage, Storage};
 pub use check::VmdkCheckReport;
 pub use create::{AdapterType, Subformat, VmdkCreateOptions};
 pub use descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
-use flat::FlatExtent;
-use header::{SparseHeader, HEADER_LEN, SECTOR, SPARSE_MAGIC};
+use extent::{file_name, read_embedded, synthesized, Backend, VExtent};
+use header::{SparseHeader, HEADER_LEN, SPARSE_MAGIC};
 use sparse::{Fallback, Mapping, SparseExtent};
 
 /// Default grain table cache: 4096 tables (8 MiB, 128 GiB of 64 KiB grains).
@@ -79,27 +81,6 @@ pub struct VmdkOptions {
 
 /// Opens an extent file: (resolved path, read-only) → storage.
 pub type ExtentOpener<'a> = &'a dyn Fn(&Path, bool) -> Result<Arc<dyn Storage>>;
-
-#[derive(Debug)]
-enum Backend {
-    Sparse(SparseExtent),
-    Flat(FlatExtent),
-    Zero,
-    NoAccess,
-}
-
-#[derive(Debug)]
-struct VExtent {
-    /// Guest byte offset of the first byte.
-    start: u64,
-    /// Guest bytes covered.
-    len: u64,
-    access: Access,
-    kind: ExtentType,
-    /// File name as written in the descriptor.
-    file: String,
-    backend: Backend,
-}
 
 /// Where the descriptor is stored (for CID updates).
 #[derive(Debug)]
@@ -148,68 +129,6 @@ pub(crate) fn new_cid(old: u32) -> u32 {
         v = v.wrapping_add(1) & 0x7fff_ffff;
     }
     v
-}
-
-/// Reads the embedded descriptor area of a sparse extent: (descriptor if
-/// the area holds one, (offset, size) of the area).
-fn read_embedded(
-    file: &dyn Storage,
-    h: &SparseHeader,
-) -> Result<(Option<Descriptor>, Option<(u64, u64)>)> {
-    if h.descriptor_offset == 0 || h.descriptor_size == 0 {
-        return Ok((None, None));
-    }
-    let size = h
-        .descriptor_size
-        .checked_mul(SECTOR)
-        .filter(|&s| s <= VMDK_MAX_DESCRIPTOR)
-        .ok_or_else(|| {
-            Error::limit(format!(
-                "embedded descriptor of {} sectors is larger than the {VMDK_MAX_DESCRIPTOR}-byte limit",
-                h.descriptor_size
-            ))
-            .with_field("descriptorSize")
-        })?;
-    let off = h.descriptor_offset.checked_mul(SECTOR).ok_or_else(|| {
-        Error::invalid("descriptor offset overflows").with_field("descriptorOffset")
-    })?;
-    let flen = file.len()?;
-    if off.checked_add(size).map_or(true, |e| e > flen) {
-        return Err(Error::invalid(format!(
-            "embedded descriptor at byte {off:#x} ({size} bytes) runs past the end of the file ({flen} bytes)"
-        ))
-        .with_field("descriptorOffset"));
-    }
-    let mut buf = vec![0u8; size as usize];
-    file.read_at(&mut buf, off)?;
-    if buf.iter().all(|&b| b == 0) {
-        return Ok((None, Some((off, size))));
-    }
-    Ok((Some(Descriptor::parse(&buf)?), Some((off, size))))
-}
-
-fn synthesized(h: &SparseHeader, name: &str) -> Descriptor {
-    let ty = if h.compressed() {
-        "streamOptimized"
-    } else {
-        "monolithicSparse"
-    };
-    let mut d = Descriptor::new(new_cid(0), NO_PARENT_CID, ty, None);
-    d.extents.push(ExtentLine {
-        access: Access::ReadWrite,
-        sectors: h.capacity.max(1),
-        kind: ExtentType::Sparse,
-        file: Some(name.to_string()),
-        offset: 0,
-    });
-    d
-}
-
-fn file_name(file: &dyn Storage) -> String {
-    file.path()
-        .and_then(|p| p.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 impl Vmdk {
@@ -295,12 +214,12 @@ impl Vmdk {
                 access: Access::ReadWrite,
                 kind: ExtentType::Sparse,
                 file: ext_name,
-                backend: Backend::Sparse(sp),
+                backend: Backend::Sparse(Box::new(sp)),
             };
             (d, loc, vec![ext])
         } else {
             let d = Self::read_descriptor_inner(&*file)?;
-            let exts = Self::open_extents(&d, path.as_deref(), read_only, &opts, cache, opener)?;
+            let exts = extent::open_extents(&d, path.as_deref(), read_only, &opts, cache, opener)?;
             (d, Some(DescLocation::File(file.clone())), exts)
         };
         if let Some(ct) = desc.create_type() {
@@ -330,80 +249,6 @@ impl Vmdk {
             cid_updated: AtomicBool::new(false),
             cid_lock: Mutex::new(()),
         })
-    }
-
-    fn open_extents(
-        d: &Descriptor,
-        path: Option<&Path>,
-        read_only: bool,
-        opts: &VmdkOptions,
-        cache: usize,
-        opener: ExtentOpener<'_>,
-    ) -> Result<Vec<VExtent>> {
-        if d.create_type().is_none() {
-            return Err(Error::invalid("descriptor has no createType").with_field("createType"));
-        }
-        if d.extents.is_empty() {
-            return Err(Error::invalid("descriptor has no extents"));
-        }
-        let dir = path
-            .and_then(Path::parent)
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let mut out = Vec::with_capacity(d.extents.len());
-        let mut start = 0u64;
-        for (i, e) in d.extents.iter().enumerate() {
-            // Sizes were bounded by the parser (sum ≤ VMDK_MAX_CAPACITY).
-            let len = e.sectors * SECTOR;
-            let name = e.file.clone().unwrap_or_default();
-            let ro = read_only || e.access != Access::ReadWrite;
-            let ctx = |err: Error| err.context(format!("extent {} ('{name}')", i + 1));
-            let backend = match (e.access, e.kind) {
-                (Access::NoAccess, _) => Backend::NoAccess,
-                (_, ExtentType::Zero) => Backend::Zero,
-                (_, ExtentType::VmfsRdm | ExtentType::VmfsRaw) => {
-                    return Err(ctx(Error::unsupported(format!(
-                        "{} extents (raw device maps) are not supported",
-                        e.kind.keyword()
-                    ))))
-                }
-                (_, ExtentType::SeSparse) => {
-                    return Err(ctx(Error::unsupported(
-                        "seSparse extents are not supported",
-                    )))
-                }
-                (_, ExtentType::Flat | ExtentType::Vmfs) => {
-                    let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
-                        .map_err(ctx)?;
-                    let f = opener(&p, ro).map_err(ctx)?;
-                    let off = e.offset * SECTOR;
-                    Backend::Flat(FlatExtent::new(f, off, len).map_err(ctx)?)
-                }
-                (_, ExtentType::Sparse | ExtentType::VmfsSparse) => {
-                    let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
-                        .map_err(ctx)?;
-                    let f = opener(&p, ro).map_err(ctx)?;
-                    let fpath = f.path().map(Path::to_path_buf);
-                    let sp = SparseExtent::open(f, ro, Some(len), cache).map_err(|err| {
-                        let err = ctx(err);
-                        match &fpath {
-                            Some(p) => err.with_path(p),
-                            None => err,
-                        }
-                    })?;
-                    Backend::Sparse(sp)
-                }
-            };
-            out.push(VExtent {
-                start,
-                len,
-                access: e.access,
-                kind: e.kind,
-                file: name,
-                backend,
-            });
-            start += len;
-        }
-        Ok(out)
     }
 
     /// A copy of the descriptor as it is now.
