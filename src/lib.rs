@@ -21,7 +21,7 @@
 //!
 //! Every byte of an image may be hostile. vdisk validates every header field
 //! and table position before use, bounds every allocation by a documented
-//! limit ([`limits`]), and never panics on bad input. Two choices stay with
+//! limit ([`limits`]), and never panics on bad input. These choices stay with
 //! the caller:
 //!
 //! * **Name the format.** Probing ([`OpenOptions::probe`]) is opt-in: a
@@ -31,6 +31,10 @@
 //!   file; the default [`BackingPolicy::RecordedFormat`] follows backing files
 //!   only with a format recorded in the image; [`OpenOptions::confine_to`]
 //!   keeps them inside one directory.
+//! * **vmdk extent files** named by a descriptor must lie inside the
+//!   descriptor's directory (no absolute names, no `..` escapes) unless
+//!   [`OpenOptions::allow_vmdk_external_extents`] says otherwise; a vmdk
+//!   delta link's parent follows the backing policy.
 //!
 //! # Layers
 //!

@@ -483,3 +483,130 @@ fn truncated_images_fail_cleanly() {
         assert!(errors > 50, "{name}: only {errors} cuts failed");
     }
 }
+
+/// Opens stand-alone descriptor `text` with in-memory extent files.
+fn open_desc(
+    text: &[u8],
+    files: &std::collections::HashMap<String, Arc<MemStorage>>,
+    read_only: bool,
+) -> vdisk::Result<Vmdk> {
+    let d: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(text.to_vec()));
+    let opener = |p: &std::path::Path, _ro: bool| -> vdisk::Result<Arc<dyn Storage>> {
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        match files.get(&name) {
+            Some(m) => Ok(m.clone() as Arc<dyn Storage>),
+            None => Err(vdisk::Error::new(
+                ErrorKind::NotFound,
+                format!("no file {name}"),
+            )),
+        }
+    };
+    Vmdk::open_with(
+        d,
+        VmdkOptions {
+            read_only,
+            ..Default::default()
+        },
+        &opener,
+    )
+}
+
+#[test]
+fn descriptor_corruption_table() {
+    let mut files = std::collections::HashMap::new();
+    files.insert("f.img".to_string(), Arc::new(MemStorage::new()));
+    files.insert(
+        "s.vmdk".to_string(),
+        Arc::new(MemStorage::from_vec(tiny_tables_image(2040, true))),
+    );
+    files.insert(
+        "junk.vmdk".to_string(),
+        Arc::new(MemStorage::from_vec(vec![7u8; 4096])),
+    );
+    let mut cowd = vec![0u8; 4096];
+    cowd[..4].copy_from_slice(b"COWD");
+    files.insert(
+        "cowd.vmdk".to_string(),
+        Arc::new(MemStorage::from_vec(cowd)),
+    );
+    let head = "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"custom\"\n";
+    let base = format!("{head}RW 2048 FLAT \"f.img\" 0\nRW 2040 SPARSE \"s.vmdk\"\n");
+    let many: String = (0..1500).map(|_| "RW 1 FLAT \"f.img\" 0\n").collect();
+    let long = format!("{base}{}", "# padding padding padding\n".repeat(200_000));
+    let cases: Vec<(String, Option<ErrorKind>)> = vec![
+        (base.clone(), None),
+        (base.replace('\n', "\r\n"), None),
+        (base.trim_end().to_string(), None),
+        (
+            format!("{head}RW 4096 SPARSE \"s.vmdk\"\n"),
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            format!("{head}RW 8 FLAT \"missing.img\" 0\n"),
+            Some(ErrorKind::NotFound),
+        ),
+        (
+            format!("{head}RW 8 SPARSE \"junk.vmdk\"\n"),
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            format!("{head}RW 8 VMFSSPARSE \"cowd.vmdk\"\n"),
+            Some(ErrorKind::Unsupported),
+        ),
+        (
+            format!("{head}RW 8 FLAT \"../f.img\" 0\n"),
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            format!("{head}RW 8 FLAT \"/f.img\" 0\n"),
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            format!("{head}RW 999999999999999 FLAT \"f.img\" 0\n"),
+            Some(ErrorKind::LimitExceeded),
+        ),
+        (format!("{head}{many}"), Some(ErrorKind::LimitExceeded)),
+        (long, Some(ErrorKind::LimitExceeded)),
+        (
+            format!("{head}RW 8 FLAT \"f\u{e9}.img\" 0\n"),
+            Some(ErrorKind::NotFound),
+        ),
+        (
+            "version=1\0createType=\"custom\"\nRW 8 FLAT \"f.img\" 0\n".to_string(),
+            Some(ErrorKind::InvalidImage),
+        ),
+        (head.to_string(), Some(ErrorKind::InvalidImage)),
+        (
+            format!("{head}RW 8 VMFSRAW \"f.img\"\n"),
+            Some(ErrorKind::Unsupported),
+        ),
+    ];
+    for (i, (text, expect)) in cases.iter().enumerate() {
+        match (open_desc(text.as_bytes(), &files, true), expect) {
+            (Ok(v), None) => assert_eq!(v.size(), 4088 * 512, "case {i}"),
+            (Err(e), Some(k)) => assert_eq!(e.kind(), *k, "case {i}: {e}"),
+            (Ok(_), Some(k)) => panic!("case {i}: opened, expected {k:?}"),
+            (Err(e), None) => panic!("case {i}: {e}"),
+        }
+    }
+    let mut bad = base.clone().into_bytes();
+    bad.extend_from_slice(b"ddb.x = \"\xff\"\n");
+    assert_eq!(
+        open_desc(&bad, &files, true).unwrap_err().kind(),
+        ErrorKind::InvalidImage
+    );
+    // Mixed FLAT + SPARSE: a write across the boundary, reopened.
+    let v = open_desc(base.as_bytes(), &files, false).unwrap();
+    let b = 2048 * 512;
+    v.write_at(&[0x3c; 10_000], b - 5000).unwrap();
+    v.flush().unwrap();
+    let cid = v.descriptor().cid();
+    assert_ne!(cid, 1, "the first write gives a new CID");
+    drop(v);
+    let v = open_desc(base.as_bytes(), &files, true).unwrap();
+    let mut r = vec![0u8; 10_002];
+    v.read_at(&mut r, b - 5001).unwrap();
+    assert_eq!(r[0], 0);
+    assert!(r[1..10_001].iter().all(|&x| x == 0x3c));
+    assert_eq!(r[10_001], 0);
+}

@@ -109,6 +109,7 @@ pub(crate) fn file_name(file: &dyn Storage) -> String {
 /// Opens the extents of a stand-alone descriptor, in order.
 pub(crate) fn open_extents(
     d: &Descriptor,
+    desc_file: &dyn Storage,
     path: Option<&Path>,
     read_only: bool,
     opts: &VmdkOptions,
@@ -150,6 +151,7 @@ pub(crate) fn open_extents(
                 let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
                     .map_err(ctx)?;
                 let f = opener(&p, ro).map_err(ctx)?;
+                not_self(desc_file, &*f).map_err(ctx)?;
                 let off = e.offset * SECTOR;
                 Backend::Flat(FlatExtent::new(f, off, len).map_err(ctx)?)
             }
@@ -157,6 +159,7 @@ pub(crate) fn open_extents(
                 let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
                     .map_err(ctx)?;
                 let f = opener(&p, ro).map_err(ctx)?;
+                not_self(desc_file, &*f).map_err(ctx)?;
                 let fpath = f.path().map(Path::to_path_buf);
                 let sp = SparseExtent::open(f, ro, Some(len), cache).map_err(|err| {
                     let err = ctx(err);
@@ -179,4 +182,21 @@ pub(crate) fn open_extents(
         start += len;
     }
     Ok(out)
+}
+
+/// Refuses an extent that is the descriptor file itself: writes to it
+/// would overwrite the descriptor.
+fn not_self(desc: &dyn Storage, ext: &dyn Storage) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |s: &dyn Storage| {
+        s.file()
+            .and_then(|f| f.metadata().ok())
+            .map(|m| (m.dev(), m.ino()))
+    };
+    match (id(desc), id(ext)) {
+        (Some(a), Some(b)) if a == b => {
+            Err(Error::invalid("the extent is the descriptor file itself"))
+        }
+        _ => Ok(()),
+    }
 }

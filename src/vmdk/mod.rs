@@ -104,6 +104,9 @@ pub struct Vmdk {
     parent: Option<Arc<dyn BlockDevice>>,
     /// The parent's CID, when the parent is an open vmdk.
     parent_actual_cid: Option<u32>,
+    /// `parentFileNameHint` (immutable; kept out of the descriptor lock so
+    /// the I/O paths take no device-wide lock).
+    parent_hint: Option<String>,
     cid_updated: AtomicBool,
     cid_lock: Mutex<()>,
 }
@@ -219,7 +222,8 @@ impl Vmdk {
             (d, loc, vec![ext])
         } else {
             let d = Self::read_descriptor_inner(&*file)?;
-            let exts = extent::open_extents(&d, path.as_deref(), read_only, &opts, cache, opener)?;
+            let exts =
+                extent::open_extents(&d, &*file, path.as_deref(), read_only, &opts, cache, opener)?;
             (d, Some(DescLocation::File(file.clone())), exts)
         };
         if let Some(ct) = desc.create_type() {
@@ -239,6 +243,7 @@ impl Vmdk {
         });
         Ok(Vmdk {
             path,
+            parent_hint: desc.parent_hint().map(str::to_string),
             desc: Mutex::new(desc),
             desc_loc,
             extents,
@@ -343,7 +348,7 @@ impl Vmdk {
                 Ok(())
             }
             None => {
-                if let Some(name) = self.desc.lock().parent_hint() {
+                if let Some(name) = &self.parent_hint {
                     return Err(Error::new(
                         ErrorKind::NotFound,
                         format!("guest offset {guest:#x} falls through to the parent '{name}', which was not opened"),
@@ -357,7 +362,7 @@ impl Vmdk {
     }
 
     fn has_parent(&self) -> bool {
-        self.parent.is_some() || self.desc.lock().parent_hint().is_some()
+        self.parent.is_some() || self.parent_hint.is_some()
     }
 
     fn no_access(e: &VExtent) -> Error {

@@ -105,8 +105,12 @@ impl TableCache {
 
     pub(crate) fn get(&self, gdi: u64) -> Option<&Arc<GrainTable>> {
         let t = self.tables.get(&gdi)?;
-        let now = self.tick.fetch_add(1, Ordering::Relaxed);
-        t.last_use.store(now, Ordering::Relaxed);
+        // The clock advances on inserts only, so lookups on many threads
+        // do not all write one shared counter.
+        let now = self.tick.load(Ordering::Relaxed);
+        if t.last_use.load(Ordering::Relaxed) != now {
+            t.last_use.store(now, Ordering::Relaxed);
+        }
         Some(t)
     }
 
@@ -116,8 +120,10 @@ impl TableCache {
         if let Some(old) = self.tables.get(&gdi) {
             return old.clone();
         }
-        t.last_use
-            .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        t.last_use.store(
+            self.tick.fetch_add(1, Ordering::Relaxed) + 1,
+            Ordering::Relaxed,
+        );
         self.tables.insert(gdi, t.clone());
         self.evict_clean();
         t
