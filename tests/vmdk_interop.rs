@@ -235,6 +235,9 @@ fn created_images_match_qemu_img_create() {
         for n in &qnames {
             let a = std::fs::read(sub.join(n)).unwrap();
             let b = std::fs::read(mine.join(n)).unwrap();
+            if n == "disk.vmdk" && !a.starts_with(b"KDMV") {
+                continue; // the descriptor, compared above (its CID may differ in length)
+            }
             assert_eq!(a.len(), b.len(), "{opts}: length of {n:?}");
             if a.starts_with(b"KDMV") {
                 // Header and directories equal; descriptor area differs in CID only.
