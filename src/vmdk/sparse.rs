@@ -273,6 +273,12 @@ impl SparseExtent {
                 meta_end = meta_end.max(dir_end(header.rgd_offset));
             }
         }
+        // Every layout puts its up-front metadata (including the grain
+        // tables QEMU and VMware preallocate) below overHead.
+        let overhead = header.overhead.saturating_mul(SECTOR);
+        if overhead <= file_len {
+            meta_end = meta_end.max(overhead);
+        }
         let next = match footer_start {
             Some(s) => s,
             None => file_len.div_ceil(SECTOR).saturating_mul(SECTOR),
