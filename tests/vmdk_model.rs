@@ -396,6 +396,17 @@ fn table_corruption_is_detected() {
         m.to_vec()[gd..gd + 512] == before[..],
         "the directory was overwritten"
     );
+    // Same for a grain aimed at a preallocated grain table (below overHead).
+    let mut b = good.clone();
+    b[gt0 + 12..gt0 + 16].copy_from_slice(&((gt0 / 512) as u32).to_le_bytes());
+    let (v2, m2) = open_bytes(b, false).unwrap();
+    let before = m2.to_vec()[gt0..gt0 + 2048].to_vec();
+    let e = v2.write_at(&[1; 16], 3 * 65536).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
+    assert!(
+        m2.to_vec()[gt0..gt0 + 2048] == before[..],
+        "the grain table was overwritten"
+    );
     assert!(v.check().unwrap().errors > 0);
 }
 

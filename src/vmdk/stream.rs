@@ -15,7 +15,10 @@
 //!   last sector. Writing appends grains over the old footer; every flush
 //!   writes the changed tables, a new directory, footer and end-of-stream
 //!   marker, so after a flush QEMU (which reads the footer at the end of
-//!   the file) and VMware both read the file.
+//!   the file) and VMware both read the file. Between the first write of a
+//!   session and the next flush the file has no valid footer: a crash there
+//!   leaves a stream that readers refuse ("invalid footer"), as with any
+//!   interrupted stream. Call `flush` (or `Vmdk::close`) when done.
 //!
 //! Each grain can be written once (the format has no way to replace a
 //! compressed grain in place); writes must cover whole grains (the last
