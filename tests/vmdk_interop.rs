@@ -249,6 +249,24 @@ fn created_images_match_qemu_img_create() {
             qemu_check_clean(&m);
         }
     }
+    // streamOptimized uses VMware's footer layout instead of QEMU's: a fresh
+    // one (no grains yet) must already be a valid stream for QEMU.
+    let st = p(dir.path(), "fresh-stream.vmdk");
+    let v = Vmdk::create(
+        &st,
+        10 * MIB + 512,
+        &create_opts("subformat=streamOptimized,adapter_type=lsilogic"),
+    )
+    .unwrap();
+    drop(v);
+    qemu_check_clean(&st);
+    assert_reads_like_qemu(&st, dir.path(), &[]);
+    let info = run(
+        "qemu-img",
+        &["info", "-f", "vmdk", &st.display().to_string()],
+    );
+    assert!(info.contains("create type: streamOptimized"), "{info}");
+    assert!(info.contains("compressed: true"), "{info}");
 }
 
 #[test]

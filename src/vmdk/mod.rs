@@ -22,6 +22,20 @@
 //! does) is refused when the child's parentCID differs from its parent's
 //! CID; reads go on and [`VmdkDetails::parent_cid_mismatch`] reports it.
 //!
+//! ```
+//! use vdisk::{BlockDevice, Vmdk, VmdkCreateOptions};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let opts = VmdkCreateOptions::parse("subformat=twoGbMaxExtentSparse,zeroed_grain=on")?;
+//! let disk = Vmdk::create(&dir.path().join("disk.vmdk"), 3 << 30, &opts)?;
+//! disk.write_at(b"across the 2 GiB extent boundary", (2 << 30) - 10)?;
+//! disk.flush()?;
+//! let mut buf = [0u8; 6];
+//! disk.read_at(&mut buf, (2 << 30) - 10)?;
+//! assert_eq!(&buf, b"across");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! # Locking
 //!
 //! Each sparse extent has its own allocation mutex and grain-table cache
