@@ -171,15 +171,13 @@ impl Qcow2 {
         };
         let data = match (&h.data_file, opts.data_file) {
             (Some(_), Some(d)) if geo.data_file => d,
-            (Some(name), None) if geo.data_file => {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!(
+            (Some(name), None) if geo.data_file => return Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
                     "the image keeps its data in the external file '{name}', which was not opened"
                 ),
-                )
-                .with_field("data_file"))
-            }
+            )
+            .with_field("data_file")),
             _ => file.clone(),
         };
         // L1 table.
