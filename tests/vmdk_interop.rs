@@ -716,6 +716,25 @@ fn refused_and_restricted_extents() {
     ok.read_at(&mut b[..10], 0).unwrap();
     assert_eq!(b[0], 7, "written through the VMFS extent above");
     assert_eq!(b[1], 0x5a);
+    // confine_to also applies to extents: a symlink inside the directory
+    // that points out of it is refused.
+    std::os::unix::fs::symlink(d.join("data.raw"), sub.join("link.raw")).unwrap();
+    std::fs::write(
+        sub.join("ln.vmdk"),
+        "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"link.raw\" 0\n",
+    )
+    .unwrap();
+    let confined = vdisk::OpenOptions::new()
+        .format(vdisk::Format::Vmdk)
+        .read_only(true)
+        .confine_to(&sub);
+    let e = confined.open(sub.join("ln.vmdk")).unwrap_err();
+    assert!(e.to_string().contains("resolves outside"), "{e}");
+    assert!(vdisk::OpenOptions::new()
+        .format(vdisk::Format::Vmdk)
+        .read_only(true)
+        .open(sub.join("ln.vmdk"))
+        .is_ok());
     let e = open(
         "abs.vmdk",
         "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/hostname\" 0\n",
