@@ -187,6 +187,8 @@ pub struct VmdkDetails {
     pub parent_cid: u32,
     /// Extents: (file name, type, size in bytes, compressed).
     pub extents: Vec<VmdkExtentInfo>,
+    /// The open parent's CID differs from `parent_cid` (writes are refused).
+    pub parent_cid_mismatch: bool,
 }
 
 /// One vmdk extent for `info`.
@@ -196,6 +198,8 @@ pub struct VmdkExtentInfo {
     pub filename: String,
     /// FLAT, SPARSE, ZERO, VMFS, ...
     pub kind: String,
+    /// RW, RDONLY or NOACCESS.
+    pub access: String,
     /// Size in bytes of the guest range it covers.
     pub virtual_size: u64,
     /// Grain size in bytes for sparse extents.

@@ -1,7 +1,7 @@
 //! # vdisk — virtual-machine disk images
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
-//! `Send + Sync`), with backends for raw and qcow2, an opener with an
+//! `Send + Sync`), with backends for raw, qcow2 and vmdk, an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).
 //!
@@ -21,7 +21,7 @@
 //!
 //! Every byte of an image may be hostile. vdisk validates every header field
 //! and table position before use, bounds every allocation by a documented
-//! limit ([`limits`]), and never panics on bad input. Two choices stay with
+//! limit ([`limits`]), and never panics on bad input. These choices stay with
 //! the caller:
 //!
 //! * **Name the format.** Probing ([`OpenOptions::probe`]) is opt-in: a
@@ -31,6 +31,10 @@
 //!   file; the default [`BackingPolicy::RecordedFormat`] follows backing files
 //!   only with a format recorded in the image; [`OpenOptions::confine_to`]
 //!   keeps them inside one directory.
+//! * **vmdk extent files** named by a descriptor must lie inside the
+//!   descriptor's directory (no absolute names, no `..` escapes) unless
+//!   [`OpenOptions::allow_vmdk_external_extents`] says otherwise; a vmdk
+//!   delta link's parent follows the backing policy.
 //!
 //! # Layers
 //!
@@ -39,7 +43,7 @@
 //!       |                 |
 //!  open() + probe  — picks a format, opens the backing chain under policy
 //!       |
-//!  raw | qcow2      — each implements BlockDevice
+//!  raw | qcow2 | vmdk — each implements BlockDevice
 //!       |
 //!  Storage          — host bytes: FileStorage, MemStorage, FaultyStorage
 //! ```
@@ -58,6 +62,7 @@ pub mod raw;
 pub mod reader;
 pub mod storage;
 pub mod sys;
+pub mod vmdk;
 
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
@@ -65,3 +70,4 @@ pub use open::{open, BackingPolicy, Image, OpenOptions};
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};
+pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};

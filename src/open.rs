@@ -13,6 +13,7 @@ use crate::limits::MAX_BACKING_DEPTH;
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::{FileStorage, Storage};
+use crate::vmdk::{Vmdk, VmdkOptions};
 
 /// Which backing (and external data) files an image may make vdisk open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,6 +47,7 @@ pub struct OpenOptions {
     l2_cache_bytes: Option<u64>,
     max_depth: usize,
     confine_to: Option<PathBuf>,
+    vmdk_external_extents: bool,
 }
 
 impl Default for OpenOptions {
@@ -66,6 +68,7 @@ impl OpenOptions {
             l2_cache_bytes: None,
             max_depth: MAX_BACKING_DEPTH,
             confine_to: None,
+            vmdk_external_extents: false,
         }
     }
 
@@ -115,6 +118,15 @@ impl OpenOptions {
     /// Refuses backing and data files that resolve outside `dir`.
     pub fn confine_to(mut self, dir: impl Into<PathBuf>) -> Self {
         self.confine_to = Some(dir.into());
+        self
+    }
+
+    /// Allows vmdk extent file names that are absolute or climb out of the
+    /// descriptor's directory (`..`). Off by default: a hostile descriptor
+    /// could otherwise expose any host file or device as guest data. Only
+    /// for trusted images; [`confine_to`](Self::confine_to) still applies.
+    pub fn allow_vmdk_external_extents(mut self, allow: bool) -> Self {
+        self.vmdk_external_extents = allow;
         self
     }
 
@@ -196,7 +208,22 @@ impl OpenOptions {
                 Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
             }
             Format::Vmdk => {
-                Err(Error::unsupported("vmdk images are not supported yet").with_path(path))
+                let desc = Vmdk::read_descriptor(&*storage)?;
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut opts = VmdkOptions {
+                    read_only,
+                    allow_external_extents: self.vmdk_external_extents,
+                    ..Default::default()
+                };
+                if let Some(hint) = desc.parent_hint() {
+                    // A delta link's parent is vmdk by definition.
+                    opts.parent = self.open_backing(path, dir, hint, Some("vmdk"), depth, seen)?;
+                }
+                let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
+                    let p = self.confine(path, p, "extent file")?;
+                    Ok(Arc::new(FileStorage::open(p, ro)?))
+                };
+                Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }
         }
     }
@@ -230,6 +257,30 @@ impl OpenOptions {
             }
         }
         Ok(p)
+    }
+
+    /// Applies [`confine_to`](Self::confine_to) to an already resolved path.
+    fn confine(&self, image: &Path, p: &Path, what: &str) -> Result<PathBuf> {
+        if let Some(root) = &self.confine_to {
+            let canon = p.canonicalize().map_err(|e| {
+                Error::io(format!("cannot resolve {what} '{}'", p.display()), e).with_path(image)
+            })?;
+            let root = root
+                .canonicalize()
+                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+            if !canon.starts_with(&root) {
+                return Err(Error::new(
+                    ErrorKind::InvalidImage,
+                    format!(
+                        "{what} '{}' resolves outside {}",
+                        p.display(),
+                        root.display()
+                    ),
+                )
+                .with_path(image));
+            }
+        }
+        Ok(p.to_path_buf())
     }
 
     fn open_backing(
@@ -274,6 +325,8 @@ pub enum Image {
     Raw(Raw),
     /// A qcow2 image.
     Qcow2(Qcow2),
+    /// A vmdk image.
+    Vmdk(Vmdk),
 }
 
 impl Image {
@@ -281,6 +334,7 @@ impl Image {
         match self {
             Image::Raw(d) => d,
             Image::Qcow2(d) => d,
+            Image::Vmdk(d) => d,
         }
     }
 
@@ -289,6 +343,7 @@ impl Image {
         match self {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
+            Image::Vmdk(_) => Format::Vmdk,
         }
     }
 
@@ -297,6 +352,7 @@ impl Image {
         match self {
             Image::Raw(r) => r.storage().allocated_bytes(),
             Image::Qcow2(q) => q.file().allocated_bytes(),
+            Image::Vmdk(v) => v.allocated_bytes(),
         }
     }
 }

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
-use vdisk::{BlockDevice, Error, FileStorage, Format, Raw, Result};
+use vdisk::vmdk::Subformat;
+use vdisk::{BlockDevice, Error, FileStorage, Format, Raw, Result, Vmdk, VmdkCreateOptions};
 
 use crate::common::{open_image, parse_size, progress_printer, stdout_is_terminal};
 
@@ -48,6 +49,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
     let src = open_image(&a.src, a.src_fmt.as_deref(), true, true)?;
     let out = Format::from_name(&a.out_fmt)?;
     let size = src.size();
+    let mut compress = a.compress;
     let dst: Box<dyn BlockDevice> = match out {
         Format::Raw => {
             if a.compress {
@@ -58,6 +60,18 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             }
             let st = FileStorage::create(&a.dst)?;
             Box::new(Raw::create(Arc::new(st), size)?)
+        }
+        Format::Vmdk => {
+            let o = VmdkCreateOptions::parse(&a.options.join(","))?;
+            if o.subformat == Subformat::StreamOptimized {
+                // Stream grains are compressed and written whole, once.
+                compress = true;
+            } else if compress {
+                return Err(Error::invalid_argument(
+                    "vmdk output can be compressed only with subformat=streamOptimized",
+                ));
+            }
+            Box::new(Vmdk::create(&a.dst, size, &o)?)
         }
         other => {
             return Err(Error::unsupported(format!(
@@ -76,6 +90,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         threads,
         sparse_granule: parse_size(&a.sparse)?,
         progress: Some(&progress),
+        compress,
         ..ConvertOptions::default()
     };
     vdisk::convert::convert(&src, &*dst, &opts)?;
