@@ -54,6 +54,7 @@ pub mod convert;
 pub mod device;
 pub mod error;
 pub mod limits;
+pub mod lock;
 pub mod open;
 pub mod probe;
 pub mod qcow2;
@@ -66,6 +67,7 @@ pub mod vmdk;
 
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
+pub use lock::LockMode;
 pub use open::{open, BackingPolicy, Image, OpenOptions};
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::MAX_BACKING_DEPTH;
+use crate::lock::LockMode;
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::{FileStorage, Storage};
@@ -48,6 +49,7 @@ pub struct OpenOptions {
     max_depth: usize,
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
+    lock: LockMode,
 }
 
 impl Default for OpenOptions {
@@ -69,6 +71,7 @@ impl OpenOptions {
             max_depth: MAX_BACKING_DEPTH,
             confine_to: None,
             vmdk_external_extents: false,
+            lock: LockMode::Auto,
         }
     }
 
@@ -130,8 +133,27 @@ impl OpenOptions {
         self
     }
 
+    /// QEMU-compatible image locking ([`crate::lock`]; default
+    /// [`LockMode::Auto`]). The top image is locked for its access (read-only
+    /// or read-write); backing files, external data files and vmdk extents
+    /// for theirs (backing files are read-only users). While another process
+    /// (a running VM, `qemu-io`, another vdisk) uses the image in a
+    /// conflicting way, [`open`](Self::open) fails with
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy).
+    /// [`LockMode::ForceShare`] (read-only only) is `qemu-img -U`.
+    pub fn lock(mut self, mode: LockMode) -> Self {
+        self.lock = mode;
+        self
+    }
+
     /// Opens the image at `path`.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
+        if self.lock == LockMode::ForceShare && !self.read_only {
+            return Err(Error::invalid_argument(
+                "force-share (-U) is only allowed for read-only opens",
+            )
+            .with_path(path.as_ref()));
+        }
         let mut seen = HashSet::new();
         self.open_layer(path.as_ref(), self.format, self.read_only, 0, &mut seen)
     }
@@ -151,7 +173,7 @@ impl OpenOptions {
             ))
             .with_path(path));
         }
-        let storage = FileStorage::open(path, read_only)?;
+        let storage = FileStorage::open_locked(path, read_only, self.lock)?;
         if let Some(f) = storage.file() {
             use std::os::unix::fs::MetadataExt;
             let md = f
@@ -202,7 +224,9 @@ impl OpenOptions {
                 ) {
                     if self.backing != BackingPolicy::Never {
                         let p = self.resolve(path, dir, name, "data file")?;
-                        opts.data_file = Some(Arc::new(FileStorage::open(&p, read_only)?));
+                        opts.data_file = Some(Arc::new(FileStorage::open_locked(
+                            &p, read_only, self.lock,
+                        )?));
                     }
                 }
                 Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
@@ -221,7 +245,7 @@ impl OpenOptions {
                 }
                 let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
                     let p = self.confine(path, p, "extent file")?;
-                    Ok(Arc::new(FileStorage::open(p, ro)?))
+                    Ok(Arc::new(FileStorage::open_locked(p, ro, self.lock)?))
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }

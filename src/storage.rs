@@ -20,6 +20,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{self, Access, Held, LockMode};
 use crate::sys;
 
 /// Positional access to the bytes of one host file (or a stand-in for one).
@@ -104,11 +105,15 @@ fn range_end(offset: u64, len: usize) -> Result<u64> {
 }
 
 /// A host file accessed with positional I/O (`pread`/`pwrite`).
+///
+/// It also carries the file's QEMU-compatible image locks ([`crate::lock`]):
+/// they belong to its descriptor and are released when it is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
     path: PathBuf,
     read_only: bool,
+    lock: Held,
 }
 
 impl FileStorage {
@@ -123,7 +128,17 @@ impl FileStorage {
         Self::from_file(file, path, read_only)
     }
 
-    /// Creates a new file; fails if it exists.
+    /// Opens an existing file and takes its image locks ([`crate::lock`])
+    /// for `mode`: a conflicting user makes this fail with
+    /// [`ErrorKind::Busy`].
+    pub fn open_locked(path: impl AsRef<Path>, read_only: bool, mode: LockMode) -> Result<Self> {
+        let mut s = Self::open(path, read_only)?;
+        s.lock(mode)?;
+        Ok(s)
+    }
+
+    /// Creates a new file; fails if it exists. The new file is locked as a
+    /// writer ([`LockMode::Auto`]).
     pub fn create_new(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -132,20 +147,50 @@ impl FileStorage {
             .create_new(true)
             .open(path)
             .map_err(|e| Error::io("cannot create file", e).with_path(path))?;
-        Self::from_file(file, path, false)
+        let mut s = Self::from_file(file, path, false)?;
+        s.lock(LockMode::Auto)?;
+        Ok(s)
     }
 
     /// Creates a file, truncating it if it exists (like `qemu-img create`).
+    /// Like QEMU, the write locks are taken *before* truncating, so an image
+    /// in use by another process (a running VM) is refused with
+    /// [`ErrorKind::Busy`] and left untouched.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .open(path)
             .map_err(|e| Error::io("cannot create file", e).with_path(path))?;
-        Self::from_file(file, path, false)
+        let mut s = Self::from_file(file, path, false)?;
+        s.lock(LockMode::Auto)?;
+        s.set_len(0)?;
+        Ok(s)
+    }
+
+    /// Takes the QEMU-compatible image locks for `mode` and this storage's
+    /// access (read-only or read-write). Call once, right after opening.
+    pub fn lock(&mut self, mode: LockMode) -> Result<()> {
+        if self.lock != Held::None {
+            return Err(
+                Error::internal("the file's image locks were already taken").with_path(&self.path)
+            );
+        }
+        self.lock = lock::lock_file(
+            &self.file,
+            &self.path,
+            mode,
+            Access::from_read_only(self.read_only),
+        )?;
+        Ok(())
+    }
+
+    /// The image locks this storage's descriptor holds.
+    pub fn held_locks(&self) -> Held {
+        self.lock
     }
 
     /// Wraps an already open file. Fails on anything that is not a regular
@@ -166,6 +211,7 @@ impl FileStorage {
             file,
             path: path.to_path_buf(),
             read_only,
+            lock: Held::None,
         })
     }
 

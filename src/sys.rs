@@ -208,6 +208,125 @@ pub fn fs_stats(fd: BorrowedFd<'_>) -> io::Result<FsStats> {
     })
 }
 
+/// `openat(dirfd, name, flags, mode)` with `O_CLOEXEC` added. `name` is one
+/// path component chosen by the caller; add `O_NOFOLLOW` to refuse a final
+/// symlink.
+pub fn openat(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call, the
+    // variadic mode argument is passed as the promoted unsigned int openat
+    // reads when O_CREAT/O_TMPFILE is set, and dir is a live descriptor.
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat returned a new descriptor that nothing else owns.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+/// `mkdirat(dirfd, name, mode)`.
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: name is NUL-terminated and outlives the call; dir is live.
+    let r = unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `unlinkat(dirfd, name, 0)`, or with `dir = true` `AT_REMOVEDIR` (only
+/// an empty directory is removed). A symlink is removed, never followed.
+pub fn unlinkat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, remove_dir: bool) -> io::Result<()> {
+    let flags = if remove_dir { libc::AT_REMOVEDIR } else { 0 };
+    // SAFETY: name is NUL-terminated and outlives the call; dir is live.
+    let r = unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Renames `old` to `new`, both in the directory `dir`, **without replacing**
+/// anything at `new` (`renameat2(RENAME_NOREPLACE)`; where the filesystem
+/// cannot do that, `linkat` + `unlinkat`, which cannot replace either).
+/// `AlreadyExists` when `new` exists, whatever it is (a dangling symlink too).
+pub fn rename_noreplace(
+    dir: BorrowedFd<'_>,
+    old: &std::ffi::CStr,
+    new: &std::ffi::CStr,
+) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: both names are NUL-terminated and outlive the call; dir is live.
+        let r = unsafe {
+            libc::renameat2(
+                dir.as_raw_fd(),
+                old.as_ptr(),
+                dir.as_raw_fd(),
+                new.as_ptr(),
+                libc::RENAME_NOREPLACE,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    // SAFETY: as above; linkat with flags 0 does not follow `old` if it is
+    // a symlink and fails with EEXIST when `new` exists.
+    let r = unsafe {
+        libc::linkat(
+            dir.as_raw_fd(),
+            old.as_ptr(),
+            dir.as_raw_fd(),
+            new.as_ptr(),
+            0,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    unlinkat(dir, old, false)
+}
+
+/// `flock(fd, LOCK_SH|LOCK_EX)`, waiting for it. Released when the
+/// descriptor closes.
+pub fn flock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<()> {
+    let op = if exclusive {
+        libc::LOCK_EX
+    } else {
+        libc::LOCK_SH
+    };
+    loop {
+        // SAFETY: flock only reads its integer arguments; fd is live.
+        let r = unsafe { libc::flock(fd.as_raw_fd(), op) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -453,13 +453,19 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
         f.write_at(text.as_bytes(), 0)?;
         f.sync()?;
     }
-    let file: Arc<dyn Storage> = Arc::new(FileStorage::open(path, false)?);
-    Vmdk::open(
+    // The new image stays locked as a writer while it is open (crate::lock).
+    let lock = crate::lock::LockMode::Auto;
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(path, false, lock)?);
+    let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
+        Ok(Arc::new(FileStorage::open_locked(p, ro, lock)?))
+    };
+    Vmdk::open_with(
         file,
         VmdkOptions {
             parent,
             ..Default::default()
         },
+        &opener,
     )
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use vdisk::{BackingPolicy, Error, Format, Image, OpenOptions, Result};
+use vdisk::{BackingPolicy, Error, Format, Image, LockMode, OpenOptions, Result};
 
 /// Parses a size with qemu-img's suffixes: `k`/`K` (KiB), `M`, `G`, `T`,
 /// `P`, `E`, optionally followed by `B`/`iB`, a plain number being bytes.
@@ -107,13 +107,32 @@ pub fn human_size(val: u64) -> String {
 /// Opens an image the way qemu-img does for the CLI: the named format, or a
 /// probe when none is named; backing files followed (probing their format
 /// when the image does not record it).
+#[allow(dead_code)] // kept for subcommands that take no -U
 pub fn open_image(
     path: &Path,
     format: Option<&str>,
     read_only: bool,
     follow_backing: bool,
 ) -> Result<Image> {
+    open_image_shared(path, format, read_only, follow_backing, false)
+}
+
+/// [`open_image`] with `-U/--force-share`: read-only, no lock conflicts
+/// checked (like `qemu-img -U`); otherwise QEMU-compatible locks are taken
+/// and an image in use by another process is refused.
+pub fn open_image_shared(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+    force_share: bool,
+) -> Result<Image> {
     let mut opts = OpenOptions::new()
+        .lock(if force_share {
+            LockMode::ForceShare
+        } else {
+            LockMode::Auto
+        })
         .read_only(read_only)
         .backing(if follow_backing {
             BackingPolicy::Follow

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use vdisk::Result;
 
-use crate::common::open_image;
+use crate::common::open_image_shared;
 
 /// Arguments of `vdisk compare`.
 #[derive(clap::Args, Debug)]
@@ -30,9 +30,8 @@ pub struct CompareArgs {
 
 /// Runs `vdisk compare`.
 pub fn run(a: &CompareArgs) -> Result<i32> {
-    let _ = a.force_share;
-    let ia = open_image(&a.a, a.fmt_a.as_deref(), true, true)?;
-    let ib = open_image(&a.b, a.fmt_b.as_deref(), true, true)?;
+    let ia = open_image_shared(&a.a, a.fmt_a.as_deref(), true, true, a.force_share)?;
+    let ib = open_image_shared(&a.b, a.fmt_b.as_deref(), true, true, a.force_share)?;
     use vdisk::BlockDevice;
     if ia.size() != ib.size() && !a.strict {
         println!("Warning: Image size mismatch!");

@@ -8,7 +8,7 @@ use vdisk::convert::ConvertOptions;
 use vdisk::vmdk::Subformat;
 use vdisk::{BlockDevice, Error, FileStorage, Format, Raw, Result, Vmdk, VmdkCreateOptions};
 
-use crate::common::{open_image, parse_size, progress_printer, stdout_is_terminal};
+use crate::common::{open_image_shared, parse_size, progress_printer, stdout_is_terminal};
 
 /// Arguments of `vdisk convert`.
 #[derive(clap::Args, Debug)]
@@ -45,8 +45,7 @@ pub struct ConvertArgs {
 
 /// Runs `vdisk convert`.
 pub fn run(a: &ConvertArgs) -> Result<i32> {
-    let _ = a.force_share;
-    let src = open_image(&a.src, a.src_fmt.as_deref(), true, true)?;
+    let src = open_image_shared(&a.src, a.src_fmt.as_deref(), true, true, a.force_share)?;
     let out = Format::from_name(&a.out_fmt)?;
     let size = src.size();
     let mut compress = a.compress;

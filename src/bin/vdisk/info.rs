@@ -6,7 +6,7 @@ use serde_json::{json, Map, Value};
 use vdisk::device::{FormatDetails, SnapshotInfo};
 use vdisk::{BlockDevice, DeviceInfo, Image, Result};
 
-use crate::common::{human_size, open_image, print_json};
+use crate::common::{human_size, open_image_shared, print_json};
 
 /// Arguments of `vdisk info`.
 #[derive(clap::Args, Debug)]
@@ -286,11 +286,10 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
             )))
         }
     };
-    let _ = a.force_share;
     let mut layers = Vec::new();
     if a.backing_chain {
         // Open the whole chain and describe each layer.
-        let img = open_image(&a.image, a.format.as_deref(), true, true)?;
+        let img = open_image_shared(&a.image, a.format.as_deref(), true, true, a.force_share)?;
         layers.push(layer(&a.image, &img));
         let mut next = img.backing();
         while let Some(dev) = next {
@@ -320,7 +319,7 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
             next = dev.backing();
         }
     } else {
-        let img = open_image(&a.image, a.format.as_deref(), true, false)?;
+        let img = open_image_shared(&a.image, a.format.as_deref(), true, false, a.force_share)?;
         layers.push(layer(&a.image, &img));
     }
     if json {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use vdisk::{BlockDevice, ExtentKind, Result};
 
-use crate::common::open_image;
+use crate::common::open_image_shared;
 
 /// Arguments of `vdisk map`.
 #[derive(clap::Args, Debug)]
@@ -124,8 +124,7 @@ pub fn run(a: &MapArgs) -> Result<i32> {
             )))
         }
     };
-    let _ = a.force_share;
-    let img = open_image(&a.image, a.format.as_deref(), true, true)?;
+    let img = open_image_shared(&a.image, a.format.as_deref(), true, true, a.force_share)?;
     let size = img.size();
     let start = crate::common::parse_size(&a.start)?.min(size);
     let end = match &a.max_length {
