@@ -134,9 +134,10 @@ impl OpenOptions {
     }
 
     /// QEMU-compatible image locking ([`crate::lock`]; default
-    /// [`LockMode::Auto`]). The top image is locked for its access (read-only
-    /// or read-write); backing files, external data files and vmdk extents
-    /// for theirs (backing files are read-only users). While another process
+    /// [`LockMode::Auto`]). The top image and qcow2 external data files are
+    /// locked for their access (read-only or read-write); backing files and
+    /// vmdk extent files as read-only users (the vmdk descriptor carries the
+    /// write lock). While another process
     /// (a running VM, `qemu-io`, another vdisk) uses the image in a
     /// conflicting way, [`open`](Self::open) fails with
     /// [`ErrorKind::Busy`](crate::ErrorKind::Busy).
@@ -245,7 +246,9 @@ impl OpenOptions {
                 }
                 let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
                     let p = self.confine(path, p, "extent file")?;
-                    Ok(Arc::new(FileStorage::open_locked(p, ro, self.lock)?))
+                    let mut st = FileStorage::open(p, ro)?;
+                    st.lock_as(self.lock, crate::lock::Access::ReadOnly)?;
+                    Ok(Arc::new(st))
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }

@@ -174,17 +174,20 @@ impl FileStorage {
     /// Takes the QEMU-compatible image locks for `mode` and this storage's
     /// access (read-only or read-write). Call once, right after opening.
     pub fn lock(&mut self, mode: LockMode) -> Result<()> {
+        self.lock_as(mode, Access::from_read_only(self.read_only))
+    }
+
+    /// Takes the image locks of a user with `access`, which may be less
+    /// than the descriptor allows: vmdk extent files are locked as readers
+    /// (the descriptor carries the write lock), so a descriptor that names
+    /// one file twice still opens.
+    pub fn lock_as(&mut self, mode: LockMode, access: Access) -> Result<()> {
         if self.lock != Held::None {
             return Err(
                 Error::internal("the file's image locks were already taken").with_path(&self.path)
             );
         }
-        self.lock = lock::lock_file(
-            &self.file,
-            &self.path,
-            mode,
-            Access::from_read_only(self.read_only),
-        )?;
+        self.lock = lock::lock_file(&self.file, &self.path, mode, access)?;
         Ok(())
     }
 

@@ -457,7 +457,9 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
     let lock = crate::lock::LockMode::Auto;
     let file: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(path, false, lock)?);
     let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
-        Ok(Arc::new(FileStorage::open_locked(p, ro, lock)?))
+        let mut st = FileStorage::open(p, ro)?;
+        st.lock_as(lock, crate::lock::Access::ReadOnly)?;
+        Ok(Arc::new(st))
     };
     Vmdk::open_with(
         file,
