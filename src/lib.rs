@@ -56,6 +56,7 @@ pub mod error;
 pub mod limits;
 pub mod lock;
 pub mod open;
+pub mod pool;
 pub mod probe;
 pub mod qcow2;
 mod quiesce;

@@ -1,0 +1,794 @@
+//! Storage pools and volumes over directories, the way libvirt's `dir`,
+//! `fs` and `netfs` pools work, without a daemon.
+//!
+//! A libvirt user recognises every noun and verb: a [`Registry`] holds pool
+//! definitions ([`PoolDef`], libvirt's `<pool>` XML, stored as libvirt
+//! stores them); a [`Pool`] is built, started, refreshed, destroyed,
+//! deleted and undefined; its files are [`Volume`]s that are created (raw,
+//! qcow2, vmdk, linked clones), cloned, wiped, resized, uploaded,
+//! downloaded, described as `<volume>` XML and opened as a
+//! [`BlockDevice`](crate::BlockDevice). The `vdisk` CLI exposes them with
+//! virsh's verbs (`pool-define-as`, `vol-create-as`, ...).
+//!
+//! ```no_run
+//! use vdisk::pool::{PoolDef, Registry, RegistryPaths, VolumeSpec};
+//! use vdisk::Format;
+//!
+//! let reg = Registry::open(RegistryPaths::new("/tmp/vdisk-config"))?;
+//! let pool = reg.define(PoolDef::dir("images", "/tmp/images")?)?;
+//! pool.build()?;
+//! pool.start()?;
+//! let vol = pool.create_volume(&VolumeSpec::new("vm1.qcow2", 8 << 30, Format::Qcow2)?, None)?;
+//! println!("{}", vol.describe()?.to_xml());
+//! # Ok::<(), vdisk::Error>(())
+//! ```
+//!
+//! # Safety rules
+//!
+//! * **Names** of new pools and volumes are checked ([`name`]): no `/`,
+//!   NUL, control characters, `.`/`..`, leading `-`, more than 255 bytes,
+//!   invalid UTF-8 or vdisk's temporary prefix.
+//! * **Nothing reaches outside the pool directory**: volume operations use
+//!   one directory descriptor and single-component names; files are opened
+//!   with `O_NOFOLLOW` and their type is checked on the opened descriptor,
+//!   so symlinks are never written through and FIFOs, sockets and devices
+//!   are refused.
+//! * **Create never overwrites**: a volume is built in a temporary
+//!   directory `.vdisk-tmp-<random>/` inside the pool, then renamed into
+//!   place with `renameat2(RENAME_NOREPLACE)` and the directory synced. A
+//!   crash leaves only the temporary directory, which listings ignore and
+//!   [`Pool::cleanup`] (run by start and refresh) removes once it is stale
+//!   and unlocked. Of two creators of one name, exactly one wins.
+//! * **In use means in use**: delete, wipe, resize and upload take the
+//!   volume's write lock ([`crate::lock`]), so a running VM's disk (or one a
+//!   vdisk operation in this process uses) is refused with
+//!   [`ErrorKind::Busy`](crate::ErrorKind::Busy).
+//! * **Formats are recorded, not sniffed**: [`Volume::open`] uses the format
+//!   the volume was created with ([`scan`]), never a probe that would turn
+//!   a raw disk a guest wrote a qcow2 header into into a qcow2 image.
+//!
+//! # Where vdisk differs from libvirt, and why
+//!
+//! * **Symlinks** in a pool are listed but never written through (libvirt
+//!   follows them for wipe, upload and resize); one pointing outside the
+//!   pool is listed with an error and not probed. Delete removes the link.
+//! * **Duplicate targets** are compared after resolving symlinks (libvirt
+//!   compares strings, so `/a` and a link to `/a` could be two pools).
+//! * **Listing is incremental**: every listing rescans the directory
+//!   (libvirt shows a cached list until `pool-refresh`), re-probing only
+//!   files whose (device, inode, size, mtime, ctime) changed.
+//! * **vol-delete of a volume a VM uses is refused** (libvirt deletes it).
+//! * **qcow2 defaults to compat 1.1** (libvirt: 0.10), as qemu-img does.
+//! * **A backing volume needs its format** (`--backing-vol-format`); libvirt
+//!   probes it. A new volume with a backing store defaults to qcow2.
+//! * **Pool `available`** is `f_bavail` (what unprivileged users can still
+//!   allocate; libvirt uses `f_bfree`), allocation is `capacity - f_bfree`.
+//! * **fs and netfs pools** are checked to be mounted on start; vdisk does
+//!   not mount, unmount or mkfs.
+//! * **Wipe** zeroes (or randomises) the whole file like libvirt, and the
+//!   volume is raw afterwards (its header is gone); the record follows.
+//! * **vmdk volumes** are created monolithicSparse (one file), so a volume
+//!   is one directory entry.
+
+pub mod busy;
+mod create;
+pub mod def;
+mod dir;
+pub mod name;
+pub mod registry;
+pub mod scan;
+pub mod units;
+pub mod uuid;
+mod volume;
+pub mod volxml;
+pub mod xml;
+
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+pub use def::{Permissions, PoolDef, PoolSource, PoolType};
+use dir::PoolDir;
+pub use registry::{PoolList, Registry, RegistryPaths};
+pub use scan::{Backing, FileStat, VolType, VolumeInfo};
+use scan::{FileStat as Stat, ProbeCache, Records};
+pub use uuid::Uuid;
+pub use volume::{
+    BackingSpec, CloneOptions, DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice,
+    VolumeSpec, WipeAlgorithm,
+};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where a pool's definition lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// vdisk's configuration directory.
+    Vdisk,
+    /// libvirt's configuration directory (read only).
+    Libvirt,
+}
+
+/// A pool's state, with libvirt's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolState {
+    /// Not started.
+    Inactive,
+    /// Started and usable.
+    Running,
+    /// Started, but the target is missing or not mounted.
+    Inaccessible,
+}
+
+impl PoolState {
+    /// virsh's word (`pool-info`, `pool-list --details`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PoolState::Inactive => "inactive",
+            PoolState::Running => "running",
+            PoolState::Inaccessible => "inaccessible",
+        }
+    }
+}
+
+/// What `pool-info` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolInfo {
+    /// State.
+    pub state: PoolState,
+    /// Filesystem size (`f_blocks * f_frsize`); 0 when not running.
+    pub capacity: u64,
+    /// Used (`capacity - f_bfree * f_frsize`).
+    pub allocation: u64,
+    /// Free for unprivileged users (`f_bavail * f_frsize`).
+    pub available: u64,
+}
+
+/// What a listing did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ScanReport {
+    /// Entries listed.
+    pub volumes: usize,
+    /// Files whose headers were read.
+    pub probed: usize,
+    /// Files served from the probe cache.
+    pub reused: usize,
+    /// vdisk temporary entries skipped.
+    pub temporary: usize,
+}
+
+/// Temporary entries younger than this are left alone by [`Pool::refresh`]
+/// (a creator may be working in them).
+pub const STALE_TEMP_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug)]
+struct PoolInner {
+    paths: Arc<RegistryPaths>,
+    def: PoolDef,
+    origin: Origin,
+    autostart: bool,
+    file: PathBuf,
+    cache: Mutex<ProbeCache>,
+}
+
+/// A pool: a directory of volumes, defined in a [`Registry`]. Cheap to
+/// clone; every method reads the state from disk, so several processes can
+/// work on one pool.
+#[derive(Debug, Clone)]
+pub struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+fn not_active(name: &str) -> Error {
+    Error::invalid_argument(format!("storage pool '{name}' is not active"))
+}
+
+impl Pool {
+    pub(crate) fn new(
+        paths: Arc<RegistryPaths>,
+        def: PoolDef,
+        origin: Origin,
+        autostart: bool,
+        file: PathBuf,
+    ) -> Pool {
+        Pool {
+            inner: Arc::new(PoolInner {
+                paths,
+                def,
+                origin,
+                autostart,
+                file,
+                cache: Mutex::new(ProbeCache::default()),
+            }),
+        }
+    }
+
+    /// The name.
+    pub fn name(&self) -> &str {
+        self.inner.def.name()
+    }
+
+    /// The UUID.
+    pub fn uuid(&self) -> Uuid {
+        self.inner.def.uuid()
+    }
+
+    /// The definition.
+    pub fn def(&self) -> &PoolDef {
+        &self.inner.def
+    }
+
+    /// The target directory as defined.
+    pub fn target(&self) -> &Path {
+        self.inner.def.target()
+    }
+
+    /// Where the definition came from.
+    pub fn origin(&self) -> Origin {
+        self.inner.origin
+    }
+
+    /// The definition file.
+    pub fn definition_file(&self) -> &Path {
+        &self.inner.file
+    }
+
+    /// Always true: vdisk has no transient pools.
+    pub fn is_persistent(&self) -> bool {
+        true
+    }
+
+    /// Whether the pool starts after boot.
+    pub fn autostart(&self) -> bool {
+        self.inner.autostart
+    }
+
+    fn paths(&self) -> &RegistryPaths {
+        &self.inner.paths
+    }
+
+    /// Whether the pool is active (started and not destroyed since).
+    pub fn is_active(&self) -> bool {
+        self.paths().state_file(self.name()).exists()
+    }
+
+    fn require_active(&self) -> Result<()> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(not_active(self.name()))
+        }
+    }
+
+    fn require_inactive(&self, what: &str) -> Result<()> {
+        if self.is_active() {
+            Err(Error::invalid_argument(format!(
+                "storage pool '{}' is active: destroy it before {what}",
+                self.name()
+            )))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The target with symlinks resolved.
+    pub fn canonical_target(&self) -> PathBuf {
+        registry::canonical_target(self.target())
+    }
+
+    pub(crate) fn dir(&self) -> Result<PoolDir> {
+        PoolDir::open(&self.canonical_target())
+            .map_err(|e| e.context(format!("storage pool '{}'", self.name())))
+    }
+
+    /// Turns autostart on or off (the `autostart/NAME.xml` link). Refused for
+    /// libvirt's pools.
+    pub fn set_autostart(&self, on: bool) -> Result<Pool> {
+        if self.origin() == Origin::Libvirt {
+            return Err(Error::unsupported(format!(
+                "pool '{}' is defined by libvirt: change its autostart with virsh",
+                self.name()
+            )));
+        }
+        let _l = registry::lock(self.paths())?;
+        let link = self.paths().autostart_link(self.name());
+        let _ = std::fs::remove_file(&link);
+        if on {
+            std::os::unix::fs::symlink(&self.inner.file, &link)
+                .map_err(|e| Error::io("cannot create the autostart link", e).with_path(&link))?;
+        }
+        Ok(Pool::new(
+            self.inner.paths.clone(),
+            self.inner.def.clone(),
+            self.inner.origin,
+            on,
+            self.inner.file.clone(),
+        ))
+    }
+
+    /// Creates the target directory (parents as needed) with the defined
+    /// permissions (mode 0711 unless the definition says otherwise); an
+    /// existing directory only gets its permissions applied. Refused while
+    /// active.
+    pub fn build(&self) -> Result<()> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        self.require_inactive("building it")?;
+        let t = self.target();
+        let perms = self.inner.def.target_permissions();
+        let mode = perms.mode.unwrap_or(0o711);
+        if let Some(parent) = t.parent() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::io("cannot create parent directories", e).with_path(parent))?;
+        }
+        match std::fs::DirBuilder::new().mode(mode).create(t) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                let md = std::fs::symlink_metadata(t)
+                    .map_err(|e| Error::io("cannot stat", e).with_path(t))?;
+                if !md.is_dir() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("the target exists and is a {}", dir::kind_name(&md)),
+                    )
+                    .with_path(t));
+                }
+                if perms.mode.is_none() {
+                    return self.chown_target(perms);
+                }
+            }
+            Err(e) => return Err(Error::io("cannot create the pool directory", e).with_path(t)),
+        }
+        std::fs::set_permissions(t, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("cannot set the pool directory mode", e).with_path(t))?;
+        self.chown_target(perms)
+    }
+
+    fn chown_target(&self, perms: &Permissions) -> Result<()> {
+        if perms.owner.is_some() || perms.group.is_some() {
+            std::os::unix::fs::chown(self.target(), perms.owner, perms.group).map_err(|e| {
+                Error::io("cannot set the pool directory owner", e).with_path(self.target())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Checks the target: a directory, and for fs/netfs pools a mount
+    /// point of the defined source.
+    fn check_target(&self) -> Result<()> {
+        let t = self.canonical_target();
+        let md = std::fs::metadata(&t).map_err(|e| {
+            Error::io("cannot access the pool target (build it first?)", e).with_path(&t)
+        })?;
+        if !md.is_dir() {
+            return Err(
+                Error::invalid_argument("the pool target is not a directory").with_path(&t),
+            );
+        }
+        let def = &self.inner.def;
+        if def.kind() != PoolType::Dir {
+            let want = match def.kind() {
+                PoolType::Fs => def.source().device.clone().unwrap_or_default(),
+                _ => format!(
+                    "{}:{}",
+                    def.source().host.clone().unwrap_or_default(),
+                    def.source().dir.clone().unwrap_or_default()
+                ),
+            };
+            if !mounted(&t, &want) {
+                return Err(Error::unsupported(format!(
+                    "{} is not mounted on the target: vdisk does not mount {} pools, mount it first",
+                    want,
+                    def.kind().name()
+                ))
+                .with_path(&t));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the pool: checks the target (and the mount of fs/netfs
+    /// pools), marks the pool active, removes stale temporary entries and
+    /// refreshes. Refused if already active.
+    pub fn start(&self) -> Result<()> {
+        let _l = registry::lock(self.paths())?;
+        self.start_unlocked(true)
+    }
+
+    pub(crate) fn start_unlocked(&self, refresh: bool) -> Result<()> {
+        if self.is_active() {
+            return Err(Error::invalid_argument(format!(
+                "storage pool '{}' is already active",
+                self.name()
+            )));
+        }
+        self.check_target()?;
+        let state = self.paths().state_file(self.name());
+        scan::write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
+        if refresh {
+            if let Err(e) = self
+                .cleanup(STALE_TEMP_AGE)
+                .and_then(|_| self.refresh().map(|_| ()))
+            {
+                let _ = std::fs::remove_file(&state);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops the pool. Never touches data.
+    pub fn destroy(&self) -> Result<()> {
+        let _l = registry::lock(self.paths())?;
+        self.require_active()?;
+        let state = self.paths().state_file(self.name());
+        std::fs::remove_file(&state)
+            .map_err(|e| Error::io("cannot remove the pool state", e).with_path(&state))
+    }
+
+    /// Removes the target directory, only if it is empty. Refused while
+    /// active. Volumes are never deleted by this.
+    pub fn delete(&self) -> Result<()> {
+        self.require_inactive("deleting it")?;
+        let t = self.target();
+        std::fs::remove_dir(t).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) {
+                Error::invalid_argument("the pool directory is not empty: delete its volumes first")
+                    .with_path(t)
+            } else {
+                Error::io("cannot remove the pool directory", e).with_path(t)
+            }
+        })
+    }
+
+    /// Removes the definition (and autostart link, probe cache and format
+    /// records). Refused while active and for libvirt's pools.
+    pub fn undefine(&self) -> Result<()> {
+        if self.origin() == Origin::Libvirt {
+            return Err(Error::unsupported(format!(
+                "pool '{}' is defined by libvirt in {}: undefine it with virsh",
+                self.name(),
+                self.inner.file.display()
+            )));
+        }
+        let _l = registry::lock(self.paths())?;
+        self.require_inactive("undefining it")?;
+        let _ = std::fs::remove_file(self.paths().autostart_link(self.name()));
+        let _ = std::fs::remove_file(self.paths().cache_file(self.uuid()));
+        let _ = std::fs::remove_file(self.paths().records_file(self.uuid()));
+        std::fs::remove_file(&self.inner.file).map_err(|e| {
+            Error::io("cannot remove the pool definition", e).with_path(&self.inner.file)
+        })
+    }
+
+    /// State and filesystem figures.
+    pub fn info(&self) -> Result<PoolInfo> {
+        if !self.is_active() {
+            return Ok(PoolInfo {
+                state: PoolState::Inactive,
+                capacity: 0,
+                allocation: 0,
+                available: 0,
+            });
+        }
+        if self.check_target().is_err() {
+            return Ok(PoolInfo {
+                state: PoolState::Inaccessible,
+                capacity: 0,
+                allocation: 0,
+                available: 0,
+            });
+        }
+        let st = self.dir()?.fs_stats()?;
+        Ok(PoolInfo {
+            state: PoolState::Running,
+            capacity: st.capacity,
+            allocation: st.capacity.saturating_sub(st.free),
+            available: st.available,
+        })
+    }
+
+    /// `pool-dumpxml`: the definition with live figures, and the target's
+    /// actual permissions when it exists.
+    pub fn xml_desc(&self) -> Result<String> {
+        let info = self.info()?;
+        let actual = std::fs::metadata(self.target())
+            .ok()
+            .map(|m| Permissions::of(&m));
+        Ok(self
+            .inner
+            .def
+            .with_sizes(
+                info.capacity,
+                info.allocation,
+                info.available,
+                actual.as_ref(),
+            )
+            .to_xml())
+    }
+
+    /// Removes stale temporary entries (`.vdisk-tmp-*`) older than
+    /// `min_age` that no process has locked: what a crash between building
+    /// a volume and renaming it into place leaves. Returns how many went.
+    pub fn cleanup(&self, min_age: Duration) -> Result<usize> {
+        let d = self.dir()?;
+        let mut removed = 0;
+        let rd = std::fs::read_dir(d.path())
+            .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            if !name.as_bytes().starts_with(name::TEMP_PREFIX.as_bytes()) {
+                continue;
+            }
+            let Ok(md) = e.metadata() else { continue };
+            let age = md
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .unwrap_or_default();
+            if age < min_age {
+                continue;
+            }
+            if volume::remove_temp(&d, &name, &md)? {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            d.sync()?;
+        }
+        Ok(removed)
+    }
+
+    /// Lists the volumes: rescans the directory and re-probes only files
+    /// that changed since their cached probe (see [`scan`]). Entries that
+    /// cannot be parsed are listed with the reason. Requires an active pool.
+    pub fn refresh(&self) -> Result<(Vec<VolumeInfo>, ScanReport)> {
+        self.require_active()?;
+        let d = self.dir()?;
+        let mut report = ScanReport::default();
+        let mut cache = self.inner.cache.lock();
+        let cache_path = self.paths().cache_file(self.uuid());
+        if !cache.is_loaded() {
+            *cache = ProbeCache::load(&cache_path);
+        }
+        let records_path = self.paths().records_file(self.uuid());
+        let mut records = Records::load(&records_path)?;
+        let rd = std::fs::read_dir(d.path())
+            .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
+        let mut entries: Vec<(OsString, std::fs::Metadata)> = Vec::new();
+        for e in rd {
+            let e =
+                e.map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
+            let name = e.file_name();
+            if name.as_bytes().starts_with(name::TEMP_PREFIX.as_bytes()) {
+                report.temporary += 1;
+                continue;
+            }
+            // A file removed since readdir is simply not listed.
+            if let Ok(md) = e.metadata() {
+                entries.push((name, md));
+            }
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        let alloc_of: std::collections::HashMap<&OsStr, u64> = entries
+            .iter()
+            .filter(|(_, m)| m.is_file())
+            .map(|(n, m)| {
+                use std::os::unix::fs::MetadataExt;
+                (n.as_os_str(), m.blocks().saturating_mul(512))
+            })
+            .collect();
+        let mut changed = false;
+        let mut new_records = Vec::new();
+        let mut out = Vec::with_capacity(entries.len());
+        let canon = d.path().to_path_buf();
+        for (name, md) in &entries {
+            let stat = Stat::of(md);
+            let ft = md.file_type();
+            let (kind, facts, rec_stat) = if ft.is_file() {
+                let facts = match cache.get(name, &stat) {
+                    Some(f) => {
+                        report.reused += 1;
+                        f.clone()
+                    }
+                    None => {
+                        let t = scan::probe_clock();
+                        let f = match d.open_file(name, false) {
+                            Ok(file) => scan::probe_file(file, &d.join(name)),
+                            Err(e) => scan::Facts {
+                                error: Some(e.message().to_string()),
+                                ..Default::default()
+                            },
+                        };
+                        report.probed += 1;
+                        cache.put(name, &stat, t, f.clone());
+                        changed = true;
+                        f
+                    }
+                };
+                (VolType::File, facts, Some(stat))
+            } else if ft.is_symlink() {
+                let (f, target_stat) = volume::probe_symlink(&d, &canon, name);
+                (VolType::Symlink, f, target_stat)
+            } else if ft.is_dir() {
+                (VolType::Dir, scan::Facts::default(), None)
+            } else {
+                (
+                    VolType::Other,
+                    scan::Facts {
+                        error: Some(format!(
+                            "is a {}, not a volume: vdisk never opens it",
+                            dir::kind_name(md)
+                        )),
+                        ..Default::default()
+                    },
+                    None,
+                )
+            };
+            let recorded = match &rec_stat {
+                Some(s) if kind == VolType::File => {
+                    let r = records.format_of(name, s);
+                    if r.is_none() {
+                        if let Some(fmt) = facts.format {
+                            new_records.push((
+                                name.clone(),
+                                Some(scan::Record {
+                                    dev: s.dev,
+                                    ino: s.ino,
+                                    format: fmt,
+                                }),
+                            ));
+                        }
+                    }
+                    r
+                }
+                Some(s) => {
+                    // Symlinks: the target's record, if the target is a
+                    // volume of this pool.
+                    entries
+                        .iter()
+                        .find(|(_, m)| {
+                            use std::os::unix::fs::MetadataExt;
+                            m.ino() == s.ino && m.dev() == s.dev && m.is_file()
+                        })
+                        .and_then(|(n, _)| records.format_of(n, s))
+                }
+                None => None,
+            };
+            let extent_alloc: u64 = facts
+                .extents
+                .iter()
+                .filter_map(|x| alloc_of.get(OsStr::new(x)))
+                .sum();
+            let mut info =
+                scan::build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
+            if kind == VolType::Symlink {
+                if let Some(s) = rec_stat {
+                    info.capacity = if facts.format == Some(crate::Format::Raw) {
+                        s.size
+                    } else {
+                        info.capacity
+                    };
+                    info.allocation = s.allocated;
+                    info.physical = s.size;
+                }
+            }
+            out.push(info);
+        }
+        report.volumes = out.len();
+        let keep: HashSet<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
+        if cache.retain(&keep) {
+            changed = true;
+        }
+        if changed {
+            // The cache is an optimisation: failing to save it is not an
+            // error of the listing.
+            let _ = cache.save(&cache_path);
+        }
+        if !new_records.is_empty() {
+            records = Records::update(&records_path, &new_records)?;
+        }
+        drop(records);
+        Ok((out, report))
+    }
+
+    /// [`refresh`](Self::refresh) without the report.
+    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
+        Ok(self.refresh()?.0)
+    }
+
+    /// The volume named `name` (which must exist; any existing name,
+    /// including ones vdisk would not create).
+    pub fn volume(&self, name: impl AsRef<OsStr>) -> Result<Volume> {
+        let name = name.as_ref();
+        self.require_active()?;
+        let b = name.as_bytes();
+        if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+            return Err(Error::invalid_argument(format!(
+                "invalid volume name '{}'",
+                name.to_string_lossy().escape_debug()
+            )));
+        }
+        if b.starts_with(name::TEMP_PREFIX.as_bytes()) {
+            return Err(self.no_volume(name));
+        }
+        let d = self.dir()?;
+        match d.lstat(name)? {
+            Some(_) => Ok(Volume::new(self.clone(), name.to_os_string())),
+            None => Err(self.no_volume(name)),
+        }
+    }
+
+    pub(crate) fn no_volume(&self, name: &OsStr) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "storage volume not found: no storage vol with matching name '{}' in pool '{}'",
+                name.to_string_lossy(),
+                self.name()
+            ),
+        )
+    }
+
+    pub(crate) fn forget_cached(&self, name: &OsStr) {
+        self.inner.cache.lock().forget(name);
+    }
+
+    pub(crate) fn record(&self, name: &OsStr, rec: Option<scan::Record>) -> Result<()> {
+        Records::update(
+            &self.paths().records_file(self.uuid()),
+            &[(name.to_os_string(), rec)],
+        )
+        .map(|_| ())
+    }
+
+    pub(crate) fn records(&self) -> Result<Records> {
+        Records::load(&self.paths().records_file(self.uuid()))
+    }
+}
+
+/// Whether `target` is a mount point whose source is `source`
+/// (`/proc/self/mountinfo`; escapes like `\040` decoded).
+fn mounted(target: &Path, source: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let unescape = |s: &str| -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'\\' && i + 3 < b.len() {
+                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                    out.push(v);
+                    i += 4;
+                    continue;
+                }
+            }
+            out.push(b[i]);
+            i += 1;
+        }
+        out
+    };
+    let want = target.as_os_str().as_bytes();
+    text.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let Some(sep) = f.iter().position(|x| *x == "-") else {
+            return false;
+        };
+        let mount_point = f.get(4).map(|m| unescape(m));
+        let src = f.get(sep + 2).map(|s| unescape(s));
+        mount_point.as_deref() == Some(want)
+            && src.as_deref().map(|s| s.strip_suffix(b"/").unwrap_or(s))
+                == Some(
+                    source
+                        .as_bytes()
+                        .strip_suffix(b"/")
+                        .unwrap_or(source.as_bytes()),
+                )
+    })
+}

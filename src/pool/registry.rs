@@ -1,0 +1,495 @@
+//! The registry of pool definitions: vdisk's stand-in for libvirt's storage
+//! driver, without a daemon.
+//!
+//! Layout of the configuration directory (default
+//! `$XDG_CONFIG_HOME/vdisk/storage`, else `~/.config/vdisk/storage`;
+//! `VDISK_CONFIG_DIR` or [`RegistryPaths::new`] override it), laid out as
+//! libvirt lays out `/etc/libvirt/storage`:
+//!
+//! ```text
+//! NAME.xml                  pool definition (libvirt's <pool> format)
+//! autostart/NAME.xml        symlink to ../NAME.xml when autostart is on
+//! run/NAME.xml              present while the pool is active (a copy of
+//!                           the definition, like libvirt's /run state file)
+//! run/boot_id               the boot the run/ state belongs to
+//! cache/UUID.cache          probe cache of the pool's volumes (disposable)
+//! volumes/UUID.formats      the recorded format of each volume
+//! .lock                     flock taken around definition and state edits
+//! ```
+//!
+//! **Active state without a daemon.** A pool is active while
+//! `run/NAME.xml` exists. The state belongs to one boot: when
+//! `/proc/sys/kernel/random/boot_id` differs from `run/boot_id`, the first
+//! registry opened after the reboot clears `run/` and starts the autostart
+//! pools, which is what libvirtd does when it starts. So `pool-destroy`
+//! sticks until the next boot, and autostart means "active after boot".
+//!
+//! **libvirt's own pools.** `/etc/libvirt/storage` (or
+//! `VDISK_LIBVIRT_DIR`; empty disables) is read, never written: its pools
+//! are listed and usable (their active state is vdisk's own), but
+//! undefining them or changing their autostart is refused; use `virsh`.
+//! Names, UUIDs and targets must not collide with them either.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::def::PoolDef;
+use super::scan::write_atomic;
+use super::uuid::Uuid;
+use super::{Origin, Pool, Volume};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Where the registry keeps its files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryPaths {
+    /// vdisk's configuration directory (see the module docs).
+    pub config_dir: PathBuf,
+    /// libvirt's configuration directory, read only (`None`: not read).
+    pub libvirt_dir: Option<PathBuf>,
+}
+
+impl RegistryPaths {
+    /// `config_dir`, and libvirt's directory from `VDISK_LIBVIRT_DIR`
+    /// (empty: none) or `/etc/libvirt/storage`.
+    pub fn new(config_dir: impl Into<PathBuf>) -> RegistryPaths {
+        let libvirt_dir = match std::env::var_os("VDISK_LIBVIRT_DIR") {
+            Some(v) if v.is_empty() => None,
+            Some(v) => Some(PathBuf::from(v)),
+            None => Some(PathBuf::from("/etc/libvirt/storage")),
+        };
+        RegistryPaths {
+            config_dir: config_dir.into(),
+            libvirt_dir,
+        }
+    }
+
+    /// The default locations: `VDISK_CONFIG_DIR`, else
+    /// `$XDG_CONFIG_HOME/vdisk/storage`, else `$HOME/.config/vdisk/storage`.
+    pub fn from_env() -> Result<RegistryPaths> {
+        if let Some(d) = std::env::var_os("VDISK_CONFIG_DIR").filter(|v| !v.is_empty()) {
+            return Ok(Self::new(d));
+        }
+        if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
+            return Ok(Self::new(PathBuf::from(x).join("vdisk/storage")));
+        }
+        match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            Some(h) => Ok(Self::new(PathBuf::from(h).join(".config/vdisk/storage"))),
+            None => Err(Error::invalid_argument(
+                "no configuration directory: set VDISK_CONFIG_DIR, XDG_CONFIG_HOME or HOME",
+            )),
+        }
+    }
+
+    /// Does not read libvirt's directory.
+    pub fn without_libvirt(mut self) -> RegistryPaths {
+        self.libvirt_dir = None;
+        self
+    }
+
+    pub(crate) fn def_file(&self, name: &str) -> PathBuf {
+        self.config_dir.join(format!("{name}.xml"))
+    }
+    pub(crate) fn autostart_link(&self, name: &str) -> PathBuf {
+        self.config_dir
+            .join("autostart")
+            .join(format!("{name}.xml"))
+    }
+    pub(crate) fn state_file(&self, name: &str) -> PathBuf {
+        self.config_dir.join("run").join(format!("{name}.xml"))
+    }
+    pub(crate) fn cache_file(&self, uuid: Uuid) -> PathBuf {
+        self.config_dir.join("cache").join(format!("{uuid}.cache"))
+    }
+    pub(crate) fn records_file(&self, uuid: Uuid) -> PathBuf {
+        self.config_dir
+            .join("volumes")
+            .join(format!("{uuid}.formats"))
+    }
+}
+
+/// An exclusive `flock` on `<config>/.lock`, held while definitions or
+/// state change.
+pub(crate) struct RegistryLock {
+    _file: std::fs::File,
+}
+
+pub(crate) fn lock(paths: &RegistryPaths) -> Result<RegistryLock> {
+    let p = paths.config_dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&p)
+        .map_err(|e| Error::io("cannot open the registry lock", e).with_path(&p))?;
+    crate::sys::flock(f.as_fd(), true)
+        .map_err(|e| Error::io("cannot lock the registry", e).with_path(&p))?;
+    Ok(RegistryLock { _file: f })
+}
+
+/// The canonical form of a target path for comparisons: symlinks resolved
+/// for the part that exists, the rest appended.
+pub(crate) fn canonical_target(p: &Path) -> PathBuf {
+    let mut existing = p.to_path_buf();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(c) = existing.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (
+            existing.file_name().map(OsStr::to_os_string),
+            existing.parent(),
+        ) {
+            (Some(n), Some(parent)) => {
+                rest.push(n);
+                existing = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+/// The pools a registry knows, and the definition files it could not load.
+#[derive(Debug)]
+pub struct PoolList {
+    /// Pools, sorted by name.
+    pub pools: Vec<Pool>,
+    /// Definition files that were skipped, with the reason.
+    pub errors: Vec<Error>,
+}
+
+/// The registry of pool definitions (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Registry {
+    paths: Arc<RegistryPaths>,
+}
+
+impl Registry {
+    /// Opens (creating) the configuration directory. The first registry
+    /// opened after a reboot clears stale active state and starts the
+    /// autostart pools.
+    pub fn open(paths: RegistryPaths) -> Result<Registry> {
+        for d in [
+            paths.config_dir.clone(),
+            paths.config_dir.join("autostart"),
+            paths.config_dir.join("run"),
+        ] {
+            std::fs::create_dir_all(&d).map_err(|e| {
+                Error::io("cannot create the configuration directory", e).with_path(&d)
+            })?;
+        }
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ =
+                std::fs::set_permissions(&paths.config_dir, std::fs::Permissions::from_mode(0o700));
+        }
+        let reg = Registry {
+            paths: Arc::new(paths),
+        };
+        reg.boot_check()?;
+        Ok(reg)
+    }
+
+    /// [`Registry::open`] with [`RegistryPaths::from_env`].
+    pub fn open_default() -> Result<Registry> {
+        Self::open(RegistryPaths::from_env()?)
+    }
+
+    /// The paths in use.
+    pub fn paths(&self) -> &RegistryPaths {
+        &self.paths
+    }
+
+    fn boot_check(&self) -> Result<()> {
+        let Ok(boot) = std::fs::read_to_string("/proc/sys/kernel/random/boot_id") else {
+            return Ok(());
+        };
+        let boot = boot.trim().to_string();
+        let marker = self.paths.config_dir.join("run/boot_id");
+        if std::fs::read_to_string(&marker)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            == Some(boot.as_str())
+        {
+            return Ok(());
+        }
+        let _l = lock(&self.paths)?;
+        if std::fs::read_to_string(&marker)
+            .ok()
+            .as_deref()
+            .map(str::trim)
+            == Some(boot.as_str())
+        {
+            return Ok(());
+        }
+        let run = self.paths.config_dir.join("run");
+        if let Ok(rd) = std::fs::read_dir(&run) {
+            for e in rd.flatten() {
+                if e.path().extension() == Some(OsStr::new("xml")) {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
+        write_atomic(&marker, format!("{boot}\n").as_bytes())?;
+        // Like libvirtd at start: autostart pools come up (a failure, such
+        // as a missing directory, leaves that pool inactive).
+        for p in self.list_unlocked()?.pools {
+            if p.autostart() {
+                let _ = p.start_unlocked(false);
+            }
+        }
+        Ok(())
+    }
+
+    fn load_dir(&self, dir: &Path, origin: Origin, out: &mut Vec<Pool>, errors: &mut Vec<Error>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut names: Vec<PathBuf> = rd
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension() == Some(OsStr::new("xml"))
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+                    && p.is_file()
+            })
+            .collect();
+        names.sort();
+        for path in names {
+            let res = (|| -> Result<Pool> {
+                let md = std::fs::metadata(&path)
+                    .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+                if md.len() > super::xml::MAX_XML_BYTES as u64 {
+                    return Err(
+                        Error::limit("pool definition is larger than 1 MiB").with_path(&path)
+                    );
+                }
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| Error::io("cannot read", e).with_path(&path))?;
+                let def = PoolDef::from_xml(&text, &path.display().to_string())?;
+                let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
+                if stem.as_deref() != Some(def.name()) {
+                    return Err(Error::invalid_argument(format!(
+                        "the file name does not match the pool name '{}'",
+                        def.name()
+                    ))
+                    .with_path(&path));
+                }
+                let autostart = dir
+                    .join("autostart")
+                    .join(format!("{}.xml", def.name()))
+                    .exists();
+                Ok(Pool::new(
+                    self.paths.clone(),
+                    def,
+                    origin,
+                    autostart,
+                    path.clone(),
+                ))
+            })();
+            match res {
+                Ok(p) => out.push(p),
+                Err(e) => errors.push(e),
+            }
+        }
+    }
+
+    fn list_unlocked(&self) -> Result<PoolList> {
+        let mut pools = Vec::new();
+        let mut errors = Vec::new();
+        self.load_dir(
+            &self.paths.config_dir,
+            Origin::Vdisk,
+            &mut pools,
+            &mut errors,
+        );
+        if let Some(l) = &self.paths.libvirt_dir {
+            let mut lv = Vec::new();
+            self.load_dir(l, Origin::Libvirt, &mut lv, &mut errors);
+            for p in lv {
+                if let Some(ours) = pools
+                    .iter()
+                    .find(|o| o.name() == p.name() || o.uuid() == p.uuid())
+                {
+                    errors.push(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "libvirt's pool '{}' ({}) is hidden by vdisk's pool '{}'",
+                            p.name(),
+                            p.uuid(),
+                            ours.name()
+                        ),
+                    ));
+                } else {
+                    pools.push(p);
+                }
+            }
+        }
+        pools.sort_by(|a, b| a.name().cmp(b.name()));
+        Ok(PoolList { pools, errors })
+    }
+
+    /// Every pool defined here or in libvirt's directory.
+    pub fn list(&self) -> Result<PoolList> {
+        self.list_unlocked()
+    }
+
+    /// The pool named `name_or_uuid` (a name first, then a UUID).
+    pub fn pool(&self, name_or_uuid: &str) -> Result<Pool> {
+        let list = self.list()?;
+        if let Some(p) = list.pools.iter().find(|p| p.name() == name_or_uuid) {
+            return Ok(p.clone());
+        }
+        if let Ok(u) = Uuid::parse(name_or_uuid) {
+            if let Some(p) = list.pools.iter().find(|p| p.uuid() == u) {
+                return Ok(p.clone());
+            }
+        }
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "storage pool not found: no storage pool with matching name or uuid '{}'",
+                name_or_uuid.escape_debug()
+            ),
+        ))
+    }
+
+    /// The pool whose target is `path` (compared canonically).
+    pub fn pool_by_target(&self, path: &Path) -> Result<Option<Pool>> {
+        let want = canonical_target(path);
+        Ok(self
+            .list()?
+            .pools
+            .into_iter()
+            .find(|p| canonical_target(p.target()) == want))
+    }
+
+    /// Defines (or redefines) a pool: writes `NAME.xml`. Refused: a name
+    /// defined with another UUID, a UUID defined under another name, a
+    /// target another pool already uses (compared after resolving
+    /// symlinks), a name of one of libvirt's pools, and changing the target
+    /// of an active pool.
+    pub fn define(&self, def: PoolDef) -> Result<Pool> {
+        let _l = lock(&self.paths)?;
+        let list = self.list_unlocked()?;
+        let target = canonical_target(def.target());
+        let mut existing: Option<&Pool> = None;
+        for p in &list.pools {
+            if p.name() == def.name() {
+                if p.origin() == Origin::Libvirt {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "pool '{}' is defined by libvirt in {}: manage it with virsh",
+                            p.name(),
+                            p.definition_file().display()
+                        ),
+                    ));
+                }
+                if p.uuid() != def.uuid() {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!(
+                            "pool '{}' is already defined with uuid {}",
+                            p.name(),
+                            p.uuid()
+                        ),
+                    ));
+                }
+                existing = Some(p);
+                continue;
+            }
+            if p.uuid() == def.uuid() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("pool '{}' already exists with uuid {}", p.name(), p.uuid()),
+                ));
+            }
+            if canonical_target(p.target()) == target {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "Storage source conflict with pool: '{}' (both on {})",
+                        p.name(),
+                        target.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(old) = existing {
+            if old.is_active() && canonical_target(old.target()) != target {
+                return Err(Error::invalid_argument(format!(
+                    "pool '{}' is active: destroy it before changing its target",
+                    def.name()
+                )));
+            }
+        }
+        let file = self.paths.def_file(def.name());
+        let header = format!(
+            "<!--\nWARNING: THIS IS AN AUTO-GENERATED FILE. CHANGES TO IT ARE LIKELY TO BE\nOVERWRITTEN AND LOST. Changes to this xml configuration should be made using:\n  vdisk pool-define {name}.xml\n-->\n",
+            name = def.name()
+        );
+        let text = header + &def.to_xml();
+        write_atomic(&file, text.as_bytes())?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600));
+        }
+        let autostart = self.paths.autostart_link(def.name()).exists();
+        Ok(Pool::new(
+            self.paths.clone(),
+            def,
+            Origin::Vdisk,
+            autostart,
+            file,
+        ))
+    }
+
+    /// Parses and defines a `<pool>` document.
+    pub fn define_xml(&self, xml: &str) -> Result<Pool> {
+        self.define(PoolDef::from_xml(xml, "pool XML")?)
+    }
+
+    /// The volume whose path (== key) is `path`, in an active pool whose
+    /// target is the path's directory.
+    pub fn volume_by_path(&self, path: &Path) -> Result<Volume> {
+        let not_found = || {
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "storage volume not found: no storage vol with matching path '{}'",
+                    path.display()
+                ),
+            )
+        };
+        let path = super::def::sanitize_path(&path.to_string_lossy());
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(not_found());
+        };
+        let want = canonical_target(dir);
+        let mut by_dir: HashMap<PathBuf, Pool> = HashMap::new();
+        for p in self.list()?.pools {
+            if p.is_active() {
+                by_dir.insert(canonical_target(p.target()), p);
+            }
+        }
+        let pool = by_dir.remove(&want).ok_or_else(not_found)?;
+        pool.volume(name).map_err(|e| {
+            if e.kind() == ErrorKind::NotFound {
+                not_found()
+            } else {
+                e
+            }
+        })
+    }
+}

@@ -1,0 +1,869 @@
+//! Volumes: the files of a pool, and what can be done to them.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{File, Metadata};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::busy::{is_busy, BusyGuard};
+use super::dir::PoolDir;
+use super::scan::{self, Facts, FileStat, Record, VolType, VolumeInfo};
+use super::Pool;
+use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{self, Access, LockMode};
+use crate::open::{BackingPolicy, Image, OpenOptions};
+use crate::qcow2::crypt::Secret;
+use crate::qcow2::{Qcow2, Qcow2Options};
+use crate::storage::{FileStorage, Storage};
+
+pub use super::create::{BackingSpec, CloneOptions, VolumeSpec};
+pub use crate::convert::Progress;
+
+/// How to wipe (`vol-wipe --algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WipeAlgorithm {
+    /// Zeros; a sparse file stays sparse (truncated to 0 and back).
+    Zero,
+    /// Random bytes from `/dev/urandom` over the whole file.
+    Random,
+}
+
+impl WipeAlgorithm {
+    /// Parses virsh's names; the `scrub` patterns are refused.
+    pub fn from_name(s: &str) -> Result<WipeAlgorithm> {
+        match s {
+            "zero" => Ok(WipeAlgorithm::Zero),
+            "random" => Ok(WipeAlgorithm::Random),
+            "nnsa" | "dod" | "bsi" | "gutmann" | "schneier" | "pfitzner7" | "pfitzner33"
+            | "trim" => Err(Error::unsupported(format!(
+                "wipe algorithm '{s}' is not supported (zero, random)"
+            ))),
+            other => Err(Error::invalid_argument(format!(
+                "unknown wipe algorithm '{}' (zero, random)",
+                other.escape_debug()
+            ))),
+        }
+    }
+}
+
+/// Byte range and sparseness of `vol-upload`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UploadOptions {
+    /// Where in the volume file writing starts.
+    pub offset: u64,
+    /// At most this many bytes (`None`: until the source ends).
+    pub length: Option<u64>,
+    /// Keep holes: all-zero blocks are punched (or skipped past the end of
+    /// the file) instead of written.
+    pub sparse: bool,
+}
+
+/// Byte range and sparseness of `vol-download`.
+pub type DownloadOptions = UploadOptions;
+
+const CHUNK: usize = 1 << 20;
+const GRANULE: usize = 64 << 10;
+
+/// A volume of a pool: a name in its directory.
+#[derive(Debug, Clone)]
+pub struct Volume {
+    pool: Pool,
+    name: OsString,
+}
+
+fn in_use_here(path: &Path) -> Error {
+    Error::new(
+        ErrorKind::Busy,
+        "the volume is in use by a vdisk operation in this process",
+    )
+    .with_path(path)
+}
+
+impl Volume {
+    pub(crate) fn new(pool: Pool, name: OsString) -> Volume {
+        Volume { pool, name }
+    }
+
+    /// The file name.
+    pub fn name(&self) -> &OsStr {
+        &self.name
+    }
+
+    /// The name for display.
+    pub fn name_lossy(&self) -> String {
+        self.name.to_string_lossy().into_owned()
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The absolute path (the target with symlinks resolved, plus the name).
+    pub fn path(&self) -> PathBuf {
+        self.pool.canonical_target().join(&self.name)
+    }
+
+    /// The key: the path, as in libvirt's dir pools.
+    pub fn key(&self) -> PathBuf {
+        self.path()
+    }
+
+    fn dir(&self) -> Result<PoolDir> {
+        self.pool.require_active()?;
+        self.pool.dir()
+    }
+
+    /// Re-probes the volume (never the cache) and describes it.
+    pub fn info(&self) -> Result<VolumeInfo> {
+        let d = self.dir()?;
+        let md = d
+            .lstat(&self.name)?
+            .ok_or_else(|| self.pool.no_volume(&self.name))?;
+        let canon = d.path().to_path_buf();
+        let stat = FileStat::of(&md);
+        let ft = md.file_type();
+        let (kind, facts, target) = if ft.is_file() {
+            let f = scan::probe_file(d.open_file(&self.name, false)?, &d.join(&self.name));
+            (VolType::File, f, Some(stat))
+        } else if ft.is_symlink() {
+            let (f, t) = probe_symlink(&d, &canon, &self.name);
+            (VolType::Symlink, f, t)
+        } else if ft.is_dir() {
+            (VolType::Dir, Facts::default(), None)
+        } else {
+            (
+                VolType::Other,
+                Facts {
+                    error: Some(format!("is a {}, not a volume", super::dir::kind_name(&md))),
+                    ..Default::default()
+                },
+                None,
+            )
+        };
+        let recorded = match (kind, &target) {
+            (VolType::File, Some(s)) => self.pool.records()?.format_of(&self.name, s),
+            _ => None,
+        };
+        let mut extent_alloc = 0;
+        for x in &facts.extents {
+            if let Ok(Some(m)) = d.lstat(OsStr::new(x)) {
+                if m.is_file() {
+                    extent_alloc += m.blocks() * 512;
+                }
+            }
+        }
+        let mut info = scan::build_info(
+            &canon,
+            &self.name,
+            kind,
+            stat,
+            &facts,
+            recorded,
+            extent_alloc,
+        );
+        if let (VolType::Symlink, Some(t)) = (kind, target) {
+            info.allocation = t.allocated;
+            info.physical = t.size;
+            if facts.format == Some(Format::Raw) {
+                info.capacity = t.size;
+            }
+        }
+        Ok(info)
+    }
+
+    /// The format vdisk opens the volume with: the recorded one, or (for a
+    /// file vdisk never saw) the probed one, recorded from now on.
+    pub fn recorded_format(&self) -> Result<Format> {
+        let info = self.info()?;
+        if info.kind != VolType::File {
+            return Err(Error::invalid_argument(format!(
+                "volume '{}' is not a regular file",
+                self.name_lossy()
+            ))
+            .with_path(&info.path));
+        }
+        if let Some(f) = info.format {
+            if info.probed_format == Some(f) || info.warning.is_some() {
+                let recorded = self.pool.records()?.format_of(&self.name, &info.stat);
+                if recorded.is_none() {
+                    self.pool.record(
+                        &self.name,
+                        Some(Record {
+                            dev: info.stat.dev,
+                            ino: info.stat.ino,
+                            format: f,
+                        }),
+                    )?;
+                }
+            }
+            return Ok(f);
+        }
+        Err(Error::invalid_argument("cannot tell the volume's format").with_path(&info.path))
+    }
+
+    /// `vol-dumpxml`: libvirt's `<volume>` document (re-probed).
+    pub fn describe(&self) -> Result<String> {
+        let info = self.info()?;
+        let backing_stat = info
+            .backing
+            .as_ref()
+            .and_then(|b| std::fs::metadata(&b.path).ok().map(|m| FileStat::of(&m)));
+        Ok(super::volxml::volume_xml(&info, backing_stat.as_ref()))
+    }
+
+    /// Opens the volume as a block device with its recorded format (never a
+    /// fresh probe), QEMU-compatible locks, and backing files followed only
+    /// with their recorded format. The volume counts as in use (delete,
+    /// wipe, resize and upload refuse) while the device lives.
+    pub fn open(&self, read_only: bool) -> Result<VolumeDevice> {
+        self.open_with(read_only, LockMode::Auto, None)
+    }
+
+    /// [`open`](Self::open) with a lock mode and the passphrase of an
+    /// encrypted (legacy AES) qcow2 volume.
+    pub fn open_with(
+        &self,
+        read_only: bool,
+        mode: LockMode,
+        key: Option<Secret>,
+    ) -> Result<VolumeDevice> {
+        let format = self.recorded_format()?;
+        let d = self.dir()?;
+        let path = d.join(&self.name);
+        // Refuses symlinks and special files on the descriptor.
+        let pre = d
+            .open_file(&self.name, false)?
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let key_id = (pre.dev(), pre.ino());
+        let image = match (format, key) {
+            (Format::Qcow2, Some(k)) => {
+                let st = FileStorage::open_locked(&path, read_only, mode)?;
+                let h = Qcow2::read_header(&st)?;
+                let backing = match &h.backing_file {
+                    Some(b) => {
+                        let fmt = h.backing_format.as_deref().ok_or_else(|| {
+                            Error::invalid(format!("the backing file '{b}' has no recorded format"))
+                                .with_path(&path)
+                        })?;
+                        let bp = Path::new(b);
+                        let bp = if bp.is_absolute() {
+                            bp.to_path_buf()
+                        } else {
+                            d.path().join(bp)
+                        };
+                        let img = OpenOptions::new()
+                            .format(Format::from_name(fmt)?)
+                            .read_only(true)
+                            .lock(if mode == LockMode::ForceShare {
+                                mode
+                            } else {
+                                LockMode::Auto
+                            })
+                            .backing(BackingPolicy::RecordedFormat)
+                            .open(&bp)?;
+                        Some(Arc::new(img) as Arc<dyn BlockDevice>)
+                    }
+                    None => None,
+                };
+                Image::Qcow2(Qcow2::open(
+                    Arc::new(st),
+                    Qcow2Options {
+                        read_only,
+                        backing,
+                        key: Some(k),
+                        ..Default::default()
+                    },
+                )?)
+            }
+            (f, _) => OpenOptions::new()
+                .format(f)
+                .read_only(read_only)
+                .lock(mode)
+                .backing(BackingPolicy::RecordedFormat)
+                .confine_to(d.path())
+                .open(&path)?,
+        };
+        // The name must still be the file checked above (no swap to a
+        // symlink in between).
+        match d.lstat(&self.name)? {
+            Some(m) if m.is_file() && (m.dev(), m.ino()) == key_id => {}
+            _ => {
+                return Err(
+                    Error::invalid_argument("the volume changed while it was opened")
+                        .with_path(&path),
+                )
+            }
+        }
+        Ok(VolumeDevice {
+            image,
+            _busy: BusyGuard::new(key_id),
+        })
+    }
+
+    /// The backing chain as recorded in the headers, this volume first:
+    /// each element probed (never opened as an image), loops detected by
+    /// (device, inode), at most 64 deep.
+    pub fn chain(&self) -> Result<Vec<VolumeInfo>> {
+        let mut out = vec![self.info()?];
+        let mut seen = vec![(out[0].stat.dev, out[0].stat.ino)];
+        while let Some(b) = out.last().and_then(|i| i.backing.clone()) {
+            if out.len() >= 64 {
+                return Err(Error::limit("backing chain deeper than 64").with_path(&b.path));
+            }
+            let f = match File::open(&b.path) {
+                Ok(f) => f,
+                Err(e) => return Err(Error::io("cannot open backing file", e).with_path(&b.path)),
+            };
+            let md = f
+                .metadata()
+                .map_err(|e| Error::io("cannot stat", e).with_path(&b.path))?;
+            if !md.is_file() {
+                return Err(
+                    Error::invalid_argument("backing file is not a regular file")
+                        .with_path(&b.path),
+                );
+            }
+            if seen.contains(&(md.dev(), md.ino())) {
+                return Err(Error::invalid("the backing chain loops").with_path(&b.path));
+            }
+            seen.push((md.dev(), md.ino()));
+            let facts = scan::probe_file(f, &b.path);
+            let dir = b.path.parent().unwrap_or(Path::new("/")).to_path_buf();
+            let name = b.path.file_name().unwrap_or_default().to_os_string();
+            let recorded = b.format.as_deref().and_then(|x| Format::from_name(x).ok());
+            out.push(scan::build_info(
+                &dir,
+                &name,
+                VolType::File,
+                FileStat::of(&md),
+                &facts,
+                recorded,
+                0,
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Opens the file for a mutation: no symlink, regular file, not in use
+    /// here, write lock against other processes.
+    fn open_for_change(&self, d: &PoolDir) -> Result<(FileStorage, BusyGuard)> {
+        let path = d.join(&self.name);
+        let f = d.open_file(&self.name, true)?;
+        let md = f
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let key = (md.dev(), md.ino());
+        if is_busy(key) {
+            return Err(in_use_here(&path));
+        }
+        let mut st = FileStorage::from_file(f, &path, false)?;
+        st.lock_as(LockMode::Auto, Access::ReadWrite)?;
+        Ok((st, BusyGuard::new(key)))
+    }
+
+    /// `vol-delete`: removes the file, refused while the volume is in use
+    /// (by a vdisk operation here, or by a process holding QEMU locks such
+    /// as a running VM). A symlink is removed, never followed; a vmdk
+    /// descriptor's extent files stay (as in libvirt).
+    pub fn delete(&self) -> Result<()> {
+        let d = self.dir()?;
+        let path = d.join(&self.name);
+        let Some(md) = d.lstat(&self.name)? else {
+            // Already gone: libvirt counts that as success.
+            return Ok(());
+        };
+        if md.file_type().is_symlink() {
+            d.remove(&self.name, false)?;
+        } else if md.is_dir() {
+            d.remove(&self.name, true)?;
+        } else if md.is_file() {
+            let (st, _busy) = self.open_for_change(&d)?;
+            let fmd = st.file().and_then(|f| f.metadata().ok());
+            match d.lstat(&self.name)? {
+                Some(now)
+                    if fmd
+                        .as_ref()
+                        .is_some_and(|f| f.ino() == now.ino() && f.dev() == now.dev()) => {}
+                _ => {
+                    return Err(
+                        Error::invalid_argument("the volume changed while it was deleted")
+                            .with_path(&path),
+                    )
+                }
+            }
+            d.remove(&self.name, false)?;
+        } else {
+            return Err(Error::invalid_argument(format!(
+                "is a {}, not a volume: vdisk does not delete it",
+                super::dir::kind_name(&md)
+            ))
+            .with_path(&path));
+        }
+        d.sync()?;
+        self.pool.forget_cached(&self.name);
+        self.pool.record(&self.name, None)
+    }
+
+    /// `vol-wipe`: overwrites the whole file (zeros keep a sparse file
+    /// sparse). Like libvirt, the volume is raw afterwards: its header is
+    /// gone. Refused while in use.
+    pub fn wipe(&self, alg: WipeAlgorithm, progress: Option<Progress<'_>>) -> Result<()> {
+        let d = self.dir()?;
+        let (st, _busy) = self.open_for_change(&d)?;
+        let len = st.len()?;
+        let alloc = st.allocated_bytes().unwrap_or(len);
+        match alg {
+            WipeAlgorithm::Zero if alloc < len => {
+                st.set_len(0)?;
+                st.set_len(len)?;
+            }
+            _ => {
+                let mut buf = vec![0u8; CHUNK];
+                let mut urandom = match alg {
+                    WipeAlgorithm::Random => Some(
+                        File::open("/dev/urandom")
+                            .map_err(|e| Error::io("cannot open /dev/urandom", e))?,
+                    ),
+                    WipeAlgorithm::Zero => None,
+                };
+                let mut off = 0;
+                while off < len {
+                    let n = (len - off).min(CHUNK as u64) as usize;
+                    if let Some(r) = urandom.as_mut() {
+                        r.read_exact(&mut buf[..n])
+                            .map_err(|e| Error::io("cannot read /dev/urandom", e))?;
+                    }
+                    st.write_at(&buf[..n], off)?;
+                    off += n as u64;
+                    if let Some(p) = progress {
+                        p(off, len);
+                    }
+                }
+            }
+        }
+        st.sync()?;
+        let md = st.file().and_then(|f| f.metadata().ok());
+        if let Some(md) = md {
+            self.pool.record(
+                &self.name,
+                Some(Record {
+                    dev: md.dev(),
+                    ino: md.ino(),
+                    format: Format::Raw,
+                }),
+            )?;
+        }
+        self.pool.forget_cached(&self.name);
+        Ok(())
+    }
+
+    /// `vol-resize`: sets the capacity. Shrinking needs `shrink`. Refused
+    /// while in use. Returns the new capacity.
+    pub fn resize(&self, capacity: u64, shrink: bool) -> Result<u64> {
+        let info = self.info()?;
+        if capacity < info.capacity && !shrink {
+            return Err(Error::invalid_argument(
+                "can't shrink capacity below current capacity unless shrink flag explicitly specified",
+            )
+            .with_path(&info.path));
+        }
+        if capacity == 0 {
+            return Err(Error::invalid_argument(
+                "a volume cannot be resized to 0 bytes",
+            ));
+        }
+        let d = self.dir()?;
+        // Refuse here first (clear message), then the device takes the locks.
+        let f = d.open_file(&self.name, false)?;
+        let md = f
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&info.path))?;
+        if is_busy((md.dev(), md.ino())) {
+            return Err(in_use_here(&info.path));
+        }
+        drop(f);
+        let dev = self.open(false)?;
+        dev.resize(capacity)?;
+        dev.flush()?;
+        self.pool.forget_cached(&self.name);
+        Ok(dev.size())
+    }
+
+    /// `vol-upload`: writes bytes from `src` into the volume *file* at
+    /// `opts.offset` (as libvirt does: a qcow2 image uploaded into a volume
+    /// makes it a qcow2 volume). With `sparse`, all-zero blocks become
+    /// holes. The file is opened without truncation; a raw volume's range
+    /// must lie within its capacity when a length is given. Afterwards the
+    /// volume is re-probed and its recorded format follows the upload (the
+    /// host chose the content, not a guest). Returns the bytes copied.
+    pub fn upload(
+        &self,
+        src: &mut dyn Read,
+        opts: &UploadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<u64> {
+        let d = self.dir()?;
+        let (st, _busy) = self.open_for_change(&d)?;
+        let path = d.join(&self.name);
+        let size = st.len()?;
+        if let Some(l) = opts.length {
+            let recorded = self
+                .pool
+                .records()?
+                .format_of(&self.name, &FileStat::of(&file_md(&st, &path)?));
+            let end = opts
+                .offset
+                .checked_add(l)
+                .ok_or_else(|| Error::invalid_argument("offset + length overflows"))?;
+            if recorded == Some(Format::Raw) && end > size {
+                return Err(Error::invalid_argument(format!(
+                    "upload of {l} bytes at offset {} goes past the volume's capacity of {size} bytes",
+                    opts.offset
+                ))
+                .with_path(&path));
+            }
+        }
+        let total = opts.length.unwrap_or(0);
+        let mut buf = vec![0u8; CHUNK];
+        let mut done = 0u64;
+        loop {
+            let want = match opts.length {
+                Some(l) => (l - done).min(CHUNK as u64) as usize,
+                None => CHUNK,
+            };
+            if want == 0 {
+                break;
+            }
+            let n = read_full(src, &mut buf[..want])
+                .map_err(|e| Error::io("cannot read the upload source", e))?;
+            if n == 0 {
+                break;
+            }
+            let at = opts.offset + done;
+            write_maybe_sparse(&st, &buf[..n], at, opts.sparse)?;
+            done += n as u64;
+            if let Some(p) = progress {
+                p(done, total.max(done));
+            }
+            if n < want {
+                break;
+            }
+        }
+        let end = opts.offset + done;
+        if st.len()? < end {
+            st.set_len(end)?;
+        }
+        st.sync()?;
+        let md = file_md(&st, &path)?;
+        drop(_busy);
+        drop(st);
+        let f = d.open_file(&self.name, false)?;
+        let facts = scan::probe_file(f, &path);
+        if let Some(fmt) = facts.format {
+            self.pool.record(
+                &self.name,
+                Some(Record {
+                    dev: md.dev(),
+                    ino: md.ino(),
+                    format: fmt,
+                }),
+            )?;
+        }
+        self.pool.forget_cached(&self.name);
+        Ok(done)
+    }
+
+    /// `vol-download`: writes the volume *file*'s bytes in
+    /// `[offset, offset + length)` to `dst`. The download takes no lock that
+    /// stops a running VM (like `cp`; the copy of a disk in use may be
+    /// inconsistent). Returns the bytes copied.
+    pub fn download(
+        &self,
+        dst: &mut dyn Write,
+        opts: &DownloadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<u64> {
+        self.download_inner(&mut |buf, _at| dst.write_all(buf), opts, progress, false)
+    }
+
+    /// [`download`](Self::download) into a file at its offset 0, keeping
+    /// holes (holes of the volume, and all-zero blocks with `sparse`, are
+    /// not written; the file's length is set at the end).
+    pub fn download_to_file(
+        &self,
+        dst: &File,
+        opts: &DownloadOptions,
+        progress: Option<Progress<'_>>,
+    ) -> Result<u64> {
+        let n = self.download_inner(
+            &mut |buf, at| dst.write_all_at(buf, at),
+            opts,
+            progress,
+            true,
+        )?;
+        let len = dst
+            .metadata()
+            .map_err(|e| Error::io("cannot stat the download target", e))?
+            .len();
+        if len < n {
+            dst.set_len(n)
+                .map_err(|e| Error::io("cannot set the download length", e))?;
+        }
+        Ok(n)
+    }
+
+    fn download_inner(
+        &self,
+        out: &mut dyn FnMut(&[u8], u64) -> std::io::Result<()>,
+        opts: &DownloadOptions,
+        progress: Option<Progress<'_>>,
+        skip_holes: bool,
+    ) -> Result<u64> {
+        let d = self.dir()?;
+        let path = d.join(&self.name);
+        let f = d.open_file(&self.name, false)?;
+        lock::lock_file(&f, &path, LockMode::ForceShare, Access::ReadOnly)?;
+        let md = f
+            .metadata()
+            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let _busy = BusyGuard::new((md.dev(), md.ino()));
+        let st = FileStorage::from_file(f, &path, true)?;
+        let size = st.len()?;
+        if opts.offset > size {
+            return Err(Error::invalid_argument(format!(
+                "offset {} is past the end of the volume ({size} bytes)",
+                opts.offset
+            ))
+            .with_path(&path));
+        }
+        let end = match opts.length {
+            Some(l) if l > 0 => opts.offset.saturating_add(l).min(size),
+            _ => size,
+        };
+        let total = end - opts.offset;
+        let mut buf = vec![0u8; CHUNK];
+        let mut pos = opts.offset;
+        while pos < end {
+            let (data, run_end) = if skip_holes {
+                st.region(pos)?
+            } else {
+                (true, end)
+            };
+            let run_end = run_end.clamp(pos + 1, end);
+            if !data {
+                pos = run_end;
+                continue;
+            }
+            while pos < run_end {
+                let n = (run_end - pos).min(CHUNK as u64) as usize;
+                st.read_at(&mut buf[..n], pos)?;
+                let rel = pos - opts.offset;
+                if skip_holes && opts.sparse {
+                    for (i, g) in buf[..n].chunks(GRANULE).enumerate() {
+                        if g.iter().any(|&b| b != 0) {
+                            out(g, rel + (i * GRANULE) as u64)
+                                .map_err(|e| Error::io("cannot write the download", e))?;
+                        }
+                    }
+                } else {
+                    out(&buf[..n], rel).map_err(|e| Error::io("cannot write the download", e))?;
+                }
+                pos += n as u64;
+                if let Some(p) = progress {
+                    p(pos - opts.offset, total);
+                }
+            }
+        }
+        Ok(total)
+    }
+}
+
+fn file_md(st: &FileStorage, path: &Path) -> Result<Metadata> {
+    st.file()
+        .ok_or_else(|| Error::internal("file storage without a file"))?
+        .metadata()
+        .map_err(|e| Error::io("cannot stat", e).with_path(path))
+}
+
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Writes `data` at `at`; with `sparse`, all-zero granules are punched
+/// (inside the file) or skipped (past its end) instead.
+fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> Result<()> {
+    if !sparse {
+        return st.write_at(data, at);
+    }
+    let len = st.len()?;
+    for (i, g) in data.chunks(GRANULE).enumerate() {
+        let off = at + (i * GRANULE) as u64;
+        if g.iter().any(|&b| b != 0) {
+            st.write_at(g, off)?;
+        } else if off < len {
+            let n = (g.len() as u64).min(len - off);
+            match st.punch_hole(off, n) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::Unsupported => {
+                    st.write_at(&g[..n as usize], off)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Probes what a symlink in the pool points at, if it stays inside the
+/// pool; otherwise only says why not.
+pub(crate) fn probe_symlink(d: &PoolDir, canon: &Path, name: &OsStr) -> (Facts, Option<FileStat>) {
+    let err = |m: String| {
+        (
+            Facts {
+                error: Some(m),
+                ..Default::default()
+            },
+            None,
+        )
+    };
+    let link = d.join(name);
+    let target = match std::fs::read_link(&link) {
+        Ok(t) => t,
+        Err(e) => return err(format!("cannot read the symlink: {e}")),
+    };
+    let resolved = match link.canonicalize() {
+        Ok(r) => r,
+        Err(_) => return err(format!("dangling symlink to {}", target.display())),
+    };
+    if !resolved.starts_with(canon) {
+        return err(format!(
+            "symlink to {} points outside the pool: not probed, never written through",
+            resolved.display()
+        ));
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&resolved)
+    {
+        Ok(f) => f,
+        Err(e) => return err(format!("cannot open the symlink target: {e}")),
+    };
+    let md = match f.metadata() {
+        Ok(m) if m.is_file() => m,
+        Ok(m) => return err(format!("symlink to a {}", super::dir::kind_name(&m))),
+        Err(e) => return err(format!("cannot stat the symlink target: {e}")),
+    };
+    (scan::probe_file(f, &resolved), Some(FileStat::of(&md)))
+}
+
+/// Removes one stale temporary entry if no process holds a lock on what it
+/// contains. Returns whether it was removed.
+pub(crate) fn remove_temp(d: &PoolDir, name: &OsStr, md: &Metadata) -> Result<bool> {
+    let unlocked = |f: &File| lock::users_of(f).map(|u| !u.in_use()).unwrap_or(false);
+    if md.is_file() {
+        let f = d.open_file(name, false)?;
+        if !unlocked(&f) {
+            return Ok(false);
+        }
+        d.remove(name, false)?;
+        return Ok(true);
+    }
+    if !md.is_dir() {
+        return Ok(false);
+    }
+    let sub = PoolDir::open(&d.join(name))?;
+    let mut names = Vec::new();
+    let rd = std::fs::read_dir(sub.path())
+        .map_err(|e| Error::io("cannot read", e).with_path(sub.path()))?;
+    for e in rd.flatten() {
+        let n = e.file_name();
+        let Ok(m) = e.metadata() else {
+            return Ok(false);
+        };
+        if m.is_dir() {
+            return Ok(false);
+        }
+        if m.is_file() && !unlocked(&sub.open_file(&n, false)?) {
+            return Ok(false);
+        }
+        names.push(n);
+    }
+    for n in names {
+        sub.remove(&n, false)?;
+    }
+    d.remove(name, true)?;
+    Ok(true)
+}
+
+/// A volume opened as a block device. While it lives the volume counts as
+/// in use (and its image locks are held).
+#[derive(Debug)]
+pub struct VolumeDevice {
+    image: Image,
+    _busy: BusyGuard,
+}
+
+impl VolumeDevice {
+    /// The opened image.
+    pub fn image(&self) -> &Image {
+        &self.image
+    }
+}
+
+impl BlockDevice for VolumeDevice {
+    fn info(&self) -> DeviceInfo {
+        self.image.info()
+    }
+    fn size(&self) -> u64 {
+        self.image.size()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.image.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.image.write_at(buf, offset)
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        self.image.write_zeroes(offset, len, mode)
+    }
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.image.discard(offset, len)
+    }
+    fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
+        self.image.map(offset, max_len)
+    }
+    fn flush(&self) -> Result<()> {
+        self.image.flush()
+    }
+    fn resize(&self, new_size: u64) -> Result<()> {
+        self.image.resize(new_size)
+    }
+    fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.image.write_compressed(buf, offset)
+    }
+    fn backing(&self) -> Option<&dyn BlockDevice> {
+        self.image.backing()
+    }
+    fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
+        self.image.read_vectored_at(bufs, offset)
+    }
+    fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
+        self.image.write_vectored_at(bufs, offset)
+    }
+}
