@@ -67,6 +67,7 @@ pub mod vmdk;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
 pub use open::{open, BackingPolicy, Image, OpenOptions};
+pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};

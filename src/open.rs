@@ -48,6 +48,8 @@ pub struct OpenOptions {
     max_depth: usize,
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
+    key: Option<crate::qcow2::crypt::Secret>,
+    inspect_only: bool,
 }
 
 impl Default for OpenOptions {
@@ -69,7 +71,31 @@ impl OpenOptions {
             max_depth: MAX_BACKING_DEPTH,
             confine_to: None,
             vmdk_external_extents: false,
+            key: None,
+            inspect_only: false,
         }
+    }
+
+    /// Opens read-only for looking at metadata: encrypted images open
+    /// without their passphrase (their data cannot be read).
+    pub fn inspect_only(mut self, inspect: bool) -> Self {
+        self.inspect_only = inspect;
+        if inspect {
+            self.read_only = true;
+        }
+        self
+    }
+
+    /// The passphrase for encrypted (legacy AES qcow2) images in the chain.
+    pub fn key(mut self, key: crate::qcow2::crypt::Secret) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sets or clears the passphrase.
+    pub fn key_opt(mut self, key: Option<crate::qcow2::crypt::Secret>) -> Self {
+        self.key = key;
+        self
     }
 
     /// The image's format. A file opened as raw is never looked at.
@@ -184,6 +210,8 @@ impl OpenOptions {
                 let mut opts = Qcow2Options {
                     read_only,
                     l2_cache_bytes: self.l2_cache_bytes,
+                    key: self.key.clone(),
+                    inspect_only: self.inspect_only,
                     ..Default::default()
                 };
                 if let Some(name) = &h.backing_file {

@@ -394,6 +394,15 @@ impl L2Cache {
         t
     }
 
+    /// Inserts a new table, replacing whatever was cached at its offset (a
+    /// stale copy of a freed cluster).
+    pub fn replace(&mut self, table: L2Table) -> Arc<L2Table> {
+        if self.tables.remove(&table.offset).is_some() {
+            self.generation += 1;
+        }
+        self.insert(table)
+    }
+
     /// Evicts least recently used clean tables while over capacity.
     pub fn evict_clean(&mut self) {
         self.evict_except(None)

@@ -28,7 +28,7 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
-mod write;
+pub(crate) mod write;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -67,6 +67,9 @@ pub struct Qcow2Options {
     pub data_file: Option<Arc<dyn Storage>>,
     /// The passphrase of an encrypted (legacy AES) image.
     pub key: Option<Secret>,
+    /// Open an encrypted image without its key, for looking at metadata
+    /// (`info`, `map`, snapshot lists): guest data reads then fail.
+    pub inspect_only: bool,
 }
 
 /// State guarded by the `map` lock.
@@ -100,6 +103,8 @@ pub struct Qcow2 {
     corrupt: AtomicBool,
     /// The AES cipher of an encrypted image.
     crypt: Option<Cipher>,
+    /// The image is encrypted but was opened without its key.
+    key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
     alloc: Option<Mutex<AllocState>>,
     /// Signalled when in-flight allocations complete.
@@ -172,6 +177,7 @@ impl Qcow2 {
             if h.crypt_method == header::CRYPT_AES {
                 match &opts.key {
                     Some(k) => Some(Cipher::from_passphrase(k)?),
+                    None if opts.inspect_only && read_only => None,
                     None => return Err(Error::new(
                         ErrorKind::Crypto,
                         "the image is encrypted (legacy AES): a passphrase is needed to open it",
@@ -294,6 +300,7 @@ impl Qcow2 {
             compression: h.compression_type,
             version: h.version,
             corrupt: AtomicBool::new(false),
+            key_missing: h.crypt_method == header::CRYPT_AES && crypt.is_none(),
             crypt,
             alloc,
             alloc_cv: Condvar::new(),
@@ -362,9 +369,23 @@ impl Qcow2 {
     /// Loads (or finds in the cache) the L2 table at `l2_off` and runs `f`
     /// on it while the mapping lock is held shared.
     fn with_l2<T>(&self, l1_index: u64, f: impl Fn(Option<&L2Table>) -> Result<T>) -> Result<T> {
+        self.with_l2_in(None, l1_index, f)
+    }
+
+    /// [`with_l2`](Self::with_l2) over the active L1 table (`snap` None) or
+    /// a snapshot's L1 table.
+    fn with_l2_in<T>(
+        &self,
+        snap: Option<&[u64]>,
+        l1_index: u64,
+        f: impl Fn(Option<&L2Table>) -> Result<T>,
+    ) -> Result<T> {
         loop {
             let st = self.map.read();
-            let l1e = st.l1.get(l1_index as usize).copied().unwrap_or(0);
+            let l1e = match snap {
+                None => st.l1.get(l1_index as usize).copied().unwrap_or(0),
+                Some(t) => t.get(l1_index as usize).copied().unwrap_or(0),
+            };
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 return f(None);
@@ -400,6 +421,11 @@ impl Qcow2 {
     /// bytes (at least 1, at most `max`) that mapping continues contiguously.
     /// For `Data` the host offset is that of `guest` itself.
     fn lookup(&self, guest: u64, max: u64) -> Result<(Mapping, u64)> {
+        self.lookup_in(None, guest, max)
+    }
+
+    /// [`lookup`](Self::lookup) in the active state or a snapshot.
+    fn lookup_in(&self, snap: Option<&[u64]>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
         let geo = &self.geo;
         let cb = geo.cluster_bits;
         let gb = geo.granule_bits();
@@ -408,7 +434,7 @@ impl Qcow2 {
         let l1_index = cidx / l2e;
         let table_end = (l1_index + 1).saturating_mul(geo.l2_span());
         let limit = guest.saturating_add(max).min(table_end);
-        self.with_l2(l1_index, |t| {
+        self.with_l2_in(snap, l1_index, |t| {
             let Some(t) = t else {
                 return Ok((Mapping::Unallocated, limit - guest));
             };
@@ -517,10 +543,15 @@ impl Qcow2 {
     }
 
     fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_mapped_in(None, buf, offset)
+    }
+
+    /// [`read_mapped`](Self::read_mapped) in the active state or a snapshot.
+    fn read_mapped_in(&self, snap: Option<&[u64]>, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
-            let (m, n) = self.lookup(guest, (buf.len() - pos) as u64)?;
+            let (m, n) = self.lookup_in(snap, guest, (buf.len() - pos) as u64)?;
             let n = n as usize;
             let chunk = &mut buf[pos..pos + n];
             match m {
@@ -610,6 +641,12 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size())?;
+        if self.key_missing {
+            return Err(self.err(Error::new(
+                ErrorKind::Crypto,
+                "the image is encrypted and was opened without its passphrase: data cannot be read",
+            )));
+        }
         let _g = self.gate.enter();
         self.read_mapped(buf, offset)
     }

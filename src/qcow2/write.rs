@@ -114,7 +114,7 @@ impl Qcow2 {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only || self.alloc.is_none() {
             return Err(self.err(Error::read_only("write")));
         }
@@ -364,7 +364,7 @@ impl Qcow2 {
         };
         let t = {
             let mut m = self.map.write();
-            let t = m.l2.insert(table);
+            let t = m.l2.replace(table);
             if let Some(e) = m.l1.get_mut(l1_index as usize) {
                 *e = new_off | OFLAG_COPIED;
             }
@@ -1080,6 +1080,15 @@ impl Qcow2 {
         if !(a.lazy && a.marked_dirty) && a.rc.is_dirty() {
             a.rc.write_blocks(file)?;
             file.sync()?;
+        }
+        // Nothing cached may describe a freed cluster: it can be reused.
+        if !freed.is_empty() {
+            let mut m = self.map.write();
+            for &c in &freed {
+                m.l2.remove(c * cs);
+            }
+            drop(m);
+            self.zcache.lock().clear();
         }
         // Give the space back: punch holes, and cut free clusters off the
         // end of the file.

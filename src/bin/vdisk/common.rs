@@ -107,14 +107,27 @@ pub fn human_size(val: u64) -> String {
 /// Opens an image the way qemu-img does for the CLI: the named format, or a
 /// probe when none is named; backing files followed (probing their format
 /// when the image does not record it).
+#[allow(dead_code)]
 pub fn open_image(
     path: &Path,
     format: Option<&str>,
     read_only: bool,
     follow_backing: bool,
 ) -> Result<Image> {
+    open_image_with_key(path, format, read_only, follow_backing, None)
+}
+
+/// [`open_image`] with a passphrase for encrypted images.
+pub fn open_image_with_key(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+    key: Option<vdisk::Secret>,
+) -> Result<Image> {
     let mut opts = OpenOptions::new()
         .read_only(read_only)
+        .key_opt(key)
         .backing(if follow_backing {
             BackingPolicy::Follow
         } else {
@@ -186,4 +199,52 @@ mod tests {
         assert_eq!(human_size(1000), "0.977 KiB");
         assert_eq!(human_size(999), "999 B");
     }
+}
+
+/// Opens an image named on the command line (a path, or `--image-opts`),
+/// with the passphrase its secret options select.
+pub fn open_arg(
+    secrets: &crate::secrets::SecretArgs,
+    arg: &str,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+) -> Result<(std::path::PathBuf, Image)> {
+    let spec = secrets.image(arg, format)?;
+    let key = secrets.key(spec.key_secret.as_deref())?;
+    let img = open_image_with_key(
+        &spec.path,
+        spec.format.as_deref(),
+        read_only,
+        follow_backing,
+        key,
+    )?;
+    Ok((spec.path, img))
+}
+
+/// Opens an image to look at its metadata: with the passphrase if one was
+/// given, else encrypted images open without it (their data unreadable).
+pub fn open_inspect(
+    secrets: &crate::secrets::SecretArgs,
+    arg: &str,
+    format: Option<&str>,
+    follow_backing: bool,
+) -> Result<(std::path::PathBuf, Image)> {
+    let spec = secrets.image(arg, format)?;
+    let key = secrets.key(spec.key_secret.as_deref())?;
+    let mut opts = OpenOptions::new()
+        .read_only(true)
+        .inspect_only(key.is_none())
+        .key_opt(key)
+        .backing(if follow_backing {
+            BackingPolicy::Follow
+        } else {
+            BackingPolicy::Never
+        });
+    match spec.format.as_deref() {
+        Some(f) => opts = opts.format(Format::from_name(f)?),
+        None => opts = opts.probe(true),
+    }
+    let img = opts.open(&spec.path)?;
+    Ok((spec.path, img))
 }

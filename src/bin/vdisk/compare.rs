@@ -1,11 +1,9 @@
 //! `vdisk compare`: exit 0 when the guest contents are equal, 1 when they
 //! differ (saying where), 2 on error.
 
-use std::path::PathBuf;
-
 use vdisk::Result;
 
-use crate::common::open_image;
+use crate::common::open_arg;
 
 /// Arguments of `vdisk compare`.
 #[derive(clap::Args, Debug)]
@@ -22,17 +20,19 @@ pub struct CompareArgs {
     /// Open even if another process holds the images.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// First image.
-    pub a: PathBuf,
+    pub a: String,
     /// Second image.
-    pub b: PathBuf,
+    pub b: String,
 }
 
 /// Runs `vdisk compare`.
 pub fn run(a: &CompareArgs) -> Result<i32> {
     let _ = a.force_share;
-    let ia = open_image(&a.a, a.fmt_a.as_deref(), true, true)?;
-    let ib = open_image(&a.b, a.fmt_b.as_deref(), true, true)?;
+    let (_, ia) = open_arg(&a.secrets, &a.a, a.fmt_a.as_deref(), true, true)?;
+    let (_, ib) = open_arg(&a.secrets, &a.b, a.fmt_b.as_deref(), true, true)?;
     use vdisk::BlockDevice;
     if ia.size() != ib.size() && !a.strict {
         println!("Warning: Image size mismatch!");

@@ -1,12 +1,12 @@
 //! `vdisk info`: what `qemu-img info` shows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 use vdisk::device::{FormatDetails, SnapshotInfo};
 use vdisk::{BlockDevice, DeviceInfo, Image, Result};
 
-use crate::common::{human_size, open_image, print_json};
+use crate::common::{human_size, open_inspect, print_json};
 
 /// Arguments of `vdisk info`.
 #[derive(clap::Args, Debug)]
@@ -23,8 +23,10 @@ pub struct InfoArgs {
     /// Open even if another process holds the image (read-only, no locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// The image.
-    pub image: PathBuf,
+    pub image: String,
 }
 
 struct Layer {
@@ -290,8 +292,8 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
     let mut layers = Vec::new();
     if a.backing_chain {
         // Open the whole chain and describe each layer.
-        let img = open_image(&a.image, a.format.as_deref(), true, true)?;
-        layers.push(layer(&a.image, &img));
+        let (path, img) = open_inspect(&a.secrets, &a.image, a.format.as_deref(), true)?;
+        layers.push(layer(&path, &img));
         let mut next = img.backing();
         while let Some(dev) = next {
             let info = dev.info();
@@ -320,8 +322,8 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
             next = dev.backing();
         }
     } else {
-        let img = open_image(&a.image, a.format.as_deref(), true, false)?;
-        layers.push(layer(&a.image, &img));
+        let (path, img) = open_inspect(&a.secrets, &a.image, a.format.as_deref(), false)?;
+        layers.push(layer(&path, &img));
     }
     if json {
         if a.backing_chain {

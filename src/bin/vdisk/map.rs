@@ -1,10 +1,6 @@
 //! `vdisk map`: extents as `qemu-img map` prints them.
 
-use std::path::PathBuf;
-
 use vdisk::{BlockDevice, ExtentKind, Result};
-
-use crate::common::open_image;
 
 /// Arguments of `vdisk map`.
 #[derive(clap::Args, Debug)]
@@ -24,8 +20,10 @@ pub struct MapArgs {
     /// Open even if another process holds the image.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// The image.
-    pub image: PathBuf,
+    pub image: String,
 }
 
 /// One line of qemu-img's JSON map.
@@ -125,7 +123,7 @@ pub fn run(a: &MapArgs) -> Result<i32> {
         }
     };
     let _ = a.force_share;
-    let img = open_image(&a.image, a.format.as_deref(), true, true)?;
+    let (_, img) = crate::common::open_inspect(&a.secrets, &a.image, a.format.as_deref(), true)?;
     let size = img.size();
     let start = crate::common::parse_size(&a.start)?.min(size);
     let end = match &a.max_length {
