@@ -752,6 +752,17 @@ impl Header {
     /// Updates `header_length`, `backing_file_offset` and `backing_file_size`
     /// to match what was written. Fails if it does not fit in one cluster.
     pub fn encode(&mut self) -> Result<Vec<u8>> {
+        match self.encode_with(false) {
+            // The feature name table is optional: QEMU leaves it out when
+            // it does not fit (small clusters with a backing file name).
+            Err(e) if e.kind() == ErrorKind::LimitExceeded && !self.feature_names.is_empty() => {
+                self.encode_with(true)
+            }
+            other => other,
+        }
+    }
+
+    fn encode_with(&mut self, skip_feature_table: bool) -> Result<Vec<u8>> {
         let mut b = vec![
             0u8;
             if self.version == 2 {
@@ -822,7 +833,7 @@ impl Header {
             BigEndian::write_u64(&mut d[16..24], bm.directory_offset);
             push_ext(&mut b, EXT_BITMAPS, &d);
         }
-        if self.version == 3 && !self.feature_names.is_empty() {
+        if self.version == 3 && !self.feature_names.is_empty() && !skip_feature_table {
             let mut d = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
                 let mut e = [0u8; 48];

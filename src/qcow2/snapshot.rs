@@ -274,6 +274,7 @@ mod ops {
     use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind};
     use crate::error::{Error, ErrorKind, Result};
     use crate::limits::*;
+    use crate::qcow2::header;
     use crate::qcow2::l2::{L2Entry, Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
     use crate::qcow2::write::AllocState;
     use crate::qcow2::Qcow2;
@@ -467,10 +468,47 @@ mod ops {
             Ok(())
         }
 
+        /// Runs a snapshot operation with the dirty bit set (v3): the
+        /// COPIED flags and refcounts it changes live in different clusters,
+        /// so a crash in the middle can leave them disagreeing. The dirty
+        /// bit tells vdisk and QEMU to rebuild refcounts and flags when the
+        /// image is next opened read-write.
+        fn snapshot_transaction(&self, op: impl FnOnce() -> Result<()>) -> Result<()> {
+            self.check_writable()?;
+            let set = {
+                let mut h = self.header.lock();
+                if h.version == 3 && h.incompatible_features & header::INCOMPAT_DIRTY == 0 {
+                    h.incompatible_features |= header::INCOMPAT_DIRTY;
+                    self.write_header_locked(&mut h)?;
+                    drop(h);
+                    self.file.sync()?;
+                    true
+                } else {
+                    false
+                }
+            };
+            op()?;
+            if set {
+                let lazy_dirty = self.alloc_lock()?.marked_dirty;
+                if !lazy_dirty {
+                    self.flush_impl()?;
+                    let mut h = self.header.lock();
+                    h.incompatible_features &= !header::INCOMPAT_DIRTY;
+                    self.write_header_locked(&mut h)?;
+                    drop(h);
+                    self.file.sync()?;
+                }
+            }
+            Ok(())
+        }
+
         /// Creates an internal snapshot of the current state named `name`
         /// (`qemu-img snapshot -c`).
         pub fn snapshot_create(&self, name: &str) -> Result<()> {
-            self.check_writable()?;
+            self.snapshot_transaction(|| self.snapshot_create_inner(name))
+        }
+
+        fn snapshot_create_inner(&self, name: &str) -> Result<()> {
             self.check_snapshots_allowed()?;
             if name.is_empty() || name.len() > u16::MAX as usize {
                 return Err(Error::invalid_argument(
@@ -536,7 +574,10 @@ mod ops {
 
         /// Deletes the snapshot named (or with id) `key` (`qemu-img snapshot -d`).
         pub fn snapshot_delete(&self, key: &str) -> Result<()> {
-            self.check_writable()?;
+            self.snapshot_transaction(|| self.snapshot_delete_inner(key))
+        }
+
+        fn snapshot_delete_inner(&self, key: &str) -> Result<()> {
             let snap = self.find_snapshot(key)?;
             {
                 let a = self.alloc_lock()?;
@@ -577,7 +618,10 @@ mod ops {
         /// (`qemu-img snapshot -a`). The current state is lost unless another
         /// snapshot keeps it.
         pub fn snapshot_apply(&self, key: &str) -> Result<()> {
-            self.check_writable()?;
+            self.snapshot_transaction(|| self.snapshot_apply_inner(key))
+        }
+
+        fn snapshot_apply_inner(&self, key: &str) -> Result<()> {
             let snap = self.find_snapshot(key)?;
             let a = self.alloc_lock()?;
             let mut a = self.wait_all_inflight(a);
