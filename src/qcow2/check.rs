@@ -453,7 +453,9 @@ impl Qcow2 {
                 if need_rebuild || !leaked.is_empty() {
                     self.rebuild_refcounts()?;
                 }
-                self.fix_copied(&copied_fixes)?;
+                // COPIED flags follow the refcounts as they are now.
+                let fixes = self.copied_fixes_now()?;
+                self.fix_copied(&fixes)?;
                 report.leaks_fixed = leaks;
                 report.corruptions_fixed = corruptions.min(
                     copied_fixes.len() as u64
@@ -700,28 +702,29 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The COPIED fixes the stored refcounts call for now.
+    fn copied_fixes_now(&self) -> Result<Vec<(bool, u64, usize, bool)>> {
+        self.flush_impl()?;
+        let h = self.header.lock().clone();
+        let file = &*self.file;
+        let reftable = super::read_u64_table(
+            file,
+            h.refcount_table_offset,
+            (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,
+            "refcount table",
+        )?;
+        let n = file.len()?.div_ceil(h.cluster_size());
+        let stored = stored_refcounts(file, &h, &reftable, n)?;
+        let mut r = CheckReport::default();
+        self.check_copied(&h, &stored, &stored, &mut r)
+    }
+
     /// Rebuilds refcounts of an image opened read-write with the dirty bit
     /// set, then clears the bit.
     pub(crate) fn repair_dirty(&self) -> Result<()> {
         self.rebuild_refcounts()?;
-        let report = self.check(Repair::None)?;
-        if report.corruptions > 0 {
-            let fixes = {
-                let h = self.header.lock().clone();
-                let file = &*self.file;
-                let reftable = super::read_u64_table(
-                    file,
-                    h.refcount_table_offset,
-                    (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,
-                    "refcount table",
-                )?;
-                let n = file.len()?.div_ceil(h.cluster_size());
-                let stored = stored_refcounts(file, &h, &reftable, n)?;
-                let mut r = CheckReport::default();
-                self.check_copied(&h, &stored, &stored, &mut r)?
-            };
-            self.fix_copied(&fixes)?;
-        }
+        let fixes = self.copied_fixes_now()?;
+        self.fix_copied(&fixes)?;
         let mut h = self.header.lock();
         h.incompatible_features &= !header::INCOMPAT_DIRTY;
         self.write_header_locked(&mut h)?;
