@@ -304,9 +304,56 @@ mod ops {
             Ok(())
         }
 
+        /// Fails, changing nothing, when one more reference through `l1`
+        /// would overflow a refcount (narrow refcount widths hold few
+        /// snapshots; 1-bit refcounts none).
+        fn check_refcount_room(&self, a: &mut AllocState, l1: &[u64]) -> Result<()> {
+            let file = &*self.file;
+            let cs = self.geo.cluster_size();
+            let geo = self.geo;
+            let max = a.rc.max_refcount();
+            let bits = 1u32 << a.rc.order;
+            let mut compressed: std::collections::HashMap<u64, u64> =
+                std::collections::HashMap::new();
+            let full = |c: u64, rc: u64, n: u64| -> Result<()> {
+                if rc.saturating_add(n) > max {
+                    return Err(self.err(Error::limit(format!(
+                        "cluster {c} already has {rc} references: {bits}-bit refcounts cannot hold another snapshot"
+                    ))));
+                }
+                Ok(())
+            };
+            for &l1e in l1 {
+                let l2_off = l1e & OFFSET_MASK;
+                if l2_off == 0 {
+                    continue;
+                }
+                full(l2_off / cs, a.rc.get(file, l2_off / cs)?, 1)?;
+                let t = self.load_l2(l2_off)?;
+                for i in 0..t.len(&geo) {
+                    let e = t.get(&geo, i);
+                    if e.is_compressed() {
+                        let (host, len) = e.compressed(&geo);
+                        for c in host / cs..=(host + len - 1) / cs {
+                            *compressed.entry(c).or_default() += 1;
+                        }
+                    } else if let Some(h) = e.host_offset(&geo) {
+                        full(h / cs, a.rc.get(file, h / cs)?, 1)?;
+                    }
+                }
+            }
+            for (c, n) in compressed {
+                full(c, a.rc.get(file, c)?, n)?;
+            }
+            Ok(())
+        }
+
         /// Adds `delta` to the refcount of every L2 table and host cluster
         /// `l1` reaches. Increments apply at once; decrements are queued.
         fn l1_refs(&self, a: &mut AllocState, l1: &[u64], delta: i64) -> Result<()> {
+            if delta > 0 {
+                self.check_refcount_room(a, l1)?;
+            }
             let file = &*self.file;
             let cs = self.geo.cluster_size();
             let geo = self.geo;
