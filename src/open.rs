@@ -171,24 +171,14 @@ impl OpenOptions {
         seen: &mut HashSet<(u64, u64)>,
     ) -> Result<Image> {
         if depth > self.max_depth {
-            return Err(Error::limit(format!(
-                "backing chain is deeper than {} images",
-                self.max_depth
-            ))
-            .with_path(path));
+            return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
         }
         let storage = FileStorage::open(path, read_only)?;
         if let Some(f) = storage.file() {
             use std::os::unix::fs::MetadataExt;
-            let md = f
-                .metadata()
-                .map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
+            let md = f.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
             if !seen.insert((md.dev(), md.ino())) {
-                return Err(Error::invalid(format!(
-                    "backing chain loops back to {}",
-                    path.display()
-                ))
-                .with_path(path));
+                return Err(Error::invalid(format!("backing chain loops back to {}", path.display())).with_path(path));
             }
         }
         let storage: Arc<dyn Storage> = Arc::new(storage);
@@ -215,19 +205,11 @@ impl OpenOptions {
                     ..Default::default()
                 };
                 if let Some(name) = &h.backing_file {
-                    opts.backing = self.open_backing(
-                        path,
-                        dir,
-                        name,
-                        h.backing_format.as_deref(),
-                        depth,
-                        seen,
-                    )?;
+                    opts.backing = self.open_backing(path, dir, name, h.backing_format.as_deref(), depth, seen)?;
                 }
-                if let (Some(name), true) = (
-                    &h.data_file,
-                    h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0,
-                ) {
+                if let (Some(name), true) =
+                    (&h.data_file, h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0)
+                {
                     if self.backing != BackingPolicy::Never {
                         let p = self.resolve(path, dir, name, "data file")?;
                         opts.data_file = Some(Arc::new(FileStorage::open(&p, read_only)?));
@@ -238,11 +220,8 @@ impl OpenOptions {
             Format::Vmdk => {
                 let desc = Vmdk::read_descriptor(&*storage)?;
                 let dir = path.parent().unwrap_or(Path::new("."));
-                let mut opts = VmdkOptions {
-                    read_only,
-                    allow_external_extents: self.vmdk_external_extents,
-                    ..Default::default()
-                };
+                let mut opts =
+                    VmdkOptions { read_only, allow_external_extents: self.vmdk_external_extents, ..Default::default() };
                 if let Some(hint) = desc.parent_hint() {
                     // A delta link's parent is vmdk by definition.
                     opts.parent = self.open_backing(path, dir, hint, Some("vmdk"), depth, seen)?;
@@ -258,24 +237,15 @@ impl OpenOptions {
 
     fn resolve(&self, image: &Path, dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
         if name.starts_with("json:") || name.contains("://") {
-            return Err(
-                Error::unsupported(format!("{what} '{name}' is not a plain file name"))
-                    .with_path(image),
-            );
+            return Err(Error::unsupported(format!("{what} '{name}' is not a plain file name")).with_path(image));
         }
         let p = Path::new(name);
-        let p = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            dir.join(p)
-        };
+        let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
         if let Some(root) = &self.confine_to {
-            let canon = p.canonicalize().map_err(|e| {
-                Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image)
-            })?;
-            let root = root
+            let canon = p
                 .canonicalize()
-                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+                .map_err(|e| Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image))?;
+            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
             if !canon.starts_with(&root) {
                 return Err(Error::new(
                     ErrorKind::InvalidImage,
@@ -290,20 +260,14 @@ impl OpenOptions {
     /// Applies [`confine_to`](Self::confine_to) to an already resolved path.
     fn confine(&self, image: &Path, p: &Path, what: &str) -> Result<PathBuf> {
         if let Some(root) = &self.confine_to {
-            let canon = p.canonicalize().map_err(|e| {
-                Error::io(format!("cannot resolve {what} '{}'", p.display()), e).with_path(image)
-            })?;
-            let root = root
+            let canon = p
                 .canonicalize()
-                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+                .map_err(|e| Error::io(format!("cannot resolve {what} '{}'", p.display()), e).with_path(image))?;
+            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
             if !canon.starts_with(&root) {
                 return Err(Error::new(
                     ErrorKind::InvalidImage,
-                    format!(
-                        "{what} '{}' resolves outside {}",
-                        p.display(),
-                        root.display()
-                    ),
+                    format!("{what} '{}' resolves outside {}", p.display(), root.display()),
                 )
                 .with_path(image));
             }

@@ -136,8 +136,7 @@ pub fn ofd_setlk(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -> io
         let fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we pass by pointer,
         // which lives on this stack frame for the whole call.
-        let r =
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
         if r == 0 {
             Ok(())
         } else {
@@ -159,13 +158,7 @@ pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -
         let mut fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_GETLK) reads and writes the flock struct we pass
         // by pointer, which lives on this stack frame for the whole call.
-        let r = unsafe {
-            libc::fcntl(
-                fd.as_raw_fd(),
-                libc::F_OFD_GETLK,
-                &mut fl as *mut libc::flock,
-            )
-        };
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
         if r == 0 {
             Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
         } else {

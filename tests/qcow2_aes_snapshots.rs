@@ -8,9 +8,7 @@ use std::path::Path;
 
 use common::*;
 use vdisk::qcow2::create::CreateOptions;
-use vdisk::{
-    BackingPolicy, BlockDevice, ErrorKind, Format, Image, OpenOptions, Qcow2, Secret, ZeroMode,
-};
+use vdisk::{BackingPolicy, BlockDevice, ErrorKind, Format, Image, OpenOptions, Qcow2, Secret, ZeroMode};
 
 const PASS: &str = "correct horse";
 
@@ -19,10 +17,7 @@ fn secret_args(pass: &str) -> String {
 }
 
 fn image_opts(img: &Path) -> String {
-    format!(
-        "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-        img.display()
-    )
+    format!("driver=qcow2,file.filename={},encrypt.key-secret=sec0", img.display())
 }
 
 /// qemu's view of an encrypted image, decrypted with the passphrase.
@@ -43,16 +38,8 @@ fn qemu_export_aes(img: &Path) -> Vec<u8> {
 }
 
 fn qemu_check_aes(img: &Path) {
-    let (code, out, err) = run_status(
-        "qemu-img",
-        &[
-            "check",
-            "--object",
-            &secret_args(PASS),
-            "--image-opts",
-            &image_opts(img),
-        ],
-    );
+    let (code, out, err) =
+        run_status("qemu-img", &["check", "--object", &secret_args(PASS), "--image-opts", &image_opts(img)]);
     assert_eq!(code, 0, "qemu-img check of {}:\n{out}{err}", img.display());
 }
 
@@ -76,11 +63,7 @@ fn aes_images_made_by_qemu_read_in_vdisk() {
         return;
     }
     let dir = tmp();
-    for opts in [
-        "cluster_size=65536",
-        "cluster_size=4096,compat=0.10",
-        "cluster_size=512",
-    ] {
+    for opts in ["cluster_size=65536", "cluster_size=4096,compat=0.10", "cluster_size=512"] {
         let img = p(dir.path(), "q.qcow2");
         let o = format!("encrypt.format=aes,encrypt.key-secret=sec0,{opts}");
         qemu_img(&[
@@ -95,23 +78,10 @@ fn aes_images_made_by_qemu_read_in_vdisk() {
             img.to_str().unwrap(),
             "4M",
         ]);
-        for cmd in [
-            "write -P 0x5a 1000 70000",
-            "write -P 0x11 1M 4096",
-            "write -z 2M 64k",
-            "write -P 0x22 4193000 1304",
-        ] {
-            let out = run(
-                "qemu-io",
-                &[
-                    "--object",
-                    &secret_args(PASS),
-                    "--image-opts",
-                    "-c",
-                    cmd,
-                    &image_opts(&img),
-                ],
-            );
+        for cmd in
+            ["write -P 0x5a 1000 70000", "write -P 0x11 1M 4096", "write -z 2M 64k", "write -P 0x22 4193000 1304"]
+        {
+            let out = run("qemu-io", &["--object", &secret_args(PASS), "--image-opts", "-c", cmd, &image_opts(&img)]);
             assert!(out.contains("wrote"), "{out}");
         }
         let want = qemu_export_aes(&img);
@@ -131,11 +101,7 @@ fn aes_images_made_by_vdisk_read_in_qemu() {
         return;
     }
     let dir = tmp();
-    for (name, cs, v) in [
-        ("a64", 65536u64, 3u32),
-        ("a4k", 4096, 3),
-        ("a512-v2", 512, 2),
-    ] {
+    for (name, cs, v) in [("a64", 65536u64, 3u32), ("a4k", 4096, 3), ("a512-v2", 512, 2)] {
         let img = p(dir.path(), &format!("{name}.qcow2"));
         let mut o = CreateOptions::new(4 << 20);
         o.cluster_size = cs;
@@ -151,8 +117,7 @@ fn aes_images_made_by_vdisk_read_in_qemu() {
             q.write_at(&buf, off).unwrap();
             model.write(off, &buf);
         }
-        q.write_zeroes(3 << 20, 200_000, ZeroMode::MayUnmap)
-            .unwrap();
+        q.write_zeroes(3 << 20, 200_000, ZeroMode::MayUnmap).unwrap();
         model.zero(3 << 20, 200_000);
         // Compressed writes into encrypted images are refused, as qemu does.
         let e = q.write_compressed(&vec![0u8; cs as usize], 0).unwrap_err();
@@ -179,9 +144,7 @@ fn aes_overlay_copies_on_write_from_plain_backing() {
     o.backing_format = Some("raw".into());
     o.encrypt = Some(Secret::new(PASS));
     let q = Qcow2::create_file(&img, &o).unwrap();
-    let mut model = Model {
-        data: std::fs::read(&base).unwrap(),
-    };
+    let mut model = Model { data: std::fs::read(&base).unwrap() };
     for (off, len) in [(100u64, 50u64), (70_000, 3), (1 << 20, 200_000)] {
         let buf = pattern(off, len as usize);
         q.write_at(&buf, off).unwrap();
@@ -207,11 +170,7 @@ fn aes_without_key_and_with_a_wrong_key() {
     q.write_at(&[0x42; 4096], 0).unwrap();
     q.close().unwrap();
     // No key: a clear error that says a passphrase is needed.
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&img)
-        .unwrap_err();
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&img).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Crypto);
     assert!(e.to_string().contains("passphrase"), "{e}");
     // info works without it and says so.
@@ -220,12 +179,7 @@ fn aes_without_key_and_with_a_wrong_key() {
     assert!(out.contains("encrypted: yes"), "{out}");
     // A wrong passphrase cannot be detected by this format: reads succeed
     // and return garbage (QEMU behaves the same).
-    let q = match OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .key(Secret::new("wrong"))
-        .open(&img)
-        .unwrap()
+    let q = match OpenOptions::new().format(Format::Qcow2).read_only(true).key(Secret::new("wrong")).open(&img).unwrap()
     {
         Image::Qcow2(q) => q,
         _ => unreachable!(),
@@ -247,29 +201,13 @@ fn aes_without_key_and_with_a_wrong_key() {
     ]);
     assert_eq!(code, 0, "{out}");
     let io = image_opts(&img);
-    let (code, out, _) = vdisk(&[
-        "io",
-        "--object",
-        &secret_args(PASS),
-        "--image-opts",
-        "-r",
-        "-c",
-        "read -P 0x42 0 4096",
-        &io,
-    ]);
+    let (code, out, _) =
+        vdisk(&["io", "--object", &secret_args(PASS), "--image-opts", "-r", "-c", "read -P 0x42 0 4096", &io]);
     assert_eq!(code, 0, "{out}");
     // Decrypting convert to raw, and encrypting convert from raw.
     let plain = p(dir.path(), "plain.raw");
-    let (code, _, err) = vdisk(&[
-        "convert",
-        "--object",
-        &secret_args(PASS),
-        "--image-opts",
-        "-O",
-        "raw",
-        &io,
-        plain.to_str().unwrap(),
-    ]);
+    let (code, _, err) =
+        vdisk(&["convert", "--object", &secret_args(PASS), "--image-opts", "-O", "raw", &io, plain.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(&std::fs::read(&plain).unwrap()[..4096], &[0x42; 4096][..]);
     let enc = p(dir.path(), "enc.qcow2");
@@ -295,26 +233,10 @@ fn snapshots_made_by_qemu_read_in_vdisk() {
     }
     let dir = tmp();
     let img = p(dir.path(), "s.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        img.to_str().unwrap(),
-        "4M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img.to_str().unwrap(), "4M"]);
     qemu_io("qcow2", &img, &["write -P 0x01 0 1M".into()]);
     qemu_img(&["snapshot", "-c", "first boot", img.to_str().unwrap()]);
-    qemu_io(
-        "qcow2",
-        &img,
-        &[
-            "write -P 0x02 512k 1M".into(),
-            "write -c -P 0x03 3M 64k".into(),
-        ],
-    );
+    qemu_io("qcow2", &img, &["write -P 0x02 512k 1M".into(), "write -c -P 0x03 3M 64k".into()]);
     qemu_img(&["snapshot", "-c", "second", img.to_str().unwrap()]);
     qemu_io("qcow2", &img, &["write -P 0x04 0 8k".into()]);
     let q = open_ro(&img, Format::Qcow2);
@@ -351,11 +273,8 @@ fn snapshots_made_by_qemu_read_in_vdisk() {
     // `vdisk snapshot -l` lays the list out as qemu-img does (dates aside).
     let (_, mine, _) = vdisk(&["snapshot", "-l", img.to_str().unwrap()]);
     let theirs = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
-    let strip = |s: &str| {
-        s.lines()
-            .map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
-            .collect::<Vec<_>>()
-    };
+    let strip =
+        |s: &str| s.lines().map(|l| l.split_whitespace().take(2).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
     assert_eq!(strip(&mine), strip(&theirs));
     assert_eq!(mine.lines().nth(1), theirs.lines().nth(1), "header line");
 }
@@ -367,10 +286,7 @@ fn snapshots_made_by_vdisk_applied_by_qemu() {
     }
     let dir = tmp();
     for (name, tweak) in [
-        (
-            "default",
-            (|_: &mut CreateOptions| {}) as fn(&mut CreateOptions),
-        ),
+        ("default", (|_: &mut CreateOptions| {}) as fn(&mut CreateOptions)),
         ("512-rc4", |o: &mut CreateOptions| {
             o.cluster_size = 512;
             o.refcount_bits = 4;
@@ -380,9 +296,7 @@ fn snapshots_made_by_vdisk_applied_by_qemu() {
             o.version = 2;
         }),
         ("extl2", |o: &mut CreateOptions| o.extended_l2 = true),
-        ("aes", |o: &mut CreateOptions| {
-            o.encrypt = Some(Secret::new(PASS))
-        }),
+        ("aes", |o: &mut CreateOptions| o.encrypt = Some(Secret::new(PASS))),
     ] {
         let img = p(dir.path(), &format!("{name}.qcow2"));
         let mut o = CreateOptions::new(4 << 20);
@@ -391,8 +305,7 @@ fn snapshots_made_by_vdisk_applied_by_qemu() {
         let q = Qcow2::create_file(&img, &o).unwrap();
         q.write_at(&pattern(1, 1 << 20), 0).unwrap();
         if !aes {
-            q.write_compressed(&vec![7u8; (o.cluster_size * 2) as usize], 2 << 20)
-                .unwrap();
+            q.write_compressed(&vec![7u8; (o.cluster_size * 2) as usize], 2 << 20).unwrap();
         }
         let s1 = read_all(&q);
         q.snapshot_create("s1").unwrap();
@@ -410,17 +323,9 @@ fn snapshots_made_by_vdisk_applied_by_qemu() {
         let list = qemu_img(&["snapshot", "-l", img.to_str().unwrap()]);
         assert!(list.contains(" s1 ") && list.contains(" s2 "), "{list}");
         qemu_img(&["snapshot", "-a", "s1", img.to_str().unwrap()]);
-        assert_same(
-            &format!("{name}: qemu applied s1"),
-            &qemu_export(&img, "qcow2"),
-            &s1,
-        );
+        assert_same(&format!("{name}: qemu applied s1"), &qemu_export(&img, "qcow2"), &s1);
         qemu_img(&["snapshot", "-a", "s2", img.to_str().unwrap()]);
-        assert_same(
-            &format!("{name}: qemu applied s2"),
-            &qemu_export(&img, "qcow2"),
-            &s2,
-        );
+        assert_same(&format!("{name}: qemu applied s2"), &qemu_export(&img, "qcow2"), &s2);
         assert_qemu_clean(&img, "qcow2");
         // vdisk deletes one qemu applied from; qemu still agrees.
         let q = open_rw(&img, Format::Qcow2);
@@ -438,23 +343,13 @@ fn snapshot_names_ids_and_limits() {
     let st = std::sync::Arc::new(vdisk::MemStorage::new());
     let q = Qcow2::create(st, &CreateOptions::new(1 << 20), Default::default()).unwrap();
     q.snapshot_create("a").unwrap();
-    assert_eq!(
-        q.snapshot_create("a").unwrap_err().kind(),
-        ErrorKind::AlreadyExists
-    );
+    assert_eq!(q.snapshot_create("a").unwrap_err().kind(), ErrorKind::AlreadyExists);
     q.snapshot_create("b").unwrap();
     q.snapshot_delete("a").unwrap();
     q.snapshot_create("c").unwrap();
     let ids: Vec<String> = q.snapshots().iter().map(|s| s.id.clone()).collect();
-    assert_eq!(
-        ids,
-        ["2", "1"],
-        "ids stay unique and reuse freed ones like qemu"
-    );
-    assert_eq!(
-        q.snapshot_apply("nope").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
+    assert_eq!(ids, ["2", "1"], "ids stay unique and reuse freed ones like qemu");
+    assert_eq!(q.snapshot_apply("nope").unwrap_err().kind(), ErrorKind::NotFound);
     // By id works too.
     q.snapshot_apply("2").unwrap();
     // 1-bit refcounts hold no snapshot: refused before anything changes.
@@ -463,15 +358,9 @@ fn snapshot_names_ids_and_limits() {
     o.refcount_bits = 1;
     let q = Qcow2::create(st, &o, Default::default()).unwrap();
     q.write_at(&[1; 4096], 0).unwrap();
-    assert_eq!(
-        q.snapshot_create("x").unwrap_err().kind(),
-        ErrorKind::LimitExceeded
-    );
+    assert_eq!(q.snapshot_create("x").unwrap_err().kind(), ErrorKind::LimitExceeded);
     assert!(q.snapshots().is_empty());
-    assert!(q
-        .check(vdisk::qcow2::check::Repair::None)
-        .unwrap()
-        .is_clean());
+    assert!(q.check(vdisk::qcow2::check::Repair::None).unwrap().is_clean());
 }
 
 #[test]
@@ -483,24 +372,8 @@ fn snapshot_with_vm_state_is_kept_accounted() {
     // disk size inside its L1 table is what a savevm leaves there.
     let dir = tmp();
     let img = p(dir.path(), "vm.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "cluster_size=4096",
-        img.to_str().unwrap(),
-        "64M",
-    ]);
-    qemu_io(
-        "qcow2",
-        &img,
-        &[
-            "write -P 0x31 0 64k".into(),
-            "write -P 0x99 40M 128k".into(),
-        ],
-    );
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "cluster_size=4096", img.to_str().unwrap(), "64M"]);
+    qemu_io("qcow2", &img, &["write -P 0x31 0 64k".into(), "write -P 0x99 40M 128k".into()]);
     qemu_img(&["snapshot", "-c", "with-vm", img.to_str().unwrap()]);
     // Mark it: disk size 4 MiB (extra data +8), VM state 128 KiB (+0 and
     // the 32-bit field).

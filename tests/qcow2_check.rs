@@ -25,28 +25,12 @@ fn json_field(json: &str, name: &str) -> u64 {
 
 fn counts_agree(img: &std::path::Path) -> (u64, u64) {
     let (qcode, qjson) = qemu_check(img, "qcow2");
-    let (vcode, vjson, verr) = vdisk(&[
-        "check",
-        "-f",
-        "qcow2",
-        "--output=json",
-        img.to_str().unwrap(),
-    ]);
+    let (vcode, vjson, verr) = vdisk(&["check", "-f", "qcow2", "--output=json", img.to_str().unwrap()]);
     for f in ["leaks", "corruptions", "check-errors"] {
-        assert_eq!(
-            json_field(&vjson, f),
-            json_field(&qjson, f),
-            "{f}: vdisk\n{vjson}{verr}\nqemu\n{qjson}"
-        );
+        assert_eq!(json_field(&vjson, f), json_field(&qjson, f), "{f}: vdisk\n{vjson}{verr}\nqemu\n{qjson}");
     }
-    assert_eq!(
-        vcode, qcode,
-        "exit codes differ: vdisk {vcode}, qemu {qcode}"
-    );
-    (
-        json_field(&qjson, "leaks"),
-        json_field(&qjson, "corruptions"),
-    )
+    assert_eq!(vcode, qcode, "exit codes differ: vdisk {vcode}, qemu {qcode}");
+    (json_field(&qjson, "leaks"), json_field(&qjson, "corruptions"))
 }
 
 /// A 4 MiB image (4 KiB clusters) with data, a discarded hole, and its
@@ -99,9 +83,8 @@ fn leaks_and_errors_poked_then_repaired() {
     let file_clusters = bytes.len() / 4096;
     // A cluster the discard freed (refcount 0, inside the file): a leak.
     let rb = refblock_offset(&bytes);
-    let free = (1..file_clusters)
-        .find(|&c| u16::from_be_bytes([bytes[rb + 2 * c], bytes[rb + 2 * c + 1]]) == 0)
-        .unwrap();
+    let free =
+        (1..file_clusters).find(|&c| u16::from_be_bytes([bytes[rb + 2 * c], bytes[rb + 2 * c + 1]]) == 0).unwrap();
     poke_refcount(&img, free, 1);
     assert_eq!(counts_agree(&img), (1, 0));
     let (code, _, _) = vdisk(&["check", img.to_str().unwrap()]);
@@ -135,11 +118,7 @@ fn leaks_and_errors_poked_then_repaired() {
     let (code, _, _) = vdisk(&["check", "-r", "all", img.to_str().unwrap()]);
     assert_eq!(code, 0);
     assert_qemu_clean(&img, "qcow2");
-    assert_same(
-        "data after second repair",
-        &qemu_export(&img, "qcow2"),
-        &data,
-    );
+    assert_same("data after second repair", &qemu_export(&img, "qcow2"), &data);
 }
 
 #[test]
@@ -152,20 +131,13 @@ fn leaks_left_by_an_interrupted_writer() {
     let base = Arc::new(MemStorage::new());
     let mut o = CreateOptions::new(8 << 20);
     o.cluster_size = 4096;
-    Qcow2::create(base.clone(), &o, Default::default())
-        .unwrap()
-        .close()
-        .unwrap();
+    Qcow2::create(base.clone(), &o, Default::default()).unwrap().close().unwrap();
     let image = base.to_vec();
     let dir = tmp();
     let img = p(dir.path(), "killed.qcow2");
     let mut found_leaks = false;
     for cut in 1..40 {
-        let st = Arc::new(FaultyStorage::new(
-            image.clone(),
-            Some(cut),
-            FaultMode::PowerLoss,
-        ));
+        let st = Arc::new(FaultyStorage::new(image.clone(), Some(cut), FaultMode::PowerLoss));
         if let Ok(q) = Qcow2::open(st.clone(), Default::default()) {
             let _ = q.write_at(&pattern(3, 2 << 20), 0).and_then(|_| q.flush());
         }
@@ -179,8 +151,5 @@ fn leaks_left_by_an_interrupted_writer() {
             assert_qemu_clean(&img, "qcow2");
         }
     }
-    assert!(
-        found_leaks,
-        "no cut left leaks: the test does not test anything"
-    );
+    assert!(found_leaks, "no cut left leaks: the test does not test anything");
 }

@@ -15,10 +15,7 @@ use std::sync::Arc;
 use common::*;
 use vdisk::qcow2::check::Repair;
 use vdisk::qcow2::create::CreateOptions;
-use vdisk::{
-    BlockDevice, FaultMode, FaultyStorage, MemStorage, Qcow2, Qcow2Options, Raw, Survivors,
-    ZeroMode,
-};
+use vdisk::{BlockDevice, FaultMode, FaultyStorage, MemStorage, Qcow2, Qcow2Options, Raw, Survivors, ZeroMode};
 
 const SIZE: u64 = 4 << 20;
 
@@ -40,15 +37,7 @@ fn fresh_image(lazy: bool) -> Vec<u8> {
     o.refcount_bits = 64;
     o.backing_file = Some("base.raw".into());
     o.backing_format = Some("raw".into());
-    let q = Qcow2::create(
-        st.clone(),
-        &o,
-        Qcow2Options {
-            backing: Some(backing()),
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let q = Qcow2::create(st.clone(), &o, Qcow2Options { backing: Some(backing()), ..Default::default() }).unwrap();
     q.close().unwrap();
     st.to_vec()
 }
@@ -63,12 +52,7 @@ struct Progress {
 }
 
 /// The workload. Returns Err when the storage failed (the "crash").
-fn workload(
-    q: &Qcow2,
-    model: &mut Model,
-    prog: &mut Progress,
-    snapshots: bool,
-) -> vdisk::Result<()> {
+fn workload(q: &Qcow2, model: &mut Model, prog: &mut Progress, snapshots: bool) -> vdisk::Result<()> {
     let mut step = |q: &Qcow2,
                     model: &mut Model,
                     prog: &mut Progress,
@@ -138,31 +122,12 @@ fn workload(
     Ok(())
 }
 
-fn run_to_crash(
-    image: &[u8],
-    budget: Option<u64>,
-    snapshots: bool,
-) -> (Arc<FaultyStorage>, Progress) {
-    let st = Arc::new(FaultyStorage::new(
-        image.to_vec(),
-        budget,
-        FaultMode::PowerLoss,
-    ));
-    let mut model = Model {
-        data: backing_bytes(),
-    };
+fn run_to_crash(image: &[u8], budget: Option<u64>, snapshots: bool) -> (Arc<FaultyStorage>, Progress) {
+    let st = Arc::new(FaultyStorage::new(image.to_vec(), budget, FaultMode::PowerLoss));
+    let mut model = Model { data: backing_bytes() };
     model.resize(SIZE);
-    let mut prog = Progress {
-        durable: Some(model.data.clone()),
-        touched: Vec::new(),
-    };
-    let opened = Qcow2::open(
-        st.clone(),
-        Qcow2Options {
-            backing: Some(backing()),
-            ..Default::default()
-        },
-    );
+    let mut prog = Progress { durable: Some(model.data.clone()), touched: Vec::new() };
+    let opened = Qcow2::open(st.clone(), Qcow2Options { backing: Some(backing()), ..Default::default() });
     if let Ok(q) = opened {
         let r = workload(&q, &mut model, &mut prog, snapshots);
         if budget.is_none() {
@@ -181,25 +146,13 @@ fn verify(dir: &Path, bytes: &[u8], prog: &Progress, what: &str) {
     // may be behind: opening read-write repairs them first, as QEMU does.
     let dirty = bytes[79] & 1 != 0;
     let st = Arc::new(MemStorage::from_vec(bytes.to_vec()));
-    let q = Qcow2::open(
-        st.clone(),
-        Qcow2Options {
-            backing: Some(backing()),
-            ..Default::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
+    let q = Qcow2::open(st.clone(), Qcow2Options { backing: Some(backing()), ..Default::default() })
+        .unwrap_or_else(|e| panic!("{what}: reopen failed: {e}"));
     let rep = q.check(Repair::None).unwrap();
-    assert_eq!(
-        rep.corruptions, 0,
-        "{what}: vdisk check after open: {:?}",
-        rep.messages
-    );
+    assert_eq!(rep.corruptions, 0, "{what}: vdisk check after open: {:?}", rep.messages);
     let names: Vec<String> = q.snapshots().iter().map(|s| s.name.clone()).collect();
     assert!(
-        [vec![], vec!["one"], vec!["one", "two"], vec!["two"]]
-            .iter()
-            .any(|w| *w == names),
+        [vec![], vec!["one"], vec!["one", "two"], vec!["two"]].iter().any(|w| *w == names),
         "{what}: unexpected snapshot table {names:?}"
     );
     if let Some(want) = &prog.durable {
@@ -209,10 +162,7 @@ fn verify(dir: &Path, bytes: &[u8], prog: &Progress, what: &str) {
             mask[o as usize..(o + l).min(SIZE) as usize].fill(false);
         }
         if let Some(i) = (0..SIZE as usize).find(|&i| mask[i] && got[i] != want[i]) {
-            panic!(
-                "{what}: flushed data lost at {i:#x}: got {:#x}, want {:#x}",
-                got[i], want[i]
-            );
+            panic!("{what}: flushed data lost at {i:#x}: got {:#x}, want {:#x}", got[i], want[i]);
         }
     }
     drop(q);
@@ -241,17 +191,8 @@ fn crash_at_every_step(snapshots: bool, lazy: bool) {
     let cuts: Vec<u64> = (1..=total).filter(|n| *n < 150 || n % 4 == 0).collect();
     for n in cuts {
         let (st, prog) = run_to_crash(&image, Some(n), snapshots);
-        for (s, name) in [
-            (Survivors::All, "all"),
-            (Survivors::None, "none"),
-            (Survivors::Some(n * 7919), "some"),
-        ] {
-            verify(
-                dir.path(),
-                &st.crashed_image(s),
-                &prog,
-                &format!("cut {n}/{total} ({name} unsynced writes kept)"),
-            );
+        for (s, name) in [(Survivors::All, "all"), (Survivors::None, "none"), (Survivors::Some(n * 7919), "some")] {
+            verify(dir.path(), &st.crashed_image(s), &prog, &format!("cut {n}/{total} ({name} unsynced writes kept)"));
         }
     }
 }

@@ -75,16 +75,7 @@ fn apply(slot: &mut Option<Qcow2>, w: &mut World, op: &Op, cs: u64, path: &std::
         }
         Op::Zero { off, len, unmap } => {
             let (off, len) = clip(off, len);
-            q.write_zeroes(
-                off,
-                len,
-                if unmap {
-                    ZeroMode::MayUnmap
-                } else {
-                    ZeroMode::Allocate
-                },
-            )
-            .unwrap();
+            q.write_zeroes(off, len, if unmap { ZeroMode::MayUnmap } else { ZeroMode::Allocate }).unwrap();
             w.model.zero(off, len);
         }
         Op::Discard { off, len } => {

@@ -100,10 +100,7 @@ fn concurrent_disjoint_and_overlapping_writes() {
         let v = block[0];
         assert!(block.iter().all(|&x| x == v), "block {b} mixes writers");
         match w.get(&b) {
-            Some(vals) => assert!(
-                vals.contains(&v),
-                "block {b} holds {v:#x}, which nobody wrote there"
-            ),
+            Some(vals) => assert!(vals.contains(&v), "block {b} holds {v:#x}, which nobody wrote there"),
             None => assert_eq!(v, 0, "block {b} was never written"),
         }
     }
@@ -135,10 +132,7 @@ fn readers_never_see_a_mapping_before_its_data() {
                     let c = rng.below(clusters);
                     q.read_at(&mut buf, c * 4096).unwrap();
                     let want = (c % 251) as u8 + 1;
-                    assert!(
-                        buf.iter().all(|&x| x == 0) || buf.iter().all(|&x| x == want),
-                        "cluster {c} torn"
-                    );
+                    assert!(buf.iter().all(|&x| x == 0) || buf.iter().all(|&x| x == want), "cluster {c} torn");
                     seen += 1;
                 }
             });
@@ -149,8 +143,7 @@ fn readers_never_see_a_mapping_before_its_data() {
             order.swap(i, rng.below(i as u64 + 1) as usize);
         }
         for c in order.into_iter().take(3000) {
-            q.write_at(&vec![(c % 251) as u8 + 1; 4096], c * 4096)
-                .unwrap();
+            q.write_at(&vec![(c % 251) as u8 + 1; 4096], c * 4096).unwrap();
         }
         done.store(true, std::sync::atomic::Ordering::Relaxed);
     });

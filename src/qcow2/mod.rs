@@ -37,9 +37,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::device::{
-    check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details,
-};
+use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
@@ -141,14 +139,11 @@ impl Qcow2 {
     /// data file names before deciding what to open.
     pub fn read_header(file: &dyn Storage) -> Result<Header> {
         let mut first = [0u8; 512];
-        file.read_at(&mut first, 0)
-            .map_err(|e| qerr(e, file.path()))?;
+        file.read_at(&mut first, 0).map_err(|e| qerr(e, file.path()))?;
         let len = file.len()?;
         if len < u64::from(header::V2_HEADER_LEN) {
             return Err(qerr(
-                Error::invalid(format!(
-                    "file of {len} bytes is too short for a qcow2 header"
-                )),
+                Error::invalid(format!("file of {len} bytes is too short for a qcow2 header")),
                 file.path(),
             ));
         }
@@ -168,25 +163,23 @@ impl Qcow2 {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
         if h.crypt_method == header::CRYPT_LUKS {
-            return Err(
-                Error::unsupported("LUKS encrypted qcow2 images are not supported")
-                    .with_field("crypt_method"),
-            );
+            return Err(Error::unsupported("LUKS encrypted qcow2 images are not supported").with_field("crypt_method"));
         }
-        let crypt =
-            if h.crypt_method == header::CRYPT_AES {
-                match &opts.key {
-                    Some(k) => Some(Cipher::from_passphrase(k)?),
-                    None if opts.inspect_only && read_only => None,
-                    None => return Err(Error::new(
+        let crypt = if h.crypt_method == header::CRYPT_AES {
+            match &opts.key {
+                Some(k) => Some(Cipher::from_passphrase(k)?),
+                None if opts.inspect_only && read_only => None,
+                None => {
+                    return Err(Error::new(
                         ErrorKind::Crypto,
                         "the image is encrypted (legacy AES): a passphrase is needed to open it",
                     )
-                    .with_field("crypt_method")),
+                    .with_field("crypt_method"))
                 }
-            } else {
-                None
-            };
+            }
+        } else {
+            None
+        };
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
@@ -201,11 +194,9 @@ impl Qcow2 {
         };
         let data = match (&h.data_file, opts.data_file) {
             (Some(_), Some(d)) if geo.data_file => d,
-            (Some(name), None) if geo.data_file => {
-                Arc::new(crate::storage::Unopened::new(format!(
-                    "the image keeps its data in the external file '{name}', which was not opened"
-                )))
-            }
+            (Some(name), None) if geo.data_file => Arc::new(crate::storage::Unopened::new(format!(
+                "the image keeps its data in the external file '{name}', which was not opened"
+            ))),
 
             _ => file.clone(),
         };
@@ -214,11 +205,7 @@ impl Qcow2 {
         let file_len = file.len()?;
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
         for (field, off, len) in [
-            (
-                "l1_table_offset",
-                h.l1_table_offset,
-                u64::from(h.l1_size) * 8,
-            ),
+            ("l1_table_offset", h.l1_table_offset, u64::from(h.l1_size) * 8),
             ("refcount_table_offset", h.refcount_table_offset, rt_bytes),
         ] {
             if len > 0 && off + len > file_len {
@@ -232,8 +219,7 @@ impl Qcow2 {
         let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
-        let (snaps, snap_table_len) =
-            snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
+        let (snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let needed = h.size.div_ceil(cs) * h.l2_entry_size();
             needed.min(QCOW2_DEFAULT_L2_CACHE_BYTES)
@@ -252,10 +238,7 @@ impl Qcow2 {
         for s in &snaps {
             reserved.add(s.l1_table_offset, round(u64::from(s.l1_size) * 8));
         }
-        if let (Some(b), true) = (
-            h.bitmaps,
-            h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0,
-        ) {
+        if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
             reserved.add(b.directory_offset, round(b.directory_size));
         }
         let alloc = if read_only {
@@ -307,10 +290,7 @@ impl Qcow2 {
             reserved: RwLock::new(reserved),
             read_only,
             size: AtomicU64::new(h.size),
-            map: RwLock::new(MapState {
-                l1,
-                l2: L2Cache::new(tables),
-            }),
+            map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
             snapshots: RwLock::new(snaps),
             gate: Quiesce::new(),
             zcache: Mutex::new(Vec::new()),
@@ -474,9 +454,7 @@ impl Qcow2 {
             }
             let len = g.min(limit) - guest;
             let m = match first {
-                Mapping::Data { host } => Mapping::Data {
-                    host: host + (guest & (granule - 1)),
-                },
+                Mapping::Data { host } => Mapping::Data { host: host + (guest & (granule - 1)) },
                 other => other,
             };
             Ok((m, len))
@@ -496,8 +474,7 @@ impl Qcow2 {
         let mut input = vec![0u8; len as usize];
         self.file.read_at(&mut input, host)?;
         let mut out = vec![0u8; cs];
-        compress::decompress(self.compression, &input, &mut out)
-            .map_err(|e| self.err(e.with_offset(host)))?;
+        compress::decompress(self.compression, &input, &mut out).map_err(|e| self.err(e.with_offset(host)))?;
         let out: Arc<[u8]> = out.into();
         let mut z = self.zcache.lock();
         if z.len() >= 8 {
@@ -513,11 +490,7 @@ impl Qcow2 {
         match &self.backing {
             Some(b) => {
                 let bsize = b.size();
-                let n = if guest >= bsize {
-                    0
-                } else {
-                    ((bsize - guest).min(buf.len() as u64)) as usize
-                };
+                let n = if guest >= bsize { 0 } else { ((bsize - guest).min(buf.len() as u64)) as usize };
                 if n > 0 {
                     b.read_at(&mut buf[..n], guest)?;
                 }
@@ -601,24 +574,13 @@ impl Qcow2 {
 
 /// Reads a table of `count` big-endian u64 entries at `offset`, bounded by
 /// the L1 limit (the caller validated `count`).
-pub(crate) fn read_u64_table(
-    file: &dyn Storage,
-    offset: u64,
-    count: usize,
-    what: &str,
-) -> Result<Vec<u64>> {
+pub(crate) fn read_u64_table(file: &dyn Storage, offset: u64, count: usize, what: &str) -> Result<Vec<u64>> {
     if count as u64 > QCOW2_MAX_L1_BYTES / 8 {
-        return Err(Error::limit(format!(
-            "{what} of {count} entries is too large"
-        )));
+        return Err(Error::limit(format!("{what} of {count} entries is too large")));
     }
     let mut buf = vec![0u8; count * 8];
-    file.read_at(&mut buf, offset)
-        .map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect())
+    file.read_at(&mut buf, offset).map_err(|e| e.context(format!("reading the {what}")))?;
+    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 impl BlockDevice for Qcow2 {
@@ -656,54 +618,29 @@ impl BlockDevice for Qcow2 {
         check_request(offset, 0, size)?;
         let max = max_len.min(size - offset);
         if max == 0 {
-            return Ok(Extent {
-                offset,
-                length: 0,
-                kind: ExtentKind::Unallocated,
-                depth: 0,
-                encrypted: false,
-            });
+            return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
         let _g = self.gate.enter();
         let (m, len) = self.lookup(offset, max)?;
         let encrypted = self.crypt.is_some();
         let kind = match m {
-            Mapping::Data { host } => ExtentKind::Data {
-                host_offset: Some(host),
-            },
-            Mapping::Zero { prealloc } => ExtentKind::Zero {
-                host_offset: prealloc,
-            },
+            Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
+            Mapping::Zero { prealloc } => ExtentKind::Zero { host_offset: prealloc },
             Mapping::Compressed { host, .. } => ExtentKind::Compressed { host_offset: host },
             Mapping::Unallocated => {
                 if let Some(b) = &self.backing {
                     let bsize = b.size();
                     if offset < bsize {
                         let e = b.map(offset, len.min(bsize - offset))?;
-                        return Ok(Extent {
-                            depth: e.depth + 1,
-                            ..e
-                        });
+                        return Ok(Extent { depth: e.depth + 1, ..e });
                     }
                     // Past the backing image's end: reads as zeros.
-                    return Ok(Extent {
-                        offset,
-                        length: len,
-                        kind: ExtentKind::Unallocated,
-                        depth: 1,
-                        encrypted,
-                    });
+                    return Ok(Extent { offset, length: len, kind: ExtentKind::Unallocated, depth: 1, encrypted });
                 }
                 ExtentKind::Unallocated
             }
         };
-        Ok(Extent {
-            offset,
-            length: len,
-            kind,
-            depth: 0,
-            encrypted,
-        })
+        Ok(Extent { offset, length: len, kind, depth: 0, encrypted })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

@@ -75,10 +75,7 @@ impl Snapshot {
         BigEndian::write_u32(&mut f[16..20], self.date_sec);
         BigEndian::write_u32(&mut f[20..24], self.date_nsec);
         BigEndian::write_u64(&mut f[24..32], self.vm_clock_nsec);
-        BigEndian::write_u32(
-            &mut f[32..36],
-            self.vm_state_size.min(u64::from(u32::MAX)) as u32,
-        );
+        BigEndian::write_u32(&mut f[32..36], self.vm_state_size.min(u64::from(u32::MAX)) as u32);
         let extra_len = 24 + self.unknown_extra.len();
         BigEndian::write_u32(&mut f[36..40], extra_len as u32);
         out.extend_from_slice(&f);
@@ -96,27 +93,18 @@ impl Snapshot {
 }
 
 fn bad(i: u32, msg: String, offset: u64) -> Error {
-    Error::invalid(format!("snapshot {i}: {msg}"))
-        .with_format("qcow2")
-        .with_field("snapshot table")
-        .with_offset(offset)
+    Error::invalid(format!("snapshot {i}: {msg}")).with_format("qcow2").with_field("snapshot table").with_offset(offset)
 }
 
 /// Reads and validates `count` snapshot entries at `offset`.
-pub fn read_table(
-    file: &dyn Storage,
-    offset: u64,
-    count: u32,
-    cluster_size: u64,
-) -> Result<(Vec<Snapshot>, u64)> {
+pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64) -> Result<(Vec<Snapshot>, u64)> {
     if count == 0 {
         return Ok((Vec::new(), 0));
     }
     if count > QCOW2_MAX_SNAPSHOTS {
-        return Err(Error::limit(format!(
-            "{count} snapshots is more than {QCOW2_MAX_SNAPSHOTS}"
-        ))
-        .with_field("nb_snapshots"));
+        return Err(
+            Error::limit(format!("{count} snapshots is more than {QCOW2_MAX_SNAPSHOTS}")).with_field("nb_snapshots")
+        );
     }
     check_table("snapshots_offset", offset, 1, cluster_size)?;
     let file_len = file.len()?;
@@ -125,10 +113,8 @@ pub fn read_table(
     for i in 0..count {
         let used = pos - offset;
         if used > QCOW2_MAX_SNAPSHOTS_BYTES {
-            return Err(Error::limit(format!(
-                "snapshot table is larger than {QCOW2_MAX_SNAPSHOTS_BYTES} bytes"
-            ))
-            .with_field("snapshot table"));
+            return Err(Error::limit(format!("snapshot table is larger than {QCOW2_MAX_SNAPSHOTS_BYTES} bytes"))
+                .with_field("snapshot table"));
         }
         if pos >= file_len {
             return Err(bad(i, "entry starts past the end of the file".into(), pos));
@@ -145,7 +131,11 @@ pub fn read_table(
         let vm_state_32 = BigEndian::read_u32(&f[32..36]);
         let extra_len = BigEndian::read_u32(&f[36..40]);
         if extra_len > QCOW2_MAX_SNAPSHOT_EXTRA {
-            return Err(bad(i, format!("too much extra metadata ({extra_len} bytes, at most {QCOW2_MAX_SNAPSHOT_EXTRA})"), pos + 36));
+            return Err(bad(
+                i,
+                format!("too much extra metadata ({extra_len} bytes, at most {QCOW2_MAX_SNAPSHOT_EXTRA})"),
+                pos + 36,
+            ));
         }
         let var_len = extra_len as usize + id_len + name_len;
         let mut var = vec![0u8; var_len];
@@ -165,29 +155,14 @@ pub fn read_table(
             let v = BigEndian::read_u64(&extra[16..24]);
             icount = if v == u64::MAX { None } else { Some(v) };
         }
-        let unknown_extra = if extra.len() > 24 {
-            extra[24..].to_vec()
-        } else {
-            Vec::new()
-        };
-        let id =
-            String::from_utf8(id.to_vec()).map_err(|_| bad(i, "id is not UTF-8".into(), pos))?;
-        let name = String::from_utf8(name.to_vec())
-            .map_err(|_| bad(i, "name is not UTF-8".into(), pos))?;
+        let unknown_extra = if extra.len() > 24 { extra[24..].to_vec() } else { Vec::new() };
+        let id = String::from_utf8(id.to_vec()).map_err(|_| bad(i, "id is not UTF-8".into(), pos))?;
+        let name = String::from_utf8(name.to_vec()).map_err(|_| bad(i, "name is not UTF-8".into(), pos))?;
         if u64::from(l1_size) > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(bad(
-                i,
-                format!("L1 table of {l1_size} entries is too large"),
-                pos + 8,
-            ));
+            return Err(bad(i, format!("L1 table of {l1_size} entries is too large"), pos + 8));
         }
-        check_table(
-            "snapshot l1_table_offset",
-            l1_table_offset,
-            u64::from(l1_size) * 8,
-            cluster_size,
-        )
-        .map_err(|e| e.context(format!("snapshot {i}")))?;
+        check_table("snapshot l1_table_offset", l1_table_offset, u64::from(l1_size) * 8, cluster_size)
+            .map_err(|e| e.context(format!("snapshot {i}")))?;
         let entry_len = (ENTRY_FIXED_LEN + var_len).div_ceil(8) as u64 * 8;
         pos += entry_len;
         out.push(Snapshot {
@@ -236,12 +211,7 @@ mod tests {
             icount: None,
             unknown_extra: vec![9; 8],
         };
-        let mut t = Snapshot {
-            id: "2".into(),
-            name: "b".into(),
-            unknown_extra: vec![],
-            ..s.clone()
-        };
+        let mut t = Snapshot { id: "2".into(), name: "b".into(), unknown_extra: vec![], ..s.clone() };
         t.icount = Some(5);
         let enc = encode_table(&[s.clone(), t.clone()]);
         let m = MemStorage::new();
@@ -282,24 +252,16 @@ mod ops {
     impl Qcow2 {
         fn find_snapshot(&self, key: &str) -> Result<Snapshot> {
             let snaps = self.snapshots.read();
-            snaps
-                .iter()
-                .find(|s| s.name == key)
-                .or_else(|| snaps.iter().find(|s| s.id == key))
-                .cloned()
-                .ok_or_else(|| {
-                    self.err(Error::new(
-                        ErrorKind::NotFound,
-                        format!("no snapshot with name or id '{key}'"),
-                    ))
-                })
+            snaps.iter().find(|s| s.name == key).or_else(|| snaps.iter().find(|s| s.id == key)).cloned().ok_or_else(
+                || self.err(Error::new(ErrorKind::NotFound, format!("no snapshot with name or id '{key}'"))),
+            )
         }
 
         fn check_snapshots_allowed(&self) -> Result<()> {
             if self.geo.data_file {
-                return Err(self.err(Error::unsupported(
-                    "internal snapshots are not supported with an external data file",
-                )));
+                return Err(
+                    self.err(Error::unsupported("internal snapshots are not supported with an external data file"))
+                );
             }
             Ok(())
         }
@@ -313,8 +275,7 @@ mod ops {
             let geo = self.geo;
             let max = a.rc.max_refcount();
             let bits = 1u32 << a.rc.order;
-            let mut compressed: std::collections::HashMap<u64, u64> =
-                std::collections::HashMap::new();
+            let mut compressed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
             let full = |c: u64, rc: u64, n: u64| -> Result<()> {
                 if rc.saturating_add(n) > max {
                     return Err(self.err(Error::limit(format!(
@@ -363,9 +324,8 @@ mod ops {
                     continue;
                 }
                 if l2_off & (cs - 1) != 0 {
-                    return Err(self.mark_corrupt(Error::corrupt(format!(
-                        "L2 table offset {l2_off:#x} is not cluster aligned"
-                    ))));
+                    return Err(self
+                        .mark_corrupt(Error::corrupt(format!("L2 table offset {l2_off:#x} is not cluster aligned"))));
                 }
                 let t = self.load_l2(l2_off)?;
                 let mut clusters = Vec::new();
@@ -411,11 +371,7 @@ mod ops {
                 if want != (l1e & OFLAG_COPIED != 0) {
                     let mut m = self.map.write();
                     if let Some(e) = m.l1.get_mut(i) {
-                        *e = if want {
-                            l1e | OFLAG_COPIED
-                        } else {
-                            l1e & !OFLAG_COPIED
-                        };
+                        *e = if want { l1e | OFLAG_COPIED } else { l1e & !OFLAG_COPIED };
                     }
                     a.l1_dirty = true;
                 }
@@ -430,19 +386,8 @@ mod ops {
                     };
                     let want = a.rc.get(file, h / cs)? == 1;
                     if want != e.copied() {
-                        let word = if want {
-                            e.word | OFLAG_COPIED
-                        } else {
-                            e.word & !OFLAG_COPIED
-                        };
-                        t.set(
-                            &geo,
-                            j,
-                            L2Entry {
-                                word,
-                                bitmap: e.bitmap,
-                            },
-                        );
+                        let word = if want { e.word | OFLAG_COPIED } else { e.word & !OFLAG_COPIED };
+                        t.set(&geo, j, L2Entry { word, bitmap: e.bitmap });
                     }
                 }
                 if self.map.read().l2.over_capacity() {
@@ -459,9 +404,7 @@ mod ops {
             let cs = self.geo.cluster_size();
             let bytes = encode_table(&snaps);
             if bytes.len() as u64 > QCOW2_MAX_SNAPSHOTS_BYTES {
-                return Err(Error::limit(
-                    "the snapshot table would be larger than 64 MiB",
-                ));
+                return Err(Error::limit("the snapshot table would be larger than 64 MiB"));
             }
             let new_off = if snaps.is_empty() {
                 0
@@ -499,10 +442,7 @@ mod ops {
                     r.add(new_off, (bytes.len() as u64).div_ceil(cs) * cs);
                 }
                 for s in &snaps {
-                    r.add(
-                        s.l1_table_offset,
-                        (u64::from(s.l1_size) * 8).div_ceil(cs) * cs,
-                    );
+                    r.add(s.l1_table_offset, (u64::from(s.l1_size) * 8).div_ceil(cs) * cs);
                 }
                 a.rc.reserved = r.clone();
             }
@@ -558,26 +498,19 @@ mod ops {
         fn snapshot_create_inner(&self, name: &str) -> Result<()> {
             self.check_snapshots_allowed()?;
             if name.is_empty() || name.len() > u16::MAX as usize {
-                return Err(Error::invalid_argument(
-                    "a snapshot name must be 1 to 65535 bytes long",
-                ));
+                return Err(Error::invalid_argument("a snapshot name must be 1 to 65535 bytes long"));
             }
             let mut snaps = self.snapshots.read().clone();
             if snaps.iter().any(|s| s.name == name) {
-                return Err(self.err(Error::new(
-                    ErrorKind::AlreadyExists,
-                    format!("a snapshot named '{name}' already exists"),
-                )));
+                return Err(
+                    self.err(Error::new(ErrorKind::AlreadyExists, format!("a snapshot named '{name}' already exists")))
+                );
             }
             if snaps.len() as u32 >= QCOW2_MAX_SNAPSHOTS {
-                return Err(self.err(Error::limit(
-                    "the image already has the most snapshots allowed (65536)",
-                )));
+                return Err(self.err(Error::limit("the image already has the most snapshots allowed (65536)")));
             }
-            let id = (1..)
-                .map(|n: u64| n.to_string())
-                .find(|id| !snaps.iter().any(|s| &s.id == id))
-                .unwrap_or_default();
+            let id =
+                (1..).map(|n: u64| n.to_string()).find(|id| !snaps.iter().any(|s| &s.id == id)).unwrap_or_default();
             let a = self.alloc_lock()?;
             let mut a = self.wait_all_inflight(a);
             self.flush_meta(&mut a)?;
@@ -597,9 +530,7 @@ mod ops {
                 c.copy_from_slice(&(e & !OFLAG_COPIED).to_be_bytes());
             }
             self.file.write_at(&bytes, l1_off)?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             snaps.push(Snapshot {
                 l1_table_offset: l1_off,
                 l1_size: l1.len() as u32,
@@ -630,13 +561,7 @@ mod ops {
                 let a = self.alloc_lock()?;
                 let mut a = self.wait_all_inflight(a);
                 self.flush_meta(&mut a)?;
-                let snaps: Vec<Snapshot> = self
-                    .snapshots
-                    .read()
-                    .iter()
-                    .filter(|s| s.id != snap.id)
-                    .cloned()
-                    .collect();
+                let snaps: Vec<Snapshot> = self.snapshots.read().iter().filter(|s| s.id != snap.id).cloned().collect();
                 // The table without the entry is durable first ...
                 self.write_snapshot_table(&mut a, snaps)?;
                 // ... then the snapshot's references go (queued frees).
@@ -675,18 +600,10 @@ mod ops {
             self.flush_meta(&mut a)?;
             let file = &*self.file;
             let cs = self.geo.cluster_size();
-            let snap_l1 = crate::qcow2::read_u64_table(
-                file,
-                snap.l1_table_offset,
-                snap.l1_size as usize,
-                "snapshot L1 table",
-            )?;
+            let snap_l1 =
+                crate::qcow2::read_u64_table(file, snap.l1_table_offset, snap.l1_size as usize, "snapshot L1 table")?;
             let new_size = snap.disk_size.unwrap_or_else(|| self.size());
-            let needed = self
-                .header
-                .lock()
-                .l1_entries_for(new_size)
-                .max(snap_l1.len() as u64);
+            let needed = self.header.lock().l1_entries_for(new_size).max(snap_l1.len() as u64);
             if needed > QCOW2_MAX_L1_BYTES / 8 {
                 return Err(Error::limit("the snapshot's L1 table is too large"));
             }
@@ -721,8 +638,7 @@ mod ops {
             file.sync()?;
             // 4. The old active state's references go.
             let old_l1 = std::mem::replace(&mut self.map.write().l1, l1);
-            self.size
-                .store(new_size, std::sync::atomic::Ordering::Release);
+            self.size.store(new_size, std::sync::atomic::Ordering::Release);
             {
                 let mut r = self.reserved.write();
                 r.remove(old_off);
@@ -751,11 +667,7 @@ mod ops {
                 snap.l1_size as usize,
                 "snapshot L1 table",
             )?;
-            Ok(SnapshotView {
-                q: self,
-                l1,
-                snapshot: snap,
-            })
+            Ok(SnapshotView { q: self, l1, snapshot: snap })
         }
     }
 
@@ -800,33 +712,20 @@ mod ops {
             let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max.max(1))?;
             let len = len.min(max.max(1));
             let kind = match m {
-                Mapping::Data { host } => ExtentKind::Data {
-                    host_offset: Some(host),
-                },
-                Mapping::Zero { prealloc } => ExtentKind::Zero {
-                    host_offset: prealloc,
-                },
+                Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
+                Mapping::Zero { prealloc } => ExtentKind::Zero { host_offset: prealloc },
                 Mapping::Compressed { host, .. } => ExtentKind::Compressed { host_offset: host },
                 Mapping::Unallocated => {
                     if let Some(b) = &self.q.backing {
                         if offset < b.size() {
                             let e = b.map(offset, len.min(b.size() - offset))?;
-                            return Ok(Extent {
-                                depth: e.depth + 1,
-                                ..e
-                            });
+                            return Ok(Extent { depth: e.depth + 1, ..e });
                         }
                     }
                     ExtentKind::Unallocated
                 }
             };
-            Ok(Extent {
-                offset,
-                length: len,
-                kind,
-                depth: 0,
-                encrypted: self.q.crypt.is_some(),
-            })
+            Ok(Extent { offset, length: len, kind, depth: 0, encrypted: self.q.crypt.is_some() })
         }
 
         fn flush(&self) -> Result<()> {

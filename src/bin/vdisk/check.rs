@@ -62,10 +62,7 @@ fn human(r: &CheckReport, repaired: bool) {
             println!("This means waste of disk space, but no harm to data.");
         }
         if r.check_errors > 0 {
-            println!(
-                "\n{} internal errors have occurred during the check.",
-                r.check_errors
-            );
+            println!("\n{} internal errors have occurred during the check.", r.check_errors);
         }
     }
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
@@ -113,21 +110,13 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
-        other => {
-            return Err(Error::invalid_argument(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
+        other => return Err(Error::invalid_argument(format!("--output must be human or json, not '{other}'"))),
     };
     let repair = match a.repair.as_deref() {
         None => Repair::None,
         Some("leaks") => Repair::Leaks,
         Some("all") => Repair::All,
-        Some(other) => {
-            return Err(Error::invalid_argument(format!(
-                "-r must be leaks or all, not '{other}'"
-            )))
-        }
+        Some(other) => return Err(Error::invalid_argument(format!("-r must be leaks or all, not '{other}'"))),
     };
     let read_only = repair == Repair::None;
     let (path, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), read_only, false)?;
@@ -164,8 +153,6 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
             }
             Ok(if r.errors > 0 { 2 } else { 0 })
         }
-        _ => Err(Error::unsupported(
-            "this image format does not support checks",
-        )),
+        _ => Err(Error::unsupported("this image format does not support checks")),
     }
 }

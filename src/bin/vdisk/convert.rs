@@ -7,9 +7,7 @@ use std::sync::Arc;
 use vdisk::convert::ConvertOptions;
 use vdisk::qcow2::create::CreateOptions;
 use vdisk::vmdk::Subformat;
-use vdisk::{
-    BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions,
-};
+use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions};
 
 use crate::common::{open_arg, parse_size, progress_printer, stdout_is_terminal};
 use crate::secrets::{split_opts, SecretArgs};
@@ -62,14 +60,9 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         None => &src,
         Some(spec) => {
             let Image::Qcow2(q) = &src else {
-                return Err(Error::unsupported(
-                    "only qcow2 images have internal snapshots",
-                ));
+                return Err(Error::unsupported("only qcow2 images have internal snapshots"));
             };
-            let key = spec
-                .strip_prefix("snapshot.name=")
-                .or_else(|| spec.strip_prefix("snapshot.id="))
-                .unwrap_or(spec);
+            let key = spec.strip_prefix("snapshot.name=").or_else(|| spec.strip_prefix("snapshot.id=")).unwrap_or(spec);
             snap_view = q.snapshot_view(key)?;
             &snap_view
         }
@@ -94,9 +87,9 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             let mut o = CreateOptions::new(size);
             let mut key_secret = None;
             for kv in &opts {
-                let (k, v) = kv.split_once('=').ok_or_else(|| {
-                    Error::invalid_argument(format!("option '{kv}' needs a value"))
-                })?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
                 if k == "encrypt.key-secret" {
                     key_secret = Some(v.to_string());
                     continue;
@@ -105,13 +98,13 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
             }
             if opts.iter().any(|kv| kv.starts_with("encrypt.format=")) || key_secret.is_some() {
                 o.encrypt = Some(a.secrets.key(key_secret.as_deref())?.ok_or_else(|| {
-                    Error::invalid_argument("encrypted output needs a passphrase (--object secret,... with encrypt.key-secret=ID)")
+                    Error::invalid_argument(
+                        "encrypted output needs a passphrase (--object secret,... with encrypt.key-secret=ID)",
+                    )
                 })?);
             }
             if compress && o.encrypt.is_some() {
-                return Err(Error::invalid_argument(
-                    "compressed writes are not supported for encrypted images",
-                ));
+                return Err(Error::invalid_argument("compressed writes are not supported for encrypted images"));
             }
             // Whole clusters per unit, so compressed writes cover clusters.
             unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
@@ -135,11 +128,7 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
     };
     let show = a.progress && stdout_is_terminal();
     let progress = progress_printer(show);
-    let threads = if a.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        a.threads
-    };
+    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { a.threads };
     let copts = ConvertOptions {
         threads,
         unit,

@@ -49,9 +49,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
         Format::Raw => {
             let size = size.ok_or_else(|| Error::invalid_argument("raw images need a size"))?;
             if a.backing.is_some() {
-                return Err(Error::invalid_argument(
-                    "raw images cannot have a backing file",
-                ));
+                return Err(Error::invalid_argument("raw images cannot have a backing file"));
             }
             let mut prealloc = "off".to_string();
             for kv in &opts {
@@ -60,11 +58,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
                     Some(("size", v)) => {
                         let _ = parse_size(v)?;
                     }
-                    _ => {
-                        return Err(Error::invalid_argument(format!(
-                            "unknown raw option '{kv}'"
-                        )))
-                    }
+                    _ => return Err(Error::invalid_argument(format!("unknown raw option '{kv}'"))),
                 }
             }
             let st = Arc::new(FileStorage::create(path)?);
@@ -82,9 +76,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
                     }
                 }
                 other => {
-                    return Err(Error::invalid_argument(format!(
-                        "preallocation '{other}' is not off, falloc or full"
-                    )))
+                    return Err(Error::invalid_argument(format!("preallocation '{other}' is not off, falloc or full")))
                 }
             }
             vdisk::BlockDevice::flush(&raw)?;
@@ -96,9 +88,9 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             let mut o = CreateOptions::new(size.unwrap_or(0));
             let mut key_secret = None;
             for kv in &opts {
-                let (k, v) = kv.split_once('=').ok_or_else(|| {
-                    Error::invalid_argument(format!("option '{kv}' needs a value"))
-                })?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
                 if k == "encrypt.key-secret" {
                     key_secret = Some(v.to_string());
                     continue;
@@ -120,9 +112,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             }
             o.allow_unknown_backing_format = a.allow_unknown_backing_format;
             if size.is_none() && o.backing_file.is_none() && o.size == 0 {
-                return Err(Error::invalid_argument(
-                    "a size is needed (or a backing file to take it from)",
-                ));
+                return Err(Error::invalid_argument("a size is needed (or a backing file to take it from)"));
             }
             let q = Qcow2::create_file(path, &o)?;
             let real_size = vdisk::BlockDevice::size(&q);
@@ -172,11 +162,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             let v = Vmdk::create(path, size, &vo)?;
             v.close()?;
             if !a.quiet {
-                println!(
-                    "Formatting '{}', fmt=vmdk size={size} {}",
-                    a.image,
-                    o.join(" ")
-                );
+                println!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
             }
         }
     }

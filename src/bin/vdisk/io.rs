@@ -37,8 +37,7 @@ fn parse_pattern(s: &str) -> Result<u8> {
         s.parse::<u64>()
     }
     .map_err(|_| Error::invalid_argument(format!("invalid pattern '{s}'")))?;
-    u8::try_from(v)
-        .map_err(|_| Error::invalid_argument(format!("pattern '{s}' is larger than one byte")))
+    u8::try_from(v).map_err(|_| Error::invalid_argument(format!("pattern '{s}' is larger than one byte")))
 }
 
 fn stats(verb: &str, len: u64, off: u64, t: Instant) {
@@ -69,23 +68,15 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
     while let Some(&w) = it.next() {
         match w {
             "-P" => {
-                pattern =
-                    Some(parse_pattern(it.next().ok_or_else(|| {
-                        Error::invalid_argument("-P needs a pattern")
-                    })?)?)
+                pattern = Some(parse_pattern(it.next().ok_or_else(|| Error::invalid_argument("-P needs a pattern"))?)?)
             }
             "-z" => zero = true,
             "-u" => unmap = true,
             "-c" => compressed = true,
             "-v" => verbose = true,
             "-q" => {}
-            a if a.starts_with('-')
-                && a.len() > 1
-                && !a[1..].starts_with(|c: char| c.is_ascii_digit()) =>
-            {
-                return Err(Error::invalid_argument(format!(
-                    "{cmd}: unknown option {a}"
-                )))
+            a if a.starts_with('-') && a.len() > 1 && !a[1..].starts_with(|c: char| c.is_ascii_digit()) => {
+                return Err(Error::invalid_argument(format!("{cmd}: unknown option {a}")))
             }
             a => args.push(a),
         }
@@ -93,19 +84,13 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
     let off_len = |args: &[&str]| -> Result<(u64, u64)> {
         match args {
             [o, l] => Ok((parse_size(o)?, parse_size(l)?)),
-            _ => Err(Error::invalid_argument(format!(
-                "{cmd} needs OFFSET LENGTH"
-            ))),
+            _ => Err(Error::invalid_argument(format!("{cmd} needs OFFSET LENGTH"))),
         }
     };
     match cmd {
         "read" => {
             let (off, len) = off_len(&args)?;
-            let mut buf = vec![
-                0u8;
-                usize::try_from(len)
-                    .map_err(|_| Error::invalid_argument("length too large"))?
-            ];
+            let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::invalid_argument("length too large"))?];
             let t = Instant::now();
             img.read_at(&mut buf, off)?;
             if verbose {
@@ -116,10 +101,7 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
             }
             if let Some(p) = pattern {
                 if let Some(i) = buf.iter().position(|&b| b != p) {
-                    println!(
-                        "Pattern verification failed at offset {}, {len} bytes",
-                        off + i as u64
-                    );
+                    println!("Pattern verification failed at offset {}, {len} bytes", off + i as u64);
                     return Ok(false);
                 }
             }
@@ -129,17 +111,12 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
             let (off, len) = off_len(&args)?;
             let t = Instant::now();
             if zero {
-                let mode = if unmap {
-                    ZeroMode::MayUnmap
-                } else {
-                    ZeroMode::Allocate
-                };
+                let mode = if unmap { ZeroMode::MayUnmap } else { ZeroMode::Allocate };
                 img.write_zeroes(off, len, mode)?;
             } else {
                 let buf = vec![
                     pattern.unwrap_or(0xcd);
-                    usize::try_from(len)
-                        .map_err(|_| Error::invalid_argument("length too large"))?
+                    usize::try_from(len).map_err(|_| Error::invalid_argument("length too large"))?
                 ];
                 if compressed {
                     img.write_compressed(&buf, off)?;
@@ -160,10 +137,7 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
             let mut pos = 0;
             while pos < img.size() {
                 let e = img.map(pos, u64::MAX)?;
-                println!(
-                    "{:?} at {} for {} bytes (depth {})",
-                    e.kind, e.offset, e.length, e.depth
-                );
+                println!("{:?} at {} for {} bytes (depth {})", e.kind, e.offset, e.length, e.depth);
                 pos += e.length.max(1);
             }
         }

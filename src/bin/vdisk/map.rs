@@ -70,12 +70,7 @@ pub fn collect(dev: &dyn BlockDevice, start: u64, end: u64) -> Result<Vec<MapEnt
     let mut files = Vec::new();
     let mut cur: Option<&dyn BlockDevice> = Some(dev);
     while let Some(d) = cur {
-        files.push(
-            d.info()
-                .path
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        );
+        files.push(d.info().path.map(|p| p.display().to_string()).unwrap_or_default());
         cur = d.backing();
     }
     let mut out: Vec<MapEntry> = Vec::new();
@@ -116,20 +111,14 @@ pub fn run(a: &MapArgs) -> Result<i32> {
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
-        other => {
-            return Err(vdisk::Error::invalid_argument(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
+        other => return Err(vdisk::Error::invalid_argument(format!("--output must be human or json, not '{other}'"))),
     };
     let _ = a.force_share;
     let (_, img) = crate::common::open_inspect(&a.secrets, &a.image, a.format.as_deref(), true)?;
     let size = img.size();
     let start = crate::common::parse_size(&a.start)?.min(size);
     let end = match &a.max_length {
-        Some(l) => start
-            .saturating_add(crate::common::parse_size(l)?)
-            .min(size),
+        Some(l) => start.saturating_add(crate::common::parse_size(l)?).min(size),
         None => size,
     };
     let entries = collect(&img, start, end)?;
@@ -157,13 +146,7 @@ pub fn run(a: &MapArgs) -> Result<i32> {
                 (false, Some(o)) => format!("{o:#x}"),
                 (false, None) => "-".to_string(),
             };
-            println!(
-                "{:<16}{:<16}{:<16}{}",
-                format!("{:#x}", e.start),
-                format!("{:#x}", e.length),
-                mapped,
-                e.file
-            );
+            println!("{:<16}{:<16}{:<16}{}", format!("{:#x}", e.start), format!("{:#x}", e.length), mapped, e.file);
         }
     }
     Ok(0)

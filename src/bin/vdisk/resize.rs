@@ -31,12 +31,10 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
     let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), false, true)?;
     let cur = img.size();
     let new = if let Some(d) = a.size.strip_prefix('+') {
-        cur.checked_add(parse_size(d)?)
-            .ok_or_else(|| Error::invalid_argument("size overflows"))?
+        cur.checked_add(parse_size(d)?).ok_or_else(|| Error::invalid_argument("size overflows"))?
     } else if let Some(d) = a.size.strip_prefix('-') {
-        cur.checked_sub(parse_size(d)?).ok_or_else(|| {
-            Error::invalid_argument(format!("cannot shrink below zero (size is {cur})"))
-        })?
+        cur.checked_sub(parse_size(d)?)
+            .ok_or_else(|| Error::invalid_argument(format!("cannot shrink below zero (size is {cur})")))?
     } else {
         parse_size(&a.size)?
     };

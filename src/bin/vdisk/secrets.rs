@@ -73,25 +73,19 @@ impl SecretArgs {
             let mut id = None;
             let mut value = None;
             for kv in it {
-                let (k, v) = kv.split_once('=').ok_or_else(|| {
-                    Error::invalid_argument(format!("--object option '{kv}' needs a value"))
-                })?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid_argument(format!("--object option '{kv}' needs a value")))?;
                 match k {
                     "id" => id = Some(v.to_string()),
                     "data" => value = Some(Secret::new(v.as_bytes())),
                     "file" => value = Some(Secret::from_file(std::path::Path::new(v))?),
                     "format" if v == "raw" => {}
-                    _ => {
-                        return Err(Error::invalid_argument(format!(
-                            "--object secret option '{k}' is not supported"
-                        )))
-                    }
+                    _ => return Err(Error::invalid_argument(format!("--object secret option '{k}' is not supported"))),
                 }
             }
             let id = id.ok_or_else(|| Error::invalid_argument("--object secret needs id=ID"))?;
-            let value = value.ok_or_else(|| {
-                Error::invalid_argument(format!("secret '{id}' needs data= or file="))
-            })?;
+            let value = value.ok_or_else(|| Error::invalid_argument(format!("secret '{id}' needs data= or file=")))?;
             map.insert(id, value);
         }
         Ok(map)
@@ -102,11 +96,11 @@ impl SecretArgs {
     pub fn key(&self, key_secret: Option<&str>) -> Result<Option<Secret>> {
         let map = self.secrets()?;
         if let Some(id) = key_secret {
-            return map.get(id).cloned().map(Some).ok_or_else(|| {
-                Error::invalid_argument(format!(
-                    "no secret with id '{id}' was defined with --object"
-                ))
-            });
+            return map
+                .get(id)
+                .cloned()
+                .map(Some)
+                .ok_or_else(|| Error::invalid_argument(format!("no secret with id '{id}' was defined with --object")));
         }
         if let Some(f) = &self.passphrase_file {
             return Secret::from_file(f).map(Some);
@@ -121,38 +115,24 @@ impl SecretArgs {
     /// `--image-opts`).
     pub fn image(&self, arg: &str, format: Option<&str>) -> Result<ImageSpec> {
         if !self.image_opts {
-            return Ok(ImageSpec {
-                path: PathBuf::from(arg),
-                format: format.map(str::to_string),
-                key_secret: None,
-            });
+            return Ok(ImageSpec { path: PathBuf::from(arg), format: format.map(str::to_string), key_secret: None });
         }
-        let mut spec = ImageSpec {
-            path: PathBuf::new(),
-            format: None,
-            key_secret: None,
-        };
+        let mut spec = ImageSpec { path: PathBuf::new(), format: None, key_secret: None };
         for kv in split_opts(arg) {
-            let (k, v) = kv.split_once('=').ok_or_else(|| {
-                Error::invalid_argument(format!("image option '{kv}' needs a value"))
-            })?;
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| Error::invalid_argument(format!("image option '{kv}' needs a value")))?;
             match k {
                 "driver" => spec.format = Some(v.to_string()),
                 "file.filename" | "filename" => spec.path = PathBuf::from(v),
                 "file.driver" if v == "file" => {}
                 "encrypt.key-secret" => spec.key_secret = Some(v.to_string()),
                 "encrypt.format" if v == "aes" => {}
-                _ => {
-                    return Err(Error::invalid_argument(format!(
-                        "image option '{k}' is not supported"
-                    )))
-                }
+                _ => return Err(Error::invalid_argument(format!("image option '{k}' is not supported"))),
             }
         }
         if spec.path.as_os_str().is_empty() {
-            return Err(Error::invalid_argument(
-                "image options need file.filename=PATH",
-            ));
+            return Err(Error::invalid_argument("image options need file.filename=PATH"));
         }
         Ok(spec)
     }
@@ -165,22 +145,11 @@ mod tests {
     #[test]
     fn options() {
         assert_eq!(split_opts("a=1,b=x,,y,c"), vec!["a=1", "b=x,y", "c"]);
-        let a = SecretArgs {
-            objects: vec!["secret,id=sec0,data=pass".into()],
-            passphrase_file: None,
-            image_opts: true,
-        };
-        let spec = a
-            .image(
-                "driver=qcow2,file.filename=/tmp/x.qcow2,encrypt.key-secret=sec0",
-                None,
-            )
-            .unwrap();
+        let a =
+            SecretArgs { objects: vec!["secret,id=sec0,data=pass".into()], passphrase_file: None, image_opts: true };
+        let spec = a.image("driver=qcow2,file.filename=/tmp/x.qcow2,encrypt.key-secret=sec0", None).unwrap();
         assert_eq!(spec.format.as_deref(), Some("qcow2"));
-        assert_eq!(
-            a.key(spec.key_secret.as_deref()).unwrap().unwrap().expose(),
-            b"pass"
-        );
+        assert_eq!(a.key(spec.key_secret.as_deref()).unwrap().unwrap().expose(), b"pass");
         assert!(a.key(Some("nope")).is_err());
     }
 }

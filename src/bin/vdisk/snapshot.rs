@@ -42,9 +42,7 @@ pub fn run(a: &SnapshotArgs) -> Result<i32> {
     let read_only = a.create.is_none() && a.apply.is_none() && a.delete.is_none();
     let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), read_only, false)?;
     let Image::Qcow2(q) = img else {
-        return Err(Error::unsupported(
-            "only qcow2 images have internal snapshots",
-        ));
+        return Err(Error::unsupported("only qcow2 images have internal snapshots"));
     };
     if let Some(n) = &a.create {
         q.snapshot_create(n)?;
