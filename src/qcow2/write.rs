@@ -95,6 +95,9 @@ struct Plan {
     ws: u64,
     we: u64,
     action: Action,
+    /// The new host cluster lies past the end of the file, so it reads as
+    /// zeros without being written.
+    fresh: bool,
 }
 
 /// A discard or a write_zeroes.
@@ -511,14 +514,16 @@ impl Qcow2 {
                     }
                 }
             };
-            plans.push(Plan { c, old, ws, we, action });
+            plans.push(Plan { c, old, ws, we, action, fresh: false });
         }
         drop(t);
         if allocs > 0 {
             let mut host = self.alloc_clusters(&mut a, allocs)?;
+            let file_len = self.data.len()?;
             for p in plans.iter_mut() {
                 if p.action == Action::New(0) {
                     p.action = Action::New(host);
+                    p.fresh = host >= file_len;
                     host += cs;
                 }
             }
@@ -608,6 +613,23 @@ impl Qcow2 {
         (touched, partial)
     }
 
+    /// Whether the guest cluster of a plan reads as zeros everywhere outside
+    /// the written range (so a fresh cluster needs no copy-on-write).
+    fn cow_reads_zero(&self, p: &Plan) -> bool {
+        if self.crypt.is_some() || p.old.is_compressed() || p.old.host_offset(&self.geo).is_some() {
+            return false;
+        }
+        if !self.geo.extended_l2 && p.old.word & OFLAG_ZERO != 0 {
+            return true;
+        }
+        // Unallocated (or zero subclusters): zeros unless a backing file
+        // covers the cluster.
+        match &self.backing {
+            None => !self.has_backing(),
+            Some(b) => (p.c << self.geo.cluster_bits) >= b.size(),
+        }
+    }
+
     /// The bytes of guest cluster `c` as they read before a write: what a
     /// copy-on-write starts from.
     fn cow_source(&self, old: L2Entry, c: u64) -> Result<Vec<u8>> {
@@ -653,6 +675,11 @@ impl Qcow2 {
                     self.write_data(&buf[off..off + len as usize], h, base)?;
                     i = j;
                     continue;
+                }
+                Action::New(h) if p.fresh && self.cow_reads_zero(&p) => {
+                    // The rest of the new cluster is a hole past the old end
+                    // of the file and reads as zeros already.
+                    self.write_data(src, h + p.ws, base + p.ws)?;
                 }
                 Action::New(h) => {
                     let mut data = self.cow_source(p.old, p.c)?;
