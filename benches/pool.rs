@@ -19,18 +19,13 @@ use vdisk::pool::{Pool, PoolDef, Registry, RegistryPaths};
 const VOLUMES: usize = 10_000;
 
 fn pool_of(config: &Path) -> Pool {
-    Registry::open(RegistryPaths::new(config).without_libvirt())
-        .unwrap()
-        .pool("bench")
-        .unwrap()
+    Registry::open(RegistryPaths::new(config).without_libvirt()).unwrap().pool("bench").unwrap()
 }
 
 fn setup(root: &Path) -> std::path::PathBuf {
     let config = root.join("config");
     let reg = Registry::open(RegistryPaths::new(&config).without_libvirt()).unwrap();
-    let p = reg
-        .define(PoolDef::dir("bench", root.join("images")).unwrap())
-        .unwrap();
+    let p = reg.define(PoolDef::dir("bench", root.join("images")).unwrap()).unwrap();
     p.build().unwrap();
     p.start().unwrap();
     // One small qcow2 (512-byte clusters: a 2 KiB file) as a template.

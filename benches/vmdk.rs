@@ -42,10 +42,7 @@ fn bench(c: &mut Criterion) {
     fill(&r);
     let v = Vmdk::open(
         Arc::new(FileStorage::open(&vpath, true).unwrap()),
-        VmdkOptions {
-            read_only: true,
-            ..Default::default()
-        },
+        VmdkOptions { read_only: true, ..Default::default() },
     )
     .unwrap();
     let mut buf = vec![0u8; CHUNK];
@@ -73,9 +70,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10);
     g.measurement_time(Duration::from_secs(3));
     g.bench_function("raw", |b| b.iter(|| read_all(&r, &mut buf)));
-    g.bench_function("vmdk_monolithic_sparse", |b| {
-        b.iter(|| read_all(&v, &mut buf))
-    });
+    g.bench_function("vmdk_monolithic_sparse", |b| b.iter(|| read_all(&v, &mut buf)));
     g.finish();
 }
 

@@ -50,9 +50,7 @@ impl std::fmt::Debug for ConvertOptions<'_> {
 impl Default for ConvertOptions<'_> {
     fn default() -> Self {
         ConvertOptions {
-            threads: std::thread::available_parallelism()
-                .map_or(2, |n| n.get())
-                .min(8),
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
             unit: 2 << 20,
             sparse_granule: 4096,
             dst_is_zeroed: true,
@@ -64,11 +62,7 @@ impl Default for ConvertOptions<'_> {
 
 /// Copies the guest content of `src` into `dst` (which must be at least as
 /// large). Returns the number of bytes written as data.
-pub fn convert(
-    src: &dyn BlockDevice,
-    dst: &dyn BlockDevice,
-    opts: &ConvertOptions<'_>,
-) -> Result<u64> {
+pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptions<'_>) -> Result<u64> {
     let size = src.size();
     if dst.size() < size {
         return Err(Error::invalid_argument(format!(
@@ -155,9 +149,7 @@ fn copy_unit(
     while pos < end {
         let e = src.map(pos, end - pos)?;
         if e.length == 0 {
-            return Err(Error::internal(format!(
-                "map returned an empty extent at {pos}"
-            )));
+            return Err(Error::internal(format!("map returned an empty extent at {pos}")));
         }
         let n = e.length.min(end - pos);
         if !e.reads_as_zero() {
@@ -204,12 +196,7 @@ fn copy_unit(
 
 /// Writes `data` at `offset`, skipping all-zero granules (which are zeroed
 /// explicitly unless the destination is known to read as zeros).
-fn write_sparse(
-    dst: &dyn BlockDevice,
-    data: &[u8],
-    offset: u64,
-    opts: &ConvertOptions<'_>,
-) -> Result<u64> {
+fn write_sparse(dst: &dyn BlockDevice, data: &[u8], offset: u64, opts: &ConvertOptions<'_>) -> Result<u64> {
     let g = opts.sparse_granule as usize;
     if g == 0 {
         dst.write_at(data, offset)?;
@@ -279,11 +266,7 @@ pub fn compare(a: &dyn BlockDevice, b: &dyn BlockDevice, strict: bool) -> Result
         a.read_at(&mut ba[..n], pos)?;
         b.read_at(&mut bb[..n], pos)?;
         if ba[..n] != bb[..n] {
-            let i = ba[..n]
-                .iter()
-                .zip(&bb[..n])
-                .position(|(x, y)| x != y)
-                .unwrap_or(0);
+            let i = ba[..n].iter().zip(&bb[..n]).position(|(x, y)| x != y).unwrap_or(0);
             return Ok(Some(pos + i as u64));
         }
         pos += n as u64;
@@ -321,10 +304,7 @@ mod tests {
         a.write_at(&[7u8; 10000], 12345).unwrap();
         a.write_at(&[9u8; 3], (5 << 20) - 3).unwrap();
         let b = Raw::create(Arc::new(MemStorage::new()), 5 << 20).unwrap();
-        let opts = ConvertOptions {
-            unit: 1 << 20,
-            ..Default::default()
-        };
+        let opts = ConvertOptions { unit: 1 << 20, ..Default::default() };
         let w = convert(&a, &b, &opts).unwrap();
         assert!(w >= 10003 && w < 20000, "{w}");
         assert_eq!(compare(&a, &b, false).unwrap(), None);

@@ -34,9 +34,7 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
-            other => Err(Error::unsupported(format!(
-                "unknown or unsupported image format '{other}'"
-            ))),
+            other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
 }
@@ -289,9 +287,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// where the format can.
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
         let _ = (offset, len, mode);
-        Err(Error::unsupported(
-            "this device does not support write_zeroes",
-        ))
+        Err(Error::unsupported("this device does not support write_zeroes"))
     }
 
     /// Gives the space of `[offset, offset + len)` back to the host where the
@@ -317,9 +313,7 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// shrink is stored uncompressed.
     fn write_compressed(&self, buf: &[u8], offset: u64) -> Result<()> {
         let _ = (buf, offset);
-        Err(Error::unsupported(
-            "this device does not support compressed writes",
-        ))
+        Err(Error::unsupported("this device does not support compressed writes"))
     }
 
     /// Changes the guest-visible size.
@@ -485,10 +479,7 @@ impl<D: BlockDevice> Seek for DeviceCursor<D> {
                 self.pos = p;
                 Ok(p)
             }
-            None => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "seek to a negative or overflowing position",
-            )),
+            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek to a negative or overflowing position")),
         }
     }
 }

@@ -149,10 +149,7 @@ impl Error {
 
     /// An [`ErrorKind::ReadOnly`] error.
     pub fn read_only(what: &str) -> Self {
-        Self::new(
-            ErrorKind::ReadOnly,
-            format!("{what}: the device is read-only"),
-        )
+        Self::new(ErrorKind::ReadOnly, format!("{what}: the device is read-only"))
     }
 
     /// Wraps an I/O error with a message saying what was being done.
@@ -199,10 +196,7 @@ impl Error {
     }
 
     /// Sets the underlying cause.
-    pub fn with_source(
-        mut self,
-        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-    ) -> Self {
+    pub fn with_source(mut self, source: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         self.repr.source = Some(source.into());
         self
     }
@@ -299,10 +293,7 @@ impl fmt::Debug for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.repr
-            .source
-            .as_deref()
-            .map(|s| s as &(dyn std::error::Error + 'static))
+        self.repr.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
     }
 }
 
@@ -354,19 +345,13 @@ mod tests {
             .with_format("qcow2")
             .with_path("/tmp/x.qcow2");
         let s = e.to_string();
-        assert_eq!(
-            s,
-            "/tmp/x.qcow2: qcow2: cluster_bits 8 is outside 9..=21 (field cluster_bits, offset 0x14)"
-        );
+        assert_eq!(s, "/tmp/x.qcow2: qcow2: cluster_bits 8 is outside 9..=21 (field cluster_bits, offset 0x14)");
         assert_eq!(e.kind(), ErrorKind::InvalidImage);
     }
 
     #[test]
     fn io_error_mapping() {
-        let e = Error::io(
-            "reading header",
-            io::Error::new(io::ErrorKind::UnexpectedEof, "eof"),
-        );
+        let e = Error::io("reading header", io::Error::new(io::ErrorKind::UnexpectedEof, "eof"));
         let ioe: io::Error = e.into();
         assert_eq!(ioe.kind(), io::ErrorKind::UnexpectedEof);
         let ioe: io::Error = Error::read_only("write").into();

@@ -70,6 +70,7 @@ pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Form
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockMode;
 pub use open::{open, BackingPolicy, Image, OpenOptions};
+pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};

@@ -132,14 +132,8 @@ impl LockPlan {
     pub fn for_open(mode: LockMode, access: Access) -> Option<LockPlan> {
         match (mode, access) {
             (LockMode::Off, _) => None,
-            (LockMode::ForceShare, _) => Some(LockPlan {
-                held: PERM_CONSISTENT_READ,
-                unshared: 0,
-            }),
-            (_, Access::ReadOnly) => Some(LockPlan {
-                held: PERM_CONSISTENT_READ,
-                unshared: PERM_WRITE | PERM_RESIZE,
-            }),
+            (LockMode::ForceShare, _) => Some(LockPlan { held: PERM_CONSISTENT_READ, unshared: 0 }),
+            (_, Access::ReadOnly) => Some(LockPlan { held: PERM_CONSISTENT_READ, unshared: PERM_WRITE | PERM_RESIZE }),
             (_, Access::ReadWrite) => Some(LockPlan {
                 held: PERM_CONSISTENT_READ | PERM_WRITE | PERM_RESIZE,
                 unshared: PERM_WRITE | PERM_RESIZE,
@@ -173,10 +167,8 @@ pub enum Held {
 }
 
 fn unsupported_errno(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOLCK)
-    ) || e.kind() == io::ErrorKind::Unsupported
+    matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::ENOLCK))
+        || e.kind() == io::ErrorKind::Unsupported
 }
 
 fn busy(path: &Path, what: String) -> Error {
@@ -200,10 +192,7 @@ fn release(file: &File) {
 /// `path` and the permission, in QEMU's words.
 pub fn lock_file(file: &File, path: &Path, mode: LockMode, access: Access) -> Result<Held> {
     if mode == LockMode::ForceShare && access == Access::ReadWrite {
-        return Err(Error::invalid_argument(
-            "force-share (-U) is only allowed for read-only opens",
-        )
-        .with_path(path));
+        return Err(Error::invalid_argument("force-share (-U) is only allowed for read-only opens").with_path(path));
     }
     let Some(plan) = LockPlan::for_open(mode, access) else {
         return Ok(Held::None);
@@ -216,11 +205,9 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode, access: Access) -> Re
                 if mode == LockMode::Auto {
                     return Ok(Held::Unsupported);
                 }
-                return Err(Error::unsupported(
-                    "the filesystem does not support OFD locks (open with locking off)",
-                )
-                .with_path(path)
-                .with_source(e));
+                return Err(Error::unsupported("the filesystem does not support OFD locks (open with locking off)")
+                    .with_path(path)
+                    .with_source(e));
             }
             if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
                 return Err(busy(path, format!("failed to lock byte {byte}")));
@@ -238,24 +225,17 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode, access: Access) -> Re
 fn check(file: &File, path: &Path, plan: LockPlan) -> Result<()> {
     let fd = file.as_fd();
     let test = |byte: u64| -> Result<bool> {
-        sys::ofd_conflicts(fd, LockType::Exclusive, byte, 1).map_err(|e| {
-            Error::io(format!("cannot test the lock on byte {byte}"), e).with_path(path)
-        })
+        sys::ofd_conflicts(fd, LockType::Exclusive, byte, 1)
+            .map_err(|e| Error::io(format!("cannot test the lock on byte {byte}"), e).with_path(path))
     };
     for i in 0..PERM_COUNT {
         if plan.held & (1 << i) != 0 && test(SHARED_BASE + u64::from(i))? {
-            return Err(busy(
-                path,
-                format!("failed to get \"{}\" lock", perm_name(i)),
-            ));
+            return Err(busy(path, format!("failed to get \"{}\" lock", perm_name(i))));
         }
     }
     for i in 0..PERM_COUNT {
         if plan.unshared & (1 << i) != 0 && test(PERM_BASE + u64::from(i))? {
-            return Err(busy(
-                path,
-                format!("failed to get shared \"{}\" lock", perm_name(i)),
-            ));
+            return Err(busy(path, format!("failed to get shared \"{}\" lock", perm_name(i))));
         }
     }
     Ok(())
@@ -317,9 +297,7 @@ pub fn users(path: &Path) -> Result<Users> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| Error::io("cannot open file", e).with_path(path))?;
-    let md = file
-        .metadata()
-        .map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
+    let md = file.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
     if !md.file_type().is_file() {
         return Err(Error::invalid_argument("not a regular file").with_path(path));
     }
@@ -331,11 +309,7 @@ mod tests {
     use super::*;
 
     fn open(p: &Path, rw: bool) -> File {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(rw)
-            .open(p)
-            .unwrap()
+        std::fs::OpenOptions::new().read(true).write(rw).open(p).unwrap()
     }
 
     #[test]
@@ -355,10 +329,7 @@ mod tests {
         let p = dir.path().join("img");
         std::fs::write(&p, [0u8; 512]).unwrap();
         let w = open(&p, true);
-        assert!(matches!(
-            lock_file(&w, &p, LockMode::Auto, Access::ReadWrite).unwrap(),
-            Held::Locked(_)
-        ));
+        assert!(matches!(lock_file(&w, &p, LockMode::Auto, Access::ReadWrite).unwrap(), Held::Locked(_)));
         let w2 = open(&p, true);
         let e = lock_file(&w2, &p, LockMode::Auto, Access::ReadWrite).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Busy);
@@ -370,10 +341,7 @@ mod tests {
         // Force-share reads anyway; Off takes nothing.
         assert!(lock_file(&r, &p, LockMode::ForceShare, Access::ReadOnly).is_ok());
         let r2 = open(&p, false);
-        assert_eq!(
-            lock_file(&r2, &p, LockMode::Off, Access::ReadOnly).unwrap(),
-            Held::None
-        );
+        assert_eq!(lock_file(&r2, &p, LockMode::Off, Access::ReadOnly).unwrap(), Held::None);
         let u = users(&p).unwrap();
         assert!(u.writer() && u.in_use() && u.blocks_write());
         drop(w);
@@ -386,18 +354,13 @@ mod tests {
         lock_file(&r2, &p, LockMode::Auto, Access::ReadOnly).unwrap();
         let w3 = open(&p, true);
         let e = lock_file(&w3, &p, LockMode::Auto, Access::ReadWrite).unwrap_err();
-        assert!(
-            e.to_string().contains("failed to get \"write\" lock"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("failed to get \"write\" lock"), "{e}");
         // The failed attempt left nothing behind.
         drop(r1);
         drop(r2);
         assert!(!users(&p).unwrap().in_use());
         assert_eq!(
-            lock_file(&w3, &p, LockMode::ForceShare, Access::ReadWrite)
-                .unwrap_err()
-                .kind(),
+            lock_file(&w3, &p, LockMode::ForceShare, Access::ReadWrite).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
     }

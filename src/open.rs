@@ -49,6 +49,8 @@ pub struct OpenOptions {
     max_depth: usize,
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
+    key: Option<crate::qcow2::crypt::Secret>,
+    inspect_only: bool,
     lock: LockMode,
 }
 
@@ -71,8 +73,32 @@ impl OpenOptions {
             max_depth: MAX_BACKING_DEPTH,
             confine_to: None,
             vmdk_external_extents: false,
+            key: None,
+            inspect_only: false,
             lock: LockMode::Auto,
         }
+    }
+
+    /// Opens read-only for looking at metadata: encrypted images open
+    /// without their passphrase (their data cannot be read).
+    pub fn inspect_only(mut self, inspect: bool) -> Self {
+        self.inspect_only = inspect;
+        if inspect {
+            self.read_only = true;
+        }
+        self
+    }
+
+    /// The passphrase for encrypted (legacy AES qcow2) images in the chain.
+    pub fn key(mut self, key: crate::qcow2::crypt::Secret) -> Self {
+        self.key = Some(key);
+        self
+    }
+
+    /// Sets or clears the passphrase.
+    pub fn key_opt(mut self, key: Option<crate::qcow2::crypt::Secret>) -> Self {
+        self.key = key;
+        self
     }
 
     /// The image's format. A file opened as raw is never looked at.
@@ -137,10 +163,9 @@ impl OpenOptions {
     /// [`LockMode::Auto`]). The top image and qcow2 external data files are
     /// locked for their access (read-only or read-write); backing files and
     /// vmdk extent files as read-only users (the vmdk descriptor carries the
-    /// write lock). While another process
-    /// (a running VM, `qemu-io`, another vdisk) uses the image in a
-    /// conflicting way, [`open`](Self::open) fails with
-    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy).
+    /// write lock). While another process (a running VM, `qemu-io`, another
+    /// vdisk) uses the image in a conflicting way, [`open`](Self::open)
+    /// fails with [`ErrorKind::Busy`](crate::ErrorKind::Busy).
     /// [`LockMode::ForceShare`] (read-only only) is `qemu-img -U`.
     pub fn lock(mut self, mode: LockMode) -> Self {
         self.lock = mode;
@@ -150,10 +175,8 @@ impl OpenOptions {
     /// Opens the image at `path`.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
         if self.lock == LockMode::ForceShare && !self.read_only {
-            return Err(Error::invalid_argument(
-                "force-share (-U) is only allowed for read-only opens",
-            )
-            .with_path(path.as_ref()));
+            return Err(Error::invalid_argument("force-share (-U) is only allowed for read-only opens")
+                .with_path(path.as_ref()));
         }
         let mut seen = HashSet::new();
         self.open_layer(path.as_ref(), self.format, self.read_only, 0, &mut seen)
@@ -168,24 +191,14 @@ impl OpenOptions {
         seen: &mut HashSet<(u64, u64)>,
     ) -> Result<Image> {
         if depth > self.max_depth {
-            return Err(Error::limit(format!(
-                "backing chain is deeper than {} images",
-                self.max_depth
-            ))
-            .with_path(path));
+            return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
         }
         let storage = FileStorage::open_locked(path, read_only, self.lock)?;
         if let Some(f) = storage.file() {
             use std::os::unix::fs::MetadataExt;
-            let md = f
-                .metadata()
-                .map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
+            let md = f.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
             if !seen.insert((md.dev(), md.ino())) {
-                return Err(Error::invalid(format!(
-                    "backing chain loops back to {}",
-                    path.display()
-                ))
-                .with_path(path));
+                return Err(Error::invalid(format!("backing chain loops back to {}", path.display())).with_path(path));
             }
         }
         let storage: Arc<dyn Storage> = Arc::new(storage);
@@ -207,27 +220,19 @@ impl OpenOptions {
                 let mut opts = Qcow2Options {
                     read_only,
                     l2_cache_bytes: self.l2_cache_bytes,
+                    key: self.key.clone(),
+                    inspect_only: self.inspect_only,
                     ..Default::default()
                 };
                 if let Some(name) = &h.backing_file {
-                    opts.backing = self.open_backing(
-                        path,
-                        dir,
-                        name,
-                        h.backing_format.as_deref(),
-                        depth,
-                        seen,
-                    )?;
+                    opts.backing = self.open_backing(path, dir, name, h.backing_format.as_deref(), depth, seen)?;
                 }
-                if let (Some(name), true) = (
-                    &h.data_file,
-                    h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0,
-                ) {
+                if let (Some(name), true) =
+                    (&h.data_file, h.incompatible_features & crate::qcow2::header::INCOMPAT_DATA_FILE != 0)
+                {
                     if self.backing != BackingPolicy::Never {
                         let p = self.resolve(path, dir, name, "data file")?;
-                        opts.data_file = Some(Arc::new(FileStorage::open_locked(
-                            &p, read_only, self.lock,
-                        )?));
+                        opts.data_file = Some(Arc::new(FileStorage::open_locked(&p, read_only, self.lock)?));
                     }
                 }
                 Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
@@ -235,11 +240,8 @@ impl OpenOptions {
             Format::Vmdk => {
                 let desc = Vmdk::read_descriptor(&*storage)?;
                 let dir = path.parent().unwrap_or(Path::new("."));
-                let mut opts = VmdkOptions {
-                    read_only,
-                    allow_external_extents: self.vmdk_external_extents,
-                    ..Default::default()
-                };
+                let mut opts =
+                    VmdkOptions { read_only, allow_external_extents: self.vmdk_external_extents, ..Default::default() };
                 if let Some(hint) = desc.parent_hint() {
                     // A delta link's parent is vmdk by definition.
                     opts.parent = self.open_backing(path, dir, hint, Some("vmdk"), depth, seen)?;
@@ -257,24 +259,15 @@ impl OpenOptions {
 
     fn resolve(&self, image: &Path, dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
         if name.starts_with("json:") || name.contains("://") {
-            return Err(
-                Error::unsupported(format!("{what} '{name}' is not a plain file name"))
-                    .with_path(image),
-            );
+            return Err(Error::unsupported(format!("{what} '{name}' is not a plain file name")).with_path(image));
         }
         let p = Path::new(name);
-        let p = if p.is_absolute() {
-            p.to_path_buf()
-        } else {
-            dir.join(p)
-        };
+        let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
         if let Some(root) = &self.confine_to {
-            let canon = p.canonicalize().map_err(|e| {
-                Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image)
-            })?;
-            let root = root
+            let canon = p
                 .canonicalize()
-                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+                .map_err(|e| Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image))?;
+            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
             if !canon.starts_with(&root) {
                 return Err(Error::new(
                     ErrorKind::InvalidImage,
@@ -289,20 +282,14 @@ impl OpenOptions {
     /// Applies [`confine_to`](Self::confine_to) to an already resolved path.
     fn confine(&self, image: &Path, p: &Path, what: &str) -> Result<PathBuf> {
         if let Some(root) = &self.confine_to {
-            let canon = p.canonicalize().map_err(|e| {
-                Error::io(format!("cannot resolve {what} '{}'", p.display()), e).with_path(image)
-            })?;
-            let root = root
+            let canon = p
                 .canonicalize()
-                .map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
+                .map_err(|e| Error::io(format!("cannot resolve {what} '{}'", p.display()), e).with_path(image))?;
+            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
             if !canon.starts_with(&root) {
                 return Err(Error::new(
                     ErrorKind::InvalidImage,
-                    format!(
-                        "{what} '{}' resolves outside {}",
-                        p.display(),
-                        root.display()
-                    ),
+                    format!("{what} '{}' resolves outside {}", p.display(), root.display()),
                 )
                 .with_path(image));
             }

@@ -43,10 +43,7 @@ fn looks_like_vmdk_descriptor(head: &[u8]) -> bool {
         };
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let trimmed: &[u8] = {
-            let s = line
-                .iter()
-                .position(|b| !b.is_ascii_whitespace())
-                .unwrap_or(line.len());
+            let s = line.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(line.len());
             &line[s..]
         };
         if trimmed.is_empty() || trimmed[0] == b'#' {
@@ -57,9 +54,7 @@ fn looks_like_vmdk_descriptor(head: &[u8]) -> bool {
             continue;
         }
         return matches!(trimmed, b"version=1" | b"version=2" | b"version=3")
-            || (trimmed.starts_with(b"version=")
-                && trimmed.len() == 9
-                && (b'1'..=b'3').contains(&trimmed[8]));
+            || (trimmed.starts_with(b"version=") && trimmed.len() == 9 && (b'1'..=b'3').contains(&trimmed[8]));
     }
 }
 
@@ -82,10 +77,7 @@ mod tests {
         assert_eq!(probe_bytes(b"QFI\xfb\0\0\0\x03"), Format::Qcow2);
         assert_eq!(probe_bytes(b"QFI\xfb\0\0\0\x01"), Format::Raw);
         assert_eq!(probe_bytes(b"KDMV...."), Format::Vmdk);
-        assert_eq!(
-            probe_bytes(b"# Disk DescriptorFile\r\nversion=1\r\n"),
-            Format::Vmdk
-        );
+        assert_eq!(probe_bytes(b"# Disk DescriptorFile\r\nversion=1\r\n"), Format::Vmdk);
         assert_eq!(probe_bytes(b"\n\n# x\nversion=2\n"), Format::Vmdk);
         assert_eq!(probe_bytes(b"version=4\n"), Format::Raw);
         assert_eq!(probe_bytes(b""), Format::Raw);

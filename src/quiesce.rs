@@ -64,10 +64,7 @@ fn shard() -> usize {
 impl Quiesce {
     /// A new gate.
     pub fn new() -> Self {
-        Quiesce {
-            epoch: AtomicU64::new(0),
-            counters: Default::default(),
-        }
+        Quiesce { epoch: AtomicU64::new(0), counters: Default::default() }
     }
 
     /// Enters the gate for the duration of the returned guard.

@@ -25,11 +25,7 @@ impl Raw {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
         let size = storage.len()?;
         let read_only = storage.is_read_only();
-        Ok(Raw {
-            storage,
-            size: AtomicU64::new(size),
-            read_only,
-        })
+        Ok(Raw { storage, size: AtomicU64::new(size), read_only })
     }
 
     /// Creates a raw image of `size` bytes (sparse) on an empty storage.
@@ -102,29 +98,15 @@ impl BlockDevice for Raw {
         let size = self.size();
         check_request(offset, 0, size)?;
         let max = max_len.min(size - offset);
-        let (data, end) = if max == 0 {
-            (true, offset)
-        } else {
-            self.storage.region(offset)?
-        };
+        let (data, end) = if max == 0 { (true, offset) } else { self.storage.region(offset)? };
         // Past the end of a shorter storage reads as zeros.
         let len = end.saturating_sub(offset).clamp(max.min(1), max);
         let kind = if data {
-            ExtentKind::Data {
-                host_offset: Some(offset),
-            }
+            ExtentKind::Data { host_offset: Some(offset) }
         } else {
-            ExtentKind::Zero {
-                host_offset: Some(offset),
-            }
+            ExtentKind::Zero { host_offset: Some(offset) }
         };
-        Ok(Extent {
-            offset,
-            length: len,
-            kind,
-            depth: 0,
-            encrypted: false,
-        })
+        Ok(Extent { offset, length: len, kind, depth: 0, encrypted: false })
     }
 
     fn flush(&self) -> Result<()> {
@@ -154,14 +136,8 @@ mod tests {
         let mut b = [0u8; 3];
         r.read_at(&mut b, 100).unwrap();
         assert_eq!(b, [1, 2, 3]);
-        assert_eq!(
-            r.read_at(&mut b, 4094).unwrap_err().kind(),
-            ErrorKind::OutOfBounds
-        );
-        assert_eq!(
-            r.write_at(&b, 4094).unwrap_err().kind(),
-            ErrorKind::OutOfBounds
-        );
+        assert_eq!(r.read_at(&mut b, 4094).unwrap_err().kind(), ErrorKind::OutOfBounds);
+        assert_eq!(r.write_at(&b, 4094).unwrap_err().kind(), ErrorKind::OutOfBounds);
         r.write_zeroes(100, 2, ZeroMode::MayUnmap).unwrap();
         r.read_at(&mut b, 100).unwrap();
         assert_eq!(b, [0, 0, 3]);

@@ -93,11 +93,7 @@ impl<'a> Reader<'a> {
     /// Fails if bytes are left over.
     pub fn finish(self) -> Result<()> {
         if self.remaining() != 0 {
-            return Err(Error::invalid(format!(
-                "{} has {} unexpected trailing bytes",
-                self.what,
-                self.remaining()
-            )));
+            return Err(Error::invalid(format!("{} has {} unexpected trailing bytes", self.what, self.remaining())));
         }
         Ok(())
     }

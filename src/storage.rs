@@ -54,18 +54,14 @@ pub trait Storage: Send + Sync + fmt::Debug {
     /// caller then writes zeros itself if it needs them.
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
-        Err(Error::unsupported(
-            "punching holes is not supported by this storage",
-        ))
+        Err(Error::unsupported("punching holes is not supported by this storage"))
     }
 
     /// Reserves host space for `[offset, offset + len)` (growing the storage
     /// if the range ends past its end). `Unsupported` where the host cannot.
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         let _ = (offset, len);
-        Err(Error::unsupported(
-            "preallocation is not supported by this storage",
-        ))
+        Err(Error::unsupported("preallocation is not supported by this storage"))
     }
 
     /// Describes the run that starts at `offset` (which must be below
@@ -96,12 +92,9 @@ pub trait Storage: Send + Sync + fmt::Debug {
 }
 
 fn range_end(offset: u64, len: usize) -> Result<u64> {
-    offset.checked_add(len as u64).ok_or_else(|| {
-        Error::new(
-            ErrorKind::OutOfBounds,
-            format!("offset {offset} + length {len} overflows"),
-        )
-    })
+    offset
+        .checked_add(len as u64)
+        .ok_or_else(|| Error::new(ErrorKind::OutOfBounds, format!("offset {offset} + length {len} overflows")))
 }
 
 /// A host file accessed with positional I/O (`pread`/`pwrite`).
@@ -128,17 +121,7 @@ impl FileStorage {
         Self::from_file(file, path, read_only)
     }
 
-    /// Opens an existing file and takes its image locks ([`crate::lock`])
-    /// for `mode`: a conflicting user makes this fail with
-    /// [`ErrorKind::Busy`].
-    pub fn open_locked(path: impl AsRef<Path>, read_only: bool, mode: LockMode) -> Result<Self> {
-        let mut s = Self::open(path, read_only)?;
-        s.lock(mode)?;
-        Ok(s)
-    }
-
-    /// Creates a new file; fails if it exists. The new file is locked as a
-    /// writer ([`LockMode::Auto`]).
+    /// Creates a new file; fails if it exists.
     pub fn create_new(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -171,6 +154,15 @@ impl FileStorage {
         Ok(s)
     }
 
+    /// Opens an existing file and takes its image locks ([`crate::lock`])
+    /// for `mode`: a conflicting user makes this fail with
+    /// [`ErrorKind::Busy`].
+    pub fn open_locked(path: impl AsRef<Path>, read_only: bool, mode: LockMode) -> Result<Self> {
+        let mut s = Self::open(path, read_only)?;
+        s.lock(mode)?;
+        Ok(s)
+    }
+
     /// Takes the QEMU-compatible image locks for `mode` and this storage's
     /// access (read-only or read-write). Call once, right after opening.
     pub fn lock(&mut self, mode: LockMode) -> Result<()> {
@@ -183,9 +175,7 @@ impl FileStorage {
     /// one file twice still opens.
     pub fn lock_as(&mut self, mode: LockMode, access: Access) -> Result<()> {
         if self.lock != Held::None {
-            return Err(
-                Error::internal("the file's image locks were already taken").with_path(&self.path)
-            );
+            return Err(Error::internal("the file's image locks were already taken").with_path(&self.path));
         }
         self.lock = lock::lock_file(&self.file, &self.path, mode, access)?;
         Ok(())
@@ -201,27 +191,15 @@ impl FileStorage {
     pub fn from_file(file: File, path: impl AsRef<Path>, read_only: bool) -> Result<Self> {
         use std::os::unix::fs::FileTypeExt;
         let path = path.as_ref();
-        let ft = file
-            .metadata()
-            .map_err(|e| Error::io("cannot stat file", e).with_path(path))?
-            .file_type();
+        let ft = file.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?.file_type();
         if !(ft.is_file() || ft.is_block_device()) {
-            return Err(
-                Error::invalid_argument("not a regular file or block device").with_path(path),
-            );
+            return Err(Error::invalid_argument("not a regular file or block device").with_path(path));
         }
-        Ok(FileStorage {
-            file,
-            path: path.to_path_buf(),
-            read_only,
-            lock: Held::None,
-        })
+        Ok(FileStorage { file, path: path.to_path_buf(), read_only, lock: Held::None })
     }
 
     fn err(&self, what: &str, e: std::io::Error, offset: u64) -> Error {
-        Error::io(what.to_string(), e)
-            .with_path(&self.path)
-            .with_offset(offset)
+        Error::io(what.to_string(), e).with_path(&self.path).with_offset(offset)
     }
 }
 
@@ -250,23 +228,16 @@ impl Storage for FileStorage {
             return Err(Error::read_only("write").with_path(&self.path));
         }
         range_end(offset, buf.len())?;
-        self.file
-            .write_all_at(buf, offset)
-            .map_err(|e| self.err("write failed", e, offset))
+        self.file.write_all_at(buf, offset).map_err(|e| self.err("write failed", e, offset))
     }
 
     fn len(&self) -> Result<u64> {
         use std::os::unix::fs::FileTypeExt;
-        let md = self
-            .file
-            .metadata()
-            .map_err(|e| self.err("stat failed", e, 0))?;
+        let md = self.file.metadata().map_err(|e| self.err("stat failed", e, 0))?;
         if md.file_type().is_block_device() {
             use std::io::Seek;
             let mut f = &self.file;
-            return f
-                .seek(std::io::SeekFrom::End(0))
-                .map_err(|e| self.err("seek failed", e, 0));
+            return f.seek(std::io::SeekFrom::End(0)).map_err(|e| self.err("seek failed", e, 0));
         }
         Ok(md.len())
     }
@@ -275,34 +246,28 @@ impl Storage for FileStorage {
         if self.read_only {
             return Err(Error::read_only("truncate").with_path(&self.path));
         }
-        self.file
-            .set_len(len)
-            .map_err(|e| self.err("truncate failed", e, len))
+        self.file.set_len(len).map_err(|e| self.err("truncate failed", e, len))
     }
 
     fn sync(&self) -> Result<()> {
         if self.read_only {
             return Ok(());
         }
-        self.file
-            .sync_data()
-            .map_err(|e| self.err("fsync failed", e, 0))
+        self.file.sync_data().map_err(|e| self.err("fsync failed", e, 0))
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::read_only("discard").with_path(&self.path));
         }
-        sys::punch_hole(self.file.as_fd(), offset, len)
-            .map_err(|e| self.err("punching a hole failed", e, offset))
+        sys::punch_hole(self.file.as_fd(), offset, len).map_err(|e| self.err("punching a hole failed", e, offset))
     }
 
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
         if self.read_only {
             return Err(Error::read_only("preallocate").with_path(&self.path));
         }
-        sys::fallocate(self.file.as_fd(), offset, len)
-            .map_err(|e| self.err("fallocate failed", e, offset))
+        sys::fallocate(self.file.as_fd(), offset, len).map_err(|e| self.err("fallocate failed", e, offset))
     }
 
     fn region(&self, offset: u64) -> Result<(bool, u64)> {
@@ -325,10 +290,7 @@ impl Storage for FileStorage {
 
     fn allocated_bytes(&self) -> Option<u64> {
         use std::os::unix::fs::MetadataExt;
-        self.file
-            .metadata()
-            .ok()
-            .map(|m| m.blocks().saturating_mul(512))
+        self.file.metadata().ok().map(|m| m.blocks().saturating_mul(512))
     }
 
     fn is_read_only(&self) -> bool {
@@ -364,20 +326,12 @@ impl MemStorage {
 
     /// An empty storage that refuses to grow past `limit` bytes.
     pub fn with_limit(limit: u64) -> Self {
-        MemStorage {
-            data: RwLock::new(Vec::new()),
-            limit,
-            read_only: false,
-        }
+        MemStorage { data: RwLock::new(Vec::new()), limit, read_only: false }
     }
 
     /// A storage holding `bytes`.
     pub fn from_vec(bytes: Vec<u8>) -> Self {
-        MemStorage {
-            data: RwLock::new(bytes),
-            limit: u64::MAX,
-            read_only: false,
-        }
+        MemStorage { data: RwLock::new(bytes), limit: u64::MAX, read_only: false }
     }
 
     /// Sets the length limit.
@@ -399,13 +353,9 @@ impl MemStorage {
 
     fn check_len(&self, end: u64) -> Result<usize> {
         if end > self.limit {
-            return Err(Error::limit(format!(
-                "memory storage limit of {} bytes reached (wanted {end})",
-                self.limit
-            )));
+            return Err(Error::limit(format!("memory storage limit of {} bytes reached (wanted {end})", self.limit)));
         }
-        usize::try_from(end)
-            .map_err(|_| Error::limit(format!("length {end} does not fit in memory")))
+        usize::try_from(end).map_err(|_| Error::limit(format!("length {end} does not fit in memory")))
     }
 }
 
@@ -606,10 +556,7 @@ impl FaultyStorage {
 }
 
 fn fault_error() -> Error {
-    Error::io(
-        "injected fault",
-        std::io::Error::other("FaultyStorage: operation budget exhausted"),
-    )
+    Error::io("injected fault", std::io::Error::other("FaultyStorage: operation budget exhausted"))
 }
 
 fn apply(img: &mut Vec<u8>, op: &PendingOp) {
@@ -844,9 +791,6 @@ mod tests {
         assert!(data);
         assert!(FileStorage::create_new(&p).is_err());
         let ro = FileStorage::open(&p, true).unwrap();
-        assert_eq!(
-            ro.write_at(&[1], 0).unwrap_err().kind(),
-            ErrorKind::ReadOnly
-        );
+        assert_eq!(ro.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
     }
 }

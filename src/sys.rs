@@ -136,8 +136,7 @@ pub fn ofd_setlk(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -> io
         let fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_SETLK) reads the flock struct we pass by pointer,
         // which lives on this stack frame for the whole call.
-        let r =
-            unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_SETLK, &fl as *const libc::flock) };
         if r == 0 {
             Ok(())
         } else {
@@ -159,13 +158,7 @@ pub fn ofd_conflicts(fd: BorrowedFd<'_>, kind: LockType, start: u64, len: u64) -
         let mut fl = flock_struct(kind, start, len)?;
         // SAFETY: fcntl(F_OFD_GETLK) reads and writes the flock struct we pass
         // by pointer, which lives on this stack frame for the whole call.
-        let r = unsafe {
-            libc::fcntl(
-                fd.as_raw_fd(),
-                libc::F_OFD_GETLK,
-                &mut fl as *mut libc::flock,
-            )
-        };
+        let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
         if r == 0 {
             Ok(fl.l_type != libc::F_UNLCK as libc::c_short)
         } else {
@@ -221,14 +214,7 @@ pub fn openat(
     // SAFETY: `name` is a NUL-terminated string that outlives the call, the
     // variadic mode argument is passed as the promoted unsigned int openat
     // reads when O_CREAT/O_TMPFILE is set, and dir is a live descriptor.
-    let fd = unsafe {
-        libc::openat(
-            dir.as_raw_fd(),
-            name.as_ptr(),
-            flags | libc::O_CLOEXEC,
-            libc::c_uint::from(mode),
-        )
-    };
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags | libc::O_CLOEXEC, libc::c_uint::from(mode)) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -264,22 +250,12 @@ pub fn unlinkat(dir: BorrowedFd<'_>, name: &std::ffi::CStr, remove_dir: bool) ->
 /// anything at `new` (`renameat2(RENAME_NOREPLACE)`; where the filesystem
 /// cannot do that, `linkat` + `unlinkat`, which cannot replace either).
 /// `AlreadyExists` when `new` exists, whatever it is (a dangling symlink too).
-pub fn rename_noreplace(
-    dir: BorrowedFd<'_>,
-    old: &std::ffi::CStr,
-    new: &std::ffi::CStr,
-) -> io::Result<()> {
+pub fn rename_noreplace(dir: BorrowedFd<'_>, old: &std::ffi::CStr, new: &std::ffi::CStr) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: both names are NUL-terminated and outlive the call; dir is live.
         let r = unsafe {
-            libc::renameat2(
-                dir.as_raw_fd(),
-                old.as_ptr(),
-                dir.as_raw_fd(),
-                new.as_ptr(),
-                libc::RENAME_NOREPLACE,
-            )
+            libc::renameat2(dir.as_raw_fd(), old.as_ptr(), dir.as_raw_fd(), new.as_ptr(), libc::RENAME_NOREPLACE)
         };
         if r == 0 {
             return Ok(());
@@ -291,15 +267,7 @@ pub fn rename_noreplace(
     }
     // SAFETY: as above; linkat with flags 0 does not follow `old` if it is
     // a symlink and fails with EEXIST when `new` exists.
-    let r = unsafe {
-        libc::linkat(
-            dir.as_raw_fd(),
-            old.as_ptr(),
-            dir.as_raw_fd(),
-            new.as_ptr(),
-            0,
-        )
-    };
+    let r = unsafe { libc::linkat(dir.as_raw_fd(), old.as_ptr(), dir.as_raw_fd(), new.as_ptr(), 0) };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -309,11 +277,7 @@ pub fn rename_noreplace(
 /// `flock(fd, LOCK_SH|LOCK_EX)`, waiting for it. Released when the
 /// descriptor closes.
 pub fn flock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<()> {
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
+    let op = if exclusive { libc::LOCK_EX } else { libc::LOCK_SH };
     loop {
         // SAFETY: flock only reads its integer arguments; fd is live.
         let r = unsafe { libc::flock(fd.as_raw_fd(), op) };

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use common::{have_qemu, qemu_img};
 use vdisk::pool::{
-    CloneOptions, Pool, PoolDef, Registry, RegistryPaths, UploadOptions, VolType, VolumeSpec,
-    WipeAlgorithm,
+    CloneOptions, Pool, PoolDef, Registry, RegistryPaths, UploadOptions, VolType, VolumeSpec, WipeAlgorithm,
 };
 use vdisk::{BlockDevice, ErrorKind, Format};
 
@@ -27,18 +26,11 @@ fn env() -> Env {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().to_path_buf();
     let reg = Registry::open(RegistryPaths::new(root.join("config")).without_libvirt()).unwrap();
-    Env {
-        _tmp: tmp,
-        root,
-        reg,
-    }
+    Env { _tmp: tmp, root, reg }
 }
 
 fn started(e: &Env, name: &str) -> Pool {
-    let p = e
-        .reg
-        .define(PoolDef::dir(name, e.root.join(name)).unwrap())
-        .unwrap();
+    let p = e.reg.define(PoolDef::dir(name, e.root.join(name)).unwrap()).unwrap();
     p.build().unwrap();
     p.start().unwrap();
     p
@@ -53,10 +45,7 @@ fn qemu_json(path: &Path) -> serde_json::Value {
 fn pool_lifecycle() {
     let e = env();
     let target = e.root.join("images");
-    let p = e
-        .reg
-        .define(PoolDef::dir("images", &target).unwrap())
-        .unwrap();
+    let p = e.reg.define(PoolDef::dir("images", &target).unwrap()).unwrap();
     assert!(!p.is_active());
     assert!(e.root.join("config/images.xml").is_file());
     assert_eq!(p.start().unwrap_err().kind(), ErrorKind::NotFound);
@@ -81,19 +70,12 @@ fn pool_lifecycle() {
     // Autostart link, as libvirt lays it out.
     let p = p.set_autostart(true).unwrap();
     let link = e.root.join("config/autostart/images.xml");
-    assert!(std::fs::symlink_metadata(&link)
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
     assert!(reg2.pool("images").unwrap().autostart());
     let p = p.set_autostart(false).unwrap();
     assert!(!link.exists());
     // A volume keeps the directory from being deleted.
-    p.create_volume(
-        &VolumeSpec::new("v.raw", 1 << 20, Format::Raw).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("v.raw", 1 << 20, Format::Raw).unwrap(), None).unwrap();
     assert!(p.undefine().is_err(), "undefine while active");
     assert!(p.delete().is_err(), "delete while active");
     p.destroy().unwrap();
@@ -107,28 +89,16 @@ fn pool_lifecycle() {
     assert!(!target.exists());
     p.undefine().unwrap();
     assert!(!e.root.join("config/images.xml").exists());
-    assert_eq!(
-        e.reg.pool("images").unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
+    assert_eq!(e.reg.pool("images").unwrap_err().kind(), ErrorKind::NotFound);
 }
 
 #[test]
 fn duplicate_definitions_are_refused() {
     let e = env();
-    let a = e
-        .reg
-        .define(PoolDef::dir("a", e.root.join("a")).unwrap())
-        .unwrap();
+    let a = e.reg.define(PoolDef::dir("a", e.root.join("a")).unwrap()).unwrap();
     // Same name, different uuid.
-    let err = e
-        .reg
-        .define(PoolDef::dir("a", e.root.join("other")).unwrap())
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("already defined with uuid"),
-        "{err}"
-    );
+    let err = e.reg.define(PoolDef::dir("a", e.root.join("other")).unwrap()).unwrap_err();
+    assert!(err.to_string().contains("already defined with uuid"), "{err}");
     // Same uuid, different name.
     let xml = format!(
         "<pool type='dir'><name>b</name><uuid>{}</uuid><target><path>{}</path></target></pool>",
@@ -136,20 +106,13 @@ fn duplicate_definitions_are_refused() {
         e.root.join("b").display()
     );
     let err = e.reg.define_xml(&xml).unwrap_err();
-    assert!(
-        err.to_string().contains("already exists with uuid"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("already exists with uuid"), "{err}");
     // Same target, also through a symlink and with a trailing slash.
     std::fs::create_dir(e.root.join("a")).unwrap();
     std::os::unix::fs::symlink(e.root.join("a"), e.root.join("alias")).unwrap();
     for t in [e.root.join("a"), e.root.join("alias"), e.root.join("a/")] {
         let err = e.reg.define(PoolDef::dir("c", &t).unwrap()).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("Storage source conflict with pool: 'a'"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("Storage source conflict with pool: 'a'"), "{err}");
     }
     // Redefining the same pool is an update.
     let xml = a.def().to_xml();
@@ -183,20 +146,12 @@ fn libvirt_directory_is_read_only() {
     assert!(p.autostart());
     // Autostart pools come up on the first registry of a boot.
     assert!(p.is_active());
-    p.create_volume(
-        &VolumeSpec::new("x.qcow2", 1 << 20, Format::Qcow2).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("x.qcow2", 1 << 20, Format::Qcow2).unwrap(), None).unwrap();
     assert!(p.undefine().is_err());
     assert!(p.set_autostart(false).is_err());
-    let err = reg
-        .define(PoolDef::dir("default", tmp.path().join("z")).unwrap())
-        .unwrap_err();
+    let err = reg.define(PoolDef::dir("default", tmp.path().join("z")).unwrap()).unwrap_err();
     assert!(err.to_string().contains("defined by libvirt"), "{err}");
-    let err = reg
-        .define(PoolDef::dir("mine", &target).unwrap())
-        .unwrap_err();
+    let err = reg.define(PoolDef::dir("mine", &target).unwrap()).unwrap_err();
     assert!(err.to_string().contains("conflict"), "{err}");
     p.destroy().unwrap();
     assert_eq!(snapshot(&lv), before, "libvirt's directory was modified");
@@ -210,10 +165,7 @@ fn walk(d: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         if md.is_dir() {
             out.extend(walk(&p));
         } else if md.file_type().is_symlink() {
-            out.push((
-                p.clone(),
-                std::fs::read_link(&p).unwrap().into_os_string().into_vec(),
-            ));
+            out.push((p.clone(), std::fs::read_link(&p).unwrap().into_os_string().into_vec()));
         } else {
             out.push((p.clone(), std::fs::read(&p).unwrap()));
         }
@@ -232,42 +184,24 @@ fn volumes_agree_with_qemu_img() {
     let p = started(&e, "p");
     let t = p.canonical_target();
     // Made by vdisk.
-    p.create_volume(
-        &VolumeSpec::new("a.raw", 10 << 20, Format::Raw).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("a.raw", 10 << 20, Format::Raw).unwrap(), None).unwrap();
     let mut full = VolumeSpec::new("full.raw", 3 << 20, Format::Raw).unwrap();
     full.allocation = None;
     p.create_volume(&full, None).unwrap();
-    p.create_volume(
-        &VolumeSpec::new("b.qcow2", 8 << 30, Format::Qcow2).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("b.qcow2", 8 << 30, Format::Qcow2).unwrap(), None).unwrap();
     let mut pre = VolumeSpec::new("pre.qcow2", 64 << 20, Format::Qcow2).unwrap();
     pre.prealloc_metadata = true;
     p.create_volume(&pre, None).unwrap();
-    p.create_volume(
-        &VolumeSpec::new("c.vmdk", 100 << 20, Format::Vmdk).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("c.vmdk", 100 << 20, Format::Vmdk).unwrap(), None).unwrap();
     let base = p.volume("b.qcow2").unwrap();
     p.create_volume(
-        &VolumeSpec::new("linked.qcow2", 0, Format::Qcow2)
-            .unwrap()
-            .backing(base.path(), Format::Qcow2),
+        &VolumeSpec::new("linked.qcow2", 0, Format::Qcow2).unwrap().backing(base.path(), Format::Qcow2),
         None,
     )
     .unwrap();
     // Made by qemu-img.
     for (n, f, extra) in [
-        (
-            "q.qcow2",
-            "qcow2",
-            vec!["-o", "cluster_size=4096,compat=0.10"],
-        ),
+        ("q.qcow2", "qcow2", vec!["-o", "cluster_size=4096,compat=0.10"]),
         ("q.raw", "raw", vec![]),
         ("q.vmdk", "vmdk", vec![]),
         ("qflat.vmdk", "vmdk", vec!["-o", "subformat=monolithicFlat"]),
@@ -302,10 +236,7 @@ fn volumes_agree_with_qemu_img() {
         checked += 1;
     }
     assert_eq!(checked, 10);
-    let linked = vols
-        .iter()
-        .find(|v| v.name_lossy() == "linked.qcow2")
-        .unwrap();
+    let linked = vols.iter().find(|v| v.name_lossy() == "linked.qcow2").unwrap();
     let b = linked.backing.as_ref().unwrap();
     assert_eq!(b.path, base.path());
     assert_eq!(b.format.as_deref(), Some("qcow2"));
@@ -335,58 +266,26 @@ fn clone_wipe_resize_upload_download() {
     let e = env();
     let p = started(&e, "p");
     let q = started(&e, "q");
-    let src = p
-        .create_volume(
-            &VolumeSpec::new("src.qcow2", 32 << 20, Format::Qcow2).unwrap(),
-            None,
-        )
-        .unwrap();
+    let src = p.create_volume(&VolumeSpec::new("src.qcow2", 32 << 20, Format::Qcow2).unwrap(), None).unwrap();
     {
         let d = src.open(false).unwrap();
         d.write_at(&[1u8; 100_000], 3 << 20).unwrap();
         d.write_at(&[2u8; 4096], 30 << 20).unwrap();
         d.flush().unwrap();
     }
-    for (name, fmt) in [
-        ("c.raw", Format::Raw),
-        ("c.vmdk", Format::Vmdk),
-        ("c.qcow2", Format::Qcow2),
-    ] {
-        let c = q
-            .clone_volume(
-                &src,
-                name,
-                &CloneOptions {
-                    format: Some(fmt),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+    for (name, fmt) in [("c.raw", Format::Raw), ("c.vmdk", Format::Vmdk), ("c.qcow2", Format::Qcow2)] {
+        let c = q.clone_volume(&src, name, &CloneOptions { format: Some(fmt), ..Default::default() }).unwrap();
         let (code, out, err) = common::run_status(
             "qemu-img",
-            &[
-                "compare",
-                "-U",
-                src.path().to_str().unwrap(),
-                c.path().to_str().unwrap(),
-            ],
+            &["compare", "-U", src.path().to_str().unwrap(), c.path().to_str().unwrap()],
         );
         assert_eq!(code, 0, "{name}: {out}{err}");
         let info = c.info().unwrap();
         assert_eq!(info.format, Some(fmt));
-        assert!(
-            info.allocation < 4 << 20,
-            "{name}: holes kept ({})",
-            info.allocation
-        );
+        assert!(info.allocation < 4 << 20, "{name}: holes kept ({})", info.allocation);
     }
     // The clone target must be new.
-    assert_eq!(
-        q.clone_volume(&src, "c.raw", &CloneOptions::default())
-            .unwrap_err()
-            .kind(),
-        ErrorKind::AlreadyExists
-    );
+    assert_eq!(q.clone_volume(&src, "c.raw", &CloneOptions::default()).unwrap_err().kind(), ErrorKind::AlreadyExists);
     // Resize: grow, refuse to shrink without the flag.
     let r = q.volume("c.raw").unwrap();
     assert_eq!(r.resize(64 << 20, false).unwrap(), 64 << 20);
@@ -394,35 +293,18 @@ fn clone_wipe_resize_upload_download() {
     assert_eq!(r.resize(32 << 20, true).unwrap(), 32 << 20);
     let qv = q.volume("c.qcow2").unwrap();
     qv.resize(1 << 30, false).unwrap();
-    assert_eq!(
-        qemu_json(&qv.path())["virtual-size"].as_u64(),
-        Some(1 << 30)
-    );
+    assert_eq!(qemu_json(&qv.path())["virtual-size"].as_u64(), Some(1 << 30));
     // Download the raw clone sparsely, upload it into a new raw volume.
     let out = e.root.join("dl.raw");
     let f = std::fs::File::create(&out).unwrap();
-    let n = r
-        .download_to_file(
-            &f,
-            &UploadOptions {
-                sparse: true,
-                ..Default::default()
-            },
-            None,
-        )
-        .unwrap();
+    let n = r.download_to_file(&f, &UploadOptions { sparse: true, ..Default::default() }, None).unwrap();
     assert_eq!(n, 32 << 20);
     drop(f);
     let md = std::fs::metadata(&out).unwrap();
     use std::os::unix::fs::MetadataExt;
     assert_eq!(md.len(), 32 << 20);
     assert!(md.blocks() * 512 < 4 << 20, "download kept holes");
-    let up = q
-        .create_volume(
-            &VolumeSpec::new("up.raw", 32 << 20, Format::Raw).unwrap(),
-            None,
-        )
-        .unwrap();
+    let up = q.create_volume(&VolumeSpec::new("up.raw", 32 << 20, Format::Raw).unwrap(), None).unwrap();
     let seen = std::sync::atomic::AtomicU64::new(0);
     let prog = |d: u64, _t: u64| {
         seen.store(d, std::sync::atomic::Ordering::Relaxed);
@@ -430,37 +312,19 @@ fn clone_wipe_resize_upload_download() {
     let n = up
         .upload(
             &mut std::fs::File::open(&out).unwrap(),
-            &UploadOptions {
-                sparse: true,
-                ..Default::default()
-            },
+            &UploadOptions { sparse: true, ..Default::default() },
             Some(&prog),
         )
         .unwrap();
     assert_eq!(n, 32 << 20);
     assert_eq!(seen.load(std::sync::atomic::Ordering::Relaxed), 32 << 20);
     assert!(up.info().unwrap().allocation < 4 << 20);
-    let (code, _, err) = common::run_status(
-        "qemu-img",
-        &[
-            "compare",
-            "-U",
-            src.path().to_str().unwrap(),
-            up.path().to_str().unwrap(),
-        ],
-    );
+    let (code, _, err) =
+        common::run_status("qemu-img", &["compare", "-U", src.path().to_str().unwrap(), up.path().to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     // A raw volume's upload range is checked.
     let err = up
-        .upload(
-            &mut std::io::repeat(1),
-            &UploadOptions {
-                offset: 32 << 20,
-                length: Some(1),
-                sparse: false,
-            },
-            None,
-        )
+        .upload(&mut std::io::repeat(1), &UploadOptions { offset: 32 << 20, length: Some(1), sparse: false }, None)
         .unwrap_err();
     assert!(err.to_string().contains("capacity"), "{err}");
     // Wipe: zeros keep a sparse file sparse; random fills; both end raw.
@@ -483,37 +347,20 @@ fn clone_wipe_resize_upload_download() {
 fn volume_in_use_is_not_deleted_or_changed() {
     let e = env();
     let p = started(&e, "p");
-    let v = p
-        .create_volume(
-            &VolumeSpec::new("vm.qcow2", 1 << 20, Format::Qcow2).unwrap(),
-            None,
-        )
-        .unwrap();
+    let v = p.create_volume(&VolumeSpec::new("vm.qcow2", 1 << 20, Format::Qcow2).unwrap(), None).unwrap();
     // In use by this process.
     let dev = v.open(false).unwrap();
-    for err in [
-        v.delete().unwrap_err(),
-        v.wipe(WipeAlgorithm::Zero, None).unwrap_err(),
-        v.resize(2 << 20, false).unwrap_err(),
-    ] {
+    for err in
+        [v.delete().unwrap_err(), v.wipe(WipeAlgorithm::Zero, None).unwrap_err(), v.resize(2 << 20, false).unwrap_err()]
+    {
         assert_eq!(err.kind(), ErrorKind::Busy, "{err}");
     }
     drop(dev);
     // In use by another process holding QEMU locks (a plain open file
     // description with a write lock stands in for a VM here; the qemu-io
     // case is in pool_lock.rs).
-    let other = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(v.path())
-        .unwrap();
-    vdisk::lock::lock_file(
-        &other,
-        &v.path(),
-        vdisk::LockMode::Auto,
-        vdisk::lock::Access::ReadWrite,
-    )
-    .unwrap();
+    let other = std::fs::OpenOptions::new().read(true).write(true).open(v.path()).unwrap();
+    vdisk::lock::lock_file(&other, &v.path(), vdisk::LockMode::Auto, vdisk::lock::Access::ReadWrite).unwrap();
     let err = v.delete().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("in use"), "{err}");
@@ -529,12 +376,7 @@ fn qemu_running_blocks_delete() {
     }
     let e = env();
     let p = started(&e, "p");
-    let v = p
-        .create_volume(
-            &VolumeSpec::new("vm.qcow2", 1 << 20, Format::Qcow2).unwrap(),
-            None,
-        )
-        .unwrap();
+    let v = p.create_volume(&VolumeSpec::new("vm.qcow2", 1 << 20, Format::Qcow2).unwrap(), None).unwrap();
     let mut child = std::process::Command::new("qemu-io")
         .args(["-f", "qcow2"])
         .arg(v.path())
@@ -577,10 +419,7 @@ fn hostile_names_are_refused() {
         &long,
     ];
     for n in names {
-        let spec = VolumeSpec {
-            name: n.to_string(),
-            ..VolumeSpec::new("ok", 1 << 20, Format::Raw).unwrap()
-        };
+        let spec = VolumeSpec { name: n.to_string(), ..VolumeSpec::new("ok", 1 << 20, Format::Raw).unwrap() };
         let err = p.create_volume(&spec, None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{n:?}: {err}");
     }
@@ -599,33 +438,21 @@ fn symlinks_are_never_written_through() {
     std::fs::write(&outside, vec![0xabu8; 1 << 20]).unwrap();
     let link = p.canonical_target().join("link.img");
     std::os::unix::fs::symlink(&outside, &link).unwrap();
-    std::os::unix::fs::symlink(
-        e.root.join("missing"),
-        p.canonical_target().join("dangling"),
-    )
-    .unwrap();
+    std::os::unix::fs::symlink(e.root.join("missing"), p.canonical_target().join("dangling")).unwrap();
     let (vols, _) = p.refresh().unwrap();
     let l = vols.iter().find(|v| v.name_lossy() == "link.img").unwrap();
     assert_eq!(l.kind, VolType::Symlink);
-    assert!(
-        l.error.as_deref().unwrap().contains("outside the pool"),
-        "{:?}",
-        l.error
-    );
+    assert!(l.error.as_deref().unwrap().contains("outside the pool"), "{:?}", l.error);
     let d = vols.iter().find(|v| v.name_lossy() == "dangling").unwrap();
     assert!(d.error.as_deref().unwrap().contains("dangling"));
     let v = p.volume("link.img").unwrap();
     assert!(v.wipe(WipeAlgorithm::Zero, None).is_err());
-    assert!(v
-        .upload(&mut std::io::repeat(0), &UploadOptions::default(), None)
-        .is_err());
+    assert!(v.upload(&mut std::io::repeat(0), &UploadOptions::default(), None).is_err());
     assert!(v.resize(2 << 20, false).is_err());
     assert!(v.open(false).is_err());
     // Creating over the link (or the dangling one) is refused.
     for n in ["link.img", "dangling"] {
-        let err = p
-            .create_volume(&VolumeSpec::new(n, 4096, Format::Raw).unwrap(), None)
-            .unwrap_err();
+        let err = p.create_volume(&VolumeSpec::new(n, 4096, Format::Raw).unwrap(), None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists, "{n}");
     }
     assert!(!e.root.join("missing").exists());
@@ -634,18 +461,11 @@ fn symlinks_are_never_written_through() {
     assert!(!link.exists());
     assert_eq!(std::fs::read(&outside).unwrap(), vec![0xabu8; 1 << 20]);
     // A link inside the pool is probed through (read-only).
-    p.create_volume(
-        &VolumeSpec::new("real.qcow2", 1 << 20, Format::Qcow2).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("real.qcow2", 1 << 20, Format::Qcow2).unwrap(), None).unwrap();
     std::os::unix::fs::symlink("real.qcow2", p.canonical_target().join("alias")).unwrap();
     let vols = p.volumes().unwrap();
     let a = vols.iter().find(|v| v.name_lossy() == "alias").unwrap();
-    assert_eq!(
-        (a.kind, a.format, a.capacity),
-        (VolType::Symlink, Some(Format::Qcow2), 1 << 20)
-    );
+    assert_eq!((a.kind, a.format, a.capacity), (VolType::Symlink, Some(Format::Qcow2), 1 << 20));
 }
 
 #[test]
@@ -660,28 +480,19 @@ fn fifos_sockets_and_devices_are_refused() {
     for n in ["pipe", "sock"] {
         let v = vols.iter().find(|v| v.name_lossy() == n).unwrap();
         assert_eq!(v.kind, VolType::Other);
-        assert!(
-            v.error.as_deref().unwrap().contains("not a volume"),
-            "{:?}",
-            v.error
-        );
+        assert!(v.error.as_deref().unwrap().contains("not a volume"), "{:?}", v.error);
         let vol = p.volume(n).unwrap();
         assert!(vol.open(true).is_err());
         assert!(vol.wipe(WipeAlgorithm::Zero, None).is_err());
         assert!(vol.delete().is_err());
-        assert!(vol
-            .upload(&mut std::io::empty(), &UploadOptions::default(), None)
-            .is_err());
+        assert!(vol.upload(&mut std::io::empty(), &UploadOptions::default(), None).is_err());
     }
     assert!(fifo.exists());
 }
 
 /// mkfifo through the `mkfifo` tool: tests stay free of `unsafe`.
 fn unsafe_free_mkfifo(path: &std::ffi::CStr) -> i32 {
-    let st = std::process::Command::new("mkfifo")
-        .arg(OsStr::from_bytes(path.to_bytes()))
-        .status()
-        .unwrap();
+    let st = std::process::Command::new("mkfifo").arg(OsStr::from_bytes(path.to_bytes())).status().unwrap();
     if st.success() {
         0
     } else {
@@ -696,18 +507,12 @@ fn create_never_overwrites() {
     let existing = p.canonical_target().join("taken.img");
     std::fs::write(&existing, b"keep me").unwrap();
     for f in [Format::Raw, Format::Qcow2, Format::Vmdk] {
-        let err = p
-            .create_volume(&VolumeSpec::new("taken.img", 1 << 20, f).unwrap(), None)
-            .unwrap_err();
+        let err = p.create_volume(&VolumeSpec::new("taken.img", 1 << 20, f).unwrap(), None).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::AlreadyExists);
         assert!(err.to_string().contains("exists already"), "{err}");
     }
     assert_eq!(std::fs::read(&existing).unwrap(), b"keep me");
-    assert_eq!(
-        std::fs::read_dir(p.canonical_target()).unwrap().count(),
-        1,
-        "no temp left"
-    );
+    assert_eq!(std::fs::read_dir(p.canonical_target()).unwrap().count(), 1, "no temp left");
 }
 
 #[test]
@@ -738,10 +543,7 @@ fn two_threads_one_name_one_winner() {
         let v = p.volume(&name).unwrap().info().unwrap();
         assert!(v.error.is_none(), "{:?}", v.error);
     }
-    let entries: Vec<_> = std::fs::read_dir(p.canonical_target())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let entries: Vec<_> = std::fs::read_dir(p.canonical_target()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(entries.len(), 5, "{entries:?}");
 }
 
@@ -792,13 +594,7 @@ fn crash_before_rename_leaves_only_a_temp_dir() {
     assert_eq!(p.cleanup(Duration::from_secs(3600)).unwrap(), 0);
     // A temp file some process still has locked is left alone.
     let held = std::fs::File::open(tmp.join("half.qcow2")).unwrap();
-    vdisk::lock::lock_file(
-        &held,
-        &tmp,
-        vdisk::LockMode::Auto,
-        vdisk::lock::Access::ReadOnly,
-    )
-    .unwrap();
+    vdisk::lock::lock_file(&held, &tmp, vdisk::LockMode::Auto, vdisk::lock::Access::ReadOnly).unwrap();
     assert_eq!(p.cleanup(Duration::ZERO).unwrap(), 1);
     assert!(tmp.exists());
     drop(held);
@@ -806,11 +602,7 @@ fn crash_before_rename_leaves_only_a_temp_dir() {
     assert!(!tmp.exists());
     assert_eq!(std::fs::read_dir(&t).unwrap().count(), 0);
     // The name is free for a real create.
-    p.create_volume(
-        &VolumeSpec::new("half.qcow2", 1 << 20, Format::Qcow2).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("half.qcow2", 1 << 20, Format::Qcow2).unwrap(), None).unwrap();
 }
 
 #[test]
@@ -819,25 +611,14 @@ fn listing_reuses_probes_until_a_file_changes() {
     let p = started(&e, "p");
     for i in 0..40 {
         let f = [Format::Raw, Format::Qcow2][i % 2];
-        p.create_volume(
-            &VolumeSpec::new(&format!("v{i:02}"), 1 << 20, f).unwrap(),
-            None,
-        )
-        .unwrap();
+        p.create_volume(&VolumeSpec::new(&format!("v{i:02}"), 1 << 20, f).unwrap(), None).unwrap();
     }
-    std::fs::write(
-        p.canonical_target().join("junk"),
-        b"QFI\xfb\0\0\0\x03garbage",
-    )
-    .unwrap();
+    std::fs::write(p.canonical_target().join("junk"), b"QFI\xfb\0\0\0\x03garbage").unwrap();
     std::thread::sleep(Duration::from_millis(50));
     let (cold, r) = p.refresh().unwrap();
     assert_eq!((r.volumes, r.probed, r.reused), (41, 41, 0));
     let junk = cold.iter().find(|v| v.name_lossy() == "junk").unwrap();
-    assert!(
-        junk.error.is_some(),
-        "unparsable files are listed with the reason"
-    );
+    assert!(junk.error.is_some(), "unparsable files are listed with the reason");
     let (warm, r) = p.refresh().unwrap();
     assert_eq!((r.probed, r.reused), (0, 41));
     // Equal but for access times (the cold probe read the files).
@@ -880,12 +661,7 @@ fn listing_reuses_probes_until_a_file_changes() {
 fn recorded_format_is_never_upgraded_by_a_probe() {
     let e = env();
     let p = started(&e, "p");
-    let v = p
-        .create_volume(
-            &VolumeSpec::new("guest.raw", 4 << 20, Format::Raw).unwrap(),
-            None,
-        )
-        .unwrap();
+    let v = p.create_volume(&VolumeSpec::new("guest.raw", 4 << 20, Format::Raw).unwrap(), None).unwrap();
     // The "guest" writes a qcow2 header naming a host file as backing.
     let evil = e.root.join("evil.qcow2");
     qemu_or_build_evil(&evil, &e.root.join("host-secret"));

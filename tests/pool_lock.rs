@@ -34,10 +34,7 @@ impl QemuHolder {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("qemu-io exited early: {st}");
             }
-            assert!(
-                t.elapsed() < Duration::from_secs(10),
-                "qemu-io took no lock"
-            );
+            assert!(t.elapsed() < Duration::from_secs(10), "qemu-io took no lock");
             std::thread::sleep(Duration::from_millis(20));
         }
         QemuHolder { child }
@@ -78,25 +75,12 @@ fn vdisk_refuses_an_image_qemu_writes() {
         assert!(msg.contains("in use"), "{msg}");
         // A plain read-only open does not share write either, like qemu-img
         // info without -U.
-        let e = OpenOptions::new()
-            .format(f)
-            .read_only(true)
-            .open(&p)
-            .unwrap_err();
+        let e = OpenOptions::new().format(f).read_only(true).open(&p).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Busy, "{fmt}: {e}");
         // Force-share reads anyway; locking off ignores everything.
-        let img = OpenOptions::new()
-            .format(f)
-            .read_only(true)
-            .lock(LockMode::ForceShare)
-            .open(&p)
-            .unwrap();
+        let img = OpenOptions::new().format(f).read_only(true).lock(LockMode::ForceShare).open(&p).unwrap();
         drop(img);
-        OpenOptions::new()
-            .format(f)
-            .lock(LockMode::Off)
-            .open(&p)
-            .unwrap();
+        OpenOptions::new().format(f).lock(LockMode::Off).open(&p).unwrap();
         // Creating over it (qemu-img create semantics) is refused before
         // anything is truncated.
         let before = std::fs::read(&p).unwrap();
@@ -110,16 +94,9 @@ fn vdisk_refuses_an_image_qemu_writes() {
     // writers out but lets readers in.
     let p = qcow2(dir.path(), "ro.qcow2");
     let held = QemuHolder::start("qcow2", &p, &["-r"]);
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .open(&p)
-        .unwrap_err();
+    let e = OpenOptions::new().format(Format::Qcow2).open(&p).unwrap_err();
     assert!(e.to_string().contains("\"write\" lock"), "{e}");
-    OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&p)
-        .unwrap();
+    OpenOptions::new().format(Format::Qcow2).read_only(true).open(&p).unwrap();
     drop(held);
 }
 
@@ -134,10 +111,7 @@ fn qemu_refuses_an_image_vdisk_writes() {
     let img = OpenOptions::new().format(Format::Qcow2).open(&p).unwrap();
     let (code, _, err) = run_status("qemu-img", &["info", ps]);
     assert_ne!(code, 0);
-    assert!(
-        err.contains("Failed to get shared \"write\" lock"),
-        "qemu-img info said: {err}"
-    );
+    assert!(err.contains("Failed to get shared \"write\" lock"), "qemu-img info said: {err}");
     assert!(err.contains("Is another process using the image"), "{err}");
     let (code, out, err) = run_status("qemu-io", &["-f", "qcow2", ps, "-c", "read 0 512"]);
     assert!(
@@ -157,16 +131,8 @@ fn qemu_refuses_an_image_vdisk_writes() {
 
     // Two vdisk readers coexist, qemu-img info reads beside them, and a
     // qemu writer is kept out.
-    let r1 = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&p)
-        .unwrap();
-    let r2 = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&p)
-        .unwrap();
+    let r1 = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&p).unwrap();
+    let r2 = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&p).unwrap();
     let (code, _, err) = run_status("qemu-img", &["info", ps]);
     assert_eq!(code, 0, "{err}");
     let (code, out, err) = run_status("qemu-io", &["-f", "qcow2", ps, "-c", "write 0 512"]);
@@ -176,31 +142,17 @@ fn qemu_refuses_an_image_vdisk_writes() {
 
     // Backing files are read-only users of the chain.
     let top = dir.path().join("top.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mine.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mine.qcow2", "-F", "qcow2", top.to_str().unwrap()]);
     let img = OpenOptions::new().format(Format::Qcow2).open(&top).unwrap();
     let (_, out, err) = run_status("qemu-io", &["-f", "qcow2", ps, "-c", "write 0 512"]);
-    assert!(
-        format!("{out}{err}").contains("Failed to get \"write\" lock"),
-        "{out}{err}"
-    );
+    assert!(format!("{out}{err}").contains("Failed to get \"write\" lock"), "{out}{err}");
     let (code, _, err) = run_status("qemu-img", &["info", ps]);
     assert_eq!(code, 0, "{err}");
     drop(img);
 
     // Images vdisk creates are locked while open.
     let created = dir.path().join("new.qcow2");
-    let q = vdisk::Qcow2::create_file(&created, &vdisk::qcow2::create::CreateOptions::new(1 << 20))
-        .unwrap();
+    let q = vdisk::Qcow2::create_file(&created, &vdisk::qcow2::create::CreateOptions::new(1 << 20)).unwrap();
     let (code, _, err) = run_status("qemu-img", &["info", created.to_str().unwrap()]);
     assert_ne!(code, 0);
     assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");

@@ -11,15 +11,8 @@ use vdisk::Format;
 /// Whether virt-xml-validate (and the xmllint it runs) work. Without them
 /// the test fails with an install hint unless `VDISK_SKIP_LIBVIRT=1`.
 fn have_validator() -> bool {
-    let ok = Command::new("xmllint")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-        && Command::new("virt-xml-validate")
-            .arg("--help")
-            .output()
-            .is_ok();
+    let ok = Command::new("xmllint").arg("--version").output().map(|o| o.status.success()).unwrap_or(false)
+        && Command::new("virt-xml-validate").arg("--help").output().is_ok();
     if ok {
         return true;
     }
@@ -35,11 +28,7 @@ fn have_validator() -> bool {
 fn validate(dir: &Path, name: &str, xml: &str, schema: &str) {
     let f = dir.join(name);
     std::fs::write(&f, xml).unwrap();
-    let out = Command::new("virt-xml-validate")
-        .arg(&f)
-        .arg(schema)
-        .output()
-        .unwrap();
+    let out = Command::new("virt-xml-validate").arg(&f).arg(schema).output().unwrap();
     assert!(
         out.status.success(),
         "{name} does not validate as {schema}:\n{xml}\n{}{}",
@@ -107,70 +96,38 @@ fn pool_xml_validates_and_roundtrips() {
         }
         if check {
             validate(d, &format!("{name}-config.xml"), &stored, "storagepool");
-            validate(
-                d,
-                &format!("{name}-live.xml"),
-                &p.xml_desc().unwrap(),
-                "storagepool",
-            );
+            validate(d, &format!("{name}-live.xml"), &p.xml_desc().unwrap(), "storagepool");
         }
         // fs/netfs pools are not mounted here: start is refused, nothing
         // is mounted.
         let err = p.start().unwrap_err();
-        assert!(
-            err.to_string().contains("not mounted") || err.to_string().contains("build it first"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not mounted") || err.to_string().contains("build it first"), "{err}");
     }
     // A dir pool, live and defined.
-    let p = reg
-        .define(PoolDef::dir("images", d.join("images")).unwrap())
-        .unwrap();
+    let p = reg.define(PoolDef::dir("images", d.join("images")).unwrap()).unwrap();
     p.build().unwrap();
     p.start().unwrap();
     if check {
-        validate(
-            d,
-            "dir-config.xml",
-            &std::fs::read_to_string(d.join("cfg/images.xml")).unwrap(),
-            "storagepool",
-        );
+        validate(d, "dir-config.xml", &std::fs::read_to_string(d.join("cfg/images.xml")).unwrap(), "storagepool");
         validate(d, "dir-live.xml", &p.xml_desc().unwrap(), "storagepool");
         validate(d, "dir-def.xml", &p.def().to_xml(), "storagepool");
     }
 
     // Volumes of every kind vdisk describes.
     let t = p.canonical_target();
-    p.create_volume(
-        &VolumeSpec::new("a.raw", 1 << 20, Format::Raw).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("a.raw", 1 << 20, Format::Raw).unwrap(), None).unwrap();
     let base = p
         .create_volume(
-            &VolumeSpec::new("b.qcow2", 1 << 30, Format::Qcow2)
-                .unwrap()
-                .qcow2_option("lazy_refcounts", "on"),
+            &VolumeSpec::new("b.qcow2", 1 << 30, Format::Qcow2).unwrap().qcow2_option("lazy_refcounts", "on"),
             None,
         )
         .unwrap();
-    p.create_volume(
-        &VolumeSpec::new("c.qcow2", 0, Format::Qcow2)
-            .unwrap()
-            .backing(base.path(), Format::Qcow2),
-        None,
-    )
-    .unwrap();
-    let mut enc = VolumeSpec::new("e.qcow2", 1 << 20, Format::Qcow2)
-        .unwrap()
-        .qcow2_option("compat", "0.10");
+    p.create_volume(&VolumeSpec::new("c.qcow2", 0, Format::Qcow2).unwrap().backing(base.path(), Format::Qcow2), None)
+        .unwrap();
+    let mut enc = VolumeSpec::new("e.qcow2", 1 << 20, Format::Qcow2).unwrap().qcow2_option("compat", "0.10");
     enc.encryption = Some(vdisk::qcow2::crypt::Secret::new(b"secret".to_vec()));
     p.create_volume(&enc, None).unwrap();
-    p.create_volume(
-        &VolumeSpec::new("d.vmdk", 1 << 20, Format::Vmdk).unwrap(),
-        None,
-    )
-    .unwrap();
+    p.create_volume(&VolumeSpec::new("d.vmdk", 1 << 20, Format::Vmdk).unwrap(), None).unwrap();
     std::fs::create_dir(t.join("subdir")).unwrap();
     std::os::unix::fs::symlink("a.raw", t.join("alias")).unwrap();
     std::fs::write(t.join("weird & <name>'"), b"x").unwrap();
@@ -181,10 +138,7 @@ fn pool_xml_validates_and_roundtrips() {
         if check {
             validate(
                 d,
-                &format!(
-                    "vol-{}.xml",
-                    v.name_lossy().replace(['/', ' ', '&', '<', '>', '\''], "_")
-                ),
+                &format!("vol-{}.xml", v.name_lossy().replace(['/', ' ', '&', '<', '>', '\''], "_")),
                 &xml,
                 "storagevol",
             );

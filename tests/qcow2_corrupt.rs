@@ -24,14 +24,7 @@ fn read_be(bytes: &[u8], off: usize, width: usize) -> u64 {
 fn base(dir: &Path) -> PathBuf {
     let img = p(dir, "base.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", img.to_str().unwrap(), "4M"]);
-    qemu_io(
-        "qcow2",
-        &img,
-        &[
-            "write -c -P 0x33 128k 64k".into(),
-            "write -P 0x5a 0 128k".into(),
-        ],
-    );
+    qemu_io("qcow2", &img, &["write -c -P 0x33 128k 64k".into(), "write -P 0x5a 0 128k".into()]);
     img
 }
 
@@ -60,31 +53,11 @@ fn l2(img: &[u8]) -> usize {
 }
 
 const POKES: &[Poke] = &[
-    Poke {
-        name: "bad magic",
-        edit: |_| vec![(0, be(0x1234_5678, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
-    Poke {
-        name: "version 4",
-        edit: |_| vec![(4, be(4, 4))],
-        expect: Expect::Open(ErrorKind::Unsupported),
-    },
-    Poke {
-        name: "cluster_bits 8",
-        edit: |_| vec![(20, be(8, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
-    Poke {
-        name: "cluster_bits 22",
-        edit: |_| vec![(20, be(22, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
-    Poke {
-        name: "size 2^62",
-        edit: |_| vec![(24, be(1 << 62, 8))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
+    Poke { name: "bad magic", edit: |_| vec![(0, be(0x1234_5678, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
+    Poke { name: "version 4", edit: |_| vec![(4, be(4, 4))], expect: Expect::Open(ErrorKind::Unsupported) },
+    Poke { name: "cluster_bits 8", edit: |_| vec![(20, be(8, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
+    Poke { name: "cluster_bits 22", edit: |_| vec![(20, be(22, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
+    Poke { name: "size 2^62", edit: |_| vec![(24, be(1 << 62, 8))], expect: Expect::Open(ErrorKind::InvalidImage) },
     Poke {
         name: "crypt_method 1 without key",
         edit: |_| vec![(32, be(1, 4))],
@@ -95,21 +68,13 @@ const POKES: &[Poke] = &[
         edit: |_| vec![(32, be(2, 4))],
         expect: Expect::Open(ErrorKind::Unsupported),
     },
-    Poke {
-        name: "crypt_method 3",
-        edit: |_| vec![(32, be(3, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
+    Poke { name: "crypt_method 3", edit: |_| vec![(32, be(3, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
     Poke {
         name: "l1_size huge",
         edit: |_| vec![(36, be(0x1000_0000, 4))],
         expect: Expect::Open(ErrorKind::InvalidImage),
     },
-    Poke {
-        name: "l1_size 0 for 4 MiB",
-        edit: |_| vec![(36, be(0, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
+    Poke { name: "l1_size 0 for 4 MiB", edit: |_| vec![(36, be(0, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
     Poke {
         name: "l1 offset unaligned",
         edit: |i| vec![(40, be(l1(i) as u64 + 1, 8))],
@@ -175,16 +140,8 @@ const POKES: &[Poke] = &[
         edit: |_| vec![(72, be(1 << 3, 8))],
         expect: Expect::Open(ErrorKind::InvalidImage),
     },
-    Poke {
-        name: "compression type 5",
-        edit: |_| vec![(104, vec![5])],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
-    Poke {
-        name: "refcount_order 7",
-        edit: |_| vec![(96, be(7, 4))],
-        expect: Expect::Open(ErrorKind::InvalidImage),
-    },
+    Poke { name: "compression type 5", edit: |_| vec![(104, vec![5])], expect: Expect::Open(ErrorKind::InvalidImage) },
+    Poke { name: "refcount_order 7", edit: |_| vec![(96, be(7, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
     Poke {
         name: "header_length 100",
         edit: |_| vec![(100, be(100, 4))],
@@ -210,11 +167,7 @@ const POKES: &[Poke] = &[
         edit: |_| vec![(8, be(0x400, 8)), (16, be(2000, 4))],
         expect: Expect::Open(ErrorKind::InvalidImage),
     },
-    Poke {
-        name: "corrupt bit",
-        edit: |_| vec![(72, be(1 << 1, 8))],
-        expect: Expect::OpenRw(ErrorKind::Corrupt),
-    },
+    Poke { name: "corrupt bit", edit: |_| vec![(72, be(1 << 1, 8))], expect: Expect::OpenRw(ErrorKind::Corrupt) },
     Poke {
         name: "L1 entry points at an unaligned L2 table",
         edit: |i| vec![(l1(i), be((l2(i) as u64 + 0x200) | 1 << 63, 8))],
@@ -256,11 +209,7 @@ const POKES: &[Poke] = &[
 ];
 
 fn open(path: &Path, ro: bool) -> vdisk::Result<vdisk::Image> {
-    OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(ro)
-        .backing(BackingPolicy::Never)
-        .open(path)
+    OpenOptions::new().format(Format::Qcow2).read_only(ro).backing(BackingPolicy::Never).open(path)
 }
 
 #[test]
@@ -287,12 +236,10 @@ fn poke_table() {
             Expect::OpenRw(kind) => {
                 let e = open(&path, false).expect_err(poke.name);
                 assert_eq!(e.kind(), kind, "{}: {e}", poke.name);
-                open(&path, true)
-                    .unwrap_or_else(|e| panic!("{}: read-only open failed: {e}", poke.name));
+                open(&path, true).unwrap_or_else(|e| panic!("{}: read-only open failed: {e}", poke.name));
             }
             Expect::Read(kind) => {
-                let dev =
-                    open(&path, true).unwrap_or_else(|e| panic!("{}: open failed: {e}", poke.name));
+                let dev = open(&path, true).unwrap_or_else(|e| panic!("{}: open failed: {e}", poke.name));
                 let mut buf = vec![0u8; 192 << 10];
                 let e = dev.read_at(&mut buf, 0).expect_err(poke.name);
                 assert_eq!(e.kind(), kind, "{}: {e}", poke.name);
@@ -314,10 +261,7 @@ fn error_messages_name_the_field() {
     let e = open(&img, true).unwrap_err();
     assert_eq!(e.field(), Some("cluster_bits"));
     let s = e.to_string();
-    assert!(
-        s.contains("cluster_bits 8") && s.contains("base.qcow2"),
-        "{s}"
-    );
+    assert!(s.contains("cluster_bits 8") && s.contains("base.qcow2"), "{s}");
 }
 
 #[test]
@@ -329,140 +273,49 @@ fn backing_loops_and_depth() {
     // An image that names itself as its backing file.
     let me = p(dir.path(), "self.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", me.to_str().unwrap(), "1M"]);
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-b",
-        "self.qcow2",
-        "-F",
-        "qcow2",
-        me.to_str().unwrap(),
-    ]);
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&me)
-        .unwrap_err();
+    qemu_img(&["rebase", "-u", "-b", "self.qcow2", "-F", "qcow2", me.to_str().unwrap()]);
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&me).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidImage, "{e}");
     assert!(e.to_string().contains("loops"), "{e}");
     // A loop of two.
     let a = p(dir.path(), "a.qcow2");
     let b = p(dir.path(), "b.qcow2");
     qemu_img(&["create", "-q", "-f", "qcow2", a.to_str().unwrap(), "1M"]);
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "a.qcow2",
-        "-F",
-        "qcow2",
-        b.to_str().unwrap(),
-    ]);
-    qemu_img(&[
-        "rebase",
-        "-u",
-        "-b",
-        "b.qcow2",
-        "-F",
-        "qcow2",
-        a.to_str().unwrap(),
-    ]);
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&b)
-        .unwrap_err();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", b.to_str().unwrap()]);
+    qemu_img(&["rebase", "-u", "-b", "b.qcow2", "-F", "qcow2", a.to_str().unwrap()]);
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&b).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidImage, "{e}");
     // A chain of 12 is deeper than the limit of 10.
     let mut prev = "c0.qcow2".to_string();
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        p(dir.path(), &prev).to_str().unwrap(),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", p(dir.path(), &prev).to_str().unwrap(), "1M"]);
     for i in 1..12 {
         let name = format!("c{i}.qcow2");
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            &prev,
-            "-F",
-            "qcow2",
-            p(dir.path(), &name).to_str().unwrap(),
-        ]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-b", &prev, "-F", "qcow2", p(dir.path(), &name).to_str().unwrap()]);
         prev = name;
     }
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(p(dir.path(), &prev))
-        .unwrap_err();
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).open(p(dir.path(), &prev)).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
     // Policy: a backing file without a recorded format is refused by default.
     let nf = p(dir.path(), "nofmt.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "c0.qcow2",
-        "-F",
-        "qcow2",
-        nf.to_str().unwrap(),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "c0.qcow2", "-F", "qcow2", nf.to_str().unwrap()]);
     // Turn the backing format extension into an unknown one.
     let mut bytes = std::fs::read(&nf).unwrap();
-    let at = bytes
-        .windows(4)
-        .position(|w| w == [0xE2, 0x79, 0x2A, 0xCA])
-        .unwrap();
+    let at = bytes.windows(4).position(|w| w == [0xE2, 0x79, 0x2A, 0xCA]).unwrap();
     bytes[at..at + 4].copy_from_slice(&[0x0A, 0x0B, 0x0C, 0x0D]);
     std::fs::write(&nf, &bytes).unwrap();
 
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .open(&nf)
-        .unwrap_err();
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).open(&nf).unwrap_err();
     assert_eq!(e.field(), Some("backing_format"), "{e}");
     // ...and followed with probing when the caller allows it.
-    let dev = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .backing(BackingPolicy::Follow)
-        .open(&nf)
-        .unwrap();
+    let dev =
+        OpenOptions::new().format(Format::Qcow2).read_only(true).backing(BackingPolicy::Follow).open(&nf).unwrap();
     assert!(dev.backing().is_some());
     // confine_to keeps backing files inside a directory.
     let sub = p(dir.path(), "sub");
     std::fs::create_dir(&sub).unwrap();
     let esc = p(&sub, "escape.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "../c0.qcow2",
-        "-F",
-        "qcow2",
-        esc.to_str().unwrap(),
-    ]);
-    let e = OpenOptions::new()
-        .format(Format::Qcow2)
-        .read_only(true)
-        .confine_to(&sub)
-        .open(&esc)
-        .unwrap_err();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "../c0.qcow2", "-F", "qcow2", esc.to_str().unwrap()]);
+    let e = OpenOptions::new().format(Format::Qcow2).read_only(true).confine_to(&sub).open(&esc).unwrap_err();
     assert!(e.to_string().contains("outside"), "{e}");
 }
 
@@ -475,27 +328,12 @@ fn probing_never_upgrades_raw() {
     // A raw disk whose first sector a guest filled with a qcow2 header that
     // names a host file as backing file.
     let q = p(dir.path(), "trap.qcow2");
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "/etc/hostname",
-        "-F",
-        "raw",
-        q.to_str().unwrap(),
-        "1M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "/etc/hostname", "-F", "raw", q.to_str().unwrap(), "1M"]);
     let raw = p(dir.path(), "guest.raw");
     let mut bytes = std::fs::read(&q).unwrap();
     bytes.resize(1 << 20, 0);
     std::fs::write(&raw, &bytes).unwrap();
-    let dev = OpenOptions::new()
-        .format(Format::Raw)
-        .read_only(true)
-        .open(&raw)
-        .unwrap();
+    let dev = OpenOptions::new().format(Format::Raw).read_only(true).open(&raw).unwrap();
     assert_eq!(dev.format(), Format::Raw);
     assert_eq!(dev.size(), 1 << 20);
     let mut head = [0u8; 4];

@@ -41,93 +41,29 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case {
-        name: "v2-64k",
-        opts: "compat=0.10",
-        cs: 65536,
-        compressed: true,
-    },
-    Case {
-        name: "v2-512",
-        opts: "compat=0.10,cluster_size=512",
-        cs: 512,
-        compressed: false,
-    },
-    Case {
-        name: "v3-512-rc1",
-        opts: "cluster_size=512,refcount_bits=1",
-        cs: 512,
-        compressed: true,
-    },
-    Case {
-        name: "v3-4k-rc64",
-        opts: "cluster_size=4096,refcount_bits=64",
-        cs: 4096,
-        compressed: true,
-    },
-    Case {
-        name: "v3-64k-rc16",
-        opts: "cluster_size=65536",
-        cs: 65536,
-        compressed: true,
-    },
-    Case {
-        name: "v3-2m",
-        opts: "cluster_size=2M",
-        cs: 2 << 20,
-        compressed: true,
-    },
-    Case {
-        name: "v3-zstd",
-        opts: "compression_type=zstd",
-        cs: 65536,
-        compressed: true,
-    },
+    Case { name: "v2-64k", opts: "compat=0.10", cs: 65536, compressed: true },
+    Case { name: "v2-512", opts: "compat=0.10,cluster_size=512", cs: 512, compressed: false },
+    Case { name: "v3-512-rc1", opts: "cluster_size=512,refcount_bits=1", cs: 512, compressed: true },
+    Case { name: "v3-4k-rc64", opts: "cluster_size=4096,refcount_bits=64", cs: 4096, compressed: true },
+    Case { name: "v3-64k-rc16", opts: "cluster_size=65536", cs: 65536, compressed: true },
+    Case { name: "v3-2m", opts: "cluster_size=2M", cs: 2 << 20, compressed: true },
+    Case { name: "v3-zstd", opts: "compression_type=zstd", cs: 65536, compressed: true },
     Case {
         name: "v3-zstd-4k",
         opts: "compression_type=zstd,cluster_size=4096,refcount_bits=2",
         cs: 4096,
         compressed: true,
     },
-    Case {
-        name: "v3-extl2-64k",
-        opts: "extended_l2=on",
-        cs: 65536,
-        compressed: true,
-    },
-    Case {
-        name: "v3-extl2-16k",
-        opts: "extended_l2=on,cluster_size=16k",
-        cs: 16384,
-        compressed: false,
-    },
-    Case {
-        name: "v3-prealloc-meta",
-        opts: "preallocation=metadata,cluster_size=4096",
-        cs: 4096,
-        compressed: false,
-    },
-    Case {
-        name: "v3-lazy",
-        opts: "lazy_refcounts=on,refcount_bits=8",
-        cs: 65536,
-        compressed: true,
-    },
+    Case { name: "v3-extl2-64k", opts: "extended_l2=on", cs: 65536, compressed: true },
+    Case { name: "v3-extl2-16k", opts: "extended_l2=on,cluster_size=16k", cs: 16384, compressed: false },
+    Case { name: "v3-prealloc-meta", opts: "preallocation=metadata,cluster_size=4096", cs: 4096, compressed: false },
+    Case { name: "v3-lazy", opts: "lazy_refcounts=on,refcount_bits=8", cs: 65536, compressed: true },
 ];
 
 fn make(dir: &Path, c: &Case) -> (std::path::PathBuf, u64) {
     let size = (8u64 << 20).max(40 * c.cs);
     let img = p(dir, &format!("{}.qcow2", c.name));
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        c.opts,
-        img.to_str().unwrap(),
-        &size.to_string(),
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", c.opts, img.to_str().unwrap(), &size.to_string()]);
     qemu_io("qcow2", &img, &script(c.cs, size, c.compressed));
     (img, size)
 }
@@ -143,11 +79,7 @@ fn check_map(img: &Path, fmt: &str, size: u64) {
     let v = vdisk_map_json(img);
     let (cq, cv) = (map_classes(&q, size, 512), map_classes(&v, size, 512));
     if let Some(i) = cq.iter().zip(&cv).position(|(a, b)| a != b) {
-        panic!(
-            "{}: map disagrees at {:#x}:\nqemu:\n{q}\nvdisk:\n{v}",
-            img.display(),
-            i as u64 * 512
-        );
+        panic!("{}: map disagrees at {:#x}:\nqemu:\n{q}\nvdisk:\n{v}", img.display(), i as u64 * 512);
     }
 }
 
@@ -174,41 +106,20 @@ fn convert_to_raw_matches_qemu_byte_for_byte() {
         return;
     }
     let dir = tmp();
-    for c in CASES
-        .iter()
-        .filter(|c| ["v2-64k", "v3-4k-rc64", "v3-zstd", "v3-extl2-64k"].contains(&c.name))
-    {
+    for c in CASES.iter().filter(|c| ["v2-64k", "v3-4k-rc64", "v3-zstd", "v3-extl2-64k"].contains(&c.name)) {
         let (img, _) = make(dir.path(), c);
         let want = qemu_export(&img, "qcow2");
         let out = p(dir.path(), &format!("{}.out.raw", c.name));
-        let (code, _, err) = vdisk(&[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let (code, _, err) =
+            vdisk(&["convert", "-f", "qcow2", "-O", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
         assert_eq!(code, 0, "{err}");
         assert_same(c.name, &std::fs::read(&out).unwrap(), &want);
         // Holes are kept: far less is allocated than the virtual size.
         use std::os::unix::fs::MetadataExt;
         let md = std::fs::metadata(&out).unwrap();
-        assert!(
-            md.blocks() * 512 < md.len() / 2,
-            "{}: output is not sparse",
-            c.name
-        );
-        let (code, stdout, _) = vdisk(&[
-            "compare",
-            "-f",
-            "qcow2",
-            "-F",
-            "raw",
-            img.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        assert!(md.blocks() * 512 < md.len() / 2, "{}: output is not sparse", c.name);
+        let (code, stdout, _) =
+            vdisk(&["compare", "-f", "qcow2", "-F", "raw", img.to_str().unwrap(), out.to_str().unwrap()]);
         assert_eq!(code, 0, "{stdout}");
     }
 }
@@ -221,14 +132,7 @@ fn make_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let mid = p(dir, "mid.qcow2");
     let top = p(dir, "top.qcow2");
     qemu_img(&["create", "-q", "-f", "raw", base.to_str().unwrap(), "4M"]);
-    qemu_io(
-        "raw",
-        &base,
-        &[
-            "write -P 0xa1 0 1M".into(),
-            "write -P 0xa2 3000000 500000".into(),
-        ],
-    );
+    qemu_io("raw", &base, &["write -P 0xa1 0 1M".into(), "write -P 0xa2 3000000 500000".into()]);
     qemu_img(&[
         "create",
         "-q",
@@ -253,18 +157,7 @@ fn make_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
             "discard 8192 4096".into(),
         ],
     );
-    qemu_img(&[
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        "mid.qcow2",
-        "-F",
-        "qcow2",
-        top.to_str().unwrap(),
-        "8M",
-    ]);
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top.to_str().unwrap(), "8M"]);
     qemu_io(
         "qcow2",
         &top,
@@ -293,11 +186,7 @@ fn make_chain(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     qemu_io(
         "qcow2",
         &ext,
-        &[
-            "write -P 0xd1 2048 2048".into(),
-            "write -P 0xd2 70000 100".into(),
-            "write -z 200704 4096".into(),
-        ],
+        &["write -P 0xd1 2048 2048".into(), "write -P 0xd2 70000 100".into(), "write -z 200704 4096".into()],
     );
     (top, ext)
 }
@@ -336,24 +225,8 @@ fn external_data_file() {
         let img = p(dir.path(), &format!("df-{raw}.qcow2"));
         let data = p(dir.path(), &format!("df-{raw}.data"));
         let opts = format!("data_file={},data_file_raw={raw}", data.display());
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &opts,
-            img.to_str().unwrap(),
-            "4M",
-        ]);
-        qemu_io(
-            "qcow2",
-            &img,
-            &[
-                "write -P 0x77 1000 100000".into(),
-                "write -z 300000 65536".into(),
-            ],
-        );
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", &opts, img.to_str().unwrap(), "4M"]);
+        qemu_io("qcow2", &img, &["write -P 0x77 1000 100000".into(), "write -z 300000 65536".into()]);
         let want = qemu_export(&img, "qcow2");
         let dev = open_ro(&img, Format::Qcow2);
         assert_same("data file", &read_all(&dev), &want);

@@ -15,15 +15,7 @@ use vdisk::{BackingPolicy, BlockDevice, Format, OpenOptions, Qcow2, ZeroMode};
 
 /// Runs `n` random operations on `dev` and the model. `granule` is the
 /// discard granularity (cluster, or subcluster with extended L2).
-fn workload(
-    dev: &dyn BlockDevice,
-    model: &mut Model,
-    rng: &mut Rng,
-    n: usize,
-    cs: u64,
-    granule: u64,
-    compress: bool,
-) {
+fn workload(dev: &dyn BlockDevice, model: &mut Model, rng: &mut Rng, n: usize, cs: u64, granule: u64, compress: bool) {
     let size = model.data.len() as u64;
     for _ in 0..n {
         let op = rng.below(10);
@@ -37,11 +29,7 @@ fn workload(
             _ => 1 + rng.below(300_000),
         }
         .min(size);
-        let off = if rng.below(3) == 0 {
-            rng.below(size / cs) * cs
-        } else {
-            rng.below(size - len + 1)
-        };
+        let off = if rng.below(3) == 0 { rng.below(size / cs) * cs } else { rng.below(size - len + 1) };
         let len = len.min(size - off);
         match op {
             0..=4 => {
@@ -50,11 +38,7 @@ fn workload(
                 model.write(off, &buf);
             }
             5 | 6 => {
-                let mode = if op == 5 {
-                    ZeroMode::MayUnmap
-                } else {
-                    ZeroMode::Allocate
-                };
+                let mode = if op == 5 { ZeroMode::MayUnmap } else { ZeroMode::Allocate };
                 dev.write_zeroes(off, len, mode).unwrap();
                 model.zero(off, len);
             }
@@ -62,11 +46,7 @@ fn workload(
                 dev.discard(off, len).unwrap();
                 let a = off.div_ceil(granule) * granule;
                 let end = off + len;
-                let b = if end == size {
-                    end
-                } else {
-                    end / granule * granule
-                };
+                let b = if end == size { end } else { end / granule * granule };
                 if b > a {
                     model.zero(a, b - a);
                 }
@@ -96,11 +76,7 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case {
-        name: "default",
-        opts: |_| {},
-        compress: true,
-    },
+    Case { name: "default", opts: |_| {}, compress: true },
     Case {
         name: "512-rc64",
         opts: |o| {
@@ -323,16 +299,7 @@ fn qemu_made_images_modified_by_vdisk() {
         ("q-prealloc", "preallocation=metadata,cluster_size=16k"),
     ] {
         let img = p(dir.path(), &format!("{name}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            "8M",
-        ]);
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, img.to_str().unwrap(), "8M"]);
         let compressed = !name.contains("prealloc");
         let mut cmds = Vec::new();
         if compressed {
@@ -344,34 +311,20 @@ fn qemu_made_images_modified_by_vdisk() {
             "write -P 0x33 5M 64k".to_string(),
         ]);
         qemu_io("qcow2", &img, &cmds);
-        let mut model = Model {
-            data: qemu_export(&img, "qcow2"),
-        };
+        let mut model = Model { data: qemu_export(&img, "qcow2") };
         let q = open_rw(&img, Format::Qcow2);
         let cs = q.info().cluster_size.unwrap();
         // Partial writes into compressed, zero and data clusters.
-        for (off, len) in [
-            (1_000_000u64, 5000u64),
-            (2_200_000, 100),
-            (5 << 20, 1),
-            (7_000_000, 300_000),
-            (1 << 20, 70_000),
-        ] {
+        for (off, len) in
+            [(1_000_000u64, 5000u64), (2_200_000, 100), (5 << 20, 1), (7_000_000, 300_000), (1 << 20, 70_000)]
+        {
             let buf = pattern(off, len as usize);
             q.write_at(&buf, off).unwrap();
             model.write(off, &buf);
         }
         let mut rng = Rng(77);
         let granule = cs;
-        workload(
-            &q,
-            &mut model,
-            &mut rng,
-            30,
-            cs,
-            granule,
-            !name.contains("v2"),
-        );
+        workload(&q, &mut model, &mut rng, 30, cs, granule, !name.contains("v2"));
         q.flush().unwrap();
         drop(q);
         assert_qemu_clean(&img, "qcow2");
@@ -390,18 +343,11 @@ fn overlays_copy_on_write_from_backing() {
     qemu_io(
         "qcow2",
         &base,
-        &[
-            "write -c -P 0xbb 4M 1M".into(),
-            "write -P 0xaa 0 4M".into(),
-            "write -P 0xaa 5M 3M".into(),
-        ],
+        &["write -c -P 0xbb 4M 1M".into(), "write -P 0xaa 0 4M".into(), "write -P 0xaa 5M 3M".into()],
     );
 
     for (name, tweak) in [
-        (
-            "ov-64k",
-            (|_: &mut CreateOptions| {}) as fn(&mut CreateOptions),
-        ),
+        ("ov-64k", (|_: &mut CreateOptions| {}) as fn(&mut CreateOptions)),
         ("ov-4k", |o: &mut CreateOptions| o.cluster_size = 4096),
         ("ov-extl2", |o: &mut CreateOptions| o.extended_l2 = true),
         ("ov-v2", |o: &mut CreateOptions| o.version = 2),
@@ -413,23 +359,14 @@ fn overlays_copy_on_write_from_backing() {
         tweak(&mut o);
         let q = Qcow2::create_file(&img, &o).unwrap();
         assert_eq!(q.size(), 8 << 20);
-        let mut model = Model {
-            data: qemu_export(&base, "qcow2"),
-        };
-        for (off, len) in [
-            (100u64, 10u64),
-            (65535, 2),
-            (4 << 20, 3000),
-            (6_000_000, 200_000),
-            (8_388_000, 608),
-        ] {
+        let mut model = Model { data: qemu_export(&base, "qcow2") };
+        for (off, len) in [(100u64, 10u64), (65535, 2), (4 << 20, 3000), (6_000_000, 200_000), (8_388_000, 608)] {
             let buf = pattern(off, len as usize);
             q.write_at(&buf, off).unwrap();
             model.write(off, &buf);
         }
         // Zeroes hide the backing file; discards too on v3.
-        q.write_zeroes(1 << 20, 128 << 10, ZeroMode::MayUnmap)
-            .unwrap();
+        q.write_zeroes(1 << 20, 128 << 10, ZeroMode::MayUnmap).unwrap();
         model.zero(1 << 20, 128 << 10);
         q.discard(3 << 20, 256 << 10).unwrap();
         if o.version == 3 {
@@ -523,11 +460,7 @@ fn many_small_writes_then_reopen_with_small_cache() {
     let mut o = CreateOptions::new(64 << 20);
     o.cluster_size = 512;
     Qcow2::create_file(&img, &o).unwrap().close().unwrap();
-    let q = OpenOptions::new()
-        .format(Format::Qcow2)
-        .l2_cache_bytes(1024)
-        .open(&img)
-        .unwrap();
+    let q = OpenOptions::new().format(Format::Qcow2).l2_cache_bytes(1024).open(&img).unwrap();
     let mut model = Model::new(64 << 20);
     let mut rng = Rng(5);
     for _ in 0..400 {

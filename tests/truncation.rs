@@ -17,20 +17,8 @@ fn images(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         ("zstd", "compression_type=zstd,cluster_size=4096"),
     ] {
         let img = p(dir, &format!("{name}.qcow2"));
-        qemu_img(&[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            opts,
-            img.to_str().unwrap(),
-            "2M",
-        ]);
-        let mut cmds = vec![
-            "write -P 0x11 1000 300000".to_string(),
-            "write -z 700000 100000".to_string(),
-        ];
+        qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, img.to_str().unwrap(), "2M"]);
+        let mut cmds = vec!["write -P 0x11 1000 300000".to_string(), "write -z 700000 100000".to_string()];
         if !name.starts_with("v2") {
             cmds.insert(0, "write -c -P 0x22 1M 64k".to_string());
         }
@@ -62,19 +50,8 @@ fn truncated_images_never_panic() {
         let cs = 1usize << be(&bytes, 20, 4);
         let l1_end = be(&bytes, 40, 8) as usize + be(&bytes, 36, 4) as usize * 8;
         let rt_end = be(&bytes, 48, 8) as usize + be(&bytes, 56, 4) as usize * cs;
-        let mut cuts: Vec<usize> = vec![
-            0, 1, 4, 8, 20, 71, 72, 100, 104, 111, 112, 200, 511, 512, 4096,
-        ];
-        cuts.extend([
-            cs - 1,
-            cs,
-            cs + 1,
-            l1_end - 1,
-            l1_end,
-            rt_end - 1,
-            rt_end,
-            len - 1,
-        ]);
+        let mut cuts: Vec<usize> = vec![0, 1, 4, 8, 20, 71, 72, 100, 104, 111, 112, 200, 511, 512, 4096];
+        cuts.extend([cs - 1, cs, cs + 1, l1_end - 1, l1_end, rt_end - 1, rt_end, len - 1]);
         for i in 1..40 {
             cuts.push(len * i / 40);
         }
@@ -84,11 +61,7 @@ fn truncated_images_never_panic() {
         for cut in cuts {
             let path = p(dir.path(), "cut.qcow2");
             std::fs::write(&path, &bytes[..cut]).unwrap();
-            let r = OpenOptions::new()
-                .format(Format::Qcow2)
-                .read_only(true)
-                .backing(BackingPolicy::Never)
-                .open(&path);
+            let r = OpenOptions::new().format(Format::Qcow2).read_only(true).backing(BackingPolicy::Never).open(&path);
             let must_fail = cut < cs.min(112) || cut < l1_end || cut < rt_end;
             match r {
                 Err(e) => assert!(!e.to_string().is_empty()),

@@ -41,10 +41,7 @@ fn qemu_create(path: &Path, size: u64, opts: &str) {
     if opts.is_empty() {
         run("qemu-img", &["create", "-q", "-f", "vmdk", &p, &s]);
     } else {
-        run(
-            "qemu-img",
-            &["create", "-q", "-f", "vmdk", "-o", opts, &p, &s],
-        );
+        run("qemu-img", &["create", "-q", "-f", "vmdk", "-o", opts, &p, &s]);
     }
 }
 
@@ -57,46 +54,27 @@ fn qemu_made_images_read_the_same() {
     let cases: &[(&str, u64)] = &[
         ("subformat=monolithicSparse", small),
         ("subformat=monolithicSparse,zeroed_grain=on", small),
-        (
-            "subformat=monolithicSparse,compat6=on,adapter_type=lsilogic",
-            small,
-        ),
+        ("subformat=monolithicSparse,compat6=on,adapter_type=lsilogic", small),
         ("subformat=monolithicFlat,adapter_type=buslogic", small),
         ("subformat=twoGbMaxExtentSparse", big),
-        (
-            "subformat=twoGbMaxExtentSparse,zeroed_grain=on,adapter_type=legacyESX",
-            big,
-        ),
+        ("subformat=twoGbMaxExtentSparse,zeroed_grain=on,adapter_type=legacyESX", big),
         ("subformat=twoGbMaxExtentFlat,hwversion=7", big),
     ];
     for (i, (opts, size)) in cases.iter().enumerate() {
         let img = p(dir.path(), &format!("q{i}.vmdk"));
         qemu_create(&img, *size, opts);
-        let writes = if *size > 2 * GIB {
-            boundary_writes(*size)
-        } else {
-            small_writes(*size)
-        };
+        let writes = if *size > 2 * GIB { boundary_writes(*size) } else { small_writes(*size) };
         let mut cmds = qemu_writes(&writes);
         // Zero writes: zeroed-grain entries where the image has the flag.
         cmds.push(format!("write -z {} {}", 8 * GRAIN, 2 * GRAIN));
         cmds.push(format!("write -z {} {}", 3 * GRAIN + 50, 100));
         qemu_io(&img, &cmds);
-        let wins: Vec<(u64, u64)> = writes
-            .iter()
-            .map(|(_, o, l)| (o.saturating_sub(GRAIN), l + 2 * GRAIN))
-            .collect();
+        let wins: Vec<(u64, u64)> = writes.iter().map(|(_, o, l)| (o.saturating_sub(GRAIN), l + 2 * GRAIN)).collect();
         assert_reads_like_qemu(&img, dir.path(), &wins);
         let v = open_vmdk(&img, true);
         let info = v.info();
-        let vdisk::device::FormatDetails::Vmdk(d) = info.details else {
-            panic!("no vmdk details")
-        };
-        let sub = opts
-            .split(',')
-            .next()
-            .unwrap()
-            .trim_start_matches("subformat=");
+        let vdisk::device::FormatDetails::Vmdk(d) = info.details else { panic!("no vmdk details") };
+        let sub = opts.split(',').next().unwrap().trim_start_matches("subformat=");
         assert_eq!(d.create_type, sub, "{opts}");
         assert_eq!(d.parent_cid, 0xffff_ffff);
         assert!(!d.extents.is_empty());
@@ -106,9 +84,7 @@ fn qemu_made_images_read_the_same() {
             assert_eq!(e.length, 2 * GRAIN);
         }
         if sub.contains("Sparse") {
-            let vdisk::Image::Vmdk(vm) = &v else {
-                panic!("not a vmdk")
-            };
+            let vdisk::Image::Vmdk(vm) = &v else { panic!("not a vmdk") };
             let r = vm.check().unwrap();
             assert!(r.is_clean(), "{opts}: {:?}", r.messages);
             assert!(r.allocated_grains > 0);
@@ -169,10 +145,7 @@ fn create_opts(s: &str) -> VmdkCreateOptions {
 
 /// Descriptor text without its CID line (random on both sides).
 fn desc_without_cid(text: &str) -> String {
-    text.lines()
-        .filter(|l| !l.starts_with("CID="))
-        .collect::<Vec<_>>()
-        .join("\n")
+    text.lines().filter(|l| !l.starts_with("CID=")).collect::<Vec<_>>().join("\n")
 }
 
 fn read_desc(path: &Path) -> String {
@@ -192,19 +165,10 @@ fn created_images_match_qemu_img_create() {
     let dir = tempfile::tempdir().unwrap();
     let cases: &[(&str, u64)] = &[
         ("subformat=monolithicSparse", 4 * MIB),
-        (
-            "subformat=monolithicSparse,zeroed_grain=on,adapter_type=lsilogic",
-            100 * MIB + 512,
-        ),
+        ("subformat=monolithicSparse,zeroed_grain=on,adapter_type=lsilogic", 100 * MIB + 512),
         ("subformat=monolithicFlat,compat6=on", 3 * MIB),
-        (
-            "subformat=twoGbMaxExtentSparse,adapter_type=buslogic",
-            5 * GIB,
-        ),
-        (
-            "subformat=twoGbMaxExtentFlat,adapter_type=legacyESX,hwversion=7",
-            2 * GIB + MIB,
-        ),
+        ("subformat=twoGbMaxExtentSparse,adapter_type=buslogic", 5 * GIB),
+        ("subformat=twoGbMaxExtentFlat,adapter_type=legacyESX,hwversion=7", 2 * GIB + MIB),
     ];
     for (i, (opts, size)) in cases.iter().enumerate() {
         let sub = p(dir.path(), &format!("q{i}"));
@@ -217,19 +181,9 @@ fn created_images_match_qemu_img_create() {
         let v = Vmdk::create(&m, *size, &create_opts(opts)).unwrap();
         v.flush().unwrap();
         drop(v);
-        assert_eq!(
-            desc_without_cid(&read_desc(&q)),
-            desc_without_cid(&read_desc(&m)),
-            "{opts}"
-        );
-        let mut qnames: Vec<_> = std::fs::read_dir(&sub)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        let mut mnames: Vec<_> = std::fs::read_dir(&mine)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        assert_eq!(desc_without_cid(&read_desc(&q)), desc_without_cid(&read_desc(&m)), "{opts}");
+        let mut qnames: Vec<_> = std::fs::read_dir(&sub).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let mut mnames: Vec<_> = std::fs::read_dir(&mine).unwrap().map(|e| e.unwrap().file_name()).collect();
         qnames.sort();
         mnames.sort();
         assert_eq!(qnames, mnames, "{opts}");
@@ -253,19 +207,11 @@ fn created_images_match_qemu_img_create() {
     // streamOptimized uses VMware's footer layout instead of QEMU's: a fresh
     // one (no grains yet) must already be a valid stream for QEMU.
     let st = p(dir.path(), "fresh-stream.vmdk");
-    let v = Vmdk::create(
-        &st,
-        10 * MIB + 512,
-        &create_opts("subformat=streamOptimized,adapter_type=lsilogic"),
-    )
-    .unwrap();
+    let v = Vmdk::create(&st, 10 * MIB + 512, &create_opts("subformat=streamOptimized,adapter_type=lsilogic")).unwrap();
     drop(v);
     qemu_check_clean(&st);
     assert_reads_like_qemu(&st, dir.path(), &[]);
-    let info = run(
-        "qemu-img",
-        &["info", "-f", "vmdk", &st.display().to_string()],
-    );
+    let info = run("qemu-img", &["info", "-f", "vmdk", &st.display().to_string()]);
     assert!(info.contains("create type: streamOptimized"), "{info}");
     assert!(info.contains("compressed: true"), "{info}");
 }
@@ -286,11 +232,7 @@ fn vdisk_writes_read_back_in_qemu() {
     for (i, (opts, size)) in cases.iter().enumerate() {
         let img = p(dir.path(), &format!("w{i}.vmdk"));
         let model = p(dir.path(), &format!("w{i}.raw"));
-        let mut writes = if *size > 2 * GIB {
-            boundary_writes(*size)
-        } else {
-            small_writes(*size)
-        };
+        let mut writes = if *size > 2 * GIB { boundary_writes(*size) } else { small_writes(*size) };
         // Overwrite inside already allocated grains, and a big write.
         writes.push((0xa1, GRAIN - 50, 10));
         writes.push((0xa2, 10 * MIB + 3, 3 * MIB));
@@ -299,8 +241,7 @@ fn vdisk_writes_read_back_in_qemu() {
             v.write_at(&vec![*pat; *l as usize], *o).unwrap();
         }
         // Zero a whole grain and a partial one.
-        v.write_zeroes(10 * MIB + GRAIN, 2 * GRAIN, ZeroMode::MayUnmap)
-            .unwrap();
+        v.write_zeroes(10 * MIB + GRAIN, 2 * GRAIN, ZeroMode::MayUnmap).unwrap();
         v.write_zeroes(GRAIN - 60, 20, ZeroMode::MayUnmap).unwrap();
         writes.push((0, 10 * MIB + GRAIN, 2 * GRAIN));
         writes.push((0, GRAIN - 60, 20));
@@ -319,13 +260,8 @@ fn vdisk_writes_read_back_in_qemu() {
         }
         // Reopened through open(): the same content.
         let v = open_vmdk(&img, true);
-        let m =
-            vdisk::Raw::open(Arc::new(vdisk::FileStorage::open(&model, true).unwrap())).unwrap();
-        assert_eq!(
-            vdisk::convert::compare(&v, &m, true).unwrap(),
-            None,
-            "{opts}"
-        );
+        let m = vdisk::Raw::open(Arc::new(vdisk::FileStorage::open(&model, true).unwrap())).unwrap();
+        assert_eq!(vdisk::convert::compare(&v, &m, true).unwrap(), None, "{opts}");
     }
 }
 
@@ -337,27 +273,16 @@ fn stream_optimized_written_by_vdisk() {
     let img = p(dir.path(), "st.vmdk");
     let model = p(dir.path(), "st.raw");
     let src_path = p(dir.path(), "src.raw");
-    let mut writes: Vec<Write> = vec![
-        (0x10, 0, GRAIN),
-        (0x20, 5 * GRAIN, 4 * GRAIN),
-        (0x30, 100 * GRAIN, 10 * GRAIN),
-    ];
+    let mut writes: Vec<Write> = vec![(0x10, 0, GRAIN), (0x20, 5 * GRAIN, 4 * GRAIN), (0x30, 100 * GRAIN, 10 * GRAIN)];
     write_model(&src_path, size, &writes);
     // Compress on several threads through convert.
-    let src =
-        vdisk::Raw::open(Arc::new(vdisk::FileStorage::open(&src_path, true).unwrap())).unwrap();
+    let src = vdisk::Raw::open(Arc::new(vdisk::FileStorage::open(&src_path, true).unwrap())).unwrap();
     let v = Vmdk::create(&img, size, &create_opts("subformat=streamOptimized")).unwrap();
-    let opts = vdisk::convert::ConvertOptions {
-        threads: 3,
-        unit: 4 * GRAIN,
-        compress: true,
-        ..Default::default()
-    };
+    let opts = vdisk::convert::ConvertOptions { threads: 3, unit: 4 * GRAIN, compress: true, ..Default::default() };
     vdisk::convert::convert(&src, &v, &opts).unwrap();
     // The last, partial grain.
     let tail = size - size % GRAIN;
-    v.write_compressed(&vec![0x40; (size - tail) as usize], tail)
-        .unwrap();
+    v.write_compressed(&vec![0x40; (size - tail) as usize], tail).unwrap();
     writes.push((0x40, tail, size - tail));
     v.flush().unwrap();
     drop(v);
@@ -369,19 +294,12 @@ fn stream_optimized_written_by_vdisk() {
     assert_eq!(&b[56..64], &[0xff; 8]);
     let n = b.len();
     assert_eq!(&b[n - 512..], &[0u8; 512][..]);
-    assert_eq!(
-        u32::from_le_bytes(b[n - 1536 + 12..n - 1536 + 16].try_into().unwrap()),
-        3
-    );
+    assert_eq!(u32::from_le_bytes(b[n - 1536 + 12..n - 1536 + 16].try_into().unwrap()), 3);
     assert_eq!(&b[n - 1024..n - 1020], b"KDMV");
     // Reopen, append more grains, flush again: both layouts still agree.
     let v = open_vmdk(&img, false);
-    v.write_at(&vec![0x50; 2 * GRAIN as usize], 150 * GRAIN)
-        .unwrap();
-    assert_eq!(
-        v.write_at(&vec![1; GRAIN as usize], 0).unwrap_err().kind(),
-        ErrorKind::Unsupported
-    );
+    v.write_at(&vec![0x50; 2 * GRAIN as usize], 150 * GRAIN).unwrap();
+    assert_eq!(v.write_at(&vec![1; GRAIN as usize], 0).unwrap_err().kind(), ErrorKind::Unsupported);
     v.flush().unwrap();
     drop(v);
     writes.push((0x50, 150 * GRAIN, 2 * GRAIN));
@@ -423,9 +341,7 @@ fn hand_built_vmware_stream_layout() {
     let mut gt = [0u32; 8];
     let mut model = vec![0u8; (capacity * 512) as usize];
     for grain in [5u64, 0, 2] {
-        let data: Vec<u8> = (0..65536u32)
-            .map(|i| (i as u8) ^ (grain as u8 * 37))
-            .collect();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i as u8) ^ (grain as u8 * 37)).collect();
         model[(grain * 65536) as usize..][..65536].copy_from_slice(&data);
         let z = deflate(&data).unwrap();
         gt[grain as usize] = (f.len() / 512) as u32;
@@ -461,9 +377,7 @@ fn hand_built_vmware_stream_layout() {
     let mut got = vec![0u8; model.len()];
     v.read_at(&mut got, 0).unwrap();
     assert!(got == model, "vdisk misreads the VMware stream layout");
-    let vdisk::device::FormatDetails::Vmdk(dt) = v.info().details else {
-        panic!()
-    };
+    let vdisk::device::FormatDetails::Vmdk(dt) = v.info().details else { panic!() };
     assert_eq!(dt.cid, 0x12345678);
     assert!(dt.extents[0].compressed);
     assert_reads_like_qemu(&img, dir.path(), &[]);
@@ -479,20 +393,7 @@ fn delta_links() {
     qemu_create(&parent, size, "");
     let pw: Vec<Write> = vec![(0x61, 0, 3 * GRAIN), (0x62, 2 * MIB - 10, 20)];
     qemu_io(&parent, &qemu_writes(&pw));
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vmdk",
-            "-b",
-            "parent.vmdk",
-            "-F",
-            "vmdk",
-            &child.display().to_string(),
-        ],
-    );
+    run("qemu-img", &["create", "-q", "-f", "vmdk", "-b", "parent.vmdk", "-F", "vmdk", &child.display().to_string()]);
     let cw: Vec<Write> = vec![(0x71, GRAIN + 100, 50)];
     qemu_io(&child, &qemu_writes(&cw));
     assert_reads_like_qemu(&child, dir.path(), &[]);
@@ -520,12 +421,7 @@ fn delta_links() {
     qemu_check_clean(&child);
     // A child vdisk creates reads through to the parent in qemu.
     let c2 = p(dir.path(), "child2.vmdk");
-    let v = Vmdk::create(
-        &c2,
-        0,
-        &create_opts("backing_file=parent.vmdk,zeroed_grain=on"),
-    )
-    .unwrap();
+    let v = Vmdk::create(&c2, 0, &create_opts("backing_file=parent.vmdk,zeroed_grain=on")).unwrap();
     assert_eq!(v.size(), size);
     v.write_at(&[0x91; 3], GRAIN - 1).unwrap();
     v.flush().unwrap();
@@ -539,9 +435,7 @@ fn delta_links() {
     // longer matches. Reads go on (with the mismatch reported), writes stop.
     qemu_io(&parent, &qemu_writes(&[(0x63, 7 * MIB, 512)]));
     let v = open_vmdk(&c2, false);
-    let vdisk::device::FormatDetails::Vmdk(d) = v.info().details else {
-        panic!()
-    };
+    let vdisk::device::FormatDetails::Vmdk(d) = v.info().details else { panic!() };
     assert!(d.parent_cid_mismatch);
     let mut b = [0u8; 3];
     v.read_at(&mut b, GRAIN - 1).unwrap();
@@ -557,10 +451,7 @@ fn delta_links() {
         .open(&child)
         .unwrap();
     let mut b = [0u8; 4];
-    assert_eq!(
-        v.read_at(&mut b, 0).unwrap_err().kind(),
-        ErrorKind::NotFound
-    );
+    assert_eq!(v.read_at(&mut b, 0).unwrap_err().kind(), ErrorKind::NotFound);
 }
 
 #[test]
@@ -571,25 +462,8 @@ fn qcow2_over_vmdk_backing() {
     qemu_create(&base, 4 * MIB, "subformat=monolithicFlat");
     qemu_io(&base, &qemu_writes(&[(0x5a, 1000, 70000)]));
     let ov = p(dir.path(), "ov.qcow2");
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.vmdk",
-            "-F",
-            "vmdk",
-            &ov.display().to_string(),
-        ],
-    );
-    let img = vdisk::OpenOptions::new()
-        .format(vdisk::Format::Qcow2)
-        .read_only(true)
-        .open(&ov)
-        .unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", "-b", "base.vmdk", "-F", "vmdk", &ov.display().to_string()]);
+    let img = vdisk::OpenOptions::new().format(vdisk::Format::Qcow2).read_only(true).open(&ov).unwrap();
     let mut b = vec![0u8; 70002];
     img.read_at(&mut b, 999).unwrap();
     assert_eq!(b[0], 0);
@@ -662,9 +536,7 @@ fn refused_and_restricted_extents() {
     let open = |name: &str, text: &str| {
         let path = d.join(name);
         std::fs::write(&path, text).unwrap();
-        vdisk::OpenOptions::new()
-            .format(vdisk::Format::Vmdk)
-            .open(&path)
+        vdisk::OpenOptions::new().format(vdisk::Format::Vmdk).open(&path)
     };
     // Mixed extents: RDONLY flat, ZERO, NOACCESS, VMFS.
     let img = open(
@@ -683,29 +555,17 @@ fn refused_and_restricted_extents() {
     assert!(e.to_string().contains("NOACCESS"), "{e}");
     img.read_at(&mut b[..512], 20 * 512).unwrap();
     assert!(b[..512].iter().all(|&x| x == 0x5a));
-    assert_eq!(
-        img.write_at(&[1], 0).unwrap_err().kind(),
-        ErrorKind::ReadOnly
-    );
-    assert_eq!(
-        img.write_at(&[1], 2048).unwrap_err().kind(),
-        ErrorKind::Unsupported
-    );
+    assert_eq!(img.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(img.write_at(&[1], 2048).unwrap_err().kind(), ErrorKind::Unsupported);
     img.write_at(&[7], 20 * 512).unwrap();
-    assert_eq!(
-        img.map(2048, 10000).unwrap().kind,
-        ExtentKind::Zero { host_offset: None }
-    );
+    assert_eq!(img.map(2048, 10000).unwrap().kind, ExtentKind::Zero { host_offset: None });
     assert_eq!(img.map(2048, 10000).unwrap().length, 4096);
     // Escaping extent names are refused unless allowed.
     let sub = d.join("sub");
     std::fs::create_dir_all(&sub).unwrap();
     let text = "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"../data.raw\" 0\n";
     std::fs::write(sub.join("esc.vmdk"), text).unwrap();
-    let e = vdisk::OpenOptions::new()
-        .format(vdisk::Format::Vmdk)
-        .open(sub.join("esc.vmdk"))
-        .unwrap_err();
+    let e = vdisk::OpenOptions::new().format(vdisk::Format::Vmdk).open(sub.join("esc.vmdk")).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidImage);
     assert!(e.to_string().contains("outside"), "{e}");
     let ok = vdisk::OpenOptions::new()
@@ -720,61 +580,36 @@ fn refused_and_restricted_extents() {
     // confine_to also applies to extents: a symlink inside the directory
     // that points out of it is refused.
     std::os::unix::fs::symlink(d.join("data.raw"), sub.join("link.raw")).unwrap();
-    std::fs::write(
-        sub.join("ln.vmdk"),
-        "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"link.raw\" 0\n",
-    )
-    .unwrap();
-    let confined = vdisk::OpenOptions::new()
-        .format(vdisk::Format::Vmdk)
-        .read_only(true)
-        .confine_to(&sub);
+    std::fs::write(sub.join("ln.vmdk"), "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"link.raw\" 0\n")
+        .unwrap();
+    let confined = vdisk::OpenOptions::new().format(vdisk::Format::Vmdk).read_only(true).confine_to(&sub);
     let e = confined.open(sub.join("ln.vmdk")).unwrap_err();
     assert!(e.to_string().contains("resolves outside"), "{e}");
-    assert!(vdisk::OpenOptions::new()
-        .format(vdisk::Format::Vmdk)
-        .read_only(true)
-        .open(sub.join("ln.vmdk"))
-        .is_ok());
-    let e = open(
-        "abs.vmdk",
-        "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/hostname\" 0\n",
-    )
-    .unwrap_err();
+    assert!(vdisk::OpenOptions::new().format(vdisk::Format::Vmdk).read_only(true).open(sub.join("ln.vmdk")).is_ok());
+    let e = open("abs.vmdk", "version=1\ncreateType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/hostname\" 0\n").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidImage);
     // Raw device maps, seSparse, encryption, COWD are refused by name.
-    let e = open(
-        "rdm.vmdk",
-        "version=1\ncreateType=\"vmfsRawDeviceMap\"\nRW 8 VMFSRDM \"data.raw\"\n",
-    )
-    .unwrap_err();
+    let e = open("rdm.vmdk", "version=1\ncreateType=\"vmfsRawDeviceMap\"\nRW 8 VMFSRDM \"data.raw\"\n").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("raw device"), "{e}");
+    let e = open("se.vmdk", "version=1\ncreateType=\"seSparse\"\nRW 8 SESPARSE \"data.raw\"\n").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported);
     let e = open(
-        "se.vmdk",
-        "version=1\ncreateType=\"seSparse\"\nRW 8 SESPARSE \"data.raw\"\n",
+        "enc.vmdk",
+        "version=1\ncreateType=\"monolithicFlat\"\nencryption.keySafe=\"vmware:key\"\nRW 8 FLAT \"data.raw\" 0\n",
     )
     .unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Unsupported);
-    let e = open("enc.vmdk", "version=1\ncreateType=\"monolithicFlat\"\nencryption.keySafe=\"vmware:key\"\nRW 8 FLAT \"data.raw\" 0\n").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Crypto);
     let mut se = vec![0u8; 4096];
     se[..8].copy_from_slice(&0xcafe_babeu64.to_le_bytes());
     std::fs::write(d.join("se.bin"), &se).unwrap();
-    let e = open(
-        "se2.vmdk",
-        "version=1\ncreateType=\"monolithicSparse\"\nRW 8 SPARSE \"se.bin\"\n",
-    )
-    .unwrap_err();
+    let e = open("se2.vmdk", "version=1\ncreateType=\"monolithicSparse\"\nRW 8 SPARSE \"se.bin\"\n").unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("seSparse"), "{e}");
     let mut cowd = vec![0u8; 4096];
     cowd[..4].copy_from_slice(b"COWD");
     std::fs::write(d.join("c.vmdk"), &cowd).unwrap();
-    let e = vdisk::OpenOptions::new()
-        .format(vdisk::Format::Vmdk)
-        .open(d.join("c.vmdk"))
-        .unwrap_err();
+    let e = vdisk::OpenOptions::new().format(vdisk::Format::Vmdk).open(d.join("c.vmdk")).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported);
     assert!(e.to_string().contains("COWD"), "{e}");
     let e = open("noext.vmdk", "version=1\ncreateType=\"monolithicFlat\"\n").unwrap_err();
@@ -784,12 +619,7 @@ fn refused_and_restricted_extents() {
 #[test]
 fn create_options_are_checked() {
     let dir = tempfile::tempdir().unwrap();
-    let e = Vmdk::create(
-        &dir.path().join("a.vmdk"),
-        MIB,
-        &create_opts("compat6=on,hwversion=7"),
-    )
-    .unwrap_err();
+    let e = Vmdk::create(&dir.path().join("a.vmdk"), MIB, &create_opts("compat6=on,hwversion=7")).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);
     let e = Vmdk::create(&dir.path().join("b.vmdk"), 0, &VmdkCreateOptions::default()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::InvalidArgument);

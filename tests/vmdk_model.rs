@@ -70,13 +70,7 @@ fn open_mem(m: &Arc<MemStorage>) -> Vmdk {
 
 /// Applies `ops` to `dev` (reopened by `reopen`) and to `model`, whose
 /// first byte is guest offset `base`; checks every read.
-fn run_ops(
-    mut dev: Vmdk,
-    reopen: &dyn Fn(Vmdk) -> Vmdk,
-    model: &mut [u8],
-    base: u64,
-    ops: &[Op],
-) -> Vmdk {
+fn run_ops(mut dev: Vmdk, reopen: &dyn Fn(Vmdk) -> Vmdk, model: &mut [u8], base: u64, ops: &[Op]) -> Vmdk {
     let win = model.len() as u64;
     for op in ops {
         match *op {
@@ -87,11 +81,7 @@ fn run_ops(
             }
             Op::Zero(o, l, alloc) => {
                 let l = u64::from(l).min(win - o);
-                let mode = if alloc {
-                    ZeroMode::Allocate
-                } else {
-                    ZeroMode::MayUnmap
-                };
+                let mode = if alloc { ZeroMode::Allocate } else { ZeroMode::MayUnmap };
                 dev.write_zeroes(base + o, l, mode).unwrap();
                 model[o as usize..(o + l) as usize].fill(0);
             }
@@ -105,17 +95,8 @@ fn run_ops(
     let mut got = vec![0u8; model.len()];
     dev.read_at(&mut got, base).unwrap();
     if got != model {
-        let i = got
-            .iter()
-            .zip(model.iter())
-            .position(|(a, b)| a != b)
-            .unwrap();
-        panic!(
-            "byte {:#x}: device {:#x}, model {:#x}",
-            base + i as u64,
-            got[i],
-            model[i]
-        );
+        let i = got.iter().zip(model.iter()).position(|(a, b)| a != b).unwrap();
+        panic!("byte {:#x}: device {:#x}, model {:#x}", base + i as u64, got[i], model[i]);
     }
     // map tiles the window and agrees with the data.
     let mut pos = base;
@@ -124,10 +105,7 @@ fn run_ops(
         assert!(e.length > 0);
         if e.reads_as_zero() {
             let s = (pos - base) as usize;
-            assert!(
-                model[s..s + e.length as usize].iter().all(|&b| b == 0),
-                "{e:?} is not zero"
-            );
+            assert!(model[s..s + e.length as usize].iter().all(|&b| b == 0), "{e:?} is not zero");
         }
         pos += e.length;
     }
@@ -232,13 +210,7 @@ fn sample_stream() -> Vec<u8> {
 fn open_bytes(b: Vec<u8>, read_only: bool) -> vdisk::Result<(Vmdk, Arc<MemStorage>)> {
     let m = Arc::new(MemStorage::from_vec(b));
     let s: Arc<dyn Storage> = m.clone();
-    let v = Vmdk::open(
-        s,
-        VmdkOptions {
-            read_only,
-            ..Default::default()
-        },
-    )?;
+    let v = Vmdk::open(s, VmdkOptions { read_only, ..Default::default() })?;
     Ok((v, m))
 }
 
@@ -264,84 +236,24 @@ fn header_corruption_table() {
     let cases: Vec<(&str, usize, Vec<u8>, Option<ErrorKind>)> = vec![
         ("magic", 0, b"XDMV".to_vec(), Some(ErrorKind::InvalidImage)),
         ("version 4", 4, le32(4), Some(ErrorKind::Unsupported)),
-        (
-            "unknown flag",
-            8,
-            le32(0x3 | 0x100),
-            Some(ErrorKind::Unsupported),
-        ),
-        (
-            "capacity huge",
-            12,
-            le64(u64::MAX / 2),
-            Some(ErrorKind::LimitExceeded),
-        ),
+        ("unknown flag", 8, le32(0x3 | 0x100), Some(ErrorKind::Unsupported)),
+        ("capacity huge", 12, le64(u64::MAX / 2), Some(ErrorKind::LimitExceeded)),
         // The header's capacity rules a monolithic file (as in QEMU).
         ("capacity below descriptor", 12, le64(4), None),
-        (
-            "grain 3 sectors",
-            20,
-            le64(3),
-            Some(ErrorKind::InvalidImage),
-        ),
+        ("grain 3 sectors", 20, le64(3), Some(ErrorKind::InvalidImage)),
         ("grain 0", 20, le64(0), Some(ErrorKind::InvalidImage)),
-        (
-            "descriptor offset past EOF",
-            28,
-            le64(1 << 40),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            "descriptor size huge",
-            36,
-            le64(1 << 40),
-            Some(ErrorKind::LimitExceeded),
-        ),
+        ("descriptor offset past EOF", 28, le64(1 << 40), Some(ErrorKind::InvalidImage)),
+        ("descriptor size huge", 36, le64(1 << 40), Some(ErrorKind::LimitExceeded)),
         ("gtes 0", 44, le32(0), Some(ErrorKind::InvalidImage)),
         ("gtes 4096", 44, le32(4096), Some(ErrorKind::InvalidImage)),
-        (
-            "rgd past EOF",
-            48,
-            le64(1 << 40),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            "gd past EOF",
-            56,
-            le64(u64::MAX - 1),
-            Some(ErrorKind::InvalidImage),
-        ),
+        ("rgd past EOF", 48, le64(1 << 40), Some(ErrorKind::InvalidImage)),
+        ("gd past EOF", 56, le64(u64::MAX - 1), Some(ErrorKind::InvalidImage)),
         ("gd 0", 56, le64(0), Some(ErrorKind::InvalidImage)),
-        (
-            "gd at end without footer",
-            56,
-            le64(u64::MAX),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            "newline bytes",
-            73,
-            vec![b'\n', b' ', b'\n', 0],
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            "compression 7",
-            77,
-            vec![7, 0],
-            Some(ErrorKind::Unsupported),
-        ),
-        (
-            "descriptor not utf-8",
-            512 + 30,
-            vec![0xff, 0xfe],
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            "descriptor version",
-            512 + 22,
-            b"version=7".to_vec(),
-            Some(ErrorKind::Unsupported),
-        ),
+        ("gd at end without footer", 56, le64(u64::MAX), Some(ErrorKind::InvalidImage)),
+        ("newline bytes", 73, vec![b'\n', b' ', b'\n', 0], Some(ErrorKind::InvalidImage)),
+        ("compression 7", 77, vec![7, 0], Some(ErrorKind::Unsupported)),
+        ("descriptor not utf-8", 512 + 30, vec![0xff, 0xfe], Some(ErrorKind::InvalidImage)),
+        ("descriptor version", 512 + 22, b"version=7".to_vec(), Some(ErrorKind::Unsupported)),
     ];
     for (what, off, bytes, expect) in cases {
         let mut b = good.clone();
@@ -393,10 +305,7 @@ fn table_corruption_is_detected() {
     v.read_at(&mut r, 2 * 65536).unwrap();
     let e = v.write_at(&[1; 16], 2 * 65536).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-    assert!(
-        m.to_vec()[gd..gd + 512] == before[..],
-        "the directory was overwritten"
-    );
+    assert!(m.to_vec()[gd..gd + 512] == before[..], "the directory was overwritten");
     // Same for a grain aimed at a preallocated grain table (below overHead).
     let mut b = good.clone();
     b[gt0 + 12..gt0 + 16].copy_from_slice(&((gt0 / 512) as u32).to_le_bytes());
@@ -404,19 +313,13 @@ fn table_corruption_is_detected() {
     let before = m2.to_vec()[gt0..gt0 + 2048].to_vec();
     let e = v2.write_at(&[1; 16], 3 * 65536).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
-    assert!(
-        m2.to_vec()[gt0..gt0 + 2048] == before[..],
-        "the grain table was overwritten"
-    );
+    assert!(m2.to_vec()[gt0..gt0 + 2048] == before[..], "the grain table was overwritten");
     assert!(v.check().unwrap().errors > 0);
 }
 
 #[test]
 fn truncated_images_fail_cleanly() {
-    let mut samples = vec![
-        ("vdisk sparse", sample_sparse()),
-        ("vdisk stream", sample_stream()),
-    ];
+    let mut samples = vec![("vdisk sparse", sample_sparse()), ("vdisk stream", sample_stream())];
     if common::have_qemu() {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("src.raw");
@@ -458,22 +361,7 @@ fn truncated_images_fail_cleanly() {
         let full = read_all(&open_bytes(img.clone(), true).unwrap().0).unwrap();
         let n = img.len();
         let mut cuts: Vec<usize> = (0..97).map(|i| n * i / 97).collect();
-        cuts.extend([
-            1,
-            4,
-            80,
-            511,
-            512,
-            513,
-            1024,
-            10_752,
-            11_264,
-            65_535,
-            65_536,
-            n - 1536,
-            n - 513,
-            n - 1,
-        ]);
+        cuts.extend([1, 4, 80, 511, 512, 513, 1024, 10_752, 11_264, 65_535, 65_536, n - 1536, n - 513, n - 1]);
         let mut errors = 0;
         for cut in cuts {
             let t = img[..cut.min(n)].to_vec();
@@ -507,40 +395,21 @@ fn open_desc(
         let name = p.file_name().unwrap().to_string_lossy().into_owned();
         match files.get(&name) {
             Some(m) => Ok(m.clone() as Arc<dyn Storage>),
-            None => Err(vdisk::Error::new(
-                ErrorKind::NotFound,
-                format!("no file {name}"),
-            )),
+            None => Err(vdisk::Error::new(ErrorKind::NotFound, format!("no file {name}"))),
         }
     };
-    Vmdk::open_with(
-        d,
-        VmdkOptions {
-            read_only,
-            ..Default::default()
-        },
-        &opener,
-    )
+    Vmdk::open_with(d, VmdkOptions { read_only, ..Default::default() }, &opener)
 }
 
 #[test]
 fn descriptor_corruption_table() {
     let mut files = std::collections::HashMap::new();
     files.insert("f.img".to_string(), Arc::new(MemStorage::new()));
-    files.insert(
-        "s.vmdk".to_string(),
-        Arc::new(MemStorage::from_vec(tiny_tables_image(2040, true))),
-    );
-    files.insert(
-        "junk.vmdk".to_string(),
-        Arc::new(MemStorage::from_vec(vec![7u8; 4096])),
-    );
+    files.insert("s.vmdk".to_string(), Arc::new(MemStorage::from_vec(tiny_tables_image(2040, true))));
+    files.insert("junk.vmdk".to_string(), Arc::new(MemStorage::from_vec(vec![7u8; 4096])));
     let mut cowd = vec![0u8; 4096];
     cowd[..4].copy_from_slice(b"COWD");
-    files.insert(
-        "cowd.vmdk".to_string(),
-        Arc::new(MemStorage::from_vec(cowd)),
-    );
+    files.insert("cowd.vmdk".to_string(), Arc::new(MemStorage::from_vec(cowd)));
     let head = "version=1\nCID=00000001\nparentCID=ffffffff\ncreateType=\"custom\"\n";
     let base = format!("{head}RW 2048 FLAT \"f.img\" 0\nRW 2040 SPARSE \"s.vmdk\"\n");
     let many: String = (0..1500).map(|_| "RW 1 FLAT \"f.img\" 0\n").collect();
@@ -549,49 +418,19 @@ fn descriptor_corruption_table() {
         (base.clone(), None),
         (base.replace('\n', "\r\n"), None),
         (base.trim_end().to_string(), None),
-        (
-            format!("{head}RW 4096 SPARSE \"s.vmdk\"\n"),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            format!("{head}RW 8 FLAT \"missing.img\" 0\n"),
-            Some(ErrorKind::NotFound),
-        ),
-        (
-            format!("{head}RW 8 SPARSE \"junk.vmdk\"\n"),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            format!("{head}RW 8 VMFSSPARSE \"cowd.vmdk\"\n"),
-            Some(ErrorKind::Unsupported),
-        ),
-        (
-            format!("{head}RW 8 FLAT \"../f.img\" 0\n"),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            format!("{head}RW 8 FLAT \"/f.img\" 0\n"),
-            Some(ErrorKind::InvalidImage),
-        ),
-        (
-            format!("{head}RW 999999999999999 FLAT \"f.img\" 0\n"),
-            Some(ErrorKind::LimitExceeded),
-        ),
+        (format!("{head}RW 4096 SPARSE \"s.vmdk\"\n"), Some(ErrorKind::InvalidImage)),
+        (format!("{head}RW 8 FLAT \"missing.img\" 0\n"), Some(ErrorKind::NotFound)),
+        (format!("{head}RW 8 SPARSE \"junk.vmdk\"\n"), Some(ErrorKind::InvalidImage)),
+        (format!("{head}RW 8 VMFSSPARSE \"cowd.vmdk\"\n"), Some(ErrorKind::Unsupported)),
+        (format!("{head}RW 8 FLAT \"../f.img\" 0\n"), Some(ErrorKind::InvalidImage)),
+        (format!("{head}RW 8 FLAT \"/f.img\" 0\n"), Some(ErrorKind::InvalidImage)),
+        (format!("{head}RW 999999999999999 FLAT \"f.img\" 0\n"), Some(ErrorKind::LimitExceeded)),
         (format!("{head}{many}"), Some(ErrorKind::LimitExceeded)),
         (long, Some(ErrorKind::LimitExceeded)),
-        (
-            format!("{head}RW 8 FLAT \"f\u{e9}.img\" 0\n"),
-            Some(ErrorKind::NotFound),
-        ),
-        (
-            "version=1\0createType=\"custom\"\nRW 8 FLAT \"f.img\" 0\n".to_string(),
-            Some(ErrorKind::InvalidImage),
-        ),
+        (format!("{head}RW 8 FLAT \"f\u{e9}.img\" 0\n"), Some(ErrorKind::NotFound)),
+        ("version=1\0createType=\"custom\"\nRW 8 FLAT \"f.img\" 0\n".to_string(), Some(ErrorKind::InvalidImage)),
         (head.to_string(), Some(ErrorKind::InvalidImage)),
-        (
-            format!("{head}RW 8 VMFSRAW \"f.img\"\n"),
-            Some(ErrorKind::Unsupported),
-        ),
+        (format!("{head}RW 8 VMFSRAW \"f.img\"\n"), Some(ErrorKind::Unsupported)),
     ];
     for (i, (text, expect)) in cases.iter().enumerate() {
         match (open_desc(text.as_bytes(), &files, true), expect) {
@@ -603,10 +442,7 @@ fn descriptor_corruption_table() {
     }
     let mut bad = base.clone().into_bytes();
     bad.extend_from_slice(b"ddb.x = \"\xff\"\n");
-    assert_eq!(
-        open_desc(&bad, &files, true).unwrap_err().kind(),
-        ErrorKind::InvalidImage
-    );
+    assert_eq!(open_desc(&bad, &files, true).unwrap_err().kind(), ErrorKind::InvalidImage);
     // Mixed FLAT + SPARSE: a write across the boundary, reopened.
     let v = open_desc(base.as_bytes(), &files, false).unwrap();
     let b = 2048 * 512;
@@ -632,9 +468,7 @@ fn new_grains_appear_whole_to_concurrent_readers() {
     let path = dir.path().join("race.vmdk");
     let grain = 65536usize;
     let grains = 256u64;
-    let v = Arc::new(
-        Vmdk::create(&path, grains * grain as u64, &VmdkCreateOptions::default()).unwrap(),
-    );
+    let v = Arc::new(Vmdk::create(&path, grains * grain as u64, &VmdkCreateOptions::default()).unwrap());
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readers: Vec<_> = (0..2)
         .map(|r| {
@@ -657,8 +491,7 @@ fn new_grains_appear_whole_to_concurrent_readers() {
         })
         .collect();
     for g in 0..grains {
-        v.write_at(&vec![(g % 250) as u8 + 1; grain], g * grain as u64)
-            .unwrap();
+        v.write_at(&vec![(g % 250) as u8 + 1; grain], g * grain as u64).unwrap();
     }
     done.store(true, std::sync::atomic::Ordering::Release);
     for r in readers {
@@ -678,11 +511,7 @@ fn power_loss_keeps_flushed_data() {
     let grain = 65536u64;
     let mut total_ops = None;
     for budget in 0..200u64 {
-        let f = Arc::new(FaultyStorage::new(
-            base.clone(),
-            Some(budget),
-            FaultMode::PowerLoss,
-        ));
+        let f = Arc::new(FaultyStorage::new(base.clone(), Some(budget), FaultMode::PowerLoss));
         let s: Arc<dyn Storage> = f.clone();
         let Ok(v) = Vmdk::open(s, VmdkOptions::default()) else {
             continue;
@@ -699,36 +528,20 @@ fn power_loss_keeps_flushed_data() {
             total_ops = Some(budget);
             break;
         }
-        for seed in [
-            Survivors::None,
-            Survivors::All,
-            Survivors::Some(budget * 7 + 1),
-        ] {
+        for seed in [Survivors::None, Survivors::All, Survivors::Some(budget * 7 + 1)] {
             let img = f.crashed_image(seed);
             let (v, _) = open_bytes(img, true).unwrap_or_else(|e| panic!("budget {budget}: {e}"));
             let mut b = vec![0u8; 70_000];
             v.read_at(&mut b, 1000).unwrap();
-            assert!(
-                b.iter().all(|&x| x == 0xaa),
-                "budget {budget}: flushed data lost"
-            );
+            assert!(b.iter().all(|&x| x == 0xaa), "budget {budget}: flushed data lost");
             for g in 10..20u64 {
                 let mut gb = vec![0u8; grain as usize];
                 v.read_at(&mut gb, g * grain).unwrap();
                 let first = gb[0];
-                assert!(
-                    first == 0 || first == g as u8,
-                    "budget {budget}: grain {g} reads {first}"
-                );
-                assert!(
-                    gb.iter().all(|&x| x == first),
-                    "budget {budget}: grain {g} torn"
-                );
+                assert!(first == 0 || first == g as u8, "budget {budget}: grain {g} reads {first}");
+                assert!(gb.iter().all(|&x| x == first), "budget {budget}: grain {g} torn");
             }
         }
     }
-    assert!(
-        total_ops.is_some(),
-        "the sequence never completed within 200 operations"
-    );
+    assert!(total_ops.is_some(), "the sequence never completed within 200 operations");
 }

@@ -41,7 +41,5 @@ impl Drop for BusyGuard {
 
 /// Whether an operation in this process uses `key`.
 pub(crate) fn is_busy(key: (u64, u64)) -> bool {
-    BUSY.lock()
-        .as_ref()
-        .is_some_and(|m| m.get(&key).is_some_and(|n| *n > 0))
+    BUSY.lock().as_ref().is_some_and(|m| m.get(&key).is_some_and(|n| *n > 0))
 }

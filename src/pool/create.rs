@@ -79,17 +79,13 @@ impl VolumeSpec {
 
     /// Adds a backing volume (builder style).
     pub fn backing(mut self, path: impl Into<PathBuf>, format: Format) -> Self {
-        self.backing = Some(BackingSpec {
-            path: path.into(),
-            format,
-        });
+        self.backing = Some(BackingSpec { path: path.into(), format });
         self
     }
 
     /// Adds a qcow2 option (builder style).
     pub fn qcow2_option(mut self, key: &str, value: &str) -> Self {
-        self.qcow2_options
-            .push((key.to_string(), value.to_string()));
+        self.qcow2_options.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -98,14 +94,10 @@ impl VolumeSpec {
         match self.format {
             Format::Raw => {
                 if self.backing.is_some() {
-                    return Err(Error::unsupported(
-                        "backing storage not supported for raw volumes",
-                    ));
+                    return Err(Error::unsupported("backing storage not supported for raw volumes"));
                 }
                 if self.prealloc_metadata {
-                    return Err(Error::unsupported(
-                        "metadata preallocation is not supported for raw volumes",
-                    ));
+                    return Err(Error::unsupported("metadata preallocation is not supported for raw volumes"));
                 }
                 if self.encryption.is_some() {
                     return Err(Error::unsupported(
@@ -114,10 +106,7 @@ impl VolumeSpec {
                 }
             }
             Format::Vmdk => {
-                if self.encryption.is_some()
-                    || self.prealloc_metadata
-                    || !self.qcow2_options.is_empty()
-                {
+                if self.encryption.is_some() || self.prealloc_metadata || !self.qcow2_options.is_empty() {
                     return Err(Error::unsupported(
                         "encryption, metadata preallocation and qcow2 options apply to qcow2 volumes only",
                     ));
@@ -132,9 +121,7 @@ impl VolumeSpec {
             }
             Format::Qcow2 => {
                 if self.prealloc_metadata && self.backing.is_some() {
-                    return Err(Error::unsupported(
-                        "metadata preallocation conflicts with a backing store",
-                    ));
+                    return Err(Error::unsupported("metadata preallocation conflicts with a backing store"));
                 }
             }
         }
@@ -156,9 +143,7 @@ pub struct CloneOptions<'a> {
 
 impl std::fmt::Debug for CloneOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CloneOptions")
-            .field("format", &self.format)
-            .finish()
+        f.debug_struct("CloneOptions").field("format", &self.format).finish()
     }
 }
 
@@ -175,12 +160,7 @@ impl<'a> TempBuild<'a> {
     fn new(dir: &'a PoolDir, name: &str) -> Result<TempBuild<'a>> {
         let tmp = OsString::from(format!("{TEMP_PREFIX}{}", random_hex(8)?));
         dir.mkdir(&tmp, 0o700)?;
-        Ok(TempBuild {
-            dir,
-            tmp,
-            name: OsString::from(name),
-            done: false,
-        })
+        Ok(TempBuild { dir, tmp, name: OsString::from(name), done: false })
     }
 
     fn file_path(&self) -> PathBuf {
@@ -209,11 +189,7 @@ impl Drop for TempBuild<'_> {
 fn exists_error(pool: &Pool, name: &str, path: &Path) -> Error {
     Error::new(
         ErrorKind::AlreadyExists,
-        format!(
-            "storage volume '{name}' exists already in pool '{}' ({})",
-            pool.name(),
-            path.display()
-        ),
+        format!("storage volume '{name}' exists already in pool '{}' ({})", pool.name(), path.display()),
     )
 }
 
@@ -256,23 +232,14 @@ impl Pool {
     /// new: nothing at that name is ever replaced, and of two creators of
     /// one name (threads or processes) exactly one wins; the other gets
     /// [`ErrorKind::AlreadyExists`]. `progress` is told about preallocation.
-    pub fn create_volume(
-        &self,
-        spec: &VolumeSpec,
-        progress: Option<Progress<'_>>,
-    ) -> Result<Volume> {
+    pub fn create_volume(&self, spec: &VolumeSpec, progress: Option<Progress<'_>>) -> Result<Volume> {
         self.build_volume(spec, None, progress)
     }
 
     /// Copies `src` (from any pool) into a new volume `name` of this pool
     /// (`vol-clone`, `vol-create-from`): the guest content, holes kept,
     /// backing chain flattened, optionally converted to another format.
-    pub fn clone_volume(
-        &self,
-        src: &Volume,
-        name: &str,
-        opts: &CloneOptions<'_>,
-    ) -> Result<Volume> {
+    pub fn clone_volume(&self, src: &Volume, name: &str, opts: &CloneOptions<'_>) -> Result<Volume> {
         let dev = src.open(true)?;
         let format = match opts.format {
             Some(f) => f,
@@ -306,9 +273,7 @@ impl Pool {
                     .read_only(true)
                     .backing(BackingPolicy::RecordedFormat)
                     .open(&b.path)
-                    .map_err(|e| {
-                        e.context(format!("opening backing volume {}", b.path.display()))
-                    })?,
+                    .map_err(|e| e.context(format!("opening backing volume {}", b.path.display())))?,
             ),
             None => None,
         };
@@ -337,8 +302,7 @@ impl Pool {
             Format::Qcow2 => {
                 let mut o = CreateOptions::new(capacity);
                 for (k, v) in &spec.qcow2_options {
-                    o.set(k, v)
-                        .map_err(|e| e.context(format!("qcow2 option {k}")))?;
+                    o.set(k, v).map_err(|e| e.context(format!("qcow2 option {k}")))?;
                 }
                 if spec.prealloc_metadata {
                     o.preallocation = Preallocation::Metadata;
@@ -354,28 +318,19 @@ impl Pool {
                     key: spec.encryption.clone(),
                     ..Default::default()
                 };
-                Box::new(
-                    Qcow2::create(Arc::new(s), &o, extra).map_err(|e| e.with_path(&final_path))?,
-                )
+                Box::new(Qcow2::create(Arc::new(s), &o, extra).map_err(|e| e.with_path(&final_path))?)
             }
             Format::Vmdk => {
                 drop(backing);
                 let o = VmdkCreateOptions {
-                    backing_file: spec
-                        .backing
-                        .as_ref()
-                        .map(|b| b.path.to_string_lossy().into_owned()),
+                    backing_file: spec.backing.as_ref().map(|b| b.path.to_string_lossy().into_owned()),
                     ..Default::default()
                 };
                 Box::new(Vmdk::create(&path, capacity, &o)?)
             }
         };
         if let Some(src) = fill {
-            let opts = ConvertOptions {
-                threads: 2,
-                progress,
-                ..ConvertOptions::default()
-            };
+            let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };
             crate::convert::convert(src, &*dev, &opts)?;
         }
         dev.flush()?;
@@ -387,8 +342,7 @@ impl Pool {
             std::os::unix::fs::lchown(&path, spec.permissions.owner, spec.permissions.group)
                 .map_err(|e| Error::io("cannot set the volume owner", e).with_path(&path))?;
         }
-        let md = std::fs::symlink_metadata(&path)
-            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         std::fs::File::open(&path)
             .and_then(|f| f.sync_all())
             .map_err(|e| Error::io("cannot sync the new volume", e).with_path(&path))?;
@@ -401,14 +355,7 @@ impl Pool {
             }
         })?;
         drop(dev);
-        self.record(
-            OsStr::new(name),
-            Some(Record {
-                dev: md.dev(),
-                ino: md.ino(),
-                format: spec.format,
-            }),
-        )?;
+        self.record(OsStr::new(name), Some(Record { dev: md.dev(), ino: md.ino(), format: spec.format }))?;
         Ok(Volume::new(self.clone(), OsString::from(name)))
     }
 }

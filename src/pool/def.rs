@@ -72,16 +72,10 @@ impl Permissions {
         };
         let mut p = Permissions::default();
         if let Some(m) = e.child_text("mode") {
-            let v = u32::from_str_radix(&m, 8)
-                .ok()
-                .filter(|v| *v <= 0o7777)
-                .ok_or_else(|| {
-                    Error::invalid_argument(format!(
-                        "{what}: permissions mode '{}' is not an octal mode",
-                        m.escape_debug()
-                    ))
+            let v = u32::from_str_radix(&m, 8).ok().filter(|v| *v <= 0o7777).ok_or_else(|| {
+                Error::invalid_argument(format!("{what}: permissions mode '{}' is not an octal mode", m.escape_debug()))
                     .with_field("permissions/mode")
-                })?;
+            })?;
             p.mode = Some(v);
         }
         let id = |tag: &'static str| -> Result<Option<u32>> {
@@ -105,11 +99,7 @@ impl Permissions {
 
     /// Writes `<permissions>`, or `None` when nothing is set.
     pub fn to_element(&self) -> Option<Element> {
-        if self.mode.is_none()
-            && self.owner.is_none()
-            && self.group.is_none()
-            && self.label.is_none()
-        {
+        if self.mode.is_none() && self.owner.is_none() && self.group.is_none() && self.label.is_none() {
             return None;
         }
         let mut e = Element::new("permissions");
@@ -131,12 +121,7 @@ impl Permissions {
     /// The mode, owner and group of an existing file or directory.
     pub fn of(md: &std::fs::Metadata) -> Permissions {
         use std::os::unix::fs::MetadataExt;
-        Permissions {
-            mode: Some(md.mode() & 0o7777),
-            owner: Some(md.uid()),
-            group: Some(md.gid()),
-            label: None,
-        }
+        Permissions { mode: Some(md.mode() & 0o7777), owner: Some(md.uid()), group: Some(md.gid()), label: None }
     }
 }
 
@@ -188,9 +173,8 @@ impl PoolDef {
     /// the target mode libvirt gives new pool directories (0711).
     pub fn dir(name: &str, target: impl AsRef<Path>) -> Result<PoolDef> {
         let target = target.as_ref();
-        let t = target.to_str().ok_or_else(|| {
-            Error::invalid_argument("the target path is not UTF-8").with_path(target)
-        })?;
+        let t =
+            target.to_str().ok_or_else(|| Error::invalid_argument("the target path is not UTF-8").with_path(target))?;
         let doc = Element::new("pool")
             .with_attr("type", "dir")
             .with_child(Element::new("name").with_text(name))
@@ -198,10 +182,7 @@ impl PoolDef {
             .with_child(
                 Element::new("target")
                     .with_child(Element::new("path").with_text(t))
-                    .with_child(
-                        Element::new("permissions")
-                            .with_child(Element::new("mode").with_text("0711")),
-                    ),
+                    .with_child(Element::new("permissions").with_child(Element::new("mode").with_text("0711"))),
             );
         Self::from_tree(doc, "pool definition")
     }
@@ -213,25 +194,18 @@ impl PoolDef {
 
     fn from_tree(mut tree: Element, what: &str) -> Result<PoolDef> {
         if tree.name != "pool" {
-            return Err(Error::invalid_argument(format!(
-                "{what}: the root element is <{}>, not <pool>",
-                tree.name
-            )));
+            return Err(Error::invalid_argument(format!("{what}: the root element is <{}>, not <pool>", tree.name)));
         }
-        let kind = PoolType::from_name(tree.attr("type").ok_or_else(|| {
-            Error::invalid_argument(format!("{what}: <pool> has no type attribute"))
-        })?)
+        let kind = PoolType::from_name(
+            tree.attr("type")
+                .ok_or_else(|| Error::invalid_argument(format!("{what}: <pool> has no type attribute")))?,
+        )
         .map_err(|e| e.context(what))?;
         let field = |tag: &'static str| -> Result<String> {
             match tree.count(tag) {
-                0 => Err(
-                    Error::invalid_argument(format!("{what}: <{tag}> is missing")).with_field(tag),
-                ),
+                0 => Err(Error::invalid_argument(format!("{what}: <{tag}> is missing")).with_field(tag)),
                 1 => Ok(tree.child_text(tag).unwrap_or_default()),
-                _ => Err(
-                    Error::invalid_argument(format!("{what}: more than one <{tag}>"))
-                        .with_field(tag),
-                ),
+                _ => Err(Error::invalid_argument(format!("{what}: more than one <{tag}>")).with_field(tag)),
             }
         };
         let name = check_pool_name(field("name")?).map_err(|e| e.context(what))?;
@@ -241,11 +215,7 @@ impl PoolDef {
                 Uuid::parse(&tree.child_text("uuid").unwrap_or_default())
                     .map_err(|e| e.context(what).with_field("uuid"))?,
             ),
-            _ => {
-                return Err(Error::invalid_argument(format!(
-                    "{what}: more than one <uuid>"
-                )))
-            }
+            _ => return Err(Error::invalid_argument(format!("{what}: more than one <uuid>"))),
         };
         let uuid = match uuid {
             Some(u) => u,
@@ -256,17 +226,11 @@ impl PoolDef {
             }
         };
         if tree.count("target") != 1 {
-            return Err(
-                Error::invalid_argument(format!("{what}: exactly one <target> is needed"))
-                    .with_field("target"),
-            );
+            return Err(Error::invalid_argument(format!("{what}: exactly one <target> is needed")).with_field("target"));
         }
-        let target_el = tree
-            .child("target")
-            .ok_or_else(|| Error::internal("target vanished"))?;
+        let target_el = tree.child("target").ok_or_else(|| Error::internal("target vanished"))?;
         let tpath = target_el.child_text("path").ok_or_else(|| {
-            Error::invalid_argument(format!("{what}: <target> has no <path>"))
-                .with_field("target/path")
+            Error::invalid_argument(format!("{what}: <target> has no <path>")).with_field("target/path")
         })?;
         if !tpath.starts_with('/') || tpath.contains('\0') || tpath.contains('\n') {
             return Err(Error::invalid_argument(format!(
@@ -279,30 +243,16 @@ impl PoolDef {
         let perms = Permissions::from_element(target_el.child("permissions"), what)?;
         let mut source = PoolSource::default();
         if let Some(s) = tree.child("source") {
-            source.device = s
-                .child("device")
-                .and_then(|d| d.attr("path"))
-                .map(str::to_string);
-            source.host = s
-                .child("host")
-                .and_then(|d| d.attr("name"))
-                .map(str::to_string);
-            source.dir = s
-                .child("dir")
-                .and_then(|d| d.attr("path"))
-                .map(str::to_string);
-            source.format = s
-                .child("format")
-                .and_then(|d| d.attr("type"))
-                .map(str::to_string);
+            source.device = s.child("device").and_then(|d| d.attr("path")).map(str::to_string);
+            source.host = s.child("host").and_then(|d| d.attr("name")).map(str::to_string);
+            source.dir = s.child("dir").and_then(|d| d.attr("path")).map(str::to_string);
+            source.format = s.child("format").and_then(|d| d.attr("type")).map(str::to_string);
         }
         match kind {
             PoolType::Dir => {}
             PoolType::Fs if source.device.is_none() => {
-                return Err(Error::invalid_argument(format!(
-                    "{what}: an fs pool needs <source><device path='...'/>"
-                ))
-                .with_field("source/device"))
+                return Err(Error::invalid_argument(format!("{what}: an fs pool needs <source><device path='...'/>"))
+                    .with_field("source/device"))
             }
             PoolType::Netfs if source.host.is_none() || source.dir.is_none() => {
                 return Err(Error::invalid_argument(format!(
@@ -316,15 +266,7 @@ impl PoolDef {
         for s in SIZING {
             tree.remove(s);
         }
-        Ok(PoolDef {
-            tree,
-            name,
-            uuid,
-            kind,
-            target,
-            perms,
-            source,
-        })
+        Ok(PoolDef { tree, name, uuid, kind, target, perms, source })
     }
 
     /// The pool name.
@@ -371,22 +313,11 @@ impl PoolDef {
     /// The document with live figures (pool-dumpxml of a running pool):
     /// capacity, allocation and available in bytes, and the target's
     /// actual permissions when given.
-    pub fn with_sizes(
-        &self,
-        capacity: u64,
-        allocation: u64,
-        available: u64,
-        actual: Option<&Permissions>,
-    ) -> Element {
+    pub fn with_sizes(&self, capacity: u64, allocation: u64, available: u64, actual: Option<&Permissions>) -> Element {
         let mut t = self.tree.clone();
         let mut after: Vec<&str> = vec!["name", "uuid"];
         for (tag, v) in SIZING.iter().zip([capacity, allocation, available]) {
-            t.put(
-                Element::new(*tag)
-                    .with_attr("unit", "bytes")
-                    .with_text(v.to_string()),
-                &after,
-            );
+            t.put(Element::new(*tag).with_attr("unit", "bytes").with_text(v.to_string()), &after);
             after.push(tag);
         }
         if let Some(p) = actual {

@@ -60,10 +60,7 @@ impl PoolDir {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| Error::io("cannot open the pool directory", e).with_path(path))?;
-        Ok(PoolDir {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(PoolDir { fd, path: path.to_path_buf() })
     }
 
     /// The directory's path.
@@ -93,35 +90,23 @@ impl PoolDir {
         let path = self.join(name);
         let c = c_name(name)?;
         let acc = if write { libc::O_RDWR } else { libc::O_RDONLY };
-        let fd = sys::openat(
-            self.fd.as_fd(),
-            &c,
-            acc | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY,
-            0,
-        )
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::ELOOP) => Error::new(
-                ErrorKind::InvalidArgument,
-                "is a symlink: vdisk does not open volumes through symlinks",
-            )
-            .with_path(&path),
-            Some(libc::ENXIO) => Error::new(
-                ErrorKind::InvalidArgument,
-                "is a socket or FIFO without a writer, not a regular file",
-            )
-            .with_path(&path),
-            _ => Error::io("cannot open", e).with_path(&path),
-        })?;
+        let fd = sys::openat(self.fd.as_fd(), &c, acc | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY, 0)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => {
+                    Error::new(ErrorKind::InvalidArgument, "is a symlink: vdisk does not open volumes through symlinks")
+                        .with_path(&path)
+                }
+                Some(libc::ENXIO) => {
+                    Error::new(ErrorKind::InvalidArgument, "is a socket or FIFO without a writer, not a regular file")
+                        .with_path(&path)
+                }
+                _ => Error::io("cannot open", e).with_path(&path),
+            })?;
         let file = File::from(fd);
-        let md = file
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let md = file.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         if !md.file_type().is_file() {
-            return Err(Error::new(
-                ErrorKind::InvalidArgument,
-                format!("is a {}, not a regular file", kind_name(&md)),
-            )
-            .with_path(&path));
+            return Err(Error::new(ErrorKind::InvalidArgument, format!("is a {}, not a regular file", kind_name(&md)))
+                .with_path(&path));
         }
         Ok(file)
     }
@@ -137,8 +122,7 @@ impl PoolDir {
     /// an empty directory.
     pub fn remove(&self, name: &OsStr, dir: bool) -> Result<()> {
         let c = c_name(name)?;
-        sys::unlinkat(self.fd.as_fd(), &c, dir)
-            .map_err(|e| Error::io("cannot remove", e).with_path(self.join(name)))
+        sys::unlinkat(self.fd.as_fd(), &c, dir).map_err(|e| Error::io("cannot remove", e).with_path(self.join(name)))
     }
 
     /// Renames `old` (relative to the directory; may be `tmpdir/name`) to
@@ -148,11 +132,7 @@ impl PoolDir {
         let n = c_name(new)?;
         sys::rename_noreplace(self.fd.as_fd(), &o, &n).map_err(|e| {
             if e.kind() == io::ErrorKind::AlreadyExists {
-                Error::new(
-                    ErrorKind::AlreadyExists,
-                    "a volume of that name already exists",
-                )
-                .with_path(self.join(new))
+                Error::new(ErrorKind::AlreadyExists, "a volume of that name already exists").with_path(self.join(new))
             } else {
                 Error::io("cannot rename the new volume into place", e).with_path(self.join(new))
             }
@@ -161,14 +141,11 @@ impl PoolDir {
 
     /// `fsync` of the directory, making renames and removals durable.
     pub fn sync(&self) -> Result<()> {
-        self.fd
-            .sync_all()
-            .map_err(|e| Error::io("cannot sync the pool directory", e).with_path(&self.path))
+        self.fd.sync_all().map_err(|e| Error::io("cannot sync the pool directory", e).with_path(&self.path))
     }
 
     /// Filesystem figures of the directory.
     pub fn fs_stats(&self) -> Result<sys::FsStats> {
-        sys::fs_stats(self.fd.as_fd())
-            .map_err(|e| Error::io("statvfs failed", e).with_path(&self.path))
+        sys::fs_stats(self.fd.as_fd()).map_err(|e| Error::io("statvfs failed", e).with_path(&self.path))
     }
 }

@@ -99,8 +99,8 @@ pub use scan::{Backing, FileStat, VolType, VolumeInfo};
 use scan::{FileStat as Stat, ProbeCache, Records};
 pub use uuid::Uuid;
 pub use volume::{
-    BackingSpec, CloneOptions, DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice,
-    VolumeSpec, WipeAlgorithm,
+    BackingSpec, CloneOptions, DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice, VolumeSpec,
+    WipeAlgorithm,
 };
 
 use crate::error::{Error, ErrorKind, Result};
@@ -189,13 +189,7 @@ fn not_active(name: &str) -> Error {
 }
 
 impl Pool {
-    pub(crate) fn new(
-        paths: Arc<RegistryPaths>,
-        def: PoolDef,
-        origin: Origin,
-        autostart: bool,
-        file: PathBuf,
-    ) -> Pool {
+    pub(crate) fn new(paths: Arc<RegistryPaths>, def: PoolDef, origin: Origin, autostart: bool, file: PathBuf) -> Pool {
         Pool {
             inner: Arc::new(PoolInner {
                 paths,
@@ -267,10 +261,7 @@ impl Pool {
 
     fn require_inactive(&self, what: &str) -> Result<()> {
         if self.is_active() {
-            Err(Error::invalid_argument(format!(
-                "storage pool '{}' is active: destroy it before {what}",
-                self.name()
-            )))
+            Err(Error::invalid_argument(format!("storage pool '{}' is active: destroy it before {what}", self.name())))
         } else {
             Ok(())
         }
@@ -282,8 +273,7 @@ impl Pool {
     }
 
     pub(crate) fn dir(&self) -> Result<PoolDir> {
-        PoolDir::open(&self.canonical_target())
-            .map_err(|e| e.context(format!("storage pool '{}'", self.name())))
+        PoolDir::open(&self.canonical_target()).map_err(|e| e.context(format!("storage pool '{}'", self.name())))
     }
 
     /// Turns autostart on or off (the `autostart/NAME.xml` link). Refused for
@@ -302,13 +292,7 @@ impl Pool {
             std::os::unix::fs::symlink(&self.inner.file, &link)
                 .map_err(|e| Error::io("cannot create the autostart link", e).with_path(&link))?;
         }
-        Ok(Pool::new(
-            self.inner.paths.clone(),
-            self.inner.def.clone(),
-            self.inner.origin,
-            on,
-            self.inner.file.clone(),
-        ))
+        Ok(Pool::new(self.inner.paths.clone(), self.inner.def.clone(), self.inner.origin, on, self.inner.file.clone()))
     }
 
     /// Creates the target directory (parents as needed) with the defined
@@ -328,8 +312,7 @@ impl Pool {
         match std::fs::DirBuilder::new().mode(mode).create(t) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let md = std::fs::symlink_metadata(t)
-                    .map_err(|e| Error::io("cannot stat", e).with_path(t))?;
+                let md = std::fs::symlink_metadata(t).map_err(|e| Error::io("cannot stat", e).with_path(t))?;
                 if !md.is_dir() {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
@@ -350,9 +333,8 @@ impl Pool {
 
     fn chown_target(&self, perms: &Permissions) -> Result<()> {
         if perms.owner.is_some() || perms.group.is_some() {
-            std::os::unix::fs::chown(self.target(), perms.owner, perms.group).map_err(|e| {
-                Error::io("cannot set the pool directory owner", e).with_path(self.target())
-            })?;
+            std::os::unix::fs::chown(self.target(), perms.owner, perms.group)
+                .map_err(|e| Error::io("cannot set the pool directory owner", e).with_path(self.target()))?;
         }
         Ok(())
     }
@@ -361,13 +343,10 @@ impl Pool {
     /// point of the defined source.
     fn check_target(&self) -> Result<()> {
         let t = self.canonical_target();
-        let md = std::fs::metadata(&t).map_err(|e| {
-            Error::io("cannot access the pool target (build it first?)", e).with_path(&t)
-        })?;
+        let md = std::fs::metadata(&t)
+            .map_err(|e| Error::io("cannot access the pool target (build it first?)", e).with_path(&t))?;
         if !md.is_dir() {
-            return Err(
-                Error::invalid_argument("the pool target is not a directory").with_path(&t),
-            );
+            return Err(Error::invalid_argument("the pool target is not a directory").with_path(&t));
         }
         let def = &self.inner.def;
         if def.kind() != PoolType::Dir {
@@ -401,19 +380,13 @@ impl Pool {
 
     pub(crate) fn start_unlocked(&self, refresh: bool) -> Result<()> {
         if self.is_active() {
-            return Err(Error::invalid_argument(format!(
-                "storage pool '{}' is already active",
-                self.name()
-            )));
+            return Err(Error::invalid_argument(format!("storage pool '{}' is already active", self.name())));
         }
         self.check_target()?;
         let state = self.paths().state_file(self.name());
         scan::write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
         if refresh {
-            if let Err(e) = self
-                .cleanup(STALE_TEMP_AGE)
-                .and_then(|_| self.refresh().map(|_| ()))
-            {
+            if let Err(e) = self.cleanup(STALE_TEMP_AGE).and_then(|_| self.refresh().map(|_| ())) {
                 let _ = std::fs::remove_file(&state);
                 return Err(e);
             }
@@ -426,8 +399,7 @@ impl Pool {
         let _l = registry::lock(self.paths())?;
         self.require_active()?;
         let state = self.paths().state_file(self.name());
-        std::fs::remove_file(&state)
-            .map_err(|e| Error::io("cannot remove the pool state", e).with_path(&state))
+        std::fs::remove_file(&state).map_err(|e| Error::io("cannot remove the pool state", e).with_path(&state))
     }
 
     /// Removes the target directory, only if it is empty. Refused while
@@ -437,8 +409,7 @@ impl Pool {
         let t = self.target();
         std::fs::remove_dir(t).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOTEMPTY) || e.raw_os_error() == Some(libc::EEXIST) {
-                Error::invalid_argument("the pool directory is not empty: delete its volumes first")
-                    .with_path(t)
+                Error::invalid_argument("the pool directory is not empty: delete its volumes first").with_path(t)
             } else {
                 Error::io("cannot remove the pool directory", e).with_path(t)
             }
@@ -460,28 +431,17 @@ impl Pool {
         let _ = std::fs::remove_file(self.paths().autostart_link(self.name()));
         let _ = std::fs::remove_file(self.paths().cache_file(self.uuid()));
         let _ = std::fs::remove_file(self.paths().records_file(self.uuid()));
-        std::fs::remove_file(&self.inner.file).map_err(|e| {
-            Error::io("cannot remove the pool definition", e).with_path(&self.inner.file)
-        })
+        std::fs::remove_file(&self.inner.file)
+            .map_err(|e| Error::io("cannot remove the pool definition", e).with_path(&self.inner.file))
     }
 
     /// State and filesystem figures.
     pub fn info(&self) -> Result<PoolInfo> {
         if !self.is_active() {
-            return Ok(PoolInfo {
-                state: PoolState::Inactive,
-                capacity: 0,
-                allocation: 0,
-                available: 0,
-            });
+            return Ok(PoolInfo { state: PoolState::Inactive, capacity: 0, allocation: 0, available: 0 });
         }
         if self.check_target().is_err() {
-            return Ok(PoolInfo {
-                state: PoolState::Inaccessible,
-                capacity: 0,
-                allocation: 0,
-                available: 0,
-            });
+            return Ok(PoolInfo { state: PoolState::Inaccessible, capacity: 0, allocation: 0, available: 0 });
         }
         let st = self.dir()?.fs_stats()?;
         Ok(PoolInfo {
@@ -496,19 +456,8 @@ impl Pool {
     /// actual permissions when it exists.
     pub fn xml_desc(&self) -> Result<String> {
         let info = self.info()?;
-        let actual = std::fs::metadata(self.target())
-            .ok()
-            .map(|m| Permissions::of(&m));
-        Ok(self
-            .inner
-            .def
-            .with_sizes(
-                info.capacity,
-                info.allocation,
-                info.available,
-                actual.as_ref(),
-            )
-            .to_xml())
+        let actual = std::fs::metadata(self.target()).ok().map(|m| Permissions::of(&m));
+        Ok(self.inner.def.with_sizes(info.capacity, info.allocation, info.available, actual.as_ref()).to_xml())
     }
 
     /// Removes stale temporary entries (`.vdisk-tmp-*`) older than
@@ -525,11 +474,7 @@ impl Pool {
                 continue;
             }
             let Ok(md) = e.metadata() else { continue };
-            let age = md
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .unwrap_or_default();
+            let age = md.modified().ok().and_then(|m| m.elapsed().ok()).unwrap_or_default();
             if age < min_age {
                 continue;
             }
@@ -561,8 +506,7 @@ impl Pool {
             .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
         let mut entries: Vec<(OsString, std::fs::Metadata)> = Vec::new();
         for e in rd {
-            let e =
-                e.map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
+            let e = e.map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
             let name = e.file_name();
             if name.as_bytes().starts_with(name::TEMP_PREFIX.as_bytes()) {
                 report.temporary += 1;
@@ -599,10 +543,7 @@ impl Pool {
                         let t = scan::probe_clock();
                         let f = match d.open_file(name, false) {
                             Ok(file) => scan::probe_file(file, &d.join(name)),
-                            Err(e) => scan::Facts {
-                                error: Some(e.message().to_string()),
-                                ..Default::default()
-                            },
+                            Err(e) => scan::Facts { error: Some(e.message().to_string()), ..Default::default() },
                         };
                         report.probed += 1;
                         cache.put(name, &stat, t, f.clone());
@@ -620,10 +561,7 @@ impl Pool {
                 (
                     VolType::Other,
                     scan::Facts {
-                        error: Some(format!(
-                            "is a {}, not a volume: vdisk never opens it",
-                            dir::kind_name(md)
-                        )),
+                        error: Some(format!("is a {}, not a volume: vdisk never opens it", dir::kind_name(md))),
                         ..Default::default()
                     },
                     None,
@@ -634,14 +572,8 @@ impl Pool {
                     let r = records.format_of(name, s);
                     if r.is_none() {
                         if let Some(fmt) = facts.format {
-                            new_records.push((
-                                name.clone(),
-                                Some(scan::Record {
-                                    dev: s.dev,
-                                    ino: s.ino,
-                                    format: fmt,
-                                }),
-                            ));
+                            new_records
+                                .push((name.clone(), Some(scan::Record { dev: s.dev, ino: s.ino, format: fmt })));
                         }
                     }
                     r
@@ -659,20 +591,11 @@ impl Pool {
                 }
                 None => None,
             };
-            let extent_alloc: u64 = facts
-                .extents
-                .iter()
-                .filter_map(|x| alloc_of.get(OsStr::new(x)))
-                .sum();
-            let mut info =
-                scan::build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
+            let extent_alloc: u64 = facts.extents.iter().filter_map(|x| alloc_of.get(OsStr::new(x))).sum();
+            let mut info = scan::build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
             if kind == VolType::Symlink {
                 if let Some(s) = rec_stat {
-                    info.capacity = if facts.format == Some(crate::Format::Raw) {
-                        s.size
-                    } else {
-                        info.capacity
-                    };
+                    info.capacity = if facts.format == Some(crate::Format::Raw) { s.size } else { info.capacity };
                     info.allocation = s.allocated;
                     info.physical = s.size;
                 }
@@ -739,11 +662,7 @@ impl Pool {
     }
 
     pub(crate) fn record(&self, name: &OsStr, rec: Option<scan::Record>) -> Result<()> {
-        Records::update(
-            &self.paths().records_file(self.uuid()),
-            &[(name.to_os_string(), rec)],
-        )
-        .map(|_| ())
+        Records::update(&self.paths().records_file(self.uuid()), &[(name.to_os_string(), rec)]).map(|_| ())
     }
 
     pub(crate) fn records(&self) -> Result<Records> {
@@ -784,11 +703,6 @@ fn mounted(target: &Path, source: &str) -> bool {
         let src = f.get(sep + 2).map(|s| unescape(s));
         mount_point.as_deref() == Some(want)
             && src.as_deref().map(|s| s.strip_suffix(b"/").unwrap_or(s))
-                == Some(
-                    source
-                        .as_bytes()
-                        .strip_suffix(b"/")
-                        .unwrap_or(source.as_bytes()),
-                )
+                == Some(source.as_bytes().strip_suffix(b"/").unwrap_or(source.as_bytes()))
     })
 }

@@ -23,10 +23,7 @@ pub const TEMP_PREFIX: &str = ".vdisk-tmp-";
 pub const MAX_NAME_BYTES: usize = 255;
 
 fn invalid(what: &str, name: &OsStr, why: &str) -> Error {
-    Error::invalid_argument(format!(
-        "invalid {what} name '{}': {why}",
-        name.to_string_lossy().escape_debug()
-    ))
+    Error::invalid_argument(format!("invalid {what} name '{}': {why}", name.to_string_lossy().escape_debug()))
 }
 
 /// Checks a name vdisk is asked to create; returns it as UTF-8.
@@ -36,11 +33,7 @@ fn check(what: &str, name: &OsStr) -> Result<String> {
         return Err(invalid(what, name, "it is empty"));
     }
     if bytes.len() > MAX_NAME_BYTES {
-        return Err(invalid(
-            what,
-            name,
-            &format!("it is longer than {MAX_NAME_BYTES} bytes"),
-        ));
+        return Err(invalid(what, name, &format!("it is longer than {MAX_NAME_BYTES} bytes")));
     }
     let s = std::str::from_utf8(bytes).map_err(|_| invalid(what, name, "it is not UTF-8"))?;
     if s == "." || s == ".." {
@@ -56,18 +49,10 @@ fn check(what: &str, name: &OsStr) -> Result<String> {
         return Err(invalid(what, name, "it contains a control character"));
     }
     if s.starts_with('-') {
-        return Err(invalid(
-            what,
-            name,
-            "it starts with '-' and would read as a command-line option",
-        ));
+        return Err(invalid(what, name, "it starts with '-' and would read as a command-line option"));
     }
     if s.starts_with(TEMP_PREFIX) {
-        return Err(invalid(
-            what,
-            name,
-            &format!("names starting with '{TEMP_PREFIX}' are vdisk's temporary files"),
-        ));
+        return Err(invalid(what, name, &format!("names starting with '{TEMP_PREFIX}' are vdisk's temporary files")));
     }
     Ok(s.to_string())
 }
@@ -126,13 +111,7 @@ mod tests {
             assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{b:?}");
             assert!(e.to_string().contains("invalid volume name"), "{e}");
         }
-        for ok in [
-            "disk.qcow2",
-            ".hidden",
-            "with space.img",
-            "ünïcode",
-            &"a".repeat(255),
-        ] {
+        for ok in ["disk.qcow2", ".hidden", "with space.img", "ünïcode", &"a".repeat(255)] {
             assert_eq!(check_volume_name(ok).unwrap(), ok);
         }
         assert!(check_pool_name(".hidden").is_err());

@@ -60,10 +60,7 @@ impl RegistryPaths {
             Some(v) => Some(PathBuf::from(v)),
             None => Some(PathBuf::from("/etc/libvirt/storage")),
         };
-        RegistryPaths {
-            config_dir: config_dir.into(),
-            libvirt_dir,
-        }
+        RegistryPaths { config_dir: config_dir.into(), libvirt_dir }
     }
 
     /// The default locations: `VDISK_CONFIG_DIR`, else
@@ -93,9 +90,7 @@ impl RegistryPaths {
         self.config_dir.join(format!("{name}.xml"))
     }
     pub(crate) fn autostart_link(&self, name: &str) -> PathBuf {
-        self.config_dir
-            .join("autostart")
-            .join(format!("{name}.xml"))
+        self.config_dir.join("autostart").join(format!("{name}.xml"))
     }
     pub(crate) fn state_file(&self, name: &str) -> PathBuf {
         self.config_dir.join("run").join(format!("{name}.xml"))
@@ -104,9 +99,7 @@ impl RegistryPaths {
         self.config_dir.join("cache").join(format!("{uuid}.cache"))
     }
     pub(crate) fn records_file(&self, uuid: Uuid) -> PathBuf {
-        self.config_dir
-            .join("volumes")
-            .join(format!("{uuid}.formats"))
+        self.config_dir.join("volumes").join(format!("{uuid}.formats"))
     }
 }
 
@@ -125,8 +118,7 @@ pub(crate) fn lock(paths: &RegistryPaths) -> Result<RegistryLock> {
         .truncate(false)
         .open(&p)
         .map_err(|e| Error::io("cannot open the registry lock", e).with_path(&p))?;
-    crate::sys::flock(f.as_fd(), true)
-        .map_err(|e| Error::io("cannot lock the registry", e).with_path(&p))?;
+    crate::sys::flock(f.as_fd(), true).map_err(|e| Error::io("cannot lock the registry", e).with_path(&p))?;
     Ok(RegistryLock { _file: f })
 }
 
@@ -143,10 +135,7 @@ pub(crate) fn canonical_target(p: &Path) -> PathBuf {
             }
             return out;
         }
-        match (
-            existing.file_name().map(OsStr::to_os_string),
-            existing.parent(),
-        ) {
+        match (existing.file_name().map(OsStr::to_os_string), existing.parent()) {
             (Some(n), Some(parent)) => {
                 rest.push(n);
                 existing = parent.to_path_buf();
@@ -176,23 +165,15 @@ impl Registry {
     /// opened after a reboot clears stale active state and starts the
     /// autostart pools.
     pub fn open(paths: RegistryPaths) -> Result<Registry> {
-        for d in [
-            paths.config_dir.clone(),
-            paths.config_dir.join("autostart"),
-            paths.config_dir.join("run"),
-        ] {
-            std::fs::create_dir_all(&d).map_err(|e| {
-                Error::io("cannot create the configuration directory", e).with_path(&d)
-            })?;
+        for d in [paths.config_dir.clone(), paths.config_dir.join("autostart"), paths.config_dir.join("run")] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| Error::io("cannot create the configuration directory", e).with_path(&d))?;
         }
         {
             use std::os::unix::fs::PermissionsExt;
-            let _ =
-                std::fs::set_permissions(&paths.config_dir, std::fs::Permissions::from_mode(0o700));
+            let _ = std::fs::set_permissions(&paths.config_dir, std::fs::Permissions::from_mode(0o700));
         }
-        let reg = Registry {
-            paths: Arc::new(paths),
-        };
+        let reg = Registry { paths: Arc::new(paths) };
         reg.boot_check()?;
         Ok(reg)
     }
@@ -213,21 +194,11 @@ impl Registry {
         };
         let boot = boot.trim().to_string();
         let marker = self.paths.config_dir.join("run/boot_id");
-        if std::fs::read_to_string(&marker)
-            .ok()
-            .as_deref()
-            .map(str::trim)
-            == Some(boot.as_str())
-        {
+        if std::fs::read_to_string(&marker).ok().as_deref().map(str::trim) == Some(boot.as_str()) {
             return Ok(());
         }
         let _l = lock(&self.paths)?;
-        if std::fs::read_to_string(&marker)
-            .ok()
-            .as_deref()
-            .map(str::trim)
-            == Some(boot.as_str())
-        {
+        if std::fs::read_to_string(&marker).ok().as_deref().map(str::trim) == Some(boot.as_str()) {
             return Ok(());
         }
         let run = self.paths.config_dir.join("run");
@@ -258,24 +229,18 @@ impl Registry {
             .map(|e| e.path())
             .filter(|p| {
                 p.extension() == Some(OsStr::new("xml"))
-                    && !p
-                        .file_name()
-                        .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
+                    && !p.file_name().is_some_and(|n| n.as_encoded_bytes().starts_with(b"."))
                     && p.is_file()
             })
             .collect();
         names.sort();
         for path in names {
             let res = (|| -> Result<Pool> {
-                let md = std::fs::metadata(&path)
-                    .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+                let md = std::fs::metadata(&path).map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
                 if md.len() > super::xml::MAX_XML_BYTES as u64 {
-                    return Err(
-                        Error::limit("pool definition is larger than 1 MiB").with_path(&path)
-                    );
+                    return Err(Error::limit("pool definition is larger than 1 MiB").with_path(&path));
                 }
-                let text = std::fs::read_to_string(&path)
-                    .map_err(|e| Error::io("cannot read", e).with_path(&path))?;
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read", e).with_path(&path))?;
                 let def = PoolDef::from_xml(&text, &path.display().to_string())?;
                 let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 if stem.as_deref() != Some(def.name()) {
@@ -285,17 +250,8 @@ impl Registry {
                     ))
                     .with_path(&path));
                 }
-                let autostart = dir
-                    .join("autostart")
-                    .join(format!("{}.xml", def.name()))
-                    .exists();
-                Ok(Pool::new(
-                    self.paths.clone(),
-                    def,
-                    origin,
-                    autostart,
-                    path.clone(),
-                ))
+                let autostart = dir.join("autostart").join(format!("{}.xml", def.name())).exists();
+                Ok(Pool::new(self.paths.clone(), def, origin, autostart, path.clone()))
             })();
             match res {
                 Ok(p) => out.push(p),
@@ -307,20 +263,12 @@ impl Registry {
     fn list_unlocked(&self) -> Result<PoolList> {
         let mut pools = Vec::new();
         let mut errors = Vec::new();
-        self.load_dir(
-            &self.paths.config_dir,
-            Origin::Vdisk,
-            &mut pools,
-            &mut errors,
-        );
+        self.load_dir(&self.paths.config_dir, Origin::Vdisk, &mut pools, &mut errors);
         if let Some(l) = &self.paths.libvirt_dir {
             let mut lv = Vec::new();
             self.load_dir(l, Origin::Libvirt, &mut lv, &mut errors);
             for p in lv {
-                if let Some(ours) = pools
-                    .iter()
-                    .find(|o| o.name() == p.name() || o.uuid() == p.uuid())
-                {
+                if let Some(ours) = pools.iter().find(|o| o.name() == p.name() || o.uuid() == p.uuid()) {
                     errors.push(Error::new(
                         ErrorKind::AlreadyExists,
                         format!(
@@ -367,11 +315,7 @@ impl Registry {
     /// The pool whose target is `path` (compared canonically).
     pub fn pool_by_target(&self, path: &Path) -> Result<Option<Pool>> {
         let want = canonical_target(path);
-        Ok(self
-            .list()?
-            .pools
-            .into_iter()
-            .find(|p| canonical_target(p.target()) == want))
+        Ok(self.list()?.pools.into_iter().find(|p| canonical_target(p.target()) == want))
     }
 
     /// Defines (or redefines) a pool: writes `NAME.xml`. Refused: a name
@@ -399,11 +343,7 @@ impl Registry {
                 if p.uuid() != def.uuid() {
                     return Err(Error::new(
                         ErrorKind::AlreadyExists,
-                        format!(
-                            "pool '{}' is already defined with uuid {}",
-                            p.name(),
-                            p.uuid()
-                        ),
+                        format!("pool '{}' is already defined with uuid {}", p.name(), p.uuid()),
                     ));
                 }
                 existing = Some(p);
@@ -418,11 +358,7 @@ impl Registry {
             if canonical_target(p.target()) == target {
                 return Err(Error::new(
                     ErrorKind::AlreadyExists,
-                    format!(
-                        "Storage source conflict with pool: '{}' (both on {})",
-                        p.name(),
-                        target.display()
-                    ),
+                    format!("Storage source conflict with pool: '{}' (both on {})", p.name(), target.display()),
                 ));
             }
         }
@@ -446,13 +382,7 @@ impl Registry {
             let _ = std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600));
         }
         let autostart = self.paths.autostart_link(def.name()).exists();
-        Ok(Pool::new(
-            self.paths.clone(),
-            def,
-            Origin::Vdisk,
-            autostart,
-            file,
-        ))
+        Ok(Pool::new(self.paths.clone(), def, Origin::Vdisk, autostart, file))
     }
 
     /// Parses and defines a `<pool>` document.
@@ -466,10 +396,7 @@ impl Registry {
         let not_found = || {
             Error::new(
                 ErrorKind::NotFound,
-                format!(
-                    "storage volume not found: no storage vol with matching path '{}'",
-                    path.display()
-                ),
+                format!("storage volume not found: no storage vol with matching path '{}'", path.display()),
             )
         };
         let path = super::def::sanitize_path(&path.to_string_lossy());
@@ -484,12 +411,6 @@ impl Registry {
             }
         }
         let pool = by_dir.remove(&want).ok_or_else(not_found)?;
-        pool.volume(name).map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                not_found()
-            } else {
-                e
-            }
-        })
+        pool.volume(name).map_err(|e| if e.kind() == ErrorKind::NotFound { not_found() } else { e })
     }
 }

@@ -112,13 +112,7 @@ impl FileStat {
     }
 
     fn key(&self) -> StatKey {
-        StatKey {
-            dev: self.dev,
-            ino: self.ino,
-            size: self.size,
-            mtime: ns(self.mtime),
-            ctime: ns(self.ctime),
-        }
+        StatKey { dev: self.dev, ino: self.ino, size: self.size, mtime: ns(self.mtime), ctime: ns(self.ctime) }
     }
 }
 
@@ -173,27 +167,15 @@ pub(crate) struct Facts {
 pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
     let st = match FileStorage::from_file(file, path, true) {
         Ok(s) => s,
-        Err(e) => {
-            return Facts {
-                error: Some(e.message().to_string()),
-                ..Default::default()
-            }
-        }
+        Err(e) => return Facts { error: Some(e.message().to_string()), ..Default::default() },
     };
     let len = st.len().unwrap_or(0);
     let mut head = vec![0u8; (len.min(PROBE_LEN as u64)) as usize];
     if let Err(e) = st.read_at(&mut head, 0) {
-        return Facts {
-            error: Some(e.to_string()),
-            ..Default::default()
-        };
+        return Facts { error: Some(e.to_string()), ..Default::default() };
     }
     let format = probe_bytes(&head);
-    let mut f = Facts {
-        format: Some(format),
-        capacity: len,
-        ..Default::default()
-    };
+    let mut f = Facts { format: Some(format), capacity: len, ..Default::default() };
     match format {
         Format::Raw => {}
         Format::Qcow2 => match Qcow2::read_header(&st) {
@@ -217,9 +199,7 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
         Format::Vmdk => match Vmdk::read_descriptor(&st) {
             Ok(d) => {
                 f.capacity = d.total_sectors().saturating_mul(512);
-                f.backing = d
-                    .parent_hint()
-                    .map(|p| (p.to_string(), Some("vmdk".to_string())));
+                f.backing = d.parent_hint().map(|p| (p.to_string(), Some("vmdk".to_string())));
                 let me = path.file_name().map(|n| n.as_bytes().to_vec());
                 f.extents = d
                     .extents
@@ -310,9 +290,7 @@ pub(crate) fn build_info(
                 backing = None;
                 error = None;
             } else {
-                error = Some(format!(
-                    "no valid {r} header found (the file looks like {p})"
-                ));
+                error = Some(format!("no valid {r} header found (the file looks like {p})"));
             }
         }
     }
@@ -328,15 +306,7 @@ pub(crate) fn build_info(
         physical: stat.size,
         backing: backing.map(|(n, f)| {
             let p = Path::new(&n);
-            Backing {
-                path: if p.is_absolute() {
-                    p.to_path_buf()
-                } else {
-                    image_dir.join(p)
-                },
-                name: n,
-                format: f,
-            }
+            Backing { path: if p.is_absolute() { p.to_path_buf() } else { image_dir.join(p) }, name: n, format: f }
         }),
         encryption: facts.encryption.clone(),
         compat: facts.compat.clone(),
@@ -412,21 +382,15 @@ fn fmt_parse(s: &str) -> Option<Option<Format>> {
 /// fsync, rename).
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io("cannot create directory", e).with_path(dir))?;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("cannot create directory", e).with_path(dir))?;
     let tmp = dir.join(format!(
         ".{}.tmp-{}-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
+        path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
         std::process::id(),
         super::uuid::random_hex(4)?
     ));
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         f.write_all(data)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
@@ -444,10 +408,7 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 fn read_bounded(path: &Path) -> Result<Option<String>> {
     match std::fs::metadata(path) {
         Ok(m) if m.len() > MAX_STATE_FILE => {
-            return Err(Error::limit(format!(
-                "{} is larger than {MAX_STATE_FILE} bytes",
-                path.display()
-            )))
+            return Err(Error::limit(format!("{} is larger than {MAX_STATE_FILE} bytes", path.display())))
         }
         Ok(_) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -482,10 +443,7 @@ impl ProbeCache {
     /// Loads the cache file (a missing, unreadable or malformed file is an
     /// empty cache; malformed lines are skipped).
     pub fn load(path: &Path) -> ProbeCache {
-        let mut c = ProbeCache {
-            loaded: true,
-            ..Default::default()
-        };
+        let mut c = ProbeCache { loaded: true, ..Default::default() };
         let Ok(Some(text)) = read_bounded(path) else {
             return c;
         };
@@ -522,10 +480,7 @@ impl ProbeCache {
         let extents = if f[15] == "-" {
             Vec::new()
         } else {
-            f[15]
-                .split(',')
-                .map(|x| dec(x).and_then(|b| String::from_utf8(b).ok()))
-                .collect::<Option<Vec<_>>>()?
+            f[15].split(',').map(|x| dec(x).and_then(|b| String::from_utf8(b).ok())).collect::<Option<Vec<_>>>()?
         };
         let backing = match (opt_dec(f[13])?, opt_dec(f[14])?) {
             (Some(n), fmt) => Some((n, fmt)),
@@ -536,24 +491,13 @@ impl ProbeCache {
             capacity: f[8].parse().ok()?,
             encryption: opt_dec(f[9])?,
             compat: opt_dec(f[10])?,
-            cluster_size: if f[11] == "-" {
-                None
-            } else {
-                Some(f[11].parse().ok()?)
-            },
+            cluster_size: if f[11] == "-" { None } else { Some(f[11].parse().ok()?) },
             lazy_refcounts: f[12] == "1",
             backing,
             extents,
             error: opt_dec(f[16])?,
         };
-        Some((
-            name,
-            CacheEntry {
-                key,
-                probed_at,
-                facts,
-            },
-        ))
+        Some((name, CacheEntry { key, probed_at, facts }))
     }
 
     /// Writes the cache file.
@@ -570,11 +514,7 @@ impl ProbeCache {
             let extents = if f.extents.is_empty() {
                 "-".to_string()
             } else {
-                f.extents
-                    .iter()
-                    .map(|x| enc(x.as_bytes()))
-                    .collect::<Vec<_>>()
-                    .join(",")
+                f.extents.iter().map(|x| enc(x.as_bytes())).collect::<Vec<_>>().join(",")
             };
             out.push_str(&format!(
                 "{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
@@ -609,14 +549,7 @@ impl ProbeCache {
 
     /// Stores a fresh probe taken at `probed_at`.
     pub fn put(&mut self, name: &OsStr, stat: &FileStat, probed_at: i128, facts: Facts) {
-        self.entries.insert(
-            name.to_os_string(),
-            CacheEntry {
-                key: stat.key(),
-                probed_at,
-                facts,
-            },
-        );
+        self.entries.insert(name.to_os_string(), CacheEntry { key: stat.key(), probed_at, facts });
     }
 
     /// Drops entries whose names are not in `keep`; true if any went.
@@ -665,26 +598,19 @@ impl Records {
             if f.len() != 4 {
                 continue;
             }
-            let (Ok(format), Ok(dev), Ok(ino), Some(name)) = (
-                Format::from_name(f[0]),
-                f[1].parse(),
-                f[2].parse(),
-                dec(f[3]),
-            ) else {
+            let (Ok(format), Ok(dev), Ok(ino), Some(name)) =
+                (Format::from_name(f[0]), f[1].parse(), f[2].parse(), dec(f[3]))
+            else {
                 continue;
             };
-            r.map
-                .insert(OsString::from_vec(name), Record { dev, ino, format });
+            r.map.insert(OsString::from_vec(name), Record { dev, ino, format });
         }
         Ok(r)
     }
 
     /// The recorded format of `name` if the record is for this very file.
     pub fn format_of(&self, name: &OsStr, stat: &FileStat) -> Option<Format> {
-        self.map
-            .get(name)
-            .filter(|r| r.dev == stat.dev && r.ino == stat.ino)
-            .map(|r| r.format)
+        self.map.get(name).filter(|r| r.dev == stat.dev && r.ino == stat.ino).map(|r| r.format)
     }
 
     fn save(&self, path: &Path) -> Result<()> {
@@ -692,13 +618,7 @@ impl Records {
         let mut names: Vec<_> = self.map.iter().collect();
         names.sort_by(|a, b| a.0.cmp(b.0));
         for (n, r) in names {
-            out.push_str(&format!(
-                "{}\t{}\t{}\t{}\n",
-                r.format.name(),
-                r.dev,
-                r.ino,
-                enc(n.as_bytes())
-            ));
+            out.push_str(&format!("{}\t{}\t{}\t{}\n", r.format.name(), r.dev, r.ino, enc(n.as_bytes())));
         }
         write_atomic(path, out.as_bytes())
     }
@@ -709,8 +629,7 @@ impl Records {
     pub fn update(path: &Path, changes: &[(OsString, Option<Record>)]) -> Result<Records> {
         let lock_path = path.with_extension("lock");
         if let Some(d) = lock_path.parent() {
-            std::fs::create_dir_all(d)
-                .map_err(|e| Error::io("cannot create directory", e).with_path(d))?;
+            std::fs::create_dir_all(d).map_err(|e| Error::io("cannot create directory", e).with_path(d))?;
         }
         let lf = std::fs::OpenOptions::new()
             .read(true)
@@ -719,8 +638,7 @@ impl Records {
             .truncate(false)
             .open(&lock_path)
             .map_err(|e| Error::io("cannot open lock file", e).with_path(&lock_path))?;
-        crate::sys::flock(lf.as_fd(), true)
-            .map_err(|e| Error::io("cannot lock", e).with_path(&lock_path))?;
+        crate::sys::flock(lf.as_fd(), true).map_err(|e| Error::io("cannot lock", e).with_path(&lock_path))?;
         let mut r = Records::load(path)?;
         for (n, rec) in changes {
             match rec {
@@ -744,13 +662,7 @@ mod tests {
 
     #[test]
     fn encoding_roundtrip() {
-        for b in [
-            &b"plain.qcow2"[..],
-            b"tab\there",
-            b"\xff\x00\n%",
-            b"",
-            b"a,b c",
-        ] {
+        for b in [&b"plain.qcow2"[..], b"tab\there", b"\xff\x00\n%", b"", b"a,b c"] {
             let e = enc(b);
             assert!(!e.contains(['\t', '\n', ',', ' ']));
             assert_eq!(dec(&e).unwrap(), b);
@@ -764,13 +676,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c");
         let mut c = ProbeCache::default();
-        let st = FileStat {
-            dev: 1,
-            ino: 2,
-            size: 3,
-            ctime: (10, 0),
-            ..Default::default()
-        };
+        let st = FileStat { dev: 1, ino: 2, size: 3, ctime: (10, 0), ..Default::default() };
         let facts = Facts {
             format: Some(Format::Qcow2),
             capacity: 1 << 30,

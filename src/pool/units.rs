@@ -17,10 +17,7 @@ pub fn unit_scale(unit: &str) -> Result<u64> {
         ))
     };
     let u = unit.trim();
-    if u.is_empty()
-        || u.eq_ignore_ascii_case("b")
-        || u.eq_ignore_ascii_case("byte")
-        || u.eq_ignore_ascii_case("bytes")
+    if u.is_empty() || u.eq_ignore_ascii_case("b") || u.eq_ignore_ascii_case("byte") || u.eq_ignore_ascii_case("bytes")
     {
         return Ok(1);
     }
@@ -60,14 +57,10 @@ pub fn parse_size(s: &str) -> Result<u64> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(Error::invalid_argument(format!(
-            "invalid size '{}': it must start with digits",
-            s.escape_debug()
-        )));
+        return Err(Error::invalid_argument(format!("invalid size '{}': it must start with digits", s.escape_debug())));
     }
-    let n: u64 = num.parse().map_err(|_| {
-        Error::invalid_argument(format!("invalid size '{}': too large", s.escape_debug()))
-    })?;
+    let n: u64 =
+        num.parse().map_err(|_| Error::invalid_argument(format!("invalid size '{}': too large", s.escape_debug())))?;
     scaled(n, unit).map_err(|e| e.context(format!("invalid size '{}'", s.escape_debug())))
 }
 
@@ -103,17 +96,7 @@ mod tests {
         assert_eq!(parse_size("512B").unwrap(), 512);
         assert_eq!(parse_size("1E").unwrap(), 1 << 60);
         assert_eq!(scaled(3, "bytes").unwrap(), 3);
-        for bad in [
-            "",
-            "G",
-            "1X",
-            "1KX",
-            "1.5G",
-            "-1",
-            "99999999999999999999",
-            "16E",
-            "1 Gibibyte",
-        ] {
+        for bad in ["", "G", "1X", "1KX", "1.5G", "-1", "99999999999999999999", "16E", "1 Gibibyte"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

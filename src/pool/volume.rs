@@ -37,10 +37,9 @@ impl WipeAlgorithm {
         match s {
             "zero" => Ok(WipeAlgorithm::Zero),
             "random" => Ok(WipeAlgorithm::Random),
-            "nnsa" | "dod" | "bsi" | "gutmann" | "schneier" | "pfitzner7" | "pfitzner33"
-            | "trim" => Err(Error::unsupported(format!(
-                "wipe algorithm '{s}' is not supported (zero, random)"
-            ))),
+            "nnsa" | "dod" | "bsi" | "gutmann" | "schneier" | "pfitzner7" | "pfitzner33" | "trim" => {
+                Err(Error::unsupported(format!("wipe algorithm '{s}' is not supported (zero, random)")))
+            }
             other => Err(Error::invalid_argument(format!(
                 "unknown wipe algorithm '{}' (zero, random)",
                 other.escape_debug()
@@ -75,11 +74,7 @@ pub struct Volume {
 }
 
 fn in_use_here(path: &Path) -> Error {
-    Error::new(
-        ErrorKind::Busy,
-        "the volume is in use by a vdisk operation in this process",
-    )
-    .with_path(path)
+    Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
 }
 
 impl Volume {
@@ -120,9 +115,7 @@ impl Volume {
     /// Re-probes the volume (never the cache) and describes it.
     pub fn info(&self) -> Result<VolumeInfo> {
         let d = self.dir()?;
-        let md = d
-            .lstat(&self.name)?
-            .ok_or_else(|| self.pool.no_volume(&self.name))?;
+        let md = d.lstat(&self.name)?.ok_or_else(|| self.pool.no_volume(&self.name))?;
         let canon = d.path().to_path_buf();
         let stat = FileStat::of(&md);
         let ft = md.file_type();
@@ -156,15 +149,7 @@ impl Volume {
                 }
             }
         }
-        let mut info = scan::build_info(
-            &canon,
-            &self.name,
-            kind,
-            stat,
-            &facts,
-            recorded,
-            extent_alloc,
-        );
+        let mut info = scan::build_info(&canon, &self.name, kind, stat, &facts, recorded, extent_alloc);
         if let (VolType::Symlink, Some(t)) = (kind, target) {
             info.allocation = t.allocated;
             info.physical = t.size;
@@ -180,24 +165,14 @@ impl Volume {
     pub fn recorded_format(&self) -> Result<Format> {
         let info = self.info()?;
         if info.kind != VolType::File {
-            return Err(Error::invalid_argument(format!(
-                "volume '{}' is not a regular file",
-                self.name_lossy()
-            ))
-            .with_path(&info.path));
+            return Err(Error::invalid_argument(format!("volume '{}' is not a regular file", self.name_lossy()))
+                .with_path(&info.path));
         }
         if let Some(f) = info.format {
             if info.probed_format == Some(f) || info.warning.is_some() {
                 let recorded = self.pool.records()?.format_of(&self.name, &info.stat);
                 if recorded.is_none() {
-                    self.pool.record(
-                        &self.name,
-                        Some(Record {
-                            dev: info.stat.dev,
-                            ino: info.stat.ino,
-                            format: f,
-                        }),
-                    )?;
+                    self.pool.record(&self.name, Some(Record { dev: info.stat.dev, ino: info.stat.ino, format: f }))?;
                 }
             }
             return Ok(f);
@@ -208,10 +183,8 @@ impl Volume {
     /// `vol-dumpxml`: libvirt's `<volume>` document (re-probed).
     pub fn describe(&self) -> Result<String> {
         let info = self.info()?;
-        let backing_stat = info
-            .backing
-            .as_ref()
-            .and_then(|b| std::fs::metadata(&b.path).ok().map(|m| FileStat::of(&m)));
+        let backing_stat =
+            info.backing.as_ref().and_then(|b| std::fs::metadata(&b.path).ok().map(|m| FileStat::of(&m)));
         Ok(super::volxml::volume_xml(&info, backing_stat.as_ref()))
     }
 
@@ -225,20 +198,13 @@ impl Volume {
 
     /// [`open`](Self::open) with a lock mode and the passphrase of an
     /// encrypted (legacy AES) qcow2 volume.
-    pub fn open_with(
-        &self,
-        read_only: bool,
-        mode: LockMode,
-        key: Option<Secret>,
-    ) -> Result<VolumeDevice> {
+    pub fn open_with(&self, read_only: bool, mode: LockMode, key: Option<Secret>) -> Result<VolumeDevice> {
         let format = self.recorded_format()?;
         let d = self.dir()?;
         let path = d.join(&self.name);
         // Refuses symlinks and special files on the descriptor.
-        let pre = d
-            .open_file(&self.name, false)?
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let pre =
+            d.open_file(&self.name, false)?.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         let key_id = (pre.dev(), pre.ino());
         let image = match (format, key) {
             (Format::Qcow2, Some(k)) => {
@@ -247,23 +213,14 @@ impl Volume {
                 let backing = match &h.backing_file {
                     Some(b) => {
                         let fmt = h.backing_format.as_deref().ok_or_else(|| {
-                            Error::invalid(format!("the backing file '{b}' has no recorded format"))
-                                .with_path(&path)
+                            Error::invalid(format!("the backing file '{b}' has no recorded format")).with_path(&path)
                         })?;
                         let bp = Path::new(b);
-                        let bp = if bp.is_absolute() {
-                            bp.to_path_buf()
-                        } else {
-                            d.path().join(bp)
-                        };
+                        let bp = if bp.is_absolute() { bp.to_path_buf() } else { d.path().join(bp) };
                         let img = OpenOptions::new()
                             .format(Format::from_name(fmt)?)
                             .read_only(true)
-                            .lock(if mode == LockMode::ForceShare {
-                                mode
-                            } else {
-                                LockMode::Auto
-                            })
+                            .lock(if mode == LockMode::ForceShare { mode } else { LockMode::Auto })
                             .backing(BackingPolicy::RecordedFormat)
                             .open(&bp)?;
                         Some(Arc::new(img) as Arc<dyn BlockDevice>)
@@ -272,12 +229,7 @@ impl Volume {
                 };
                 Image::Qcow2(Qcow2::open(
                     Arc::new(st),
-                    Qcow2Options {
-                        read_only,
-                        backing,
-                        key: Some(k),
-                        ..Default::default()
-                    },
+                    Qcow2Options { read_only, backing, key: Some(k), ..Default::default() },
                 )?)
             }
             (f, _) => OpenOptions::new()
@@ -292,17 +244,9 @@ impl Volume {
         // symlink in between).
         match d.lstat(&self.name)? {
             Some(m) if m.is_file() && (m.dev(), m.ino()) == key_id => {}
-            _ => {
-                return Err(
-                    Error::invalid_argument("the volume changed while it was opened")
-                        .with_path(&path),
-                )
-            }
+            _ => return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path)),
         }
-        Ok(VolumeDevice {
-            image,
-            _busy: BusyGuard::new(key_id),
-        })
+        Ok(VolumeDevice { image, _busy: BusyGuard::new(key_id) })
     }
 
     /// The backing chain as recorded in the headers, this volume first:
@@ -319,14 +263,9 @@ impl Volume {
                 Ok(f) => f,
                 Err(e) => return Err(Error::io("cannot open backing file", e).with_path(&b.path)),
             };
-            let md = f
-                .metadata()
-                .map_err(|e| Error::io("cannot stat", e).with_path(&b.path))?;
+            let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&b.path))?;
             if !md.is_file() {
-                return Err(
-                    Error::invalid_argument("backing file is not a regular file")
-                        .with_path(&b.path),
-                );
+                return Err(Error::invalid_argument("backing file is not a regular file").with_path(&b.path));
             }
             if seen.contains(&(md.dev(), md.ino())) {
                 return Err(Error::invalid("the backing chain loops").with_path(&b.path));
@@ -336,15 +275,7 @@ impl Volume {
             let dir = b.path.parent().unwrap_or(Path::new("/")).to_path_buf();
             let name = b.path.file_name().unwrap_or_default().to_os_string();
             let recorded = b.format.as_deref().and_then(|x| Format::from_name(x).ok());
-            out.push(scan::build_info(
-                &dir,
-                &name,
-                VolType::File,
-                FileStat::of(&md),
-                &facts,
-                recorded,
-                0,
-            ));
+            out.push(scan::build_info(&dir, &name, VolType::File, FileStat::of(&md), &facts, recorded, 0));
         }
         Ok(out)
     }
@@ -354,9 +285,7 @@ impl Volume {
     fn open_for_change(&self, d: &PoolDir) -> Result<(FileStorage, BusyGuard)> {
         let path = d.join(&self.name);
         let f = d.open_file(&self.name, true)?;
-        let md = f
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         let key = (md.dev(), md.ino());
         if is_busy(key) {
             return Err(in_use_here(&path));
@@ -385,16 +314,8 @@ impl Volume {
             let (st, _busy) = self.open_for_change(&d)?;
             let fmd = st.file().and_then(|f| f.metadata().ok());
             match d.lstat(&self.name)? {
-                Some(now)
-                    if fmd
-                        .as_ref()
-                        .is_some_and(|f| f.ino() == now.ino() && f.dev() == now.dev()) => {}
-                _ => {
-                    return Err(
-                        Error::invalid_argument("the volume changed while it was deleted")
-                            .with_path(&path),
-                    )
-                }
+                Some(now) if fmd.as_ref().is_some_and(|f| f.ino() == now.ino() && f.dev() == now.dev()) => {}
+                _ => return Err(Error::invalid_argument("the volume changed while it was deleted").with_path(&path)),
             }
             d.remove(&self.name, false)?;
         } else {
@@ -425,18 +346,16 @@ impl Volume {
             _ => {
                 let mut buf = vec![0u8; CHUNK];
                 let mut urandom = match alg {
-                    WipeAlgorithm::Random => Some(
-                        File::open("/dev/urandom")
-                            .map_err(|e| Error::io("cannot open /dev/urandom", e))?,
-                    ),
+                    WipeAlgorithm::Random => {
+                        Some(File::open("/dev/urandom").map_err(|e| Error::io("cannot open /dev/urandom", e))?)
+                    }
                     WipeAlgorithm::Zero => None,
                 };
                 let mut off = 0;
                 while off < len {
                     let n = (len - off).min(CHUNK as u64) as usize;
                     if let Some(r) = urandom.as_mut() {
-                        r.read_exact(&mut buf[..n])
-                            .map_err(|e| Error::io("cannot read /dev/urandom", e))?;
+                        r.read_exact(&mut buf[..n]).map_err(|e| Error::io("cannot read /dev/urandom", e))?;
                     }
                     st.write_at(&buf[..n], off)?;
                     off += n as u64;
@@ -449,14 +368,7 @@ impl Volume {
         st.sync()?;
         let md = st.file().and_then(|f| f.metadata().ok());
         if let Some(md) = md {
-            self.pool.record(
-                &self.name,
-                Some(Record {
-                    dev: md.dev(),
-                    ino: md.ino(),
-                    format: Format::Raw,
-                }),
-            )?;
+            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: Format::Raw }))?;
         }
         self.pool.forget_cached(&self.name);
         Ok(())
@@ -473,16 +385,12 @@ impl Volume {
             .with_path(&info.path));
         }
         if capacity == 0 {
-            return Err(Error::invalid_argument(
-                "a volume cannot be resized to 0 bytes",
-            ));
+            return Err(Error::invalid_argument("a volume cannot be resized to 0 bytes"));
         }
         let d = self.dir()?;
         // Refuse here first (clear message), then the device takes the locks.
         let f = d.open_file(&self.name, false)?;
-        let md = f
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(&info.path))?;
+        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&info.path))?;
         if is_busy((md.dev(), md.ino())) {
             return Err(in_use_here(&info.path));
         }
@@ -501,25 +409,14 @@ impl Volume {
     /// must lie within its capacity when a length is given. Afterwards the
     /// volume is re-probed and its recorded format follows the upload (the
     /// host chose the content, not a guest). Returns the bytes copied.
-    pub fn upload(
-        &self,
-        src: &mut dyn Read,
-        opts: &UploadOptions,
-        progress: Option<Progress<'_>>,
-    ) -> Result<u64> {
+    pub fn upload(&self, src: &mut dyn Read, opts: &UploadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
         let d = self.dir()?;
         let (st, _busy) = self.open_for_change(&d)?;
         let path = d.join(&self.name);
         let size = st.len()?;
         if let Some(l) = opts.length {
-            let recorded = self
-                .pool
-                .records()?
-                .format_of(&self.name, &FileStat::of(&file_md(&st, &path)?));
-            let end = opts
-                .offset
-                .checked_add(l)
-                .ok_or_else(|| Error::invalid_argument("offset + length overflows"))?;
+            let recorded = self.pool.records()?.format_of(&self.name, &FileStat::of(&file_md(&st, &path)?));
+            let end = opts.offset.checked_add(l).ok_or_else(|| Error::invalid_argument("offset + length overflows"))?;
             if recorded == Some(Format::Raw) && end > size {
                 return Err(Error::invalid_argument(format!(
                     "upload of {l} bytes at offset {} goes past the volume's capacity of {size} bytes",
@@ -539,8 +436,7 @@ impl Volume {
             if want == 0 {
                 break;
             }
-            let n = read_full(src, &mut buf[..want])
-                .map_err(|e| Error::io("cannot read the upload source", e))?;
+            let n = read_full(src, &mut buf[..want]).map_err(|e| Error::io("cannot read the upload source", e))?;
             if n == 0 {
                 break;
             }
@@ -565,14 +461,7 @@ impl Volume {
         let f = d.open_file(&self.name, false)?;
         let facts = scan::probe_file(f, &path);
         if let Some(fmt) = facts.format {
-            self.pool.record(
-                &self.name,
-                Some(Record {
-                    dev: md.dev(),
-                    ino: md.ino(),
-                    format: fmt,
-                }),
-            )?;
+            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: fmt }))?;
         }
         self.pool.forget_cached(&self.name);
         Ok(done)
@@ -582,37 +471,18 @@ impl Volume {
     /// `[offset, offset + length)` to `dst`. The download takes no lock that
     /// stops a running VM (like `cp`; the copy of a disk in use may be
     /// inconsistent). Returns the bytes copied.
-    pub fn download(
-        &self,
-        dst: &mut dyn Write,
-        opts: &DownloadOptions,
-        progress: Option<Progress<'_>>,
-    ) -> Result<u64> {
+    pub fn download(&self, dst: &mut dyn Write, opts: &DownloadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
         self.download_inner(&mut |buf, _at| dst.write_all(buf), opts, progress, false)
     }
 
     /// [`download`](Self::download) into a file at its offset 0, keeping
     /// holes (holes of the volume, and all-zero blocks with `sparse`, are
     /// not written; the file's length is set at the end).
-    pub fn download_to_file(
-        &self,
-        dst: &File,
-        opts: &DownloadOptions,
-        progress: Option<Progress<'_>>,
-    ) -> Result<u64> {
-        let n = self.download_inner(
-            &mut |buf, at| dst.write_all_at(buf, at),
-            opts,
-            progress,
-            true,
-        )?;
-        let len = dst
-            .metadata()
-            .map_err(|e| Error::io("cannot stat the download target", e))?
-            .len();
+    pub fn download_to_file(&self, dst: &File, opts: &DownloadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
+        let n = self.download_inner(&mut |buf, at| dst.write_all_at(buf, at), opts, progress, true)?;
+        let len = dst.metadata().map_err(|e| Error::io("cannot stat the download target", e))?.len();
         if len < n {
-            dst.set_len(n)
-                .map_err(|e| Error::io("cannot set the download length", e))?;
+            dst.set_len(n).map_err(|e| Error::io("cannot set the download length", e))?;
         }
         Ok(n)
     }
@@ -628,9 +498,7 @@ impl Volume {
         let path = d.join(&self.name);
         let f = d.open_file(&self.name, false)?;
         lock::lock_file(&f, &path, LockMode::ForceShare, Access::ReadOnly)?;
-        let md = f
-            .metadata()
-            .map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
+        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         let _busy = BusyGuard::new((md.dev(), md.ino()));
         let st = FileStorage::from_file(f, &path, true)?;
         let size = st.len()?;
@@ -649,11 +517,7 @@ impl Volume {
         let mut buf = vec![0u8; CHUNK];
         let mut pos = opts.offset;
         while pos < end {
-            let (data, run_end) = if skip_holes {
-                st.region(pos)?
-            } else {
-                (true, end)
-            };
+            let (data, run_end) = if skip_holes { st.region(pos)? } else { (true, end) };
             let run_end = run_end.clamp(pos + 1, end);
             if !data {
                 pos = run_end;
@@ -718,9 +582,7 @@ fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> R
             let n = (g.len() as u64).min(len - off);
             match st.punch_hole(off, n) {
                 Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Unsupported => {
-                    st.write_at(&g[..n as usize], off)?
-                }
+                Err(e) if e.kind() == ErrorKind::Unsupported => st.write_at(&g[..n as usize], off)?,
                 Err(e) => return Err(e),
             }
         }
@@ -731,15 +593,7 @@ fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> R
 /// Probes what a symlink in the pool points at, if it stays inside the
 /// pool; otherwise only says why not.
 pub(crate) fn probe_symlink(d: &PoolDir, canon: &Path, name: &OsStr) -> (Facts, Option<FileStat>) {
-    let err = |m: String| {
-        (
-            Facts {
-                error: Some(m),
-                ..Default::default()
-            },
-            None,
-        )
-    };
+    let err = |m: String| (Facts { error: Some(m), ..Default::default() }, None);
     let link = d.join(name);
     let target = match std::fs::read_link(&link) {
         Ok(t) => t,
@@ -756,10 +610,7 @@ pub(crate) fn probe_symlink(d: &PoolDir, canon: &Path, name: &OsStr) -> (Facts, 
         ));
     }
     use std::os::unix::fs::OpenOptionsExt;
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(&resolved)
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&resolved)
     {
         Ok(f) => f,
         Err(e) => return err(format!("cannot open the symlink target: {e}")),
@@ -789,8 +640,7 @@ pub(crate) fn remove_temp(d: &PoolDir, name: &OsStr, md: &Metadata) -> Result<bo
     }
     let sub = PoolDir::open(&d.join(name))?;
     let mut names = Vec::new();
-    let rd = std::fs::read_dir(sub.path())
-        .map_err(|e| Error::io("cannot read", e).with_path(sub.path()))?;
+    let rd = std::fs::read_dir(sub.path()).map_err(|e| Error::io("cannot read", e).with_path(sub.path()))?;
     for e in rd.flatten() {
         let n = e.file_name();
         let Ok(m) = e.metadata() else {

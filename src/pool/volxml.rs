@@ -57,11 +57,7 @@ pub fn volume_xml(info: &VolumeInfo, backing_stat: Option<&FileStat>) -> String 
     let _ = writeln!(o, "  <name>{}</name>", escape(&info.name_lossy(), false));
     let _ = writeln!(o, "  <key>{}</key>", escape(&path, false));
     let _ = writeln!(o, "  <capacity unit='bytes'>{}</capacity>", info.capacity);
-    let _ = writeln!(
-        o,
-        "  <allocation unit='bytes'>{}</allocation>",
-        info.allocation
-    );
+    let _ = writeln!(o, "  <allocation unit='bytes'>{}</allocation>", info.allocation);
     let _ = writeln!(o, "  <physical unit='bytes'>{}</physical>", info.physical);
     let _ = writeln!(o, "  <target>");
     let _ = writeln!(o, "    <path>{}</path>", escape(&path, false));
@@ -79,20 +75,13 @@ pub fn volume_xml(info: &VolumeInfo, backing_stat: Option<&FileStat>) -> String 
             let _ = writeln!(o, "    <clusterSize unit='B'>{c}</clusterSize>");
         }
         if info.lazy_refcounts {
-            let _ = writeln!(
-                o,
-                "    <features>\n      <lazy_refcounts/>\n    </features>"
-            );
+            let _ = writeln!(o, "    <features>\n      <lazy_refcounts/>\n    </features>");
         }
     }
     let _ = writeln!(o, "  </target>");
     if let Some(b) = &info.backing {
         let _ = writeln!(o, "  <backingStore>");
-        let _ = writeln!(
-            o,
-            "    <path>{}</path>",
-            escape(&b.path.to_string_lossy(), false)
-        );
+        let _ = writeln!(o, "    <path>{}</path>", escape(&b.path.to_string_lossy(), false));
         // libvirt reports an unrecorded backing format as raw.
         let fmt = b.format.as_deref().unwrap_or("raw");
         let _ = writeln!(o, "    <format type='{}'/>", escape(fmt, true));
@@ -110,9 +99,7 @@ fn one<'a>(e: &'a Element, tag: &str) -> Result<Option<&'a Element>> {
     match e.count(tag) {
         0 => Ok(None),
         1 => Ok(e.child(tag)),
-        _ => Err(Error::invalid_argument(format!(
-            "volume XML: more than one <{tag}>"
-        ))),
+        _ => Err(Error::invalid_argument(format!("volume XML: more than one <{tag}>"))),
     }
 }
 
@@ -122,10 +109,7 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
     let what = "volume XML";
     let root = xml::parse(text, what)?;
     if root.name != "volume" {
-        return Err(Error::invalid_argument(format!(
-            "{what}: the root element is <{}>, not <volume>",
-            root.name
-        )));
+        return Err(Error::invalid_argument(format!("{what}: the root element is <{}>, not <volume>", root.name)));
     }
     if let Some(t) = root.attr("type") {
         if t != "file" {
@@ -137,9 +121,7 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
     }
     let name = one(&root, "name")?
         .map(|e| e.text().trim().to_string())
-        .ok_or_else(|| {
-            Error::invalid_argument(format!("{what}: <name> is missing")).with_field("name")
-        })?;
+        .ok_or_else(|| Error::invalid_argument(format!("{what}: <name> is missing")).with_field("name"))?;
     let capacity = match one(&root, "capacity")? {
         Some(e) => scaled_element(e, what)?,
         None => 0,
@@ -149,10 +131,7 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
         None => None,
     };
     let target = one(&root, "target")?;
-    let format = match target
-        .and_then(|t| t.child("format"))
-        .and_then(|f| f.attr("type"))
-    {
+    let format = match target.and_then(|t| t.child("format")).and_then(|f| f.attr("type")) {
         Some(f) => Format::from_name(f).map_err(|e| e.context(what))?,
         None => Format::Raw,
     };
@@ -165,13 +144,11 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
         }
         if let Some(cs) = t.child("clusterSize") {
             let v = scaled_element(cs, what)?;
-            spec.qcow2_options
-                .push(("cluster_size".into(), v.to_string()));
+            spec.qcow2_options.push(("cluster_size".into(), v.to_string()));
         }
         if let Some(f) = t.child("features") {
             if f.child("lazy_refcounts").is_some() {
-                spec.qcow2_options
-                    .push(("lazy_refcounts".into(), "on".into()));
+                spec.qcow2_options.push(("lazy_refcounts".into(), "on".into()));
             }
             if f.child("extended_l2").is_some() {
                 spec.qcow2_options.push(("extended_l2".into(), "on".into()));
@@ -196,18 +173,14 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
                         other.escape_debug()
                     )))
                 }
-                None => {
-                    return Err(Error::invalid_argument(format!(
-                        "{what}: <encryption> needs a format attribute"
-                    )))
-                }
+                None => return Err(Error::invalid_argument(format!("{what}: <encryption> needs a format attribute"))),
             }
         }
     }
     if let Some(b) = one(&root, "backingStore")? {
-        let path = b.child_text("path").ok_or_else(|| {
-            Error::invalid_argument(format!("{what}: <backingStore> needs a <path>"))
-        })?;
+        let path = b
+            .child_text("path")
+            .ok_or_else(|| Error::invalid_argument(format!("{what}: <backingStore> needs a <path>")))?;
         let fmt = b.child("format").and_then(|f| f.attr("type")).ok_or_else(|| {
             Error::invalid_argument(format!(
                 "{what}: <backingStore> needs <format type='...'/>: vdisk never probes a backing file's format"
@@ -243,15 +216,9 @@ mod tests {
         assert_eq!(s.allocation, Some(0));
         assert_eq!(s.format, Format::Qcow2);
         assert_eq!(s.permissions.mode, Some(0o644));
-        assert!(s
-            .qcow2_options
-            .contains(&("cluster_size".into(), "131072".into())));
+        assert!(s.qcow2_options.contains(&("cluster_size".into(), "131072".into())));
         assert_eq!(s.backing.unwrap().format, Format::Raw);
-        let full = spec_from_xml(
-            "<volume><name>r</name><capacity>1024</capacity></volume>",
-            None,
-        )
-        .unwrap();
+        let full = spec_from_xml("<volume><name>r</name><capacity>1024</capacity></volume>", None).unwrap();
         assert_eq!((full.format, full.allocation), (Format::Raw, None));
         for bad in [
             "<volume><capacity>1</capacity></volume>",

@@ -57,10 +57,7 @@ fn xml_err(what: &str, msg: impl std::fmt::Display) -> Error {
 impl Element {
     /// A new element without attributes or children.
     pub fn new(name: impl Into<String>) -> Self {
-        Element {
-            name: name.into(),
-            ..Default::default()
-        }
+        Element { name: name.into(), ..Default::default() }
     }
 
     /// Adds an attribute (builder style).
@@ -88,10 +85,7 @@ impl Element {
 
     /// The value of attribute `k`.
     pub fn attr(&self, k: &str) -> Option<&str> {
-        self.attrs
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.as_str())
+        self.attrs.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str())
     }
 
     /// Sets (or adds) attribute `k`.
@@ -146,18 +140,13 @@ impl Element {
 
     /// Removes every child element named `name`.
     pub fn remove(&mut self, name: &str) {
-        self.children
-            .retain(|n| !matches!(n, Node::Element(e) if e.name == name));
+        self.children.retain(|n| !matches!(n, Node::Element(e) if e.name == name));
     }
 
     /// Replaces the first child named `name` (keeping its place) or inserts
     /// `e` after the last child named one of `after` (or at the end).
     pub fn put(&mut self, e: Element, after: &[&str]) {
-        if let Some(i) = self
-            .children
-            .iter()
-            .position(|n| matches!(n, Node::Element(x) if x.name == e.name))
-        {
+        if let Some(i) = self.children.iter().position(|n| matches!(n, Node::Element(x) if x.name == e.name)) {
             self.children[i] = Node::Element(e);
             return;
         }
@@ -228,21 +217,16 @@ pub fn escape(s: &str, attr: bool) -> String {
 }
 
 fn start(e: &BytesStart<'_>, what: &str) -> Result<Element> {
-    let name = std::str::from_utf8(e.name().as_ref())
-        .map_err(|_| xml_err(what, "element name is not UTF-8"))?
-        .to_string();
+    let name =
+        std::str::from_utf8(e.name().as_ref()).map_err(|_| xml_err(what, "element name is not UTF-8"))?.to_string();
     let mut el = Element::new(name);
     for a in e.attributes() {
         let a = a.map_err(|err| xml_err(what, err))?;
         if el.attrs.len() >= MAX_ATTRS {
-            return Err(Error::limit(format!(
-                "{what}: element <{}> has more than {MAX_ATTRS} attributes",
-                el.name
-            )));
+            return Err(Error::limit(format!("{what}: element <{}> has more than {MAX_ATTRS} attributes", el.name)));
         }
-        let k = std::str::from_utf8(a.key.as_ref())
-            .map_err(|_| xml_err(what, "attribute name is not UTF-8"))?
-            .to_string();
+        let k =
+            std::str::from_utf8(a.key.as_ref()).map_err(|_| xml_err(what, "attribute name is not UTF-8"))?.to_string();
         let v = a
             .normalized_value(XmlVersion::Implicit1_0)
             .map_err(|err| xml_err(what, format!("attribute {k}: {err}")))?
@@ -266,19 +250,11 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
     let mut root: Option<Element> = None;
     let mut count = 0usize;
     let text_out_of_root = |root: &Option<Element>| -> Error {
-        xml_err(
-            what,
-            if root.is_some() {
-                "content after the root element"
-            } else {
-                "text before the root element"
-            },
-        )
+        xml_err(what, if root.is_some() { "content after the root element" } else { "text before the root element" })
     };
     loop {
-        let ev = reader
-            .read_event()
-            .map_err(|e| xml_err(what, format!("{e} (at byte {})", reader.error_position())))?;
+        let ev =
+            reader.read_event().map_err(|e| xml_err(what, format!("{e} (at byte {})", reader.error_position())))?;
         match ev {
             Event::Start(ref e) | Event::Empty(ref e) => {
                 if root.is_some() {
@@ -286,14 +262,10 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                 }
                 count += 1;
                 if count > MAX_ELEMENTS {
-                    return Err(Error::limit(format!(
-                        "{what}: more than {MAX_ELEMENTS} elements"
-                    )));
+                    return Err(Error::limit(format!("{what}: more than {MAX_ELEMENTS} elements")));
                 }
                 if stack.len() >= MAX_DEPTH {
-                    return Err(Error::limit(format!(
-                        "{what}: elements nested deeper than {MAX_DEPTH}"
-                    )));
+                    return Err(Error::limit(format!("{what}: elements nested deeper than {MAX_DEPTH}")));
                 }
                 let el = start(e, what)?;
                 if matches!(ev, Event::Start(_)) {
@@ -306,13 +278,10 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                 }
             }
             Event::End(_) => {
-                let mut el = stack
-                    .pop()
-                    .ok_or_else(|| xml_err(what, "unexpected end tag"))?;
+                let mut el = stack.pop().ok_or_else(|| xml_err(what, "unexpected end tag"))?;
                 // Indentation between child elements is not content.
                 if el.elements().next().is_some() {
-                    el.children
-                        .retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
+                    el.children.retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
                 }
                 match stack.last_mut() {
                     Some(parent) => parent.push(el),
@@ -357,9 +326,7 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                     None => return Err(text_out_of_root(&root)),
                 }
             }
-            Event::DocType(_) => {
-                return Err(xml_err(what, "DOCTYPE declarations are not accepted"))
-            }
+            Event::DocType(_) => return Err(xml_err(what, "DOCTYPE declarations are not accepted")),
             Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
             Event::Eof => break,
         }
@@ -404,13 +371,7 @@ mod tests {
     fn hostile_documents() {
         let deep = "<a>".repeat(MAX_DEPTH + 1) + &"</a>".repeat(MAX_DEPTH + 1);
         let many = format!("<a>{}</a>", "<b/>".repeat(MAX_ELEMENTS + 1));
-        let attrs = format!(
-            "<a {}/>",
-            (0..=MAX_ATTRS)
-                .map(|i| format!("x{i}='1'"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        let attrs = format!("<a {}/>", (0..=MAX_ATTRS).map(|i| format!("x{i}='1'")).collect::<Vec<_>>().join(" "));
         let big = format!("<a>{}</a>", "x".repeat(MAX_XML_BYTES));
         for bad in [
             "",

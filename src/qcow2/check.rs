@@ -102,9 +102,7 @@ impl Refs {
         let last = (offset + len - 1) >> self.cluster_bits;
         if last >= self.limit {
             r.corruptions += 1;
-            r.messages.push(format!(
-                "ERROR {what} at offset {offset:#x} lies far beyond the end of the image"
-            ));
+            r.messages.push(format!("ERROR {what} at offset {offset:#x} lies far beyond the end of the image"));
             return;
         }
         if self.counts.len() as u64 <= last {
@@ -131,9 +129,7 @@ impl Walker<'_> {
             Ok(()) => Some(buf.chunks_exact(8).map(BigEndian::read_u64).collect()),
             Err(e) => {
                 self.report.check_errors += 1;
-                self.report
-                    .messages
-                    .push(format!("ERROR: could not read {what} at {offset:#x}: {e}"));
+                self.report.messages.push(format!("ERROR: could not read {what} at {offset:#x}: {e}"));
                 None
             }
         }
@@ -143,12 +139,7 @@ impl Walker<'_> {
     /// gathers the allocation statistics.
     fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) {
         let cs = self.geo.cluster_size();
-        self.refs.add(
-            &mut self.report,
-            l1_offset,
-            u64::from(l1_size) * 8,
-            "L1 table",
-        );
+        self.refs.add(&mut self.report, l1_offset, u64::from(l1_size) * 8, "L1 table");
         let Some(l1) = self.read_table(l1_offset, u64::from(l1_size), "the L1 table") else {
             return;
         };
@@ -161,9 +152,9 @@ impl Walker<'_> {
             }
             if l2_off & (cs - 1) != 0 {
                 self.report.corruptions += 1;
-                self.report.messages.push(format!(
-                    "ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"
-                ));
+                self.report
+                    .messages
+                    .push(format!("ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"));
                 continue;
             }
             self.refs.add(&mut self.report, l2_off, cs, "L2 table");
@@ -172,10 +163,7 @@ impl Walker<'_> {
             };
             let per = self.geo.words_per_entry();
             for (j, e) in t.chunks_exact(per).enumerate() {
-                let entry = L2Entry {
-                    word: e[0],
-                    bitmap: if per == 2 { e[1] } else { 0 },
-                };
+                let entry = L2Entry { word: e[0], bitmap: if per == 2 { e[1] } else { 0 } };
                 if entry.word & OFLAG_COMPRESSED != 0 {
                     if entry.word & OFLAG_COPIED != 0 {
                         self.report.corruptions += 1;
@@ -185,8 +173,7 @@ impl Walker<'_> {
                         ));
                     }
                     let (host, len) = entry.compressed(&self.geo);
-                    self.refs
-                        .add(&mut self.report, host, len, "compressed cluster");
+                    self.refs.add(&mut self.report, host, len, "compressed cluster");
                     if active {
                         self.report.allocated_clusters += 1;
                         self.report.compressed_clusters += 1;
@@ -210,9 +197,9 @@ impl Walker<'_> {
                 }
                 if off & (cs - 1) != 0 {
                     self.report.corruptions += 1;
-                    self.report.messages.push(format!(
-                        "ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."
-                    ));
+                    self.report
+                        .messages
+                        .push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
                     continue;
                 }
                 if self.geo.data_file {
@@ -269,29 +256,16 @@ fn count_references(
         w.walk_l1(s.l1_table_offset, s.l1_size, false);
     }
     if h.nb_snapshots > 0 {
-        w.refs.add(
-            &mut w.report,
-            h.snapshots_offset,
-            snap_table_len,
-            "snapshot table",
-        );
+        w.refs.add(&mut w.report, h.snapshots_offset, snap_table_len, "snapshot table");
     }
-    if let (Some(b), true) = (
-        h.bitmaps,
-        h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0,
-    ) {
+    if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
         count_bitmaps(&mut w, b.directory_offset, b.directory_size);
     } else if let Some(b) = h.bitmaps {
         // Inconsistent bitmaps are still stored and referenced.
         count_bitmaps(&mut w, b.directory_offset, b.directory_size);
     }
     if include_refcount_structures {
-        w.refs.add(
-            &mut w.report,
-            h.refcount_table_offset,
-            u64::from(h.refcount_table_clusters) * cs,
-            "refcount table",
-        );
+        w.refs.add(&mut w.report, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
         for (i, &e) in reftable.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
             if off == 0 {
@@ -299,16 +273,14 @@ fn count_references(
             }
             if off & (cs - 1) != 0 {
                 w.report.corruptions += 1;
-                w.report.messages.push(format!(
-                    "ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"
-                ));
+                w.report
+                    .messages
+                    .push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
                 continue;
             }
             if off >> h.cluster_bits >= file_clusters {
                 w.report.corruptions += 1;
-                w.report
-                    .messages
-                    .push(format!("ERROR refcount block {i} is outside image"));
+                w.report.messages.push(format!("ERROR refcount block {i} is outside image"));
                 continue;
             }
             w.refs.add(&mut w.report, off, cs, "refcount block");
@@ -323,8 +295,7 @@ fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
     if dir_size > QCOW2_MAX_BITMAP_DIRECTORY || dir_off % cs != 0 {
         return;
     }
-    w.refs
-        .add(&mut w.report, dir_off, dir_size, "bitmap directory");
+    w.refs.add(&mut w.report, dir_off, dir_size, "bitmap directory");
     let mut dir = vec![0u8; dir_size as usize];
     if w.file.read_at(&mut dir, dir_off).is_err() {
         w.report.check_errors += 1;
@@ -337,8 +308,7 @@ fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
         let name_size = usize::from(BigEndian::read_u16(&dir[pos + 14..pos + 16]));
         let extra = BigEndian::read_u32(&dir[pos + 16..pos + 20]) as usize;
         if table_off % cs == 0 && table_size <= QCOW2_MAX_L1_BYTES / 8 {
-            w.refs
-                .add(&mut w.report, table_off, table_size * 8, "bitmap table");
+            w.refs.add(&mut w.report, table_off, table_size * 8, "bitmap table");
             if let Some(t) = w.read_table(table_off, table_size, "a bitmap table") {
                 for e in t {
                     let off = e & 0x00ff_ffff_ffff_fe00;
@@ -383,10 +353,7 @@ impl Qcow2 {
             return Err(self.err(Error::read_only("repair")));
         }
         self.flush_impl()?;
-        let guard = self
-            .alloc
-            .as_ref()
-            .map(|a| self.wait_all_inflight(a.lock()));
+        let guard = self.alloc.as_ref().map(|a| self.wait_all_inflight(a.lock()));
         let h = self.header.lock().clone();
         let snaps = self.snapshots.read().clone();
         let file = &*self.file;
@@ -398,15 +365,8 @@ impl Qcow2 {
             (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
             "refcount table",
         )?;
-        let (refs, mut report) = count_references(
-            file,
-            &h,
-            (h.l1_table_offset, h.l1_size),
-            &snaps,
-            snap_len,
-            true,
-            &reftable,
-        )?;
+        let (refs, mut report) =
+            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, true, &reftable)?;
         let file_clusters = file.len()?.div_ceil(cs);
         let n = (refs.counts.len() as u64).max(file_clusters);
         let stored = stored_refcounts(file, &h, &reftable, n)?;
@@ -425,15 +385,11 @@ impl Qcow2 {
             if s < counted {
                 report.corruptions += 1;
                 need_rebuild = true;
-                report.messages.push(format!(
-                    "ERROR cluster {c} refcount={s} reference={counted}"
-                ));
+                report.messages.push(format!("ERROR cluster {c} refcount={s} reference={counted}"));
             } else {
                 report.leaks += 1;
                 leaked.push((c, counted));
-                report.messages.push(format!(
-                    "Leaked cluster {c} refcount={s} reference={counted}"
-                ));
+                report.messages.push(format!("Leaked cluster {c} refcount={s} reference={counted}"));
             }
         }
         report.image_end_offset = end * cs;
@@ -453,15 +409,13 @@ impl Qcow2 {
                 if need_rebuild || !leaked.is_empty() {
                     self.rebuild_refcounts()?;
                 }
-                self.fix_copied(&copied_fixes)?;
+                // COPIED flags follow the refcounts as they are now.
+                let fixes = self.copied_fixes_now()?;
+                self.fix_copied(&fixes)?;
                 report.leaks_fixed = leaks;
                 report.corruptions_fixed = corruptions.min(
                     copied_fixes.len() as u64
-                        + report
-                            .messages
-                            .iter()
-                            .filter(|m| m.starts_with("ERROR cluster"))
-                            .count() as u64,
+                        + report.messages.iter().filter(|m| m.starts_with("ERROR cluster")).count() as u64,
                 );
                 self.finish_repair(report)
             }
@@ -509,9 +463,9 @@ impl Qcow2 {
             let want = rc == 1;
             if want != (l1e & OFLAG_COPIED != 0) {
                 report.corruptions += 1;
-                report.messages.push(format!(
-                    "ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"
-                ));
+                report
+                    .messages
+                    .push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
                 fixes.push((true, i as u64, 0, want));
             }
             let t = super::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
@@ -528,9 +482,7 @@ impl Qcow2 {
                 let want = rc == 1;
                 if want != (w & OFLAG_COPIED != 0) {
                     report.corruptions += 1;
-                    report.messages.push(format!(
-                        "ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"
-                    ));
+                    report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"));
                     fixes.push((false, l2_off, j, want));
                 }
             }
@@ -547,21 +499,13 @@ impl Qcow2 {
             if is_l1 {
                 let mut m = self.map.write();
                 if let Some(e) = m.l1.get_mut(off as usize) {
-                    *e = if want {
-                        *e | OFLAG_COPIED
-                    } else {
-                        *e & !OFLAG_COPIED
-                    };
+                    *e = if want { *e | OFLAG_COPIED } else { *e & !OFLAG_COPIED };
                 }
                 a.l1_dirty = true;
             } else {
                 let t = self.load_l2(off)?;
                 let mut e = t.get(&self.geo, j);
-                e.word = if want {
-                    e.word | OFLAG_COPIED
-                } else {
-                    e.word & !OFLAG_COPIED
-                };
+                e.word = if want { e.word | OFLAG_COPIED } else { e.word & !OFLAG_COPIED };
                 t.set(&self.geo, j, e);
             }
         }
@@ -594,26 +538,13 @@ impl Qcow2 {
         let snaps = self.snapshots.read().clone();
         let cs = h.cluster_size();
         let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
-        let (mut refs, report) = count_references(
-            file,
-            &h,
-            (h.l1_table_offset, h.l1_size),
-            &snaps,
-            snap_len,
-            false,
-            &[],
-        )?;
+        let (mut refs, report) =
+            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, false, &[])?;
         if report.check_errors > 0 {
-            return Err(self.err(Error::corrupt(
-                "cannot rebuild refcounts: the metadata could not be read",
-            )));
+            return Err(self.err(Error::corrupt("cannot rebuild refcounts: the metadata could not be read")));
         }
         let order = h.refcount_order;
-        let max = if order == 6 {
-            u64::MAX
-        } else {
-            (1u64 << (1 << order)) - 1
-        };
+        let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
         if let Some(c) = refs.counts.iter().position(|&v| v > max) {
             return Err(self.err(Error::corrupt(format!(
                 "cluster {c} is referenced {} times, more than {}-bit refcounts can hold",
@@ -622,11 +553,7 @@ impl Qcow2 {
             ))));
         }
         let epb = (cs * 8) >> order;
-        let used_end = refs
-            .counts
-            .iter()
-            .rposition(|&v| v > 0)
-            .map_or(1, |p| p as u64 + 1);
+        let used_end = refs.counts.iter().rposition(|&v| v > 0).map_or(1, |p| p as u64 + 1);
         let e_start = used_end.max(file.len()?.div_ceil(cs));
         // The table and blocks go at e_start: table first, then blocks, the
         // blocks covering everything up to their own end.
@@ -641,17 +568,10 @@ impl Qcow2 {
             nb = need;
         }
         if tc * cs > QCOW2_MAX_REFTABLE_BYTES {
-            return Err(self.err(Error::limit(
-                "the rebuilt refcount table would be too large",
-            )));
+            return Err(self.err(Error::limit("the rebuilt refcount table would be too large")));
         }
         let table_off = e_start * cs;
-        refs.add(
-            &mut CheckReport::default(),
-            table_off,
-            (tc + nb) * cs,
-            "new refcount structures",
-        );
+        refs.add(&mut CheckReport::default(), table_off, (tc + nb) * cs, "new refcount structures");
         let mut table = vec![0u64; (tc * cs / 8) as usize];
         let mut block = vec![0u8; cs as usize];
         for b in 0..nb {
@@ -676,10 +596,7 @@ impl Qcow2 {
         file.sync()?;
         let old_table = {
             let mut hh = self.header.lock();
-            let old = (
-                hh.refcount_table_offset,
-                u64::from(hh.refcount_table_clusters),
-            );
+            let old = (hh.refcount_table_offset, u64::from(hh.refcount_table_clusters));
             hh.refcount_table_offset = table_off;
             hh.refcount_table_clusters = tc as u32;
             self.write_header_locked(&mut hh)?;
@@ -691,8 +608,7 @@ impl Qcow2 {
             r.remove(old_table.0);
             r.add(table_off, tc * cs);
         }
-        let mut rc =
-            super::refcount::Refcounts::load(file, order, h.cluster_bits, table_off, tc as u32)?;
+        let mut rc = super::refcount::Refcounts::load(file, order, h.cluster_bits, table_off, tc as u32)?;
         rc.reserved = self.reserved.read().clone();
         a.rc = rc;
         a.alloc_end = e_start + tc + nb;
@@ -700,28 +616,29 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// The COPIED fixes the stored refcounts call for now.
+    fn copied_fixes_now(&self) -> Result<Vec<(bool, u64, usize, bool)>> {
+        self.flush_impl()?;
+        let h = self.header.lock().clone();
+        let file = &*self.file;
+        let reftable = super::read_u64_table(
+            file,
+            h.refcount_table_offset,
+            (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,
+            "refcount table",
+        )?;
+        let n = file.len()?.div_ceil(h.cluster_size());
+        let stored = stored_refcounts(file, &h, &reftable, n)?;
+        let mut r = CheckReport::default();
+        self.check_copied(&h, &stored, &stored, &mut r)
+    }
+
     /// Rebuilds refcounts of an image opened read-write with the dirty bit
     /// set, then clears the bit.
     pub(crate) fn repair_dirty(&self) -> Result<()> {
         self.rebuild_refcounts()?;
-        let report = self.check(Repair::None)?;
-        if report.corruptions > 0 {
-            let fixes = {
-                let h = self.header.lock().clone();
-                let file = &*self.file;
-                let reftable = super::read_u64_table(
-                    file,
-                    h.refcount_table_offset,
-                    (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,
-                    "refcount table",
-                )?;
-                let n = file.len()?.div_ceil(h.cluster_size());
-                let stored = stored_refcounts(file, &h, &reftable, n)?;
-                let mut r = CheckReport::default();
-                self.check_copied(&h, &stored, &stored, &mut r)?
-            };
-            self.fix_copied(&fixes)?;
-        }
+        let fixes = self.copied_fixes_now()?;
+        self.fix_copied(&fixes)?;
         let mut h = self.header.lock();
         h.incompatible_features &= !header::INCOMPAT_DIRTY;
         self.write_header_locked(&mut h)?;

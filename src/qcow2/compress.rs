@@ -24,16 +24,11 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
     let status = d.decompress(input, out, FlushDecompress::Finish);
     let produced = d.total_out() as usize;
     match status {
-        Ok(Status::StreamEnd) | Ok(Status::BufError) | Ok(Status::Ok) if produced == out.len() => {
-            Ok(())
+        Ok(Status::StreamEnd) | Ok(Status::BufError) | Ok(Status::Ok) if produced == out.len() => Ok(()),
+        Ok(_) => {
+            Err(Error::corrupt(format!("compressed cluster inflates to {produced} bytes instead of {}", out.len())))
         }
-        Ok(_) => Err(Error::corrupt(format!(
-            "compressed cluster inflates to {produced} bytes instead of {}",
-            out.len()
-        ))),
-        Err(e) => Err(Error::corrupt(format!(
-            "compressed cluster does not inflate: {e}"
-        ))),
+        Err(e) => Err(Error::corrupt(format!("compressed cluster does not inflate: {e}"))),
     }
 }
 
@@ -47,9 +42,8 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
     loop {
         let before_in = inb.pos();
         let before_out = outb.pos();
-        dec.run(&mut inb, &mut outb).map_err(|e| {
-            Error::corrupt(format!("compressed cluster does not decode as zstd: {e}"))
-        })?;
+        dec.run(&mut inb, &mut outb)
+            .map_err(|e| Error::corrupt(format!("compressed cluster does not decode as zstd: {e}")))?;
         if outb.pos() == outb.capacity() {
             return Ok(());
         }
@@ -126,12 +120,8 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert!(compress(CompressionType::Zlib, &data, 4096 - 512)
-            .unwrap()
-            .is_none());
-        assert!(compress(CompressionType::Zstd, &data, 4096 - 512)
-            .unwrap()
-            .is_none());
+        assert!(compress(CompressionType::Zlib, &data, 4096 - 512).unwrap().is_none());
+        assert!(compress(CompressionType::Zstd, &data, 4096 - 512).unwrap().is_none());
     }
 
     #[test]

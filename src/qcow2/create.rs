@@ -103,9 +103,7 @@ impl CreateOptions {
             match v {
                 "on" | "true" | "yes" => Ok(true),
                 "off" | "false" | "no" => Ok(false),
-                _ => Err(Error::invalid_argument(format!(
-                    "option {key} takes on or off, not '{v}'"
-                ))),
+                _ => Err(Error::invalid_argument(format!("option {key} takes on or off, not '{v}'"))),
             }
         };
         match key {
@@ -115,17 +113,13 @@ impl CreateOptions {
                 self.version = match value {
                     "0.10" | "v2" => 2,
                     "1.1" | "v3" => 3,
-                    other => {
-                        return Err(Error::invalid_argument(format!(
-                            "compat '{other}' is not 0.10 or 1.1"
-                        )))
-                    }
+                    other => return Err(Error::invalid_argument(format!("compat '{other}' is not 0.10 or 1.1"))),
                 }
             }
             "refcount_bits" => {
-                self.refcount_bits = value.parse().map_err(|_| {
-                    Error::invalid_argument(format!("refcount_bits '{value}' is not a number"))
-                })?
+                self.refcount_bits = value
+                    .parse()
+                    .map_err(|_| Error::invalid_argument(format!("refcount_bits '{value}' is not a number")))?
             }
             "lazy_refcounts" => self.lazy_refcounts = bool_of(value)?,
             "extended_l2" => self.extended_l2 = bool_of(value)?,
@@ -134,9 +128,7 @@ impl CreateOptions {
                     "zlib" => CompressionType::Zlib,
                     "zstd" => CompressionType::Zstd,
                     other => {
-                        return Err(Error::invalid_argument(format!(
-                            "compression_type '{other}' is not zlib or zstd"
-                        )))
+                        return Err(Error::invalid_argument(format!("compression_type '{other}' is not zlib or zstd")))
                     }
                 }
             }
@@ -154,17 +146,11 @@ impl CreateOptions {
             }
             "encrypt.format" => {
                 if value != "aes" {
-                    return Err(Error::unsupported(format!(
-                        "encrypt.format={value} is not supported (only aes)"
-                    )));
+                    return Err(Error::unsupported(format!("encrypt.format={value} is not supported (only aes)")));
                 }
                 // The key arrives separately (encrypt.key-secret).
             }
-            other => {
-                return Err(Error::invalid_argument(format!(
-                    "unknown qcow2 option '{other}'"
-                )))
-            }
+            other => return Err(Error::invalid_argument(format!("unknown qcow2 option '{other}'"))),
         }
         Ok(())
     }
@@ -178,10 +164,7 @@ impl CreateOptions {
             )));
         }
         if !(self.version == 2 || self.version == 3) {
-            return Err(Error::invalid_argument(format!(
-                "version {} is not 2 or 3",
-                self.version
-            )));
+            return Err(Error::invalid_argument(format!("version {} is not 2 or 3", self.version)));
         }
         if !self.refcount_bits.is_power_of_two() || self.refcount_bits > 64 {
             return Err(Error::invalid_argument(format!(
@@ -206,14 +189,10 @@ impl CreateOptions {
                 ));
             }
             if self.compression_type != CompressionType::Zlib {
-                return Err(Error::invalid_argument(
-                    "compression_type requires compatibility level 1.1 or above",
-                ));
+                return Err(Error::invalid_argument("compression_type requires compatibility level 1.1 or above"));
             }
             if self.data_file.is_some() {
-                return Err(Error::invalid_argument(
-                    "data-file requires compatibility level 1.1 or above",
-                ));
+                return Err(Error::invalid_argument("data-file requires compatibility level 1.1 or above"));
             }
         }
         if self.extended_l2 && cs < 16384 {
@@ -225,22 +204,14 @@ impl CreateOptions {
             return Err(Error::invalid_argument("data_file_raw requires data_file"));
         }
         if self.backing_file.is_some() && self.data_file_raw {
-            return Err(Error::invalid_argument(
-                "backing file and data_file_raw can not be used at the same time",
-            ));
+            return Err(Error::invalid_argument("backing file and data_file_raw can not be used at the same time"));
         }
-        if self.backing_file.is_some()
-            && self.preallocation != Preallocation::Off
-            && !self.extended_l2
-        {
+        if self.backing_file.is_some() && self.preallocation != Preallocation::Off && !self.extended_l2 {
             return Err(Error::invalid_argument(
                 "backing file and preallocation can only be used at the same time if extended_l2 is on",
             ));
         }
-        if self.backing_file.is_some()
-            && self.backing_format.is_none()
-            && !self.allow_unknown_backing_format
-        {
+        if self.backing_file.is_some() && self.backing_format.is_none() && !self.allow_unknown_backing_format {
             return Err(Error::invalid_argument(
                 "the backing file format must be given (backing_fmt), or allowed to stay unknown explicitly",
             ));
@@ -250,26 +221,17 @@ impl CreateOptions {
         }
         if let Some(f) = &self.backing_format {
             if f.len() as u32 > QCOW2_MAX_BACKING_FORMAT {
-                return Err(Error::invalid_argument(format!(
-                    "backing format '{f}' is too long"
-                )));
+                return Err(Error::invalid_argument(format!("backing format '{f}' is too long")));
             }
         }
         if self.encrypt.is_some() && self.version == 2 && self.preallocation != Preallocation::Off {
-            return Err(Error::invalid_argument(
-                "preallocation of an encrypted compat 0.10 image is not supported",
-            ));
+            return Err(Error::invalid_argument("preallocation of an encrypted compat 0.10 image is not supported"));
         }
         if self.encrypt.is_some() && self.data_file.is_some() {
-            return Err(Error::invalid_argument(
-                "encryption and an external data file cannot be combined",
-            ));
+            return Err(Error::invalid_argument("encryption and an external data file cannot be combined"));
         }
         if self.size > MAX_VIRTUAL_SIZE {
-            return Err(Error::invalid_argument(format!(
-                "image size {} is too large",
-                self.size
-            )));
+            return Err(Error::invalid_argument(format!("image size {} is too large", self.size)));
         }
         Ok(())
     }
@@ -294,22 +256,15 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         _ => (t, 0),
     };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| Error::invalid_argument(format!("invalid size '{s}'")))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
+    let n: u64 = num.parse().map_err(|_| Error::invalid_argument(format!("invalid size '{s}'")))?;
+    n.checked_mul(1 << shift).ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
 }
 
 impl Qcow2 {
     /// Creates a qcow2 image in `file` (which should be empty; it is
     /// truncated) and opens it read-write. `extra` carries the opened backing
     /// image and data file, if any.
-    pub fn create(
-        file: Arc<dyn Storage>,
-        opts: &CreateOptions,
-        mut extra: Qcow2Options,
-    ) -> Result<Qcow2> {
+    pub fn create(file: Arc<dyn Storage>, opts: &CreateOptions, mut extra: Qcow2Options) -> Result<Qcow2> {
         opts.validate()?;
         let size = opts.size.div_ceil(512) * 512;
         let cs = opts.cluster_size;
@@ -320,11 +275,7 @@ impl Qcow2 {
             backing_file_size: 0,
             cluster_bits,
             size,
-            crypt_method: if opts.encrypt.is_some() {
-                header::CRYPT_AES
-            } else {
-                0
-            },
+            crypt_method: if opts.encrypt.is_some() { header::CRYPT_AES } else { 0 },
             l1_size: 0,
             l1_table_offset: 3 * cs,
             refcount_table_offset: cs,
@@ -335,19 +286,11 @@ impl Qcow2 {
             compatible_features: 0,
             autoclear_features: 0,
             refcount_order: opts.refcount_bits.trailing_zeros(),
-            header_length: if opts.version == 3 {
-                header::V3_HEADER_LEN_COMPRESSION
-            } else {
-                header::V2_HEADER_LEN
-            },
+            header_length: if opts.version == 3 { header::V3_HEADER_LEN_COMPRESSION } else { header::V2_HEADER_LEN },
             compression_type: opts.compression_type,
             unknown_header_fields: Vec::new(),
             backing_format: opts.backing_format.clone(),
-            feature_names: if opts.version == 3 {
-                Header::default_feature_names()
-            } else {
-                Vec::new()
-            },
+            feature_names: if opts.version == 3 { Header::default_feature_names() } else { Vec::new() },
             data_file: opts.data_file.clone(),
             bitmaps: None,
             crypto_header: None,
@@ -426,11 +369,7 @@ impl Qcow2 {
             let n = (l2e - c % l2e).min(clusters - c);
             let mut a = self.alloc_lock()?;
             let t = self.l2_for_write(&mut a, l1_index)?;
-            let host = if geo.data_file {
-                c * cs
-            } else {
-                self.alloc_clusters(&mut a, n)?
-            };
+            let host = if geo.data_file { c * cs } else { self.alloc_clusters(&mut a, n)? };
             // Encrypted data would not read as zeros from holes: mark the
             // clusters zero (keeping their host space) instead.
             let enc = self.crypt.is_some();
@@ -441,19 +380,8 @@ impl Qcow2 {
                     (true, false, true) => 0xffff_ffff << 32,
                     (true, false, false) => 0xffff_ffff,
                 };
-                let zero = if enc && !geo.extended_l2 {
-                    super::l2::OFLAG_ZERO
-                } else {
-                    0
-                };
-                t.set(
-                    &geo,
-                    ((c + k) % l2e) as usize,
-                    L2Entry {
-                        word: (host + k * cs) | OFLAG_COPIED | zero,
-                        bitmap,
-                    },
-                );
+                let zero = if enc && !geo.extended_l2 { super::l2::OFLAG_ZERO } else { 0 };
+                t.set(&geo, ((c + k) % l2e) as usize, L2Entry { word: (host + k * cs) | OFLAG_COPIED | zero, bitmap });
             }
             data_ranges.push((host, n * cs));
             if self.map.read().l2.over_capacity() {
@@ -505,21 +433,13 @@ impl Qcow2 {
         let mut extra = Qcow2Options::default();
         if let Some(b) = &opts.backing_file {
             let bp = std::path::Path::new(b);
-            let bp = if bp.is_absolute() {
-                bp.to_path_buf()
-            } else {
-                dir.join(bp)
-            };
-            let mut o = crate::OpenOptions::new()
-                .read_only(true)
-                .backing(crate::BackingPolicy::Follow);
+            let bp = if bp.is_absolute() { bp.to_path_buf() } else { dir.join(bp) };
+            let mut o = crate::OpenOptions::new().read_only(true).backing(crate::BackingPolicy::Follow);
             match &opts.backing_format {
                 Some(f) => o = o.format(crate::Format::from_name(f)?),
                 None => o = o.probe(true),
             }
-            let backing = o
-                .open(&bp)
-                .map_err(|e| e.context(format!("opening backing file '{b}'")))?;
+            let backing = o.open(&bp).map_err(|e| e.context(format!("opening backing file '{b}'")))?;
             if opts.size == 0 {
                 opts.size = backing.size();
             }
@@ -527,11 +447,7 @@ impl Qcow2 {
         }
         if let Some(d) = &opts.data_file {
             let dp = std::path::Path::new(d);
-            let dp = if dp.is_absolute() {
-                dp.to_path_buf()
-            } else {
-                dir.join(dp)
-            };
+            let dp = if dp.is_absolute() { dp.to_path_buf() } else { dir.join(dp) };
             let ds = crate::storage::FileStorage::create(&dp)?;
             ds.set_len(opts.size.div_ceil(512) * 512)?;
             extra.data_file = Some(Arc::new(ds));

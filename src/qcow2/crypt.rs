@@ -32,8 +32,7 @@ impl Secret {
     /// Reads a secret from a file, dropping one trailing newline (as the
     /// contents of `--passphrase-file` and qemu's `secret,file=`).
     pub fn from_file(path: &std::path::Path) -> Result<Secret> {
-        let mut b = std::fs::read(path)
-            .map_err(|e| Error::io("cannot read the passphrase file", e).with_path(path))?;
+        let mut b = std::fs::read(path).map_err(|e| Error::io("cannot read the passphrase file", e).with_path(path))?;
         if b.last() == Some(&b'\n') {
             b.pop();
         }
@@ -93,8 +92,7 @@ impl Cipher {
         let mut key = [0u8; 16];
         let n = p.len().min(16);
         key[..n].copy_from_slice(&p[..n]);
-        let aes = Aes128::new_from_slice(&key)
-            .map_err(|_| Error::internal("AES-128 key of 16 bytes refused"));
+        let aes = Aes128::new_from_slice(&key).map_err(|_| Error::internal("AES-128 key of 16 bytes refused"));
         wipe(&mut key);
         Ok(Cipher { aes: aes? })
     }
@@ -107,9 +105,7 @@ impl Cipher {
 
     fn check(guest: u64, len: usize) -> Result<()> {
         if guest % 512 != 0 || len % 512 != 0 {
-            return Err(Error::internal(format!(
-                "unaligned encrypted I/O at {guest} of {len} bytes"
-            )));
+            return Err(Error::internal(format!("unaligned encrypted I/O at {guest} of {len} bytes")));
         }
         Ok(())
     }

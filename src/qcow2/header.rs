@@ -207,27 +207,19 @@ fn known_incompat_name(bit: u32) -> Option<&'static str> {
 /// how much of cluster 0 to read. Validates magic, version and the range.
 pub fn peek_cluster_bits(first: &[u8]) -> Result<u32> {
     if first.len() < V2_HEADER_LEN as usize {
-        return Err(Error::invalid(format!(
-            "file is too short for a qcow2 header ({} bytes)",
-            first.len()
-        ))
-        .with_format("qcow2"));
+        return Err(Error::invalid(format!("file is too short for a qcow2 header ({} bytes)", first.len()))
+            .with_format("qcow2"));
     }
     let magic = BigEndian::read_u32(&first[0..4]);
     if magic != MAGIC {
-        return Err(hbad(
-            "magic",
-            format!("bad magic {magic:#010x}, expected {MAGIC:#010x}"),
-        ));
+        return Err(hbad("magic", format!("bad magic {magic:#010x}, expected {MAGIC:#010x}")));
     }
     let version = BigEndian::read_u32(&first[4..8]);
     if version != 2 && version != 3 {
-        return Err(
-            Error::unsupported(format!("unsupported qcow2 version {version}"))
-                .with_format("qcow2")
-                .with_field("version")
-                .with_offset(4),
-        );
+        return Err(Error::unsupported(format!("unsupported qcow2 version {version}"))
+            .with_format("qcow2")
+            .with_field("version")
+            .with_offset(4));
     }
     let cluster_bits = BigEndian::read_u32(&first[20..24]);
     if !(QCOW2_MIN_CLUSTER_BITS..=QCOW2_MAX_CLUSTER_BITS).contains(&cluster_bits) {
@@ -323,24 +315,15 @@ impl Header {
             h.refcount_order = be32(96);
             h.header_length = be32(100);
             if h.header_length < V3_HEADER_LEN {
-                return Err(hbad(
-                    "header_length",
-                    format!("header_length {} is below 104", h.header_length),
-                ));
+                return Err(hbad("header_length", format!("header_length {} is below 104", h.header_length)));
             }
             if h.header_length % 8 != 0 {
-                return Err(hbad(
-                    "header_length",
-                    format!("header_length {} is not a multiple of 8", h.header_length),
-                ));
+                return Err(hbad("header_length", format!("header_length {} is not a multiple of 8", h.header_length)));
             }
             if u64::from(h.header_length) > cluster_size {
                 return Err(hbad(
                     "header_length",
-                    format!(
-                        "header_length {} is larger than the cluster size {cluster_size}",
-                        h.header_length
-                    ),
+                    format!("header_length {} is larger than the cluster size {cluster_size}", h.header_length),
                 ));
             }
             if h.header_length > V3_HEADER_LEN {
@@ -348,25 +331,18 @@ impl Header {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     other => {
-                        return Err(hbad(
-                            "compression_type",
-                            format!("unknown compression type {other}"),
-                        ));
+                        return Err(hbad("compression_type", format!("unknown compression type {other}")));
                     }
                 };
             }
             if h.header_length > V3_HEADER_LEN_COMPRESSION {
-                h.unknown_header_fields =
-                    buf[V3_HEADER_LEN_COMPRESSION as usize..h.header_length as usize].to_vec();
+                h.unknown_header_fields = buf[V3_HEADER_LEN_COMPRESSION as usize..h.header_length as usize].to_vec();
             }
         }
         if h.refcount_order > 6 {
             return Err(hbad(
                 "refcount_order",
-                format!(
-                    "refcount_order {} is above 6 (64-bit refcounts)",
-                    h.refcount_order
-                ),
+                format!("refcount_order {} is above 6 (64-bit refcounts)", h.refcount_order),
             ));
         }
         h.parse_extensions(buf)?;
@@ -376,20 +352,13 @@ impl Header {
             let off = h.backing_file_offset as usize;
             let len = h.backing_file_size as usize;
             let name = &buf[off..off + len];
-            let name = std::str::from_utf8(name).map_err(|_| {
-                hbad(
-                    "backing_file_offset",
-                    "backing file name is not valid UTF-8".into(),
-                )
-            })?;
+            let name = std::str::from_utf8(name)
+                .map_err(|_| hbad("backing_file_offset", "backing file name is not valid UTF-8".into()))?;
             if name.is_empty() {
                 // qemu treats an empty name as no backing file.
             } else {
                 if name.contains('\0') {
-                    return Err(hbad(
-                        "backing_file_offset",
-                        "backing file name contains a NUL byte".into(),
-                    ));
+                    return Err(hbad("backing_file_offset", "backing file name contains a NUL byte".into()));
                 }
                 h.backing_file = Some(name.to_string());
             }
@@ -404,26 +373,17 @@ impl Header {
         if self.backing_file_offset > cluster_size {
             return Err(hbad(
                 "backing_file_offset",
-                format!(
-                    "backing file offset {} is past the first cluster",
-                    self.backing_file_offset
-                ),
+                format!("backing file offset {} is past the first cluster", self.backing_file_offset),
             ));
         }
-        let end = if self.backing_file_offset != 0 {
-            self.backing_file_offset
-        } else {
-            cluster_size
-        } as usize;
+        let end = if self.backing_file_offset != 0 { self.backing_file_offset } else { cluster_size } as usize;
         let mut off = self.header_length as usize;
         let mut unknown_total = 0usize;
         while off < end {
             if end - off < 8 {
-                return Err(bad(
-                    "header_extension",
-                    format!("header extension at {off} is too large"),
-                )
-                .with_offset(off as u64));
+                return Err(
+                    bad("header_extension", format!("header extension at {off} is too large")).with_offset(off as u64)
+                );
             }
             let ty = BigEndian::read_u32(&buf[off..off + 4]);
             let len = BigEndian::read_u32(&buf[off + 4..off + 8]) as usize;
@@ -434,9 +394,7 @@ impl Header {
             if len > end - off {
                 return Err(bad(
                     "header_extension",
-                    format!(
-                        "header extension {ty:#010x} of length {len} runs past the extension area"
-                    ),
+                    format!("header extension {ty:#010x} of length {len} runs past the extension area"),
                 )
                 .with_offset(off as u64 - 8));
             }
@@ -446,7 +404,9 @@ impl Header {
                     if len as u32 > QCOW2_MAX_BACKING_FORMAT {
                         return Err(bad(
                             "backing_format",
-                            format!("backing format extension is {len} bytes long (at most {QCOW2_MAX_BACKING_FORMAT})"),
+                            format!(
+                                "backing format extension is {len} bytes long (at most {QCOW2_MAX_BACKING_FORMAT})"
+                            ),
                         )
                         .with_offset(off as u64));
                     }
@@ -472,24 +432,14 @@ impl Header {
                     let reserved = r.be_u32()?;
                     let directory_size = r.be_u64()?;
                     let directory_offset = r.be_u64()?;
-                    let ext = BitmapsExt {
-                        nb_bitmaps,
-                        directory_size,
-                        directory_offset,
-                    };
+                    let ext = BitmapsExt { nb_bitmaps, directory_size, directory_offset };
                     // qemu ignores the extension when the autoclear bit is clear.
                     if self.autoclear_features & AUTOCLEAR_BITMAPS != 0 {
                         if nb_bitmaps == 0 || nb_bitmaps > QCOW2_MAX_BITMAPS {
-                            return Err(bad(
-                                "bitmaps",
-                                format!("bitmaps extension has {nb_bitmaps} bitmaps"),
-                            ));
+                            return Err(bad("bitmaps", format!("bitmaps extension has {nb_bitmaps} bitmaps")));
                         }
                         if reserved != 0 {
-                            return Err(bad(
-                                "bitmaps",
-                                "bitmaps extension reserved field is not zero".into(),
-                            ));
+                            return Err(bad("bitmaps", "bitmaps extension reserved field is not zero".into()));
                         }
                         if directory_size > QCOW2_MAX_BITMAP_DIRECTORY {
                             return Err(bad(
@@ -498,7 +448,10 @@ impl Header {
                             ));
                         }
                         if directory_offset % cluster_size != 0 {
-                            return Err(bad("bitmaps", format!("bitmap directory offset {directory_offset:#x} is not cluster aligned")));
+                            return Err(bad(
+                                "bitmaps",
+                                format!("bitmap directory offset {directory_offset:#x} is not cluster aligned"),
+                            ));
                         }
                     }
                     self.bitmaps = Some(ext);
@@ -510,14 +463,10 @@ impl Header {
                     self.crypto_header = Some((o, l));
                 }
                 EXT_DATA_FILE => {
-                    let s = std::str::from_utf8(data).map_err(|_| {
-                        bad("data_file", "external data file name is not UTF-8".into())
-                    })?;
+                    let s = std::str::from_utf8(data)
+                        .map_err(|_| bad("data_file", "external data file name is not UTF-8".into()))?;
                     if s.contains('\0') {
-                        return Err(bad(
-                            "data_file",
-                            "external data file name contains a NUL byte".into(),
-                        ));
+                        return Err(bad("data_file", "external data file name contains a NUL byte".into()));
                     }
                     self.data_file = Some(s.to_string());
                 }
@@ -553,26 +502,23 @@ impl Header {
                     names.push(n);
                 }
             }
-            return Err(Error::unsupported(format!(
-                "unsupported qcow2 feature(s): {}",
-                names.join(", ")
-            ))
-            .with_format("qcow2")
-            .with_field("incompatible_features")
-            .with_offset(72));
+            return Err(Error::unsupported(format!("unsupported qcow2 feature(s): {}", names.join(", ")))
+                .with_format("qcow2")
+                .with_field("incompatible_features")
+                .with_offset(72));
         }
         let has_ct_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (self.compression_type, has_ct_bit) {
-            (CompressionType::Zlib, true) => return Err(hbad(
-                "compression_type",
-                "compression type incompatible feature bit must not be set with zlib compression"
-                    .into(),
-            )),
+            (CompressionType::Zlib, true) => {
+                return Err(hbad(
+                    "compression_type",
+                    "compression type incompatible feature bit must not be set with zlib compression".into(),
+                ))
+            }
             (CompressionType::Zstd, false) => {
                 return Err(hbad(
                     "compression_type",
-                    "compression type incompatible feature bit must be set with zstd compression"
-                        .into(),
+                    "compression type incompatible feature bit must be set with zstd compression".into(),
                 ))
             }
             _ => {}
@@ -584,10 +530,7 @@ impl Header {
             ));
         }
         if self.crypt_method > CRYPT_LUKS {
-            return Err(hbad(
-                "crypt_method",
-                format!("unknown encryption method {}", self.crypt_method),
-            ));
+            return Err(hbad("crypt_method", format!("unknown encryption method {}", self.crypt_method)));
         }
         if self.crypto_header.is_some() && self.crypt_method != CRYPT_LUKS {
             return Err(bad(
@@ -598,16 +541,10 @@ impl Header {
         if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
             && self.incompatible_features & INCOMPAT_DATA_FILE == 0
         {
-            return Err(hbad(
-                "autoclear_features",
-                "data-file-raw is set without an external data file".into(),
-            ));
+            return Err(hbad("autoclear_features", "data-file-raw is set without an external data file".into()));
         }
         if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
-            return Err(bad(
-                "data_file",
-                "the image needs an external data file but names none".into(),
-            ));
+            return Err(bad("data_file", "the image needs an external data file but names none".into()));
         }
         // Backing file name: at most 1023 bytes and inside the first cluster.
         if self.backing_file_offset != 0 {
@@ -616,93 +553,53 @@ impl Header {
             if u64::from(self.backing_file_size) > max {
                 return Err(hbad(
                     "backing_file_size",
-                    format!(
-                        "backing file name of {} bytes is too long (at most {max} here)",
-                        self.backing_file_size
-                    ),
+                    format!("backing file name of {} bytes is too long (at most {max} here)", self.backing_file_size),
                 ));
             }
             if self.backing_file_offset < u64::from(self.header_length) {
                 return Err(hbad(
                     "backing_file_offset",
-                    format!(
-                        "backing file name at {} overlaps the header",
-                        self.backing_file_offset
-                    ),
+                    format!("backing file name at {} overlaps the header", self.backing_file_offset),
                 ));
             }
         }
         // Virtual size and the L1 table.
         if self.size > MAX_VIRTUAL_SIZE {
-            return Err(hbad(
-                "size",
-                format!("virtual size {} is too large", self.size),
-            ));
+            return Err(hbad("size", format!("virtual size {} is too large", self.size)));
         }
         let needed = self.l1_entries_for(self.size);
         if needed > i32::MAX as u64 || needed > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(hbad(
-                "size",
-                format!(
-                    "image of {} bytes is too big for this cluster size",
-                    self.size
-                ),
-            ));
+            return Err(hbad("size", format!("image of {} bytes is too big for this cluster size", self.size)));
         }
         if u64::from(self.l1_size) > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(hbad(
-                "l1_size",
-                format!("active L1 table of {} entries is too large", self.l1_size),
-            ));
+            return Err(hbad("l1_size", format!("active L1 table of {} entries is too large", self.l1_size)));
         }
         if u64::from(self.l1_size) < needed {
             return Err(hbad(
                 "l1_size",
-                format!(
-                    "L1 table of {} entries is too small for {} bytes (needs {needed})",
-                    self.l1_size, self.size
-                ),
+                format!("L1 table of {} entries is too small for {} bytes (needs {needed})", self.l1_size, self.size),
             ));
         }
         if self.l1_size > 0 {
-            check_table(
-                "l1_table_offset",
-                self.l1_table_offset,
-                u64::from(self.l1_size) * 8,
-                cs,
-            )?;
+            check_table("l1_table_offset", self.l1_table_offset, u64::from(self.l1_size) * 8, cs)?;
         }
         // Refcount table.
         if self.refcount_table_clusters == 0 {
-            return Err(hbad(
-                "refcount_table_clusters",
-                "image does not contain a reference count table".into(),
-            ));
+            return Err(hbad("refcount_table_clusters", "image does not contain a reference count table".into()));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > QCOW2_MAX_REFTABLE_BYTES {
             return Err(hbad(
                 "refcount_table_clusters",
-                format!(
-                    "reference count table of {} clusters is too large",
-                    self.refcount_table_clusters
-                ),
+                format!("reference count table of {} clusters is too large", self.refcount_table_clusters),
             ));
         }
-        check_table(
-            "refcount_table_offset",
-            self.refcount_table_offset,
-            rt_bytes,
-            cs,
-        )?;
+        check_table("refcount_table_offset", self.refcount_table_offset, rt_bytes, cs)?;
         // Snapshots.
         if self.nb_snapshots > QCOW2_MAX_SNAPSHOTS {
             return Err(hbad(
                 "nb_snapshots",
-                format!(
-                    "{} snapshots is more than {QCOW2_MAX_SNAPSHOTS}",
-                    self.nb_snapshots
-                ),
+                format!("{} snapshots is more than {QCOW2_MAX_SNAPSHOTS}", self.nb_snapshots),
             ));
         }
         if self.nb_snapshots > 0 {
@@ -710,27 +607,12 @@ impl Header {
         }
         // Tables must not overlap the header cluster.
         for (field, off, len) in [
-            (
-                "l1_table_offset",
-                self.l1_table_offset,
-                u64::from(self.l1_size) * 8,
-            ),
-            (
-                "refcount_table_offset",
-                self.refcount_table_offset,
-                rt_bytes,
-            ),
-            (
-                "snapshots_offset",
-                self.snapshots_offset,
-                u64::from(self.nb_snapshots.min(1)),
-            ),
+            ("l1_table_offset", self.l1_table_offset, u64::from(self.l1_size) * 8),
+            ("refcount_table_offset", self.refcount_table_offset, rt_bytes),
+            ("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots.min(1))),
         ] {
             if len > 0 && off < cs {
-                return Err(hbad(
-                    field,
-                    format!("table at {off:#x} overlaps the header cluster"),
-                ));
+                return Err(hbad(field, format!("table at {off:#x} overlaps the header cluster")));
             }
         }
         // The active L1 table and the refcount table must not overlap.
@@ -738,10 +620,7 @@ impl Header {
             let l1_end = self.l1_table_offset + u64::from(self.l1_size) * 8;
             let rt_end = self.refcount_table_offset + rt_bytes;
             if self.l1_table_offset < rt_end && self.refcount_table_offset < l1_end {
-                return Err(hbad(
-                    "l1_table_offset",
-                    "the L1 table overlaps the refcount table".into(),
-                ));
+                return Err(hbad("l1_table_offset", "the L1 table overlaps the refcount table".into()));
             }
         }
         Ok(())
@@ -752,14 +631,16 @@ impl Header {
     /// Updates `header_length`, `backing_file_offset` and `backing_file_size`
     /// to match what was written. Fails if it does not fit in one cluster.
     pub fn encode(&mut self) -> Result<Vec<u8>> {
-        let mut b = vec![
-            0u8;
-            if self.version == 2 {
-                72
-            } else {
-                112 + self.unknown_header_fields.len()
-            }
-        ];
+        match self.encode_with(false) {
+            // The feature name table is optional: QEMU leaves it out when
+            // it does not fit (small clusters with a backing file name).
+            Err(e) if e.kind() == ErrorKind::LimitExceeded && !self.feature_names.is_empty() => self.encode_with(true),
+            other => other,
+        }
+    }
+
+    fn encode_with(&mut self, skip_feature_table: bool) -> Result<Vec<u8>> {
+        let mut b = vec![0u8; if self.version == 2 { 72 } else { 112 + self.unknown_header_fields.len() }];
         if self.version == 3 {
             self.header_length = b.len() as u32;
             if self.compression_type == CompressionType::Zstd {
@@ -822,7 +703,7 @@ impl Header {
             BigEndian::write_u64(&mut d[16..24], bm.directory_offset);
             push_ext(&mut b, EXT_BITMAPS, &d);
         }
-        if self.version == 3 && !self.feature_names.is_empty() {
+        if self.version == 3 && !self.feature_names.is_empty() && !skip_feature_table {
             let mut d = Vec::with_capacity(self.feature_names.len() * 48);
             for f in &self.feature_names {
                 let mut e = [0u8; 48];
@@ -873,11 +754,7 @@ impl Header {
 
     /// The feature name table qemu writes on every v3 image.
     pub fn default_feature_names() -> Vec<FeatureName> {
-        let f = |kind: u8, bit: u8, name: &str| FeatureName {
-            kind,
-            bit,
-            name: name.to_string(),
-        };
+        let f = |kind: u8, bit: u8, name: &str| FeatureName { kind, bit, name: name.to_string() };
         vec![
             f(0, 0, "dirty bit"),
             f(0, 1, "corrupt bit"),
@@ -892,10 +769,7 @@ impl Header {
 
     /// Names of the incompatible features set, for messages.
     pub fn incompatible_names(&self) -> Vec<&'static str> {
-        (0..5)
-            .filter(|b| self.incompatible_features & (1 << b) != 0)
-            .filter_map(known_incompat_name)
-            .collect()
+        (0..5).filter(|b| self.incompatible_features & (1 << b) != 0).filter_map(known_incompat_name).collect()
     }
 }
 
@@ -903,17 +777,11 @@ impl Header {
 /// aligned and `offset + len` not overflowing a signed 64-bit file offset.
 pub fn check_table(field: &'static str, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
     if offset % cluster_size != 0 {
-        return Err(hbad(
-            field,
-            format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}"),
-        ));
+        return Err(hbad(field, format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}")));
     }
     match offset.checked_add(len) {
         Some(end) if end <= QCOW2_MAX_HOST_OFFSET => Ok(()),
-        _ => Err(hbad(
-            field,
-            format!("table at {offset:#x} of {len} bytes ends beyond the largest file offset"),
-        )),
+        _ => Err(hbad(field, format!("table at {offset:#x} of {len} bytes ends beyond the largest file offset"))),
     }
 }
 
@@ -979,11 +847,7 @@ mod tests {
     #[test]
     fn refuses_unknown_incompatible_bits_by_name() {
         let mut h = sample();
-        h.feature_names.push(FeatureName {
-            kind: 0,
-            bit: 9,
-            name: "future thing".into(),
-        });
+        h.feature_names.push(FeatureName { kind: 0, bit: 9, name: "future thing".into() });
         h.incompatible_features = 1 << 9 | 1 << 10;
         let enc = h.encode().unwrap();
         let mut buf = vec![0u8; 65536];
@@ -991,10 +855,7 @@ mod tests {
         let e = Header::parse(&buf).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("future thing"), "{e}");
-        assert!(
-            e.to_string().contains("unknown incompatible feature 10"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("unknown incompatible feature 10"), "{e}");
     }
 
     #[test]

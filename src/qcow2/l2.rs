@@ -194,13 +194,9 @@ impl L2Entry {
         match host {
             Some(h) => {
                 if zero_bits & (1 << sc) != 0 {
-                    Ok(Mapping::Zero {
-                        prealloc: Some(h + u64::from(sc) * sc_size),
-                    })
+                    Ok(Mapping::Zero { prealloc: Some(h + u64::from(sc) * sc_size) })
                 } else if alloc_bits & (1 << sc) != 0 {
-                    Ok(Mapping::Data {
-                        host: h + u64::from(sc) * sc_size,
-                    })
+                    Ok(Mapping::Data { host: h + u64::from(sc) * sc_size })
                 } else {
                     Ok(Mapping::Unallocated)
                 }
@@ -235,16 +231,8 @@ pub struct L2Table {
 impl L2Table {
     /// A table decoded from its on-disk bytes.
     pub fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
-        let words: Box<[AtomicU64]> = bytes
-            .chunks_exact(8)
-            .map(|c| AtomicU64::new(BigEndian::read_u64(c)))
-            .collect();
-        L2Table {
-            offset,
-            words,
-            dirty: AtomicBool::new(false),
-            last_use: AtomicU64::new(0),
-        }
+        let words: Box<[AtomicU64]> = bytes.chunks_exact(8).map(|c| AtomicU64::new(BigEndian::read_u64(c))).collect();
+        L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0) }
     }
 
     /// An all-zero (unallocated) table.
@@ -261,11 +249,7 @@ impl L2Table {
     pub fn copy_to(&self, offset: u64) -> L2Table {
         L2Table {
             offset,
-            words: self
-                .words
-                .iter()
-                .map(|w| AtomicU64::new(w.load(Ordering::Acquire)))
-                .collect(),
+            words: self.words.iter().map(|w| AtomicU64::new(w.load(Ordering::Acquire))).collect(),
             dirty: AtomicBool::new(true),
             last_use: AtomicU64::new(0),
         }
@@ -276,20 +260,11 @@ impl L2Table {
     pub fn get(&self, geo: &Geometry, i: usize) -> L2Entry {
         if geo.extended_l2 {
             // Bitmap first, then the word: a writer stores the word last.
-            let word = self
-                .words
-                .get(2 * i)
-                .map_or(0, |w| w.load(Ordering::Acquire));
-            let bitmap = self
-                .words
-                .get(2 * i + 1)
-                .map_or(0, |w| w.load(Ordering::Acquire));
+            let word = self.words.get(2 * i).map_or(0, |w| w.load(Ordering::Acquire));
+            let bitmap = self.words.get(2 * i + 1).map_or(0, |w| w.load(Ordering::Acquire));
             L2Entry { word, bitmap }
         } else {
-            L2Entry {
-                word: self.words.get(i).map_or(0, |w| w.load(Ordering::Acquire)),
-                bitmap: 0,
-            }
+            L2Entry { word: self.words.get(i).map_or(0, |w| w.load(Ordering::Acquire)), bitmap: 0 }
         }
     }
 
@@ -394,6 +369,15 @@ impl L2Cache {
         t
     }
 
+    /// Inserts a new table, replacing whatever was cached at its offset (a
+    /// stale copy of a freed cluster).
+    pub fn replace(&mut self, table: L2Table) -> Arc<L2Table> {
+        if self.tables.remove(&table.offset).is_some() {
+            self.generation += 1;
+        }
+        self.insert(table)
+    }
+
     /// Evicts least recently used clean tables while over capacity.
     pub fn evict_clean(&mut self) {
         self.evict_except(None)
@@ -439,11 +423,7 @@ impl L2Cache {
 
     /// Dirty tables, in no particular order.
     pub fn dirty_tables(&self) -> Vec<Arc<L2Table>> {
-        self.tables
-            .values()
-            .filter(|t| t.is_dirty())
-            .cloned()
-            .collect()
+        self.tables.values().filter(|t| t.is_dirty()).cloned().collect()
     }
 
     /// Number of cached tables.
@@ -466,99 +446,40 @@ impl L2Cache {
 mod tests {
     use super::*;
 
-    const G64K: Geometry = Geometry {
-        cluster_bits: 16,
-        extended_l2: false,
-        data_file: false,
-    };
+    const G64K: Geometry = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
 
     #[test]
     fn decode_compressed_descriptor() {
         // 64 KiB clusters: offset 0x50000, 13 + 1 sectors.
-        let e = L2Entry {
-            word: 0x4340_0000_0005_0000,
-            bitmap: 0,
-        };
+        let e = L2Entry { word: 0x4340_0000_0005_0000, bitmap: 0 };
         assert!(e.is_compressed());
         assert_eq!(e.compressed(&G64K), (0x50000, 14 * 512));
-        assert_eq!(
-            e.mapping(&G64K, 0, 0).unwrap(),
-            Mapping::Compressed {
-                host: 0x50000,
-                len: 14 * 512
-            }
-        );
+        assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Compressed { host: 0x50000, len: 14 * 512 });
     }
 
     #[test]
     fn decode_standard() {
-        let e = L2Entry {
-            word: OFLAG_COPIED | 0x70000,
-            bitmap: 0,
-        };
-        assert_eq!(
-            e.mapping(&G64K, 0, 0).unwrap(),
-            Mapping::Data { host: 0x70000 }
-        );
-        let e = L2Entry {
-            word: 0x70000 | OFLAG_ZERO,
-            bitmap: 0,
-        };
-        assert_eq!(
-            e.mapping(&G64K, 0, 0).unwrap(),
-            Mapping::Zero {
-                prealloc: Some(0x70000)
-            }
-        );
-        let e = L2Entry {
-            word: OFLAG_ZERO,
-            bitmap: 0,
-        };
-        assert_eq!(
-            e.mapping(&G64K, 0, 0).unwrap(),
-            Mapping::Zero { prealloc: None }
-        );
+        let e = L2Entry { word: OFLAG_COPIED | 0x70000, bitmap: 0 };
+        assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Data { host: 0x70000 });
+        let e = L2Entry { word: 0x70000 | OFLAG_ZERO, bitmap: 0 };
+        assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Zero { prealloc: Some(0x70000) });
+        let e = L2Entry { word: OFLAG_ZERO, bitmap: 0 };
+        assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Zero { prealloc: None });
         let e = L2Entry { word: 0, bitmap: 0 };
         assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Unallocated);
-        let e = L2Entry {
-            word: 0x71000,
-            bitmap: 0,
-        };
+        let e = L2Entry { word: 0x71000, bitmap: 0 };
         assert!(e.mapping(&G64K, 0, 0).is_err());
     }
 
     #[test]
     fn decode_extended() {
-        let g = Geometry {
-            cluster_bits: 16,
-            extended_l2: true,
-            data_file: false,
-        };
-        let e = L2Entry {
-            word: OFLAG_COPIED | 0x70000,
-            bitmap: 0b101 | (0b10 << 32),
-        };
-        assert_eq!(
-            e.mapping(&g, 0, 0).unwrap(),
-            Mapping::Data { host: 0x70000 }
-        );
-        assert_eq!(
-            e.mapping(&g, 1, 0).unwrap(),
-            Mapping::Zero {
-                prealloc: Some(0x70000 + 2048)
-            }
-        );
-        assert_eq!(
-            e.mapping(&g, 2, 0).unwrap(),
-            Mapping::Data {
-                host: 0x70000 + 4096
-            }
-        );
+        let g = Geometry { cluster_bits: 16, extended_l2: true, data_file: false };
+        let e = L2Entry { word: OFLAG_COPIED | 0x70000, bitmap: 0b101 | (0b10 << 32) };
+        assert_eq!(e.mapping(&g, 0, 0).unwrap(), Mapping::Data { host: 0x70000 });
+        assert_eq!(e.mapping(&g, 1, 0).unwrap(), Mapping::Zero { prealloc: Some(0x70000 + 2048) });
+        assert_eq!(e.mapping(&g, 2, 0).unwrap(), Mapping::Data { host: 0x70000 + 4096 });
         assert_eq!(e.mapping(&g, 3, 0).unwrap(), Mapping::Unallocated);
-        let bad = L2Entry {
-            word: 0x70000,
-            bitmap: 1 | (1 << 32),
-        };
+        let bad = L2Entry { word: 0x70000, bitmap: 1 | (1 << 32) };
         assert!(bad.mapping(&g, 5, 0).is_err());
         let bad = L2Entry { word: 0, bitmap: 1 };
         assert!(bad.mapping(&g, 5, 0).is_err());

@@ -28,7 +28,7 @@ pub mod header;
 pub mod l2;
 pub mod refcount;
 pub mod snapshot;
-mod write;
+pub(crate) mod write;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -37,9 +37,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::device::{
-    check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details,
-};
+use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
@@ -67,6 +65,9 @@ pub struct Qcow2Options {
     pub data_file: Option<Arc<dyn Storage>>,
     /// The passphrase of an encrypted (legacy AES) image.
     pub key: Option<Secret>,
+    /// Open an encrypted image without its key, for looking at metadata
+    /// (`info`, `map`, snapshot lists): guest data reads then fail.
+    pub inspect_only: bool,
 }
 
 /// State guarded by the `map` lock.
@@ -100,6 +101,8 @@ pub struct Qcow2 {
     corrupt: AtomicBool,
     /// The AES cipher of an encrypted image.
     crypt: Option<Cipher>,
+    /// The image is encrypted but was opened without its key.
+    key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
     alloc: Option<Mutex<AllocState>>,
     /// Signalled when in-flight allocations complete.
@@ -136,14 +139,11 @@ impl Qcow2 {
     /// data file names before deciding what to open.
     pub fn read_header(file: &dyn Storage) -> Result<Header> {
         let mut first = [0u8; 512];
-        file.read_at(&mut first, 0)
-            .map_err(|e| qerr(e, file.path()))?;
+        file.read_at(&mut first, 0).map_err(|e| qerr(e, file.path()))?;
         let len = file.len()?;
         if len < u64::from(header::V2_HEADER_LEN) {
             return Err(qerr(
-                Error::invalid(format!(
-                    "file of {len} bytes is too short for a qcow2 header"
-                )),
+                Error::invalid(format!("file of {len} bytes is too short for a qcow2 header")),
                 file.path(),
             ));
         }
@@ -163,24 +163,23 @@ impl Qcow2 {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
         if h.crypt_method == header::CRYPT_LUKS {
-            return Err(
-                Error::unsupported("LUKS encrypted qcow2 images are not supported")
-                    .with_field("crypt_method"),
-            );
+            return Err(Error::unsupported("LUKS encrypted qcow2 images are not supported").with_field("crypt_method"));
         }
-        let crypt =
-            if h.crypt_method == header::CRYPT_AES {
-                match &opts.key {
-                    Some(k) => Some(Cipher::from_passphrase(k)?),
-                    None => return Err(Error::new(
+        let crypt = if h.crypt_method == header::CRYPT_AES {
+            match &opts.key {
+                Some(k) => Some(Cipher::from_passphrase(k)?),
+                None if opts.inspect_only && read_only => None,
+                None => {
+                    return Err(Error::new(
                         ErrorKind::Crypto,
                         "the image is encrypted (legacy AES): a passphrase is needed to open it",
                     )
-                    .with_field("crypt_method")),
+                    .with_field("crypt_method"))
                 }
-            } else {
-                None
-            };
+            }
+        } else {
+            None
+        };
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
@@ -195,11 +194,9 @@ impl Qcow2 {
         };
         let data = match (&h.data_file, opts.data_file) {
             (Some(_), Some(d)) if geo.data_file => d,
-            (Some(name), None) if geo.data_file => {
-                Arc::new(crate::storage::Unopened::new(format!(
-                    "the image keeps its data in the external file '{name}', which was not opened"
-                )))
-            }
+            (Some(name), None) if geo.data_file => Arc::new(crate::storage::Unopened::new(format!(
+                "the image keeps its data in the external file '{name}', which was not opened"
+            ))),
 
             _ => file.clone(),
         };
@@ -208,11 +205,7 @@ impl Qcow2 {
         let file_len = file.len()?;
         let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
         for (field, off, len) in [
-            (
-                "l1_table_offset",
-                h.l1_table_offset,
-                u64::from(h.l1_size) * 8,
-            ),
+            ("l1_table_offset", h.l1_table_offset, u64::from(h.l1_size) * 8),
             ("refcount_table_offset", h.refcount_table_offset, rt_bytes),
         ] {
             if len > 0 && off + len > file_len {
@@ -226,8 +219,7 @@ impl Qcow2 {
         let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
-        let (snaps, snap_table_len) =
-            snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
+        let (snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let needed = h.size.div_ceil(cs) * h.l2_entry_size();
             needed.min(QCOW2_DEFAULT_L2_CACHE_BYTES)
@@ -246,10 +238,7 @@ impl Qcow2 {
         for s in &snaps {
             reserved.add(s.l1_table_offset, round(u64::from(s.l1_size) * 8));
         }
-        if let (Some(b), true) = (
-            h.bitmaps,
-            h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0,
-        ) {
+        if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
             reserved.add(b.directory_offset, round(b.directory_size));
         }
         let alloc = if read_only {
@@ -294,16 +283,14 @@ impl Qcow2 {
             compression: h.compression_type,
             version: h.version,
             corrupt: AtomicBool::new(false),
+            key_missing: h.crypt_method == header::CRYPT_AES && crypt.is_none(),
             crypt,
             alloc,
             alloc_cv: Condvar::new(),
             reserved: RwLock::new(reserved),
             read_only,
             size: AtomicU64::new(h.size),
-            map: RwLock::new(MapState {
-                l1,
-                l2: L2Cache::new(tables),
-            }),
+            map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
             snapshots: RwLock::new(snaps),
             gate: Quiesce::new(),
             zcache: Mutex::new(Vec::new()),
@@ -362,9 +349,23 @@ impl Qcow2 {
     /// Loads (or finds in the cache) the L2 table at `l2_off` and runs `f`
     /// on it while the mapping lock is held shared.
     fn with_l2<T>(&self, l1_index: u64, f: impl Fn(Option<&L2Table>) -> Result<T>) -> Result<T> {
+        self.with_l2_in(None, l1_index, f)
+    }
+
+    /// [`with_l2`](Self::with_l2) over the active L1 table (`snap` None) or
+    /// a snapshot's L1 table.
+    fn with_l2_in<T>(
+        &self,
+        snap: Option<&[u64]>,
+        l1_index: u64,
+        f: impl Fn(Option<&L2Table>) -> Result<T>,
+    ) -> Result<T> {
         loop {
             let st = self.map.read();
-            let l1e = st.l1.get(l1_index as usize).copied().unwrap_or(0);
+            let l1e = match snap {
+                None => st.l1.get(l1_index as usize).copied().unwrap_or(0),
+                Some(t) => t.get(l1_index as usize).copied().unwrap_or(0),
+            };
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 return f(None);
@@ -400,6 +401,11 @@ impl Qcow2 {
     /// bytes (at least 1, at most `max`) that mapping continues contiguously.
     /// For `Data` the host offset is that of `guest` itself.
     fn lookup(&self, guest: u64, max: u64) -> Result<(Mapping, u64)> {
+        self.lookup_in(None, guest, max)
+    }
+
+    /// [`lookup`](Self::lookup) in the active state or a snapshot.
+    fn lookup_in(&self, snap: Option<&[u64]>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
         let geo = &self.geo;
         let cb = geo.cluster_bits;
         let gb = geo.granule_bits();
@@ -408,7 +414,7 @@ impl Qcow2 {
         let l1_index = cidx / l2e;
         let table_end = (l1_index + 1).saturating_mul(geo.l2_span());
         let limit = guest.saturating_add(max).min(table_end);
-        self.with_l2(l1_index, |t| {
+        self.with_l2_in(snap, l1_index, |t| {
             let Some(t) = t else {
                 return Ok((Mapping::Unallocated, limit - guest));
             };
@@ -448,9 +454,7 @@ impl Qcow2 {
             }
             let len = g.min(limit) - guest;
             let m = match first {
-                Mapping::Data { host } => Mapping::Data {
-                    host: host + (guest & (granule - 1)),
-                },
+                Mapping::Data { host } => Mapping::Data { host: host + (guest & (granule - 1)) },
                 other => other,
             };
             Ok((m, len))
@@ -470,8 +474,7 @@ impl Qcow2 {
         let mut input = vec![0u8; len as usize];
         self.file.read_at(&mut input, host)?;
         let mut out = vec![0u8; cs];
-        compress::decompress(self.compression, &input, &mut out)
-            .map_err(|e| self.err(e.with_offset(host)))?;
+        compress::decompress(self.compression, &input, &mut out).map_err(|e| self.err(e.with_offset(host)))?;
         let out: Arc<[u8]> = out.into();
         let mut z = self.zcache.lock();
         if z.len() >= 8 {
@@ -487,11 +490,7 @@ impl Qcow2 {
         match &self.backing {
             Some(b) => {
                 let bsize = b.size();
-                let n = if guest >= bsize {
-                    0
-                } else {
-                    ((bsize - guest).min(buf.len() as u64)) as usize
-                };
+                let n = if guest >= bsize { 0 } else { ((bsize - guest).min(buf.len() as u64)) as usize };
                 if n > 0 {
                     b.read_at(&mut buf[..n], guest)?;
                 }
@@ -517,10 +516,15 @@ impl Qcow2 {
     }
 
     fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        self.read_mapped_in(None, buf, offset)
+    }
+
+    /// [`read_mapped`](Self::read_mapped) in the active state or a snapshot.
+    fn read_mapped_in(&self, snap: Option<&[u64]>, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;
-            let (m, n) = self.lookup(guest, (buf.len() - pos) as u64)?;
+            let (m, n) = self.lookup_in(snap, guest, (buf.len() - pos) as u64)?;
             let n = n as usize;
             let chunk = &mut buf[pos..pos + n];
             match m {
@@ -570,24 +574,13 @@ impl Qcow2 {
 
 /// Reads a table of `count` big-endian u64 entries at `offset`, bounded by
 /// the L1 limit (the caller validated `count`).
-pub(crate) fn read_u64_table(
-    file: &dyn Storage,
-    offset: u64,
-    count: usize,
-    what: &str,
-) -> Result<Vec<u64>> {
+pub(crate) fn read_u64_table(file: &dyn Storage, offset: u64, count: usize, what: &str) -> Result<Vec<u64>> {
     if count as u64 > QCOW2_MAX_L1_BYTES / 8 {
-        return Err(Error::limit(format!(
-            "{what} of {count} entries is too large"
-        )));
+        return Err(Error::limit(format!("{what} of {count} entries is too large")));
     }
     let mut buf = vec![0u8; count * 8];
-    file.read_at(&mut buf, offset)
-        .map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf
-        .chunks_exact(8)
-        .map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect())
+    file.read_at(&mut buf, offset).map_err(|e| e.context(format!("reading the {what}")))?;
+    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 impl BlockDevice for Qcow2 {
@@ -610,6 +603,12 @@ impl BlockDevice for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size())?;
+        if self.key_missing {
+            return Err(self.err(Error::new(
+                ErrorKind::Crypto,
+                "the image is encrypted and was opened without its passphrase: data cannot be read",
+            )));
+        }
         let _g = self.gate.enter();
         self.read_mapped(buf, offset)
     }
@@ -619,54 +618,29 @@ impl BlockDevice for Qcow2 {
         check_request(offset, 0, size)?;
         let max = max_len.min(size - offset);
         if max == 0 {
-            return Ok(Extent {
-                offset,
-                length: 0,
-                kind: ExtentKind::Unallocated,
-                depth: 0,
-                encrypted: false,
-            });
+            return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
         let _g = self.gate.enter();
         let (m, len) = self.lookup(offset, max)?;
         let encrypted = self.crypt.is_some();
         let kind = match m {
-            Mapping::Data { host } => ExtentKind::Data {
-                host_offset: Some(host),
-            },
-            Mapping::Zero { prealloc } => ExtentKind::Zero {
-                host_offset: prealloc,
-            },
+            Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
+            Mapping::Zero { prealloc } => ExtentKind::Zero { host_offset: prealloc },
             Mapping::Compressed { host, .. } => ExtentKind::Compressed { host_offset: host },
             Mapping::Unallocated => {
                 if let Some(b) = &self.backing {
                     let bsize = b.size();
                     if offset < bsize {
                         let e = b.map(offset, len.min(bsize - offset))?;
-                        return Ok(Extent {
-                            depth: e.depth + 1,
-                            ..e
-                        });
+                        return Ok(Extent { depth: e.depth + 1, ..e });
                     }
                     // Past the backing image's end: reads as zeros.
-                    return Ok(Extent {
-                        offset,
-                        length: len,
-                        kind: ExtentKind::Unallocated,
-                        depth: 1,
-                        encrypted,
-                    });
+                    return Ok(Extent { offset, length: len, kind: ExtentKind::Unallocated, depth: 1, encrypted });
                 }
                 ExtentKind::Unallocated
             }
         };
-        Ok(Extent {
-            offset,
-            length: len,
-            kind,
-            depth: 0,
-            encrypted,
-        })
+        Ok(Extent { offset, length: len, kind, depth: 0, encrypted })
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {

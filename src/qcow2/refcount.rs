@@ -28,12 +28,8 @@ pub fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
             u64::from((byte >> (bit % 8)) & ((1u8 << w) - 1))
         }
         3 => u64::from(block.get(i).copied().unwrap_or(0)),
-        4 => block
-            .get(2 * i..2 * i + 2)
-            .map_or(0, |b| u64::from(BigEndian::read_u16(b))),
-        5 => block
-            .get(4 * i..4 * i + 4)
-            .map_or(0, |b| u64::from(BigEndian::read_u32(b))),
+        4 => block.get(2 * i..2 * i + 2).map_or(0, |b| u64::from(BigEndian::read_u16(b))),
+        5 => block.get(4 * i..4 * i + 4).map_or(0, |b| u64::from(BigEndian::read_u32(b))),
         _ => block.get(8 * i..8 * i + 8).map_or(0, BigEndian::read_u64),
     }
 }
@@ -143,9 +139,7 @@ impl Refcounts {
         let cs = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cs;
         if bytes > QCOW2_MAX_REFTABLE_BYTES {
-            return Err(Error::limit(format!(
-                "refcount table of {bytes} bytes is too large"
-            )));
+            return Err(Error::limit(format!("refcount table of {bytes} bytes is too large")));
         }
         let mut buf = vec![0u8; bytes as usize];
         file.read_at(&mut buf, table_offset)?;
@@ -160,10 +154,8 @@ impl Refcounts {
                 .with_offset(table_offset + 8 * i as u64));
             }
             if off >= QCOW2_MAX_HOST_OFFSET {
-                return Err(Error::corrupt(format!(
-                    "refcount block offset {off:#x} (entry {i}) is out of range"
-                ))
-                .with_field("refcount table"));
+                return Err(Error::corrupt(format!("refcount block offset {off:#x} (entry {i}) is out of range"))
+                    .with_field("refcount table"));
             }
         }
         Ok(Refcounts {
@@ -209,19 +201,9 @@ impl Refcounts {
             }
             let mut data = vec![0u8; self.cluster_size() as usize];
             file.read_at(&mut data, off)?;
-            self.blocks.insert(
-                off,
-                Block {
-                    data,
-                    dirty: false,
-                    last_use: tick,
-                },
-            );
+            self.blocks.insert(off, Block { data, dirty: false, last_use: tick });
         }
-        let b = self
-            .blocks
-            .get_mut(&off)
-            .ok_or_else(|| Error::internal("refcount block vanished from the cache"))?;
+        let b = self.blocks.get_mut(&off).ok_or_else(|| Error::internal("refcount block vanished from the cache"))?;
         b.last_use = tick;
         Ok(b)
     }
@@ -229,11 +211,7 @@ impl Refcounts {
     fn evict(&mut self, file: &dyn Storage) -> Result<()> {
         // Prefer clean blocks; a dirty one is written first (increments may
         // reach the disk at any time).
-        let victim = self
-            .blocks
-            .iter()
-            .min_by_key(|(_, b)| (b.dirty, b.last_use))
-            .map(|(&o, _)| o);
+        let victim = self.blocks.iter().min_by_key(|(_, b)| (b.dirty, b.last_use)).map(|(&o, _)| o);
         if let Some(off) = victim {
             if let Some(b) = self.blocks.get(&off) {
                 if b.dirty {
@@ -274,9 +252,7 @@ impl Refcounts {
         let ti = (cluster / epb) as usize;
         let off = self.table.get(ti).map_or(0, |e| e & REFT_OFFSET_MASK);
         if off == 0 {
-            return Err(Error::internal(format!(
-                "no refcount block for cluster {cluster}"
-            )));
+            return Err(Error::internal(format!("no refcount block for cluster {cluster}")));
         }
         let order = self.order;
         let b = self.block(file, off)?;
@@ -288,17 +264,11 @@ impl Refcounts {
     /// Adds `delta` to the refcount of `cluster`.
     pub fn add(&mut self, file: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
         let cur = self.get(file, cluster)?;
-        let new = if delta >= 0 {
-            cur.checked_add(delta as u64)
-        } else {
-            cur.checked_sub(delta.unsigned_abs())
-        }
-        .ok_or_else(|| {
-            Error::corrupt(format!(
-                "refcount of cluster {cluster} ({cur}) cannot change by {delta}"
-            ))
-            .with_offset(cluster << self.cluster_bits)
-        })?;
+        let new = if delta >= 0 { cur.checked_add(delta as u64) } else { cur.checked_sub(delta.unsigned_abs()) }
+            .ok_or_else(|| {
+                Error::corrupt(format!("refcount of cluster {cluster} ({cur}) cannot change by {delta}"))
+                    .with_offset(cluster << self.cluster_bits)
+            })?;
         if delta > 0 || cur != new {
             self.ensure_block_for(file, cluster)?;
             self.set(file, cluster, new)?;
@@ -325,9 +295,7 @@ impl Refcounts {
     /// the caller gives `off` its refcount.
     pub fn create_block_at(&mut self, file: &dyn Storage, ti: u64, off: u64) -> Result<()> {
         if ti as usize >= self.table.len() {
-            return Err(Error::internal(format!(
-                "refcount table entry {ti} is beyond the table"
-            )));
+            return Err(Error::internal(format!("refcount table entry {ti} is beyond the table")));
         }
         self.insert_new_block(file, off)?;
         self.table[ti as usize] = off;
@@ -344,14 +312,7 @@ impl Refcounts {
         }
         self.tick += 1;
         let data = vec![0u8; self.cluster_size() as usize];
-        self.blocks.insert(
-            off,
-            Block {
-                data,
-                dirty: true,
-                last_use: self.tick,
-            },
-        );
+        self.blocks.insert(off, Block { data, dirty: true, last_use: self.tick });
         Ok(())
     }
 
@@ -361,18 +322,12 @@ impl Refcounts {
     fn ensure_block_for(&mut self, file: &dyn Storage, cluster: u64) -> Result<bool> {
         let epb = self.entries_per_block();
         let ti = cluster / epb;
-        if self
-            .table
-            .get(ti as usize)
-            .is_some_and(|e| e & REFT_OFFSET_MASK != 0)
-        {
+        if self.table.get(ti as usize).is_some_and(|e| e & REFT_OFFSET_MASK != 0) {
             return Ok(false);
         }
 
         if ti as usize >= self.table.len() {
-            return Err(Error::internal(format!(
-                "refcount table too small for cluster {cluster}"
-            )));
+            return Err(Error::internal(format!("refcount table too small for cluster {cluster}")));
         }
         // Every cluster of the range reads refcount 0, so the first one that
         // is not reserved metadata can hold the block itself.
@@ -382,16 +337,12 @@ impl Refcounts {
         while self.reserved.overlaps(c * cs, cs) {
             c += 1;
             if c >= start + epb {
-                return Err(Error::corrupt(
-                    "no room for a refcount block: its range is all metadata",
-                ));
+                return Err(Error::corrupt("no room for a refcount block: its range is all metadata"));
             }
         }
         let off = c * cs;
         if off >= QCOW2_MAX_HOST_OFFSET {
-            return Err(Error::limit(
-                "image file would grow past the largest qcow2 offset",
-            ));
+            return Err(Error::limit("image file would grow past the largest qcow2 offset"));
         }
         let mut data = vec![0u8; cs as usize];
         set_entry(&mut data, self.order, (c - start) as usize, 1);
@@ -399,14 +350,7 @@ impl Refcounts {
         if self.blocks.len() >= self.capacity {
             self.evict(file)?;
         }
-        self.blocks.insert(
-            off,
-            Block {
-                data,
-                dirty: true,
-                last_use: self.tick,
-            },
-        );
+        self.blocks.insert(off, Block { data, dirty: true, last_use: self.tick });
         self.table[ti as usize] = off;
         self.table_dirty = true;
         Ok(true)
@@ -432,29 +376,14 @@ impl Refcounts {
             // One block range at a time, so each block is looked up once.
             let ti = c / epb;
             let range_end = (ti + 1) * epb;
-            let block_off = self
-                .table
-                .get(ti as usize)
-                .map_or(0, |e| e & REFT_OFFSET_MASK);
+            let block_off = self.table.get(ti as usize).map_or(0, |e| e & REFT_OFFSET_MASK);
             if block_off != 0 {
                 self.block(file, block_off)?;
             }
             // Taken out of the cache for the scan and put back below.
-            let taken = if block_off != 0 {
-                self.blocks.remove(&block_off)
-            } else {
-                None
-            };
+            let taken = if block_off != 0 { self.blocks.remove(&block_off) } else { None };
             let data = taken.as_ref().map(|b| &b.data);
-            let found = self.scan_range(
-                &mut c,
-                range_end,
-                data,
-                n,
-                &mut run,
-                &mut start,
-                &mut first_free,
-            );
+            let found = self.scan_range(&mut c, range_end, data, n, &mut run, &mut start, &mut first_free);
             if let Some(b) = taken {
                 self.blocks.insert(block_off, b);
             }
@@ -483,9 +412,7 @@ impl Refcounts {
             while *c < range_end {
                 let cc = *c;
                 if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
-                    return Err(Error::limit(
-                        "image file would grow past the largest qcow2 offset",
-                    ));
+                    return Err(Error::limit("image file would grow past the largest qcow2 offset"));
                 }
                 let free = !self.reserved.overlaps(cc * cs, cs)
                     && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
@@ -514,11 +441,7 @@ impl Refcounts {
 
     /// Dirty blocks: (offset, bytes).
     pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
-        self.blocks
-            .iter()
-            .filter(|(_, b)| b.dirty)
-            .map(|(&o, b)| (o, b.data.clone()))
-            .collect()
+        self.blocks.iter().filter(|(_, b)| b.dirty).map(|(&o, b)| (o, b.data.clone())).collect()
     }
 
     /// Whether any block or the table is dirty.
@@ -571,20 +494,12 @@ mod tests {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
             let n = 512 * 8 >> order;
-            let max = if order == 6 {
-                u64::MAX
-            } else {
-                (1u64 << (1 << order)) - 1
-            };
+            let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..n {
                 set_entry(&mut block, order, i, (i as u64 * 7 + 3) & max);
             }
             for i in 0..n {
-                assert_eq!(
-                    get_entry(&block, order, i),
-                    (i as u64 * 7 + 3) & max,
-                    "order {order} entry {i}"
-                );
+                assert_eq!(get_entry(&block, order, i), (i as u64 * 7 + 3) & max, "order {order} entry {i}");
             }
         }
         // 1-bit entries pack from the least significant bit.

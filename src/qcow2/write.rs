@@ -38,9 +38,7 @@ use parking_lot::MutexGuard;
 
 use super::compress;
 use super::header::{self, Header};
-use super::l2::{
-    L2Entry, L2Table, Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS,
-};
+use super::l2::{L2Entry, L2Table, Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
 use super::refcount::Refcounts;
 use super::Qcow2;
 use crate::device::{check_request, BlockDevice, ZeroMode};
@@ -97,6 +95,9 @@ struct Plan {
     ws: u64,
     we: u64,
     action: Action,
+    /// The new host cluster lies past the end of the file, so it reads as
+    /// zeros without being written.
+    fresh: bool,
 }
 
 /// A discard or a write_zeroes.
@@ -114,7 +115,7 @@ impl Qcow2 {
         }
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only || self.alloc.is_none() {
             return Err(self.err(Error::read_only("write")));
         }
@@ -130,14 +131,11 @@ impl Qcow2 {
     /// Marks the image corrupt (header bit and in memory) after inconsistent
     /// metadata was found, so no further write can make it worse.
     pub(crate) fn mark_corrupt(&self, e: Error) -> Error {
-        self.corrupt
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.corrupt.store(true, std::sync::atomic::Ordering::Release);
         let mut h = self.header.lock();
         if h.version == 3 && h.incompatible_features & header::INCOMPAT_CORRUPT == 0 {
             h.incompatible_features |= header::INCOMPAT_CORRUPT;
-            let _ = self
-                .write_header_locked(&mut h)
-                .and_then(|_| self.file.sync());
+            let _ = self.write_header_locked(&mut h).and_then(|_| self.file.sync());
         }
         self.err(e)
     }
@@ -262,10 +260,7 @@ impl Qcow2 {
             tc = (new_len * 8).div_ceil(cs);
             let area_end = e_start + tc + nb;
             let ranges = (e_start / epb)..=((area_end - 1) / epb);
-            let needed = ranges
-                .clone()
-                .filter(|&r| a.rc.table.get(r as usize).is_none_or(|&e| e == 0))
-                .count() as u64;
+            let needed = ranges.clone().filter(|&r| a.rc.table.get(r as usize).is_none_or(|&e| e == 0)).count() as u64;
             let need_len = new_len.max(*ranges.end() + 1);
             if needed == nb && need_len == new_len {
                 break;
@@ -274,9 +269,7 @@ impl Qcow2 {
             new_len = need_len;
         }
         if tc * cs > QCOW2_MAX_REFTABLE_BYTES {
-            return Err(Error::limit(format!(
-                "the refcount table would grow past {QCOW2_MAX_REFTABLE_BYTES} bytes"
-            )));
+            return Err(Error::limit(format!("the refcount table would grow past {QCOW2_MAX_REFTABLE_BYTES} bytes")));
         }
         let area_end = e_start + tc + nb;
         let mut table = a.rc.table.clone();
@@ -331,9 +324,7 @@ impl Qcow2 {
             match m.l1.get(l1_index as usize) {
                 Some(&e) => e,
                 None => {
-                    return Err(Error::internal(format!(
-                        "L1 index {l1_index} is beyond the L1 table"
-                    )));
+                    return Err(Error::internal(format!("L1 index {l1_index} is beyond the L1 table")));
                 }
             }
         };
@@ -342,10 +333,8 @@ impl Qcow2 {
         if off != 0 {
             if off & (cs - 1) != 0 || self.reserved.read().overlaps(off, cs) {
                 return Err(self.mark_corrupt(
-                    Error::corrupt(format!(
-                        "L1 entry {l1_index} points at {off:#x}, which is not a valid L2 table"
-                    ))
-                    .with_offset(off),
+                    Error::corrupt(format!("L1 entry {l1_index} points at {off:#x}, which is not a valid L2 table"))
+                        .with_offset(off),
                 ));
             }
             if l1e & OFLAG_COPIED != 0 {
@@ -364,7 +353,7 @@ impl Qcow2 {
         };
         let t = {
             let mut m = self.map.write();
-            let t = m.l2.insert(table);
+            let t = m.l2.replace(table);
             if let Some(e) = m.l1.get_mut(l1_index as usize) {
                 *e = new_off | OFLAG_COPIED;
             }
@@ -450,9 +439,7 @@ impl Qcow2 {
                 next = host + granule;
                 g += granule;
             }
-            Ok(first_host
-                .map(|h| (h + (guest & (granule - 1)), g.min(limit) - guest))
-                .filter(|r| r.1 > 0))
+            Ok(first_host.map(|h| (h + (guest & (granule - 1)), g.min(limit) - guest)).filter(|r| r.1 > 0))
         })
     }
 
@@ -479,10 +466,7 @@ impl Qcow2 {
 
     /// Flushes when too many frees are queued (called with no gate guard).
     fn maybe_flush_frees(&self) -> Result<()> {
-        let many = self
-            .alloc
-            .as_ref()
-            .is_some_and(|a| a.lock().pending.len() > MAX_PENDING_FREES);
+        let many = self.alloc.as_ref().is_some_and(|a| a.lock().pending.len() > MAX_PENDING_FREES);
         if many {
             self.flush_impl()?;
         }
@@ -490,12 +474,7 @@ impl Qcow2 {
     }
 
     /// Waits until none of the guest clusters `[c0, c1]` is in flight.
-    fn wait_inflight<'a>(
-        &'a self,
-        mut a: MutexGuard<'a, AllocState>,
-        c0: u64,
-        c1: u64,
-    ) -> MutexGuard<'a, AllocState> {
+    fn wait_inflight<'a>(&'a self, mut a: MutexGuard<'a, AllocState>, c0: u64, c1: u64) -> MutexGuard<'a, AllocState> {
         while (c0..=c1).any(|c| a.inflight.contains(&c)) {
             self.alloc_cv.wait(&mut a);
         }
@@ -511,9 +490,7 @@ impl Qcow2 {
         let l2e = geo.l2_entries();
         let c0 = guest >> cb;
         let l1_index = c0 / l2e;
-        let end = (guest + buf.len() as u64)
-            .min((l1_index + 1) * geo.l2_span())
-            .min((c0 + MAX_BATCH) << cb);
+        let end = (guest + buf.len() as u64).min((l1_index + 1) * geo.l2_span()).min((c0 + MAX_BATCH) << cb);
         let c_last = (end - 1) >> cb;
         let a = self.alloc_lock()?;
         let mut a = self.wait_inflight(a, c0, c_last);
@@ -537,20 +514,16 @@ impl Qcow2 {
                     }
                 }
             };
-            plans.push(Plan {
-                c,
-                old,
-                ws,
-                we,
-                action,
-            });
+            plans.push(Plan { c, old, ws, we, action, fresh: false });
         }
         drop(t);
         if allocs > 0 {
             let mut host = self.alloc_clusters(&mut a, allocs)?;
+            let file_len = self.data.len()?;
             for p in plans.iter_mut() {
                 if p.action == Action::New(0) {
                     p.action = Action::New(host);
+                    p.fresh = host >= file_len;
                     host += cs;
                 }
             }
@@ -604,16 +577,8 @@ impl Qcow2 {
             return L2Entry { word, bitmap: 0 };
         }
         let (touched, _) = self.touched_subclusters(p);
-        let old_alloc = if p.old.is_compressed() {
-            0
-        } else {
-            p.old.bitmap & 0xffff_ffff
-        };
-        let old_zero = if p.old.is_compressed() {
-            0
-        } else {
-            p.old.bitmap >> 32
-        };
+        let old_alloc = if p.old.is_compressed() { 0 } else { p.old.bitmap & 0xffff_ffff };
+        let old_zero = if p.old.is_compressed() { 0 } else { p.old.bitmap >> 32 };
         let (alloc, zero) = match p.action {
             Action::InPlace(_) => (old_alloc | touched, old_zero & !touched),
             Action::New(_) => {
@@ -625,10 +590,7 @@ impl Qcow2 {
                 }
             }
         };
-        L2Entry {
-            word,
-            bitmap: alloc | (zero << 32),
-        }
+        L2Entry { word, bitmap: alloc | (zero << 32) }
     }
 
     /// Bitmask of the subclusters a plan writes, and of those it writes only
@@ -649,6 +611,23 @@ impl Qcow2 {
             partial |= 1 << last;
         }
         (touched, partial)
+    }
+
+    /// Whether the guest cluster of a plan reads as zeros everywhere outside
+    /// the written range (so a fresh cluster needs no copy-on-write).
+    fn cow_reads_zero(&self, p: &Plan) -> bool {
+        if self.crypt.is_some() || p.old.is_compressed() || p.old.host_offset(&self.geo).is_some() {
+            return false;
+        }
+        if !self.geo.extended_l2 && p.old.word & OFLAG_ZERO != 0 {
+            return true;
+        }
+        // Unallocated (or zero subclusters): zeros unless a backing file
+        // covers the cluster.
+        match &self.backing {
+            None => !self.has_backing(),
+            Some(b) => (p.c << self.geo.cluster_bits) >= b.size(),
+        }
     }
 
     /// The bytes of guest cluster `c` as they read before a write: what a
@@ -697,6 +676,11 @@ impl Qcow2 {
                     i = j;
                     continue;
                 }
+                Action::New(h) if p.fresh && self.cow_reads_zero(&p) => {
+                    // The rest of the new cluster is a hole past the old end
+                    // of the file and reads as zeros already.
+                    self.write_data(src, h + p.ws, base + p.ws)?;
+                }
                 Action::New(h) => {
                     let mut data = self.cow_source(p.old, p.c)?;
                     data[p.ws as usize..p.we as usize].copy_from_slice(src);
@@ -705,9 +689,7 @@ impl Qcow2 {
                 Action::InPlace(h) => {
                     if geo.extended_l2 {
                         self.write_in_place_ext(&p, h, src)?;
-                    } else if p.old.word & OFLAG_ZERO != 0
-                        || self.encrypted() && !self.sector_aligned(p.ws, p.we)
-                    {
+                    } else if p.old.word & OFLAG_ZERO != 0 || self.encrypted() && !self.sector_aligned(p.ws, p.we) {
                         // A preallocated zero cluster (or an unaligned
                         // encrypted write): rewrite the whole cluster.
                         let mut data = self.cow_source(p.old, p.c)?;
@@ -791,11 +773,7 @@ impl Qcow2 {
 
         let size = self.size();
         // A final partial cluster at the end of the disk counts as whole.
-        let round_end = if end == size {
-            end.div_ceil(granule) * granule
-        } else {
-            end / granule * granule
-        };
+        let round_end = if end == size { end.div_ceil(granule) * granule } else { end / granule * granule };
         let astart = offset.div_ceil(granule) * granule;
         let aend = round_end.max(astart);
         let zero_data = |a: u64, b: u64| -> Result<()> {
@@ -814,8 +792,7 @@ impl Qcow2 {
         // space must stay allocated) zeros are written as data.
         let data_fallback = match op {
             ZeroOp::Zero(mode) => {
-                (!self.is_v3() && (self.has_backing() || mode == ZeroMode::Allocate))
-                    || self.geo.data_file
+                (!self.is_v3() && (self.has_backing() || mode == ZeroMode::Allocate)) || self.geo.data_file
             }
             ZeroOp::Discard => false,
         };
@@ -861,13 +838,7 @@ impl Qcow2 {
         let v3 = self.is_v3();
         // Discarding into a missing L2 table without a backing file changes
         // nothing: skip allocating one.
-        let l1e = self
-            .map
-            .read()
-            .l1
-            .get(l1_index as usize)
-            .copied()
-            .unwrap_or(0);
+        let l1e = self.map.read().l1.get(l1_index as usize).copied().unwrap_or(0);
         if l1e & OFFSET_MASK == 0 && (op == ZeroOp::Discard && !(backing && v3)) {
             return Ok(stop);
         }
@@ -902,42 +873,17 @@ impl Qcow2 {
                     ZeroOp::Discard => backing,
                     ZeroOp::Zero(_) => true,
                 };
-                let zero = if zero_set {
-                    (old.bitmap >> 32) | mask
-                } else {
-                    (old.bitmap >> 32) & !mask
-                };
-                t.set(
-                    &geo,
-                    i,
-                    L2Entry {
-                        word: old.word,
-                        bitmap: alloc | (zero << 32),
-                    },
-                );
+                let zero = if zero_set { (old.bitmap >> 32) | mask } else { (old.bitmap >> 32) & !mask };
+                t.set(&geo, i, L2Entry { word: old.word, bitmap: alloc | (zero << 32) });
                 continue;
             }
-            let owned_host = old
-                .host_offset(&geo)
-                .filter(|_| old.copied() && !old.is_compressed());
+            let owned_host = old.host_offset(&geo).filter(|_| old.copied() && !old.is_compressed());
             let (new, keep) = match op {
                 ZeroOp::Discard => {
                     if geo.extended_l2 {
-                        (
-                            L2Entry {
-                                word: 0,
-                                bitmap: if backing { 0xffff_ffff << 32 } else { 0 },
-                            },
-                            false,
-                        )
+                        (L2Entry { word: 0, bitmap: if backing { 0xffff_ffff << 32 } else { 0 } }, false)
                     } else if backing && v3 {
-                        (
-                            L2Entry {
-                                word: OFLAG_ZERO,
-                                bitmap: 0,
-                            },
-                            false,
-                        )
+                        (L2Entry { word: OFLAG_ZERO, bitmap: 0 }, false)
                     } else {
                         (L2Entry { word: 0, bitmap: 0 }, false)
                     }
@@ -946,40 +892,16 @@ impl Qcow2 {
                     let keep = mode == ZeroMode::Allocate && owned_host.is_some();
                     if geo.extended_l2 {
                         match (keep, owned_host) {
-                            (true, Some(h)) => (
-                                L2Entry {
-                                    word: h | OFLAG_COPIED,
-                                    bitmap: 0xffff_ffff << 32,
-                                },
-                                true,
-                            ),
-                            _ => (
-                                L2Entry {
-                                    word: 0,
-                                    bitmap: 0xffff_ffff << 32,
-                                },
-                                false,
-                            ),
+                            (true, Some(h)) => (L2Entry { word: h | OFLAG_COPIED, bitmap: 0xffff_ffff << 32 }, true),
+                            _ => (L2Entry { word: 0, bitmap: 0xffff_ffff << 32 }, false),
                         }
                     } else if !v3 {
                         // v2 without a backing file: unallocated reads zeros.
                         (L2Entry { word: 0, bitmap: 0 }, false)
                     } else {
                         match (keep, owned_host) {
-                            (true, Some(h)) => (
-                                L2Entry {
-                                    word: h | OFLAG_COPIED | OFLAG_ZERO,
-                                    bitmap: 0,
-                                },
-                                true,
-                            ),
-                            _ => (
-                                L2Entry {
-                                    word: OFLAG_ZERO,
-                                    bitmap: 0,
-                                },
-                                false,
-                            ),
+                            (true, Some(h)) => (L2Entry { word: h | OFLAG_COPIED | OFLAG_ZERO, bitmap: 0 }, true),
+                            _ => (L2Entry { word: OFLAG_ZERO, bitmap: 0 }, false),
                         }
                     }
                 }
@@ -1060,12 +982,7 @@ impl Qcow2 {
 
     /// Applies queued refcount decrements: the pointers are gone from the
     /// disk and no request started before can still use them.
-    fn apply_frees(
-        &self,
-        a: &mut AllocState,
-        frees: Vec<u64>,
-        punches: Vec<(u64, u64)>,
-    ) -> Result<()> {
+    fn apply_frees(&self, a: &mut AllocState, frees: Vec<u64>, punches: Vec<(u64, u64)>) -> Result<()> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let mut freed = Vec::new();
@@ -1080,6 +997,15 @@ impl Qcow2 {
         if !(a.lazy && a.marked_dirty) && a.rc.is_dirty() {
             a.rc.write_blocks(file)?;
             file.sync()?;
+        }
+        // Nothing cached may describe a freed cluster: it can be reused.
+        if !freed.is_empty() {
+            let mut m = self.map.write();
+            for &c in &freed {
+                m.l2.remove(c * cs);
+            }
+            drop(m);
+            self.zcache.lock().clear();
         }
         // Give the space back: punch holes, and cut free clusters off the
         // end of the file.
@@ -1121,10 +1047,7 @@ impl Qcow2 {
         let (frees, punches) = {
             let mut a = alloc.lock();
             self.flush_meta(&mut a)?;
-            (
-                std::mem::take(&mut a.pending),
-                std::mem::take(&mut a.pending_punch),
-            )
+            (std::mem::take(&mut a.pending), std::mem::take(&mut a.pending_punch))
         };
         if !frees.is_empty() || !punches.is_empty() {
             self.gate.wait_for_readers();
@@ -1174,14 +1097,10 @@ impl Qcow2 {
             )));
         }
         if self.crypt.is_some() {
-            return Err(self.err(Error::unsupported(
-                "compressed writes are not supported for encrypted images",
-            )));
+            return Err(self.err(Error::unsupported("compressed writes are not supported for encrypted images")));
         }
         if self.geo.data_file {
-            return Err(self.err(Error::unsupported(
-                "compressed writes are not supported with an external data file",
-            )));
+            return Err(self.err(Error::unsupported("compressed writes are not supported with an external data file")));
         }
         for (k, chunk) in buf.chunks(cs as usize).enumerate() {
             let guest = offset + k as u64 * cs;
@@ -1207,9 +1126,7 @@ impl Qcow2 {
         let t = self.l2_for_write(&mut a, c / l2e)?;
         let host = self.alloc_bytes(&mut a, z.len() as u64)?;
         if host > geo.compressed_offset_mask() {
-            return Err(Error::limit(
-                "compressed data would lie beyond the offsets a descriptor can hold",
-            ));
+            return Err(Error::limit("compressed data would lie beyond the offsets a descriptor can hold"));
         }
         self.file.write_at(z, host)?;
         let nb = ((host + z.len() as u64 - 1) >> 9) - (host >> 9);
@@ -1263,16 +1180,12 @@ impl Qcow2 {
     pub fn resize_with(&self, new_size: u64, discard_tail: bool) -> Result<()> {
         self.check_writable()?;
         if new_size > MAX_VIRTUAL_SIZE {
-            return Err(Error::invalid_argument(format!(
-                "size {new_size} is too large"
-            )));
+            return Err(Error::invalid_argument(format!("size {new_size} is too large")));
         }
         let old = self.size();
         if new_size < old {
             if !self.snapshots.read().is_empty() {
-                return Err(self.err(Error::unsupported(
-                    "cannot shrink an image that has internal snapshots",
-                )));
+                return Err(self.err(Error::unsupported("cannot shrink an image that has internal snapshots")));
             }
             let mut pos = new_size;
             while pos < old {
@@ -1292,11 +1205,7 @@ impl Qcow2 {
                 let cs = self.geo.cluster_size();
                 let cut = new_size.div_ceil(cs) * cs;
                 if cut > new_size {
-                    self.zero_or_discard(
-                        new_size,
-                        cut.min(old) - new_size,
-                        ZeroOp::Zero(ZeroMode::MayUnmap),
-                    )?;
+                    self.zero_or_discard(new_size, cut.min(old) - new_size, ZeroOp::Zero(ZeroMode::MayUnmap))?;
                 }
                 if cut < old {
                     self.discard_all(cut, old - cut)?;
@@ -1314,8 +1223,7 @@ impl Qcow2 {
         self.write_header_locked(&mut h)?;
         drop(h);
         self.file.sync()?;
-        self.size
-            .store(new_size, std::sync::atomic::Ordering::Release);
+        self.size.store(new_size, std::sync::atomic::Ordering::Release);
         Ok(())
     }
 
@@ -1331,10 +1239,7 @@ impl Qcow2 {
         Ok(())
     }
 
-    pub(crate) fn wait_all_inflight<'a>(
-        &'a self,
-        mut a: MutexGuard<'a, AllocState>,
-    ) -> MutexGuard<'a, AllocState> {
+    pub(crate) fn wait_all_inflight<'a>(&'a self, mut a: MutexGuard<'a, AllocState>) -> MutexGuard<'a, AllocState> {
         while !a.inflight.is_empty() {
             self.alloc_cv.wait(&mut a);
         }
@@ -1344,9 +1249,7 @@ impl Qcow2 {
     /// Replaces the L1 table by one of `needed` entries.
     fn grow_l1(&self, a: &mut AllocState, needed: u64) -> Result<()> {
         if needed > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(Error::limit(format!(
-                "an L1 table of {needed} entries is too large"
-            )));
+            return Err(Error::limit(format!("an L1 table of {needed} entries is too large")));
         }
         // Everything the new table copies must be durable first.
         self.flush_meta(a)?;

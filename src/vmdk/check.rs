@@ -58,13 +58,7 @@ impl VmdkCheckReport {
 
 /// Checks one sparse extent (`idx` and `name` for messages, `len` its guest
 /// size from the descriptor).
-pub(crate) fn check_sparse(
-    s: &SparseExtent,
-    idx: usize,
-    name: &str,
-    len: u64,
-    r: &mut VmdkCheckReport,
-) -> Result<()> {
+pub(crate) fn check_sparse(s: &SparseExtent, idx: usize, name: &str, len: u64, r: &mut VmdkCheckReport) -> Result<()> {
     let geo = s.geo;
     let flen = s.file.len()?;
     let tag = format!("extent {idx} ('{name}')");
@@ -79,26 +73,14 @@ pub(crate) fn check_sparse(
     let h = &s.header;
     if h.descriptor_offset != 0 && h.descriptor_size != 0 {
         let a = h.descriptor_offset.saturating_mul(SECTOR);
-        meta.push((
-            a,
-            a.saturating_add(h.descriptor_size.saturating_mul(SECTOR)),
-            "descriptor".into(),
-        ));
+        meta.push((a, a.saturating_add(h.descriptor_size.saturating_mul(SECTOR)), "descriptor".into()));
     }
     let gd_len = geo.gd_sectors() * SECTOR;
     let gd_at = h.gd_offset.saturating_mul(SECTOR);
-    meta.push((
-        gd_at,
-        gd_at.saturating_add(gd_len),
-        "grain directory".into(),
-    ));
+    meta.push((gd_at, gd_at.saturating_add(gd_len), "grain directory".into()));
     if s.rgd.is_some() {
         let a = h.rgd_offset.saturating_mul(SECTOR);
-        meta.push((
-            a,
-            a.saturating_add(gd_len),
-            "redundant grain directory".into(),
-        ));
+        meta.push((a, a.saturating_add(gd_len), "redundant grain directory".into()));
     }
     let gt_len = geo.gt_sectors() * SECTOR;
     let mut tables: HashMap<u32, u64> = HashMap::new();
@@ -106,13 +88,9 @@ pub(crate) fn check_sparse(
     for gdi in 0..geo.gd_entries() {
         let sector = s.gd_entry(gdi);
         if let Some(rgd) = &s.rgd {
-            let rs = rgd
-                .get(gdi as usize)
-                .map_or(0, |e| e.load(std::sync::atomic::Ordering::Acquire));
+            let rs = rgd.get(gdi as usize).map_or(0, |e| e.load(std::sync::atomic::Ordering::Acquire));
             if (rs == 0) != (sector == 0) {
-                r.warn(format!(
-                    "{tag}: grain directory entry {gdi} is {sector} but the redundant copy is {rs}"
-                ));
+                r.warn(format!("{tag}: grain directory entry {gdi} is {sector} but the redundant copy is {rs}"));
             }
             if rs != 0 {
                 let a = u64::from(rs) * SECTOR;
@@ -127,15 +105,11 @@ pub(crate) fn check_sparse(
         }
         let a = u64::from(sector) * SECTOR;
         if a + gt_len > flen {
-            r.error(format!(
-                "{tag}: grain table {gdi} at {a:#x} lies past the end of the file ({flen} bytes)"
-            ));
+            r.error(format!("{tag}: grain table {gdi} at {a:#x} lies past the end of the file ({flen} bytes)"));
             continue;
         }
         if let Some(other) = tables.insert(sector, gdi) {
-            r.error(format!(
-                "{tag}: grain tables {other} and {gdi} are the same table at {a:#x}"
-            ));
+            r.error(format!("{tag}: grain tables {other} and {gdi} are the same table at {a:#x}"));
             continue;
         }
         table_list.push((a, a + gt_len));
@@ -154,10 +128,7 @@ pub(crate) fn check_sparse(
     for w in sorted.windows(2) {
         if let [x, y] = w {
             if y.0 < x.1 {
-                r.error(format!(
-                    "{tag}: grain tables at {:#x} and {:#x} overlap",
-                    x.0, y.0
-                ));
+                r.error(format!("{tag}: grain tables at {:#x} and {:#x} overlap", x.0, y.0));
             }
         }
     }
@@ -199,9 +170,7 @@ pub(crate) fn check_sparse(
             let a = u64::from(gte) * SECTOR;
             let goff = grain * gb;
             if a >= flen {
-                r.error(format!(
-                    "{tag}: grain at extent offset {goff:#x} points at {a:#x}, past the end of the file"
-                ));
+                r.error(format!("{tag}: grain at extent offset {goff:#x} points at {a:#x}, past the end of the file"));
                 continue;
             }
             if !seen.insert(gte) {
@@ -211,9 +180,7 @@ pub(crate) fn check_sparse(
             }
             let end = if h.compressed() { a + SECTOR } else { a + gb };
             if let Some(what) = overlaps_meta(a, end) {
-                r.error(format!(
-                    "{tag}: grain at extent offset {goff:#x} (host {a:#x}) overlaps {what}"
-                ));
+                r.error(format!("{tag}: grain at extent offset {goff:#x} (host {a:#x}) overlaps {what}"));
             }
         }
     }

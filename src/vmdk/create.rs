@@ -79,12 +79,7 @@ impl Subformat {
     }
 
     fn sparse(self) -> bool {
-        matches!(
-            self,
-            Subformat::MonolithicSparse
-                | Subformat::TwoGbMaxExtentSparse
-                | Subformat::StreamOptimized
-        )
+        matches!(self, Subformat::MonolithicSparse | Subformat::TwoGbMaxExtentSparse | Subformat::StreamOptimized)
     }
 }
 
@@ -162,17 +157,13 @@ fn parse_bool(key: &str, v: &str) -> Result<bool> {
     match v {
         "on" | "true" | "yes" => Ok(true),
         "off" | "false" | "no" => Ok(false),
-        _ => Err(Error::invalid_argument(format!(
-            "option {key}: '{v}' is not on or off"
-        ))),
+        _ => Err(Error::invalid_argument(format!("option {key}: '{v}' is not on or off"))),
     }
 }
 
 fn digits(key: &str, v: &str) -> Result<String> {
     if v.is_empty() || v.len() > 10 || !v.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(Error::invalid_argument(format!(
-            "option {key}: '{v}' is not a number"
-        )));
+        return Err(Error::invalid_argument(format!("option {key}: '{v}' is not a number")));
     }
     Ok(v.to_string())
 }
@@ -185,9 +176,9 @@ impl VmdkCreateOptions {
     pub fn parse(s: &str) -> Result<VmdkCreateOptions> {
         let mut o = VmdkCreateOptions::default();
         for item in s.split(',').filter(|i| !i.is_empty()) {
-            let (k, v) = item.split_once('=').ok_or_else(|| {
-                Error::invalid_argument(format!("option '{item}' is not key=value"))
-            })?;
+            let (k, v) = item
+                .split_once('=')
+                .ok_or_else(|| Error::invalid_argument(format!("option '{item}' is not key=value")))?;
             match k {
                 "subformat" => o.subformat = Subformat::from_name(v)?,
                 "adapter_type" => o.adapter_type = AdapterType::from_name(v)?,
@@ -216,12 +207,7 @@ impl VmdkCreateOptions {
 
 /// Writes an empty hosted sparse extent of `capacity` sectors, as QEMU's
 /// `vmdk_init_extent` lays it out (or VMware's stream layout).
-pub(crate) fn init_sparse(
-    file: &dyn Storage,
-    capacity: u64,
-    stream: bool,
-    zeroed: bool,
-) -> Result<SparseHeader> {
+pub(crate) fn init_sparse(file: &dyn Storage, capacity: u64, stream: bool, zeroed: bool) -> Result<SparseHeader> {
     let mut h = SparseHeader {
         version: if stream {
             3
@@ -231,11 +217,7 @@ pub(crate) fn init_sparse(
             1
         },
         flags: FLAG_NL_DETECT
-            | if stream {
-                FLAG_COMPRESSED | FLAG_MARKERS
-            } else {
-                FLAG_RGD
-            }
+            | if stream { FLAG_COMPRESSED | FLAG_MARKERS } else { FLAG_RGD }
             | if zeroed { FLAG_ZERO_GRAIN } else { 0 },
         capacity,
         grain_size: 128,
@@ -247,11 +229,7 @@ pub(crate) fn init_sparse(
         overhead: 0,
         unclean_shutdown: 0,
         nl_bytes: NL_BYTES,
-        compress_algorithm: if stream {
-            COMPRESSION_DEFLATE
-        } else {
-            COMPRESSION_NONE
-        },
+        compress_algorithm: if stream { COMPRESSION_DEFLATE } else { COMPRESSION_NONE },
     };
     let geo = h.geometry();
     let gds = geo.gd_sectors();
@@ -283,8 +261,8 @@ pub(crate) fn init_sparse(
     for base in [h.rgd_offset, h.gd_offset] {
         let mut gd = vec![0u8; (gds * SECTOR) as usize];
         for (i, c) in gd.chunks_exact_mut(4).take(gt_count as usize).enumerate() {
-            let sector = u32::try_from(base + gds + i as u64 * gts)
-                .map_err(|_| Error::limit("grain tables beyond 2 TiB"))?;
+            let sector =
+                u32::try_from(base + gds + i as u64 * gts).map_err(|_| Error::limit("grain tables beyond 2 TiB"))?;
             LittleEndian::write_u32(c, sector);
         }
         file.write_at(&gd, base * SECTOR)?;
@@ -303,14 +281,9 @@ impl Vmdk {
 
 fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk> {
     if opts.compat6 && opts.hwversion.is_some() {
-        return Err(Error::invalid_argument(
-            "compat6 cannot be enabled with hwversion set",
-        ));
+        return Err(Error::invalid_argument("compat6 cannot be enabled with hwversion set"));
     }
-    for (k, v) in [
-        ("hwversion", &opts.hwversion),
-        ("toolsversion", &opts.toolsversion),
-    ] {
+    for (k, v) in [("hwversion", &opts.hwversion), ("toolsversion", &opts.toolsversion)] {
         if let Some(v) = v {
             digits(k, v)?;
         }
@@ -342,14 +315,9 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
         (0, Some(p)) => p.size(),
         _ => size,
     };
-    let size = size
-        .checked_add(511)
-        .map(|s| s & !511)
-        .filter(|&s| s > 0 && s <= VMDK_MAX_CAPACITY)
-        .ok_or_else(|| {
-            Error::invalid_argument(format!(
-                "size {size} is not between 512 bytes and {VMDK_MAX_CAPACITY} bytes"
-            ))
+    let size =
+        size.checked_add(511).map(|s| s & !511).filter(|&s| s > 0 && s <= VMDK_MAX_CAPACITY).ok_or_else(|| {
+            Error::invalid_argument(format!("size {size} is not between 512 bytes and {VMDK_MAX_CAPACITY} bytes"))
         })?;
     let sub = opts.subformat;
     let base = path
@@ -357,47 +325,24 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
         .map(|s| s.to_string_lossy().into_owned())
         .ok_or_else(|| Error::invalid_argument("the image path has no file name"))?;
     if base.contains(['"', '\n', '\r']) {
-        return Err(Error::invalid_argument(
-            "the image file name contains a quote or line break",
-        ));
+        return Err(Error::invalid_argument("the image file name contains a quote or line break"));
     }
     let (prefix, postfix) = match base.rfind('.') {
         Some(i) => (&base[..i], &base[i..]),
         None => (base.as_str(), ""),
     };
-    let mut desc = Descriptor::new(
-        new_cid(0),
-        parent_cid,
-        sub.name(),
-        opts.backing_file.as_deref(),
-    );
-    let monolithic_sparse = matches!(
-        sub,
-        Subformat::MonolithicSparse | Subformat::StreamOptimized
-    );
+    let mut desc = Descriptor::new(new_cid(0), parent_cid, sub.name(), opts.backing_file.as_deref());
+    let monolithic_sparse = matches!(sub, Subformat::MonolithicSparse | Subformat::StreamOptimized);
     if monolithic_sparse {
         let f = FileStorage::create(path)?;
-        init_sparse(
-            &f,
-            size / SECTOR,
-            sub == Subformat::StreamOptimized,
-            opts.zeroed_grain,
-        )?;
-        desc.extents
-            .push(line(size / SECTOR, ExtentType::Sparse, &base));
+        init_sparse(&f, size / SECTOR, sub == Subformat::StreamOptimized, opts.zeroed_grain)?;
+        desc.extents.push(line(size / SECTOR, ExtentType::Sparse, &base));
     } else {
-        let split = matches!(
-            sub,
-            Subformat::TwoGbMaxExtentSparse | Subformat::TwoGbMaxExtentFlat
-        );
+        let split = matches!(sub, Subformat::TwoGbMaxExtentSparse | Subformat::TwoGbMaxExtentFlat);
         let mut done = 0u64;
         let mut idx = 1u32;
         while done < size {
-            let n = if split {
-                (size - done).min(TWO_GB_EXTENT)
-            } else {
-                size
-            };
+            let n = if split { (size - done).min(TWO_GB_EXTENT) } else { size };
             let name = match (split, sub.sparse()) {
                 (false, _) => format!("{prefix}-flat{postfix}"),
                 (true, true) => format!("{prefix}-s{idx:03}{postfix}"),
@@ -406,8 +351,7 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
             let f = FileStorage::create(dir.join(&name))?;
             if sub.sparse() {
                 init_sparse(&f, n / SECTOR, false, opts.zeroed_grain)?;
-                desc.extents
-                    .push(line(n / SECTOR, ExtentType::Sparse, &name));
+                desc.extents.push(line(n / SECTOR, ExtentType::Sparse, &name));
             } else {
                 f.set_len(n)?;
                 desc.extents.push(line(n / SECTOR, ExtentType::Flat, &name));
@@ -424,10 +368,7 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
     };
     let heads = opts.adapter_type.heads();
     let cylinders = size / (63 * heads * SECTOR);
-    let tools = opts
-        .toolsversion
-        .clone()
-        .unwrap_or_else(|| "2147483647".to_string());
+    let tools = opts.toolsversion.clone().unwrap_or_else(|| "2147483647".to_string());
     for (k, v) in [
         ("ddb.virtualHWVersion", hw),
         ("ddb.geometry.cylinders", cylinders.to_string()),
@@ -461,24 +402,11 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
         st.lock_as(lock, crate::lock::Access::ReadOnly)?;
         Ok(Arc::new(st))
     };
-    Vmdk::open_with(
-        file,
-        VmdkOptions {
-            parent,
-            ..Default::default()
-        },
-        &opener,
-    )
+    Vmdk::open_with(file, VmdkOptions { parent, ..Default::default() }, &opener)
 }
 
 fn line(sectors: u64, kind: ExtentType, name: &str) -> ExtentLine {
-    ExtentLine {
-        access: Access::ReadWrite,
-        sectors,
-        kind,
-        file: Some(name.to_string()),
-        offset: 0,
-    }
+    ExtentLine { access: Access::ReadWrite, sectors, kind, file: Some(name.to_string()), offset: 0 }
 }
 
 #[cfg(test)]
@@ -507,10 +435,7 @@ mod tests {
             let e = VmdkCreateOptions::parse(bad).unwrap_err();
             assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
         }
-        assert_eq!(
-            VmdkCreateOptions::parse("").unwrap(),
-            VmdkCreateOptions::default()
-        );
+        assert_eq!(VmdkCreateOptions::parse("").unwrap(), VmdkCreateOptions::default());
     }
 
     #[test]

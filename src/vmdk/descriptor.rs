@@ -141,9 +141,8 @@ fn parse_hex_u32(s: &str, field: &'static str) -> Result<u32> {
         ))
         .with_field(field));
     }
-    u32::from_str_radix(s, 16).map_err(|_| {
-        Error::invalid(format!("descriptor {field} '{s}' is not hexadecimal")).with_field(field)
-    })
+    u32::from_str_radix(s, 16)
+        .map_err(|_| Error::invalid(format!("descriptor {field} '{s}' is not hexadecimal")).with_field(field))
 }
 
 /// Shortens `s` for an error message.
@@ -159,10 +158,7 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 fn bad_line(n: usize, line: &str, why: &str) -> Error {
-    Error::invalid(format!(
-        "descriptor line {n} ('{}'): {why}",
-        truncate(line, 80)
-    ))
+    Error::invalid(format!("descriptor line {n} ('{}'): {why}", truncate(line, 80)))
 }
 
 impl Descriptor {
@@ -176,12 +172,8 @@ impl Descriptor {
             )));
         }
         let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
-        let text = std::str::from_utf8(bytes.get(..end).unwrap_or_default()).map_err(|e| {
-            Error::invalid(format!(
-                "descriptor is not valid UTF-8 (byte offset {})",
-                e.valid_up_to()
-            ))
-        })?;
+        let text = std::str::from_utf8(bytes.get(..end).unwrap_or_default())
+            .map_err(|e| Error::invalid(format!("descriptor is not valid UTF-8 (byte offset {})", e.valid_up_to())))?;
         let mut d = Descriptor::default();
         let mut total: u64 = 0;
         for (i, raw) in text.split('\n').enumerate() {
@@ -193,19 +185,12 @@ impl Descriptor {
             let first = line.split_ascii_whitespace().next().unwrap_or("");
             if matches!(first, "RW" | "RDONLY" | "NOACCESS") {
                 if d.extents.len() >= VMDK_MAX_EXTENTS {
-                    return Err(Error::limit(format!(
-                        "descriptor has more than {VMDK_MAX_EXTENTS} extents"
-                    )));
+                    return Err(Error::limit(format!("descriptor has more than {VMDK_MAX_EXTENTS} extents")));
                 }
                 let e = parse_extent(n, line)?;
-                total = total
-                    .checked_add(e.sectors)
-                    .filter(|&t| t <= VMDK_MAX_CAPACITY / 512)
-                    .ok_or_else(|| {
-                        Error::limit(format!(
-                            "descriptor extents add up to more than {VMDK_MAX_CAPACITY} bytes (line {n})"
-                        ))
-                    })?;
+                total = total.checked_add(e.sectors).filter(|&t| t <= VMDK_MAX_CAPACITY / 512).ok_or_else(|| {
+                    Error::limit(format!("descriptor extents add up to more than {VMDK_MAX_CAPACITY} bytes (line {n})"))
+                })?;
                 d.extents.push(e);
                 continue;
             }
@@ -230,11 +215,7 @@ impl Descriptor {
                 if d.header.iter().any(|f| f.key == key) {
                     return Err(bad_line(n, line, "key appears twice"));
                 }
-                d.header.push(HeaderField {
-                    key: key.to_string(),
-                    value: value.to_string(),
-                    quoted,
-                });
+                d.header.push(HeaderField { key: key.to_string(), value: value.to_string(), quoted });
             }
         }
         d.validate()?;
@@ -251,9 +232,7 @@ impl Descriptor {
                 ))
                 .with_field("version"))
             }
-            None => {
-                return Err(Error::invalid("descriptor has no 'version' line").with_field("version"))
-            }
+            None => return Err(Error::invalid("descriptor has no 'version' line").with_field("version")),
         }
         if let Some(c) = self.get("CID") {
             parse_hex_u32(c, "CID")?;
@@ -289,10 +268,7 @@ impl Descriptor {
 
     /// The raw value of header key `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.header
-            .iter()
-            .find(|f| f.key == key)
-            .map(|f| f.value.as_str())
+        self.header.iter().find(|f| f.key == key).map(|f| f.value.as_str())
     }
 
     /// Sets header key `key` (kept in place if present, else appended).
@@ -302,27 +278,18 @@ impl Descriptor {
                 f.value = value.to_string();
                 f.quoted = quoted;
             }
-            None => self.header.push(HeaderField {
-                key: key.to_string(),
-                value: value.to_string(),
-                quoted,
-            }),
+            None => self.header.push(HeaderField { key: key.to_string(), value: value.to_string(), quoted }),
         }
     }
 
     /// The value of ddb key `key`.
     pub fn ddb_get(&self, key: &str) -> Option<&str> {
-        self.ddb
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.ddb.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Content id (0 when the descriptor has none, as QEMU reads it).
     pub fn cid(&self) -> u32 {
-        self.get("CID")
-            .and_then(|c| parse_hex_u32(c, "CID").ok())
-            .unwrap_or(0)
+        self.get("CID").and_then(|c| parse_hex_u32(c, "CID").ok()).unwrap_or(0)
     }
 
     /// Sets the content id.
@@ -332,9 +299,7 @@ impl Descriptor {
 
     /// Parent content id ([`NO_PARENT_CID`] when absent).
     pub fn parent_cid(&self) -> u32 {
-        self.get("parentCID")
-            .and_then(|c| parse_hex_u32(c, "parentCID").ok())
-            .unwrap_or(NO_PARENT_CID)
+        self.get("parentCID").and_then(|c| parse_hex_u32(c, "parentCID").ok()).unwrap_or(NO_PARENT_CID)
     }
 
     /// `createType`, if present.
@@ -349,9 +314,7 @@ impl Descriptor {
 
     /// Sum of the extent sizes in sectors (bounded by the parser).
     pub fn total_sectors(&self) -> u64 {
-        self.extents
-            .iter()
-            .fold(0u64, |a, e| a.saturating_add(e.sectors))
+        self.extents.iter().fold(0u64, |a, e| a.saturating_add(e.sectors))
     }
 
     /// A new descriptor with the given header keys, as QEMU writes them.
@@ -379,13 +342,7 @@ impl Descriptor {
         }
         s.push_str("\n# Extent description\n");
         for e in &self.extents {
-            let _ = write!(
-                s,
-                "{} {} {}",
-                e.access.keyword(),
-                e.sectors,
-                e.kind.keyword()
-            );
+            let _ = write!(s, "{} {} {}", e.access.keyword(), e.sectors, e.kind.keyword());
             if let Some(f) = &e.file {
                 let _ = write!(s, " \"{f}\"");
                 if e.kind == ExtentType::Flat {
@@ -410,18 +367,13 @@ fn parse_extent(n: usize, line: &str) -> Result<ExtentLine> {
         _ => Access::NoAccess,
     };
     let (size_s, rest) = split_word(rest);
-    let sectors: u64 = size_s
-        .parse()
-        .map_err(|_| bad_line(n, line, "extent size is not a number of sectors"))?;
+    let sectors: u64 = size_s.parse().map_err(|_| bad_line(n, line, "extent size is not a number of sectors"))?;
     if sectors == 0 {
         return Err(bad_line(n, line, "extent size is 0 sectors"));
     }
     let (type_s, rest) = split_word(rest);
     let kind = ExtentType::from_keyword(type_s).ok_or_else(|| {
-        Error::unsupported(format!(
-            "descriptor line {n}: unknown extent type '{}'",
-            truncate(type_s, 20)
-        ))
+        Error::unsupported(format!("descriptor line {n}: unknown extent type '{}'", truncate(type_s, 20)))
     })?;
     let rest = rest.trim_start();
     let (file, rest) = if let Some(r) = rest.strip_prefix('"') {
@@ -438,10 +390,7 @@ fn parse_extent(n: usize, line: &str) -> Result<ExtentLine> {
                 name.len()
             )));
         }
-        (
-            Some(name.to_string()),
-            r.get(close + 1..).unwrap_or_default(),
-        )
+        (Some(name.to_string()), r.get(close + 1..).unwrap_or_default())
     } else {
         (None, rest)
     };
@@ -449,17 +398,13 @@ fn parse_extent(n: usize, line: &str) -> Result<ExtentLine> {
     let offset: u64 = if off_s.is_empty() {
         0
     } else {
-        off_s
-            .parse()
-            .map_err(|_| bad_line(n, line, "extent offset is not a number of sectors"))?
+        off_s.parse().map_err(|_| bad_line(n, line, "extent offset is not a number of sectors"))?
     };
     if !rest.trim().is_empty() {
         return Err(bad_line(n, line, "trailing text after the extent offset"));
     }
     match (kind, &file) {
-        (ExtentType::Zero, Some(_)) => {
-            return Err(bad_line(n, line, "a ZERO extent takes no file name"))
-        }
+        (ExtentType::Zero, Some(_)) => return Err(bad_line(n, line, "a ZERO extent takes no file name")),
         (ExtentType::Zero, None) => {}
         (_, None) => return Err(bad_line(n, line, "the extent has no file name")),
         _ => {}
@@ -467,30 +412,17 @@ fn parse_extent(n: usize, line: &str) -> Result<ExtentLine> {
     if offset != 0 && kind != ExtentType::Flat {
         return Err(bad_line(n, line, "only FLAT extents take an offset"));
     }
-    if offset
-        .checked_add(sectors)
-        .and_then(|e| e.checked_mul(512))
-        .is_none()
-    {
+    if offset.checked_add(sectors).and_then(|e| e.checked_mul(512)).is_none() {
         return Err(bad_line(n, line, "extent offset + size overflows"));
     }
-    Ok(ExtentLine {
-        access,
-        sectors,
-        kind,
-        file,
-        offset,
-    })
+    Ok(ExtentLine { access, sectors, kind, file, offset })
 }
 
 /// Splits off the first whitespace-separated word.
 fn split_word(s: &str) -> (&str, &str) {
     let s = s.trim_start();
     match s.find(|c: char| c.is_ascii_whitespace()) {
-        Some(i) => (
-            s.get(..i).unwrap_or_default(),
-            s.get(i..).unwrap_or_default(),
-        ),
+        Some(i) => (s.get(..i).unwrap_or_default(), s.get(i..).unwrap_or_default()),
         None => (s, ""),
     }
 }
@@ -500,10 +432,7 @@ fn split_word(s: &str) -> (&str, &str) {
 /// components climb out of `dir` are refused.
 pub fn resolve_extent(dir: &Path, name: &str, allow_outside: bool) -> Result<PathBuf> {
     if name.is_empty() || name.contains('\0') {
-        return Err(Error::invalid(format!(
-            "extent file name '{}' is empty or contains NUL",
-            truncate(name, 60)
-        )));
+        return Err(Error::invalid(format!("extent file name '{}' is empty or contains NUL", truncate(name, 60))));
     }
     let p = Path::new(name);
     if !allow_outside {
@@ -519,11 +448,7 @@ pub fn resolve_extent(dir: &Path, name: &str, allow_outside: bool) -> Result<Pat
             }
         }
     }
-    Ok(if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
-    })
+    Ok(if p.is_absolute() { p.to_path_buf() } else { dir.join(p) })
 }
 
 fn escape_error(name: &str) -> Error {
@@ -584,58 +509,22 @@ mod tests {
             (b"CID=1\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=9\n".to_vec(), ErrorKind::Unsupported),
             (b"version=1\nCID=xyz\n".to_vec(), ErrorKind::InvalidImage),
-            (
-                b"version=1\nparentCID=123456789\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW ten FLAT \"a\" 0\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW 0 FLAT \"a\" 0\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW 1 BOGUS \"a\"\n".to_vec(),
-                ErrorKind::Unsupported,
-            ),
-            (
-                b"version=1\nRW 1 FLAT \"a\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
+            (b"version=1\nparentCID=123456789\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW ten FLAT \"a\" 0\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 0 FLAT \"a\" 0\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 BOGUS \"a\"\n".to_vec(), ErrorKind::Unsupported),
+            (b"version=1\nRW 1 FLAT \"a\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nRW 1 FLAT\n".to_vec(), ErrorKind::InvalidImage),
-            (
-                b"version=1\nRW 1 ZERO \"a\"\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW 1 SPARSE \"a\" 7\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW 1 FLAT \"a\" 0 junk\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\nRW 1 FLAT \"a\" 18446744073709551615\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
-            (
-                b"version=1\ngarbage line\n".to_vec(),
-                ErrorKind::InvalidImage,
-            ),
+            (b"version=1\nRW 1 ZERO \"a\"\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 SPARSE \"a\" 7\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 FLAT \"a\" 0 junk\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 FLAT \"a\" 18446744073709551615\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\ngarbage line\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nversion=1\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nx=\"a\"b\"\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\n\xff\xfe\n".to_vec(), ErrorKind::InvalidImage),
-            (
-                b"version=1\nencryption.keySafe=\"x\"\n".to_vec(),
-                ErrorKind::Crypto,
-            ),
-            (
-                b"version=1\nddb.encryption = \"x\"\n".to_vec(),
-                ErrorKind::Crypto,
-            ),
+            (b"version=1\nencryption.keySafe=\"x\"\n".to_vec(), ErrorKind::Crypto),
+            (b"version=1\nddb.encryption = \"x\"\n".to_vec(), ErrorKind::Crypto),
             (huge.into_bytes(), ErrorKind::InvalidImage),
             (many.into_bytes(), ErrorKind::LimitExceeded),
             (sum.into_bytes(), ErrorKind::LimitExceeded),
@@ -653,18 +542,12 @@ mod tests {
     #[test]
     fn extent_paths() {
         let dir = Path::new("/images");
-        assert_eq!(
-            resolve_extent(dir, "a-flat.vmdk", false).unwrap(),
-            Path::new("/images/a-flat.vmdk")
-        );
+        assert_eq!(resolve_extent(dir, "a-flat.vmdk", false).unwrap(), Path::new("/images/a-flat.vmdk"));
         assert!(resolve_extent(dir, "sub/../b.vmdk", false).is_ok());
         for bad in ["/etc/passwd", "../x", "a/../../x", "./../x", ""] {
             assert!(resolve_extent(dir, bad, false).is_err(), "{bad}");
         }
-        assert_eq!(
-            resolve_extent(dir, "/dev/sda", true).unwrap(),
-            Path::new("/dev/sda")
-        );
+        assert_eq!(resolve_extent(dir, "/dev/sda", true).unwrap(), Path::new("/dev/sda"));
         assert!(resolve_extent(dir, "../x", true).is_ok());
     }
 }

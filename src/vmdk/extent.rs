@@ -51,20 +51,17 @@ pub(crate) fn read_embedded(file: &dyn Storage, h: &SparseHeader) -> Result<Embe
     if h.descriptor_offset == 0 || h.descriptor_size == 0 {
         return Ok((None, None));
     }
-    let size = h
-        .descriptor_size
-        .checked_mul(SECTOR)
-        .filter(|&s| s <= VMDK_MAX_DESCRIPTOR)
-        .ok_or_else(|| {
-            Error::limit(format!(
-                "embedded descriptor of {} sectors is larger than the {VMDK_MAX_DESCRIPTOR}-byte limit",
-                h.descriptor_size
-            ))
-            .with_field("descriptorSize")
-        })?;
-    let off = h.descriptor_offset.checked_mul(SECTOR).ok_or_else(|| {
-        Error::invalid("descriptor offset overflows").with_field("descriptorOffset")
+    let size = h.descriptor_size.checked_mul(SECTOR).filter(|&s| s <= VMDK_MAX_DESCRIPTOR).ok_or_else(|| {
+        Error::limit(format!(
+            "embedded descriptor of {} sectors is larger than the {VMDK_MAX_DESCRIPTOR}-byte limit",
+            h.descriptor_size
+        ))
+        .with_field("descriptorSize")
     })?;
+    let off = h
+        .descriptor_offset
+        .checked_mul(SECTOR)
+        .ok_or_else(|| Error::invalid("descriptor offset overflows").with_field("descriptorOffset"))?;
     let flen = file.len()?;
     if off.checked_add(size).map_or(true, |e| e > flen) {
         return Err(Error::invalid(format!(
@@ -82,11 +79,7 @@ pub(crate) fn read_embedded(file: &dyn Storage, h: &SparseHeader) -> Result<Embe
 
 /// The descriptor of a sparse extent that has none.
 pub(crate) fn synthesized(h: &SparseHeader, name: &str) -> Descriptor {
-    let ty = if h.compressed() {
-        "streamOptimized"
-    } else {
-        "monolithicSparse"
-    };
+    let ty = if h.compressed() { "streamOptimized" } else { "monolithicSparse" };
     let mut d = Descriptor::new(new_cid(0), NO_PARENT_CID, ty, None);
     d.extents.push(ExtentLine {
         access: Access::ReadWrite,
@@ -100,10 +93,7 @@ pub(crate) fn synthesized(h: &SparseHeader, name: &str) -> Descriptor {
 
 /// The file name of a storage, for messages and synthesized descriptors.
 pub(crate) fn file_name(file: &dyn Storage) -> String {
-    file.path()
-        .and_then(|p| p.file_name())
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    file.path().and_then(|p| p.file_name()).map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 /// Opens the extents of a stand-alone descriptor, in order.
@@ -122,9 +112,7 @@ pub(crate) fn open_extents(
     if d.extents.is_empty() {
         return Err(Error::invalid("descriptor has no extents"));
     }
-    let dir = path
-        .and_then(Path::parent)
-        .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+    let dir = path.and_then(Path::parent).map_or_else(|| PathBuf::from("."), Path::to_path_buf);
     let mut out = Vec::with_capacity(d.extents.len());
     let mut start = 0u64;
     for (i, e) in d.extents.iter().enumerate() {
@@ -142,22 +130,16 @@ pub(crate) fn open_extents(
                     e.kind.keyword()
                 ))))
             }
-            (_, ExtentType::SeSparse) => {
-                return Err(ctx(Error::unsupported(
-                    "seSparse extents are not supported",
-                )))
-            }
+            (_, ExtentType::SeSparse) => return Err(ctx(Error::unsupported("seSparse extents are not supported"))),
             (_, ExtentType::Flat | ExtentType::Vmfs) => {
-                let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
-                    .map_err(ctx)?;
+                let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents).map_err(ctx)?;
                 let f = opener(&p, ro).map_err(ctx)?;
                 not_self(desc_file, &*f).map_err(ctx)?;
                 let off = e.offset * SECTOR;
                 Backend::Flat(FlatExtent::new(f, off, len).map_err(ctx)?)
             }
             (_, ExtentType::Sparse | ExtentType::VmfsSparse) => {
-                let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents)
-                    .map_err(ctx)?;
+                let p = descriptor::resolve_extent(&dir, &name, opts.allow_external_extents).map_err(ctx)?;
                 let f = opener(&p, ro).map_err(ctx)?;
                 not_self(desc_file, &*f).map_err(ctx)?;
                 let fpath = f.path().map(Path::to_path_buf);
@@ -171,14 +153,7 @@ pub(crate) fn open_extents(
                 Backend::Sparse(Box::new(sp))
             }
         };
-        out.push(VExtent {
-            start,
-            len,
-            access: e.access,
-            kind: e.kind,
-            file: name,
-            backend,
-        });
+        out.push(VExtent { start, len, access: e.access, kind: e.kind, file: name, backend });
         start += len;
     }
     Ok(out)
@@ -188,15 +163,9 @@ pub(crate) fn open_extents(
 /// would overwrite the descriptor.
 fn not_self(desc: &dyn Storage, ext: &dyn Storage) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let id = |s: &dyn Storage| {
-        s.file()
-            .and_then(|f| f.metadata().ok())
-            .map(|m| (m.dev(), m.ino()))
-    };
+    let id = |s: &dyn Storage| s.file().and_then(|f| f.metadata().ok()).map(|m| (m.dev(), m.ino()));
     match (id(desc), id(ext)) {
-        (Some(a), Some(b)) if a == b => {
-            Err(Error::invalid("the extent is the descriptor file itself"))
-        }
+        (Some(a), Some(b)) if a == b => Err(Error::invalid("the extent is the descriptor file itself")),
         _ => Ok(()),
     }
 }

@@ -22,9 +22,7 @@ pub(crate) struct FlatExtent {
 impl FlatExtent {
     /// A flat extent of `len` bytes at byte `offset` of `file`.
     pub fn new(file: Arc<dyn Storage>, offset: u64, len: u64) -> Result<FlatExtent> {
-        offset
-            .checked_add(len)
-            .ok_or_else(|| Error::invalid("flat extent offset + size overflows"))?;
+        offset.checked_add(len).ok_or_else(|| Error::invalid("flat extent offset + size overflows"))?;
         Ok(FlatExtent { file, offset, len })
     }
 

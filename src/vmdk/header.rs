@@ -8,9 +8,7 @@
 use byteorder::{ByteOrder, LittleEndian};
 
 use crate::error::{Error, Result};
-use crate::limits::{
-    VMDK_MAX_CAPACITY, VMDK_MAX_GD_BYTES, VMDK_MAX_GRAIN_SECTORS, VMDK_MAX_GTES_PER_GT,
-};
+use crate::limits::{VMDK_MAX_CAPACITY, VMDK_MAX_GD_BYTES, VMDK_MAX_GRAIN_SECTORS, VMDK_MAX_GTES_PER_GT};
 use crate::reader::Reader;
 
 /// Bytes per sector.
@@ -36,8 +34,7 @@ pub const FLAG_COMPRESSED: u32 = 1 << 16;
 /// flags bit 17: grains and metadata carry markers.
 pub const FLAG_MARKERS: u32 = 1 << 17;
 /// Every flag bit vdisk understands.
-pub const KNOWN_FLAGS: u32 =
-    FLAG_NL_DETECT | FLAG_RGD | FLAG_ZERO_GRAIN | FLAG_COMPRESSED | FLAG_MARKERS;
+pub const KNOWN_FLAGS: u32 = FLAG_NL_DETECT | FLAG_RGD | FLAG_ZERO_GRAIN | FLAG_COMPRESSED | FLAG_MARKERS;
 /// `compressAlgorithm`: none.
 pub const COMPRESSION_NONE: u16 = 0;
 /// `compressAlgorithm`: deflate in a zlib stream (RFC 1950).
@@ -94,10 +91,8 @@ impl SparseHeader {
         let mut r = Reader::new(buf, "vmdk sparse header");
         let magic = r.le_u32()?;
         if magic != SPARSE_MAGIC {
-            return Err(Error::invalid(format!(
-                "bad sparse extent magic {magic:#010x} (expected KDMV)"
-            ))
-            .with_field("magicNumber"));
+            return Err(Error::invalid(format!("bad sparse extent magic {magic:#010x} (expected KDMV)"))
+                .with_field("magicNumber"));
         }
         let version = r.le_u32()?;
         let flags = r.le_u32()?;
@@ -146,18 +141,12 @@ impl SparseHeader {
     /// Checks the fields that do not depend on the file.
     pub fn validate(&self) -> Result<()> {
         if self.version == 0 || self.version > 3 {
-            return Err(Error::unsupported(format!(
-                "sparse extent version {} (vdisk reads 1 to 3)",
-                self.version
-            ))
-            .with_field("version"));
+            return Err(Error::unsupported(format!("sparse extent version {} (vdisk reads 1 to 3)", self.version))
+                .with_field("version"));
         }
         let unknown = self.flags & !KNOWN_FLAGS;
         if unknown != 0 {
-            return Err(
-                Error::unsupported(format!("unknown sparse extent flags {unknown:#x}"))
-                    .with_field("flags"),
-            );
+            return Err(Error::unsupported(format!("unknown sparse extent flags {unknown:#x}")).with_field("flags"));
         }
         if self.flags & FLAG_NL_DETECT != 0 && self.nl_bytes != NL_BYTES {
             return Err(Error::invalid(format!(
@@ -173,10 +162,7 @@ impl SparseHeader {
             ))
             .with_field("capacity"));
         }
-        if self.grain_size == 0
-            || !self.grain_size.is_power_of_two()
-            || self.grain_size > VMDK_MAX_GRAIN_SECTORS
-        {
+        if self.grain_size == 0 || !self.grain_size.is_power_of_two() || self.grain_size > VMDK_MAX_GRAIN_SECTORS {
             return Err(Error::invalid(format!(
                 "grain size of {} sectors is not a power of two between 1 and {VMDK_MAX_GRAIN_SECTORS}",
                 self.grain_size
@@ -335,10 +321,7 @@ impl GrainMarker {
     /// Decodes the first 12 bytes.
     pub fn decode(b: &[u8]) -> Result<GrainMarker> {
         let mut r = Reader::new(b, "vmdk grain marker");
-        Ok(GrainMarker {
-            lba: r.le_u64()?,
-            size: r.le_u32()?,
-        })
+        Ok(GrainMarker { lba: r.le_u64()?, size: r.le_u32()? })
     }
 }
 
@@ -404,10 +387,7 @@ mod tests {
             (|h| h.version = 4, crate::ErrorKind::Unsupported),
             (|h| h.version = 0, crate::ErrorKind::Unsupported),
             (|h| h.flags |= 1 << 5, crate::ErrorKind::Unsupported),
-            (
-                |h| h.nl_bytes = [b'\n', b' ', b'\n', 0],
-                crate::ErrorKind::InvalidImage,
-            ),
+            (|h| h.nl_bytes = [b'\n', b' ', b'\n', 0], crate::ErrorKind::InvalidImage),
             (|h| h.grain_size = 3, crate::ErrorKind::InvalidImage),
             (|h| h.grain_size = 0, crate::ErrorKind::InvalidImage),
             (|h| h.grain_size = 1 << 22, crate::ErrorKind::InvalidImage),
@@ -446,18 +426,10 @@ mod tests {
         assert_eq!(g.gt_sectors(), 4);
         assert_eq!(g.locate(65536 * 513), (1, 1));
         // 2 GiB extent: 32768 grains, 64 tables, one GD sector.
-        let g = Geometry {
-            capacity: 4 << 20,
-            grain_size: 128,
-            gtes_per_gt: 512,
-        };
+        let g = Geometry { capacity: 4 << 20, grain_size: 128, gtes_per_gt: 512 };
         assert_eq!(g.gd_entries(), 64);
         assert_eq!(g.gd_sectors(), 1);
-        let g = Geometry {
-            capacity: 1000,
-            grain_size: 128,
-            gtes_per_gt: 3,
-        };
+        let g = Geometry { capacity: 1000, grain_size: 128, gtes_per_gt: 3 };
         assert_eq!(g.grains(), 8);
         assert_eq!(g.gd_entries(), 3);
         assert_eq!(g.gt_sectors(), 1);

@@ -60,8 +60,8 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use crate::device::{
-    check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, VmdkDetails,
-    VmdkExtentInfo, ZeroMode,
+    check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, VmdkDetails, VmdkExtentInfo,
+    ZeroMode,
 };
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::VMDK_MAX_DESCRIPTOR;
@@ -184,28 +184,18 @@ impl Vmdk {
     /// Opens the image in `file`; extent files are opened from the
     /// descriptor's directory with [`FileStorage`].
     pub fn open(file: Arc<dyn Storage>, opts: VmdkOptions) -> Result<Vmdk> {
-        let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
-            Ok(Arc::new(FileStorage::open(p, ro)?))
-        };
+        let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> { Ok(Arc::new(FileStorage::open(p, ro)?)) };
         Self::open_with(file, opts, &opener)
     }
 
     /// Opens the image in `file`, opening extent files with `opener` (which
     /// receives the resolved path and whether to open read-only).
-    pub fn open_with(
-        file: Arc<dyn Storage>,
-        opts: VmdkOptions,
-        opener: ExtentOpener<'_>,
-    ) -> Result<Vmdk> {
+    pub fn open_with(file: Arc<dyn Storage>, opts: VmdkOptions, opener: ExtentOpener<'_>) -> Result<Vmdk> {
         let path = file.path().map(Path::to_path_buf);
         Self::open_inner(file, opts, opener).map_err(|e| verr(e, path.as_deref()))
     }
 
-    fn open_inner(
-        file: Arc<dyn Storage>,
-        opts: VmdkOptions,
-        opener: ExtentOpener<'_>,
-    ) -> Result<Vmdk> {
+    fn open_inner(file: Arc<dyn Storage>, opts: VmdkOptions, opener: ExtentOpener<'_>) -> Result<Vmdk> {
         let read_only = opts.read_only || file.is_read_only();
         let cache = opts.gt_cache_tables.unwrap_or(DEFAULT_GT_CACHE_TABLES);
         let path = file.path().map(Path::to_path_buf);
@@ -218,11 +208,7 @@ impl Vmdk {
             let sp = SparseExtent::open(file.clone(), read_only, None, cache)?;
             let name = file_name(&*file);
             let d = d.unwrap_or_else(|| synthesized(&sp.header, &name));
-            let ext_name = d
-                .extents
-                .first()
-                .and_then(|e| e.file.clone())
-                .unwrap_or(name);
+            let ext_name = d.extents.first().and_then(|e| e.file.clone()).unwrap_or(name);
             let len = sp.len;
             let loc = area.map(|(o, s)| DescLocation::Embedded(file.clone(), o, s));
             let ext = VExtent {
@@ -236,18 +222,13 @@ impl Vmdk {
             (d, loc, vec![ext])
         } else {
             let d = Self::read_descriptor_inner(&*file)?;
-            let exts =
-                extent::open_extents(&d, &*file, path.as_deref(), read_only, &opts, cache, opener)?;
+            let exts = extent::open_extents(&d, &*file, path.as_deref(), read_only, &opts, cache, opener)?;
             (d, Some(DescLocation::File(file.clone())), exts)
         };
         if let Some(ct) = desc.create_type() {
-            if ct.eq_ignore_ascii_case("vmfsRawDeviceMap")
-                || ct.eq_ignore_ascii_case("vmfsPassthroughRawDeviceMap")
-            {
-                return Err(Error::unsupported(format!(
-                    "createType '{ct}': raw device maps are not supported"
-                ))
-                .with_field("createType"));
+            if ct.eq_ignore_ascii_case("vmfsRawDeviceMap") || ct.eq_ignore_ascii_case("vmfsPassthroughRawDeviceMap") {
+                return Err(Error::unsupported(format!("createType '{ct}': raw device maps are not supported"))
+                    .with_field("createType"));
             }
         }
         let size = extents.last().map_or(0, |e| e.start + e.len);
@@ -315,9 +296,7 @@ impl Vmdk {
 
     /// Index of the extent holding guest byte `off` (`off < size`).
     fn extent_at(&self, off: u64) -> usize {
-        self.extents
-            .partition_point(|e| e.start + e.len <= off)
-            .min(self.extents.len().saturating_sub(1))
+        self.extents.partition_point(|e| e.start + e.len <= off).min(self.extents.len().saturating_sub(1))
     }
 
     /// Calls `f(extent, extent-relative offset, range in the request)` for
@@ -331,10 +310,7 @@ impl Vmdk {
         let mut pos = 0u64;
         let mut i = self.extent_at(off);
         while pos < len {
-            let e = self
-                .extents
-                .get(i)
-                .ok_or_else(|| Error::internal("request past the last extent"))?;
+            let e = self.extents.get(i).ok_or_else(|| Error::internal("request past the last extent"))?;
             let cur = off + pos;
             let rel = cur - e.start;
             let n = (e.len - rel).min(len - pos);
@@ -350,11 +326,7 @@ impl Vmdk {
         match &self.parent {
             Some(p) => {
                 let psize = p.size();
-                let n = if guest >= psize {
-                    0
-                } else {
-                    (psize - guest).min(buf.len() as u64) as usize
-                };
+                let n = if guest >= psize { 0 } else { (psize - guest).min(buf.len() as u64) as usize };
                 if n > 0 {
                     p.read_at(&mut buf[..n], guest)?;
                 }
@@ -382,12 +354,7 @@ impl Vmdk {
     fn no_access(e: &VExtent) -> Error {
         Error::new(
             ErrorKind::Unsupported,
-            format!(
-                "extent '{}' (guest bytes {:#x}..{:#x}) is NOACCESS",
-                e.file,
-                e.start,
-                e.start + e.len
-            ),
+            format!("extent '{}' (guest bytes {:#x}..{:#x}) is NOACCESS", e.file, e.start, e.start + e.len),
         )
         .with_offset(e.start)
     }
@@ -395,10 +362,9 @@ impl Vmdk {
     fn check_extent_writable(e: &VExtent) -> Result<()> {
         match (e.access, &e.backend) {
             (Access::NoAccess, _) => Err(Self::no_access(e)),
-            (Access::ReadOnly, _) => Err(Error::read_only(&format!(
-                "write to RDONLY extent '{}' at guest {:#x}",
-                e.file, e.start
-            ))),
+            (Access::ReadOnly, _) => {
+                Err(Error::read_only(&format!("write to RDONLY extent '{}' at guest {:#x}", e.file, e.start)))
+            }
             (_, Backend::Zero) => Err(Error::unsupported(format!(
                 "a ZERO extent (guest bytes {:#x}..{:#x}) cannot hold data",
                 e.start,
@@ -467,11 +433,7 @@ impl Vmdk {
         read: &'a dyn Fn(&mut [u8], u64) -> Result<()>,
         has_parent: bool,
     ) -> Fallback<'a> {
-        Fallback {
-            read,
-            has_parent,
-            guest_base: e.start,
-        }
+        Fallback { read, has_parent, guest_base: e.start }
     }
 
     fn details(&self) -> VmdkDetails {
@@ -507,8 +469,7 @@ impl Vmdk {
         let mut r = VmdkCheckReport::default();
         for (i, e) in self.extents.iter().enumerate() {
             match &e.backend {
-                Backend::Sparse(s) => check::check_sparse(s, i + 1, &e.file, e.len, &mut r)
-                    .map_err(|e| self.err(e))?,
+                Backend::Sparse(s) => check::check_sparse(s, i + 1, &e.file, e.len, &mut r).map_err(|e| self.err(e))?,
                 Backend::Flat(f) => {
                     let flen = f.file.len()?;
                     if flen < f.offset.saturating_add(f.len) {
@@ -607,9 +568,7 @@ impl BlockDevice for Vmdk {
             }
             Self::check_extent_writable(e)?;
             match &e.backend {
-                Backend::Sparse(s) => {
-                    s.write_zeroes(rel, n, mode, &self.fallback(e, &read, has_parent))
-                }
+                Backend::Sparse(s) => s.write_zeroes(rel, n, mode, &self.fallback(e, &read, has_parent)),
                 Backend::Flat(f) => f.write_zeroes(rel, n, mode),
                 _ => Err(Error::internal("zeroing an extent without storage")),
             }
@@ -620,13 +579,7 @@ impl BlockDevice for Vmdk {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_request(offset, 0, self.size)?;
         let max = max_len.min(self.size - offset);
-        let mk = |length, kind, depth| Extent {
-            offset,
-            length,
-            kind,
-            depth,
-            encrypted: false,
-        };
+        let mk = |length, kind, depth| Extent { offset, length, kind, depth, encrypted: false };
         if max == 0 {
             return Ok(mk(0, ExtentKind::Unallocated, 0));
         }
@@ -634,21 +587,13 @@ impl BlockDevice for Vmdk {
         let rel = offset - e.start;
         let max = max.min(e.len - rel);
         match &e.backend {
-            Backend::Flat(f) => Ok(mk(
-                max,
-                ExtentKind::Data {
-                    host_offset: Some(f.host(rel)),
-                },
-                0,
-            )),
+            Backend::Flat(f) => Ok(mk(max, ExtentKind::Data { host_offset: Some(f.host(rel)) }, 0)),
             Backend::Zero => Ok(mk(max, ExtentKind::Zero { host_offset: None }, 0)),
             Backend::NoAccess => Ok(mk(max, ExtentKind::Data { host_offset: None }, 0)),
             Backend::Sparse(s) => {
                 let (m, n) = s.lookup(rel, max).map_err(|e| self.err(e))?;
                 let kind = match m {
-                    Mapping::Data { host } => ExtentKind::Data {
-                        host_offset: Some(host),
-                    },
+                    Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
                     Mapping::Zero => ExtentKind::Zero { host_offset: None },
                     Mapping::Compressed { host } => ExtentKind::Compressed { host_offset: host },
                     Mapping::Unallocated => {
@@ -656,10 +601,7 @@ impl BlockDevice for Vmdk {
                             let psize = p.size();
                             if offset < psize {
                                 let pe = p.map(offset, n.min(psize - offset))?;
-                                return Ok(Extent {
-                                    depth: pe.depth + 1,
-                                    ..pe
-                                });
+                                return Ok(Extent { depth: pe.depth + 1, ..pe });
                             }
                             return Ok(mk(n, ExtentKind::Unallocated, 1));
                         }
@@ -706,9 +648,9 @@ impl BlockDevice for Vmdk {
             ok
         };
         if !all_stream {
-            return Err(self.err(Error::unsupported(
-                "compressed writes need a streamOptimized (compressed) vmdk extent",
-            )));
+            return Err(
+                self.err(Error::unsupported("compressed writes need a streamOptimized (compressed) vmdk extent"))
+            );
         }
         self.write_at(buf, offset)
     }

@@ -112,35 +112,22 @@ fn corrupt(msg: String, off: u64) -> Error {
     Error::corrupt(msg).with_offset(off)
 }
 
-fn read_dir(
-    file: &dyn Storage,
-    sector: u64,
-    geo: &Geometry,
-    what: &str,
-    file_len: u64,
-) -> Result<Box<[AtomicU32]>> {
+fn read_dir(file: &dyn Storage, sector: u64, geo: &Geometry, what: &str, file_len: u64) -> Result<Box<[AtomicU32]>> {
     let bytes = geo.gd_bytes();
-    let off = sector
-        .checked_mul(SECTOR)
-        .ok_or_else(|| Error::invalid(format!("{what} offset {sector} overflows")))?;
+    let off = sector.checked_mul(SECTOR).ok_or_else(|| Error::invalid(format!("{what} offset {sector} overflows")))?;
     match off.checked_add(bytes) {
         Some(end) if end <= file_len && off >= SECTOR => {}
         _ => {
             return Err(Error::invalid(format!(
-            "{what} at sector {sector} ({bytes} bytes) lies outside the file of {file_len} bytes"
-        ))
+                "{what} at sector {sector} ({bytes} bytes) lies outside the file of {file_len} bytes"
+            ))
             .with_offset(off))
         }
     }
     // bytes ≤ VMDK_MAX_GD_BYTES (header validation) and ≤ the file length.
-    let mut buf =
-        vec![0u8; usize::try_from(bytes).map_err(|_| Error::limit("grain directory too large"))?];
-    file.read_at(&mut buf, off)
-        .map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf
-        .chunks_exact(4)
-        .map(|c| AtomicU32::new(LittleEndian::read_u32(c)))
-        .collect())
+    let mut buf = vec![0u8; usize::try_from(bytes).map_err(|_| Error::limit("grain directory too large"))?];
+    file.read_at(&mut buf, off).map_err(|e| e.context(format!("reading the {what}")))?;
+    Ok(buf.chunks_exact(4).map(|c| AtomicU32::new(LittleEndian::read_u32(c))).collect())
 }
 
 /// Reads and checks the footer of a stream-layout extent: returns the
@@ -164,10 +151,7 @@ pub(crate) fn read_footer(file: &dyn Storage, file_len: u64) -> Result<(SparseHe
     }
     let h = SparseHeader::decode(&b[512..1024]).map_err(|e| e.context("footer"))?;
     if h.gd_offset == GD_AT_END {
-        return Err(
-            Error::invalid("the footer's grain directory offset is GD_AT_END too")
-                .with_field("gdOffset"),
-        );
+        return Err(Error::invalid("the footer's grain directory offset is GD_AT_END too").with_field("gdOffset"));
     }
     Ok((h, start))
 }
@@ -184,9 +168,7 @@ impl SparseExtent {
         let file_len = file.len()?;
         let mut first = [0u8; HEADER_LEN];
         if file_len < HEADER_LEN as u64 {
-            return Err(Error::invalid(format!(
-                "file of {file_len} bytes is too short for a sparse extent header"
-            )));
+            return Err(Error::invalid(format!("file of {file_len} bytes is too short for a sparse extent header")));
         }
         file.read_at(&mut first, 0)?;
         check_magic(&first)?;
@@ -207,10 +189,9 @@ impl SparseExtent {
                 .with_field("version"));
             }
             if header.compressed() && !header.markers() {
-                return Err(Error::unsupported(
-                    "compressed grains without markers can only be read",
-                )
-                .with_field("flags"));
+                return Err(
+                    Error::unsupported("compressed grains without markers can only be read").with_field("flags")
+                );
             }
         }
         if header.compressed() && header.geometry().grain_bytes() > MAX_COMPRESSED_GRAIN_BYTES {
@@ -222,27 +203,14 @@ impl SparseExtent {
         }
         let geo = header.geometry();
         let meta_limit = footer_start.unwrap_or(file_len);
-        let gd = read_dir(
-            &*file,
-            header.gd_offset,
-            &geo,
-            "grain directory",
-            meta_limit,
-        )?;
+        let gd = read_dir(&*file, header.gd_offset, &geo, "grain directory", meta_limit)?;
         let rgd = if header.has_rgd() && footer_start.is_none() {
             if header.rgd_offset == 0 {
-                return Err(Error::invalid(
-                    "redundant grain directory flag set but its offset is 0",
-                )
-                .with_field("rgdOffset"));
+                return Err(
+                    Error::invalid("redundant grain directory flag set but its offset is 0").with_field("rgdOffset")
+                );
             }
-            Some(read_dir(
-                &*file,
-                header.rgd_offset,
-                &geo,
-                "redundant grain directory",
-                meta_limit,
-            )?)
+            Some(read_dir(&*file, header.rgd_offset, &geo, "redundant grain directory", meta_limit)?)
         } else {
             None
         };
@@ -257,15 +225,9 @@ impl SparseExtent {
             Some(l) => l,
             None => cap,
         };
-        let dir_end = |sector: u64| {
-            sector
-                .saturating_mul(SECTOR)
-                .saturating_add(geo.gd_sectors().saturating_mul(SECTOR))
-        };
-        let desc_end = header
-            .descriptor_offset
-            .saturating_add(header.descriptor_size)
-            .saturating_mul(SECTOR);
+        let dir_end =
+            |sector: u64| sector.saturating_mul(SECTOR).saturating_add(geo.gd_sectors().saturating_mul(SECTOR));
+        let desc_end = header.descriptor_offset.saturating_add(header.descriptor_size).saturating_mul(SECTOR);
         let mut meta_end = SECTOR.max(desc_end);
         if footer_start.is_none() {
             meta_end = meta_end.max(dir_end(header.gd_offset));
@@ -291,11 +253,7 @@ impl SparseExtent {
             gd,
             rgd,
             cache: RwLock::new(TableCache::new(cache_tables)),
-            alloc: Mutex::new(AllocState {
-                next,
-                dirty_gd: BTreeSet::new(),
-                tail_dirty: false,
-            }),
+            alloc: Mutex::new(AllocState { next, dirty_gd: BTreeSet::new(), tail_dirty: false }),
             file_len: AtomicU64::new(file_len),
             meta_end,
             read_only,
@@ -310,10 +268,7 @@ impl SparseExtent {
     }
 
     pub(crate) fn gd_entry(&self, gdi: u64) -> u32 {
-        usize::try_from(gdi)
-            .ok()
-            .and_then(|i| self.gd.get(i))
-            .map_or(0, |e| e.load(Ordering::Acquire))
+        usize::try_from(gdi).ok().and_then(|i| self.gd.get(i)).map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     fn rgd_entry(&self, gdi: u64) -> u32 {
@@ -354,9 +309,7 @@ impl SparseExtent {
             }
             let off = self.gt_offset(gdi, sector)?;
             let mut buf = vec![0u8; usize::try_from(self.geo.gt_bytes()).unwrap_or(0)];
-            self.file
-                .read_at(&mut buf, off)
-                .map_err(|e| e.context(format!("reading grain table {gdi}")))?;
+            self.file.read_at(&mut buf, off).map_err(|e| e.context(format!("reading grain table {gdi}")))?;
             let t = Arc::new(GrainTable::from_bytes(&buf));
             let mut c = self.cache.write();
             if c.generation == generation {
@@ -384,11 +337,7 @@ impl SparseExtent {
                 host,
             ));
         }
-        Ok(if self.header.compressed() {
-            Mapping::Compressed { host }
-        } else {
-            Mapping::Data { host }
-        })
+        Ok(if self.header.compressed() { Mapping::Compressed { host } } else { Mapping::Data { host } })
     }
 
     /// What extent byte `off` maps to and for how many bytes (at least 1,
@@ -402,9 +351,7 @@ impl SparseExtent {
         let table_end = gdi.saturating_add(1).saturating_mul(span);
         let limit = off.saturating_add(max).min(table_end).min(self.len);
         if limit <= off {
-            return Err(Error::internal(format!(
-                "sparse lookup at {off:#x} past the extent"
-            )));
+            return Err(Error::internal(format!("sparse lookup at {off:#x} past the extent")));
         }
         let Some(t) = self.table(gdi)? else {
             return Ok((Mapping::Unallocated, limit - off));
@@ -421,9 +368,7 @@ impl SparseExtent {
         while end < limit {
             let m = self.decode(t.get(i), g)?;
             let same = match (first, m) {
-                (Mapping::Data { host: h0 }, Mapping::Data { host }) => {
-                    host == h0.saturating_add(end - grain0 * gb)
-                }
+                (Mapping::Data { host: h0 }, Mapping::Data { host }) => host == h0.saturating_add(end - grain0 * gb),
                 (a, b) => a == b,
             };
             if !same {
@@ -434,9 +379,7 @@ impl SparseExtent {
             g += 1;
         }
         let m = match first {
-            Mapping::Data { host } => Mapping::Data {
-                host: host + off % gb,
-            },
+            Mapping::Data { host } => Mapping::Data { host: host + off % gb },
             other => other,
         };
         Ok((m, end.min(limit) - off))
@@ -448,9 +391,7 @@ impl SparseExtent {
         while pos < buf.len() {
             let cur = off + pos as u64;
             let (m, n) = self.lookup(cur, (buf.len() - pos) as u64)?;
-            let n = usize::try_from(n)
-                .unwrap_or(usize::MAX)
-                .min(buf.len() - pos);
+            let n = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len() - pos);
             let chunk = &mut buf[pos..pos + n];
             match m {
                 Mapping::Data { host } => self.file.read_at(chunk, host)?,
@@ -490,14 +431,20 @@ impl SparseExtent {
             let size = u64::from(m.size);
             if size == 0 || size > 2 * gb {
                 return Err(corrupt(
-                    format!("grain marker at {host:#x} gives a compressed size of {size} bytes (must be 1 to {})", 2 * gb),
+                    format!(
+                        "grain marker at {host:#x} gives a compressed size of {size} bytes (must be 1 to {})",
+                        2 * gb
+                    ),
                     host,
                 ));
             }
             let expect_lba = grain_start / SECTOR;
             if m.lba != expect_lba {
                 return Err(corrupt(
-                    format!("grain marker at {host:#x} is for sector {} but the grain table puts it at sector {expect_lba}", m.lba),
+                    format!(
+                        "grain marker at {host:#x} is for sector {} but the grain table puts it at sector {expect_lba}",
+                        m.lba
+                    ),
                     host,
                 ));
             }
@@ -588,11 +535,7 @@ impl SparseExtent {
                 self.write_in_place(&data[..n], host)?;
                 return Ok(n);
             }
-            Mapping::Compressed { .. } => {
-                return Err(Error::internal(
-                    "compressed grain in an uncompressed extent",
-                ))
-            }
+            Mapping::Compressed { .. } => return Err(Error::internal("compressed grain in an uncompressed extent")),
             Mapping::Unallocated | Mapping::Zero => {}
         }
         let grain0 = off / gb;
@@ -663,16 +606,11 @@ impl SparseExtent {
             let at = st.next;
             st.next = at + size;
             self.file_len.fetch_max(st.next, Ordering::AcqRel);
-            u32::try_from(at / SECTOR).map_err(|_| {
-                Error::limit("grain table beyond the 2 TiB a directory entry can address")
-            })
+            u32::try_from(at / SECTOR)
+                .map_err(|_| Error::limit("grain table beyond the 2 TiB a directory entry can address"))
         };
         let primary = place()?;
-        let redundant = if self.rgd.is_some() {
-            Some(place()?)
-        } else {
-            None
-        };
+        let redundant = if self.rgd.is_some() { Some(place()?) } else { None };
         let i = gdi as usize;
         if let Some(e) = self.gd.get(i) {
             e.store(primary, Ordering::Release);
@@ -687,13 +625,7 @@ impl SparseExtent {
     }
 
     /// Makes `[off, off + len)` read as zeros.
-    pub(crate) fn write_zeroes(
-        &self,
-        off: u64,
-        len: u64,
-        mode: ZeroMode,
-        fb: &Fallback<'_>,
-    ) -> Result<()> {
+    pub(crate) fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode, fb: &Fallback<'_>) -> Result<()> {
         self.check_writable()?;
         let gb = self.grain_bytes();
         let end = off + len;
@@ -760,18 +692,12 @@ impl SparseExtent {
         let per_sector = SECTOR / 4;
         let sectors: BTreeSet<u64> = st.dirty_gd.iter().map(|g| g / per_sector).collect();
         for s in sectors {
-            for (dir, base) in [
-                (Some(&self.gd), self.header.gd_offset),
-                (self.rgd.as_ref(), self.header.rgd_offset),
-            ] {
+            for (dir, base) in [(Some(&self.gd), self.header.gd_offset), (self.rgd.as_ref(), self.header.rgd_offset)] {
                 let Some(dir) = dir else { continue };
                 let first = (s * per_sector) as usize;
                 let last = (first + per_sector as usize).min(dir.len());
                 let mut b = vec![0u8; (last - first) * 4];
-                for (c, e) in b
-                    .chunks_exact_mut(4)
-                    .zip(dir.get(first..last).unwrap_or_default())
-                {
+                for (c, e) in b.chunks_exact_mut(4).zip(dir.get(first..last).unwrap_or_default()) {
                     LittleEndian::write_u32(c, e.load(Ordering::Acquire));
                 }
                 self.file.write_at(&b, base * SECTOR + s * SECTOR)?;
@@ -803,16 +729,11 @@ pub(crate) fn check_magic(first: &[u8]) -> Result<()> {
     let magic = first.get(..4).map_or(0, LittleEndian::read_u32);
     match magic {
         SPARSE_MAGIC => Ok(()),
-        COWD_MAGIC => Err(Error::unsupported(
-            "COWD (ESX vmfsSparse / VMDK3) extents are not supported",
-        )),
-        SESPARSE_MAGIC => Err(Error::unsupported(
-            "seSparse extents (ESXi 6.5+, magic 0xcafebabe) are not supported",
-        )),
-        other => Err(Error::new(
-            ErrorKind::InvalidImage,
-            format!("bad sparse extent magic {other:#010x} (expected KDMV)"),
-        )
-        .with_field("magicNumber")),
+        COWD_MAGIC => Err(Error::unsupported("COWD (ESX vmfsSparse / VMDK3) extents are not supported")),
+        SESPARSE_MAGIC => Err(Error::unsupported("seSparse extents (ESXi 6.5+, magic 0xcafebabe) are not supported")),
+        other => {
+            Err(Error::new(ErrorKind::InvalidImage, format!("bad sparse extent magic {other:#010x} (expected KDMV)"))
+                .with_field("magicNumber"))
+        }
     }
 }

@@ -42,16 +42,13 @@ pub fn inflate(input: &[u8], out: &mut [u8]) -> Result<usize> {
     let produced = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
     match status {
         Ok(Status::StreamEnd) => Ok(produced),
-        Ok(_) if produced >= out.len() => Err(Error::corrupt(format!(
-            "compressed grain inflates to more than one grain ({} bytes)",
-            out.len()
-        ))),
+        Ok(_) if produced >= out.len() => {
+            Err(Error::corrupt(format!("compressed grain inflates to more than one grain ({} bytes)", out.len())))
+        }
         Ok(_) => Err(Error::corrupt(format!(
             "compressed grain is truncated (inflated {produced} bytes before the input ended)"
         ))),
-        Err(e) => Err(Error::corrupt(format!(
-            "compressed grain does not inflate: {e}"
-        ))),
+        Err(e) => Err(Error::corrupt(format!("compressed grain does not inflate: {e}"))),
     }
 }
 
@@ -129,9 +126,7 @@ impl SparseExtent {
         }
         let host = st.next;
         let sector = u32::try_from(host / SECTOR).map_err(|_| {
-            Error::limit(
-                "the extent file would grow past 2 TiB, which grain table entries cannot address",
-            )
+            Error::limit("the extent file would grow past 2 TiB, which grain table entries cannot address")
         })?;
         self.file.write_at(&rec, host)?;
         st.next = host + total as u64;
@@ -152,20 +147,17 @@ impl SparseExtent {
         let mut pos = st.next;
         let dirty = self.cache.read().dirty();
         for (gdi, t) in &dirty {
-            self.file
-                .write_at(&encode_metadata_marker(gts, MARKER_GT), pos)?;
+            self.file.write_at(&encode_metadata_marker(gts, MARKER_GT), pos)?;
             pos += SECTOR;
             self.file.write_at(&t.encode(gts), pos)?;
-            let sector = u32::try_from(pos / SECTOR)
-                .map_err(|_| Error::limit("grain table beyond 2 TiB"))?;
+            let sector = u32::try_from(pos / SECTOR).map_err(|_| Error::limit("grain table beyond 2 TiB"))?;
             if let Some(e) = usize::try_from(*gdi).ok().and_then(|i| self.gd.get(i)) {
                 e.store(sector, Ordering::Release);
             }
             pos += gts * SECTOR;
         }
         let gds = self.geo.gd_sectors();
-        self.file
-            .write_at(&encode_metadata_marker(gds, MARKER_GD), pos)?;
+        self.file.write_at(&encode_metadata_marker(gds, MARKER_GD), pos)?;
         pos += SECTOR;
         let gd_sector = pos / SECTOR;
         let mut gd = vec![0u8; (gds * SECTOR) as usize];
@@ -218,9 +210,7 @@ mod tests {
         // Raw deflate (no zlib header) is refused.
         assert!(inflate(&[0x63, 0, 0], &mut out).is_err());
         // Incompressible data still fits.
-        let noise: Vec<u8> = (0..65536u64)
-            .map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8)
-            .collect();
+        let noise: Vec<u8> = (0..65536u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8).collect();
         let z = deflate(&noise).unwrap();
         assert!(z.len() < 2 * 65536);
         assert_eq!(inflate(&z, &mut out).unwrap(), 65536);

@@ -27,10 +27,7 @@ pub(crate) struct GrainTable {
 impl GrainTable {
     pub(crate) fn from_bytes(b: &[u8]) -> GrainTable {
         GrainTable {
-            entries: b
-                .chunks_exact(4)
-                .map(|c| AtomicU32::new(LittleEndian::read_u32(c)))
-                .collect(),
+            entries: b.chunks_exact(4).map(|c| AtomicU32::new(LittleEndian::read_u32(c))).collect(),
             dirty: AtomicBool::new(false),
             last_use: AtomicU64::new(0),
         }
@@ -46,10 +43,7 @@ impl GrainTable {
 
     /// Entry `i` (0 when out of range).
     pub(crate) fn get(&self, i: u64) -> u32 {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| self.entries.get(i))
-            .map_or(0, |e| e.load(Ordering::Acquire))
+        usize::try_from(i).ok().and_then(|i| self.entries.get(i)).map_or(0, |e| e.load(Ordering::Acquire))
     }
 
     pub(crate) fn set(&self, i: u64, v: u32) {
@@ -95,12 +89,7 @@ pub(crate) struct TableCache {
 
 impl TableCache {
     pub(crate) fn new(capacity: usize) -> Self {
-        TableCache {
-            tables: HashMap::new(),
-            capacity: capacity.max(2),
-            tick: AtomicU64::new(0),
-            generation: 0,
-        }
+        TableCache { tables: HashMap::new(), capacity: capacity.max(2), tick: AtomicU64::new(0), generation: 0 }
     }
 
     pub(crate) fn get(&self, gdi: u64) -> Option<&Arc<GrainTable>> {
@@ -120,10 +109,7 @@ impl TableCache {
         if let Some(old) = self.tables.get(&gdi) {
             return old.clone();
         }
-        t.last_use.store(
-            self.tick.fetch_add(1, Ordering::Relaxed) + 1,
-            Ordering::Relaxed,
-        );
+        t.last_use.store(self.tick.fetch_add(1, Ordering::Relaxed) + 1, Ordering::Relaxed);
         self.tables.insert(gdi, t.clone());
         self.evict_clean();
         t
@@ -148,12 +134,7 @@ impl TableCache {
     }
 
     pub(crate) fn dirty(&self) -> Vec<(u64, Arc<GrainTable>)> {
-        let mut v: Vec<_> = self
-            .tables
-            .iter()
-            .filter(|(_, t)| t.is_dirty())
-            .map(|(k, t)| (*k, t.clone()))
-            .collect();
+        let mut v: Vec<_> = self.tables.iter().filter(|(_, t)| t.is_dirty()).map(|(k, t)| (*k, t.clone())).collect();
         v.sort_by_key(|(k, _)| *k);
         v
     }

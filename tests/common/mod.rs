@@ -10,11 +10,7 @@ use vdisk::{BackingPolicy, BlockDevice, Format, Image, OpenOptions};
 /// Whether the qemu tools are usable. Without them the interop tests fail
 /// with an install hint, unless `VDISK_SKIP_QEMU=1` asks to skip them.
 pub fn have_qemu() -> bool {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
+    let ok = Command::new("qemu-img").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
     if ok {
         return true;
     }
@@ -27,10 +23,7 @@ pub fn have_qemu() -> bool {
 
 /// Runs a command and returns its stdout; panics with stderr on failure.
 pub fn run(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     if !out.status.success() {
         panic!(
             "{cmd} {} failed ({}):\n{}{}",
@@ -45,10 +38,7 @@ pub fn run(cmd: &str, args: &[&str]) -> String {
 
 /// Runs a command and returns (exit code, stdout, stderr).
 pub fn run_status(cmd: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
+    let out = Command::new(cmd).args(args).output().unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -70,46 +60,26 @@ pub fn qemu_io(fmt: &str, img: &Path, cmds: &[String]) {
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run("qemu-io", &refs);
-    assert!(
-        !out.contains("error") && !out.contains("Error"),
-        "qemu-io reported: {out}"
-    );
+    assert!(!out.contains("error") && !out.contains("Error"), "qemu-io reported: {out}");
 }
 
 /// The guest content as qemu exports it (`qemu-img convert -O raw`).
 pub fn qemu_export(img: &Path, fmt: &str) -> Vec<u8> {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("export.raw");
-    qemu_img(&[
-        "convert",
-        "-f",
-        fmt,
-        "-O",
-        "raw",
-        &img.display().to_string(),
-        &out.display().to_string(),
-    ]);
+    qemu_img(&["convert", "-f", fmt, "-O", "raw", &img.display().to_string(), &out.display().to_string()]);
     std::fs::read(&out).unwrap()
 }
 
 /// Opens an image read-only with vdisk, following backing files whose
 /// format is recorded or probed.
 pub fn open_ro(img: &Path, fmt: Format) -> Image {
-    OpenOptions::new()
-        .format(fmt)
-        .read_only(true)
-        .backing(BackingPolicy::Follow)
-        .open(img)
-        .unwrap()
+    OpenOptions::new().format(fmt).read_only(true).backing(BackingPolicy::Follow).open(img).unwrap()
 }
 
 /// Opens an image read-write with vdisk.
 pub fn open_rw(img: &Path, fmt: Format) -> Image {
-    OpenOptions::new()
-        .format(fmt)
-        .backing(BackingPolicy::Follow)
-        .open(img)
-        .unwrap()
+    OpenOptions::new().format(fmt).backing(BackingPolicy::Follow).open(img).unwrap()
 }
 
 /// Reads the whole device.
@@ -128,38 +98,21 @@ pub fn read_all(dev: &dyn BlockDevice) -> Vec<u8> {
 
 /// `qemu-img check` output as JSON text, and its exit code.
 pub fn qemu_check(img: &Path, fmt: &str) -> (i32, String) {
-    let (code, out, err) = run_status(
-        "qemu-img",
-        &[
-            "check",
-            "-f",
-            fmt,
-            "--output=json",
-            &img.display().to_string(),
-        ],
-    );
+    let (code, out, err) = run_status("qemu-img", &["check", "-f", fmt, "--output=json", &img.display().to_string()]);
     (code, format!("{out}{err}"))
 }
 
 /// Asserts `qemu-img check` finds no errors and no leaks.
 pub fn assert_qemu_clean(img: &Path, fmt: &str) {
     let (code, out) = qemu_check(img, fmt);
-    assert_eq!(
-        code,
-        0,
-        "qemu-img check of {} is not clean:\n{out}",
-        img.display()
-    );
+    assert_eq!(code, 0, "qemu-img check of {} is not clean:\n{out}", img.display());
 }
 
 /// Finds the first differing byte, for readable assertion messages.
 pub fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     assert_eq!(got.len(), want.len(), "{what}: length differs");
     if let Some(i) = got.iter().zip(want).position(|(a, b)| a != b) {
-        panic!(
-            "{what}: first difference at byte {i:#x}: got {:#04x}, want {:#04x}",
-            got[i], want[i]
-        );
+        panic!("{what}: first difference at byte {i:#x}: got {:#04x}, want {:#04x}", got[i], want[i]);
     }
 }
 
@@ -188,11 +141,7 @@ pub fn vdisk(args: &[&str]) -> (i32, String, String) {
 pub fn map_classes(json: &str, size: u64, granule: u64) -> Vec<u8> {
     let mut out = vec![255u8; (size / granule) as usize];
     for line in json.lines() {
-        let line = line
-            .trim()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .trim_end_matches(',');
+        let line = line.trim().trim_start_matches('[').trim_end_matches(']').trim_end_matches(',');
         if !line.starts_with('{') {
             continue;
         }
@@ -242,9 +191,7 @@ pub struct Model {
 
 impl Model {
     pub fn new(size: u64) -> Self {
-        Model {
-            data: vec![0; size as usize],
-        }
+        Model { data: vec![0; size as usize] }
     }
     pub fn write(&mut self, off: u64, buf: &[u8]) {
         self.data[off as usize..off as usize + buf.len()].copy_from_slice(buf);
@@ -274,15 +221,7 @@ pub fn assert_qemu_compare(img: &Path, fmt: &str, model: &Model) {
     model.save(&raw);
     let (code, out, err) = run_status(
         "qemu-img",
-        &[
-            "compare",
-            "-f",
-            fmt,
-            "-F",
-            "raw",
-            &img.display().to_string(),
-            &raw.display().to_string(),
-        ],
+        &["compare", "-f", fmt, "-F", "raw", &img.display().to_string(), &raw.display().to_string()],
     );
     assert_eq!(code, 0, "qemu-img compare {}: {out}{err}", img.display());
 }

@@ -11,12 +11,9 @@ use std::sync::OnceLock;
 pub fn have_qemu() -> bool {
     static HAVE: OnceLock<bool> = OnceLock::new();
     *HAVE.get_or_init(|| {
-        let ok = ["qemu-img", "qemu-io"].iter().all(|t| {
-            Command::new(t)
-                .arg("--version")
-                .output()
-                .is_ok_and(|o| o.status.success())
-        });
+        let ok = ["qemu-img", "qemu-io"]
+            .iter()
+            .all(|t| Command::new(t).arg("--version").output().is_ok_and(|o| o.status.success()));
         if ok {
             return true;
         }
@@ -43,10 +40,7 @@ macro_rules! require_qemu {
 
 /// Runs a command, asserting success; returns stdout.
 pub fn run(prog: &str, args: &[&str]) -> String {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
     assert!(
         out.status.success(),
         "{prog} {args:?} failed ({}):\n{}\n{}",
@@ -59,10 +53,7 @@ pub fn run(prog: &str, args: &[&str]) -> String {
 
 /// Runs a command; returns (success, stdout + stderr).
 pub fn try_run(prog: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new(prog)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
+    let out = Command::new(prog).args(args).output().unwrap_or_else(|e| panic!("cannot run {prog}: {e}"));
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
@@ -78,10 +69,7 @@ pub fn qemu_io(img: &Path, cmds: &[String]) {
     args.push(img.display().to_string());
     let a: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run("qemu-io", &a);
-    assert!(
-        !out.contains("error") && !out.contains("failed"),
-        "qemu-io reported a failure: {out}"
-    );
+    assert!(!out.contains("error") && !out.contains("failed"), "qemu-io reported a failure: {out}");
 }
 
 /// One pattern write: (byte, offset, length).
@@ -89,34 +77,17 @@ pub type Write = (u8, u64, u64);
 
 /// qemu-io commands for `writes`.
 pub fn qemu_writes(writes: &[Write]) -> Vec<String> {
-    writes
-        .iter()
-        .map(|(p, o, l)| format!("write -P {p:#x} {o} {l}"))
-        .collect()
+    writes.iter().map(|(p, o, l)| format!("write -P {p:#x} {o} {l}")).collect()
 }
 
 /// `qemu-img convert -f vmdk -O raw img out`.
 pub fn to_raw(img: &Path, out: &Path) {
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vmdk",
-            "-O",
-            "raw",
-            &img.display().to_string(),
-            &out.display().to_string(),
-        ],
-    );
+    run("qemu-img", &["convert", "-f", "vmdk", "-O", "raw", &img.display().to_string(), &out.display().to_string()]);
 }
 
 /// `qemu-img check -f vmdk img` succeeds and reports no errors.
 pub fn qemu_check_clean(img: &Path) {
-    let (ok, out) = try_run(
-        "qemu-img",
-        &["check", "-f", "vmdk", &img.display().to_string()],
-    );
+    let (ok, out) = try_run("qemu-img", &["check", "-f", "vmdk", &img.display().to_string()]);
     assert!(ok, "qemu-img check failed for {}:\n{out}", img.display());
     assert!(
         out.contains("No errors were found") && !out.contains("ERROR"),
@@ -129,22 +100,9 @@ pub fn qemu_check_clean(img: &Path) {
 pub fn qemu_compare_raw(img: &Path, model: &Path) {
     let (ok, out) = try_run(
         "qemu-img",
-        &[
-            "compare",
-            "-f",
-            "vmdk",
-            "-F",
-            "raw",
-            &img.display().to_string(),
-            &model.display().to_string(),
-        ],
+        &["compare", "-f", "vmdk", "-F", "raw", &img.display().to_string(), &model.display().to_string()],
     );
-    assert!(
-        ok,
-        "qemu-img compare {} {}: {out}",
-        img.display(),
-        model.display()
-    );
+    assert!(ok, "qemu-img compare {} {}: {out}", img.display(), model.display());
 }
 
 /// Writes a raw model file of `size` bytes holding `writes`.
@@ -171,23 +129,12 @@ pub fn open_vmdk(path: &Path, read_only: bool) -> vdisk::Image {
 /// `windows` (and the whole disk when it is small).
 pub fn assert_reads_like_qemu(img: &Path, dir: &Path, windows: &[(u64, u64)]) {
     use vdisk::BlockDevice;
-    let raw = dir.join(format!(
-        "{}.qemu.raw",
-        img.file_name().unwrap().to_string_lossy()
-    ));
+    let raw = dir.join(format!("{}.qemu.raw", img.file_name().unwrap().to_string_lossy()));
     to_raw(img, &raw);
     let v = open_vmdk(img, true);
-    let r = vdisk::Raw::open(std::sync::Arc::new(
-        vdisk::FileStorage::open(&raw, true).unwrap(),
-    ))
-    .unwrap();
+    let r = vdisk::Raw::open(std::sync::Arc::new(vdisk::FileStorage::open(&raw, true).unwrap())).unwrap();
     assert_eq!(v.size(), r.size(), "virtual size of {}", img.display());
-    assert_eq!(
-        vdisk::convert::compare(&v, &r, true).unwrap(),
-        None,
-        "vdisk and qemu differ on {}",
-        img.display()
-    );
+    assert_eq!(vdisk::convert::compare(&v, &r, true).unwrap(), None, "vdisk and qemu differ on {}", img.display());
     let mut wins: Vec<(u64, u64)> = windows.to_vec();
     if v.size() <= 64 << 20 {
         wins.push((0, v.size()));
@@ -200,13 +147,7 @@ pub fn assert_reads_like_qemu(img: &Path, dir: &Path, windows: &[(u64, u64)]) {
         r.read_at(&mut b, o).unwrap();
         if a != b {
             let i = a.iter().zip(&b).position(|(x, y)| x != y).unwrap();
-            panic!(
-                "{}: byte {:#x} is {:#x} in vdisk, {:#x} in qemu",
-                img.display(),
-                o + i as u64,
-                a[i],
-                b[i]
-            );
+            panic!("{}: byte {:#x} is {:#x} in vdisk, {:#x} in qemu", img.display(), o + i as u64, a[i], b[i]);
         }
     }
     std::fs::remove_file(&raw).ok();

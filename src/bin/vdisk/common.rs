@@ -14,18 +14,13 @@ pub fn parse_size(s: &str) -> Result<u64> {
     if t.is_empty() {
         return Err(bad());
     }
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     if num.is_empty() {
         return Err(bad());
     }
     let suffix = suffix.trim();
-    let suffix = suffix
-        .strip_suffix("iB")
-        .or_else(|| suffix.strip_suffix('B'))
-        .unwrap_or(suffix);
+    let suffix = suffix.strip_suffix("iB").or_else(|| suffix.strip_suffix('B')).unwrap_or(suffix);
     let shift = match suffix {
         "" => 0,
         "k" | "K" => 10,
@@ -40,11 +35,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         if frac.contains('.') {
             return Err(bad());
         }
-        let int: u64 = if int.is_empty() {
-            0
-        } else {
-            int.parse().map_err(|_| bad())?
-        };
+        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
         let mult = 1u128 << shift;
         let mut frac_val = 0u128;
         let mut denom = 1u128;
@@ -54,16 +45,12 @@ pub fn parse_size(s: &str) -> Result<u64> {
         }
         let total = u128::from(int) * mult + frac_val * mult / denom;
         if frac_val * mult % denom != 0 {
-            return Err(Error::invalid_argument(format!(
-                "size '{s}' is not a whole number of bytes"
-            )));
+            return Err(Error::invalid_argument(format!("size '{s}' is not a whole number of bytes")));
         }
-        return u64::try_from(total)
-            .map_err(|_| Error::invalid_argument(format!("size '{s}' is too large")));
+        return u64::try_from(total).map_err(|_| Error::invalid_argument(format!("size '{s}' is too large")));
     }
     let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
+    n.checked_mul(1u64 << shift).ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
 }
 
 /// `%0.3g` as C prints it.
@@ -94,11 +81,7 @@ pub fn human_size(val: u64) -> String {
     const SUFFIXES: [&str; 7] = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
     // floor(log2(val * 1024 / 1000)) / 10 picks the unit, as qemu's size_to_str.
     let scaled = val as f64 / (1000.0 / 1024.0);
-    let i = if scaled < 1.0 {
-        0
-    } else {
-        (scaled.log2().floor() as usize) / 10
-    };
+    let i = if scaled < 1.0 { 0 } else { (scaled.log2().floor() as usize) / 10 };
     let i = i.min(6);
     let div = (1u64 << (i * 10)) as f64;
     format!("{} {}B", g3(val as f64 / div), SUFFIXES[i])
@@ -107,38 +90,47 @@ pub fn human_size(val: u64) -> String {
 /// Opens an image the way qemu-img does for the CLI: the named format, or a
 /// probe when none is named; backing files followed (probing their format
 /// when the image does not record it).
-#[allow(dead_code)] // kept for subcommands that take no -U
-pub fn open_image(
-    path: &Path,
-    format: Option<&str>,
-    read_only: bool,
-    follow_backing: bool,
-) -> Result<Image> {
-    open_image_shared(path, format, read_only, follow_backing, false)
+#[allow(dead_code)]
+pub fn open_image(path: &Path, format: Option<&str>, read_only: bool, follow_backing: bool) -> Result<Image> {
+    open_image_with_key(path, format, read_only, follow_backing, None)
 }
 
-/// [`open_image`] with `-U/--force-share`: read-only, no lock conflicts
-/// checked (like `qemu-img -U`); otherwise QEMU-compatible locks are taken
-/// and an image in use by another process is refused.
-pub fn open_image_shared(
+/// [`open_image`] with a passphrase for encrypted images.
+pub fn open_image_with_key(
     path: &Path,
     format: Option<&str>,
     read_only: bool,
     follow_backing: bool,
+    key: Option<vdisk::Secret>,
+) -> Result<Image> {
+    open_image_locked(path, format, read_only, follow_backing, key, false)
+}
+
+/// The image lock mode for `-U/--force-share`: read-only, no conflicts
+/// checked (like `qemu-img -U`); otherwise QEMU-compatible locks are taken
+/// and an image in use by another process is refused.
+fn lock_mode(force_share: bool) -> LockMode {
+    if force_share {
+        LockMode::ForceShare
+    } else {
+        LockMode::Auto
+    }
+}
+
+/// [`open_image_with_key`] with `-U/--force-share`.
+fn open_image_locked(
+    path: &Path,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+    key: Option<vdisk::Secret>,
     force_share: bool,
 ) -> Result<Image> {
     let mut opts = OpenOptions::new()
-        .lock(if force_share {
-            LockMode::ForceShare
-        } else {
-            LockMode::Auto
-        })
+        .lock(lock_mode(force_share))
         .read_only(read_only)
-        .backing(if follow_backing {
-            BackingPolicy::Follow
-        } else {
-            BackingPolicy::Never
-        });
+        .key_opt(key)
+        .backing(if follow_backing { BackingPolicy::Follow } else { BackingPolicy::Never });
     match format {
         Some(f) => opts = opts.format(Format::from_name(f)?),
         None => opts = opts.probe(true),
@@ -205,4 +197,56 @@ mod tests {
         assert_eq!(human_size(1000), "0.977 KiB");
         assert_eq!(human_size(999), "999 B");
     }
+}
+
+/// Opens an image named on the command line (a path, or `--image-opts`),
+/// with the passphrase its secret options select.
+pub fn open_arg(
+    secrets: &crate::secrets::SecretArgs,
+    arg: &str,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+) -> Result<(std::path::PathBuf, Image)> {
+    open_arg_shared(secrets, arg, format, read_only, follow_backing, false)
+}
+
+/// [`open_arg`] with `-U/--force-share` (see [`lock_mode`]).
+pub fn open_arg_shared(
+    secrets: &crate::secrets::SecretArgs,
+    arg: &str,
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+    force_share: bool,
+) -> Result<(std::path::PathBuf, Image)> {
+    let spec = secrets.image(arg, format)?;
+    let key = secrets.key(spec.key_secret.as_deref())?;
+    let img = open_image_locked(&spec.path, spec.format.as_deref(), read_only, follow_backing, key, force_share)?;
+    Ok((spec.path, img))
+}
+
+/// Opens an image to look at its metadata: with the passphrase if one was
+/// given, else encrypted images open without it (their data unreadable).
+pub fn open_inspect(
+    secrets: &crate::secrets::SecretArgs,
+    arg: &str,
+    format: Option<&str>,
+    follow_backing: bool,
+    force_share: bool,
+) -> Result<(std::path::PathBuf, Image)> {
+    let spec = secrets.image(arg, format)?;
+    let key = secrets.key(spec.key_secret.as_deref())?;
+    let mut opts = OpenOptions::new()
+        .lock(lock_mode(force_share))
+        .read_only(true)
+        .inspect_only(key.is_none())
+        .key_opt(key)
+        .backing(if follow_backing { BackingPolicy::Follow } else { BackingPolicy::Never });
+    match spec.format.as_deref() {
+        Some(f) => opts = opts.format(Format::from_name(f)?),
+        None => opts = opts.probe(true),
+    }
+    let img = opts.open(&spec.path)?;
+    Ok((spec.path, img))
 }

@@ -1,11 +1,9 @@
 //! `vdisk compare`: exit 0 when the guest contents are equal, 1 when they
 //! differ (saying where), 2 on error.
 
-use std::path::PathBuf;
-
 use vdisk::Result;
 
-use crate::common::open_image_shared;
+use crate::common::open_arg_shared;
 
 /// Arguments of `vdisk compare`.
 #[derive(clap::Args, Debug)]
@@ -22,16 +20,18 @@ pub struct CompareArgs {
     /// Open even if another process holds the images.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// First image.
-    pub a: PathBuf,
+    pub a: String,
     /// Second image.
-    pub b: PathBuf,
+    pub b: String,
 }
 
 /// Runs `vdisk compare`.
 pub fn run(a: &CompareArgs) -> Result<i32> {
-    let ia = open_image_shared(&a.a, a.fmt_a.as_deref(), true, true, a.force_share)?;
-    let ib = open_image_shared(&a.b, a.fmt_b.as_deref(), true, true, a.force_share)?;
+    let (_, ia) = open_arg_shared(&a.secrets, &a.a, a.fmt_a.as_deref(), true, true, a.force_share)?;
+    let (_, ib) = open_arg_shared(&a.secrets, &a.b, a.fmt_b.as_deref(), true, true, a.force_share)?;
     use vdisk::BlockDevice;
     if ia.size() != ib.size() && !a.strict {
         println!("Warning: Image size mismatch!");

@@ -1,14 +1,16 @@
 //! `vdisk convert`: copies an image into a new one of any writable format,
-//! keeping holes.
+//! keeping holes; `-c` compresses on a thread pool.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
+use vdisk::qcow2::create::CreateOptions;
 use vdisk::vmdk::Subformat;
-use vdisk::{BlockDevice, Error, FileStorage, Format, Raw, Result, Vmdk, VmdkCreateOptions};
+use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions};
 
-use crate::common::{open_image_shared, parse_size, progress_printer, stdout_is_terminal};
+use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal};
+use crate::secrets::{split_opts, SecretArgs};
 
 /// Arguments of `vdisk convert`.
 #[derive(clap::Args, Debug)]
@@ -28,7 +30,11 @@ pub struct ConvertArgs {
     /// Output format options (`-o key=value,...`).
     #[arg(short = 'o')]
     pub options: Vec<String>,
-    /// Worker threads.
+    /// Export an internal snapshot instead of the current state
+    /// (`-l snapshot.name=NAME` or `-l snapshot.id=ID`).
+    #[arg(short = 'l')]
+    pub snapshot: Option<String>,
+    /// Worker threads (default: one per core).
     #[arg(short = 'm', default_value = "0")]
     pub threads: usize,
     /// Zero detection granule (`-S 0` writes every byte).
@@ -37,31 +43,74 @@ pub struct ConvertArgs {
     /// Open even if another process holds the source.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
     /// Source image.
-    pub src: PathBuf,
+    pub src: String,
     /// Destination image (created, replacing any file there).
     pub dst: PathBuf,
 }
 
 /// Runs `vdisk convert`.
 pub fn run(a: &ConvertArgs) -> Result<i32> {
-    let src = open_image_shared(&a.src, a.src_fmt.as_deref(), true, true, a.force_share)?;
+    let (_, src) = open_arg_shared(&a.secrets, &a.src, a.src_fmt.as_deref(), true, true, a.force_share)?;
+    let snap_view;
+    let source: &dyn BlockDevice = match &a.snapshot {
+        None => &src,
+        Some(spec) => {
+            let Image::Qcow2(q) = &src else {
+                return Err(Error::unsupported("only qcow2 images have internal snapshots"));
+            };
+            let key = spec.strip_prefix("snapshot.name=").or_else(|| spec.strip_prefix("snapshot.id=")).unwrap_or(spec);
+            snap_view = q.snapshot_view(key)?;
+            &snap_view
+        }
+    };
     let out = Format::from_name(&a.out_fmt)?;
-    let size = src.size();
+    let size = source.size();
+    let opts: Vec<String> = a.options.iter().flat_map(|o| split_opts(o)).collect();
     let mut compress = a.compress;
+    let mut unit = 2u64 << 20;
     let dst: Box<dyn BlockDevice> = match out {
         Format::Raw => {
             if a.compress {
                 return Err(Error::invalid_argument("raw output cannot be compressed"));
             }
-            if !a.options.is_empty() {
+            if !opts.is_empty() {
                 return Err(Error::invalid_argument("raw output takes no -o options"));
             }
             let st = FileStorage::create(&a.dst)?;
             Box::new(Raw::create(Arc::new(st), size)?)
         }
+        Format::Qcow2 => {
+            let mut o = CreateOptions::new(size);
+            let mut key_secret = None;
+            for kv in &opts {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+                if k == "encrypt.key-secret" {
+                    key_secret = Some(v.to_string());
+                    continue;
+                }
+                o.set(k, v)?;
+            }
+            if opts.iter().any(|kv| kv.starts_with("encrypt.format=")) || key_secret.is_some() {
+                o.encrypt = Some(a.secrets.key(key_secret.as_deref())?.ok_or_else(|| {
+                    Error::invalid_argument(
+                        "encrypted output needs a passphrase (--object secret,... with encrypt.key-secret=ID)",
+                    )
+                })?);
+            }
+            if compress && o.encrypt.is_some() {
+                return Err(Error::invalid_argument("compressed writes are not supported for encrypted images"));
+            }
+            // Whole clusters per unit, so compressed writes cover clusters.
+            unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
+            Box::new(Qcow2::create_file(&a.dst, &o)?)
+        }
         Format::Vmdk => {
-            let o = VmdkCreateOptions::parse(&a.options.join(","))?;
+            let o = VmdkCreateOptions::parse(&opts.join(","))?;
             if o.subformat == Subformat::StreamOptimized {
                 // Stream grains are compressed and written whole, once.
                 compress = true;
@@ -70,29 +119,24 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
                     "vmdk output can be compressed only with subformat=streamOptimized",
                 ));
             }
-            Box::new(Vmdk::create(&a.dst, size, &o)?)
-        }
-        other => {
-            return Err(Error::unsupported(format!(
-                "{other} output is not supported yet"
-            )))
+            let v = Vmdk::create(&a.dst, size, &o)?;
+            let g = v.grain_size().unwrap_or(65536);
+            unit = unit.div_ceil(g) * g;
+            Box::new(v)
         }
     };
     let show = a.progress && stdout_is_terminal();
     let progress = progress_printer(show);
-    let threads = if a.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        a.threads
-    };
-    let opts = ConvertOptions {
+    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { a.threads };
+    let copts = ConvertOptions {
         threads,
+        unit,
         sparse_granule: parse_size(&a.sparse)?,
         progress: Some(&progress),
         compress,
         ..ConvertOptions::default()
     };
-    vdisk::convert::convert(&src, &*dst, &opts)?;
+    vdisk::convert::convert(source, &*dst, &copts)?;
     dst.flush()?;
     if show {
         println!("    (100.00/100%)");

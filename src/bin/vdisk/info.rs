@@ -1,12 +1,12 @@
 //! `vdisk info`: what `qemu-img info` shows.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::{json, Map, Value};
 use vdisk::device::{FormatDetails, SnapshotInfo};
 use vdisk::{BlockDevice, DeviceInfo, Image, Result};
 
-use crate::common::{human_size, open_image_shared, print_json};
+use crate::common::{human_size, open_inspect, print_json};
 
 /// Arguments of `vdisk info`.
 #[derive(clap::Args, Debug)]
@@ -23,8 +23,10 @@ pub struct InfoArgs {
     /// Open even if another process holds the image (read-only, no locks).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// The image.
-    pub image: PathBuf,
+    pub image: String,
 }
 
 struct Layer {
@@ -41,19 +43,10 @@ fn layer(path: &Path, img: &Image) -> Layer {
         if p.is_absolute() {
             b.clone()
         } else {
-            path.parent()
-                .unwrap_or(Path::new(""))
-                .join(p)
-                .display()
-                .to_string()
+            path.parent().unwrap_or(Path::new("")).join(p).display().to_string()
         }
     });
-    Layer {
-        filename: path.display().to_string(),
-        actual_size: img.allocated_bytes(),
-        info,
-        full_backing,
-    }
+    Layer { filename: path.display().to_string(), actual_size: img.allocated_bytes(), info, full_backing }
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {
@@ -61,17 +54,11 @@ fn snapshot_json(s: &SnapshotInfo) -> Value {
     if let Some(i) = s.icount {
         m.insert("icount".into(), json!(i));
     }
-    m.insert(
-        "vm-clock-nsec".into(),
-        json!(s.vm_clock_nsec % 1_000_000_000),
-    );
+    m.insert("vm-clock-nsec".into(), json!(s.vm_clock_nsec % 1_000_000_000));
     m.insert("name".into(), json!(s.name));
     m.insert("date-sec".into(), json!(s.date_sec));
     m.insert("date-nsec".into(), json!(s.date_nsec));
-    m.insert(
-        "vm-clock-sec".into(),
-        json!(s.vm_clock_nsec / 1_000_000_000),
-    );
+    m.insert("vm-clock-sec".into(), json!(s.vm_clock_nsec / 1_000_000_000));
     m.insert("id".into(), json!(s.id));
     m.insert("vm-state-size".into(), json!(s.vm_state_size));
     Value::Object(m)
@@ -106,10 +93,7 @@ fn to_json(l: &Layer) -> Value {
         FormatDetails::Qcow2(q) => {
             dirty = q.dirty;
             if !q.snapshots.is_empty() {
-                m.insert(
-                    "snapshots".into(),
-                    Value::Array(q.snapshots.iter().map(snapshot_json).collect()),
-                );
+                m.insert("snapshots".into(), Value::Array(q.snapshots.iter().map(snapshot_json).collect()));
             }
             let mut d = Map::new();
             d.insert("compat".into(), json!(q.compat));
@@ -129,10 +113,7 @@ fn to_json(l: &Layer) -> Value {
                 d.insert("data-file".into(), json!(df));
                 d.insert("data-file-raw".into(), json!(q.data_file_raw));
             }
-            m.insert(
-                "format-specific".into(),
-                json!({ "type": "qcow2", "data": Value::Object(d) }),
-            );
+            m.insert("format-specific".into(), json!({ "type": "qcow2", "data": Value::Object(d) }));
         }
         FormatDetails::Vmdk(v) => {
             let extents: Vec<Value> = v
@@ -167,10 +148,7 @@ fn to_json(l: &Layer) -> Value {
 
 /// One snapshot row in qemu-img's layout (also used by `vdisk snapshot -l`).
 pub fn snapshot_header() -> String {
-    format!(
-        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT"
-    )
+    format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", "ID", "TAG", "VM_SIZE", "DATE", "VM_CLOCK", "ICOUNT")
 }
 
 /// One snapshot row in qemu-img's layout.
@@ -186,26 +164,14 @@ pub fn snapshot_row(s: &SnapshotInfo) -> String {
         (s.vm_clock_nsec / 1_000_000) % 1000
     );
     let icount = s.icount.map(|i| i.to_string()).unwrap_or_default();
-    format!(
-        "{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}",
-        s.id,
-        s.name,
-        human_size(s.vm_state_size),
-        date,
-        clock,
-        icount
-    )
+    format!("{:<7} {:<16} {:>8} {:>19} {:>15} {:>10}", s.id, s.name, human_size(s.vm_state_size), date, clock, icount)
 }
 
 fn print_human(l: &Layer) {
     let i = &l.info;
     println!("image: {}", l.filename);
     println!("file format: {}", i.format.name());
-    println!(
-        "virtual size: {} ({} bytes)",
-        human_size(i.virtual_size),
-        i.virtual_size
-    );
+    println!("virtual size: {} ({} bytes)", human_size(i.virtual_size), i.virtual_size);
     match l.actual_size {
         Some(a) => println!("disk size: {}", human_size(a)),
         None => println!("disk size: unavailable"),
@@ -280,17 +246,13 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
-        other => {
-            return Err(vdisk::Error::invalid_argument(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
+        other => return Err(vdisk::Error::invalid_argument(format!("--output must be human or json, not '{other}'"))),
     };
     let mut layers = Vec::new();
     if a.backing_chain {
         // Open the whole chain and describe each layer.
-        let img = open_image_shared(&a.image, a.format.as_deref(), true, true, a.force_share)?;
-        layers.push(layer(&a.image, &img));
+        let (path, img) = open_inspect(&a.secrets, &a.image, a.format.as_deref(), true, a.force_share)?;
+        layers.push(layer(&path, &img));
         let mut next = img.backing();
         while let Some(dev) = next {
             let info = dev.info();
@@ -299,28 +261,19 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
                 if Path::new(&b).is_absolute() {
                     b
                 } else {
-                    path.parent()
-                        .unwrap_or(Path::new(""))
-                        .join(b)
-                        .display()
-                        .to_string()
+                    path.parent().unwrap_or(Path::new("")).join(b).display().to_string()
                 }
             });
             let actual = std::fs::metadata(&path).ok().map(|m| {
                 use std::os::unix::fs::MetadataExt;
                 m.blocks() * 512
             });
-            layers.push(Layer {
-                filename: path.display().to_string(),
-                info,
-                actual_size: actual,
-                full_backing,
-            });
+            layers.push(Layer { filename: path.display().to_string(), info, actual_size: actual, full_backing });
             next = dev.backing();
         }
     } else {
-        let img = open_image_shared(&a.image, a.format.as_deref(), true, false, a.force_share)?;
-        layers.push(layer(&a.image, &img));
+        let (path, img) = open_inspect(&a.secrets, &a.image, a.format.as_deref(), false, a.force_share)?;
+        layers.push(layer(&path, &img));
     }
     if json {
         if a.backing_chain {

@@ -1,11 +1,17 @@
 //! `vdisk`: disk images from the command line, in the spirit of `qemu-img`.
 
+mod check;
 mod common;
 mod compare;
 mod convert;
+mod create;
 mod info;
+mod io;
 mod map;
 mod pool;
+mod resize;
+mod secrets;
+mod snapshot;
 mod vol;
 
 use clap::{Parser, Subcommand};
@@ -26,12 +32,22 @@ struct Cli {
 enum Cmd {
     /// Show an image's format, sizes, backing chain and snapshots.
     Info(info::InfoArgs),
-    /// Copy an image into a new one, keeping holes.
+    /// Create a new image.
+    Create(create::CreateArgs),
+    /// Copy an image into a new one, keeping holes (optionally compressed).
     Convert(convert::ConvertArgs),
     /// Show how guest ranges map to data, zeros and backing files.
     Map(map::MapArgs),
     /// Compare the guest contents of two images.
     Compare(compare::CompareArgs),
+    /// Check an image's metadata (and repair it).
+    Check(check::CheckArgs),
+    /// Change an image's virtual size.
+    Resize(resize::ResizeArgs),
+    /// Run qemu-io style commands on an image.
+    Io(io::IoArgs),
+    /// List, create, apply or delete internal snapshots.
+    Snapshot(snapshot::SnapshotArgs),
     #[command(flatten)]
     Pool(pool::PoolCmd),
     #[command(flatten)]
@@ -42,9 +58,14 @@ fn main() {
     let cli = Cli::parse();
     let (res, err_code) = match &cli.cmd {
         Cmd::Info(a) => (info::run(a), 1),
+        Cmd::Create(a) => (create::run(a), 1),
         Cmd::Convert(a) => (convert::run(a), 1),
         Cmd::Map(a) => (map::run(a), 1),
         Cmd::Compare(a) => (compare::run(a), 2),
+        Cmd::Check(a) => (check::run(a), 1),
+        Cmd::Resize(a) => (resize::run(a), 1),
+        Cmd::Io(a) => (io::run(a), 1),
+        Cmd::Snapshot(a) => (snapshot::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, cli.config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, cli.config_dir.as_ref())),
     };

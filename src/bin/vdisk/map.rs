@@ -1,10 +1,6 @@
 //! `vdisk map`: extents as `qemu-img map` prints them.
 
-use std::path::PathBuf;
-
 use vdisk::{BlockDevice, ExtentKind, Result};
-
-use crate::common::open_image_shared;
 
 /// Arguments of `vdisk map`.
 #[derive(clap::Args, Debug)]
@@ -24,8 +20,10 @@ pub struct MapArgs {
     /// Open even if another process holds the image.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: crate::secrets::SecretArgs,
     /// The image.
-    pub image: PathBuf,
+    pub image: String,
 }
 
 /// One line of qemu-img's JSON map.
@@ -72,12 +70,7 @@ pub fn collect(dev: &dyn BlockDevice, start: u64, end: u64) -> Result<Vec<MapEnt
     let mut files = Vec::new();
     let mut cur: Option<&dyn BlockDevice> = Some(dev);
     while let Some(d) = cur {
-        files.push(
-            d.info()
-                .path
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-        );
+        files.push(d.info().path.map(|p| p.display().to_string()).unwrap_or_default());
         cur = d.backing();
     }
     let mut out: Vec<MapEntry> = Vec::new();
@@ -118,19 +111,13 @@ pub fn run(a: &MapArgs) -> Result<i32> {
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
-        other => {
-            return Err(vdisk::Error::invalid_argument(format!(
-                "--output must be human or json, not '{other}'"
-            )))
-        }
+        other => return Err(vdisk::Error::invalid_argument(format!("--output must be human or json, not '{other}'"))),
     };
-    let img = open_image_shared(&a.image, a.format.as_deref(), true, true, a.force_share)?;
+    let (_, img) = crate::common::open_inspect(&a.secrets, &a.image, a.format.as_deref(), true, a.force_share)?;
     let size = img.size();
     let start = crate::common::parse_size(&a.start)?.min(size);
     let end = match &a.max_length {
-        Some(l) => start
-            .saturating_add(crate::common::parse_size(l)?)
-            .min(size),
+        Some(l) => start.saturating_add(crate::common::parse_size(l)?).min(size),
         None => size,
     };
     let entries = collect(&img, start, end)?;
@@ -158,13 +145,7 @@ pub fn run(a: &MapArgs) -> Result<i32> {
                 (false, Some(o)) => format!("{o:#x}"),
                 (false, None) => "-".to_string(),
             };
-            println!(
-                "{:<16}{:<16}{:<16}{}",
-                format!("{:#x}", e.start),
-                format!("{:#x}", e.length),
-                mapped,
-                e.file
-            );
+            println!("{:<16}{:<16}{:<16}{}", format!("{:#x}", e.start), format!("{:#x}", e.length), mapped, e.file);
         }
     }
     Ok(0)

@@ -204,9 +204,7 @@ fn define_as(
     let target = if target.is_absolute() {
         target.clone()
     } else {
-        std::env::current_dir()
-            .map_err(|e| Error::io("cannot read the current directory", e))?
-            .join(target)
+        std::env::current_dir().map_err(|e| Error::io("cannot read the current directory", e))?.join(target)
     };
     let mut source = Element::new("source");
     if let Some(h) = host {
@@ -226,8 +224,7 @@ fn define_as(
         .with_child(Element::new("name").with_text(name))
         .with_child(source)
         .with_child(
-            Element::new("target")
-                .with_child(Element::new("path").with_text(target.to_string_lossy().into_owned())),
+            Element::new("target").with_child(Element::new("path").with_text(target.to_string_lossy().into_owned())),
         );
     PoolDef::from_xml(&doc.to_xml(), "pool-define-as")
 }
@@ -249,16 +246,7 @@ fn yes_no(b: bool) -> String {
 pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
     let reg = registry(config_dir)?;
     match cmd {
-        PoolCmd::DefineAs {
-            name,
-            kind,
-            target,
-            source_host,
-            source_path,
-            source_dev,
-            source_format,
-            print_xml,
-        } => {
+        PoolCmd::DefineAs { name, kind, target, source_host, source_path, source_dev, source_format, print_xml } => {
             let def = define_as(
                 name,
                 kind,
@@ -273,8 +261,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 print!("{}", def.to_xml());
                 return Ok(0);
             }
-            reg.define(def)
-                .map_err(fail(format!("Failed to define pool {name}")))?;
+            reg.define(def).map_err(fail(format!("Failed to define pool {name}")))?;
             println!("Pool {name} defined\n");
         }
         PoolCmd::Define { file } => {
@@ -288,17 +275,11 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| Error::io("cannot read", e).with_path(file))
                 .map_err(fail(what.clone()))?;
-            let def = PoolDef::from_xml(&text, &file.display().to_string())
-                .map_err(fail(what.clone()))?;
+            let def = PoolDef::from_xml(&text, &file.display().to_string()).map_err(fail(what.clone()))?;
             let p = reg.define(def).map_err(fail(what))?;
             println!("Pool {} defined from {}\n", p.name(), file.display());
         }
-        PoolCmd::List {
-            all,
-            inactive,
-            details,
-            name,
-        } => {
+        PoolCmd::List { all, inactive, details, name } => {
             let list = reg.list()?;
             for e in &list.errors {
                 eprintln!("warning: {e}");
@@ -320,20 +301,12 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             }
             let mut rows = Vec::new();
             for p in &pools {
-                let mut r = vec![
-                    safe(p.name()),
-                    state_word(p, *details)?,
-                    yes_no(p.autostart()),
-                ];
+                let mut r = vec![safe(p.name()), state_word(p, *details)?, yes_no(p.autostart())];
                 if *details {
                     r.push(yes_no(p.is_persistent()));
                     let info = p.info()?;
                     if info.state == PoolState::Running {
-                        r.extend([
-                            pretty(info.capacity),
-                            pretty(info.allocation),
-                            pretty(info.available),
-                        ]);
+                        r.extend([pretty(info.capacity), pretty(info.allocation), pretty(info.available)]);
                     } else {
                         r.extend(["-".into(), "-".into(), "-".into()]);
                     }
@@ -341,15 +314,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 rows.push(r);
             }
             let header: &[&str] = if *details {
-                &[
-                    "Name",
-                    "State",
-                    "Autostart",
-                    "Persistent",
-                    "Capacity",
-                    "Allocation",
-                    "Available",
-                ]
+                &["Name", "State", "Autostart", "Persistent", "Capacity", "Allocation", "Available"]
             } else {
                 &["Name", "State", "Autostart"]
             };
@@ -373,8 +338,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         }
         PoolCmd::Build { pool } => {
             let p = reg.pool(pool)?;
-            p.build()
-                .map_err(fail(format!("Failed to build pool {pool}")))?;
+            p.build().map_err(fail(format!("Failed to build pool {pool}")))?;
             println!("Pool {} built\n", p.name());
         }
         PoolCmd::Start { pool, build } => {
@@ -389,38 +353,32 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         PoolCmd::Refresh { pool } => {
             let p = reg.pool(pool)?;
             let what = format!("Failed to refresh pool {pool}");
-            p.cleanup(vdisk::pool::STALE_TEMP_AGE)
-                .map_err(fail(what.clone()))?;
+            p.cleanup(vdisk::pool::STALE_TEMP_AGE).map_err(fail(what.clone()))?;
             p.refresh().map_err(fail(what))?;
             println!("Pool {} refreshed\n", p.name());
         }
         PoolCmd::Destroy { pool } => {
             let p = reg.pool(pool)?;
-            p.destroy()
-                .map_err(fail(format!("Failed to destroy pool {pool}")))?;
+            p.destroy().map_err(fail(format!("Failed to destroy pool {pool}")))?;
             println!("Pool {} destroyed\n", p.name());
         }
         PoolCmd::Delete { pool } => {
             let p = reg.pool(pool)?;
-            p.delete()
-                .map_err(fail(format!("Failed to delete pool {pool}")))?;
+            p.delete().map_err(fail(format!("Failed to delete pool {pool}")))?;
             println!("Pool {} deleted\n", p.name());
         }
         PoolCmd::Undefine { pool } => {
             let p = reg.pool(pool)?;
-            p.undefine()
-                .map_err(fail(format!("Failed to undefine pool {pool}")))?;
+            p.undefine().map_err(fail(format!("Failed to undefine pool {pool}")))?;
             println!("Pool {} has been undefined\n", p.name());
         }
         PoolCmd::Autostart { pool, disable } => {
             let p = reg.pool(pool)?;
             if *disable {
-                p.set_autostart(false)
-                    .map_err(fail(format!("failed to unmark pool {pool} as autostarted")))?;
+                p.set_autostart(false).map_err(fail(format!("failed to unmark pool {pool} as autostarted")))?;
                 println!("Pool {} unmarked as autostarted\n", p.name());
             } else {
-                p.set_autostart(true)
-                    .map_err(fail(format!("failed to mark pool {pool} as autostarted")))?;
+                p.set_autostart(true).map_err(fail(format!("failed to mark pool {pool} as autostarted")))?;
                 println!("Pool {} marked as autostarted\n", p.name());
             }
         }

@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use vdisk::pool::units::{parse_size, pretty};
-use vdisk::pool::{
-    CloneOptions, Registry, UploadOptions, VolType, Volume, VolumeSpec, WipeAlgorithm,
-};
+use vdisk::pool::{CloneOptions, Registry, UploadOptions, VolType, Volume, VolumeSpec, WipeAlgorithm};
 use vdisk::qcow2::crypt::Secret;
 use vdisk::{Error, ErrorKind, Format, Result};
 
@@ -235,15 +233,11 @@ fn lookup(reg: &Registry, vol: &str, pool: Option<&str>) -> Result<Volume> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        std::env::current_dir()
-            .map_err(|e| Error::io("cannot read the current directory", e))?
-            .join(path)
+        std::env::current_dir().map_err(|e| Error::io("cannot read the current directory", e))?.join(path)
     };
     reg.volume_by_path(&abs).map_err(|e| {
         if pool.is_none() && !vol.contains('/') {
-            e.context(format!(
-                "failed to get vol '{vol}' (name it by path, or give --pool)"
-            ))
+            e.context(format!("failed to get vol '{vol}' (name it by path, or give --pool)"))
         } else {
             e
         }
@@ -262,16 +256,10 @@ fn progress_off() -> Option<vdisk::pool::Progress<'static>> {
 pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
     let reg = registry(config_dir)?;
     match cmd {
-        VolCmd::List {
-            pool,
-            pool_opt,
-            details,
-        } => {
+        VolCmd::List { pool, pool_opt, details } => {
             let name = pool.as_deref().or(pool_opt.as_deref()).unwrap_or_default();
             let p = reg.pool(name)?;
-            let vols = p
-                .volumes()
-                .map_err(fail(format!("Failed to list volumes of pool {name}")))?;
+            let vols = p.volumes().map_err(fail(format!("Failed to list volumes of pool {name}")))?;
             let mut rows = Vec::new();
             for v in &vols {
                 let mut r = vec![safe(&v.name_lossy()), safe(&v.path.to_string_lossy())];
@@ -288,11 +276,8 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 }
                 rows.push(r);
             }
-            let header: &[&str] = if *details {
-                &["Name", "Path", "Type", "Capacity", "Allocation"]
-            } else {
-                &["Name", "Path"]
-            };
+            let header: &[&str] =
+                if *details { &["Name", "Path", "Type", "Capacity", "Allocation"] } else { &["Name", "Path"] };
             print!("{}", table(header, &rows));
             for v in &vols {
                 if let Some(e) = &v.error {
@@ -323,17 +308,16 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 (None, Some(_)) => Format::Qcow2,
                 (None, None) => Format::Raw,
             };
-            let mut spec =
-                VolumeSpec::new(name, parse_size(capacity)?, fmt).map_err(fail(what.clone()))?;
+            let mut spec = VolumeSpec::new(name, parse_size(capacity)?, fmt).map_err(fail(what.clone()))?;
             if let Some(a) = allocation {
                 spec.allocation = Some(parse_size(a)?);
             }
             spec.prealloc_metadata = *prealloc_metadata;
             if let Some(o) = options {
                 for kv in o.split(',').filter(|s| !s.is_empty()) {
-                    let (k, v) = kv.split_once('=').ok_or_else(|| {
-                        Error::invalid_argument(format!("option '{kv}' is not key=value"))
-                    })?;
+                    let (k, v) = kv
+                        .split_once('=')
+                        .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' is not key=value")))?;
                     spec.qcow2_options.push((k.into(), v.into()));
                 }
             }
@@ -354,146 +338,81 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             p.create_volume(&spec, progress_off()).map_err(fail(what))?;
             println!("Vol {name} created\n");
         }
-        VolCmd::Create {
-            pool,
-            file,
-            prealloc_metadata,
-            passphrase_file,
-        } => {
+        VolCmd::Create { pool, file, prealloc_metadata, passphrase_file } => {
             let what = format!("Failed to create vol from {}", file.display());
             let p = reg.pool(pool)?;
-            let md =
-                std::fs::metadata(file).map_err(|e| Error::io("cannot read", e).with_path(file))?;
+            let md = std::fs::metadata(file).map_err(|e| Error::io("cannot read", e).with_path(file))?;
             if md.len() > vdisk::pool::xml::MAX_XML_BYTES as u64 {
                 return Err(Error::limit("the file is larger than 1 MiB").with_path(file));
             }
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| Error::io("cannot read", e).with_path(file))?;
-            let mut spec =
-                vdisk::pool::volxml::spec_from_xml(&text, passphrase(passphrase_file.as_ref())?)
-                    .map_err(fail(what.clone()))?;
+            let text = std::fs::read_to_string(file).map_err(|e| Error::io("cannot read", e).with_path(file))?;
+            let mut spec = vdisk::pool::volxml::spec_from_xml(&text, passphrase(passphrase_file.as_ref())?)
+                .map_err(fail(what.clone()))?;
             spec.prealloc_metadata |= *prealloc_metadata;
             let v = p.create_volume(&spec, progress_off()).map_err(fail(what))?;
             println!("Vol {} created from {}\n", v.name_lossy(), file.display());
         }
-        VolCmd::Clone {
-            vol,
-            newname,
-            pool,
-            format,
-        } => {
+        VolCmd::Clone { vol, newname, pool, format } => {
             let src = lookup(&reg, vol, pool.as_deref())?;
-            let opts = CloneOptions {
-                format: format.as_deref().map(Format::from_name).transpose()?,
-                progress: None,
-            };
+            let opts = CloneOptions { format: format.as_deref().map(Format::from_name).transpose()?, progress: None };
             src.pool()
                 .clone_volume(&src, newname, &opts)
-                .map_err(fail(format!(
-                    "Failed to clone vol from {}",
-                    src.name_lossy()
-                )))?;
+                .map_err(fail(format!("Failed to clone vol from {}", src.name_lossy())))?;
             println!("Vol {newname} cloned from {}\n", src.name_lossy());
         }
         VolCmd::Delete { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
-            v.delete()
-                .map_err(fail(format!("Failed to delete vol {vol}")))?;
+            v.delete().map_err(fail(format!("Failed to delete vol {vol}")))?;
             println!("Vol {vol} deleted\n");
         }
-        VolCmd::Wipe {
-            vol,
-            pool,
-            algorithm,
-        } => {
+        VolCmd::Wipe { vol, pool, algorithm } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             let alg = WipeAlgorithm::from_name(algorithm)?;
-            v.wipe(alg, None)
-                .map_err(fail(format!("Failed to wipe vol {vol}")))?;
+            v.wipe(alg, None).map_err(fail(format!("Failed to wipe vol {vol}")))?;
             println!("Vol {vol} wiped\n");
         }
-        VolCmd::Resize {
-            vol,
-            capacity,
-            pool,
-            delta,
-            shrink,
-        } => {
+        VolCmd::Resize { vol, capacity, pool, delta, shrink } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
-            let what = format!(
-                "Failed to change size of volume '{}' to {capacity}",
-                v.name_lossy()
-            );
+            let what = format!("Failed to change size of volume '{}' to {capacity}", v.name_lossy());
             let (neg, num) = match capacity.strip_prefix('-') {
                 Some(rest) => (true, rest),
                 None => (false, capacity.as_str()),
             };
             let amount = parse_size(num)?;
             if neg && !*shrink {
-                return Err(fail(what)(Error::invalid_argument(
-                    "negative size requires --shrink",
-                )));
+                return Err(fail(what)(Error::invalid_argument("negative size requires --shrink")));
             }
             let new = if *delta || neg {
                 let cur = v.info()?.capacity;
                 if neg || *shrink {
-                    cur.checked_sub(amount).ok_or_else(|| {
-                        fail(what.clone())(Error::invalid_argument("can't shrink below 0"))
-                    })?
+                    cur.checked_sub(amount)
+                        .ok_or_else(|| fail(what.clone())(Error::invalid_argument("can't shrink below 0")))?
                 } else {
-                    cur.checked_add(amount).ok_or_else(|| {
-                        fail(what.clone())(Error::invalid_argument("size overflows"))
-                    })?
+                    cur.checked_add(amount)
+                        .ok_or_else(|| fail(what.clone())(Error::invalid_argument("size overflows")))?
                 }
             } else {
                 amount
             };
             v.resize(new, *shrink).map_err(fail(what))?;
-            println!(
-                "Size of volume '{}' successfully changed to {capacity}\n",
-                v.name_lossy()
-            );
+            println!("Size of volume '{}' successfully changed to {capacity}\n", v.name_lossy());
         }
-        VolCmd::Upload {
-            vol,
-            file,
-            pool,
-            offset,
-            length,
-            sparse,
-        } => {
+        VolCmd::Upload { vol, file, pool, offset, length, sparse } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             let len = parse_size(length)?;
-            let opts = UploadOptions {
-                offset: parse_size(offset)?,
-                length: (len > 0).then_some(len),
-                sparse: *sparse,
-            };
+            let opts = UploadOptions { offset: parse_size(offset)?, length: (len > 0).then_some(len), sparse: *sparse };
             let what = format!("cannot upload to volume {vol}");
             if file.as_os_str() == "-" {
-                v.upload(&mut std::io::stdin().lock(), &opts, None)
-                    .map_err(fail(what))?;
+                v.upload(&mut std::io::stdin().lock(), &opts, None).map_err(fail(what))?;
             } else {
-                let mut f = std::fs::File::open(file)
-                    .map_err(|e| Error::io("cannot open", e).with_path(file))?;
+                let mut f = std::fs::File::open(file).map_err(|e| Error::io("cannot open", e).with_path(file))?;
                 v.upload(&mut f, &opts, None).map_err(fail(what))?;
             }
         }
-        VolCmd::Download {
-            vol,
-            file,
-            pool,
-            offset,
-            length,
-            sparse,
-        } => {
+        VolCmd::Download { vol, file, pool, offset, length, sparse } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             let len = parse_size(length)?;
-            let opts = UploadOptions {
-                offset: parse_size(offset)?,
-                length: (len > 0).then_some(len),
-                sparse: *sparse,
-            };
+            let opts = UploadOptions { offset: parse_size(offset)?, length: (len > 0).then_some(len), sparse: *sparse };
             let what = format!("cannot download from volume {vol}");
             if file.as_os_str() == "-" {
                 let mut out = std::io::stdout().lock();
@@ -506,16 +425,10 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                     .open(file)
                     .map_err(|e| Error::io("cannot create", e).with_path(file))?;
                 v.download_to_file(&f, &opts, None).map_err(fail(what))?;
-                f.sync_all()
-                    .map_err(|e| Error::io("cannot sync", e).with_path(file))?;
+                f.sync_all().map_err(|e| Error::io("cannot sync", e).with_path(file))?;
             }
         }
-        VolCmd::Info {
-            vol,
-            pool,
-            bytes,
-            physical,
-        } => {
+        VolCmd::Info { vol, pool, bytes, physical } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             let i = v.info()?;
             let f = |x: u64| {
@@ -558,24 +471,15 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
 /// The `<volume>` input document for `--print-xml`.
 fn spec_xml(spec: &VolumeSpec) -> String {
     use vdisk::pool::xml::Element;
-    let mut target = Element::new("target")
-        .with_child(Element::new("format").with_attr("type", spec.format.name()));
+    let mut target = Element::new("target").with_child(Element::new("format").with_attr("type", spec.format.name()));
     if let Some(p) = spec.permissions.to_element() {
         target.push(p);
     }
     let mut doc = Element::new("volume")
         .with_child(Element::new("name").with_text(spec.name.clone()))
-        .with_child(
-            Element::new("capacity")
-                .with_attr("unit", "bytes")
-                .with_text(spec.capacity.to_string()),
-        );
+        .with_child(Element::new("capacity").with_attr("unit", "bytes").with_text(spec.capacity.to_string()));
     if let Some(a) = spec.allocation {
-        doc.push(
-            Element::new("allocation")
-                .with_attr("unit", "bytes")
-                .with_text(a.to_string()),
-        );
+        doc.push(Element::new("allocation").with_attr("unit", "bytes").with_text(a.to_string()));
     }
     doc.push(target);
     if let Some(b) = &spec.backing {

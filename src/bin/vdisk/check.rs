@@ -1,0 +1,158 @@
+//! `vdisk check`: what `qemu-img check` reports, with its words, JSON field
+//! names and exit codes (0 clean, 2 corrupted, 3 leaks only, 1 check failed).
+
+use serde_json::{json, Map, Value};
+use vdisk::qcow2::check::{CheckReport, Repair};
+use vdisk::{Error, Image, Result};
+
+use crate::common::{open_arg, print_json};
+use crate::secrets::SecretArgs;
+
+/// Arguments of `vdisk check`.
+#[derive(clap::Args, Debug)]
+pub struct CheckArgs {
+    /// Image format (probed when absent).
+    #[arg(short = 'f')]
+    pub format: Option<String>,
+    /// Repair: `leaks` or `all`.
+    #[arg(short = 'r')]
+    pub repair: Option<String>,
+    /// Output format: human or json.
+    #[arg(long = "output", default_value = "human")]
+    pub output: String,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    /// Open even if another process holds the image (no repair).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
+    /// The image.
+    pub image: String,
+}
+
+fn pct(n: u64, d: u64) -> f64 {
+    if d == 0 {
+        0.0
+    } else {
+        n as f64 * 100.0 / d as f64
+    }
+}
+
+fn human(r: &CheckReport, repaired: bool) {
+    for m in &r.messages {
+        eprintln!("{m}");
+    }
+    if repaired && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) {
+        println!("The following inconsistencies were found and repaired:\n");
+        println!("    {} leaked clusters", r.leaks_fixed);
+        println!("    {} corruptions\n", r.corruptions_fixed);
+        println!("Double checking the fixed image now...");
+    }
+    if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
+        println!("No errors were found on the image.");
+    } else {
+        if r.corruptions > 0 {
+            println!("\n{} errors were found on the image.", r.corruptions);
+            println!("Data may be corrupted, or further writes to the image may corrupt it.");
+        }
+        if r.leaks > 0 {
+            println!("\n{} leaked clusters were found on the image.", r.leaks);
+            println!("This means waste of disk space, but no harm to data.");
+        }
+        if r.check_errors > 0 {
+            println!("\n{} internal errors have occurred during the check.", r.check_errors);
+        }
+    }
+    if r.total_clusters > 0 && r.allocated_clusters > 0 {
+        println!(
+            "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
+            r.allocated_clusters,
+            r.total_clusters,
+            pct(r.allocated_clusters, r.total_clusters),
+            pct(r.fragmented_clusters, r.allocated_clusters),
+            pct(r.compressed_clusters, r.allocated_clusters)
+        );
+    }
+    if r.image_end_offset > 0 {
+        println!("Image end offset: {}", r.image_end_offset);
+    }
+}
+
+fn to_json(r: &CheckReport, filename: &str, format: &str) -> Value {
+    let mut m = Map::new();
+    m.insert("image-end-offset".into(), json!(r.image_end_offset));
+    m.insert("total-clusters".into(), json!(r.total_clusters));
+    m.insert("check-errors".into(), json!(r.check_errors));
+    if r.corruptions > 0 {
+        m.insert("corruptions".into(), json!(r.corruptions));
+    }
+    if r.leaks > 0 {
+        m.insert("leaks".into(), json!(r.leaks));
+    }
+    if r.corruptions_fixed > 0 {
+        m.insert("corruptions-fixed".into(), json!(r.corruptions_fixed));
+    }
+    if r.leaks_fixed > 0 {
+        m.insert("leaks-fixed".into(), json!(r.leaks_fixed));
+    }
+    m.insert("allocated-clusters".into(), json!(r.allocated_clusters));
+    m.insert("fragmented-clusters".into(), json!(r.fragmented_clusters));
+    m.insert("compressed-clusters".into(), json!(r.compressed_clusters));
+    m.insert("filename".into(), json!(filename));
+    m.insert("format".into(), json!(format));
+    Value::Object(m)
+}
+
+/// Runs `vdisk check`.
+pub fn run(a: &CheckArgs) -> Result<i32> {
+    let json = match a.output.as_str() {
+        "human" => false,
+        "json" => true,
+        other => return Err(Error::invalid_argument(format!("--output must be human or json, not '{other}'"))),
+    };
+    let repair = match a.repair.as_deref() {
+        None => Repair::None,
+        Some("leaks") => Repair::Leaks,
+        Some("all") => Repair::All,
+        Some(other) => return Err(Error::invalid_argument(format!("-r must be leaks or all, not '{other}'"))),
+    };
+    let read_only = repair == Repair::None;
+    let (path, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), read_only, false)?;
+    let filename = path.display().to_string();
+    match img {
+        Image::Qcow2(q) => {
+            let r = q.check(repair)?;
+            if json {
+                print_json(&to_json(&r, &filename, "qcow2"));
+            } else if !a.quiet {
+                human(&r, repair != Repair::None);
+            }
+            Ok(r.exit_code())
+        }
+        Image::Vmdk(v) => {
+            if repair != Repair::None {
+                return Err(Error::unsupported("vmdk images cannot be repaired"));
+            }
+            let r = v.check()?;
+            if json {
+                print_json(&json!({
+                    "check-errors": 0, "corruptions": r.errors, "filename": filename, "format": "vmdk",
+                    "allocated-clusters": r.allocated_grains, "compressed-clusters": r.compressed_grains,
+                }));
+            } else if !a.quiet {
+                for m in &r.messages {
+                    eprintln!("{m}");
+                }
+                if r.errors == 0 {
+                    println!("No errors were found on the image.");
+                } else {
+                    println!("\n{} errors were found on the image.", r.errors);
+                }
+            }
+            Ok(if r.errors > 0 { 2 } else { 0 })
+        }
+        _ => Err(Error::unsupported("this image format does not support checks")),
+    }
+}

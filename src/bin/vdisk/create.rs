@@ -1,0 +1,178 @@
+//! `vdisk create`: new images with qemu-img's options.
+
+use std::sync::Arc;
+
+use vdisk::qcow2::create::{CreateOptions, Preallocation};
+use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, Vmdk, VmdkCreateOptions};
+
+use crate::common::parse_size;
+use crate::secrets::{split_opts, SecretArgs};
+
+/// Arguments of `vdisk create`.
+#[derive(clap::Args, Debug)]
+pub struct CreateArgs {
+    /// Image format: raw, qcow2 or vmdk.
+    #[arg(short = 'f', default_value = "raw")]
+    pub format: String,
+    /// Format options (`-o key=value,...`; repeatable).
+    #[arg(short = 'o')]
+    pub options: Vec<String>,
+    /// Backing file (the new image is an overlay of it).
+    #[arg(short = 'b')]
+    pub backing: Option<String>,
+    /// Backing file format.
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// Create an overlay whose backing format stays unrecorded (the backing
+    /// file will be probed when opened: only for trusted images).
+    #[arg(long = "allow-unknown-backing-format")]
+    pub allow_unknown_backing_format: bool,
+    /// Quiet: print nothing on success.
+    #[arg(short = 'q')]
+    pub quiet: bool,
+    #[command(flatten)]
+    pub secrets: SecretArgs,
+    /// The new image.
+    pub image: String,
+    /// Virtual size (suffixes k, M, G, T...); with a backing file it may be
+    /// omitted to use the backing image's size.
+    pub size: Option<String>,
+}
+
+/// Runs `vdisk create`.
+pub fn run(a: &CreateArgs) -> Result<i32> {
+    let format = Format::from_name(&a.format)?;
+    let size = a.size.as_deref().map(parse_size).transpose()?;
+    let path = std::path::Path::new(&a.image);
+    let opts: Vec<String> = a.options.iter().flat_map(|o| split_opts(o)).collect();
+    match format {
+        Format::Raw => {
+            let size = size.ok_or_else(|| Error::invalid_argument("raw images need a size"))?;
+            if a.backing.is_some() {
+                return Err(Error::invalid_argument("raw images cannot have a backing file"));
+            }
+            let mut prealloc = "off".to_string();
+            for kv in &opts {
+                match kv.split_once('=') {
+                    Some(("preallocation", v)) => prealloc = v.to_string(),
+                    Some(("size", v)) => {
+                        let _ = parse_size(v)?;
+                    }
+                    _ => return Err(Error::invalid_argument(format!("unknown raw option '{kv}'"))),
+                }
+            }
+            let st = Arc::new(FileStorage::create(path)?);
+            let raw = Raw::create(st.clone(), size)?;
+            match prealloc.as_str() {
+                "off" => {}
+                "falloc" => st.allocate(0, size)?,
+                "full" => {
+                    let zeros = vec![0u8; 1 << 20];
+                    let mut off = 0;
+                    while off < size {
+                        let n = (size - off).min(1 << 20);
+                        st.write_at(&zeros[..n as usize], off)?;
+                        off += n;
+                    }
+                }
+                other => {
+                    return Err(Error::invalid_argument(format!("preallocation '{other}' is not off, falloc or full")))
+                }
+            }
+            vdisk::BlockDevice::flush(&raw)?;
+            if !a.quiet {
+                println!("Formatting '{}', fmt=raw size={size}", a.image);
+            }
+        }
+        Format::Qcow2 => {
+            let mut o = CreateOptions::new(size.unwrap_or(0));
+            let mut key_secret = None;
+            for kv in &opts {
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+                if k == "encrypt.key-secret" {
+                    key_secret = Some(v.to_string());
+                    continue;
+                }
+                o.set(k, v)?;
+            }
+            let encrypt_asked = opts.iter().any(|kv| kv.starts_with("encrypt.format="));
+            if encrypt_asked || key_secret.is_some() {
+                let key = a.secrets.key(key_secret.as_deref())?.ok_or_else(|| {
+                    Error::invalid_argument("encryption needs a passphrase: --object secret,id=ID,data=... with encrypt.key-secret=ID, or --passphrase-file")
+                })?;
+                o.encrypt = Some(key);
+            }
+            if let Some(b) = &a.backing {
+                o.backing_file = Some(b.clone());
+            }
+            if let Some(f) = &a.backing_fmt {
+                o.backing_format = Some(f.clone());
+            }
+            o.allow_unknown_backing_format = a.allow_unknown_backing_format;
+            if size.is_none() && o.backing_file.is_none() && o.size == 0 {
+                return Err(Error::invalid_argument("a size is needed (or a backing file to take it from)"));
+            }
+            let q = Qcow2::create_file(path, &o)?;
+            let real_size = vdisk::BlockDevice::size(&q);
+            q.close()?;
+            if !a.quiet {
+                let mut line = format!(
+                    "Formatting '{}', fmt=qcow2 cluster_size={} extended_l2={} compression_type={}",
+                    a.image,
+                    o.cluster_size,
+                    onoff(o.extended_l2),
+                    o.compression_type.name()
+                );
+                if o.preallocation != Preallocation::Off {
+                    line.push_str(&format!(" preallocation={:?}", o.preallocation).to_lowercase());
+                }
+                line.push_str(&format!(" size={real_size}"));
+                if let Some(b) = &o.backing_file {
+                    line.push_str(&format!(" backing_file={b}"));
+                }
+                if let Some(f) = &o.backing_format {
+                    line.push_str(&format!(" backing_fmt={f}"));
+                }
+                if o.encrypt.is_some() {
+                    line.push_str(" encrypt.format=aes");
+                }
+                line.push_str(&format!(
+                    " lazy_refcounts={} refcount_bits={}",
+                    onoff(o.lazy_refcounts),
+                    o.refcount_bits
+                ));
+                println!("{line}");
+            }
+        }
+        Format::Vmdk => {
+            let mut o = opts.clone();
+            if let Some(b) = &a.backing {
+                o.push(format!("backing_file={b}"));
+            }
+            if let Some(f) = &a.backing_fmt {
+                o.push(format!("backing_fmt={f}"));
+            }
+            let vo = VmdkCreateOptions::parse(&o.join(","))?;
+            let size = match size {
+                Some(s) => s,
+                None => return Err(Error::invalid_argument("vmdk images need a size")),
+            };
+            let v = Vmdk::create(path, size, &vo)?;
+            v.close()?;
+            if !a.quiet {
+                println!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
+            }
+        }
+    }
+    Ok(0)
+}
+
+fn onoff(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
