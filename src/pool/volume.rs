@@ -5,7 +5,6 @@ use std::fs::{File, Metadata};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use super::busy::{is_busy, BusyGuard};
 use super::dir::PoolDir;
@@ -16,7 +15,6 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lock::{self, Access, LockMode};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::crypt::Secret;
-use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::storage::{FileStorage, Storage};
 
 pub use super::create::{BackingSpec, CloneOptions, VolumeSpec};
@@ -206,40 +204,13 @@ impl Volume {
         let pre =
             d.open_file(&self.name, false)?.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         let key_id = (pre.dev(), pre.ino());
-        let image = match (format, key) {
-            (Format::Qcow2, Some(k)) => {
-                let st = FileStorage::open_locked(&path, read_only, mode)?;
-                let h = Qcow2::read_header(&st)?;
-                let backing = match &h.backing_file {
-                    Some(b) => {
-                        let fmt = h.backing_format.as_deref().ok_or_else(|| {
-                            Error::invalid(format!("the backing file '{b}' has no recorded format")).with_path(&path)
-                        })?;
-                        let bp = Path::new(b);
-                        let bp = if bp.is_absolute() { bp.to_path_buf() } else { d.path().join(bp) };
-                        let img = OpenOptions::new()
-                            .format(Format::from_name(fmt)?)
-                            .read_only(true)
-                            .lock(if mode == LockMode::ForceShare { mode } else { LockMode::Auto })
-                            .backing(BackingPolicy::RecordedFormat)
-                            .open(&bp)?;
-                        Some(Arc::new(img) as Arc<dyn BlockDevice>)
-                    }
-                    None => None,
-                };
-                Image::Qcow2(Qcow2::open(
-                    Arc::new(st),
-                    Qcow2Options { read_only, backing, key: Some(k), ..Default::default() },
-                )?)
-            }
-            (f, _) => OpenOptions::new()
-                .format(f)
-                .read_only(read_only)
-                .lock(mode)
-                .backing(BackingPolicy::RecordedFormat)
-                .confine_to(d.path())
-                .open(&path)?,
-        };
+        let image = OpenOptions::new()
+            .format(format)
+            .read_only(read_only)
+            .lock(mode)
+            .key_opt(key)
+            .backing(BackingPolicy::RecordedFormat)
+            .open(&path)?;
         // The name must still be the file checked above (no swap to a
         // symlink in between).
         match d.lstat(&self.name)? {
