@@ -591,7 +591,11 @@ impl Pool {
                 }
                 None => None,
             };
-            let extent_alloc: u64 = facts.extents.iter().filter_map(|x| alloc_of.get(OsStr::new(x))).sum();
+            let extent_alloc = facts
+                .extents
+                .iter()
+                .filter_map(|x| alloc_of.get(OsStr::new(x)))
+                .fold(0u64, |a, b| a.saturating_add(*b));
             let mut info = scan::build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
             if kind == VolType::Symlink {
                 if let Some(s) = rec_stat {
@@ -682,7 +686,8 @@ fn mounted(target: &Path, source: &str) -> bool {
         let mut i = 0;
         while i < b.len() {
             if b[i] == b'\\' && i + 3 < b.len() {
-                if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 4], 8) {
+                let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
+                if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
                     out.push(v);
                     i += 4;
                     continue;

@@ -143,7 +143,7 @@ impl Volume {
         for x in &facts.extents {
             if let Ok(Some(m)) = d.lstat(OsStr::new(x)) {
                 if m.is_file() {
-                    extent_alloc += m.blocks() * 512;
+                    extent_alloc = m.blocks().saturating_mul(512).saturating_add(extent_alloc);
                 }
             }
         }
@@ -382,8 +382,11 @@ impl Volume {
     /// host chose the content, not a guest). Returns the bytes copied.
     pub fn upload(&self, src: &mut dyn Read, opts: &UploadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
         let d = self.dir()?;
-        let (st, _busy) = self.open_for_change(&d)?;
         let path = d.join(&self.name);
+        if opts.offset > i64::MAX as u64 || opts.length.is_some_and(|l| l > i64::MAX as u64 - opts.offset) {
+            return Err(Error::invalid_argument("upload offset or length is too large").with_path(&path));
+        }
+        let (st, _busy) = self.open_for_change(&d)?;
         let size = st.len()?;
         if let Some(l) = opts.length {
             let recorded = self.pool.records()?.format_of(&self.name, &FileStat::of(&file_md(&st, &path)?));
