@@ -165,7 +165,7 @@ impl OpenOptions {
     /// vmdk extent files as read-only users (the vmdk descriptor carries the
     /// write lock). While another process (a running VM, `qemu-io`, another
     /// vdisk) uses the image in a conflicting way, [`open`](Self::open)
-    /// fails with [`ErrorKind::Busy`](crate::ErrorKind::Busy).
+    /// fails with [`ErrorKind::Busy`].
     /// [`LockMode::ForceShare`] (read-only only) is `qemu-img -U`.
     pub fn lock(mut self, mode: LockMode) -> Self {
         self.lock = mode;
