@@ -51,6 +51,20 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Writes to standard output; a closed pipe (`vdisk vol-list | head`)
+/// ends the program quietly instead of panicking.
+pub fn emit(text: &str) {
+    use std::io::Write;
+    let mut o = std::io::stdout().lock();
+    if let Err(e) = o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
 /// Replaces control characters the way virsh's tables do (`\x1b`).
 pub fn safe(s: &str) -> String {
     let mut o = String::new();
@@ -318,7 +332,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             } else {
                 &["Name", "State", "Autostart"]
             };
-            print!("{}", table(header, &rows));
+            emit(&table(header, &rows));
         }
         PoolCmd::Info { pool, bytes } => {
             let p = reg.pool(pool)?;
@@ -385,9 +399,9 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         PoolCmd::DumpXml { pool, inactive } => {
             let p = reg.pool(pool)?;
             if *inactive {
-                print!("{}", p.def().to_xml());
+                emit(&p.def().to_xml());
             } else {
-                print!("{}", p.xml_desc()?);
+                emit(&p.xml_desc()?);
             }
         }
     }

@@ -9,7 +9,7 @@ use vdisk::pool::{CloneOptions, Registry, UploadOptions, VolType, Volume, Volume
 use vdisk::qcow2::crypt::Secret;
 use vdisk::{Error, ErrorKind, Format, Result};
 
-use crate::pool::{fail, registry, safe, table};
+use crate::pool::{emit, fail, registry, safe, table};
 
 /// Volume commands.
 #[derive(Subcommand, Debug)]
@@ -278,7 +278,7 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             }
             let header: &[&str] =
                 if *details { &["Name", "Path", "Type", "Capacity", "Allocation"] } else { &["Name", "Path"] };
-            print!("{}", table(header, &rows));
+            emit(&table(header, &rows));
             for v in &vols {
                 if let Some(e) = &v.error {
                     eprintln!("warning: {}: {}", safe(&v.name_lossy()), e);
@@ -450,7 +450,7 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         }
         VolCmd::DumpXml { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
-            print!("{}", v.describe()?);
+            emit(&v.describe()?);
         }
         VolCmd::Path { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
