@@ -179,7 +179,8 @@ fn busy(path: &Path, what: String) -> Error {
     .with_path(path)
 }
 
-fn release(file: &File) {
+/// Releases every QEMU lock byte this description holds.
+pub fn release(file: &File) {
     let fd = file.as_fd();
     let _ = sys::ofd_setlk(fd, LockType::Unlock, PERM_BASE, u64::from(PERM_COUNT));
     let _ = sys::ofd_setlk(fd, LockType::Unlock, SHARED_BASE, u64::from(PERM_COUNT));
@@ -344,6 +345,8 @@ mod tests {
         assert_eq!(lock_file(&r2, &p, LockMode::Off, Access::ReadOnly).unwrap(), Held::None);
         let u = users(&p).unwrap();
         assert!(u.writer() && u.in_use() && u.blocks_write());
+        release(&w);
+        release(&r);
         drop(w);
         drop(r);
         assert!(!users(&p).unwrap().in_use());
@@ -356,6 +359,8 @@ mod tests {
         let e = lock_file(&w3, &p, LockMode::Auto, Access::ReadWrite).unwrap_err();
         assert!(e.to_string().contains("failed to get \"write\" lock"), "{e}");
         // The failed attempt left nothing behind.
+        release(&r1);
+        release(&r2);
         drop(r1);
         drop(r2);
         assert!(!users(&p).unwrap().in_use());

@@ -203,6 +203,19 @@ impl FileStorage {
     }
 }
 
+impl Drop for FileStorage {
+    /// Releases the image locks explicitly before the descriptor closes.
+    /// OFD locks belong to the open file description, which a child forked
+    /// by another thread (between `fork` and `exec`) may still share for a
+    /// moment; closing our descriptor alone would leave the locks held in
+    /// that window and make a new open here fail with `Busy`.
+    fn drop(&mut self) {
+        if let Held::Locked(_) = self.lock {
+            lock::release(&self.file);
+        }
+    }
+}
+
 impl Storage for FileStorage {
     fn read_at(&self, mut buf: &mut [u8], mut offset: u64) -> Result<()> {
         range_end(offset, buf.len())?;

@@ -365,6 +365,9 @@ fn volume_in_use_is_not_deleted_or_changed() {
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("in use"), "{err}");
     assert!(v.path().exists());
+    // Release before closing: a child another test thread is forking could
+    // share the description for a moment (see FileStorage's Drop).
+    vdisk::lock::release(&other);
     drop(other);
     v.delete().unwrap();
 }
@@ -597,6 +600,7 @@ fn crash_before_rename_leaves_only_a_temp_dir() {
     vdisk::lock::lock_file(&held, &tmp, vdisk::LockMode::Auto, vdisk::lock::Access::ReadOnly).unwrap();
     assert_eq!(p.cleanup(Duration::ZERO).unwrap(), 1);
     assert!(tmp.exists());
+    vdisk::lock::release(&held);
     drop(held);
     assert_eq!(p.cleanup(Duration::ZERO).unwrap(), 1);
     assert!(!tmp.exists());

@@ -471,10 +471,10 @@ impl Volume {
         let d = self.dir()?;
         let path = d.join(&self.name);
         let f = d.open_file(&self.name, false)?;
-        lock::lock_file(&f, &path, LockMode::ForceShare, Access::ReadOnly)?;
         let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
         let _busy = BusyGuard::new((md.dev(), md.ino()));
-        let st = FileStorage::from_file(f, &path, true)?;
+        let mut st = FileStorage::from_file(f, &path, true)?;
+        st.lock_as(LockMode::ForceShare, Access::ReadOnly)?;
         let size = st.len()?;
         if opts.offset > size {
             return Err(Error::invalid_argument(format!(
