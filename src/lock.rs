@@ -38,8 +38,10 @@
 //! Byte 0 is left alone: libvirt's virtlockd uses it.
 //!
 //! OFD locks belong to the open file description: they live exactly as long
-//! as the [`FileStorage`](crate::FileStorage) that took them and are dropped
-//! with its descriptor. Filesystems (or kernels) without OFD locks answer
+//! as the [`FileStorage`](crate::FileStorage) that took them, which releases
+//! them explicitly when dropped (a child process forked by another thread
+//! shares the description until it `exec`s, so closing alone could leave
+//! them held for a moment). Filesystems (or kernels) without OFD locks answer
 //! `EINVAL`/`EOPNOTSUPP`/`ENOLCK`; [`LockMode::Auto`] then goes on without
 //! locks, [`LockMode::On`] fails.
 

@@ -19,7 +19,7 @@
 //! pool.build()?;
 //! pool.start()?;
 //! let vol = pool.create_volume(&VolumeSpec::new("vm1.qcow2", 8 << 30, Format::Qcow2)?, None)?;
-//! println!("{}", vol.describe()?.to_xml());
+//! println!("{}", vol.describe()?);
 //! # Ok::<(), vdisk::Error>(())
 //! ```
 //!
