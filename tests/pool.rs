@@ -659,6 +659,14 @@ fn listing_reuses_probes_until_a_file_changes() {
     assert_eq!(r.probed, 1);
     let v = after.iter().find(|v| v.name_lossy() == "v01").unwrap();
     assert_eq!(v.capacity, 2 << 20);
+    // A file removed outside vdisk leaves the listing and the format record.
+    let records = e.root.join(format!("config/volumes/{}.formats", p.uuid()));
+    assert!(std::fs::read_to_string(&records).unwrap().contains("\tv05\n"));
+    std::fs::remove_file(p.canonical_target().join("v05")).unwrap();
+    let (after, r) = p.refresh().unwrap();
+    assert_eq!((r.volumes, r.probed), (40, 0));
+    assert!(after.iter().all(|v| v.name_lossy() != "v05"));
+    assert!(!std::fs::read_to_string(&records).unwrap().contains("\tv05\n"));
 }
 
 #[test]

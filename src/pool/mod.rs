@@ -501,7 +501,7 @@ impl Pool {
             *cache = ProbeCache::load(&cache_path);
         }
         let records_path = self.paths().records_file(self.uuid());
-        let mut records = Records::load(&records_path)?;
+        let records = Records::load(&records_path)?;
         let rd = std::fs::read_dir(d.path())
             .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
         let mut entries: Vec<(OsString, std::fs::Metadata)> = Vec::new();
@@ -616,10 +616,11 @@ impl Pool {
             // error of the listing.
             let _ = cache.save(&cache_path);
         }
+        // Records of files that are gone (removed outside vdisk) go too.
+        new_records.extend(records.names().filter(|n| !keep.contains(*n)).map(|n| (n.clone(), None)));
         if !new_records.is_empty() {
-            records = Records::update(&records_path, &new_records)?;
+            Records::update(&records_path, &new_records)?;
         }
-        drop(records);
         Ok((out, report))
     }
 

@@ -608,6 +608,11 @@ impl Records {
         Ok(r)
     }
 
+    /// The recorded names.
+    pub fn names(&self) -> impl Iterator<Item = &OsString> {
+        self.map.keys()
+    }
+
     /// The recorded format of `name` if the record is for this very file.
     pub fn format_of(&self, name: &OsStr, stat: &FileStat) -> Option<Format> {
         self.map.get(name).filter(|r| r.dev == stat.dev && r.ino == stat.ino).map(|r| r.format)
