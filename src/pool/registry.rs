@@ -164,7 +164,7 @@ impl Registry {
     /// Opens (creating) the configuration directory. The first registry
     /// opened after a reboot clears stale active state and starts the
     /// autostart pools.
-    pub fn open(paths: RegistryPaths) -> Result<Registry> {
+    pub fn open(mut paths: RegistryPaths) -> Result<Registry> {
         for d in [paths.config_dir.clone(), paths.config_dir.join("autostart"), paths.config_dir.join("run")] {
             std::fs::create_dir_all(&d)
                 .map_err(|e| Error::io("cannot create the configuration directory", e).with_path(&d))?;
@@ -173,6 +173,11 @@ impl Registry {
             use std::os::unix::fs::PermissionsExt;
             let _ = std::fs::set_permissions(&paths.config_dir, std::fs::Permissions::from_mode(0o700));
         }
+        // Absolute from here on: autostart links point at definition files.
+        paths.config_dir = paths
+            .config_dir
+            .canonicalize()
+            .map_err(|e| Error::io("cannot resolve the configuration directory", e).with_path(&paths.config_dir))?;
         let reg = Registry { paths: Arc::new(paths) };
         reg.boot_check()?;
         Ok(reg)
