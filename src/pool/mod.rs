@@ -70,7 +70,7 @@
 //! * **vmdk volumes** are created monolithicSparse (one file), so a volume
 //!   is one directory entry.
 
-pub mod busy;
+mod busy;
 mod create;
 pub mod def;
 mod dir;
@@ -711,4 +711,17 @@ fn mounted(target: &Path, source: &str) -> bool {
             && src.as_deref().map(|s| s.strip_suffix(b"/").unwrap_or(s))
                 == Some(source.as_bytes().strip_suffix(b"/").unwrap_or(source.as_bytes()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_check_reads_mountinfo() {
+        // /proc is mounted from "proc" wherever these tests run.
+        assert!(mounted(Path::new("/proc"), "proc"));
+        assert!(!mounted(Path::new("/proc"), "nfs.example.com:/export"));
+        assert!(!mounted(Path::new("/nonexistent-mount-point"), "proc"));
+    }
 }
