@@ -166,16 +166,14 @@ impl Volume {
             return Err(Error::invalid_argument(format!("volume '{}' is not a regular file", self.name_lossy()))
                 .with_path(&info.path));
         }
-        if let Some(f) = info.format {
-            if info.probed_format == Some(f) || info.warning.is_some() {
-                let recorded = self.pool.records()?.format_of(&self.name, &info.stat);
-                if recorded.is_none() {
-                    self.pool.record(&self.name, Some(Record { dev: info.stat.dev, ino: info.stat.ino, format: f }))?;
-                }
-            }
-            return Ok(f);
+        let Some(f) = info.format else {
+            return Err(Error::invalid_argument("cannot tell the volume's format").with_path(&info.path));
+        };
+        if self.pool.records()?.format_of(&self.name, &info.stat).is_none() {
+            // First sight of this file: what it is now is what it stays.
+            self.pool.record(&self.name, Some(Record { dev: info.stat.dev, ino: info.stat.ino, format: f }))?;
         }
-        Err(Error::invalid_argument("cannot tell the volume's format").with_path(&info.path))
+        Ok(f)
     }
 
     /// `vol-dumpxml`: libvirt's `<volume>` document (re-probed).
