@@ -1,5 +1,6 @@
 //! `vdisk`: disk images from the command line, in the spirit of `qemu-img`.
 
+mod bench;
 mod check;
 mod common;
 mod compare;
@@ -42,6 +43,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Run the workloads of qemu-img bench.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -56,6 +59,7 @@ fn main() {
         Cmd::Resize(a) => (resize::run(a), 1),
         Cmd::Io(a) => (io::run(a), 1),
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
+        Cmd::Bench(a) => (bench::run(a), 1),
     };
     match res {
         Ok(code) => std::process::exit(code),
