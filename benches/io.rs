@@ -357,6 +357,8 @@ fn ratios(f: &Fixture, raw: &Image, q: &Image, aes: &Image, offs: &[u64], alloc_
     let qemu = best(3, || {
         qemu_img(&[
             "convert",
+            "-t",
+            "writeback",
             "-O",
             "vmdk",
             "-o",
