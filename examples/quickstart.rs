@@ -43,9 +43,18 @@ fn main() -> vdisk::Result<()> {
     let info = img.info();
     println!("image: {}", vm_path.display());
     println!("  format: {}, virtual size: {} MiB", info.format, info.virtual_size >> 20);
-    println!("  backing file: {:?} ({:?})", info.backing_file.unwrap_or_default(), info.backing_format.unwrap_or_default());
+    println!(
+        "  backing file: {:?} ({:?})",
+        info.backing_file.unwrap_or_default(),
+        info.backing_format.unwrap_or_default()
+    );
     if let vdisk::device::FormatDetails::Qcow2(q) = &info.details {
-        println!("  compat {}, cluster size {} KiB, refcount bits {}", q.compat, info.cluster_size.unwrap_or(0) >> 10, q.refcount_bits);
+        println!(
+            "  compat {}, cluster size {} KiB, refcount bits {}",
+            q.compat,
+            info.cluster_size.unwrap_or(0) >> 10,
+            q.refcount_bits
+        );
         for s in &q.snapshots {
             println!("  snapshot {} \"{}\" of {} MiB", s.id, s.name, s.disk_size >> 20);
         }

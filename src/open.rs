@@ -310,6 +310,9 @@ pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> Result<Image> {
 }
 
 /// An opened image of any format.
+// One per open image and long-lived: the size difference between the
+// variants does not matter enough to box them.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Image {

@@ -53,12 +53,12 @@ struct Progress {
 
 /// The workload. Returns Err when the storage failed (the "crash").
 fn workload(q: &Qcow2, model: &mut Model, prog: &mut Progress, snapshots: bool) -> vdisk::Result<()> {
-    let mut step = |q: &Qcow2,
-                    model: &mut Model,
-                    prog: &mut Progress,
-                    off: u64,
-                    data: Option<Vec<u8>>,
-                    len: u64|
+    let step = |q: &Qcow2,
+                model: &mut Model,
+                prog: &mut Progress,
+                off: u64,
+                data: Option<Vec<u8>>,
+                len: u64|
      -> vdisk::Result<()> {
         prog.touched.push((off, len));
         match data {
