@@ -384,7 +384,84 @@ fn ratios(f: &Fixture, raw: &Image, q: &Image, aes: &Image, offs: &[u64], alloc_
         black_box(open(&big, Format::Qcow2, false));
     });
     println!("{:<42} {:>9.3} ms (goal < 10 ms)", "open a 1 TiB qcow2 read-write", t.as_secs_f64() * 1e3);
+    let before = ALLOC.live();
+    let img = open(&big, Format::Qcow2, false);
+    let after_open = ALLOC.live();
+    println!(
+        "{:<42} {:>9.3} MiB allocated (goal: a few MiB)",
+        "  memory of the open 1 TiB image",
+        (after_open - before) as f64 / MB as f64
+    );
+    drop(img);
+
+    // vdisk bench against qemu-img bench: same image, count, depth and
+    // cache mode (writeback), each as its own process.
+    let vdisk_bin = env!("CARGO_BIN_EXE_vdisk");
+    let empty = f.dir.join("empty.qcow2");
+    for (name, img, args) in [
+        ("bench read 4 KiB seq, depth 1, qcow2", &f.qcow2, vec!["-c", "200000", "-d", "1"]),
+        ("bench read 4 KiB seq, depth 16, qcow2", &f.qcow2, vec!["-c", "200000", "-d", "16"]),
+        ("bench read 64 KiB seq, depth 4, qcow2", &f.qcow2, vec!["-c", "20000", "-d", "4", "-s", "64k"]),
+        ("bench write 4 KiB seq, depth 16, qcow2", &f.qcow2, vec!["-c", "100000", "-d", "16", "-w"]),
+        ("bench alloc write 4 KiB, step 64k, depth 16", &empty, vec!["-c", "10000", "-d", "16", "-w", "-S", "64k"]),
+        ("bench read 4 KiB seq, depth 16, raw", &f.raw, vec!["-c", "200000", "-d", "16"]),
+    ] {
+        let fmt = if img.extension().is_some_and(|e| e == "raw") { "raw" } else { "qcow2" };
+        let run = |prog: &str| -> Duration {
+            let mut times = Vec::new();
+            for _ in 0..3 {
+                if img == &empty {
+                    let _ = std::fs::remove_file(&empty);
+                    qemu_img(&["create", "-q", "-f", "qcow2", empty.to_str().unwrap(), &size.to_string()]);
+                }
+                let mut a = vec!["bench", "-f", fmt, "-t", "writeback"];
+                a.extend(args.iter().copied());
+                a.push(img.to_str().unwrap());
+                let out = std::process::Command::new(prog).args(&a).output().unwrap();
+                assert!(out.status.success(), "{prog} {a:?}: {}", String::from_utf8_lossy(&out.stderr));
+                let text = String::from_utf8_lossy(&out.stdout);
+                let secs: f64 = text
+                    .split("Run completed in ")
+                    .nth(1)
+                    .and_then(|r| r.split(' ').next())
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(f64::NAN);
+                times.push(Duration::from_secs_f64(secs));
+            }
+            times.into_iter().min().unwrap()
+        };
+        let theirs = run("qemu-img");
+        let ours = run(vdisk_bin);
+        line(&format!("{name} vs qemu-img bench"), theirs, ours, 1.0);
+    }
 }
+
+/// Counts live heap bytes, for the memory figure of an open image.
+struct Counting(std::sync::atomic::AtomicUsize);
+
+impl Counting {
+    fn live(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+// SAFETY: forwards to the system allocator and only counts.
+#[allow(unsafe_code)]
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        self.0.fetch_add(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: same layout contract as the caller's.
+        unsafe { std::alloc::System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        self.0.fetch_sub(l.size(), std::sync::atomic::Ordering::Relaxed);
+        // SAFETY: p was allocated by System with layout l.
+        unsafe { std::alloc::System.dealloc(p, l) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting(std::sync::atomic::AtomicUsize::new(0));
 
 criterion_group!(benches, bench);
 criterion_main!(benches);

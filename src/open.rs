@@ -50,6 +50,18 @@ pub struct OpenOptions {
     vmdk_external_extents: bool,
     key: Option<crate::qcow2::crypt::Secret>,
     inspect_only: bool,
+    cache: CacheMode,
+}
+
+/// How image files use the host's page cache (QEMU's `cache=` modes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Through the page cache; `flush` syncs (QEMU's `writeback`).
+    #[default]
+    Writeback,
+    /// `O_DIRECT`: around the page cache (QEMU's `none`); I/O is aligned
+    /// to 4 KiB with bounce buffers.
+    Direct,
 }
 
 impl Default for OpenOptions {
@@ -73,7 +85,14 @@ impl OpenOptions {
             vmdk_external_extents: false,
             key: None,
             inspect_only: false,
+            cache: CacheMode::Writeback,
         }
+    }
+
+    /// The cache mode of the top image file.
+    pub fn cache(mut self, mode: CacheMode) -> Self {
+        self.cache = mode;
+        self
     }
 
     /// Opens read-only for looking at metadata: encrypted images open
@@ -173,7 +192,11 @@ impl OpenOptions {
         if depth > self.max_depth {
             return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
         }
-        let storage = FileStorage::open(path, read_only)?;
+        let storage: Arc<dyn Storage> = if depth == 0 && self.cache == CacheMode::Direct {
+            Arc::new(crate::direct::DirectFile::open(path, read_only)?)
+        } else {
+            Arc::new(FileStorage::open(path, read_only)?)
+        };
         if let Some(f) = storage.file() {
             use std::os::unix::fs::MetadataExt;
             let md = f.metadata().map_err(|e| Error::io("cannot stat file", e).with_path(path))?;
@@ -181,7 +204,6 @@ impl OpenOptions {
                 return Err(Error::invalid(format!("backing chain loops back to {}", path.display())).with_path(path));
             }
         }
-        let storage: Arc<dyn Storage> = Arc::new(storage);
         let format = match format {
             Some(f) => f,
             None if self.probe || depth > 0 => crate::probe::probe(&*storage)?,

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use vdisk::{BlockDevice, Error, Result};
 
-use crate::common::{human_size, open_arg, parse_size};
+use crate::common::{human_size, parse_size};
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk bench`.
@@ -73,13 +73,13 @@ fn parse_byte(s: &str) -> Result<u8> {
 
 /// Runs `vdisk bench`.
 pub fn run(a: &BenchArgs) -> Result<i32> {
-    match a.cache.as_str() {
-        "writeback" | "unsafe" | "directsync" | "writethrough" => {}
-        "none" => {
-            return Err(Error::unsupported("cache mode none (O_DIRECT) is not implemented by vdisk; use writeback"))
+    let cache = match a.cache.as_str() {
+        "writeback" => vdisk::CacheMode::Writeback,
+        "none" => vdisk::CacheMode::Direct,
+        other => {
+            return Err(Error::invalid_argument(format!("cache mode '{other}' is not supported (writeback or none)")))
         }
-        other => return Err(Error::invalid_argument(format!("unknown cache mode '{other}'"))),
-    }
+    };
     let _ = a.force_share;
     if a.depth == 0 || a.depth > 1024 {
         return Err(Error::invalid_argument("depth must be between 1 and 1024"));
@@ -97,7 +97,15 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     };
     let offset = parse_size(&a.offset)?;
     let pattern = parse_byte(&a.pattern)?;
-    let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), !a.write, true)?;
+    let spec = a.secrets.image(&a.image, a.format.as_deref())?;
+    let key = a.secrets.key(spec.key_secret.as_deref())?;
+    let mut opts =
+        vdisk::OpenOptions::new().read_only(!a.write).key_opt(key).cache(cache).backing(vdisk::BackingPolicy::Follow);
+    match spec.format.as_deref() {
+        Some(f) => opts = opts.format(vdisk::Format::from_name(f)?),
+        None => opts = opts.probe(true),
+    }
+    let img = opts.open(&spec.path)?;
     let size = img.size();
     if offset.checked_add(bufsize).is_none_or(|e| e > size) {
         return Err(Error::invalid_argument(format!(
