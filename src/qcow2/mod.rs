@@ -105,6 +105,8 @@ pub struct Qcow2 {
     key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
     alloc: Option<Mutex<AllocState>>,
+    /// Data was overwritten in place since the last flush.
+    data_unsynced: AtomicBool,
     /// Signalled when in-flight allocations complete.
     alloc_cv: Condvar,
     /// Host ranges of fixed metadata (header, L1, refcount table, snapshots).
@@ -287,6 +289,7 @@ impl Qcow2 {
             crypt,
             alloc,
             alloc_cv: Condvar::new(),
+            data_unsynced: AtomicBool::new(false),
             reserved: RwLock::new(reserved),
             read_only,
             size: AtomicU64::new(h.size),
