@@ -306,7 +306,7 @@ mod tests {
         let b = Raw::create(Arc::new(MemStorage::new()), 5 << 20).unwrap();
         let opts = ConvertOptions { unit: 1 << 20, ..Default::default() };
         let w = convert(&a, &b, &opts).unwrap();
-        assert!(w >= 10003 && w < 20000, "{w}");
+        assert!((10003..20000).contains(&w), "{w}");
         assert_eq!(compare(&a, &b, false).unwrap(), None);
         b.write_at(&[1], 4 << 20).unwrap();
         assert_eq!(compare(&a, &b, false).unwrap(), Some(4 << 20));

@@ -504,3 +504,29 @@ mod tests {
         assert!(Format::from_name("vhdx").is_err());
     }
 }
+
+#[cfg(test)]
+mod cursor_tests {
+    use super::*;
+    use crate::raw::Raw;
+    use crate::storage::MemStorage;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    #[test]
+    fn cursor_reads_writes_and_seeks() {
+        let dev = Raw::create(Arc::new(MemStorage::new()), 100).unwrap();
+        let mut c = DeviceCursor::new(dev);
+        c.write_all(b"hello").unwrap();
+        assert_eq!(c.position(), 5);
+        c.seek(SeekFrom::End(-2)).unwrap();
+        c.write_all(b"!!").unwrap();
+        assert!(c.write(b"x").is_err(), "writing past the end fails");
+        c.seek(SeekFrom::Start(0)).unwrap();
+        let mut all = Vec::new();
+        c.read_to_end(&mut all).unwrap();
+        assert_eq!(all.len(), 100);
+        assert_eq!(&all[..5], b"hello");
+        assert_eq!(&all[98..], b"!!");
+        assert!(c.seek(SeekFrom::Current(-1000)).is_err());
+    }
+}

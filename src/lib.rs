@@ -52,6 +52,7 @@
 
 pub mod convert;
 pub mod device;
+pub mod direct;
 pub mod error;
 pub mod limits;
 pub mod lock;
@@ -69,7 +70,7 @@ pub mod vmdk;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockMode;
-pub use open::{open, BackingPolicy, Image, OpenOptions};
+pub use open::{open, BackingPolicy, CacheMode, Image, OpenOptions};
 pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;

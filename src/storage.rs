@@ -324,11 +324,17 @@ impl Storage for FileStorage {
 /// An optional length limit makes writes or `set_len` beyond it fail with
 /// [`ErrorKind::LimitExceeded`], so a fuzz target cannot be driven into
 /// allocating without bound.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemStorage {
     data: RwLock<Vec<u8>>,
     limit: u64,
     read_only: bool,
+}
+
+impl Default for MemStorage {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemStorage {

@@ -291,6 +291,27 @@ pub fn flock(fd: BorrowedFd<'_>, exclusive: bool) -> io::Result<()> {
     }
 }
 
+/// Broken-down local time: (year, month 1-12, day, hour, minute, second).
+pub fn local_time(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
+    let t = secs as libc::time_t;
+    // SAFETY: libc::tm is a plain C struct; all-zero bytes are a valid value.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    // SAFETY: localtime_r reads `t` and writes `tm`, both live on this stack
+    // frame for the whole call; it is the thread-safe variant.
+    let r = unsafe { libc::localtime_r(&t as *const libc::time_t, &mut tm as *mut libc::tm) };
+    if r.is_null() {
+        return (1970, 1, 1, 0, 0, 0);
+    }
+    (
+        tm.tm_year + 1900,
+        (tm.tm_mon + 1) as u32,
+        tm.tm_mday as u32,
+        tm.tm_hour as u32,
+        tm.tm_min as u32,
+        tm.tm_sec as u32,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,25 +333,4 @@ mod tests {
         let st = fs_stats(f.as_fd()).unwrap();
         assert!(st.capacity >= st.free && st.free >= st.available);
     }
-}
-
-/// Broken-down local time: (year, month 1-12, day, hour, minute, second).
-pub fn local_time(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
-    let t = secs as libc::time_t;
-    // SAFETY: libc::tm is a plain C struct; all-zero bytes are a valid value.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    // SAFETY: localtime_r reads `t` and writes `tm`, both live on this stack
-    // frame for the whole call; it is the thread-safe variant.
-    let r = unsafe { libc::localtime_r(&t as *const libc::time_t, &mut tm as *mut libc::tm) };
-    if r.is_null() {
-        return (1970, 1, 1, 0, 0, 0);
-    }
-    (
-        tm.tm_year + 1900,
-        (tm.tm_mon + 1) as u32,
-        tm.tm_mday as u32,
-        tm.tm_hour as u32,
-        tm.tm_min as u32,
-        tm.tm_sec as u32,
-    )
 }

@@ -187,3 +187,25 @@ fn snapshot_cli() {
     ok(&["snapshot", "-d", "clean install", i]);
     assert_qemu_clean(&img, "qcow2");
 }
+
+#[test]
+fn bench_runs_qemu_img_bench_workloads() {
+    let dir = tmp();
+    let img = p(dir.path(), "b.qcow2");
+    let i = img.to_str().unwrap();
+    ok(&["create", "-q", "-f", "qcow2", i, "8M"]);
+    let out = ok(&["bench", "-c", "500", "-d", "4", "-w", "-S", "8k", "--pattern", "0x5a", i]);
+    assert!(
+        out.starts_with(
+            "Sending 500 write requests, 4096 bytes each, 4 in parallel (starting at offset 0, step size 8192)"
+        ),
+        "{out}"
+    );
+    assert!(out.contains("Run completed in "), "{out}");
+    // The writes landed where qemu-img bench would have put them.
+    let out = ok(&["io", "-r", "-c", "read -P 0x5a 8k 4k", "-c", "read -P 0 4k 4k", i]);
+    assert_eq!(out.matches("read 4096/4096").count(), 2, "{out}");
+    let (code, _, err) = vdisk(&["bench", "-d", "8", "--flush-interval", "4", "-w", i]);
+    assert_eq!(code, 1);
+    assert!(err.contains("flush interval"), "{err}");
+}

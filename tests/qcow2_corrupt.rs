@@ -38,10 +38,13 @@ enum Expect {
     OpenRw(ErrorKind),
 }
 
+/// Computes (offset, bytes) edits from the original image.
+type Edit = fn(&[u8]) -> Vec<(usize, Vec<u8>)>;
+
 struct Poke {
     name: &'static str,
-    /// (offset, bytes) computed from the original image.
-    edit: fn(&[u8]) -> Vec<(usize, Vec<u8>)>,
+    /// The edits.
+    edit: Edit,
     expect: Expect,
 }
 

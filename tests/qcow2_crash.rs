@@ -53,12 +53,12 @@ struct Progress {
 
 /// The workload. Returns Err when the storage failed (the "crash").
 fn workload(q: &Qcow2, model: &mut Model, prog: &mut Progress, snapshots: bool) -> vdisk::Result<()> {
-    let mut step = |q: &Qcow2,
-                    model: &mut Model,
-                    prog: &mut Progress,
-                    off: u64,
-                    data: Option<Vec<u8>>,
-                    len: u64|
+    let step = |q: &Qcow2,
+                model: &mut Model,
+                prog: &mut Progress,
+                off: u64,
+                data: Option<Vec<u8>>,
+                len: u64|
      -> vdisk::Result<()> {
         prog.touched.push((off, len));
         match data {
@@ -82,6 +82,10 @@ fn workload(q: &Qcow2, model: &mut Model, prog: &mut Progress, snapshots: bool) 
     // Partial-cluster writes copy on write from the backing file.
     step(q, model, prog, 700, Some(pattern(1, 300)), 300)?;
     step(q, model, prog, 100_000, Some(pattern(2, 5000)), 5000)?;
+    flush(q, model, prog)?;
+    // An overwrite in place (no metadata changes) must be durable after
+    // the next flush too.
+    step(q, model, prog, 800, Some(pattern(9, 100)), 100)?;
     flush(q, model, prog)?;
     // Many clusters: the refcount table grows and moves.
     step(q, model, prog, 1 << 20, Some(pattern(3, 1 << 20)), 1 << 20)?;

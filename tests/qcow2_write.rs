@@ -490,3 +490,92 @@ fn in_memory_images() {
     let _ = BackingPolicy::Never;
     let _ = Path::new("");
 }
+
+#[test]
+fn file_does_not_grow_under_overwrite_and_discard_churn() {
+    // Freed clusters are reused (after the flush that makes their release
+    // safe), so rounds of write, discard and flush keep the file bounded.
+    let dir = tmp();
+    let img = p(dir.path(), "churn.qcow2");
+    let mut o = CreateOptions::new(64 << 20);
+    o.cluster_size = 4096;
+    let q = Qcow2::create_file(&img, &o).unwrap();
+    let mut sizes = Vec::new();
+    for round in 0..20u64 {
+        let off = (round % 4) * (8 << 20);
+        q.write_at(&pattern(round, 4 << 20), off).unwrap();
+        q.flush().unwrap();
+        q.discard(off, 4 << 20).unwrap();
+        q.flush().unwrap();
+        sizes.push(std::fs::metadata(&img).unwrap().len());
+    }
+    let first = sizes[3];
+    assert!(sizes.iter().all(|&s| s <= first + (1 << 20)), "file grows: {sizes:?}");
+    q.close().unwrap();
+    if have_qemu() {
+        assert_qemu_clean(&img, "qcow2");
+    }
+}
+
+#[test]
+fn cow_of_a_snapshot_shared_cluster_costs_one_read_and_one_write() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    #[derive(Debug, Default)]
+    struct Counting {
+        inner: vdisk::MemStorage,
+        reads: AtomicU64,
+        writes: AtomicU64,
+        read_bytes: AtomicU64,
+        write_bytes: AtomicU64,
+    }
+    impl vdisk::Storage for Counting {
+        fn read_at(&self, buf: &mut [u8], off: u64) -> vdisk::Result<()> {
+            self.reads.fetch_add(1, Ordering::Relaxed);
+            self.read_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.inner.read_at(buf, off)
+        }
+        fn write_at(&self, buf: &[u8], off: u64) -> vdisk::Result<()> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.write_bytes.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            self.inner.write_at(buf, off)
+        }
+        fn len(&self) -> vdisk::Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, l: u64) -> vdisk::Result<()> {
+            self.inner.set_len(l)
+        }
+        fn sync(&self) -> vdisk::Result<()> {
+            Ok(())
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+    let st = Arc::new(Counting::default());
+    let q = Qcow2::create(st.clone(), &CreateOptions::new(8 << 20), Default::default()).unwrap();
+    q.write_at(&pattern(1, 1 << 20), 0).unwrap();
+    q.snapshot_create("s").unwrap();
+    // Warm the L2 table, then count one 4 KiB write into a shared cluster.
+    let mut b = [0u8; 4096];
+    q.read_at(&mut b, 65536).unwrap();
+    let (r0, w0, rb0, wb0) = (
+        st.reads.load(Ordering::Relaxed),
+        st.writes.load(Ordering::Relaxed),
+        st.read_bytes.load(Ordering::Relaxed),
+        st.write_bytes.load(Ordering::Relaxed),
+    );
+    q.write_at(&[7u8; 4096], 65536 + 4096).unwrap();
+    let reads = st.reads.load(Ordering::Relaxed) - r0;
+    let writes = st.writes.load(Ordering::Relaxed) - w0;
+    let read_bytes = st.read_bytes.load(Ordering::Relaxed) - rb0;
+    let write_bytes = st.write_bytes.load(Ordering::Relaxed) - wb0;
+    assert!(reads <= 1 && read_bytes <= 65536, "{reads} reads of {read_bytes} bytes");
+    assert!(writes == 1 && write_bytes <= 65536, "{writes} writes of {write_bytes} bytes");
+    // The snapshot still has the old data; the image the new.
+    let view = q.snapshot_view("s").unwrap();
+    view.read_at(&mut b, 65536 + 4096).unwrap();
+    assert_eq!(&b[..], &pattern(1, 1 << 20)[65536 + 4096..65536 + 8192]);
+    q.read_at(&mut b, 65536 + 4096).unwrap();
+    assert_eq!(b, [7u8; 4096]);
+}

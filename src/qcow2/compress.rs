@@ -19,8 +19,24 @@ pub fn decompress(ty: CompressionType, input: &[u8], out: &mut [u8]) -> Result<(
     }
 }
 
+thread_local! {
+    /// One inflater per thread, reset between clusters (setting one up
+    /// allocates its window and tables).
+    static INFLATER: std::cell::RefCell<Option<Decompress>> = const { std::cell::RefCell::new(None) };
+    /// One zstd decoding context per thread.
+    static ZSTD: std::cell::RefCell<Option<zstd::stream::raw::Decoder<'static>>> = const { std::cell::RefCell::new(None) };
+}
+
 fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
-    let mut d = Decompress::new(false);
+    INFLATER.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        let d = slot.get_or_insert_with(|| Decompress::new(false));
+        d.reset(false);
+        inflate_with(d, input, out)
+    })
+}
+
+fn inflate_with(d: &mut Decompress, input: &[u8], out: &mut [u8]) -> Result<()> {
     let status = d.decompress(input, out, FlushDecompress::Finish);
     let produced = d.total_out() as usize;
     match status {
@@ -33,8 +49,20 @@ fn inflate(input: &[u8], out: &mut [u8]) -> Result<()> {
 }
 
 fn unzstd(input: &[u8], out: &mut [u8]) -> Result<()> {
-    use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
-    let mut dec = Decoder::new().map_err(|e| Error::internal(format!("zstd decoder: {e}")))?;
+    use zstd::stream::raw::{Decoder, Operation};
+    ZSTD.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(Decoder::new().map_err(|e| Error::internal(format!("zstd decoder: {e}")))?);
+        }
+        let dec = slot.as_mut().ok_or_else(|| Error::internal("zstd decoder missing"))?;
+        dec.reinit().map_err(|e| Error::internal(format!("zstd decoder reset: {e}")))?;
+        unzstd_with(dec, input, out)
+    })
+}
+
+fn unzstd_with(dec: &mut zstd::stream::raw::Decoder<'static>, input: &[u8], out: &mut [u8]) -> Result<()> {
+    use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
     let mut inb = InBuffer::around(input);
     let mut outb = OutBuffer::around(out);
     // Each call makes progress on input or output; stop when the cluster is

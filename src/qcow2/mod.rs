@@ -105,6 +105,8 @@ pub struct Qcow2 {
     key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
     alloc: Option<Mutex<AllocState>>,
+    /// Data was overwritten in place since the last flush.
+    data_unsynced: AtomicBool,
     /// Signalled when in-flight allocations complete.
     alloc_cv: Condvar,
     /// Host ranges of fixed metadata (header, L1, refcount table, snapshots).
@@ -287,6 +289,7 @@ impl Qcow2 {
             crypt,
             alloc,
             alloc_cv: Condvar::new(),
+            data_unsynced: AtomicBool::new(false),
             reserved: RwLock::new(reserved),
             read_only,
             size: AtomicU64::new(h.size),
@@ -461,6 +464,13 @@ impl Qcow2 {
         })
     }
 
+    /// Decompresses the cluster at `host` into `out` (one cluster).
+    fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
+        let mut input = vec![0u8; len as usize];
+        self.file.read_at(&mut input, host)?;
+        compress::decompress(self.compression, &input, out).map_err(|e| self.err(e.with_offset(host)))
+    }
+
     /// Reads a compressed cluster (whole), from the small cache if possible.
     fn read_compressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
         {
@@ -543,9 +553,15 @@ impl Qcow2 {
                 Mapping::Zero { .. } => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(chunk, guest)?,
                 Mapping::Compressed { host, len } => {
-                    let data = self.read_compressed(host, len)?;
-                    let in_cluster = (guest & (self.geo.cluster_size() - 1)) as usize;
-                    chunk.copy_from_slice(&data[in_cluster..in_cluster + n]);
+                    let cs = self.geo.cluster_size() as usize;
+                    let in_cluster = (guest & (cs as u64 - 1)) as usize;
+                    if in_cluster == 0 && n == cs {
+                        // A whole cluster: decompress straight into place.
+                        self.decompress_into(host, len, chunk)?;
+                    } else {
+                        let data = self.read_compressed(host, len)?;
+                        chunk.copy_from_slice(&data[in_cluster..in_cluster + n]);
+                    }
                 }
             }
             pos += n;

@@ -305,7 +305,6 @@ impl Refcounts {
 
     /// Puts a new all-zero block at `off` into the cache (dirty); the
     /// caller links it into the table.
-
     pub fn insert_new_block(&mut self, file: &dyn Storage, off: u64) -> Result<()> {
         if self.blocks.len() >= self.capacity {
             self.evict(file)?;
@@ -493,7 +492,7 @@ mod tests {
     fn entries_of_every_width() {
         for order in 0..=6u32 {
             let mut block = vec![0u8; 512];
-            let n = 512 * 8 >> order;
+            let n = (512 * 8) >> order;
             let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
             for i in 0..n {
                 set_entry(&mut block, order, i, (i as u64 * 7 + 3) & max);

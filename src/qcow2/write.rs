@@ -454,6 +454,11 @@ impl Qcow2 {
                 if !self.encrypted() {
                     if let Some((host, n)) = self.overwrite_run(guest, rem)? {
                         self.data.write_at(&buf[pos..pos + n as usize], host)?;
+                        // The next flush must sync this data, although no
+                        // metadata changed.
+                        if !self.data_unsynced.load(std::sync::atomic::Ordering::Relaxed) {
+                            self.data_unsynced.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
                         pos += n as usize;
                         continue;
                     }
@@ -927,6 +932,9 @@ impl Qcow2 {
         let file = &*self.file;
         let l2_dirty = self.map.read().l2.dirty_tables();
         let rc_dirty = a.rc.is_dirty();
+        if self.data_unsynced.swap(false, std::sync::atomic::Ordering::AcqRel) {
+            a.data_written = true;
+        }
         if !(a.data_written || rc_dirty || !l2_dirty.is_empty() || a.l1_dirty) {
             return Ok(());
         }

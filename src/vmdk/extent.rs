@@ -63,7 +63,7 @@ pub(crate) fn read_embedded(file: &dyn Storage, h: &SparseHeader) -> Result<Embe
         .checked_mul(SECTOR)
         .ok_or_else(|| Error::invalid("descriptor offset overflows").with_field("descriptorOffset"))?;
     let flen = file.len()?;
-    if off.checked_add(size).map_or(true, |e| e > flen) {
+    if off.checked_add(size).is_none_or(|e| e > flen) {
         return Err(Error::invalid(format!(
             "embedded descriptor at byte {off:#x} ({size} bytes) runs past the end of the file ({flen} bytes)"
         ))

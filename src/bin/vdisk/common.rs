@@ -171,34 +171,6 @@ pub fn progress_printer(enabled: bool) -> impl Fn(u64, u64) + Sync {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("512").unwrap(), 512);
-        assert_eq!(parse_size("64k").unwrap(), 65536);
-        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
-        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
-        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
-        assert!(parse_size("1.0000001k").is_err());
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("99999999999E").is_err());
-    }
-
-    #[test]
-    fn human() {
-        assert_eq!(human_size(0), "0 B");
-        assert_eq!(human_size(4194304), "4 MiB");
-        assert_eq!(human_size(344064), "336 KiB");
-        assert_eq!(human_size(3 << 29), "1.5 GiB");
-        assert_eq!(human_size(1000), "0.977 KiB");
-        assert_eq!(human_size(999), "999 B");
-    }
-}
-
 /// Opens an image named on the command line (a path, or `--image-opts`),
 /// with the passphrase its secret options select.
 pub fn open_arg(
@@ -249,4 +221,32 @@ pub fn open_inspect(
     }
     let img = opts.open(&spec.path)?;
     Ok((spec.path, img))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512").unwrap(), 512);
+        assert_eq!(parse_size("64k").unwrap(), 65536);
+        assert_eq!(parse_size("1M").unwrap(), 1 << 20);
+        assert_eq!(parse_size("2G").unwrap(), 2 << 30);
+        assert_eq!(parse_size("1.5G").unwrap(), 3 << 29);
+        assert_eq!(parse_size("8GiB").unwrap(), 8 << 30);
+        assert!(parse_size("1.0000001k").is_err());
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("99999999999E").is_err());
+    }
+
+    #[test]
+    fn human() {
+        assert_eq!(human_size(0), "0 B");
+        assert_eq!(human_size(4194304), "4 MiB");
+        assert_eq!(human_size(344064), "336 KiB");
+        assert_eq!(human_size(3 << 29), "1.5 GiB");
+        assert_eq!(human_size(1000), "0.977 KiB");
+        assert_eq!(human_size(999), "999 B");
+    }
 }

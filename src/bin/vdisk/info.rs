@@ -227,8 +227,8 @@ fn print_human(l: &Layer) {
             println!("    parent cid: {}", v.parent_cid);
             println!("    create type: {}", v.create_type);
             println!("    extents:");
-            for e in &v.extents {
-                println!("        [{}]:", "0");
+            for (i, e) in v.extents.iter().enumerate() {
+                println!("        [{i}]:");
                 println!("            virtual size: {}", e.virtual_size);
                 println!("            filename: {}", e.filename);
                 if let Some(c) = e.cluster_size {

@@ -1,5 +1,6 @@
 //! `vdisk`: disk images from the command line, in the spirit of `qemu-img`.
 
+mod bench;
 mod check;
 mod common;
 mod compare;
@@ -48,6 +49,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Run the workloads of qemu-img bench.
+    Bench(bench::BenchArgs),
     #[command(flatten)]
     Pool(pool::PoolCmd),
     #[command(flatten)]
@@ -66,6 +69,7 @@ fn main() {
         Cmd::Resize(a) => (resize::run(a), 1),
         Cmd::Io(a) => (io::run(a), 1),
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
+        Cmd::Bench(a) => (bench::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, cli.config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, cli.config_dir.as_ref())),
     };

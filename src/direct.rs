@@ -1,0 +1,248 @@
+//! Host files opened with `O_DIRECT` (QEMU's `cache=none`): I/O bypasses
+//! the page cache. The kernel wants offsets, lengths and buffers aligned to
+//! the device's block size; [`DirectFile`] aligns everything to 4 KiB with
+//! bounce buffers, and serializes the read-modify-write of partial blocks so
+//! concurrent writers to one block do not lose each other's bytes.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+use crate::sys;
+
+/// Alignment of offsets, lengths and buffers.
+pub const ALIGN: u64 = 4096;
+const STRIPES: usize = 64;
+
+/// A heap buffer whose usable part starts on an [`ALIGN`] boundary.
+struct Aligned {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl Aligned {
+    fn new(len: usize) -> Aligned {
+        let raw = vec![0u8; len + ALIGN as usize];
+        let start = (ALIGN as usize - (raw.as_ptr() as usize % ALIGN as usize)) % ALIGN as usize;
+        Aligned { raw, start, len }
+    }
+    fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+    fn as_mut(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
+/// A file opened with `O_DIRECT`.
+#[derive(Debug)]
+pub struct DirectFile {
+    file: File,
+    path: PathBuf,
+    read_only: bool,
+    /// Serialize read-modify-write of partial blocks (by block number).
+    stripes: Vec<Mutex<()>>,
+    /// Serializes writes that extend the file.
+    grow: Mutex<()>,
+}
+
+impl DirectFile {
+    /// Opens an existing file with `O_DIRECT`.
+    pub fn open(path: impl AsRef<Path>, read_only: bool) -> Result<DirectFile> {
+        let path = path.as_ref();
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .map_err(|e| Error::io("cannot open file with O_DIRECT", e).with_path(path))?;
+        Ok(DirectFile {
+            file,
+            path: path.to_path_buf(),
+            read_only,
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            grow: Mutex::new(()),
+        })
+    }
+
+    fn err(&self, what: &str, e: std::io::Error, offset: u64) -> Error {
+        Error::io(what.to_string(), e).with_path(&self.path).with_offset(offset)
+    }
+
+    /// Reads `[a0, a0 + buf.len())`, all aligned, zero-filling past EOF.
+    fn read_aligned(&self, buf: &mut [u8], a0: u64) -> Result<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            match self.file.read_at(&mut buf[done..], a0 + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return Ok(());
+                }
+                // A short read at EOF may end unaligned; the rest is zeros.
+                Ok(n) if n % ALIGN as usize != 0 => {
+                    buf[done + n..].fill(0);
+                    return Ok(());
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.err("O_DIRECT read failed", e, a0 + done as u64)),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn span(offset: u64, len: usize) -> Result<(u64, u64)> {
+    let end = offset.checked_add(len as u64).ok_or_else(|| Error::invalid_argument("offset overflows"))?;
+    Ok((offset & !(ALIGN - 1), end.div_ceil(ALIGN) * ALIGN))
+}
+
+impl Drop for DirectFile {
+    /// Releases QEMU-style image locks (taken by `OpenOptions::open`) before
+    /// the descriptor closes; see `FileStorage`'s `Drop`.
+    fn drop(&mut self) {
+        crate::lock::release(&self.file);
+    }
+}
+
+impl Storage for DirectFile {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (a0, a1) = span(offset, buf.len())?;
+        let mut b = Aligned::new((a1 - a0) as usize);
+        self.read_aligned(b.as_mut(), a0)?;
+        let s = (offset - a0) as usize;
+        buf.copy_from_slice(&b.as_slice()[s..s + buf.len()]);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("write").with_path(&self.path));
+        }
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let (a0, a1) = span(offset, buf.len())?;
+        let end = offset + buf.len() as u64;
+        let partial = a0 != offset || a1 != end;
+        // Lock the stripes of partial edge blocks, in order.
+        let mut idx: Vec<usize> = if partial {
+            [a0 / ALIGN, (a1 - 1) / ALIGN].iter().map(|&b| (b % STRIPES as u64) as usize).collect()
+        } else {
+            Vec::new()
+        };
+        idx.sort_unstable();
+        idx.dedup();
+        let _guards: Vec<_> = idx.iter().map(|&i| self.stripes[i].lock()).collect();
+        // Writes that reach past the end are serialized, and see the length
+        // they will extend.
+        let _grow = if a1 > self.len()? { Some(self.grow.lock()) } else { None };
+        let old_len = self.len()?;
+        let mut b = Aligned::new((a1 - a0) as usize);
+        if partial {
+            self.read_aligned(b.as_mut(), a0)?;
+        }
+        let s = (offset - a0) as usize;
+        b.as_mut()[s..s + buf.len()].copy_from_slice(buf);
+        self.file.write_all_at(b.as_slice(), a0).map_err(|e| self.err("O_DIRECT write failed", e, a0))?;
+        if a1 > old_len.max(end) {
+            // The aligned write went past the intended end: cut it back.
+            let len_now = self.len()?;
+            let want = old_len.max(end);
+            if len_now > want {
+                self.file.set_len(want).map_err(|e| self.err("truncate failed", e, want))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> Result<u64> {
+        Ok(self.file.metadata().map_err(|e| self.err("stat failed", e, 0))?.len())
+    }
+
+    fn set_len(&self, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("truncate").with_path(&self.path));
+        }
+        let _g = self.grow.lock();
+        self.file.set_len(len).map_err(|e| self.err("truncate failed", e, len))
+    }
+
+    fn sync(&self) -> Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data().map_err(|e| self.err("fsync failed", e, 0))
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("discard").with_path(&self.path));
+        }
+        sys::punch_hole(self.file.as_fd(), offset, len).map_err(|e| self.err("punching a hole failed", e, offset))
+    }
+
+    fn allocate(&self, offset: u64, len: u64) -> Result<()> {
+        if self.read_only {
+            return Err(Error::read_only("preallocate").with_path(&self.path));
+        }
+        sys::fallocate(self.file.as_fd(), offset, len).map_err(|e| self.err("fallocate failed", e, offset))
+    }
+
+    fn allocated_bytes(&self) -> Option<u64> {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().ok().map(|m| m.blocks().saturating_mul(512))
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    fn path(&self) -> Option<&Path> {
+        Some(&self.path)
+    }
+
+    fn file(&self) -> Option<&File> {
+        Some(&self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unaligned_io_round_trips() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        std::fs::write(&p, vec![1u8; 10_000]).unwrap();
+        let d = match DirectFile::open(&p, false) {
+            Ok(d) => d,
+            // tmpfs and some filesystems refuse O_DIRECT.
+            Err(_) => return,
+        };
+        d.write_at(&[7u8; 100], 4090).unwrap();
+        let mut b = [0u8; 120];
+        d.read_at(&mut b, 4080).unwrap();
+        assert_eq!(&b[..10], &[1u8; 10]);
+        assert_eq!(&b[10..110], &[7u8; 100]);
+        assert_eq!(&b[110..], &[1u8; 10]);
+        // Writing past the end grows the file to exactly the write's end.
+        d.write_at(&[9u8; 10], 10_000).unwrap();
+        assert_eq!(d.len().unwrap(), 10_010);
+        let mut t = [0u8; 20];
+        d.read_at(&mut t, 9_995).unwrap();
+        assert_eq!(&t[..5], &[1u8; 5]);
+        assert_eq!(&t[5..15], &[9u8; 10]);
+        assert_eq!(&t[15..], &[0u8; 5]);
+    }
+}
