@@ -579,3 +579,21 @@ fn cow_of_a_snapshot_shared_cluster_costs_one_read_and_one_write() {
     q.read_at(&mut b, 65536 + 4096).unwrap();
     assert_eq!(b, [7u8; 4096]);
 }
+
+#[test]
+fn small_clusters_with_a_large_l1_table() {
+    // 512-byte clusters and 1 GiB: the L1 table spans more than one refcount
+    // block's range, which is all metadata.
+    let dir = tmp();
+    let img = p(dir.path(), "big-l1.qcow2");
+    let mut o = CreateOptions::new(1 << 30);
+    o.cluster_size = 512;
+    let q = Qcow2::create_file(&img, &o).unwrap();
+    q.write_at(&[3u8; 5000], (1 << 30) - 5000).unwrap();
+    q.close().unwrap();
+    if have_qemu() {
+        assert_qemu_clean(&img, "qcow2");
+        let out = run("qemu-io", &["-c", "read -P 3 1073736824 5000", img.to_str().unwrap()]);
+        assert!(!out.contains("fail"), "{out}");
+    }
+}

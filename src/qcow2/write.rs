@@ -239,8 +239,20 @@ impl Qcow2 {
         if !a.rc.covers(c) {
             self.grow_reftable(a, c)?;
         }
-        a.rc.ensure_blocks(&*self.file, c, 1)?;
-        a.rc.add(&*self.file, c, 1)?;
+        let file = &*self.file;
+        let ti = c / a.rc.entries_per_block();
+        if a.rc.table.get(ti as usize).is_some_and(|&e| e == 0) {
+            // The block goes wherever the allocator finds room: the range
+            // itself may be all metadata (a large L1 table of small clusters).
+            let off = self.alloc_clusters(a, 1)?;
+            if a.rc.table.get(ti as usize).is_some_and(|&e| e == 0) {
+                a.rc.create_block_at(file, ti, off)?;
+            } else {
+                // The allocation created that block itself.
+                a.rc.add(file, off >> self.geo.cluster_bits, -1)?;
+            }
+        }
+        a.rc.add(file, c, 1)?;
         Ok(())
     }
 
