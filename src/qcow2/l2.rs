@@ -312,6 +312,38 @@ impl L2Table {
     }
 }
 
+/// Hashes table offsets (cluster-aligned u64s) with one multiplication: the
+/// cache is looked up on every guest request, and keys come from the image's
+/// own L1 table, where collisions cost only a longer probe.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OffsetHash;
+
+/// The hasher of [`OffsetHash`].
+#[derive(Debug, Default)]
+pub struct OffsetHasher(u64);
+
+impl std::hash::Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        // Fibonacci hashing; the high bits end up well mixed.
+        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+impl std::hash::BuildHasher for OffsetHash {
+    type Hasher = OffsetHasher;
+    fn build_hasher(&self) -> OffsetHasher {
+        OffsetHasher(0)
+    }
+}
+
 /// A bounded cache of L2 tables keyed by host offset.
 ///
 /// Lookups take `&self` (the caller holds a read lock on the image's mapping
@@ -320,7 +352,7 @@ impl L2Table {
 /// cache may briefly exceed its capacity while many tables are dirty.
 #[derive(Debug)]
 pub struct L2Cache {
-    tables: HashMap<u64, Arc<L2Table>>,
+    tables: HashMap<u64, Arc<L2Table>, OffsetHash>,
     capacity: usize,
     tick: AtomicU64,
     /// Bumped whenever a table leaves the cache; a reader that loaded a
@@ -332,7 +364,7 @@ impl L2Cache {
     /// A cache holding at most `capacity` clean tables (at least 2).
     pub fn new(capacity: usize) -> Self {
         L2Cache {
-            tables: HashMap::new(),
+            tables: HashMap::with_hasher(OffsetHash),
             capacity: capacity.max(crate::limits::QCOW2_MIN_L2_CACHE_TABLES),
             tick: AtomicU64::new(1),
             generation: 0,
