@@ -332,8 +332,11 @@ impl std::hash::Hasher for OffsetHasher {
         }
     }
     fn write_u64(&mut self, v: u64) {
-        // Fibonacci hashing; the high bits end up well mixed.
-        self.0 = (v ^ (v >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        // Fibonacci hashing mixes the high bits; folding them down mixes the
+        // low ones too (offsets end in many zero bits, and the table indexes
+        // buckets by the low bits).
+        let x = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        self.0 = x ^ (x >> 31);
     }
 }
 
@@ -515,6 +518,18 @@ mod tests {
         assert!(bad.mapping(&g, 5, 0).is_err());
         let bad = L2Entry { word: 0, bitmap: 1 };
         assert!(bad.mapping(&g, 5, 0).is_err());
+    }
+
+    #[test]
+    fn offset_hash_spreads_aligned_offsets() {
+        use std::hash::{BuildHasher, Hasher};
+        let mut buckets = std::collections::HashSet::new();
+        for i in 0..1024u64 {
+            let mut h = OffsetHash.build_hasher();
+            h.write_u64(i << 16);
+            buckets.insert(h.finish() & 1023);
+        }
+        assert!(buckets.len() > 500, "{} buckets used of 1024", buckets.len());
     }
 
     #[test]
