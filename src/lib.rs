@@ -53,6 +53,8 @@
 pub mod convert;
 pub mod device;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod open;
 pub mod probe;
