@@ -14,4 +14,4 @@ esac
 mkdir -p "corpus-work/$t"
 exec cargo +nightly fuzz run -O "$t" "corpus-work/$t" "corpus/$t" -- \
     -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 \
-    -max_len="$max_len" -print_final_stats=1 "$@"
+    -max_len="$max_len" -print_final_stats=1 -fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 "$@"

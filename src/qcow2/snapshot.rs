@@ -251,6 +251,41 @@ mod tests {
         assert_eq!(len as usize, enc.len());
     }
 
+    /// Found by fuzzing (open_qcow2): an entry without the 16 bytes of
+    /// extra data that hold the disk size was written back with a disk
+    /// size of 0 by the next snapshot operation, so applying it later
+    /// shrank the image to nothing.
+    #[test]
+    fn entry_without_disk_size_keeps_the_image_size() {
+        use crate::qcow2::create::CreateOptions;
+        use crate::qcow2::{Qcow2, Qcow2Options};
+        use std::sync::Arc;
+        let m = Arc::new(MemStorage::new());
+        let mut o = CreateOptions::new(1 << 20);
+        o.version = 2;
+        let q = Qcow2::create(m.clone(), &o, Qcow2Options::default()).unwrap();
+        q.snapshot_create("old").unwrap();
+        q.close().unwrap();
+        // Cut the entry's extra data to the 8 bytes of old QEMU versions.
+        let h = Qcow2::read_header(&*m).unwrap();
+        let off = h.snapshots_offset;
+        let mut e = [0u8; 128];
+        m.read_at(&mut e, off).unwrap();
+        // Entry: 40 fixed bytes, 24 of extra data, then "1" and "old".
+        let tail: Vec<u8> = e[40 + 24..40 + 24 + 4].to_vec();
+        BigEndian::write_u32(&mut e[36..40], 8);
+        e[40 + 8..40 + 8 + 4].copy_from_slice(&tail);
+        m.write_at(&e, off).unwrap();
+        let q = Qcow2::open(m.clone(), Qcow2Options::default()).unwrap();
+        assert_eq!(q.snapshots()[0].disk_size, Some(1 << 20));
+        q.snapshot_create("new").unwrap();
+        q.close().unwrap();
+        let q = Qcow2::open(m, Qcow2Options::default()).unwrap();
+        let s = q.snapshots();
+        assert_eq!(s[0].name, "old");
+        assert_eq!(s[0].disk_size, Some(1 << 20));
+    }
+
     #[test]
     fn too_much_extra() {
         let mut f = [0u8; 48];
