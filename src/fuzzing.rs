@@ -289,13 +289,9 @@ fn snapshot_table_roundtrip(q: &Qcow2, file: &dyn Storage, h: &Header) {
     let m = MemStorage::new();
     let off = h.cluster_size();
     m.write_at(&bytes, off).expect("memory write");
-    let (back, len) = crate::qcow2::snapshot::read_table(
-        &m,
-        off,
-        snaps.len() as u32,
-        h.cluster_size(),
-    )
-    .unwrap_or_else(|e| panic!("an encoded snapshot table does not read again: {e}"));
+    let (back, len) =
+        crate::qcow2::snapshot::read_table(&m, off, snaps.len() as u32, h.cluster_size())
+            .unwrap_or_else(|e| panic!("an encoded snapshot table does not read again: {e}"));
     assert_eq!(len as usize, bytes.len());
     let size = q.size();
     for (a, b) in snaps.iter().zip(&back) {
@@ -392,7 +388,10 @@ pub fn open_vmdk(data: &[u8]) {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
         ro_files.get(&name).cloned().ok_or_else(|| {
-            crate::Error::new(ErrorKind::NotFound, format!("no file '{name}' in the input"))
+            crate::Error::new(
+                ErrorKind::NotFound,
+                format!("no file '{name}' in the input"),
+            )
         })
     };
     let parent = Vmdk::read_descriptor(&*main)
@@ -423,7 +422,10 @@ pub fn open_vmdk(data: &[u8]) {
             .get(&name)
             .map(|m| m.clone() as Arc<dyn Storage>)
             .ok_or_else(|| {
-                crate::Error::new(ErrorKind::NotFound, format!("no file '{name}' in the input"))
+                crate::Error::new(
+                    ErrorKind::NotFound,
+                    format!("no file '{name}' in the input"),
+                )
             })
     };
     let opts = VmdkOptions {
@@ -1017,7 +1019,11 @@ pub fn qcow2_ops(data: &[u8]) {
         return;
     }
     ops.verify(0, size, "after the final reopen");
-    let snaps = ops.model.as_ref().map(|m| m.snaps.clone()).unwrap_or_default();
+    let snaps = ops
+        .model
+        .as_ref()
+        .map(|m| m.snaps.clone())
+        .unwrap_or_default();
     for (name, want) in snaps {
         let v = ops
             .q()

@@ -1328,13 +1328,15 @@ impl Qcow2 {
         // zeros, not as the backing image's data (QEMU zero-fills it too).
         // Zeroed and durable before the new size is.
         let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
-        if new_size > old && backing_end > old {
+        let _a = if new_size > old && backing_end > old {
             drop(a);
             let end = new_size.min(backing_end);
             self.zero_or_discard_in(old, end - old, ZeroOp::Zero(ZeroMode::MayUnmap), new_size)?;
             self.flush_impl()?;
-            a = self.wait_all_inflight(self.alloc_lock()?);
-        }
+            self.wait_all_inflight(self.alloc_lock()?)
+        } else {
+            a
+        };
         let mut h = self.header.lock();
         h.size = new_size;
         self.write_header_locked(&mut h)?;
