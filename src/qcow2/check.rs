@@ -289,7 +289,10 @@ impl Walker<'_> {
                 if self.geo.extended_l2 {
                     let alloc = entry.bitmap & 0xffff_ffff;
                     let zero = entry.bitmap >> 32;
-                    if alloc & zero != 0 || (off == 0 && alloc != 0) {
+                    // Offset 0 is a real cluster of an external data file
+                    // when COPIED is set (as QEMU's cluster types say).
+                    let unallocated = entry.host_offset(&self.geo).is_none();
+                    if alloc & zero != 0 || (unallocated && alloc != 0) {
                         self.report.corruptions += n;
                         self.report.messages.push(format!(
                             "ERROR invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {j:#x})"
@@ -479,10 +482,23 @@ impl Qcow2 {
             return Err(self.err(Error::read_only("repair")));
         }
         self.flush_impl()?;
-        let guard = self
+        let mut guard = self
             .alloc
             .as_ref()
             .map(|a| self.wait_all_inflight(a.lock()));
+        // Lazy refcounts live only in memory until close: write them now so
+        // the check compares the metadata with the refcounts as they are
+        // (the dirty bit stays; writing refcounts early is always safe).
+        if let Some(a) = guard.as_mut().filter(|a| a.marked_dirty) {
+            let file = &*self.file;
+            a.rc.write_blocks(file)?;
+            if a.rc.table_dirty {
+                file.sync()?;
+                file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
+                a.rc.table_dirty = false;
+            }
+            file.sync()?;
+        }
         let h = self.header.lock().clone();
         let snaps = self.snapshots.read().clone();
         let file = &*self.file;
