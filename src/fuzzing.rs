@@ -851,9 +851,10 @@ impl Ops<'_> {
                 let key = self.snapshot_key(inp);
                 let Ok(v) = no_internal("snapshot_view", self.q().snapshot_view(&key)) else {
                     assert!(
-                        self.model
+                        !self
+                            .model
                             .as_ref()
-                            .is_none_or(|m| !m.snaps.iter().any(|(n, _)| *n == key)),
+                            .is_some_and(|m| m.snaps.iter().any(|(n, _)| *n == key)),
                         "snapshot view of an existing snapshot failed"
                     );
                     return;
