@@ -350,6 +350,19 @@ mod ops {
             let bits = 1u32 << a.rc.order;
             let mut compressed: std::collections::HashMap<u64, u64> =
                 std::collections::HashMap::new();
+            // A cluster beyond what the refcount table covers has no
+            // refcount to raise: metadata pointing there is corrupt.
+            let covered = |rc: &crate::qcow2::refcount::Refcounts, c: u64| -> Result<()> {
+                if rc.covers(c) {
+                    return Ok(());
+                }
+                Err(self.mark_corrupt(
+                    Error::corrupt(format!(
+                        "a snapshot would reference cluster {c}, which the refcount table does not cover"
+                    ))
+                    .with_offset(c.saturating_mul(cs)),
+                ))
+            };
             let full = |c: u64, rc: u64, n: u64| -> Result<()> {
                 if rc.saturating_add(n) > max {
                     return Err(self.err(Error::limit(format!(
@@ -363,6 +376,7 @@ mod ops {
                 if l2_off == 0 {
                     continue;
                 }
+                covered(&a.rc, l2_off / cs)?;
                 full(l2_off / cs, a.rc.get(file, l2_off / cs)?, 1)?;
                 let t = self.load_l2(l2_off)?;
                 for i in 0..t.len(&geo) {
@@ -373,11 +387,13 @@ mod ops {
                             *compressed.entry(c).or_default() += 1;
                         }
                     } else if let Some(h) = e.host_offset(&geo) {
+                        covered(&a.rc, h / cs)?;
                         full(h / cs, a.rc.get(file, h / cs)?, 1)?;
                     }
                 }
             }
             for (c, n) in compressed {
+                covered(&a.rc, c)?;
                 full(c, a.rc.get(file, c)?, n)?;
             }
             Ok(())
