@@ -133,6 +133,15 @@ fn walk(dev: &dyn BlockDevice) {
         }
         off += e.length;
     }
+    // Empty and end-of-device requests describe nothing.
+    for (at, max) in [(0, 0), (size, 1 << 20)] {
+        if let Ok(e) = no_internal("map", dev.map(at, max)) {
+            assert_eq!(
+                e.length, 0,
+                "map({at:#x}, {max}) returned {e:?} (size {size})"
+            );
+        }
+    }
     // The last bytes, and a read across the end must fail cleanly.
     if size > 0 {
         let n = size.min(4096) as usize;

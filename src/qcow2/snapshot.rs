@@ -847,9 +847,19 @@ mod ops {
             let size = self.size();
             check_request(offset, 0, size)?;
             let max = max_len.min(size - offset);
+            if max == 0 {
+                // Nothing to describe (an empty request, or the end).
+                return Ok(Extent {
+                    offset,
+                    length: 0,
+                    kind: ExtentKind::Unallocated,
+                    depth: 0,
+                    encrypted: false,
+                });
+            }
             let _g = self.q.gate.enter();
-            let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max.max(1))?;
-            let len = len.min(max.max(1));
+            let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max)?;
+            let len = len.min(max);
             let kind = match m {
                 Mapping::Data { host } => ExtentKind::Data {
                     host_offset: Some(host),
