@@ -201,11 +201,20 @@ impl Storage for Capped {
 }
 
 /// A raw device filled with a pattern, standing in for backing files.
+/// Read-only, so one per (size, seed) is made per process and shared.
 fn pattern_device(size: u64, seed: u8) -> Arc<dyn BlockDevice> {
+    type Devices = Vec<((u64, u8), Arc<dyn BlockDevice>)>;
+    static MADE: std::sync::Mutex<Devices> = std::sync::Mutex::new(Vec::new());
+    let mut made = MADE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = made.iter().find(|(k, _)| *k == (size, seed)) {
+        return d.clone();
+    }
     let mut v = vec![0u8; size as usize];
     pattern(seed, 0, &mut v);
     let raw = Raw::open(Arc::new(MemStorage::from_vec(v).read_only())).expect("raw over memory");
-    Arc::new(raw)
+    let d: Arc<dyn BlockDevice> = Arc::new(raw);
+    made.push(((size, seed), d.clone()));
+    d
 }
 
 // ---------------------------------------------------------------------------
