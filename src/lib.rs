@@ -54,6 +54,8 @@ pub mod convert;
 pub mod device;
 pub mod direct;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 pub mod lock;
 pub mod open;

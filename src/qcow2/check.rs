@@ -15,6 +15,8 @@
 //! blocks past the end of the image and switching the header to them) and
 //! fixes COPIED flags.
 
+use std::collections::{HashMap, HashSet};
+
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{self, Header};
@@ -90,42 +92,76 @@ impl CheckReport {
 struct Refs {
     counts: Vec<u64>,
     cluster_bits: u32,
-    limit: u64,
+    /// References may end at most one cluster past this (the last cluster
+    /// may be half written, as QEMU allows); further ones are corruption
+    /// and are not counted, so nothing is sized or placed by them.
+    file_len: u64,
 }
 
 impl Refs {
     fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
-        if len == 0 {
+        self.add_n(r, offset, len, 1, what);
+    }
+
+    /// Adds `times` references to every cluster of `[offset, offset + len)`.
+    fn add_n(&mut self, r: &mut CheckReport, offset: u64, len: u64, times: u64, what: &str) {
+        if len == 0 || times == 0 {
             return;
         }
         let first = offset >> self.cluster_bits;
-        let last = (offset + len - 1) >> self.cluster_bits;
-        if last >= self.limit {
-            r.corruptions += 1;
-            r.messages.push(format!("ERROR {what} at offset {offset:#x} lies far beyond the end of the image"));
+        let end = offset.saturating_add(len);
+        let last = (end - 1) >> self.cluster_bits;
+        if end.saturating_sub(self.file_len) >= 1 << self.cluster_bits {
+            r.corruptions = r.corruptions.saturating_add(times);
+            r.messages.push(format!(
+                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: {what} at offset {offset:#x} size {len:#x}"
+            ));
             return;
         }
         if self.counts.len() as u64 <= last {
             self.counts.resize(last as usize + 1, 0);
         }
         for c in first..=last {
-            self.counts[c as usize] = self.counts[c as usize].saturating_add(1);
+            self.counts[c as usize] = self.counts[c as usize].saturating_add(times);
         }
     }
 }
 
+/// What one L2 table adds to the active state's statistics, so that a
+/// table named by many L1 entries is read once.
+#[derive(Debug, Clone, Copy, Default)]
+struct L2Summary {
+    allocated: u64,
+    compressed: u64,
+    /// Host offset of the first data cluster, if any.
+    first: Option<u64>,
+    /// Fragmentation among the table's own clusters (compressed clusters
+    /// count as fragmented, as in QEMU).
+    fragments: u64,
+    /// One past the last data cluster.
+    end: u64,
+}
+
 struct Walker<'a> {
     file: &'a dyn Storage,
+    file_len: u64,
     geo: Geometry,
 
     refs: Refs,
     report: CheckReport,
+    /// L2 tables named by L1 entries: offset → number of references.
+    l2_uses: HashMap<u64, u64>,
+    /// Active-state statistics per L2 table.
+    summaries: HashMap<u64, L2Summary>,
 }
 
 impl Walker<'_> {
+    /// Reads a table of `count` u64 entries; what lies past the end of the
+    /// file reads as zeros without being read.
     fn read_table(&mut self, offset: u64, count: u64, what: &str) -> Option<Vec<u64>> {
         let mut buf = vec![0u8; (count * 8) as usize];
-        match self.file.read_at(&mut buf, offset) {
+        let avail = self.file_len.saturating_sub(offset).min(count * 8) as usize;
+        match self.file.read_at(&mut buf[..avail], offset) {
             Ok(()) => Some(buf.chunks_exact(8).map(BigEndian::read_u64).collect()),
             Err(e) => {
                 self.report.check_errors += 1;
@@ -135,15 +171,14 @@ impl Walker<'_> {
         }
     }
 
-    /// Counts the references of one L1 table and its L2 tables. `active`
-    /// gathers the allocation statistics.
-    fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool) {
+    /// Counts the references of one L1 table (named `times` times) and
+    /// notes its L2 tables; `active` gathers the allocation statistics.
+    fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool, times: u64) {
         let cs = self.geo.cluster_size();
-        self.refs.add(&mut self.report, l1_offset, u64::from(l1_size) * 8, "L1 table");
+        self.refs.add_n(&mut self.report, l1_offset, u64::from(l1_size) * 8, times, "L1 table");
         let Some(l1) = self.read_table(l1_offset, u64::from(l1_size), "the L1 table") else {
             return;
         };
-        let words = cs / 8;
         let mut next_contiguous = 0u64;
         for &l1e in l1.iter() {
             let l2_off = l1e & OFFSET_MASK;
@@ -151,14 +186,76 @@ impl Walker<'_> {
                 continue;
             }
             if l2_off & (cs - 1) != 0 {
-                self.report.corruptions += 1;
+                self.report.corruptions += times;
                 self.report
                     .messages
                     .push(format!("ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"));
                 continue;
             }
-            self.refs.add(&mut self.report, l2_off, cs, "L2 table");
-            let Some(t) = self.read_table(l2_off, words, "an L2 table") else {
+            *self.l2_uses.entry(l2_off).or_default() += times;
+            if active {
+                let s = self.summary(l2_off);
+                let r = &mut self.report;
+                r.allocated_clusters += s.allocated;
+                r.compressed_clusters += s.compressed;
+                r.fragmented_clusters += s.fragments;
+                if let Some(f) = s.first {
+                    if next_contiguous != 0 && f != next_contiguous {
+                        r.fragmented_clusters += 1;
+                    }
+                    next_contiguous = s.end;
+                }
+            }
+        }
+    }
+
+    /// The active-state statistics of the L2 table at `l2_off` (read once).
+    fn summary(&mut self, l2_off: u64) -> L2Summary {
+        if let Some(s) = self.summaries.get(&l2_off) {
+            return *s;
+        }
+        let cs = self.geo.cluster_size();
+        let mut s = L2Summary::default();
+        if let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") {
+            let per = self.geo.words_per_entry();
+            let mut next = 0u64;
+            for e in t.chunks_exact(per) {
+                let w = e[0];
+                if w & OFLAG_COMPRESSED != 0 {
+                    s.allocated += 1;
+                    s.compressed += 1;
+                    s.fragments += 1;
+                    continue;
+                }
+                let off = w & OFFSET_MASK;
+                if off == 0 || off & (cs - 1) != 0 || self.geo.data_file {
+                    continue;
+                }
+                if self.geo.extended_l2 || w & OFLAG_ZERO == 0 {
+                    s.allocated += 1;
+                }
+                match s.first {
+                    None => s.first = Some(off),
+                    Some(_) if off != next => s.fragments += 1,
+                    _ => {}
+                }
+                next = off + cs;
+                s.end = next;
+            }
+        }
+        self.summaries.insert(l2_off, s);
+        s
+    }
+
+    /// Counts the references of every L2 table the L1 walks noted, each
+    /// table read once and its references multiplied by its uses.
+    fn walk_l2s(&mut self) {
+        let cs = self.geo.cluster_size();
+        let mut tables: Vec<(u64, u64)> = self.l2_uses.drain().collect();
+        tables.sort_unstable();
+        for (l2_off, n) in tables {
+            self.refs.add_n(&mut self.report, l2_off, cs, n, "L2 table");
+            let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") else {
                 continue;
             };
             let per = self.geo.words_per_entry();
@@ -166,27 +263,25 @@ impl Walker<'_> {
                 let entry = L2Entry { word: e[0], bitmap: if per == 2 { e[1] } else { 0 } };
                 if entry.word & OFLAG_COMPRESSED != 0 {
                     if entry.word & OFLAG_COPIED != 0 {
-                        self.report.corruptions += 1;
+                        self.report.corruptions += n;
                         self.report.messages.push(format!(
                             "ERROR: coffset={:#x}: Compressed cluster has the COPIED flag",
                             entry.word & self.geo.compressed_offset_mask()
                         ));
                     }
                     let (host, len) = entry.compressed(&self.geo);
-                    self.refs.add(&mut self.report, host, len, "compressed cluster");
-                    if active {
-                        self.report.allocated_clusters += 1;
-                        self.report.compressed_clusters += 1;
-                        self.report.fragmented_clusters += 1;
-                    }
+                    self.refs.add_n(&mut self.report, host, len, n, "compressed cluster");
                     continue;
                 }
                 let off = entry.word & OFFSET_MASK;
                 if self.geo.extended_l2 {
                     let alloc = entry.bitmap & 0xffff_ffff;
                     let zero = entry.bitmap >> 32;
-                    if alloc & zero != 0 || (off == 0 && alloc != 0) {
-                        self.report.corruptions += 1;
+                    // Offset 0 is a real cluster of an external data file
+                    // when COPIED is set (as QEMU's cluster types say).
+                    let unallocated = entry.host_offset(&self.geo).is_none();
+                    if alloc & zero != 0 || (unallocated && alloc != 0) {
+                        self.report.corruptions += n;
                         self.report.messages.push(format!(
                             "ERROR invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {j:#x})"
                         ));
@@ -196,7 +291,7 @@ impl Walker<'_> {
                     continue;
                 }
                 if off & (cs - 1) != 0 {
-                    self.report.corruptions += 1;
+                    self.report.corruptions += n;
                     self.report
                         .messages
                         .push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
@@ -205,23 +300,16 @@ impl Walker<'_> {
                 if self.geo.data_file {
                     continue;
                 }
-                self.refs.add(&mut self.report, off, cs, "data cluster");
-                if active {
-                    let zero = !self.geo.extended_l2 && entry.word & OFLAG_ZERO != 0;
-                    if !zero {
-                        self.report.allocated_clusters += 1;
-                    }
-                    if next_contiguous != 0 && off != next_contiguous {
-                        self.report.fragmented_clusters += 1;
-                    }
-                    next_contiguous = off + cs;
-                }
+                self.refs.add_n(&mut self.report, off, cs, n, "data cluster");
             }
         }
     }
 }
 
-/// The full reference walk over an image's metadata.
+/// The full reference walk over an image's metadata. Every distinct L1
+/// and L2 table is read once however many snapshots or entries name it,
+/// and nothing past the end of the file is read (it reads as zeros), so
+/// the work is bounded by the file's size and the snapshot count.
 fn count_references(
     file: &dyn Storage,
     h: &Header,
@@ -232,7 +320,8 @@ fn count_references(
     reftable: &[u64],
 ) -> Result<(Refs, CheckReport)> {
     let cs = h.cluster_size();
-    let file_clusters = file.len()?.div_ceil(cs);
+    let file_len = file.len()?;
+    let file_clusters = file_len.div_ceil(cs);
     let geo = Geometry {
         cluster_bits: h.cluster_bits,
         extended_l2: h.extended_l2(),
@@ -240,21 +329,27 @@ fn count_references(
     };
     let mut w = Walker {
         file,
+        file_len,
         geo,
 
-        refs: Refs {
-            counts: vec![0; file_clusters as usize],
-            cluster_bits: h.cluster_bits,
-            limit: file_clusters + (1 << 20),
-        },
+        refs: Refs { counts: vec![0; file_clusters as usize], cluster_bits: h.cluster_bits, file_len },
         report: CheckReport::default(),
+        l2_uses: HashMap::new(),
+        summaries: HashMap::new(),
     };
     w.report.total_clusters = h.size.div_ceil(cs);
     w.refs.add(&mut w.report, 0, cs, "header");
-    w.walk_l1(l1.0, l1.1, true);
+    w.walk_l1(l1.0, l1.1, true, 1);
+    let mut snap_l1s: HashMap<(u64, u32), u64> = HashMap::new();
     for s in snaps {
-        w.walk_l1(s.l1_table_offset, s.l1_size, false);
+        *snap_l1s.entry((s.l1_table_offset, s.l1_size)).or_default() += 1;
     }
+    let mut snap_l1s: Vec<((u64, u32), u64)> = snap_l1s.into_iter().collect();
+    snap_l1s.sort_unstable();
+    for ((off, size), n) in snap_l1s {
+        w.walk_l1(off, size, false, n);
+    }
+    w.walk_l2s();
     if h.nb_snapshots > 0 {
         w.refs.add(&mut w.report, h.snapshots_offset, snap_table_len, "snapshot table");
     }
@@ -353,7 +448,20 @@ impl Qcow2 {
             return Err(self.err(Error::read_only("repair")));
         }
         self.flush_impl()?;
-        let guard = self.alloc.as_ref().map(|a| self.wait_all_inflight(a.lock()));
+        let mut guard = self.alloc.as_ref().map(|a| self.wait_all_inflight(a.lock()));
+        // Lazy refcounts live only in memory until close: write them now so
+        // the check compares the metadata with the refcounts as they are
+        // (the dirty bit stays; writing refcounts early is always safe).
+        if let Some(a) = guard.as_mut().filter(|a| a.marked_dirty) {
+            let file = &*self.file;
+            a.rc.write_blocks(file)?;
+            if a.rc.table_dirty {
+                file.sync()?;
+                file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
+                a.rc.table_dirty = false;
+            }
+            file.sync()?;
+        }
         let h = self.header.lock().clone();
         let snaps = self.snapshots.read().clone();
         let file = &*self.file;
@@ -454,6 +562,9 @@ impl Qcow2 {
         let refcount = |off: u64| -> u64 { stored.get((off / cs) as usize).copied().unwrap_or(0) };
         let l1 = super::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
         let per = if h.extended_l2() { 2 } else { 1 };
+        let file_len = file.len()?;
+        // Each L2 table is checked once, however many entries name it.
+        let mut seen = HashSet::new();
         for (i, &l1e) in l1.iter().enumerate() {
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 || l2_off & (cs - 1) != 0 {
@@ -467,6 +578,10 @@ impl Qcow2 {
                     .messages
                     .push(format!("ERROR OFLAG_COPIED L2 cluster: l1_index={i} l1_entry={l1e:x} refcount={rc}"));
                 fixes.push((true, i as u64, 0, want));
+            }
+            // A table past the end of the file reads as zeros: no entries.
+            if l2_off >= file_len || !seen.insert(l2_off) {
+                continue;
             }
             let t = super::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
             for (j, e) in t.chunks_exact(per).enumerate() {
@@ -571,6 +686,7 @@ impl Qcow2 {
             return Err(self.err(Error::limit("the rebuilt refcount table would be too large")));
         }
         let table_off = e_start * cs;
+        refs.file_len = (e_start + tc + nb) * cs;
         refs.add(&mut CheckReport::default(), table_off, (tc + nb) * cs, "new refcount structures");
         let mut table = vec![0u64; (tc * cs / 8) as usize];
         let mut block = vec![0u8; cs as usize];

@@ -422,7 +422,13 @@ impl Header {
                         self.feature_names.push(FeatureName {
                             kind: e[0],
                             bit: e[1],
-                            name: String::from_utf8_lossy(&raw[..n]).into_owned(),
+                            // Names are ASCII (QEMU's are); any other byte
+                            // becomes '?', one byte for one, so the table
+                            // is written back unchanged in length.
+                            name: raw[..n]
+                                .iter()
+                                .map(|&b| if b.is_ascii_graphic() || b == b' ' { char::from(b) } else { '?' })
+                                .collect(),
                         });
                     }
                 }
@@ -856,6 +862,22 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Unsupported);
         assert!(e.to_string().contains("future thing"), "{e}");
         assert!(e.to_string().contains("unknown incompatible feature 10"), "{e}");
+    }
+
+    /// Found by fuzzing (open_qcow2): a feature name with bytes that are not
+    /// UTF-8 was decoded lossily (3-byte replacement characters), so the
+    /// header vdisk wrote back carried a different, cut-off name.
+    #[test]
+    fn non_ascii_feature_names_survive_a_rewrite() {
+        let mut h = sample();
+        let enc = h.encode().unwrap();
+        let mut buf = vec![0u8; h.cluster_size() as usize];
+        buf[..enc.len()].copy_from_slice(&enc);
+        let i = buf.windows(9).position(|w| w == b"dirty bit").unwrap();
+        buf[i..i + 46].fill(0xff);
+        let p = Header::parse(&buf).unwrap();
+        assert_eq!(p.feature_names[0].name, "?".repeat(46));
+        roundtrip(p);
     }
 
     #[test]

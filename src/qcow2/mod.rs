@@ -221,7 +221,13 @@ impl Qcow2 {
         let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
-        let (snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
+        let (mut snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
+        // An entry without the disk size (extra data shorter than 16 bytes,
+        // old QEMU) has the image's size, as QEMU reads it; recorded now so
+        // that rewriting the table does not turn it into 0.
+        for s in &mut snaps {
+            s.disk_size.get_or_insert(h.size);
+        }
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let needed = h.size.div_ceil(cs) * h.l2_entry_size();
             needed.min(QCOW2_DEFAULT_L2_CACHE_BYTES)

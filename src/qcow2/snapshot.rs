@@ -221,6 +221,41 @@ mod tests {
         assert_eq!(len as usize, enc.len());
     }
 
+    /// Found by fuzzing (open_qcow2): an entry without the 16 bytes of
+    /// extra data that hold the disk size was written back with a disk
+    /// size of 0 by the next snapshot operation, so applying it later
+    /// shrank the image to nothing.
+    #[test]
+    fn entry_without_disk_size_keeps_the_image_size() {
+        use crate::qcow2::create::CreateOptions;
+        use crate::qcow2::{Qcow2, Qcow2Options};
+        use std::sync::Arc;
+        let m = Arc::new(MemStorage::new());
+        let mut o = CreateOptions::new(1 << 20);
+        o.version = 2;
+        let q = Qcow2::create(m.clone(), &o, Qcow2Options::default()).unwrap();
+        q.snapshot_create("old").unwrap();
+        q.close().unwrap();
+        // Cut the entry's extra data to the 8 bytes of old QEMU versions.
+        let h = Qcow2::read_header(&*m).unwrap();
+        let off = h.snapshots_offset;
+        let mut e = [0u8; 128];
+        m.read_at(&mut e, off).unwrap();
+        // Entry: 40 fixed bytes, 24 of extra data, then "1" and "old".
+        let tail: Vec<u8> = e[40 + 24..40 + 24 + 4].to_vec();
+        BigEndian::write_u32(&mut e[36..40], 8);
+        e[40 + 8..40 + 8 + 4].copy_from_slice(&tail);
+        m.write_at(&e, off).unwrap();
+        let q = Qcow2::open(m.clone(), Qcow2Options::default()).unwrap();
+        assert_eq!(q.snapshots()[0].disk_size, Some(1 << 20));
+        q.snapshot_create("new").unwrap();
+        q.close().unwrap();
+        let q = Qcow2::open(m, Qcow2Options::default()).unwrap();
+        let s = q.snapshots();
+        assert_eq!(s[0].name, "old");
+        assert_eq!(s[0].disk_size, Some(1 << 20));
+    }
+
     #[test]
     fn too_much_extra() {
         let mut f = [0u8; 48];
@@ -276,6 +311,19 @@ mod ops {
             let max = a.rc.max_refcount();
             let bits = 1u32 << a.rc.order;
             let mut compressed: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+            // A cluster beyond what the refcount table covers has no
+            // refcount to raise: metadata pointing there is corrupt.
+            let covered = |rc: &crate::qcow2::refcount::Refcounts, c: u64| -> Result<()> {
+                if rc.covers(c) {
+                    return Ok(());
+                }
+                Err(self.mark_corrupt(
+                    Error::corrupt(format!(
+                        "a snapshot would reference cluster {c}, which the refcount table does not cover"
+                    ))
+                    .with_offset(c.saturating_mul(cs)),
+                ))
+            };
             let full = |c: u64, rc: u64, n: u64| -> Result<()> {
                 if rc.saturating_add(n) > max {
                     return Err(self.err(Error::limit(format!(
@@ -289,6 +337,7 @@ mod ops {
                 if l2_off == 0 {
                     continue;
                 }
+                covered(&a.rc, l2_off / cs)?;
                 full(l2_off / cs, a.rc.get(file, l2_off / cs)?, 1)?;
                 let t = self.load_l2(l2_off)?;
                 for i in 0..t.len(&geo) {
@@ -299,11 +348,13 @@ mod ops {
                             *compressed.entry(c).or_default() += 1;
                         }
                     } else if let Some(h) = e.host_offset(&geo) {
+                        covered(&a.rc, h / cs)?;
                         full(h / cs, a.rc.get(file, h / cs)?, 1)?;
                     }
                 }
             }
             for (c, n) in compressed {
+                covered(&a.rc, c)?;
                 full(c, a.rc.get(file, c)?, n)?;
             }
             Ok(())
@@ -708,9 +759,13 @@ mod ops {
             let size = self.size();
             check_request(offset, 0, size)?;
             let max = max_len.min(size - offset);
+            if max == 0 {
+                // Nothing to describe (an empty request, or the end).
+                return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
+            }
             let _g = self.q.gate.enter();
-            let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max.max(1))?;
-            let len = len.min(max.max(1));
+            let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max)?;
+            let len = len.min(max);
             let kind = match m {
                 Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
                 Mapping::Zero { prealloc } => ExtentKind::Zero { host_offset: prealloc },

@@ -777,6 +777,13 @@ impl Qcow2 {
     fn zero_or_discard(&self, offset: u64, len: u64, op: ZeroOp) -> Result<()> {
         self.check_writable()?;
         check_request(offset, len, self.size())?;
+        self.zero_or_discard_in(offset, len, op, self.size())
+    }
+
+    /// [`zero_or_discard`](Self::zero_or_discard) of a range the caller
+    /// checked against `size` (which may not be the visible size yet: a
+    /// resize zeroes the new range before it becomes visible).
+    fn zero_or_discard_in(&self, offset: u64, len: u64, op: ZeroOp, size: u64) -> Result<()> {
         if len == 0 {
             return Ok(());
         }
@@ -788,7 +795,6 @@ impl Qcow2 {
             ZeroOp::Discard => self.geo.cluster_size(),
         };
 
-        let size = self.size();
         // A final partial cluster at the end of the disk counts as whole.
         let round_end = if end == size { end.div_ceil(granule) * granule } else { end / granule * granule };
         let astart = offset.div_ceil(granule) * granule;
@@ -1238,6 +1244,19 @@ impl Qcow2 {
         if needed > self.map.read().l1.len() as u64 {
             self.grow_l1(&mut a, needed)?;
         }
+        // Growing over a longer backing image: the new range must read as
+        // zeros, not as the backing image's data (QEMU zero-fills it too).
+        // Zeroed and durable before the new size is.
+        let backing_end = self.backing.as_ref().map_or(0, |b| b.size());
+        let _a = if new_size > old && backing_end > old {
+            drop(a);
+            let end = new_size.min(backing_end);
+            self.zero_or_discard_in(old, end - old, ZeroOp::Zero(ZeroMode::MayUnmap), new_size)?;
+            self.flush_impl()?;
+            self.wait_all_inflight(self.alloc_lock()?)
+        } else {
+            a
+        };
         let mut h = self.header.lock();
         h.size = new_size;
         self.write_header_locked(&mut h)?;

@@ -334,7 +334,9 @@ impl Descriptor {
     pub fn encode(&self) -> String {
         let mut s = String::from("# Disk DescriptorFile\n");
         for f in &self.header {
-            if f.quoted {
+            // A value holding a quote can only have been read unquoted (a
+            // quoted value cannot contain one): written back the same way.
+            if f.quoted && !f.value.contains('"') {
                 let _ = writeln!(s, "{}=\"{}\"", f.key, f.value);
             } else {
                 let _ = writeln!(s, "{}={}", f.key, f.value);
@@ -353,7 +355,11 @@ impl Descriptor {
         }
         s.push_str("\n# The Disk Data Base\n#DDB\n\n");
         for (k, v) in &self.ddb {
-            let _ = writeln!(s, "{k} = \"{v}\"");
+            if v.contains('"') {
+                let _ = writeln!(s, "{k} = {v}");
+            } else {
+                let _ = writeln!(s, "{k} = \"{v}\"");
+            }
         }
         s
     }
@@ -479,6 +485,18 @@ mod tests {
         let again = Descriptor::parse(d2.encode().as_bytes()).unwrap();
         assert_eq!(again.cid(), 0x1234);
         assert_eq!(again.ddb, d.ddb);
+    }
+
+    /// Found by fuzzing (vmdk_descriptor): an unquoted ddb value with a
+    /// quote inside (`ddb.x = a"b`) was written back quoted
+    /// (`ddb.x = "a"b"`), which does not parse: the first write to such an
+    /// image (it rewrites the descriptor to bump the CID) made it unopenable.
+    #[test]
+    fn values_with_quotes_survive_a_rewrite() {
+        let d = Descriptor::parse(b"version=1\nkey=a\"b\"\nddb.x = a\"b\n").unwrap();
+        assert_eq!(d.ddb_get("ddb.x"), Some("a\"b"));
+        let back = Descriptor::parse(d.encode().as_bytes()).unwrap();
+        assert_eq!(back, d);
     }
 
     #[test]
