@@ -649,17 +649,16 @@ impl Qcow2 {
 
     /// The bytes of guest cluster `c` as they read before a write: what a
     /// copy-on-write starts from.
-    fn cow_source(&self, old: L2Entry, c: u64) -> Result<Vec<u8>> {
+    fn cow_source(&self, c: u64) -> Result<crate::direct::Aligned> {
         let cs = self.geo.cluster_size();
-        let mut buf = vec![0u8; cs as usize];
+        let mut buf = crate::direct::Aligned::new(cs as usize);
         // Read it through the mapping, which handles every kind of entry
         // (and subclusters) the way a guest read does.
-        let _ = old;
         let size = self.size();
         let base = c * cs;
         let n = cs.min(size.saturating_sub(base));
         if n > 0 {
-            self.read_mapped(&mut buf[..n as usize], base)?;
+            self.read_mapped(&mut buf.as_mut()[..n as usize], base)?;
         }
         Ok(buf)
     }
@@ -699,9 +698,9 @@ impl Qcow2 {
                     self.write_data(src, h + p.ws, base + p.ws)?;
                 }
                 Action::New(h) => {
-                    let mut data = self.cow_source(p.old, p.c)?;
-                    data[p.ws as usize..p.we as usize].copy_from_slice(src);
-                    self.write_data(&data, h, base)?;
+                    let mut data = self.cow_source(p.c)?;
+                    data.as_mut()[p.ws as usize..p.we as usize].copy_from_slice(src);
+                    self.write_data(data.as_slice(), h, base)?;
                 }
                 Action::InPlace(h) => {
                     if geo.extended_l2 {
@@ -709,9 +708,9 @@ impl Qcow2 {
                     } else if p.old.word & OFLAG_ZERO != 0 || self.encrypted() && !self.sector_aligned(p.ws, p.we) {
                         // A preallocated zero cluster (or an unaligned
                         // encrypted write): rewrite the whole cluster.
-                        let mut data = self.cow_source(p.old, p.c)?;
-                        data[p.ws as usize..p.we as usize].copy_from_slice(src);
-                        self.write_data(&data, h, base)?;
+                        let mut data = self.cow_source(p.c)?;
+                        data.as_mut()[p.ws as usize..p.we as usize].copy_from_slice(src);
+                        self.write_data(data.as_slice(), h, base)?;
                     } else {
                         self.write_data(src, h + p.ws, base + p.ws)?;
                     }
