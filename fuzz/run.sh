@@ -10,7 +10,7 @@ t="$1"; secs="$2"; shift 2
 case "$t" in
     open_qcow2|open_vmdk) max_len=262144 ;;
     qcow2_ops) max_len=70000 ;;
-    vmdk_descriptor) max_len=16384 ;;
+    vmdk_descriptor|pool_xml) max_len=16384 ;;
     *) max_len=4096 ;;
 esac
 fork="-fork=1 -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1"

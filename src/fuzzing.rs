@@ -31,7 +31,7 @@ use crate::vmdk::header::SparseHeader;
 use crate::{Qcow2, Qcow2Options, Raw, Secret, Vmdk, VmdkOptions};
 
 /// The target names, as in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: &[&str] = &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops"];
+pub const TARGETS: &[&str] = &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml"];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> bool {
@@ -41,6 +41,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "vmdk_descriptor" => vmdk_descriptor(data),
         "probe" => probe(data),
         "qcow2_ops" => qcow2_ops(data),
+        "pool_xml" => pool_xml(data),
         _ => return false,
     }
     true
@@ -445,6 +446,33 @@ pub fn vmdk_descriptor(data: &[u8]) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------
+// pool_xml
+
+/// `pool_xml`: libvirt pool and volume XML from hostile bytes. Whatever
+/// parses as a pool definition must write back to XML that parses to the
+/// same definition; the generic XML tree must round-trip too; a volume
+/// document either gives a spec or an error.
+pub fn pool_xml(data: &[u8]) {
+    use crate::pool::def::PoolDef;
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(tree) = no_internal("xml parse", crate::pool::xml::parse(text, "fuzz input")) {
+        let again = tree.to_xml();
+        let back = crate::pool::xml::parse(&again, "re-encoded")
+            .unwrap_or_else(|e| panic!("re-encoded XML does not parse: {e}\n{again}"));
+        assert_eq!(back.to_xml(), again, "XML encoding is not stable");
+    }
+    if let Ok(def) = no_internal("pool parse", PoolDef::from_xml(text, "fuzz")) {
+        let xml = def.to_xml();
+        let back = PoolDef::from_xml(&xml, "fuzz")
+            .unwrap_or_else(|e| panic!("a written pool definition does not parse: {e}\n{xml}"));
+        assert_eq!(back.to_xml(), xml, "pool XML changed across write/parse");
+    }
+    let _ = no_internal("volume parse", crate::pool::volxml::spec_from_xml(text, None));
 }
 
 // ---------------------------------------------------------------------------
