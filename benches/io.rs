@@ -150,7 +150,7 @@ fn rand_io(dev: &dyn BlockDevice, offs: &[u64], threads: usize, write: bool) {
             s.spawn(move || {
                 // Page-aligned buffers, as a hypervisor's guest pages are.
                 let mut aligned = vdisk::direct::Aligned::new(4096);
-                let buf = aligned.as_mut();
+                let buf = aligned.as_mut_slice();
                 buf.fill(t as u8 | 1);
                 for &o in offs.iter().skip(t).step_by(threads) {
                     if write {
@@ -186,7 +186,7 @@ fn bench(c: &mut Criterion) {
     let q = open(&f.qcow2, Format::Qcow2, false);
     let aes = open(&f.aes, Format::Qcow2, false);
     let mut aligned = vdisk::direct::Aligned::new(MB as usize);
-    let buf = aligned.as_mut();
+    let buf = aligned.as_mut_slice();
     seq_read(&raw, buf);
     seq_read(&q, buf);
 
@@ -287,7 +287,7 @@ fn ratios(f: &Fixture, raw: &Image, q: &Image, aes: &Image, offs: &[u64], alloc_
     let size = size();
     println!("\nSame-run ratios (baseline time / vdisk time; best of 5 passes, {} MiB fixtures):", size >> 20);
     let mut aligned = vdisk::direct::Aligned::new(MB as usize);
-    let buf = aligned.as_mut();
+    let buf = aligned.as_mut_slice();
     let r = best(5, || seq_read(raw, buf));
     let v = best(5, || seq_read(q, buf));
     line("qcow2 seq read 1 MiB vs raw", r, v, 0.95);

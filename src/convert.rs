@@ -85,7 +85,7 @@ pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptio
                 s.spawn(|| -> Result<()> {
                     // Page aligned: the kernel copies to and from it faster.
                     let mut aligned = crate::direct::Aligned::new(opts.unit as usize);
-                    let buf = aligned.as_mut();
+                    let buf = aligned.as_mut_slice();
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             return Ok(());

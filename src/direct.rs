@@ -41,7 +41,7 @@ impl Aligned {
         &self.raw[self.start..self.start + self.len]
     }
     /// The bytes, mutable.
-    pub fn as_mut(&mut self) -> &mut [u8] {
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
         &mut self.raw[self.start..self.start + self.len]
     }
 }
@@ -124,7 +124,7 @@ impl Storage for DirectFile {
         }
         let (a0, a1) = span(offset, buf.len())?;
         let mut b = Aligned::new((a1 - a0) as usize);
-        self.read_aligned(b.as_mut(), a0)?;
+        self.read_aligned(b.as_mut_slice(), a0)?;
         let s = (offset - a0) as usize;
         buf.copy_from_slice(&b.as_slice()[s..s + buf.len()]);
         Ok(())
@@ -155,10 +155,10 @@ impl Storage for DirectFile {
         let old_len = self.len()?;
         let mut b = Aligned::new((a1 - a0) as usize);
         if partial {
-            self.read_aligned(b.as_mut(), a0)?;
+            self.read_aligned(b.as_mut_slice(), a0)?;
         }
         let s = (offset - a0) as usize;
-        b.as_mut()[s..s + buf.len()].copy_from_slice(buf);
+        b.as_mut_slice()[s..s + buf.len()].copy_from_slice(buf);
         self.file.write_all_at(b.as_slice(), a0).map_err(|e| self.err("O_DIRECT write failed", e, a0))?;
         if a1 > old_len.max(end) {
             // The aligned write went past the intended end: cut it back.

@@ -658,7 +658,7 @@ impl Qcow2 {
         let base = c * cs;
         let n = cs.min(size.saturating_sub(base));
         if n > 0 {
-            self.read_mapped(&mut buf.as_mut()[..n as usize], base)?;
+            self.read_mapped(&mut buf.as_mut_slice()[..n as usize], base)?;
         }
         Ok(buf)
     }
@@ -699,7 +699,7 @@ impl Qcow2 {
                 }
                 Action::New(h) => {
                     let mut data = self.cow_source(p.c)?;
-                    data.as_mut()[p.ws as usize..p.we as usize].copy_from_slice(src);
+                    data.as_mut_slice()[p.ws as usize..p.we as usize].copy_from_slice(src);
                     self.write_data(data.as_slice(), h, base)?;
                 }
                 Action::InPlace(h) => {
@@ -709,7 +709,7 @@ impl Qcow2 {
                         // A preallocated zero cluster (or an unaligned
                         // encrypted write): rewrite the whole cluster.
                         let mut data = self.cow_source(p.c)?;
-                        data.as_mut()[p.ws as usize..p.we as usize].copy_from_slice(src);
+                        data.as_mut_slice()[p.ws as usize..p.we as usize].copy_from_slice(src);
                         self.write_data(data.as_slice(), h, base)?;
                     } else {
                         self.write_data(src, h + p.ws, base + p.ws)?;
