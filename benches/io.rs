@@ -17,8 +17,11 @@
 //! * opening a 1 TiB image.
 //!
 //! `cargo bench --bench io` runs the criterion groups and then prints a
-//! table of ratios (best of several passes each). `VDISK_BENCH_SIZE`
-//! (bytes) shrinks the fixtures for a quick run.
+//! table of ratios: the baseline and vdisk passes alternate, and each side
+//! keeps its best pass, so drift of the machine hits both alike.
+//! `VDISK_BENCH_SIZE` (bytes) shrinks the fixtures for a quick run;
+//! `VDISK_BENCH_DIR` puts them in a directory of your choice (on tmpfs, the
+//! ratios show the format's cost without the disk's write-back).
 
 use std::hint::black_box;
 use std::path::{Path, PathBuf};
@@ -82,7 +85,10 @@ fn open(path: &Path, fmt: Format, ro: bool) -> Image {
 }
 
 fn fixture() -> Fixture {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = match std::env::var_os("VDISK_BENCH_DIR") {
+        Some(d) => tempfile::tempdir_in(d).unwrap(),
+        None => tempfile::tempdir().unwrap(),
+    };
     let d = dir.path().to_path_buf();
     let size = size();
     let raw = d.join("data.raw");
@@ -250,18 +256,29 @@ fn bench(c: &mut Criterion) {
     });
     g.finish();
 
-    ratios(&f, &raw, &q, &aes, &offs, &alloc_offs, seq_bytes);
+    ratios(&f, raw, q, aes, &offs, &alloc_offs, seq_bytes);
 }
 
+fn time<F: FnMut()>(f: &mut F) -> Duration {
+    let t = Instant::now();
+    f();
+    t.elapsed()
+}
+
+/// The best of `passes` runs of `f`.
 fn best<F: FnMut()>(passes: usize, mut f: F) -> Duration {
-    (0..passes)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed()
-        })
-        .min()
-        .unwrap()
+    (0..passes).map(|_| time(&mut f)).min().unwrap()
+}
+
+/// Runs the baseline and the contender alternately, `passes` times each,
+/// and returns the best time of each.
+fn pair<A: FnMut(), B: FnMut()>(passes: usize, mut base: A, mut ours: B) -> (Duration, Duration) {
+    let (mut tb, mut to) = (Duration::MAX, Duration::MAX);
+    for _ in 0..passes {
+        tb = tb.min(time(&mut base));
+        to = to.min(time(&mut ours));
+    }
+    (tb, to)
 }
 
 fn line(name: &str, base: Duration, ours: Duration, goal: f64) {
@@ -275,6 +292,16 @@ fn line(name: &str, base: Duration, ours: Duration, goal: f64) {
     );
 }
 
+/// A ratio with no goal: what a feature costs.
+fn cost(name: &str, base: Duration, ours: Duration) {
+    println!(
+        "{name:<42} baseline {:>9.1} ms   vdisk {:>9.1} ms   ratio {:>5.2}  (a cost, no goal)",
+        base.as_secs_f64() * 1e3,
+        ours.as_secs_f64() * 1e3,
+        base.as_secs_f64() / ours.as_secs_f64(),
+    );
+}
+
 fn qemu_img(args: &[&str]) -> Duration {
     let t = Instant::now();
     let st = std::process::Command::new("qemu-img").args(args).status().expect("qemu-img");
@@ -283,52 +310,65 @@ fn qemu_img(args: &[&str]) -> Duration {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn ratios(f: &Fixture, raw: &Image, q: &Image, aes: &Image, offs: &[u64], alloc_offs: &[u64], seq_bytes: u64) {
+fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64], alloc_offs: &[u64], seq_bytes: u64) {
     let size = size();
-    println!("\nSame-run ratios (baseline time / vdisk time; best of 5 passes, {} MiB fixtures):", size >> 20);
-    let mut aligned = vdisk::direct::Aligned::new(MB as usize);
-    let buf = aligned.as_mut_slice();
-    let r = best(5, || seq_read(raw, buf));
-    let v = best(5, || seq_read(q, buf));
+    println!(
+        "\nSame-run ratios (baseline time / vdisk time; passes alternate, best of each kept; {} MiB fixtures in {}):",
+        size >> 20,
+        f.dir.parent().unwrap_or(&f.dir).display()
+    );
+    let (raw, q, aes) = (&raw_img, &q_img, &aes_img);
+    let mut a1 = vdisk::direct::Aligned::new(MB as usize);
+    let mut a2 = vdisk::direct::Aligned::new(MB as usize);
+    let (b1, b2) = (a1.as_mut_slice(), a2.as_mut_slice());
+    let (r, v) = pair(7, || seq_read(raw, b1), || seq_read(q, b2));
     line("qcow2 seq read 1 MiB vs raw", r, v, 0.95);
-    let a = best(5, || seq_read(aes, buf));
-    line("qcow2 AES seq read vs plain qcow2", v, a, 0.5);
+    let (v, a) = pair(5, || seq_read(q, b1), || seq_read(aes, b2));
+    cost("qcow2 AES seq read vs plain qcow2", v, a);
     for (name, threads, write, goal) in [
         ("qcow2 rand read 4 KiB, 1 thread vs raw", 1, false, 0.95),
         ("qcow2 rand read 4 KiB, 16 threads vs raw", 16, false, 0.90),
         ("qcow2 rand overwrite 4 KiB, 1 thread vs raw", 1, true, 0.90),
         ("qcow2 rand overwrite 4 KiB, 16 threads vs raw", 16, true, 0.90),
     ] {
-        let r = best(5, || rand_io(raw, offs, threads, write));
-        let v = best(5, || rand_io(q, offs, threads, write));
+        let (r, v) = pair(7, || rand_io(raw, offs, threads, write), || rand_io(q, offs, threads, write));
         line(name, r, v, goal);
     }
-    let pv = best(5, || rand_io(q, offs, 1, true));
-    let av = best(5, || rand_io(aes, offs, 1, true));
-    line("qcow2 AES rand write 4 KiB vs plain qcow2", pv, av, 0.5);
-    let r = best(3, || {
-        let d = fresh_raw(&f.dir, "e.raw", size);
-        rand_io(&d, alloc_offs, 1, true);
-    });
-    let v = best(3, || {
-        let d = fresh_qcow2(&f.dir, "e.qcow2", size);
-        rand_io(&d, alloc_offs, 1, true);
-    });
+    let (pv, av) = pair(5, || rand_io(q, offs, 1, true), || rand_io(aes, offs, 1, true));
+    cost("qcow2 AES rand write 4 KiB vs plain qcow2", pv, av);
+    // Allocating writes: a fresh image per pass; creating it is not timed,
+    // the flush that makes the writes durable is.
+    let timed = |make: &dyn Fn() -> Image, work: &dyn Fn(&Image)| {
+        let d = make();
+        let t = Instant::now();
+        work(&d);
+        d.flush().unwrap();
+        t.elapsed()
+    };
+    let (mut r, mut v) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        r = r.min(timed(&|| fresh_raw(&f.dir, "e.raw", size), &|d| rand_io(d, alloc_offs, 1, true)));
+        v = v.min(timed(&|| fresh_qcow2(&f.dir, "e.qcow2", size), &|d| rand_io(d, alloc_offs, 1, true)));
+    }
     line("qcow2 alloc rand write 4 KiB vs raw", r, v, 0.80);
     let chunk = vec![0x5au8; 65536];
-    let r = best(3, || {
-        let d = fresh_raw(&f.dir, "s.raw", size);
+    let seq = |d: &Image| {
         for off in (0..seq_bytes).step_by(65536) {
             d.write_at(&chunk, off).unwrap();
         }
-    });
-    let v = best(3, || {
-        let d = fresh_qcow2(&f.dir, "s.qcow2", size);
-        for off in (0..seq_bytes).step_by(65536) {
-            d.write_at(&chunk, off).unwrap();
-        }
-    });
+    };
+    let (mut r, mut v) = (Duration::MAX, Duration::MAX);
+    for _ in 0..5 {
+        r = r.min(timed(&|| fresh_raw(&f.dir, "s.raw", size), &seq));
+        v = v.min(timed(&|| fresh_qcow2(&f.dir, "s.qcow2", size), &seq));
+    }
     line("qcow2 alloc seq write 64 KiB vs raw", r, v, 0.80);
+    let _ = std::fs::remove_file(f.dir.join("e.raw"));
+    let _ = std::fs::remove_file(f.dir.join("e.qcow2"));
+    let _ = std::fs::remove_file(f.dir.join("s.raw"));
+    let _ = std::fs::remove_file(f.dir.join("s.qcow2"));
+    // The open images hold QEMU-compatible locks: let qemu-img in.
+    drop((raw_img, q_img, aes_img));
 
     if std::process::Command::new("qemu-img").arg("--version").output().is_err() {
         println!("qemu-img not found: the comparisons with qemu-img are skipped");

@@ -226,13 +226,19 @@ pub struct L2Table {
     words: Box<[AtomicU64]>,
     dirty: AtomicBool,
     last_use: AtomicU64,
+    /// `base | 1` while every entry `i` maps its cluster, as plain data, at
+    /// `base + i * cluster_size` (a converted or preallocated image); 0
+    /// otherwise. Lookups in such a table need not touch its entries, which
+    /// a random read workload has evicted from the CPU caches. Cleared by
+    /// the first [`set`](Self::set).
+    linear: AtomicU64,
 }
 
 impl L2Table {
     /// A table decoded from its on-disk bytes.
     pub fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
         let words: Box<[AtomicU64]> = bytes.chunks_exact(8).map(|c| AtomicU64::new(BigEndian::read_u64(c))).collect();
-        L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0) }
+        L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0), linear: AtomicU64::new(0) }
     }
 
     /// An all-zero (unallocated) table.
@@ -242,6 +248,7 @@ impl L2Table {
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
             dirty: AtomicBool::new(true),
             last_use: AtomicU64::new(0),
+            linear: AtomicU64::new(0),
         }
     }
 
@@ -252,6 +259,7 @@ impl L2Table {
             words: self.words.iter().map(|w| AtomicU64::new(w.load(Ordering::Acquire))).collect(),
             dirty: AtomicBool::new(true),
             last_use: AtomicU64::new(0),
+            linear: AtomicU64::new(0),
         }
     }
 
@@ -268,9 +276,49 @@ impl L2Table {
         }
     }
 
+    /// Records whether every entry maps its cluster as plain data at
+    /// `base + i * cluster_size` (standard entries only; the COPIED flag may
+    /// vary, it does not change what a read sees). Called on a table just
+    /// loaded, before anyone else sees it.
+    pub fn detect_linear(&self, geo: &Geometry) {
+        if geo.extended_l2 {
+            return;
+        }
+        let cs = geo.cluster_size();
+        let base = self.words.first().map_or(0, |w| w.load(Ordering::Relaxed)) & !OFLAG_COPIED;
+        if base == 0 || base & (cs - 1) != 0 || base & !OFFSET_MASK != 0 {
+            return;
+        }
+        let last = base.checked_add((self.words.len() as u64 - 1) * cs);
+        if last.is_none_or(|l| l & !OFFSET_MASK != 0) {
+            return;
+        }
+        let linear = self
+            .words
+            .iter()
+            .enumerate()
+            .all(|(i, w)| w.load(Ordering::Relaxed) & !OFLAG_COPIED == base + i as u64 * cs);
+        if linear {
+            self.linear.store(base | 1, Ordering::Release);
+        }
+    }
+
+    /// The host offset of entry 0 when every entry maps linearly from it
+    /// (see [`detect_linear`](Self::detect_linear)).
+    #[inline]
+    pub fn linear_base(&self) -> Option<u64> {
+        let l = self.linear.load(Ordering::Acquire);
+        (l != 0).then_some(l & !1)
+    }
+
     /// Stores entry `i` and marks the table dirty. Callers hold the image's
     /// allocation lock.
     pub fn set(&self, geo: &Geometry, i: usize, e: L2Entry) {
+        // Before the entry changes: a reader that still sees the old base
+        // sees the old mapping, as one that read the old entry would.
+        if self.linear.load(Ordering::Relaxed) != 0 {
+            self.linear.store(0, Ordering::Release);
+        }
         if geo.extended_l2 {
             if let (Some(w), Some(b)) = (self.words.get(2 * i), self.words.get(2 * i + 1)) {
                 b.store(e.bitmap, Ordering::Release);
@@ -490,6 +538,46 @@ mod tests {
         assert!(e.is_compressed());
         assert_eq!(e.compressed(&G64K), (0x50000, 14 * 512));
         assert_eq!(e.mapping(&G64K, 0, 0).unwrap(), Mapping::Compressed { host: 0x50000, len: 14 * 512 });
+    }
+
+    /// A 512-byte-cluster table (64 entries) whose entry i is `f(i)`.
+    fn table(f: impl Fn(u64) -> u64) -> L2Table {
+        let mut b = vec![0u8; 512];
+        for (i, c) in b.chunks_exact_mut(8).enumerate() {
+            BigEndian::write_u64(c, f(i as u64));
+        }
+        L2Table::from_bytes(0x10000, &b)
+    }
+
+    #[test]
+    fn linear_tables() {
+        let g = Geometry { cluster_bits: 9, extended_l2: false, data_file: false };
+        let base = 0x20_0000;
+        // COPIED may vary: reads see the same mapping either way.
+        let t = table(|i| (base + i * 512) | if i % 3 == 0 { OFLAG_COPIED } else { 0 });
+        t.detect_linear(&g);
+        assert_eq!(t.linear_base(), Some(base));
+        for i in 0..64 {
+            assert_eq!(t.get(&g, i as usize).mapping(&g, 0, i).unwrap(), Mapping::Data { host: base + i * 512 });
+        }
+        // The first store makes it an ordinary table.
+        t.set(&g, 5, L2Entry { word: OFLAG_COPIED | 0x90_0000, bitmap: 0 });
+        assert_eq!(t.linear_base(), None);
+        // Not linear: a gap, a zero flag, a compressed entry, an unallocated
+        // first entry, an unaligned base, extended L2.
+        for bad in [
+            table(|i| base + i * 512 + if i == 40 { 512 } else { 0 }),
+            table(|i| (base + i * 512) | if i == 63 { OFLAG_ZERO } else { 0 }),
+            table(|i| (base + i * 512) | if i == 1 { OFLAG_COMPRESSED } else { 0 }),
+            table(|i| if i == 0 { 0 } else { base + i * 512 }),
+            table(|i| base + 256 + i * 512),
+        ] {
+            bad.detect_linear(&g);
+            assert_eq!(bad.linear_base(), None);
+        }
+        let t = table(|i| base + i * 512);
+        t.detect_linear(&Geometry { extended_l2: true, ..g });
+        assert_eq!(t.linear_base(), None);
     }
 
     #[test]

@@ -398,6 +398,7 @@ impl Qcow2 {
             if self.alloc.is_some() {
                 self.validate_l2(&table)?;
             }
+            table.detect_linear(&self.geo);
             let mut st = self.map.write();
             if st.l2.generation() == generation {
                 let t = st.l2.insert(table);
@@ -427,6 +428,12 @@ impl Qcow2 {
             let Some(t) = t else {
                 return Ok((Mapping::Unallocated, limit - guest));
             };
+            if let Some(base) = t.linear_base() {
+                // Every entry maps its cluster at base + its index: no entry
+                // needs reading, and the run lasts to the table's end.
+                let host = base + (guest - l1_index * geo.l2_span());
+                return Ok((Mapping::Data { host }, limit - guest));
+            }
             let granule = 1u64 << gb;
             let mut g = guest & !(granule - 1);
             let entry = |g: u64| -> Result<Mapping> {

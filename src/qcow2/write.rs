@@ -167,6 +167,7 @@ impl Qcow2 {
         self.file.read_at(&mut buf, off)?;
         let table = L2Table::from_bytes(off, &buf);
         self.validate_l2(&table)?;
+        table.detect_linear(&self.geo);
         Ok(self.map.write().l2.insert(table))
     }
 
