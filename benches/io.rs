@@ -17,8 +17,8 @@
 //! * opening a 1 TiB image.
 //!
 //! `cargo bench --bench io` runs the criterion groups and then prints a
-//! table of ratios: the baseline and vdisk passes alternate, and each side
-//! keeps its best pass, so drift of the machine hits both alike.
+//! table of ratios: the baseline and vdisk passes alternate, so drift of
+//! the machine hits both alike, and each side reports its median pass.
 //! `VDISK_BENCH_SIZE` (bytes) shrinks the fixtures for a quick run;
 //! `VDISK_BENCH_DIR` puts them in a directory of your choice (on tmpfs, the
 //! ratios show the format's cost without the disk's write-back).
@@ -265,20 +265,28 @@ fn time<F: FnMut()>(f: &mut F) -> Duration {
     t.elapsed()
 }
 
-/// The best of `passes` runs of `f`.
+/// The median of some timings.
+fn median(mut t: Vec<Duration>) -> Duration {
+    t.sort();
+    t[t.len() / 2]
+}
+
+/// The median of `passes` runs of `f`.
 fn best<F: FnMut()>(passes: usize, mut f: F) -> Duration {
-    (0..passes).map(|_| time(&mut f)).min().unwrap()
+    median((0..passes).map(|_| time(&mut f)).collect())
 }
 
 /// Runs the baseline and the contender alternately, `passes` times each,
-/// and returns the best time of each.
+/// and returns the median time of each. (Medians, not minima: on a shared
+/// VM a lucky pass of one side says more about the neighbours than about
+/// the code.)
 fn pair<A: FnMut(), B: FnMut()>(passes: usize, mut base: A, mut ours: B) -> (Duration, Duration) {
-    let (mut tb, mut to) = (Duration::MAX, Duration::MAX);
+    let (mut tb, mut to) = (Vec::new(), Vec::new());
     for _ in 0..passes {
-        tb = tb.min(time(&mut base));
-        to = to.min(time(&mut ours));
+        tb.push(time(&mut base));
+        to.push(time(&mut ours));
     }
-    (tb, to)
+    (median(tb), median(to))
 }
 
 fn line(name: &str, base: Duration, ours: Duration, goal: f64) {
@@ -313,7 +321,7 @@ fn qemu_img(args: &[&str]) -> Duration {
 fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64], alloc_offs: &[u64], seq_bytes: u64) {
     let size = size();
     println!(
-        "\nSame-run ratios (baseline time / vdisk time; passes alternate, best of each kept; {} MiB fixtures in {}):",
+        "\nSame-run ratios (baseline time / vdisk time; passes alternate, median of each; {} MiB fixtures in {}):",
         size >> 20,
         f.dir.parent().unwrap_or(&f.dir).display()
     );
@@ -345,11 +353,12 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
         d.flush().unwrap();
         t.elapsed()
     };
-    let (mut r, mut v) = (Duration::MAX, Duration::MAX);
+    let (mut r, mut v) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        r = r.min(timed(&|| fresh_raw(&f.dir, "e.raw", size), &|d| rand_io(d, alloc_offs, 1, true)));
-        v = v.min(timed(&|| fresh_qcow2(&f.dir, "e.qcow2", size), &|d| rand_io(d, alloc_offs, 1, true)));
+        r.push(timed(&|| fresh_raw(&f.dir, "e.raw", size), &|d| rand_io(d, alloc_offs, 1, true)));
+        v.push(timed(&|| fresh_qcow2(&f.dir, "e.qcow2", size), &|d| rand_io(d, alloc_offs, 1, true)));
     }
+    let (r, v) = (median(r), median(v));
     line("qcow2 alloc rand write 4 KiB vs raw", r, v, 0.80);
     let chunk = vec![0x5au8; 65536];
     let seq = |d: &Image| {
@@ -357,11 +366,12 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
             d.write_at(&chunk, off).unwrap();
         }
     };
-    let (mut r, mut v) = (Duration::MAX, Duration::MAX);
+    let (mut r, mut v) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        r = r.min(timed(&|| fresh_raw(&f.dir, "s.raw", size), &seq));
-        v = v.min(timed(&|| fresh_qcow2(&f.dir, "s.qcow2", size), &seq));
+        r.push(timed(&|| fresh_raw(&f.dir, "s.raw", size), &seq));
+        v.push(timed(&|| fresh_qcow2(&f.dir, "s.qcow2", size), &seq));
     }
+    let (r, v) = (median(r), median(v));
     line("qcow2 alloc seq write 64 KiB vs raw", r, v, 0.80);
     let _ = std::fs::remove_file(f.dir.join("e.raw"));
     let _ = std::fs::remove_file(f.dir.join("e.qcow2"));
@@ -484,7 +494,7 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
                     .unwrap_or(f64::NAN);
                 times.push(Duration::from_secs_f64(secs));
             }
-            times.into_iter().min().unwrap()
+            median(times)
         };
         let theirs = run("qemu-img");
         let ours = run(vdisk_bin);
