@@ -282,6 +282,19 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                 // Indentation between child elements is not content.
                 if el.elements().next().is_some() {
                     el.children.retain(|n| !matches!(n, Node::Text(t) if t.trim().is_empty()));
+                    // libvirt's documents have no mixed content, and a value
+                    // read from one (a path, a size) must not silently skip
+                    // an element in its middle.
+                    if el.children.iter().any(|n| matches!(n, Node::Text(_))) {
+                        return Err(xml_err(
+                            what,
+                            format!(
+                                "element <{}> mixes text and elements (before byte {})",
+                                el.name,
+                                reader.buffer_position()
+                            ),
+                        ));
+                    }
                 }
                 match stack.last_mut() {
                     Some(parent) => parent.push(el),
@@ -384,6 +397,8 @@ mod tests {
             "<a>&unknown;</a>",
             "<a b='1' b='2'/>",
             "<a>&#0;</a>",
+            "<a>/mnt/<b/>x</a>",
+            "<a><b/>text</a>",
             deep.as_str(),
             many.as_str(),
             attrs.as_str(),

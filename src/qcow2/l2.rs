@@ -360,9 +360,10 @@ impl L2Table {
     }
 }
 
-/// Hashes table offsets (cluster-aligned u64s) with one multiplication: the
-/// cache is looked up on every guest request, and keys come from the image's
-/// own L1 table, where collisions cost only a longer probe.
+/// Hashes table offsets (cluster-aligned u64s) and cluster numbers with one
+/// multiplication: the cache is looked up on every guest request and the
+/// set of clusters being allocated on every allocating one, and keys come
+/// from the image itself, where collisions cost only a longer probe.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct OffsetHash;
 

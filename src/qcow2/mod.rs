@@ -273,7 +273,7 @@ impl Qcow2 {
                 rc,
                 pending: Vec::new(),
                 pending_punch: Vec::new(),
-                inflight: HashSet::new(),
+                inflight: HashSet::with_hasher(l2::OffsetHash),
                 l1_dirty: false,
                 data_written: false,
                 compressed_next: 0,

@@ -61,7 +61,7 @@ pub(crate) struct AllocState {
     /// Guest byte ranges of an external data file to punch after the flush.
     pub pending_punch: Vec<(u64, u64)>,
     /// Guest clusters being allocated by some request.
-    pub inflight: HashSet<u64>,
+    pub inflight: HashSet<u64, crate::qcow2::l2::OffsetHash>,
     /// The in-memory L1 table differs from the disk.
     pub l1_dirty: bool,
     /// Guest data was written since the last sync.
