@@ -216,9 +216,21 @@ pub fn escape(s: &str, attr: bool) -> String {
     o
 }
 
+/// Whether `s` is an XML name (simplified to what a writer must be able to
+/// write back: a letter, `_` or `:` first, then letters, digits, `-`, `.`,
+/// `_`, `:`; non-ASCII letters and digits allowed).
+fn is_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    chars.next().is_some_and(|c| c.is_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '_' | ':'))
+}
+
 fn start(e: &BytesStart<'_>, what: &str) -> Result<Element> {
     let name =
         std::str::from_utf8(e.name().as_ref()).map_err(|_| xml_err(what, "element name is not UTF-8"))?.to_string();
+    if !is_name(&name) {
+        return Err(xml_err(what, format!("'{}' is not an element name", name.escape_debug())));
+    }
     let mut el = Element::new(name);
     for a in e.attributes() {
         let a = a.map_err(|err| xml_err(what, err))?;
@@ -227,6 +239,9 @@ fn start(e: &BytesStart<'_>, what: &str) -> Result<Element> {
         }
         let k =
             std::str::from_utf8(a.key.as_ref()).map_err(|_| xml_err(what, "attribute name is not UTF-8"))?.to_string();
+        if !is_name(&k) {
+            return Err(xml_err(what, format!("'{}' is not an attribute name", k.escape_debug())));
+        }
         let v = a
             .normalized_value(XmlVersion::Implicit1_0)
             .map_err(|err| xml_err(what, format!("attribute {k}: {err}")))?
@@ -399,6 +414,8 @@ mod tests {
             "<a>&#0;</a>",
             "<a>/mnt/<b/>x</a>",
             "<a><b/>text</a>",
+            "< />",
+            "<a><1b/></a>",
             deep.as_str(),
             many.as_str(),
             attrs.as_str(),
