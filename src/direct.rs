@@ -5,15 +5,13 @@
 //! concurrent writers to one block do not lose each other's bytes.
 
 use std::fs::{File, OpenOptions};
-use std::os::fd::AsFd;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
-use crate::storage::Storage;
-use crate::sys;
+use crate::storage::{FileStorage, Storage};
 
 /// Alignment of offsets, lengths and buffers.
 pub const ALIGN: u64 = 4096;
@@ -49,9 +47,9 @@ impl Aligned {
 /// A file opened with `O_DIRECT`.
 #[derive(Debug)]
 pub struct DirectFile {
-    file: File,
-    path: PathBuf,
-    read_only: bool,
+    /// The `O_DIRECT` descriptor; operations that move no data go straight
+    /// to it.
+    inner: FileStorage,
     /// Serialize read-modify-write of partial blocks (by block number).
     stripes: Vec<Mutex<()>>,
     /// Serializes writes that extend the file.
@@ -69,23 +67,21 @@ impl DirectFile {
             .open(path)
             .map_err(|e| Error::io("cannot open file with O_DIRECT", e).with_path(path))?;
         Ok(DirectFile {
-            file,
-            path: path.to_path_buf(),
-            read_only,
+            inner: FileStorage::from_file(file, path, read_only)?,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             grow: Mutex::new(()),
         })
     }
 
     fn err(&self, what: &str, e: std::io::Error, offset: u64) -> Error {
-        Error::io(what.to_string(), e).with_path(&self.path).with_offset(offset)
+        Error::io(what.to_string(), e).with_path(self.inner.file_path()).with_offset(offset)
     }
 
     /// Reads `[a0, a0 + buf.len())`, all aligned, zero-filling past EOF.
     fn read_aligned(&self, buf: &mut [u8], a0: u64) -> Result<()> {
         let mut done = 0usize;
         while done < buf.len() {
-            match self.file.read_at(&mut buf[done..], a0 + done as u64) {
+            match self.inner.std_file().read_at(&mut buf[done..], a0 + done as u64) {
                 Ok(0) => {
                     buf[done..].fill(0);
                     return Ok(());
@@ -113,7 +109,7 @@ impl Drop for DirectFile {
     /// Releases QEMU-style image locks (taken by `OpenOptions::open`) before
     /// the descriptor closes; see `FileStorage`'s `Drop`.
     fn drop(&mut self) {
-        crate::lock::release(&self.file);
+        crate::lock::release(self.inner.std_file());
     }
 }
 
@@ -131,8 +127,8 @@ impl Storage for DirectFile {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::read_only("write").with_path(&self.path));
+        if self.inner.is_read_only() {
+            return Err(Error::read_only("write").with_path(self.inner.file_path()));
         }
         if buf.is_empty() {
             return Ok(());
@@ -159,66 +155,53 @@ impl Storage for DirectFile {
         }
         let s = (offset - a0) as usize;
         b.as_mut_slice()[s..s + buf.len()].copy_from_slice(buf);
-        self.file.write_all_at(b.as_slice(), a0).map_err(|e| self.err("O_DIRECT write failed", e, a0))?;
+        self.inner.std_file().write_all_at(b.as_slice(), a0).map_err(|e| self.err("O_DIRECT write failed", e, a0))?;
         if a1 > old_len.max(end) {
             // The aligned write went past the intended end: cut it back.
             let len_now = self.len()?;
             let want = old_len.max(end);
             if len_now > want {
-                self.file.set_len(want).map_err(|e| self.err("truncate failed", e, want))?;
+                self.inner.set_len(want)?;
             }
         }
         Ok(())
     }
 
     fn len(&self) -> Result<u64> {
-        Ok(self.file.metadata().map_err(|e| self.err("stat failed", e, 0))?.len())
+        self.inner.len()
     }
 
     fn set_len(&self, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::read_only("truncate").with_path(&self.path));
-        }
         let _g = self.grow.lock();
-        self.file.set_len(len).map_err(|e| self.err("truncate failed", e, len))
+        self.inner.set_len(len)
     }
 
     fn sync(&self) -> Result<()> {
-        if self.read_only {
-            return Ok(());
-        }
-        self.file.sync_data().map_err(|e| self.err("fsync failed", e, 0))
+        self.inner.sync()
     }
 
     fn punch_hole(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::read_only("discard").with_path(&self.path));
-        }
-        sys::punch_hole(self.file.as_fd(), offset, len).map_err(|e| self.err("punching a hole failed", e, offset))
+        self.inner.punch_hole(offset, len)
     }
 
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        if self.read_only {
-            return Err(Error::read_only("preallocate").with_path(&self.path));
-        }
-        sys::fallocate(self.file.as_fd(), offset, len).map_err(|e| self.err("fallocate failed", e, offset))
+        self.inner.allocate(offset, len)
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
-        use std::os::unix::fs::MetadataExt;
-        self.file.metadata().ok().map(|m| m.blocks().saturating_mul(512))
+        self.inner.allocated_bytes()
     }
 
     fn is_read_only(&self) -> bool {
-        self.read_only
+        self.inner.is_read_only()
     }
 
     fn path(&self) -> Option<&Path> {
-        Some(&self.path)
+        self.inner.path()
     }
 
     fn file(&self) -> Option<&File> {
-        Some(&self.file)
+        self.inner.file()
     }
 }
 

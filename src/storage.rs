@@ -198,6 +198,16 @@ impl FileStorage {
         Ok(FileStorage { file, path: path.to_path_buf(), read_only, lock: Held::None })
     }
 
+    /// The open file.
+    pub(crate) fn std_file(&self) -> &File {
+        &self.file
+    }
+
+    /// The path it was opened by.
+    pub(crate) fn file_path(&self) -> &Path {
+        &self.path
+    }
+
     fn err(&self, what: &str, e: std::io::Error, offset: u64) -> Error {
         Error::io(what.to_string(), e).with_path(&self.path).with_offset(offset)
     }

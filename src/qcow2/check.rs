@@ -453,14 +453,7 @@ impl Qcow2 {
         // the check compares the metadata with the refcounts as they are
         // (the dirty bit stays; writing refcounts early is always safe).
         if let Some(a) = guard.as_mut().filter(|a| a.marked_dirty) {
-            let file = &*self.file;
-            a.rc.write_blocks(file)?;
-            if a.rc.table_dirty {
-                file.sync()?;
-                file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-                a.rc.table_dirty = false;
-            }
-            file.sync()?;
+            self.write_refcounts(a)?;
         }
         let h = self.header.lock().clone();
         let snaps = self.snapshots.read().clone();

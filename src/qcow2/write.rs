@@ -1083,6 +1083,19 @@ impl Qcow2 {
         Ok(())
     }
 
+    /// Writes the cached refcounts (blocks, then a moved table) and syncs:
+    /// how lazy refcounts reach the disk.
+    pub(crate) fn write_refcounts(&self, a: &mut AllocState) -> Result<()> {
+        let file = &*self.file;
+        a.rc.write_blocks(file)?;
+        if a.rc.table_dirty {
+            file.sync()?;
+            file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
+            a.rc.table_dirty = false;
+        }
+        file.sync()
+    }
+
     /// Flushes, writes lazy refcounts and clears the dirty bit. The clean
     /// way to close an image opened read-write (dropping it only loses what
     /// was not flushed).
@@ -1092,13 +1105,7 @@ impl Qcow2 {
             let mut a = alloc.lock();
             if a.marked_dirty {
                 let file = &*self.file;
-                a.rc.write_blocks(file)?;
-                if a.rc.table_dirty {
-                    file.sync()?;
-                    file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-                    a.rc.table_dirty = false;
-                }
-                file.sync()?;
+                self.write_refcounts(&mut a)?;
                 let mut h = self.header.lock();
                 h.incompatible_features &= !header::INCOMPAT_DIRTY;
                 self.write_header_locked(&mut h)?;
