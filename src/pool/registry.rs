@@ -241,11 +241,11 @@ impl Registry {
         names.sort();
         for path in names {
             let res = (|| -> Result<Pool> {
-                let md = std::fs::metadata(&path).map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
-                if md.len() > super::xml::MAX_XML_BYTES as u64 {
-                    return Err(Error::limit("pool definition is larger than 1 MiB").with_path(&path));
-                }
-                let text = std::fs::read_to_string(&path).map_err(|e| Error::io("cannot read", e).with_path(&path))?;
+                let bytes = super::scan::read_limited(&path, super::xml::MAX_XML_BYTES as u64)?.ok_or_else(|| {
+                    Error::new(crate::ErrorKind::NotFound, "pool definition vanished").with_path(&path)
+                })?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| Error::invalid_argument("pool definition is not UTF-8").with_path(&path))?;
                 let def = PoolDef::from_xml(&text, &path.display().to_string())?;
                 let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned());
                 if stem.as_deref() != Some(def.name()) {

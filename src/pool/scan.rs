@@ -406,19 +406,33 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 }
 
 fn read_bounded(path: &Path) -> Result<Option<String>> {
-    match std::fs::metadata(path) {
-        Ok(m) if m.len() > MAX_STATE_FILE => {
-            return Err(Error::limit(format!("{} is larger than {MAX_STATE_FILE} bytes", path.display())))
-        }
-        Ok(_) => {}
+    Ok(read_limited(path, MAX_STATE_FILE)?.map(|b| String::from_utf8_lossy(&b).into_owned()))
+}
+
+/// Reads a regular file of at most `max` bytes; `None` if it does not
+/// exist. The file is opened without blocking (a FIFO put in its place does
+/// not hang us), checked to be a regular file on the open descriptor, and
+/// read no further than `max + 1` bytes whatever its size claims.
+pub(crate) fn read_limited(path: &Path, max: u64) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io("cannot stat", e).with_path(path)),
+        Err(e) => return Err(Error::io("cannot open", e).with_path(path)),
+    };
+    let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(path))?;
+    if !md.is_file() {
+        return Err(
+            Error::invalid_argument(format!("is a {}, not a regular file", super::dir::kind_name(&md))).with_path(path)
+        );
     }
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(String::from_utf8_lossy(&b).into_owned())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::io("cannot read", e).with_path(path)),
+    let mut out = Vec::new();
+    f.take(max + 1).read_to_end(&mut out).map_err(|e| Error::io("cannot read", e).with_path(path))?;
+    if out.len() as u64 > max {
+        return Err(Error::limit(format!("{} is larger than {max} bytes", path.display())));
     }
+    Ok(Some(out))
 }
 
 // ---------- probe cache ----------
@@ -544,7 +558,7 @@ impl ProbeCache {
     /// was not racy.
     pub fn get(&self, name: &OsStr, stat: &FileStat) -> Option<&Facts> {
         let e = self.entries.get(name)?;
-        (e.key == stat.key() && e.probed_at - e.key.ctime > RACY_NS).then_some(&e.facts)
+        (e.key == stat.key() && e.probed_at.saturating_sub(e.key.ctime) > RACY_NS).then_some(&e.facts)
     }
 
     /// Stores a fresh probe taken at `probed_at`.

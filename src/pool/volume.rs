@@ -140,7 +140,9 @@ impl Volume {
             _ => None,
         };
         let mut extent_alloc = 0;
-        for x in &facts.extents {
+        // Extent names come from the image: only plain names inside the
+        // pool are looked at.
+        for x in facts.extents.iter().filter(|x| !x.contains('/') && *x != "." && *x != "..") {
             if let Ok(Some(m)) = d.lstat(OsStr::new(x)) {
                 if m.is_file() {
                     extent_alloc = m.blocks().saturating_mul(512).saturating_add(extent_alloc);
@@ -228,7 +230,13 @@ impl Volume {
             if out.len() >= 64 {
                 return Err(Error::limit("backing chain deeper than 64").with_path(&b.path));
             }
-            let f = match File::open(&b.path) {
+            // Without blocking: a FIFO named by a hostile header must not hang us.
+            use std::os::unix::fs::OpenOptionsExt;
+            let f = match std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(&b.path)
+            {
                 Ok(f) => f,
                 Err(e) => return Err(Error::io("cannot open backing file", e).with_path(&b.path)),
             };

@@ -210,6 +210,11 @@ pub fn escape(s: &str, attr: bool) -> String {
             '>' => o.push_str("&gt;"),
             '\'' if attr => o.push_str("&apos;"),
             '"' if attr => o.push_str("&quot;"),
+            // A reader turns raw CR into LF, and raw whitespace in an
+            // attribute into spaces: references keep them as they were.
+            '\r' => o.push_str("&#xD;"),
+            '\n' if attr => o.push_str("&#xA;"),
+            '\t' if attr => o.push_str("&#x9;"),
             _ => o.push(c),
         }
     }
@@ -393,6 +398,14 @@ mod tests {
             "<pool type='netfs' xmlns:fs='http://libvirt.org/schemas/storagepool/fs/1.0'>\n  <name>a&amp;bA</name>\n  <fs:mount_opts>\n    <fs:option name='ro'/>\n  </fs:mount_opts>\n</pool>\n"
         );
         assert_eq!(parse(&out, "t").unwrap(), e);
+    }
+
+    #[test]
+    fn whitespace_references_survive_a_round_trip() {
+        let e = parse("<a b='x&#10;y&#9;z&#13;'><c>p&#13;q</c></a>", "t").unwrap();
+        assert_eq!(e.attr("b"), Some("x\ny\tz\r"));
+        assert_eq!(e.child_text("c").unwrap(), "p\rq");
+        assert_eq!(parse(&e.to_xml(), "t").unwrap(), e);
     }
 
     #[test]
