@@ -2,7 +2,9 @@
 //! the page cache. The kernel wants offsets, lengths and buffers aligned to
 //! the device's block size; [`DirectFile`] aligns everything to 4 KiB with
 //! bounce buffers, and serializes the read-modify-write of partial blocks so
-//! concurrent writers to one block do not lose each other's bytes.
+//! concurrent partial writes to one block do not lose each other's bytes
+//! (a whole-block write racing a partial write of the same block may be
+//! undone by it: overlapping writes in flight have no defined order).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};

@@ -38,7 +38,7 @@
 //! Byte 0 is left alone: libvirt's virtlockd uses it.
 //!
 //! OFD locks belong to the open file description: they live exactly as long
-//! as the [`FileStorage`](crate::FileStorage) that took them, which releases
+//! as the [`FileStorage`](crate::FileStorage) (or `DirectFile`) that holds them, which releases
 //! them explicitly when dropped (a child process forked by another thread
 //! shares the description until it `exec`s, so closing alone could leave
 //! them held for a moment). Filesystems (or kernels) without OFD locks answer

@@ -156,12 +156,13 @@ struct Walker<'a> {
 }
 
 impl Walker<'_> {
-    /// Reads a table of `count` u64 entries; what lies past the end of the
-    /// file reads as zeros without being read.
+    /// Reads a table of up to `count` u64 entries. Entries past the end of
+    /// the file would read as zeros, which every caller skips: they are
+    /// left out, so a table claimed far past the end costs nothing.
     fn read_table(&mut self, offset: u64, count: u64, what: &str) -> Option<Vec<u64>> {
-        let mut buf = vec![0u8; (count * 8) as usize];
-        let avail = self.file_len.saturating_sub(offset).min(count * 8) as usize;
-        match self.file.read_at(&mut buf[..avail], offset) {
+        let avail = self.file_len.saturating_sub(offset).min(count.saturating_mul(8)) / 8 * 8;
+        let mut buf = vec![0u8; avail as usize];
+        match self.file.read_at(&mut buf, offset) {
             Ok(()) => Some(buf.chunks_exact(8).map(BigEndian::read_u64).collect()),
             Err(e) => {
                 self.report.check_errors += 1;
@@ -307,9 +308,11 @@ impl Walker<'_> {
 }
 
 /// The full reference walk over an image's metadata. Every distinct L1
-/// and L2 table is read once however many snapshots or entries name it,
-/// and nothing past the end of the file is read (it reads as zeros), so
-/// the work is bounded by the file's size and the snapshot count.
+/// and L2 table is walked once however many snapshots or entries name it
+/// (an active L2 table is read twice: once for the statistics, once for
+/// the references), and nothing past the end of the file is read or
+/// allocated, so the work is bounded by the file's size and the snapshot
+/// count.
 fn count_references(
     file: &dyn Storage,
     h: &Header,

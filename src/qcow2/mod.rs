@@ -477,7 +477,8 @@ impl Qcow2 {
         })
     }
 
-    /// Decompresses the cluster at `host` into `out` (one cluster).
+    /// Decompresses the cluster at `host` into `out` (one cluster). `len`
+    /// is at most 2^(cluster_bits - 8) sectors: at most 2 clusters.
     fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut input = vec![0u8; len as usize];
         self.file.read_at(&mut input, host)?;
@@ -492,12 +493,8 @@ impl Qcow2 {
                 return Ok(d.clone());
             }
         }
-        let cs = self.geo.cluster_size() as usize;
-        // len is at most 2^(cluster_bits - 8) sectors: at most 2 clusters.
-        let mut input = vec![0u8; len as usize];
-        self.file.read_at(&mut input, host)?;
-        let mut out = vec![0u8; cs];
-        compress::decompress(self.compression, &input, &mut out).map_err(|e| self.err(e.with_offset(host)))?;
+        let mut out = vec![0u8; self.geo.cluster_size() as usize];
+        self.decompress_into(host, len, &mut out)?;
         let out: Arc<[u8]> = out.into();
         let mut z = self.zcache.lock();
         if z.len() >= 8 {

@@ -80,7 +80,6 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
             return Err(Error::invalid_argument(format!("cache mode '{other}' is not supported (writeback or none)")))
         }
     };
-    let _ = a.force_share;
     if a.depth == 0 || a.depth > 1024 {
         return Err(Error::invalid_argument("depth must be between 1 and 1024"));
     }
@@ -99,13 +98,9 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     let pattern = parse_byte(&a.pattern)?;
     let spec = a.secrets.image(&a.image, a.format.as_deref())?;
     let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let mut opts =
-        vdisk::OpenOptions::new().read_only(!a.write).key_opt(key).cache(cache).backing(vdisk::BackingPolicy::Follow);
-    match spec.format.as_deref() {
-        Some(f) => opts = opts.format(vdisk::Format::from_name(f)?),
-        None => opts = opts.probe(true),
-    }
-    let img = opts.open(&spec.path)?;
+    let img = crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?
+        .cache(cache)
+        .open(&spec.path)?;
     let size = img.size();
     if offset.checked_add(bufsize).is_none_or(|e| e > size) {
         return Err(Error::invalid_argument(format!(
@@ -130,9 +125,9 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
                 s.spawn(|| -> Result<()> {
                     // Page-aligned, as qemu-img bench's buffers are: the
                     // kernel copies into a misaligned buffer far slower.
-                    let mut backing = vec![pattern; bufsize as usize + 4096];
-                    let skew = (4096 - backing.as_ptr() as usize % 4096) % 4096;
-                    let buf = &mut backing[skew..skew + bufsize as usize];
+                    let mut aligned = vdisk::direct::Aligned::new(bufsize as usize);
+                    let buf = aligned.as_mut_slice();
+                    buf.fill(pattern);
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
                         if i >= a.count {
@@ -180,7 +175,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     let secs = start.elapsed().as_secs_f64();
     if !a.quiet {
         println!("Run completed in {secs:.3} seconds.");
-        let bytes = a.count * bufsize;
+        let bytes = a.count.saturating_mul(bufsize);
         println!(
             "{} requests, {}/s, {:.0} IOPS",
             a.count,

@@ -126,16 +126,27 @@ fn open_image_locked(
     key: Option<vdisk::Secret>,
     force_share: bool,
 ) -> Result<Image> {
-    let mut opts = OpenOptions::new()
+    image_options(format, read_only, follow_backing, key, force_share)?.open(path)
+}
+
+/// The open options every command builds from its flags: lock mode (`-U`),
+/// access, key, backing policy, and the format (`-f`) or probing.
+pub fn image_options(
+    format: Option<&str>,
+    read_only: bool,
+    follow_backing: bool,
+    key: Option<vdisk::Secret>,
+    force_share: bool,
+) -> Result<OpenOptions> {
+    let opts = OpenOptions::new()
         .lock(lock_mode(force_share))
         .read_only(read_only)
         .key_opt(key)
         .backing(if follow_backing { BackingPolicy::Follow } else { BackingPolicy::Never });
-    match format {
-        Some(f) => opts = opts.format(Format::from_name(f)?),
-        None => opts = opts.probe(true),
-    }
-    opts.open(path)
+    Ok(match format {
+        Some(f) => opts.format(Format::from_name(f)?),
+        None => opts.probe(true),
+    })
 }
 
 /// Pretty-prints JSON with 4-space indentation, as qemu-img does.
