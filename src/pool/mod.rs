@@ -526,6 +526,15 @@ impl Pool {
                 (n.as_os_str(), m.blocks().saturating_mul(512))
             })
             .collect();
+        // Regular files by (device, inode): what a symlink in the pool points at.
+        let file_by_id: std::collections::HashMap<(u64, u64), &OsStr> = entries
+            .iter()
+            .filter(|(_, m)| m.is_file())
+            .map(|(n, m)| {
+                use std::os::unix::fs::MetadataExt;
+                ((m.dev(), m.ino()), n.as_os_str())
+            })
+            .collect();
         let mut changed = false;
         let mut new_records = Vec::new();
         let mut out = Vec::with_capacity(entries.len());
@@ -581,13 +590,7 @@ impl Pool {
                 Some(s) => {
                     // Symlinks: the target's record, if the target is a
                     // volume of this pool.
-                    entries
-                        .iter()
-                        .find(|(_, m)| {
-                            use std::os::unix::fs::MetadataExt;
-                            m.ino() == s.ino && m.dev() == s.dev && m.is_file()
-                        })
-                        .and_then(|(n, _)| records.format_of(n, s))
+                    file_by_id.get(&(s.dev, s.ino)).and_then(|n| records.format_of(n, s))
                 }
                 None => None,
             };

@@ -68,15 +68,9 @@ pub fn parse_size(s: &str) -> Result<u64> {
 /// largest binary unit below which it stays (`0.00 B`, `1.46 GiB`).
 pub fn pretty(bytes: u64) -> String {
     const UNITS: [&str; 7] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut limit: u128 = 1024;
-    for (i, unit) in UNITS.iter().enumerate() {
-        if u128::from(bytes) < limit || i == UNITS.len() - 1 {
-            let div = (limit / 1024) as f64;
-            return format!("{:.2} {unit}", bytes as f64 / div);
-        }
-        limit *= 1024;
-    }
-    format!("{bytes} B")
+    // The largest unit not above the value (EiB at most: u64 ends there).
+    let i = (0..UNITS.len()).rev().find(|&i| u128::from(bytes) >= 1u128 << (10 * i)).unwrap_or(0);
+    format!("{:.2} {}", bytes as f64 / (1u128 << (10 * i)) as f64, UNITS[i])
 }
 
 #[cfg(test)]

@@ -154,10 +154,8 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
                 spec.qcow2_options.push(("extended_l2".into(), "on".into()));
             }
         }
-        if t.child("nocow").is_some() {
-            // Only meaningful on btrfs; accepted and ignored, as libvirt
-            // ignores a failure to set it.
-        }
+        // <nocow/> is only meaningful on btrfs: accepted and ignored, as
+        // libvirt ignores a failure to set it.
         if let Some(enc) = t.child("encryption") {
             match enc.attr("format") {
                 Some("qcow") => {
