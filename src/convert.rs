@@ -5,6 +5,11 @@
 //! to be zero), and data ranges are scanned in small granules so zero blocks
 //! inside them become holes too. The work is split into units that several
 //! threads copy at once, so decompression and compression use every core.
+//!
+//! A destination with a backing image does not read as zeros: there a range
+//! is skipped only where the destination already reads the same bytes as
+//! the source (what its backing provides), and every other range is
+//! written, zeros included, so the guest sees exactly the source.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -23,10 +28,13 @@ pub struct ConvertOptions<'a> {
     /// the caller where it matters, e.g. compressed output).
     pub unit: u64,
     /// Zero detection granule inside data ranges: all-zero granules are not
-    /// written. 0 turns detection off.
+    /// written. 0 turns detection off and writes every byte, holes of the
+    /// source included (`qemu-img convert -S 0`), so the destination is
+    /// fully allocated.
     pub sparse_granule: u64,
     /// The destination already reads as zeros everywhere (freshly created),
-    /// so zero ranges need no write at all.
+    /// so zero ranges need no write at all. Ignored when the destination
+    /// has a backing image: it is then compared, not assumed.
     pub dst_is_zeroed: bool,
     /// Write whole units with [`BlockDevice::write_compressed`] (the unit
     /// must be a multiple of the destination's cluster size).
@@ -73,6 +81,9 @@ pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptio
     if opts.unit == 0 {
         return Err(Error::invalid_argument("work unit of 0 bytes"));
     }
+    // A destination over a backing image reads what the backing holds.
+    let through = dst.backing().is_some() || dst.info().backing_file.is_some();
+    let granule = if opts.compress { dst.info().cluster_size.unwrap_or(65536) } else { opts.sparse_granule };
     let units = size.div_ceil(opts.unit);
     let next = AtomicU64::new(0);
     let done = AtomicU64::new(0);
@@ -86,6 +97,8 @@ pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptio
                     // Page aligned: the kernel copies to and from it faster.
                     let mut aligned = crate::direct::Aligned::new(opts.unit as usize);
                     let buf = aligned.as_mut_slice();
+                    let mut current = crate::direct::Aligned::new(if through { opts.unit as usize } else { 0 });
+                    let cur = current.as_mut_slice();
                     loop {
                         if failed.load(Ordering::Relaxed) {
                             return Ok(());
@@ -96,7 +109,12 @@ pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptio
                         }
                         let start = u * opts.unit;
                         let len = opts.unit.min(size - start);
-                        let r = copy_unit(src, dst, start, len, &mut buf[..len as usize], opts);
+                        let n = len as usize;
+                        let r = if through {
+                            copy_unit_through(src, dst, start, &mut buf[..n], &mut cur[..n], granule, opts)
+                        } else {
+                            copy_unit(src, dst, start, len, &mut buf[..n], opts)
+                        };
                         match r {
                             Ok(w) => {
                                 written.fetch_add(w, Ordering::Relaxed);
@@ -163,6 +181,12 @@ fn copy_unit(
         }
         pos += n;
     }
+    if opts.sparse_granule == 0 && !opts.compress {
+        // `-S 0`: every byte is written, so every byte is allocated.
+        src.read_at(buf, start)?;
+        dst.write_at(buf, start)?;
+        return Ok(len);
+    }
     if opts.compress {
         if !any_data {
             return Ok(0);
@@ -192,6 +216,86 @@ fn copy_unit(
         let chunk = &mut buf[(a - start) as usize..(b - start) as usize];
         src.read_at(chunk, a)?;
         written += write_sparse(dst, chunk, a, opts)?;
+    }
+    Ok(written)
+}
+
+/// Fills `buf` with the source's bytes at `start`, reading only the ranges
+/// that do not read as zeros.
+fn read_source(src: &dyn BlockDevice, start: u64, buf: &mut [u8]) -> Result<()> {
+    let end = start + buf.len() as u64;
+    let mut pos = start;
+    while pos < end {
+        let e = src.map(pos, end - pos)?;
+        if e.length == 0 {
+            return Err(Error::internal(format!("map returned an empty extent at {pos}")));
+        }
+        let n = e.length.min(end - pos);
+        let chunk = &mut buf[(pos - start) as usize..(pos - start + n) as usize];
+        if e.reads_as_zero() {
+            chunk.fill(0);
+        } else {
+            src.read_at(chunk, pos)?;
+        }
+        pos += n;
+    }
+    Ok(())
+}
+
+/// [`copy_unit`] for a destination with a backing image: reads what the
+/// destination shows now and writes, in granules, every range where that
+/// differs from the source (zeros as zeros); equal ranges stay unallocated.
+/// A granule of 0 (`-S 0`) writes everything.
+fn copy_unit_through(
+    src: &dyn BlockDevice,
+    dst: &dyn BlockDevice,
+    start: u64,
+    buf: &mut [u8],
+    cur: &mut [u8],
+    granule: u64,
+    opts: &ConvertOptions<'_>,
+) -> Result<u64> {
+    read_source(src, start, buf)?;
+    if granule == 0 {
+        dst.write_at(buf, start)?;
+        return Ok(buf.len() as u64);
+    }
+    dst.read_at(cur, start)?;
+    let mut written = 0u64;
+    let mut i = 0usize;
+    while i < buf.len() {
+        // Granules aligned to the guest offset; a run of differing granules
+        // that are all zero, or all not, is written at once.
+        let gend = |i: usize| -> usize {
+            let abs = start + i as u64;
+            let next = (abs / granule + 1) * granule;
+            ((next - start) as usize).min(buf.len())
+        };
+        let e = gend(i);
+        if buf[i..e] == cur[i..e] {
+            i = e;
+            continue;
+        }
+        let zero = buf[i..e].iter().all(|&b| b == 0);
+        let mut j = e;
+        while j < buf.len() {
+            let f = gend(j);
+            if buf[j..f] == cur[j..f] || buf[j..f].iter().all(|&b| b == 0) != zero {
+                break;
+            }
+            j = f;
+        }
+        let at = start + i as u64;
+        if zero {
+            dst.write_zeroes(at, (j - i) as u64, ZeroMode::MayUnmap)?;
+        } else if opts.compress {
+            dst.write_compressed(&buf[i..j], at)?;
+            written += (j - i) as u64;
+        } else {
+            dst.write_at(&buf[i..j], at)?;
+            written += (j - i) as u64;
+        }
+        i = j;
     }
     Ok(written)
 }

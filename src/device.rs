@@ -307,6 +307,16 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     /// Makes everything written so far durable, metadata in a safe order.
     fn flush(&self) -> Result<()>;
 
+    /// Leaves the image clean on disk, as closing it does: everything
+    /// flushed, and what a format defers written too (qcow2 lazy refcounts,
+    /// with the dirty bit cleared), so `qemu-img check` finds no error. The
+    /// device stays open and usable; a later write may make it dirty again.
+    /// The formats' `close(self)` and their `Drop` (best effort, for devices
+    /// opened read-write) call it. Defaults to [`flush`](Self::flush).
+    fn make_clean(&self) -> Result<()> {
+        self.flush()
+    }
+
     /// Writes whole clusters compressed (qcow2, streamOptimized vmdk).
     /// `offset` and `buf.len()` must be multiples of the allocation unit
     /// (the last unit may end at the device's end). Data that does not
@@ -379,6 +389,9 @@ macro_rules! forward_block_device {
             }
             fn flush(&self) -> Result<()> {
                 (**self).flush()
+            }
+            fn make_clean(&self) -> Result<()> {
+                (**self).make_clean()
             }
             fn resize(&self, new_size: u64) -> Result<()> {
                 (**self).resize(new_size)

@@ -29,6 +29,8 @@ pub const QCOW2_MAX_HOST_OFFSET: u64 = 1 << 56;
 /// Largest virtual size qemu-img creates: 2^63 - 512 is the theoretical
 /// bound; L1 size limits keep real images far below.
 pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64 & !511;
+/// Largest host file: `off_t` is signed (`i64::MAX`).
+pub const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Default L2 cache: enough for the whole image up to 32 MiB, as QEMU's
 /// default (`DEFAULT_L2_CACHE_MAX_SIZE` on Linux).
 pub const QCOW2_DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;

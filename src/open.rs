@@ -390,6 +390,17 @@ impl Image {
         }
     }
 
+    /// Flushes and closes the image, leaving it clean (qcow2: lazy
+    /// refcounts written, dirty bit cleared). Dropping an image does the
+    /// same, best effort, but cannot report a failure.
+    pub fn close(self) -> Result<()> {
+        match self {
+            Image::Raw(d) => d.close(),
+            Image::Qcow2(d) => d.close(),
+            Image::Vmdk(d) => d.close(),
+        }
+    }
+
     /// Host bytes allocated by the image file (`st_blocks * 512`).
     pub fn allocated_bytes(&self) -> Option<u64> {
         match self {
@@ -424,6 +435,9 @@ impl BlockDevice for Image {
     }
     fn flush(&self) -> Result<()> {
         self.dev().flush()
+    }
+    fn make_clean(&self) -> Result<()> {
+        self.dev().make_clean()
     }
     fn resize(&self, new_size: u64) -> Result<()> {
         self.dev().resize(new_size)

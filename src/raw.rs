@@ -4,7 +4,7 @@
 //! `write_zeroes` punch holes where the host can. Opening a file as raw never
 //! looks at its content.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
@@ -18,6 +18,8 @@ pub struct Raw {
     storage: Arc<dyn Storage>,
     size: AtomicU64,
     read_only: bool,
+    /// Something was written since the last flush.
+    unsynced: AtomicBool,
 }
 
 impl Raw {
@@ -25,7 +27,7 @@ impl Raw {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
         let size = storage.len()?;
         let read_only = storage.is_read_only();
-        Ok(Raw { storage, size: AtomicU64::new(size), read_only })
+        Ok(Raw { storage, size: AtomicU64::new(size), read_only, unsynced: AtomicBool::new(false) })
     }
 
     /// Creates a raw image of `size` bytes (sparse) on an empty storage.
@@ -39,11 +41,27 @@ impl Raw {
         &self.storage
     }
 
+    /// Flushes and closes the image, reporting a failure that dropping it
+    /// (which flushes too) could not.
+    pub fn close(self) -> Result<()> {
+        self.flush()
+    }
+
     fn check_writable(&self, what: &str) -> Result<()> {
         if self.read_only {
             return Err(crate::Error::read_only(what).with_format("raw"));
         }
+        self.unsynced.store(true, Ordering::Release);
         Ok(())
+    }
+}
+
+impl Drop for Raw {
+    /// Best effort flush of what was written and not flushed.
+    fn drop(&mut self) {
+        if self.unsynced.load(Ordering::Acquire) {
+            let _ = self.storage.sync();
+        }
     }
 }
 
@@ -113,7 +131,8 @@ impl BlockDevice for Raw {
         if self.read_only {
             return Ok(());
         }
-        self.storage.sync()
+        self.unsynced.store(false, Ordering::Release);
+        self.storage.sync().inspect_err(|_| self.unsynced.store(true, Ordering::Release))
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {

@@ -269,6 +269,13 @@ impl Storage for FileStorage {
         if self.read_only {
             return Err(Error::read_only("truncate").with_path(&self.path));
         }
+        if len > crate::limits::MAX_FILE_SIZE {
+            return Err(Error::limit(format!(
+                "file size {len} is larger than the largest a file can have ({})",
+                crate::limits::MAX_FILE_SIZE
+            ))
+            .with_path(&self.path));
+        }
         self.file.set_len(len).map_err(|e| self.err("truncate failed", e, len))
     }
 

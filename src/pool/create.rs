@@ -333,7 +333,7 @@ impl Pool {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };
             crate::convert::convert(src, &*dev, &opts)?;
         }
-        dev.flush()?;
+        dev.make_clean()?;
         // Mode and owner on the new file, then make it durable.
         let mode = spec.permissions.mode.unwrap_or(0o600);
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))

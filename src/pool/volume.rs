@@ -374,9 +374,10 @@ impl Volume {
         drop(f);
         let dev = self.open(false)?;
         dev.resize(capacity)?;
-        dev.flush()?;
+        let size = dev.size();
+        dev.close()?;
         self.pool.forget_cached(&self.name);
-        Ok(dev.size())
+        Ok(size)
     }
 
     /// `vol-upload`: writes bytes from `src` into the volume *file* at
@@ -654,6 +655,12 @@ impl VolumeDevice {
     pub fn image(&self) -> &Image {
         &self.image
     }
+
+    /// Flushes and closes the volume, leaving its image clean (see
+    /// [`Image::close`]); dropping does the same without reporting a failure.
+    pub fn close(self) -> Result<()> {
+        self.image.close()
+    }
 }
 
 impl BlockDevice for VolumeDevice {
@@ -680,6 +687,9 @@ impl BlockDevice for VolumeDevice {
     }
     fn flush(&self) -> Result<()> {
         self.image.flush()
+    }
+    fn make_clean(&self) -> Result<()> {
+        self.image.make_clean()
     }
     fn resize(&self, new_size: u64) -> Result<()> {
         self.image.resize(new_size)

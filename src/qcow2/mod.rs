@@ -693,7 +693,21 @@ impl BlockDevice for Qcow2 {
         self.flush_impl()
     }
 
+    fn make_clean(&self) -> Result<()> {
+        self.close_impl()
+    }
+
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+}
+
+impl Drop for Qcow2 {
+    /// Best effort [`Qcow2::close`] for an image opened read-write: a
+    /// failure here cannot be reported (call `close` to see it).
+    fn drop(&mut self) {
+        if self.alloc.is_some() {
+            let _ = self.close_impl();
+        }
     }
 }

@@ -1096,10 +1096,20 @@ impl Qcow2 {
         file.sync()
     }
 
-    /// Flushes, writes lazy refcounts and clears the dirty bit. The clean
-    /// way to close an image opened read-write (dropping it only loses what
-    /// was not flushed).
+    /// Flushes, writes lazy refcounts and clears the dirty bit: the clean
+    /// way to close an image opened read-write, with the error reported.
+    /// Dropping the image does the same but cannot report a failure.
     pub fn close(self) -> Result<()> {
+        self.close_impl()
+    }
+
+    /// What [`Qcow2::close`] and `Drop` do; the device stays usable (a
+    /// later lazy-refcount write sets the dirty bit again).
+    pub(crate) fn close_impl(&self) -> Result<()> {
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            // Nothing more is written to an image found corrupt.
+            return Ok(());
+        }
         self.flush_impl()?;
         if let Some(alloc) = &self.alloc {
             let mut a = alloc.lock();

@@ -487,7 +487,8 @@ impl Vmdk {
         Ok(r)
     }
 
-    /// Flushes and closes the image.
+    /// Flushes and closes the image, reporting a failure that dropping it
+    /// (which flushes too) could not.
     pub fn close(self) -> Result<()> {
         self.flush()
     }
@@ -657,5 +658,15 @@ impl BlockDevice for Vmdk {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.parent.as_deref()
+    }
+}
+
+impl Drop for Vmdk {
+    /// Best effort flush for an image opened read-write (call
+    /// [`Vmdk::close`] to see a failure).
+    fn drop(&mut self) {
+        if !self.read_only {
+            let _ = self.flush();
+        }
     }
 }

@@ -108,7 +108,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         )));
     }
     if !a.quiet {
-        println!(
+        outln!(
             "Sending {} {} requests, {bufsize} bytes each, {} in parallel (starting at offset {offset}, step size {step})",
             a.count,
             if a.write { "write" } else { "read" },
@@ -174,14 +174,16 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     }
     let secs = start.elapsed().as_secs_f64();
     if !a.quiet {
-        println!("Run completed in {secs:.3} seconds.");
+        outln!("Run completed in {secs:.3} seconds.");
         let bytes = a.count.saturating_mul(bufsize);
-        println!(
+        outln!(
             "{} requests, {}/s, {:.0} IOPS",
             a.count,
             human_size((bytes as f64 / secs.max(1e-9)) as u64),
             a.count as f64 / secs.max(1e-9)
         );
     }
+    // Outside the timed part, as qemu-img closes after its report.
+    img.close()?;
     Ok(0)
 }

@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 use vdisk::qcow2::check::{CheckReport, Repair};
 use vdisk::{Error, Image, Result};
 
-use crate::common::{open_arg, print_json};
+use crate::common::{open_arg_shared, print_json};
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk check`.
@@ -45,28 +45,28 @@ fn human(r: &CheckReport, repaired: bool) {
         eprintln!("{m}");
     }
     if repaired && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) {
-        println!("The following inconsistencies were found and repaired:\n");
-        println!("    {} leaked clusters", r.leaks_fixed);
-        println!("    {} corruptions\n", r.corruptions_fixed);
-        println!("Double checking the fixed image now...");
+        outln!("The following inconsistencies were found and repaired:\n");
+        outln!("    {} leaked clusters", r.leaks_fixed);
+        outln!("    {} corruptions\n", r.corruptions_fixed);
+        outln!("Double checking the fixed image now...");
     }
     if r.corruptions == 0 && r.leaks == 0 && r.check_errors == 0 {
-        println!("No errors were found on the image.");
+        outln!("No errors were found on the image.");
     } else {
         if r.corruptions > 0 {
-            println!("\n{} errors were found on the image.", r.corruptions);
-            println!("Data may be corrupted, or further writes to the image may corrupt it.");
+            outln!("\n{} errors were found on the image.", r.corruptions);
+            outln!("Data may be corrupted, or further writes to the image may corrupt it.");
         }
         if r.leaks > 0 {
-            println!("\n{} leaked clusters were found on the image.", r.leaks);
-            println!("This means waste of disk space, but no harm to data.");
+            outln!("\n{} leaked clusters were found on the image.", r.leaks);
+            outln!("This means waste of disk space, but no harm to data.");
         }
         if r.check_errors > 0 {
-            println!("\n{} internal errors have occurred during the check.", r.check_errors);
+            outln!("\n{} internal errors have occurred during the check.", r.check_errors);
         }
     }
     if r.total_clusters > 0 && r.allocated_clusters > 0 {
-        println!(
+        outln!(
             "{}/{} = {:.2}% allocated, {:.2}% fragmented, {:.2}% compressed clusters",
             r.allocated_clusters,
             r.total_clusters,
@@ -76,7 +76,7 @@ fn human(r: &CheckReport, repaired: bool) {
         );
     }
     if r.image_end_offset > 0 {
-        println!("Image end offset: {}", r.image_end_offset);
+        outln!("Image end offset: {}", r.image_end_offset);
     }
 }
 
@@ -119,7 +119,10 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
         Some(other) => return Err(Error::invalid_argument(format!("-r must be leaks or all, not '{other}'"))),
     };
     let read_only = repair == Repair::None;
-    let (path, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), read_only, false)?;
+    if a.force_share && !read_only {
+        return Err(Error::invalid_argument("-U (force-share) can only be used without -r (read-only checks)"));
+    }
+    let (path, img) = open_arg_shared(&a.secrets, &a.image, a.format.as_deref(), read_only, false, a.force_share)?;
     let filename = path.display().to_string();
     match img {
         Image::Qcow2(q) => {
@@ -146,9 +149,9 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
                     eprintln!("{m}");
                 }
                 if r.errors == 0 {
-                    println!("No errors were found on the image.");
+                    outln!("No errors were found on the image.");
                 } else {
-                    println!("\n{} errors were found on the image.", r.errors);
+                    outln!("\n{} errors were found on the image.", r.errors);
                 }
             }
             Ok(if r.errors > 0 { 2 } else { 0 })

@@ -156,7 +156,7 @@ pub fn print_json(v: &serde_json::Value) {
     let fmt = serde_json::ser::PrettyFormatter::with_indent(b"    ");
     let mut ser = serde_json::Serializer::with_formatter(&mut out, fmt);
     if v.serialize(&mut ser).is_ok() {
-        println!("{}", String::from_utf8_lossy(&out));
+        outln!("{}", String::from_utf8_lossy(&out));
     }
 }
 
@@ -175,9 +175,7 @@ pub fn progress_printer(enabled: bool) -> impl Fn(u64, u64) + Sync {
         }
         let pct = (done as f64 * 10000.0 / total as f64) as u64;
         if last.swap(pct, std::sync::atomic::Ordering::Relaxed) != pct {
-            use std::io::Write;
-            print!("    ({:.2}/100%)\r", pct as f64 / 100.0);
-            let _ = std::io::stdout().flush();
+            out!("    ({:.2}/100%)\r", pct as f64 / 100.0);
         }
     }
 }
@@ -232,6 +230,62 @@ pub fn open_inspect(
     }
     let img = opts.open(&spec.path)?;
     Ok((spec.path, img))
+}
+
+/// Checks a virtual size the way qemu-img does before anything is created.
+pub fn check_image_size(size: u64) -> Result<()> {
+    if size > i64::MAX as u64 {
+        return Err(Error::invalid_argument(format!("invalid image size {size}: must be between 0 and {}", i64::MAX)));
+    }
+    Ok(())
+}
+
+/// Removes what a failed `create` or `convert` made: the image file and any
+/// file beside it named after it (vmdk extents, a data file) that did not
+/// exist before. Files that were there before are never removed.
+pub struct CreatedFiles {
+    dir: std::path::PathBuf,
+    stem: std::ffi::OsString,
+    before: std::collections::HashSet<std::ffi::OsString>,
+}
+
+impl CreatedFiles {
+    /// Notes what exists beside `path` now.
+    pub fn before(path: &Path) -> CreatedFiles {
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        let stem = path.file_stem().map(|s| s.to_os_string()).unwrap_or_default();
+        let before = Self::matching(&dir, &stem);
+        CreatedFiles { dir, stem, before }
+    }
+
+    fn matching(dir: &Path, stem: &std::ffi::OsStr) -> std::collections::HashSet<std::ffi::OsString> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut out = std::collections::HashSet::new();
+        if stem.is_empty() {
+            return out;
+        }
+        if let Ok(rd) = std::fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_name().as_bytes().starts_with(stem.as_bytes()) {
+                    out.insert(e.file_name());
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes the files made since [`before`](Self::before); used when the
+    /// command failed.
+    pub fn remove_new(&self) {
+        for name in Self::matching(&self.dir, &self.stem) {
+            if !self.before.contains(&name) {
+                let _ = std::fs::remove_file(self.dir.join(name));
+            }
+        }
+    }
 }
 
 #[cfg(test)]

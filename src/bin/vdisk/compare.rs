@@ -34,18 +34,18 @@ pub fn run(a: &CompareArgs) -> Result<i32> {
     let (_, ib) = open_arg_shared(&a.secrets, &a.b, a.fmt_b.as_deref(), true, true, a.force_share)?;
     use vdisk::BlockDevice;
     if ia.size() != ib.size() && !a.strict {
-        println!("Warning: Image size mismatch!");
+        outln!("Warning: Image size mismatch!");
     }
     match vdisk::convert::compare(&ia, &ib, a.strict)? {
         None => {
-            println!("Images are identical.");
+            outln!("Images are identical.");
             Ok(0)
         }
         Some(off) => {
             if a.strict && ia.size() != ib.size() {
-                println!("Strict mode: Image size mismatch!");
+                outln!("Strict mode: Image size mismatch!");
             } else {
-                println!("Content mismatch at offset {off}!");
+                outln!("Content mismatch at offset {off}!");
             }
             Ok(1)
         }

@@ -9,7 +9,7 @@ use vdisk::qcow2::create::CreateOptions;
 use vdisk::vmdk::Subformat;
 use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions};
 
-use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal};
+use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal, CreatedFiles};
 use crate::secrets::{split_opts, SecretArgs};
 
 /// Arguments of `vdisk convert`.
@@ -51,8 +51,13 @@ pub struct ConvertArgs {
     pub dst: PathBuf,
 }
 
-/// Runs `vdisk convert`.
+/// Runs `vdisk convert`; a failure removes the files it had created.
 pub fn run(a: &ConvertArgs) -> Result<i32> {
+    let created = CreatedFiles::before(&a.dst);
+    convert(a).inspect_err(|_| created.remove_new())
+}
+
+fn convert(a: &ConvertArgs) -> Result<i32> {
     let (_, src) = open_arg_shared(&a.secrets, &a.src, a.src_fmt.as_deref(), true, true, a.force_share)?;
     let snap_view;
     let source: &dyn BlockDevice = match &a.snapshot {
@@ -137,9 +142,9 @@ pub fn run(a: &ConvertArgs) -> Result<i32> {
         ..ConvertOptions::default()
     };
     vdisk::convert::convert(source, &*dst, &copts)?;
-    dst.flush()?;
+    dst.make_clean()?;
     if show {
-        println!("    (100.00/100%)");
+        outln!("    (100.00/100%)");
     }
     Ok(0)
 }

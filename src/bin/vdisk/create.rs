@@ -5,7 +5,7 @@ use std::sync::Arc;
 use vdisk::qcow2::create::{CreateOptions, Preallocation};
 use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, Vmdk, VmdkCreateOptions};
 
-use crate::common::parse_size;
+use crate::common::{check_image_size, parse_size, CreatedFiles};
 use crate::secrets::{split_opts, SecretArgs};
 
 /// Arguments of `vdisk create`.
@@ -39,11 +39,19 @@ pub struct CreateArgs {
     pub size: Option<String>,
 }
 
-/// Runs `vdisk create`.
+/// Runs `vdisk create`; a failure removes whatever it had created.
 pub fn run(a: &CreateArgs) -> Result<i32> {
     let format = Format::from_name(&a.format)?;
     let size = a.size.as_deref().map(parse_size).transpose()?;
+    if let Some(s) = size {
+        check_image_size(s)?;
+    }
     let path = std::path::Path::new(&a.image);
+    let created = CreatedFiles::before(path);
+    create(a, format, size, path).inspect_err(|_| created.remove_new())
+}
+
+fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::Path) -> Result<i32> {
     let opts: Vec<String> = a.options.iter().flat_map(|o| split_opts(o)).collect();
     match format {
         Format::Raw => {
@@ -81,7 +89,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             }
             vdisk::BlockDevice::flush(&raw)?;
             if !a.quiet {
-                println!("Formatting '{}', fmt=raw size={size}", a.image);
+                outln!("Formatting '{}', fmt=raw size={size}", a.image);
             }
         }
         Format::Qcow2 => {
@@ -143,7 +151,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
                     onoff(o.lazy_refcounts),
                     o.refcount_bits
                 ));
-                println!("{line}");
+                outln!("{line}");
             }
         }
         Format::Vmdk => {
@@ -162,7 +170,7 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
             let v = Vmdk::create(path, size, &vo)?;
             v.close()?;
             if !a.quiet {
-                println!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
+                outln!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
             }
         }
     }

@@ -169,72 +169,72 @@ pub fn snapshot_row(s: &SnapshotInfo) -> String {
 
 fn print_human(l: &Layer) {
     let i = &l.info;
-    println!("image: {}", l.filename);
-    println!("file format: {}", i.format.name());
-    println!("virtual size: {} ({} bytes)", human_size(i.virtual_size), i.virtual_size);
+    outln!("image: {}", l.filename);
+    outln!("file format: {}", i.format.name());
+    outln!("virtual size: {} ({} bytes)", human_size(i.virtual_size), i.virtual_size);
     match l.actual_size {
-        Some(a) => println!("disk size: {}", human_size(a)),
-        None => println!("disk size: unavailable"),
+        Some(a) => outln!("disk size: {}", human_size(a)),
+        None => outln!("disk size: unavailable"),
     }
     if let Some(c) = i.cluster_size {
-        println!("cluster_size: {c}");
+        outln!("cluster_size: {c}");
     }
     if i.encrypted {
-        println!("encrypted: yes");
+        outln!("encrypted: yes");
     }
     if let Some(b) = &i.backing_file {
         match &l.full_backing {
-            Some(fb) if fb != b => println!("backing file: {b} (actual path: {fb})"),
-            _ => println!("backing file: {b}"),
+            Some(fb) if fb != b => outln!("backing file: {b} (actual path: {fb})"),
+            _ => outln!("backing file: {b}"),
         }
         if let Some(f) = &i.backing_format {
-            println!("backing file format: {f}");
+            outln!("backing file format: {f}");
         }
     }
     match &i.details {
         FormatDetails::Qcow2(q) => {
             if !q.snapshots.is_empty() {
-                println!("Snapshot list:");
-                println!("{}", snapshot_header());
+                outln!("Snapshot list:");
+                outln!("{}", snapshot_header());
                 for s in &q.snapshots {
-                    println!("{}", snapshot_row(s));
+                    outln!("{}", snapshot_row(s));
                 }
             }
-            println!("Format specific information:");
-            println!("    compat: {}", q.compat);
-            println!("    compression type: {}", q.compression_type);
+            outln!("Format specific information:");
+            outln!("    compat: {}", q.compat);
+            outln!("    compression type: {}", q.compression_type);
             if q.compat != "0.10" {
-                println!("    lazy refcounts: {}", q.lazy_refcounts);
+                outln!("    lazy refcounts: {}", q.lazy_refcounts);
             }
-            println!("    refcount bits: {}", q.refcount_bits);
+            outln!("    refcount bits: {}", q.refcount_bits);
             if i.encrypted {
-                println!("    encrypt:");
-                println!("        format: aes");
+                outln!("    encrypt:");
+                outln!("        format: aes");
             }
-            println!("    corrupt: {}", q.corrupt);
-            println!("    extended l2: {}", q.extended_l2);
+            outln!("    corrupt: {}", q.corrupt);
+            outln!("    extended l2: {}", q.extended_l2);
             if let Some(df) = &q.data_file {
-                println!("    data file: {df}");
-                println!("    data file raw: {}", q.data_file_raw);
+                outln!("    data file: {df}");
+                outln!("    data file raw: {}", q.data_file_raw);
             }
             if q.dirty {
-                println!("    dirty: true");
+                outln!("    dirty: true");
             }
         }
         FormatDetails::Vmdk(v) => {
-            println!("Format specific information:");
-            println!("    cid: {}", v.cid);
-            println!("    parent cid: {}", v.parent_cid);
-            println!("    create type: {}", v.create_type);
-            println!("    extents:");
+            outln!("Format specific information:");
+            outln!("    cid: {}", v.cid);
+            outln!("    parent cid: {}", v.parent_cid);
+            outln!("    create type: {}", v.create_type);
+            outln!("    extents:");
             for (i, e) in v.extents.iter().enumerate() {
-                println!("        [{i}]:");
-                println!("            virtual size: {}", e.virtual_size);
-                println!("            filename: {}", e.filename);
+                outln!("        [{i}]:");
+                outln!("            virtual size: {}", e.virtual_size);
+                outln!("            filename: {}", e.filename);
                 if let Some(c) = e.cluster_size {
-                    println!("            cluster size: {c}");
+                    outln!("            cluster size: {c}");
                 }
-                println!("            format: {}", e.kind);
+                outln!("            format: {}", e.kind);
             }
         }
         _ => {}
@@ -284,7 +284,7 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
     } else {
         for (n, l) in layers.iter().enumerate() {
             if n > 0 {
-                println!();
+                outln!();
             }
             print_human(l);
         }

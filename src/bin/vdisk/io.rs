@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use vdisk::{BlockDevice, Error, Image, Result, ZeroMode};
 
-use crate::common::{human_size, open_arg, parse_size};
+use crate::common::{open_arg, parse_size};
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk io`.
@@ -42,12 +42,12 @@ fn parse_pattern(s: &str) -> Result<u8> {
 
 fn stats(verb: &str, len: u64, off: u64, t: Instant) {
     let secs = t.elapsed().as_secs_f64().max(1e-9);
-    println!("{verb} {len}/{len} bytes at offset {off}");
-    println!(
+    outln!("{verb} {len}/{len} bytes at offset {off}");
+    outln!(
         "{}, 1 ops; {:05.2} sec ({}/sec and {:.4} ops/sec)",
-        human_size(len),
+        cvtstr(len),
         secs,
-        human_size((len as f64 / secs) as u64),
+        cvtstr((len as f64 / secs) as u64),
         1.0 / secs
     );
 }
@@ -90,18 +90,22 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
     match cmd {
         "read" => {
             let (off, len) = off_len(&args)?;
+            // Bounds before the buffer: `read 0 8E` must not allocate 8 EiB.
+            if off.checked_add(len).is_none_or(|end| end > img.size()) {
+                return Err(Error::out_of_bounds(off, len, img.size()));
+            }
             let mut buf = vec![0u8; usize::try_from(len).map_err(|_| Error::invalid_argument("length too large"))?];
             let t = Instant::now();
             img.read_at(&mut buf, off)?;
             if verbose {
                 for (i, chunk) in buf.chunks(16).enumerate() {
                     let hex: Vec<String> = chunk.iter().map(|b| format!("{b:02x}")).collect();
-                    println!("{:08x}:  {}", off + i as u64 * 16, hex.join(" "));
+                    outln!("{:08x}:  {}", off + i as u64 * 16, hex.join(" "));
                 }
             }
             if let Some(p) = pattern {
                 if let Some(i) = buf.iter().position(|&b| b != p) {
-                    println!("Pattern verification failed at offset {}, {len} bytes", off + i as u64);
+                    outln!("Pattern verification failed at offset {}, {len} bytes", off + i as u64);
                     return Ok(false);
                 }
             }
@@ -109,6 +113,9 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
         }
         "write" => {
             let (off, len) = off_len(&args)?;
+            if off.checked_add(len).is_none_or(|end| end > img.size()) {
+                return Err(Error::out_of_bounds(off, len, img.size()));
+            }
             let t = Instant::now();
             if zero {
                 let mode = if unmap { ZeroMode::MayUnmap } else { ZeroMode::Allocate };
@@ -134,11 +141,30 @@ fn run_cmd(img: &Image, line: &str) -> Result<bool> {
         }
         "flush" => img.flush()?,
         "map" => {
+            // As qemu-io prints it: maximal runs allocated (data, zeros or
+            // compressed data in the image itself) or not (backing or hole).
+            let size = img.size();
             let mut pos = 0;
-            while pos < img.size() {
-                let e = img.map(pos, u64::MAX)?;
-                println!("{:?} at {} for {} bytes (depth {})", e.kind, e.offset, e.length, e.depth);
-                pos += e.length.max(1);
+            while pos < size {
+                let allocated = |e: &vdisk::Extent| e.depth == 0 && e.kind != vdisk::ExtentKind::Unallocated;
+                let first = img.map(pos, size - pos)?;
+                let state = allocated(&first);
+                let mut end = pos + first.length.max(1);
+                while end < size {
+                    let e = img.map(end, size - end)?;
+                    if allocated(&e) != state {
+                        break;
+                    }
+                    end += e.length.max(1);
+                }
+                let len = end - pos;
+                outln!(
+                    "{} ({len:#x}) bytes {} at offset {} ({pos:#x})",
+                    cvtstr(len),
+                    if state { "    allocated" } else { "not allocated" },
+                    cvtstr(pos)
+                );
+                pos = end;
             }
         }
         other => {
@@ -164,11 +190,29 @@ pub fn run(a: &IoArgs) -> Result<i32> {
             }
         }
     }
-    if !a.read_only {
-        img.flush()?;
-        if let Image::Qcow2(q) = img {
-            q.close()?;
-        }
-    }
+    img.close()?;
     Ok(code)
+}
+
+/// A size as qemu-io's `cvtstr` prints it: `64 KiB`, `1.938 MiB`, `512 bytes`.
+fn cvtstr(v: u64) -> String {
+    const UNITS: [(u32, &str); 6] = [(60, "EiB"), (50, "PiB"), (40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")];
+    let (value, suffix) = UNITS
+        .iter()
+        .find(|(shift, _)| v >= 1u64 << shift)
+        .map_or((v as f64, "bytes"), |&(shift, name)| (v as f64 / (1u64 << shift) as f64, name));
+    let s = format!("{value:.3}");
+    format!("{} {suffix}", s.strip_suffix(".000").unwrap_or(&s))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cvtstr_as_qemu_io() {
+        assert_eq!(super::cvtstr(0), "0 bytes");
+        assert_eq!(super::cvtstr(512), "512 bytes");
+        assert_eq!(super::cvtstr(65536), "64 KiB");
+        assert_eq!(super::cvtstr(0x1f0000), "1.938 MiB");
+        assert_eq!(super::cvtstr(0x110000), "1.062 MiB");
+    }
 }

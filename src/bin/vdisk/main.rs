@@ -1,5 +1,19 @@
 //! `vdisk`: disk images from the command line, in the spirit of `qemu-img`.
 
+/// `print!` to standard output through [`output::write`]: a closed pipe
+/// never panics.
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::write(format_args!($($arg)*)) };
+}
+
+/// `println!` through [`output::write`].
+macro_rules! outln {
+    () => { $crate::output::write(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::output::write(format_args!("{}\n", format_args!($($arg)*))) };
+}
+
+mod output;
+
 mod bench;
 mod check;
 mod common;

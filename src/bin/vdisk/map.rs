@@ -136,16 +136,16 @@ pub fn run(a: &MapArgs) -> Result<i32> {
                 s
             })
             .collect();
-        println!("[{}]", lines.join(",\n"));
+        outln!("[{}]", lines.join(",\n"));
     } else {
-        println!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
         for e in entries.iter().filter(|e| e.data) {
             let mapped = match (e.compressed, e.offset) {
                 (true, _) => "compressed".to_string(),
                 (false, Some(o)) => format!("{o:#x}"),
                 (false, None) => "-".to_string(),
             };
-            println!("{:<16}{:<16}{:<16}{}", format!("{:#x}", e.start), format!("{:#x}", e.length), mapped, e.file);
+            outln!("{:<16}{:<16}{:<16}{}", format!("{:#x}", e.start), format!("{:#x}", e.length), mapped, e.file);
         }
     }
     Ok(0)

@@ -52,17 +52,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 }
 
 /// Writes to standard output; a closed pipe (`vdisk vol-list | head`)
-/// ends the program quietly instead of panicking.
+/// drops the rest quietly instead of panicking.
 pub fn emit(text: &str) {
-    use std::io::Write;
-    let mut o = std::io::stdout().lock();
-    if let Err(e) = o.write_all(text.as_bytes()).and_then(|_| o.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
-        }
-        eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(1);
-    }
+    out!("{text}");
 }
 
 /// Replaces control characters the way virsh's tables do (`\x1b`).
@@ -272,11 +264,11 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             )
             .map_err(fail(format!("Failed to define pool {name}")))?;
             if *print_xml {
-                print!("{}", def.to_xml());
+                out!("{}", def.to_xml());
                 return Ok(0);
             }
             reg.define(def).map_err(fail(format!("Failed to define pool {name}")))?;
-            println!("Pool {name} defined\n");
+            outln!("Pool {name} defined\n");
         }
         PoolCmd::Define { file } => {
             let what = format!("Failed to define pool from {}", file.display());
@@ -291,7 +283,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 .map_err(fail(what.clone()))?;
             let def = PoolDef::from_xml(&text, &file.display().to_string()).map_err(fail(what.clone()))?;
             let p = reg.define(def).map_err(fail(what))?;
-            println!("Pool {} defined from {}\n", p.name(), file.display());
+            outln!("Pool {} defined from {}\n", p.name(), file.display());
         }
         PoolCmd::List { all, inactive, details, name } => {
             let list = reg.list()?;
@@ -308,9 +300,9 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 .collect();
             if *name {
                 for p in pools {
-                    println!("{}", p.name());
+                    outln!("{}", p.name());
                 }
-                println!();
+                outln!();
                 return Ok(0);
             }
             let mut rows = Vec::new();
@@ -337,23 +329,23 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         PoolCmd::Info { pool, bytes } => {
             let p = reg.pool(pool)?;
             let info = p.info()?;
-            println!("{:<16}{}", "Name:", p.name());
-            println!("{:<16}{}", "UUID:", p.uuid());
-            println!("{:<16}{}", "State:", info.state.name());
-            println!("{:<16}{}", "Persistent:", yes_no(p.is_persistent()));
-            println!("{:<16}{}", "Autostart:", yes_no(p.autostart()));
+            outln!("{:<16}{}", "Name:", p.name());
+            outln!("{:<16}{}", "UUID:", p.uuid());
+            outln!("{:<16}{}", "State:", info.state.name());
+            outln!("{:<16}{}", "Persistent:", yes_no(p.is_persistent()));
+            outln!("{:<16}{}", "Autostart:", yes_no(p.autostart()));
             if info.state == PoolState::Running {
                 let f = |v: u64| if *bytes { v.to_string() } else { pretty(v) };
-                println!("{:<16}{}", "Capacity:", f(info.capacity));
-                println!("{:<16}{}", "Allocation:", f(info.allocation));
-                println!("{:<16}{}", "Available:", f(info.available));
+                outln!("{:<16}{}", "Capacity:", f(info.capacity));
+                outln!("{:<16}{}", "Allocation:", f(info.allocation));
+                outln!("{:<16}{}", "Available:", f(info.available));
             }
-            println!();
+            outln!();
         }
         PoolCmd::Build { pool } => {
             let p = reg.pool(pool)?;
             p.build().map_err(fail(format!("Failed to build pool {pool}")))?;
-            println!("Pool {} built\n", p.name());
+            outln!("Pool {} built\n", p.name());
         }
         PoolCmd::Start { pool, build } => {
             let p = reg.pool(pool)?;
@@ -362,38 +354,38 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 p.build().map_err(fail(what.clone()))?;
             }
             p.start().map_err(fail(what))?;
-            println!("Pool {} started\n", p.name());
+            outln!("Pool {} started\n", p.name());
         }
         PoolCmd::Refresh { pool } => {
             let p = reg.pool(pool)?;
             let what = format!("Failed to refresh pool {pool}");
             p.cleanup(vdisk::pool::STALE_TEMP_AGE).map_err(fail(what.clone()))?;
             p.refresh().map_err(fail(what))?;
-            println!("Pool {} refreshed\n", p.name());
+            outln!("Pool {} refreshed\n", p.name());
         }
         PoolCmd::Destroy { pool } => {
             let p = reg.pool(pool)?;
             p.destroy().map_err(fail(format!("Failed to destroy pool {pool}")))?;
-            println!("Pool {} destroyed\n", p.name());
+            outln!("Pool {} destroyed\n", p.name());
         }
         PoolCmd::Delete { pool } => {
             let p = reg.pool(pool)?;
             p.delete().map_err(fail(format!("Failed to delete pool {pool}")))?;
-            println!("Pool {} deleted\n", p.name());
+            outln!("Pool {} deleted\n", p.name());
         }
         PoolCmd::Undefine { pool } => {
             let p = reg.pool(pool)?;
             p.undefine().map_err(fail(format!("Failed to undefine pool {pool}")))?;
-            println!("Pool {} has been undefined\n", p.name());
+            outln!("Pool {} has been undefined\n", p.name());
         }
         PoolCmd::Autostart { pool, disable } => {
             let p = reg.pool(pool)?;
             if *disable {
                 p.set_autostart(false).map_err(fail(format!("failed to unmark pool {pool} as autostarted")))?;
-                println!("Pool {} unmarked as autostarted\n", p.name());
+                outln!("Pool {} unmarked as autostarted\n", p.name());
             } else {
                 p.set_autostart(true).map_err(fail(format!("failed to mark pool {pool} as autostarted")))?;
-                println!("Pool {} marked as autostarted\n", p.name());
+                outln!("Pool {} marked as autostarted\n", p.name());
             }
         }
         PoolCmd::DumpXml { pool, inactive } => {

@@ -47,12 +47,9 @@ pub fn run(a: &ResizeArgs) -> Result<i32> {
         Image::Qcow2(q) => q.resize_with(new, a.shrink)?,
         other => other.resize(new)?,
     }
-    img.flush()?;
-    if let Image::Qcow2(q) = img {
-        q.close()?;
-    }
+    img.close()?;
     if !a.quiet {
-        println!("Image resized.");
+        outln!("Image resized.");
     }
     Ok(0)
 }

@@ -3,7 +3,7 @@
 
 use vdisk::{Error, Image, Result};
 
-use crate::common::open_arg;
+use crate::common::{open_arg, open_inspect};
 use crate::info::{snapshot_header, snapshot_row};
 use crate::secrets::SecretArgs;
 
@@ -40,7 +40,14 @@ pub struct SnapshotArgs {
 /// Runs `vdisk snapshot`.
 pub fn run(a: &SnapshotArgs) -> Result<i32> {
     let read_only = a.create.is_none() && a.apply.is_none() && a.delete.is_none();
-    let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), read_only, false)?;
+    if a.force_share && !read_only {
+        return Err(Error::invalid_argument("-U (force-share) can only be used with -l (listing)"));
+    }
+    let (_, img) = if read_only {
+        open_inspect(&a.secrets, &a.image, a.format.as_deref(), false, a.force_share)?
+    } else {
+        open_arg(&a.secrets, &a.image, a.format.as_deref(), false, false)?
+    };
     let Image::Qcow2(q) = img else {
         return Err(Error::unsupported("only qcow2 images have internal snapshots"));
     };
@@ -54,10 +61,10 @@ pub fn run(a: &SnapshotArgs) -> Result<i32> {
         let size = vdisk::BlockDevice::size(&q);
         let snaps = q.snapshots();
         if !snaps.is_empty() {
-            println!("Snapshot list:");
-            println!("{}", snapshot_header());
+            outln!("Snapshot list:");
+            outln!("{}", snapshot_header());
             for s in snaps {
-                println!("{}", snapshot_row(&s.info(size)));
+                outln!("{}", snapshot_row(&s.info(size)));
             }
         }
         return Ok(0);

@@ -332,11 +332,11 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 spec = spec.backing(bv.path(), Format::from_name(bf)?);
             }
             if *print_xml {
-                print!("{}", spec_xml(&spec));
+                out!("{}", spec_xml(&spec));
                 return Ok(0);
             }
             p.create_volume(&spec, progress_off()).map_err(fail(what))?;
-            println!("Vol {name} created\n");
+            outln!("Vol {name} created\n");
         }
         VolCmd::Create { pool, file, prealloc_metadata, passphrase_file } => {
             let what = format!("Failed to create vol from {}", file.display());
@@ -350,7 +350,7 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 .map_err(fail(what.clone()))?;
             spec.prealloc_metadata |= *prealloc_metadata;
             let v = p.create_volume(&spec, progress_off()).map_err(fail(what))?;
-            println!("Vol {} created from {}\n", v.name_lossy(), file.display());
+            outln!("Vol {} created from {}\n", v.name_lossy(), file.display());
         }
         VolCmd::Clone { vol, newname, pool, format } => {
             let src = lookup(&reg, vol, pool.as_deref())?;
@@ -358,18 +358,18 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             src.pool()
                 .clone_volume(&src, newname, &opts)
                 .map_err(fail(format!("Failed to clone vol from {}", src.name_lossy())))?;
-            println!("Vol {newname} cloned from {}\n", src.name_lossy());
+            outln!("Vol {newname} cloned from {}\n", src.name_lossy());
         }
         VolCmd::Delete { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             v.delete().map_err(fail(format!("Failed to delete vol {vol}")))?;
-            println!("Vol {vol} deleted\n");
+            outln!("Vol {vol} deleted\n");
         }
         VolCmd::Wipe { vol, pool, algorithm } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
             let alg = WipeAlgorithm::from_name(algorithm)?;
             v.wipe(alg, None).map_err(fail(format!("Failed to wipe vol {vol}")))?;
-            println!("Vol {vol} wiped\n");
+            outln!("Vol {vol} wiped\n");
         }
         VolCmd::Resize { vol, capacity, pool, delta, shrink } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
@@ -395,7 +395,7 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 amount
             };
             v.resize(new, *shrink).map_err(fail(what))?;
-            println!("Size of volume '{}' successfully changed to {capacity}\n", v.name_lossy());
+            outln!("Size of volume '{}' successfully changed to {capacity}\n", v.name_lossy());
         }
         VolCmd::Upload { vol, file, pool, offset, length, sparse } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
@@ -416,7 +416,13 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             let what = format!("cannot download from volume {vol}");
             if file.as_os_str() == "-" {
                 let mut out = std::io::stdout().lock();
-                v.download(&mut out, &opts, None).map_err(fail(what))?;
+                match v.download(&mut out, &opts, None) {
+                    // `vol-download ... - | head -c 512`: the reader has all it wants.
+                    Err(e) if crate::output::is_broken_pipe(&e) => {}
+                    r => {
+                        r.map_err(fail(what))?;
+                    }
+                }
             } else {
                 let f = std::fs::OpenOptions::new()
                     .write(true)
@@ -438,15 +444,15 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                     pretty(x)
                 }
             };
-            println!("{:<16}{}", "Name:", safe(&i.name_lossy()));
-            println!("{:<16}{}", "Type:", i.kind.libvirt_name());
-            println!("{:<16}{}", "Capacity:", f(i.capacity));
+            outln!("{:<16}{}", "Name:", safe(&i.name_lossy()));
+            outln!("{:<16}{}", "Type:", i.kind.libvirt_name());
+            outln!("{:<16}{}", "Capacity:", f(i.capacity));
             if *physical {
-                println!("{:<16}{}", "Physical:", f(i.physical));
+                outln!("{:<16}{}", "Physical:", f(i.physical));
             } else {
-                println!("{:<16}{}", "Allocation:", f(i.allocation));
+                outln!("{:<16}{}", "Allocation:", f(i.allocation));
             }
-            println!();
+            outln!();
         }
         VolCmd::DumpXml { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
@@ -454,15 +460,15 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         }
         VolCmd::Path { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
-            println!("{}", v.path().display());
+            outln!("{}", v.path().display());
         }
         VolCmd::Key { vol, pool } => {
             let v = lookup(&reg, vol, pool.as_deref())?;
-            println!("{}", v.key().display());
+            outln!("{}", v.key().display());
         }
         VolCmd::Name { vol } => {
             let v = lookup(&reg, vol, None)?;
-            println!("{}", v.name_lossy());
+            outln!("{}", v.name_lossy());
         }
     }
     Ok(0)
