@@ -51,6 +51,9 @@ pub const VMDK_MAX_GD_BYTES: u64 = 64 << 20;
 pub const VMDK_MAX_EXTENTS: usize = 1024;
 /// Longest extent file name (QEMU: 511 characters).
 pub const VMDK_MAX_FILENAME: usize = 511;
+/// Longest `parentFileNameHint`: QEMU copies it into a `PATH_MAX` (4096)
+/// buffer and refuses longer names (`vmdk_parent_open`).
+pub const VMDK_MAX_PARENT_HINT: usize = 4095;
 /// Largest vmdk capacity: 2^32 grains tables' worth is absurd; VMware's
 /// limit is 62 TiB. vdisk refuses more than 64 TiB.
 pub const VMDK_MAX_CAPACITY: u64 = 64 << 40;

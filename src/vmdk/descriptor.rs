@@ -20,10 +20,18 @@ use std::fmt::Write as _;
 use std::path::{Component, Path, PathBuf};
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::limits::{VMDK_MAX_CAPACITY, VMDK_MAX_DESCRIPTOR, VMDK_MAX_EXTENTS, VMDK_MAX_FILENAME};
+use crate::limits::{
+    VMDK_MAX_CAPACITY, VMDK_MAX_DESCRIPTOR, VMDK_MAX_EXTENTS, VMDK_MAX_FILENAME, VMDK_MAX_PARENT_HINT,
+};
 
 /// `parentCID` value meaning "no parent".
 pub const NO_PARENT_CID: u32 = 0xffff_ffff;
+
+/// The createType values a stand-alone descriptor file may have: the six
+/// QEMU opens (`vmdk_open_desc_file`, compared case-sensitively) and
+/// `custom`, which vdisk also opens (see the module docs of `vmdk`).
+pub const STANDALONE_CREATE_TYPES: [&str; 7] =
+    ["monolithicFlat", "vmfs", "vmfsSparse", "seSparse", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat", "custom"];
 
 /// Access mode of an extent line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -287,7 +295,8 @@ impl Descriptor {
         self.ddb.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
-    /// Content id (0 when the descriptor has none, as QEMU reads it).
+    /// Content id (0 when the descriptor has none; QEMU refuses such a
+    /// descriptor, vdisk opens it).
     pub fn cid(&self) -> u32 {
         self.get("CID").and_then(|c| parse_hex_u32(c, "CID").ok()).unwrap_or(0)
     }
@@ -305,6 +314,69 @@ impl Descriptor {
     /// `createType`, if present.
     pub fn create_type(&self) -> Option<&str> {
         self.get("createType")
+    }
+
+    fn field(&self, key: &str) -> Option<&HeaderField> {
+        self.header.iter().find(|f| f.key == key)
+    }
+
+    /// Checks the createType of a stand-alone descriptor file as QEMU's
+    /// `vmdk_open_desc_file` does: present, written `createType="..."`, and
+    /// one of [`STANDALONE_CREATE_TYPES`] (exact case).
+    pub fn check_standalone_create_type(&self) -> Result<()> {
+        let Some(f) = self.field("createType") else {
+            return Err(Error::invalid("descriptor has no createType").with_field("createType"));
+        };
+        let ct = truncate(&f.value, 40);
+        if !f.quoted {
+            return Err(Error::invalid(format!(
+                "createType value '{ct}' is not in double quotes (a descriptor reads createType=\"...\")"
+            ))
+            .with_field("createType"));
+        }
+        if STANDALONE_CREATE_TYPES.contains(&f.value.as_str()) {
+            return Ok(());
+        }
+        let v = f.value.as_str();
+        if v.eq_ignore_ascii_case("vmfsRawDeviceMap") || v.eq_ignore_ascii_case("vmfsPassthroughRawDeviceMap") {
+            return Err(Error::unsupported(format!("createType '{ct}': raw device maps are not supported"))
+                .with_field("createType"));
+        }
+        if v == "monolithicSparse" || v == "streamOptimized" {
+            return Err(Error::invalid(format!(
+                "createType '{ct}' belongs to a descriptor embedded in a sparse extent, not to a stand-alone descriptor file"
+            ))
+            .with_field("createType"));
+        }
+        Err(Error::unsupported(format!(
+            "createType '{ct}' (a stand-alone descriptor opens with {}; names are case-sensitive)",
+            STANDALONE_CREATE_TYPES.join(", ")
+        ))
+        .with_field("createType"))
+    }
+
+    /// Checks `parentFileNameHint` as QEMU's `vmdk_parent_open` does: a
+    /// quoted value of at most [`VMDK_MAX_PARENT_HINT`] bytes.
+    pub fn check_parent_hint(&self) -> Result<()> {
+        let Some(f) = self.field("parentFileNameHint") else {
+            return Ok(());
+        };
+        if !f.quoted && !f.value.is_empty() {
+            return Err(Error::invalid(format!(
+                "parentFileNameHint value '{}' is not in double quotes",
+                truncate(&f.value, 60)
+            ))
+            .with_field("parentFileNameHint"));
+        }
+        if f.value.len() > VMDK_MAX_PARENT_HINT {
+            return Err(Error::limit(format!(
+                "parentFileNameHint of {} bytes ('{}') is longer than {VMDK_MAX_PARENT_HINT} bytes",
+                f.value.len(),
+                truncate(&f.value, 40)
+            ))
+            .with_field("parentFileNameHint"));
+        }
+        Ok(())
     }
 
     /// `parentFileNameHint`, if present and not empty.
@@ -373,53 +445,75 @@ fn parse_extent(n: usize, line: &str) -> Result<ExtentLine> {
         _ => Access::NoAccess,
     };
     let (size_s, rest) = split_word(rest);
-    let sectors: u64 = size_s.parse().map_err(|_| bad_line(n, line, "extent size is not a number of sectors"))?;
+    let sectors: u64 =
+        size_s.parse().map_err(|_| bad_line(n, line, "extent size is not a number of sectors").with_field("size"))?;
     if sectors == 0 {
-        return Err(bad_line(n, line, "extent size is 0 sectors"));
+        return Err(bad_line(n, line, "extent size is 0 sectors").with_field("size"));
     }
     let (type_s, rest) = split_word(rest);
     let kind = ExtentType::from_keyword(type_s).ok_or_else(|| {
         Error::unsupported(format!("descriptor line {n}: unknown extent type '{}'", truncate(type_s, 20)))
+            .with_field("type")
     })?;
     let rest = rest.trim_start();
     let (file, rest) = if let Some(r) = rest.strip_prefix('"') {
         let Some(close) = r.find('"') else {
-            return Err(bad_line(n, line, "unterminated file name"));
+            return Err(bad_line(n, line, "unterminated file name").with_field("fileName"));
         };
         let name = r.get(..close).unwrap_or_default();
         if name.is_empty() {
-            return Err(bad_line(n, line, "empty file name"));
+            return Err(bad_line(n, line, "empty file name").with_field("fileName"));
         }
         if name.len() > VMDK_MAX_FILENAME {
             return Err(Error::limit(format!(
                 "descriptor line {n}: extent file name of {} bytes is longer than {VMDK_MAX_FILENAME}",
                 name.len()
-            )));
+            ))
+            .with_field("fileName"));
         }
         (Some(name.to_string()), r.get(close + 1..).unwrap_or_default())
     } else {
         (None, rest)
     };
     let (off_s, rest) = split_word(rest);
-    let offset: u64 = if off_s.is_empty() {
-        0
+    let has_offset = !off_s.is_empty();
+    let offset: u64 = if has_offset {
+        off_s.parse().map_err(|_| bad_line(n, line, "extent offset is not a number of sectors").with_field("offset"))?
     } else {
-        off_s.parse().map_err(|_| bad_line(n, line, "extent offset is not a number of sectors"))?
+        0
     };
     if !rest.trim().is_empty() {
         return Err(bad_line(n, line, "trailing text after the extent offset"));
     }
     match (kind, &file) {
-        (ExtentType::Zero, Some(_)) => return Err(bad_line(n, line, "a ZERO extent takes no file name")),
+        (ExtentType::Zero, Some(_)) => {
+            return Err(bad_line(n, line, "a ZERO extent takes no file name").with_field("fileName"))
+        }
         (ExtentType::Zero, None) => {}
-        (_, None) => return Err(bad_line(n, line, "the extent has no file name")),
+        (_, None) => return Err(bad_line(n, line, "the extent has no file name").with_field("fileName")),
         _ => {}
     }
-    if offset != 0 && kind != ExtentType::Flat {
-        return Err(bad_line(n, line, "only FLAT extents take an offset"));
+    // QEMU (vmdk_parse_extents) takes exactly "ACCESS SIZE TYPE "NAME" OFFSET"
+    // for FLAT and no offset at all (not even 0) for every other type.
+    if kind == ExtentType::Flat && !has_offset {
+        return Err(
+            bad_line(n, line, "a FLAT extent needs an offset (in sectors) after its file name").with_field("offset")
+        );
+    }
+    if has_offset && kind != ExtentType::Flat {
+        return Err(bad_line(
+            n,
+            line,
+            &format!(
+                "only FLAT extents take an offset; a {} extent has offset '{}'",
+                kind.keyword(),
+                truncate(off_s, 24)
+            ),
+        )
+        .with_field("offset"));
     }
     if offset.checked_add(sectors).and_then(|e| e.checked_mul(512)).is_none() {
-        return Err(bad_line(n, line, "extent offset + size overflows"));
+        return Err(bad_line(n, line, "extent offset + size overflows").with_field("offset"));
     }
     Ok(ExtentLine { access, sectors, kind, file, offset })
 }
@@ -535,6 +629,10 @@ mod tests {
             (b"version=1\nRW 1 FLAT\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nRW 1 ZERO \"a\"\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nRW 1 SPARSE \"a\" 7\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 SPARSE \"a\" 0\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 VMFS \"a\" 0\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRW 1 FLAT \"a\"\n".to_vec(), ErrorKind::InvalidImage),
+            (b"version=1\nRDONLY 1 FLAT \"a\"\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nRW 1 FLAT \"a\" 0 junk\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\nRW 1 FLAT \"a\" 18446744073709551615\n".to_vec(), ErrorKind::InvalidImage),
             (b"version=1\ngarbage line\n".to_vec(), ErrorKind::InvalidImage),
@@ -555,6 +653,33 @@ mod tests {
                 Err(e) => assert_eq!(e.kind(), *kind, "case {i}: {e}"),
             }
         }
+    }
+
+    #[test]
+    fn standalone_create_type_and_parent_hint() {
+        let d = |t: &str| Descriptor::parse(format!("version=1\n{t}\n").as_bytes()).unwrap();
+        for ct in STANDALONE_CREATE_TYPES {
+            d(&format!("createType=\"{ct}\"")).check_standalone_create_type().unwrap();
+        }
+        let cases = [
+            ("", ErrorKind::InvalidImage),
+            ("createType=monolithicFlat", ErrorKind::InvalidImage),
+            ("createType=\"monolithicSparse\"", ErrorKind::InvalidImage),
+            ("createType=\"streamOptimized\"", ErrorKind::InvalidImage),
+            ("createType=\"MonolithicFlat\"", ErrorKind::Unsupported),
+            ("createType=\"fullDevice\"", ErrorKind::Unsupported),
+            ("createType=\"vmfsRawDeviceMap\"", ErrorKind::Unsupported),
+        ];
+        for (t, kind) in cases {
+            let e = d(t).check_standalone_create_type().unwrap_err();
+            assert_eq!((e.kind(), e.field()), (kind, Some("createType")), "{t}: {e}");
+        }
+        d("parentFileNameHint=\"\"").check_parent_hint().unwrap();
+        d(&format!("parentFileNameHint=\"{}\"", "p".repeat(4095))).check_parent_hint().unwrap();
+        let e = d(&format!("parentFileNameHint=\"{}\"", "p".repeat(4096))).check_parent_hint().unwrap_err();
+        assert_eq!((e.kind(), e.field()), (ErrorKind::LimitExceeded, Some("parentFileNameHint")));
+        let e = d("parentFileNameHint=p.vmdk").check_parent_hint().unwrap_err();
+        assert_eq!((e.kind(), e.field()), (ErrorKind::InvalidImage, Some("parentFileNameHint")));
     }
 
     #[test]

@@ -156,6 +156,9 @@ pub(crate) fn open_extents(
         out.push(VExtent { start, len, access: e.access, kind: e.kind, file: name, backend });
         start += len;
     }
+    // After the extents, so that an extent vdisk refuses by name (seSparse,
+    // COWD, raw device maps) is reported as such whatever createType says.
+    d.check_standalone_create_type()?;
     Ok(out)
 }
 

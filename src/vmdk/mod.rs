@@ -18,6 +18,22 @@
 //! with an error, and extent file names that leave the descriptor's
 //! directory are refused unless [`VmdkOptions::allow_external_extents`].
 //!
+//! Open refuses what QEMU 10's `block/vmdk.c` refuses: a stand-alone
+//! descriptor's createType must be written `createType="..."` and be one
+//! of QEMU's six (`monolithicFlat`, `vmfs`, `vmfsSparse`, `seSparse`,
+//! `twoGbMaxExtentSparse`, `twoGbMaxExtentFlat`, exact case) or `custom`;
+//! a FLAT extent line needs its offset and no other type takes one (not
+//! even 0); `parentFileNameHint` is quoted and at most 4095 bytes; a
+//! sparse header's overHead must lie within the file, and a capacity of 0
+//! with an embedded descriptor (which QEMU reads as a stand-alone
+//! descriptor of other extents) is refused as unsupported. vdisk stays
+//! more permissive than QEMU on purpose in three ways: createType
+//! `custom`; descriptors without `CID` or `parentCID` (read as 0 and "no
+//! parent"); and sparse files without an embedded descriptor (one is
+//! synthesized). It is stricter in others (sparse header version 0,
+//! unknown flags, unknown compressAlgorithm, grain sizes that are not a
+//! power of two, directories outside the file are refused).
+//!
 //! Delta links: a write (the first of a session bumps the CID, as QEMU
 //! does) is refused when the child's parentCID differs from its parent's
 //! CID; reads go on and [`VmdkDetails::parent_cid_mismatch`] reports it.
@@ -163,10 +179,12 @@ impl Vmdk {
         let magic = u32::from_le_bytes([first[0], first[1], first[2], first[3]]);
         if magic == SPARSE_MAGIC {
             let h = SparseHeader::decode(&first)?;
-            return Ok(match read_embedded(file, &h)?.0 {
+            let d = match read_embedded(file, &h)?.0 {
                 Some(d) => d,
                 None => synthesized(&h, &file_name(file)),
-            });
+            };
+            d.check_parent_hint()?;
+            return Ok(d);
         }
         if magic == header::COWD_MAGIC || magic == header::SESPARSE_MAGIC {
             sparse::check_magic(&first)?;
@@ -178,7 +196,9 @@ impl Vmdk {
         }
         let mut buf = vec![0u8; flen as usize];
         file.read_at(&mut buf, 0)?;
-        Descriptor::parse(&buf)
+        let d = Descriptor::parse(&buf)?;
+        d.check_parent_hint()?;
+        Ok(d)
     }
 
     /// Opens the image in `file`; extent files are opened from the
@@ -225,6 +245,7 @@ impl Vmdk {
             let exts = extent::open_extents(&d, &*file, path.as_deref(), read_only, &opts, cache, opener)?;
             (d, Some(DescLocation::File(file.clone())), exts)
         };
+        desc.check_parent_hint()?;
         if let Some(ct) = desc.create_type() {
             if ct.eq_ignore_ascii_case("vmfsRawDeviceMap") || ct.eq_ignore_ascii_case("vmfsPassthroughRawDeviceMap") {
                 return Err(Error::unsupported(format!("createType '{ct}': raw device maps are not supported"))

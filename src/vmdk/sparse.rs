@@ -143,11 +143,20 @@ pub(crate) fn read_footer(file: &dyn Storage, file_len: u64) -> Result<(SparseHe
     file.read_at(&mut b, start)?;
     let (_, msize, mtype) = decode_metadata_marker(&b[..16])?;
     let (eval, esize, etype) = decode_metadata_marker(&b[1024..1040])?;
-    if msize != 0 || mtype != MARKER_FOOTER || eval != 0 || esize != 0 || etype != MARKER_EOS {
+    // The sanity checks of QEMU's vmdk_open_vmdk4 for a GD_AT_END header.
+    if msize != 0 || mtype != MARKER_FOOTER {
         return Err(Error::invalid(format!(
-            "invalid footer: marker (size {msize}, type {mtype}), end-of-stream marker ({eval}, {esize}, {etype})"
+            "invalid footer: the footer marker has size {msize} and type {mtype} (expected size 0, type {MARKER_FOOTER})"
         ))
+        .with_field("footerMarker")
         .with_offset(start));
+    }
+    if eval != 0 || esize != 0 || etype != MARKER_EOS {
+        return Err(Error::invalid(format!(
+            "invalid footer: the end-of-stream marker has numSectors {eval}, size {esize} and type {etype} (expected 0, 0, {MARKER_EOS})"
+        ))
+        .with_field("endOfStreamMarker")
+        .with_offset(start + 2 * SECTOR));
     }
     let h = SparseHeader::decode(&b[512..1024]).map_err(|e| e.context("footer"))?;
     if h.gd_offset == GD_AT_END {
@@ -173,6 +182,15 @@ impl SparseExtent {
         file.read_at(&mut first, 0)?;
         check_magic(&first)?;
         let h0 = SparseHeader::decode(&first)?;
+        if h0.capacity == 0 && h0.descriptor_offset != 0 {
+            // QEMU (vmdk_open_vmdk4) then reads the embedded descriptor as a
+            // stand-alone descriptor naming other extents.
+            return Err(Error::unsupported(format!(
+                "capacity 0 with an embedded descriptor at sector {}: a sparse header that only carries a descriptor of other extents is not supported",
+                h0.descriptor_offset
+            ))
+            .with_field("capacity"));
+        }
         let (header, footer_start) = if h0.gd_offset == GD_AT_END {
             let (h, start) = read_footer(&*file, file_len)?;
             (h, Some(start))
@@ -180,6 +198,18 @@ impl SparseExtent {
             (h0, None)
         };
         header.validate()?;
+        // QEMU (vmdk_open_vmdk4): "File truncated, expecting at least N bytes"
+        // when the file has fewer sectors (rounded up) than overHead.
+        let file_sectors = file_len.div_ceil(SECTOR);
+        if header.overhead > file_sectors {
+            let need = header.overhead.saturating_mul(SECTOR);
+            return Err(Error::invalid(format!(
+                "overHead of {} sectors ({need} bytes) lies past the end of the file of {file_len} bytes: the file is truncated",
+                header.overhead
+            ))
+            .with_field("overHead")
+            .with_offset(need));
+        }
         let read_only = read_only || file.is_read_only();
         if !read_only {
             if header.version == 3 && !header.compressed() {
