@@ -8,6 +8,6 @@ fn main() {
     for f in a {
         let d = std::fs::read(&f).unwrap();
         eprintln!("== {f}");
-        vdisk::fuzzing::run(&t, &d);
+        vdisk::testing::fuzzing::run(&t, &d);
     }
 }

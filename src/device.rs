@@ -174,6 +174,15 @@ pub struct SnapshotInfo {
     pub icount: Option<u64>,
 }
 
+impl SnapshotInfo {
+    /// The creation time in local time, as `qemu-img snapshot -l` prints it
+    /// (`YYYY-MM-DD HH:MM:SS`).
+    pub fn local_date(&self) -> String {
+        let (y, mo, d, h, mi, se) = crate::sys::local_time(i64::from(self.date_sec));
+        format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{se:02}")
+    }
+}
+
 /// vmdk facts for `info`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct VmdkDetails {

@@ -52,12 +52,8 @@
 
 pub mod convert;
 pub mod device;
-pub mod direct;
 pub mod error;
-#[doc(hidden)]
-pub mod fuzzing;
 pub mod limits;
-pub mod lock;
 pub mod open;
 pub mod pool;
 pub mod probe;
@@ -66,15 +62,22 @@ mod quiesce;
 pub mod raw;
 pub mod reader;
 pub mod storage;
-pub mod sys;
+pub(crate) mod sys;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod vmdk;
+
+// Older paths of the storage submodules, kept while the tree moves.
+pub use storage::{direct, lock};
 
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
-pub use lock::LockMode;
 pub use open::{open, BackingPolicy, CacheMode, Image, OpenOptions};
 pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
-pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};
+pub use storage::lock::LockMode;
+pub use storage::{FileStorage, MemStorage, Storage};
+#[cfg(feature = "test-utils")]
+pub use testing::{FaultMode, FaultyStorage, Survivors};
 pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};

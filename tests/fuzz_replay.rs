@@ -1,6 +1,6 @@
 //! Replays every fuzz corpus file (`fuzz/corpus/<target>/`) and every
 //! crasher kept as a regression (`tests/regression/<target>/`) through the
-//! same target code the fuzzers run (`vdisk::fuzzing`), on stable Rust and
+//! same target code the fuzzers run (`vdisk::testing::fuzzing`), on stable Rust and
 //! without cargo-fuzz.
 //!
 //! Every regression file must have a line in `tests/regression/MANIFEST`
@@ -41,14 +41,14 @@ fn replay(dir: &Path) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     for (target, paths) in files(dir) {
         assert!(
-            vdisk::fuzzing::TARGETS.contains(&target.as_str()),
+            vdisk::testing::fuzzing::TARGETS.contains(&target.as_str()),
             "{}: no fuzz target called '{target}'",
             dir.display()
         );
         for p in paths {
             let data = std::fs::read(&p).unwrap();
             n += 1;
-            let r = catch_unwind(AssertUnwindSafe(|| vdisk::fuzzing::run(&target, &data)));
+            let r = catch_unwind(AssertUnwindSafe(|| vdisk::testing::fuzzing::run(&target, &data)));
             if let Err(e) = r {
                 let msg = e
                     .downcast_ref::<String>()
@@ -66,7 +66,7 @@ fn replay(dir: &Path) -> (usize, Vec<String>) {
 fn corpus_replays_without_panics() {
     let (n, failures) = replay(&root().join("fuzz/corpus"));
     assert!(n > 0, "no corpus files found under fuzz/corpus");
-    for t in vdisk::fuzzing::TARGETS {
+    for t in vdisk::testing::fuzzing::TARGETS {
         assert!(root().join("fuzz/corpus").join(t).is_dir(), "target {t} has no seed corpus");
     }
     assert!(failures.is_empty(), "{} of {n} corpus files fail:\n{}", failures.len(), failures.join("\n"));

@@ -1,6 +1,6 @@
-//! `open_vmdk`: see `vdisk::fuzzing::open_vmdk` for what it exercises and checks.
+//! `open_vmdk`: see `vdisk::testing::fuzzing::open_vmdk` for what it exercises and checks.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vdisk::fuzzing::open_vmdk(data);
+    vdisk::testing::fuzzing::open_vmdk(data);
 });

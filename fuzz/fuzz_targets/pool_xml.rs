@@ -1,6 +1,6 @@
-//! `pool_xml`: see `vdisk::fuzzing::pool_xml` for what it exercises and checks.
+//! `pool_xml`: see `vdisk::testing::fuzzing::pool_xml` for what it exercises and checks.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vdisk::fuzzing::pool_xml(data);
+    vdisk::testing::fuzzing::pool_xml(data);
 });

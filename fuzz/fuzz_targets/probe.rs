@@ -1,6 +1,6 @@
-//! `probe`: see `vdisk::fuzzing::probe` for what it exercises and checks.
+//! `probe`: see `vdisk::testing::fuzzing::probe` for what it exercises and checks.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vdisk::fuzzing::probe(data);
+    vdisk::testing::fuzzing::probe(data);
 });

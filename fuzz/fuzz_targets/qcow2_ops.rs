@@ -1,6 +1,6 @@
-//! `qcow2_ops`: see `vdisk::fuzzing::qcow2_ops` for what it exercises and checks.
+//! `qcow2_ops`: see `vdisk::testing::fuzzing::qcow2_ops` for what it exercises and checks.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vdisk::fuzzing::qcow2_ops(data);
+    vdisk::testing::fuzzing::qcow2_ops(data);
 });

@@ -1,6 +1,6 @@
-//! `vmdk_descriptor`: see `vdisk::fuzzing::vmdk_descriptor` for what it exercises and checks.
+//! `vmdk_descriptor`: see `vdisk::testing::fuzzing::vmdk_descriptor` for what it exercises and checks.
 #![no_main]
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
-    vdisk::fuzzing::vmdk_descriptor(data);
+    vdisk::testing::fuzzing::vmdk_descriptor(data);
 });

@@ -153,8 +153,7 @@ pub fn snapshot_header() -> String {
 
 /// One snapshot row in qemu-img's layout.
 pub fn snapshot_row(s: &SnapshotInfo) -> String {
-    let (y, mo, d, h, mi, se) = vdisk::sys::local_time(i64::from(s.date_sec));
-    let date = format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{se:02}");
+    let date = s.local_date();
     let secs = s.vm_clock_nsec / 1_000_000_000;
     let clock = format!(
         "{:04}:{:02}:{:02}.{:03}",

@@ -12,8 +12,8 @@ use std::path::Path;
 
 use parking_lot::Mutex;
 
+use super::{FileStorage, Storage};
 use crate::error::{Error, Result};
-use crate::storage::{FileStorage, Storage};
 
 /// Alignment of offsets, lengths and buffers.
 pub const ALIGN: u64 = 4096;
