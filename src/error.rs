@@ -89,6 +89,8 @@ struct Repr {
     format: Option<&'static str>,
     field: Option<&'static str>,
     offset: Option<u64>,
+    /// What was being done, outermost first (`opening backing file 'b'`).
+    context: Vec<String>,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
@@ -103,6 +105,7 @@ impl Error {
                 format: None,
                 field: None,
                 offset: None,
+                context: Vec::new(),
                 source: None,
             }),
         }
@@ -201,10 +204,31 @@ impl Error {
         self
     }
 
-    /// Prefixes the message with what was being done.
+    /// Adds what was being done; `Display` shows it before the message,
+    /// which itself stays as it was ([`message`](Self::message)).
     pub fn context(mut self, what: impl fmt::Display) -> Self {
-        self.repr.message = format!("{what}: {}", self.repr.message);
+        self.repr.context.insert(0, what.to_string());
         self
+    }
+
+    /// What was being done when the error happened, outermost first.
+    pub fn contexts(&self) -> &[String] {
+        &self.repr.context
+    }
+
+    /// The error and every cause under it on one line (`Display` shows one
+    /// level, as the `Error` trait asks; this is for a final report such as
+    /// the CLI's).
+    pub fn report(&self) -> String {
+        use std::error::Error as _;
+        let mut out = self.to_string();
+        let mut cur = self.source();
+        while let Some(c) = cur {
+            out.push_str(": ");
+            out.push_str(&c.to_string());
+            cur = c.source();
+        }
+        out
     }
 
     /// The kind of error.
@@ -247,6 +271,9 @@ impl fmt::Display for Error {
         if let Some(format) = r.format {
             write!(f, "{format}: ")?;
         }
+        for c in &r.context {
+            write!(f, "{c}: ")?;
+        }
         f.write_str(&r.message)?;
         let mut parts = Vec::new();
         if let Some(field) = r.field {
@@ -258,11 +285,8 @@ impl fmt::Display for Error {
         if !parts.is_empty() {
             write!(f, " ({})", parts.join(", "))?;
         }
-        if r.kind == ErrorKind::Io || r.kind == ErrorKind::NotFound {
-            if let Some(src) = &r.source {
-                write!(f, ": {src}")?;
-            }
-        }
+        // The cause is not repeated here: `source()` gives it, and
+        // `report()` prints the whole chain once.
         Ok(())
     }
 }
@@ -272,6 +296,9 @@ impl fmt::Debug for Error {
         let r = &self.repr;
         let mut d = f.debug_struct("Error");
         d.field("kind", &r.kind).field("message", &r.message);
+        if !r.context.is_empty() {
+            d.field("context", &r.context);
+        }
         if let Some(p) = &r.path {
             d.field("path", p);
         }
@@ -365,5 +392,16 @@ mod tests {
         use std::error::Error as _;
         let e = Error::io("x", io::Error::other("inner"));
         assert_eq!(e.source().unwrap().to_string(), "inner");
+        // One level in Display, the cause once in the report.
+        assert_eq!(e.to_string(), "x");
+        assert_eq!(e.report(), "x: inner");
+    }
+
+    #[test]
+    fn context_keeps_the_message() {
+        let e = Error::invalid("bad magic").context("opening backing file 'b.qcow2'").context("creating 'top.qcow2'");
+        assert_eq!(e.message(), "bad magic");
+        assert_eq!(e.to_string(), "creating 'top.qcow2': opening backing file 'b.qcow2': bad magic");
+        assert_eq!(e.contexts().len(), 2);
     }
 }

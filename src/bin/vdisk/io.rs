@@ -185,7 +185,7 @@ pub fn run(a: &IoArgs) -> Result<i32> {
             Ok(true) => {}
             Ok(false) => code = 1,
             Err(e) => {
-                eprintln!("{}: {e}", c.split_whitespace().next().unwrap_or(""));
+                eprintln!("{}: {}", c.split_whitespace().next().unwrap_or(""), e.report());
                 code = 1;
             }
         }

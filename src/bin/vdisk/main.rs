@@ -90,7 +90,7 @@ fn main() {
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vdisk: {e}");
+            eprintln!("vdisk: {}", e.report());
             std::process::exit(err_code);
         }
     }
@@ -104,8 +104,8 @@ fn virsh_exit(res: vdisk::Result<i32>) {
         Err(e) => {
             use std::error::Error as _;
             match e.source().and_then(|s| s.downcast_ref::<vdisk::Error>()) {
-                Some(inner) => eprintln!("error: {}\nerror: {inner}", e.message()),
-                None => eprintln!("error: {e}"),
+                Some(inner) => eprintln!("error: {e}\nerror: {}", inner.report()),
+                None => eprintln!("error: {}", e.report()),
             }
             std::process::exit(1);
         }

@@ -288,7 +288,7 @@ pub fn run(cmd: &PoolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
         PoolCmd::List { all, inactive, details, name } => {
             let list = reg.list()?;
             for e in &list.errors {
-                eprintln!("warning: {e}");
+                eprintln!("warning: {}", e.report());
             }
             let pools: Vec<&Pool> = list
                 .pools
