@@ -561,9 +561,9 @@ fn two_processes_one_name_one_winner() {
             .map(|_| {
                 std::process::Command::new(env!("CARGO_BIN_EXE_vdisk"))
                     .env("VDISK_LIBVIRT_DIR", "")
+                    .args(["vol-create-as", "p", &name, "1M", "--format", "qcow2"])
                     .arg("--config-dir")
                     .arg(&cfg)
-                    .args(["vol-create-as", "p", &name, "1M", "--format", "qcow2"])
                     .output()
                     .unwrap()
             })

@@ -207,7 +207,7 @@ fn pool_define_from_file_and_dumpxml() {
     // A --config-dir of its own starts empty.
     let o = Command::new(env!("CARGO_BIN_EXE_vdisk"))
         .env("VDISK_LIBVIRT_DIR", "")
-        .args(["--config-dir", c.root.join("elsewhere").to_str().unwrap(), "pool-list", "--all", "--name"])
+        .args(["pool-list", "--all", "--name", "--config-dir", c.root.join("elsewhere").to_str().unwrap()])
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&o.stdout), "\n");

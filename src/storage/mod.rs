@@ -24,6 +24,7 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub use direct::{Aligned, DirectFile, ALIGN};
 pub use file::FileStorage;
+#[cfg(feature = "test-utils")]
 pub(crate) use mem::copy_out;
 pub use mem::MemStorage;
 

@@ -29,18 +29,42 @@ mod secrets;
 mod snapshot;
 mod vol;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Virtual-machine disk images (raw, qcow2, vmdk).
 #[derive(Parser, Debug)]
 #[command(name = "vdisk", version, about)]
 struct Cli {
-    /// Storage pool configuration directory (default: $VDISK_CONFIG_DIR,
-    /// else $XDG_CONFIG_HOME/vdisk/storage).
-    #[arg(long = "config-dir", global = true, value_name = "DIR")]
-    config_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// The pool and volume verbs, the only ones that read pool definitions.
+fn pool_verbs() -> Vec<String> {
+    let pools = <pool::PoolCmd as Subcommand>::augment_subcommands(clap::Command::new("pools"));
+    let vols = <vol::VolCmd as Subcommand>::augment_subcommands(clap::Command::new("vols"));
+    pools.get_subcommands().chain(vols.get_subcommands()).map(|c| c.get_name().to_string()).collect()
+}
+
+/// Parses the command line; `--config-dir` exists on the pool and volume
+/// verbs only (image verbs know no pools).
+fn parse() -> (Cli, Option<std::path::PathBuf>) {
+    let mut cmd = Cli::command();
+    for name in pool_verbs() {
+        cmd = cmd.mut_subcommand(name, |s| {
+            s.arg(
+                clap::Arg::new("config-dir")
+                    .long("config-dir")
+                    .value_name("DIR")
+                    .value_parser(clap::value_parser!(std::path::PathBuf))
+                    .help("Storage pool configuration directory (default: $VDISK_CONFIG_DIR, else $XDG_CONFIG_HOME/vdisk/storage)"),
+            )
+        });
+    }
+    let matches = cmd.get_matches();
+    let config_dir = matches.subcommand().and_then(|(_, m)| m.get_one::<std::path::PathBuf>("config-dir").cloned());
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    (cli, config_dir)
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,7 +96,7 @@ enum Cmd {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let (cli, config_dir) = parse();
     let (res, err_code) = match &cli.cmd {
         Cmd::Info(a) => (info::run(a), 1),
         Cmd::Create(a) => (create::run(a), 1),
@@ -84,8 +108,8 @@ fn main() {
         Cmd::Io(a) => (io::run(a), 1),
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
         Cmd::Bench(a) => (bench::run(a), 1),
-        Cmd::Pool(c) => return virsh_exit(pool::run(c, cli.config_dir.as_ref())),
-        Cmd::Vol(c) => return virsh_exit(vol::run(c, cli.config_dir.as_ref())),
+        Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
+        Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
     match res {
         Ok(code) => std::process::exit(code),
