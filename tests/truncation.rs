@@ -82,3 +82,96 @@ fn truncated_images_never_panic() {
         }
     }
 }
+
+/// vmdk images (qemu-img's monolithicSparse and streamOptimized, and
+/// vdisk's streamOptimized in VMware's footer layout) cut at many lengths:
+/// errors, never a panic. A cut through the sparse header or the embedded
+/// descriptor is always an error at open.
+#[test]
+fn truncated_vmdk_images_never_panic() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let src = p(dir.path(), "src.raw");
+    let mut data = vec![0u8; 4 << 20];
+    for (i, b) in data.iter_mut().enumerate().take(3 << 20) {
+        *b = (i / 4096) as u8 ^ (i % 251) as u8;
+    }
+    std::fs::write(&src, &data).unwrap();
+    let mut images = Vec::new();
+    for sub in ["monolithicSparse", "streamOptimized"] {
+        let img = p(dir.path(), &format!("{sub}.vmdk"));
+        qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            &format!("subformat={sub}"),
+            src.to_str().unwrap(),
+            img.to_str().unwrap(),
+        ]);
+        images.push(img);
+    }
+    let ours = p(dir.path(), "ours.vmdk");
+    let (code, o, e) = vdisk(&[
+        "convert",
+        "-f",
+        "raw",
+        "-O",
+        "vmdk",
+        "-o",
+        "subformat=streamOptimized",
+        src.to_str().unwrap(),
+        ours.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{o}{e}");
+    images.push(ours);
+    for img in images {
+        let bytes = std::fs::read(&img).unwrap();
+        let len = bytes.len();
+        let u32le = |off: usize| u32::from_le_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+        let u64le = |off: usize| u64::from_le_bytes(bytes[off..off + 8].try_into().unwrap()) as usize;
+        // descriptorOffset and descriptorSize (sectors) of the sparse header.
+        let desc_end = (u64le(28) + u64le(36)) * 512;
+        assert_eq!(u32le(0), 0x564d_444b, "{}: not a sparse vmdk", img.display());
+        let mut cuts: Vec<usize> = vec![0, 1, 4, 77, 511, 512, 513, desc_end - 1, desc_end, len - 512, len - 1];
+        for i in 1..40 {
+            cuts.push(len * i / 40);
+        }
+        cuts.retain(|&c| c < len);
+        cuts.sort_unstable();
+        cuts.dedup();
+        for cut in cuts {
+            let path = p(dir.path(), "cut.vmdk");
+            std::fs::write(&path, &bytes[..cut]).unwrap();
+            let r = OpenOptions::new().format(Format::Vmdk).read_only(true).backing(BackingPolicy::Never).open(&path);
+            match r {
+                Err(e) => assert!(!e.to_string().is_empty()),
+                Ok(dev) => {
+                    assert!(
+                        cut >= desc_end,
+                        "{}: cut at {cut} (inside the header or descriptor) opened",
+                        img.display()
+                    );
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut pos = 0;
+                    while pos < dev.size() {
+                        let _ = dev.read_at(&mut buf, pos);
+                        pos += buf.len() as u64;
+                    }
+                    let mut pos = 0;
+                    while pos < dev.size() {
+                        match dev.map(pos, u64::MAX) {
+                            Ok(e) => pos += e.length.max(1),
+                            Err(_) => break,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
