@@ -61,6 +61,7 @@ pub mod qcow2;
 mod quiesce;
 pub mod raw;
 pub mod reader;
+pub mod size;
 pub mod storage;
 pub(crate) mod sys;
 #[cfg(feature = "test-utils")]
