@@ -372,6 +372,23 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
     }
 }
 
+/// How a format reaches the other files an image it creates names: the
+/// backing image (qcow2 backing file, vmdk parent) and an external data
+/// file. Formats never open files by path themselves; [`crate::OpenOptions`]
+/// implements this under the caller's policy (format named or probed,
+/// confinement, locks), which keeps probing opt-in and in one place.
+pub trait Resolver {
+    /// Opens the backing image recorded as `name` (relative names are
+    /// relative to `dir`, the new image's directory), read-only. `format`
+    /// is the recorded backing format; `None` asks the resolver to decide
+    /// (probe, or refuse).
+    fn open_backing(&self, dir: &std::path::Path, name: &str, format: Option<Format>) -> Result<Arc<dyn BlockDevice>>;
+
+    /// Creates (or truncates) the external data file recorded as `name`,
+    /// relative to `dir`, for writing.
+    fn create_data_file(&self, dir: &std::path::Path, name: &str) -> Result<Arc<dyn crate::storage::Storage>>;
+}
+
 macro_rules! forward_block_device {
     ($t:ty) => {
         impl<D: BlockDevice + ?Sized> BlockDevice for $t {

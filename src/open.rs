@@ -7,7 +7,7 @@ use std::io::{IoSlice, IoSliceMut};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
+use crate::device::{BlockDevice, DeviceInfo, Extent, Format, Resolver, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::MAX_BACKING_DEPTH;
 use crate::lock::LockMode;
@@ -283,6 +283,12 @@ impl OpenOptions {
         }
     }
 
+    /// Creates a vmdk image at `path`; a parent named in `opts` is opened
+    /// under these options' policy (see the [`Resolver`] impl).
+    pub fn create_vmdk(&self, path: impl AsRef<Path>, size: u64, opts: &crate::VmdkCreateOptions) -> Result<Vmdk> {
+        Vmdk::create_with(path.as_ref(), size, opts, self)
+    }
+
     fn resolve(&self, image: &Path, dir: &Path, name: &str, what: &str) -> Result<PathBuf> {
         if name.starts_with("json:") || name.contains("://") {
             return Err(Error::unsupported(format!("{what} '{name}' is not a plain file name")).with_path(image));
@@ -349,6 +355,35 @@ impl OpenOptions {
             .open_layer(&p, format, true, depth + 1, seen)
             .map_err(|e| e.context(format!("opening backing file '{name}'")))?;
         Ok(Some(Arc::new(img)))
+    }
+}
+
+impl Resolver for OpenOptions {
+    /// Opens a backing image for a create: with the recorded format, or,
+    /// without one, probed only if these options allow probing
+    /// ([`probe`](Self::probe) or [`BackingPolicy::Follow`]); confined and
+    /// locked as these options say; its own backing chain follows the
+    /// policy.
+    fn open_backing(&self, dir: &Path, name: &str, format: Option<Format>) -> Result<Arc<dyn BlockDevice>> {
+        let image = dir.join(name);
+        if format.is_none() && !(self.probe || self.backing == BackingPolicy::Follow) {
+            return Err(Error::invalid_argument(format!(
+                "the backing file '{name}' has no format given; name it (backing_fmt, -F), or allow probing for trusted images"
+            ))
+            .with_field("backing_format"));
+        }
+        let p = self.resolve(&image, dir, name, "backing file")?;
+        let mut seen = HashSet::new();
+        let img = self
+            .open_layer(&p, format, true, 1, &mut seen)
+            .map_err(|e| e.context(format!("opening backing file '{name}'")))?;
+        Ok(Arc::new(img))
+    }
+
+    fn create_data_file(&self, dir: &Path, name: &str) -> Result<Arc<dyn Storage>> {
+        let image = dir.join(name);
+        let p = self.resolve(&image, dir, name, "data file")?;
+        Ok(Arc::new(FileStorage::create(&p)?))
     }
 }
 

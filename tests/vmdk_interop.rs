@@ -421,7 +421,9 @@ fn delta_links() {
     qemu_check_clean(&child);
     // A child vdisk creates reads through to the parent in qemu.
     let c2 = p(dir.path(), "child2.vmdk");
-    let v = Vmdk::create(&c2, 0, &create_opts("backing_file=parent.vmdk,zeroed_grain=on")).unwrap();
+    let v = vdisk::OpenOptions::new()
+        .create_vmdk(&c2, 0, &create_opts("backing_file=parent.vmdk,zeroed_grain=on"))
+        .unwrap();
     assert_eq!(v.size(), size);
     v.write_at(&[0x91; 3], GRAIN - 1).unwrap();
     v.flush().unwrap();

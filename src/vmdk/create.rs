@@ -24,7 +24,7 @@ use byteorder::{ByteOrder, LittleEndian};
 use super::descriptor::{Access, Descriptor, ExtentLine, ExtentType, NO_PARENT_CID};
 use super::header::*;
 use super::{new_cid, Vmdk, VmdkOptions};
-use crate::device::{BlockDevice, Format, FormatDetails};
+use crate::device::{BlockDevice, Format, FormatDetails, Resolver};
 use crate::error::{Error, Result};
 use crate::limits::VMDK_MAX_CAPACITY;
 use crate::storage::{FileStorage, Storage};
@@ -275,11 +275,19 @@ impl Vmdk {
     /// `size` bytes (rounded up to 512; 0 with a backing file takes the
     /// parent's size), replacing existing files, and opens it read-write.
     pub fn create(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk> {
-        create_inner(path, size, opts).map_err(|e| e.with_format("vmdk").with_path(path))
+        create_inner(path, size, opts, None).map_err(|e| e.with_format("vmdk").with_path(path))
+    }
+
+    /// [`create`](Self::create) for an image with a parent
+    /// (`opts.backing_file`): `resolver` opens it (as
+    /// [`crate::OpenOptions`] does under the caller's policy); the format
+    /// never opens files by path itself.
+    pub fn create_with(path: &Path, size: u64, opts: &VmdkCreateOptions, resolver: &dyn Resolver) -> Result<Vmdk> {
+        create_inner(path, size, opts, Some(resolver)).map_err(|e| e.with_format("vmdk").with_path(path))
     }
 }
 
-fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk> {
+fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions, resolver: Option<&dyn Resolver>) -> Result<Vmdk> {
     if opts.compat6 && opts.hwversion.is_some() {
         return Err(Error::invalid_argument("compat6 cannot be enabled with hwversion set"));
     }
@@ -296,17 +304,16 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions) -> Result<Vmdk
                     "backing file name '{b}' is empty or contains a quote or line break"
                 )));
             }
-            let p = dir.join(b);
-            let img = crate::open::OpenOptions::new()
-                .format(Format::Vmdk)
-                .read_only(true)
-                .open(&p)
-                .map_err(|e| e.context(format!("opening backing file '{b}'")))?;
-            let cid = match img.info().details {
+            let resolver = resolver.ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "backing file '{b}': creating with a parent needs a resolver (Vmdk::create_with, OpenOptions::create_vmdk)"
+                ))
+            })?;
+            let dev = resolver.open_backing(dir, b, Some(Format::Vmdk))?;
+            let cid = match dev.info().details {
                 FormatDetails::Vmdk(v) => v.cid,
                 _ => return Err(Error::invalid_argument("backing file must be vmdk")),
             };
-            let dev: Arc<dyn BlockDevice> = Arc::new(img);
             (Some(dev), cid)
         }
         None => (None, NO_PARENT_CID),

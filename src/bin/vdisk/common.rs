@@ -106,6 +106,13 @@ pub fn image_options(
     })
 }
 
+/// What opens the backing file of an image being created, as qemu-img
+/// does: the format given (`-F`, `backing_fmt`) or probed, the backing's
+/// own chain followed.
+pub fn create_resolver() -> OpenOptions {
+    OpenOptions::new().read_only(true).probe(true).backing(BackingPolicy::Follow)
+}
+
 /// Pretty-prints JSON with 4-space indentation, as qemu-img does.
 pub fn print_json(v: &serde_json::Value) {
     use serde::Serialize;

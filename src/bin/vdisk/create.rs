@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use vdisk::qcow2::create::{CreateOptions, Preallocation};
-use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, Vmdk, VmdkCreateOptions};
+use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, VmdkCreateOptions};
 
 use crate::common::{check_image_size, parse_size, CreatedFiles};
 use crate::secrets::{split_opts, SecretArgs};
@@ -167,7 +167,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 Some(s) => s,
                 None => return Err(Error::invalid_argument("vmdk images need a size")),
             };
-            let v = Vmdk::create(path, size, &vo)?;
+            let v = crate::common::create_resolver().create_vmdk(path, size, &vo)?;
             v.close()?;
             if !a.quiet {
                 outln!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
