@@ -77,6 +77,7 @@ mod dir;
 pub mod name;
 pub mod registry;
 pub mod scan;
+mod spec;
 pub mod units;
 pub mod uuid;
 mod volume;
@@ -92,16 +93,15 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+pub use create::CloneOptions;
 pub use def::{Permissions, PoolDef, PoolSource, PoolType};
 use dir::PoolDir;
 pub use registry::{PoolList, Registry, RegistryPaths};
 pub use scan::{Backing, FileStat, VolType, VolumeInfo};
 use scan::{FileStat as Stat, ProbeCache, Records};
+pub use spec::{BackingSpec, VolumeSpec};
 pub use uuid::Uuid;
-pub use volume::{
-    BackingSpec, CloneOptions, DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice, VolumeSpec,
-    WipeAlgorithm,
-};
+pub use volume::{DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice, WipeAlgorithm};
 
 use crate::error::{Error, ErrorKind, Result};
 

@@ -17,7 +17,6 @@ use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::crypt::Secret;
 use crate::storage::{FileStorage, Storage};
 
-pub use super::create::{BackingSpec, CloneOptions, VolumeSpec};
 pub use crate::convert::Progress;
 
 /// How to wipe (`vol-wipe --algorithm`).
