@@ -3,13 +3,13 @@
 //! replacing anything.
 
 use std::ffi::{OsStr, OsString};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::dir::PoolDir;
 use super::name::TEMP_PREFIX;
-use super::scan::Record;
+use super::records::Record;
 use super::spec::VolumeSpec;
 use super::uuid::random_hex;
 use super::{Pool, Volume};
@@ -246,7 +246,7 @@ impl Pool {
             }
         })?;
         drop(dev);
-        self.record(OsStr::new(name), Some(Record { dev: md.dev(), ino: md.ino(), format: spec.format }))?;
+        self.record(OsStr::new(name), Some(Record::of(&md, spec.format)))?;
         Ok(Volume::new(self.clone(), OsString::from(name)))
     }
 }

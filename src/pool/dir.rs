@@ -51,6 +51,15 @@ pub(crate) fn kind_name(md: &Metadata) -> &'static str {
     }
 }
 
+/// Opens `path` read-only without blocking (a FIFO without a writer does
+/// not hang us) and without acquiring a controlling terminal: for files
+/// named from outside the pool directory (state files, symlink targets,
+/// backing files). The caller checks the file type on the descriptor.
+pub(crate) fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)
+}
+
 impl PoolDir {
     /// Opens `path` (which must be a directory, not a symlink to one).
     pub fn open(path: &Path) -> Result<PoolDir> {

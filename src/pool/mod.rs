@@ -74,18 +74,22 @@ mod busy;
 mod create;
 pub mod def;
 mod dir;
+mod headers;
 pub mod name;
+mod probe_cache;
+mod records;
 pub mod registry;
 pub mod scan;
 mod spec;
+mod statefile;
 pub mod units;
 pub mod uuid;
+mod volinfo;
 mod volume;
 pub mod volxml;
 pub mod xml;
 
-use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -96,11 +100,13 @@ use parking_lot::Mutex;
 pub use create::CloneOptions;
 pub use def::{Permissions, PoolDef, PoolSource, PoolType};
 use dir::PoolDir;
+use probe_cache::ProbeCache;
+use records::{Record, Records};
 pub use registry::{PoolList, Registry, RegistryPaths};
-pub use scan::{Backing, FileStat, VolType, VolumeInfo};
-use scan::{FileStat as Stat, ProbeCache, Records};
+pub use scan::ScanReport;
 pub use spec::{BackingSpec, VolumeSpec};
 pub use uuid::Uuid;
+pub use volinfo::{Backing, FileStat, VolType, VolumeInfo};
 pub use volume::{DownloadOptions, Progress, UploadOptions, Volume, VolumeDevice, WipeAlgorithm};
 
 use crate::error::{Error, ErrorKind, Result};
@@ -147,19 +153,6 @@ pub struct PoolInfo {
     pub allocation: u64,
     /// Free for unprivileged users (`f_bavail * f_frsize`).
     pub available: u64,
-}
-
-/// What a listing did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct ScanReport {
-    /// Entries listed.
-    pub volumes: usize,
-    /// Files whose headers were read.
-    pub probed: usize,
-    /// Files served from the probe cache.
-    pub reused: usize,
-    /// vdisk temporary entries skipped.
-    pub temporary: usize,
 }
 
 /// Temporary entries younger than this are left alone by [`Pool::refresh`]
@@ -384,7 +377,7 @@ impl Pool {
         }
         self.check_target()?;
         let state = self.paths().state_file(self.name());
-        scan::write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
+        statefile::write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
         if refresh {
             if let Err(e) = self.cleanup(STALE_TEMP_AGE).and_then(|_| self.refresh().map(|_| ())) {
                 let _ = std::fs::remove_file(&state);
@@ -488,150 +481,6 @@ impl Pool {
         Ok(removed)
     }
 
-    /// Lists the volumes: rescans the directory and re-probes only files
-    /// that changed since their cached probe (see [`scan`]). Entries that
-    /// cannot be parsed are listed with the reason. Requires an active pool.
-    pub fn refresh(&self) -> Result<(Vec<VolumeInfo>, ScanReport)> {
-        self.require_active()?;
-        let d = self.dir()?;
-        let mut report = ScanReport::default();
-        let mut cache = self.inner.cache.lock();
-        let cache_path = self.paths().cache_file(self.uuid());
-        if !cache.is_loaded() {
-            *cache = ProbeCache::load(&cache_path);
-        }
-        let records_path = self.paths().records_file(self.uuid());
-        let records = Records::load(&records_path)?;
-        let rd = std::fs::read_dir(d.path())
-            .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
-        let mut entries: Vec<(OsString, std::fs::Metadata)> = Vec::new();
-        for e in rd {
-            let e = e.map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
-            let name = e.file_name();
-            if name.as_bytes().starts_with(name::TEMP_PREFIX.as_bytes()) {
-                report.temporary += 1;
-                continue;
-            }
-            // A file removed since readdir is simply not listed.
-            if let Ok(md) = e.metadata() {
-                entries.push((name, md));
-            }
-        }
-        entries.sort_by(|a, b| a.0.cmp(&b.0));
-        let alloc_of: std::collections::HashMap<&OsStr, u64> = entries
-            .iter()
-            .filter(|(_, m)| m.is_file())
-            .map(|(n, m)| {
-                use std::os::unix::fs::MetadataExt;
-                (n.as_os_str(), m.blocks().saturating_mul(512))
-            })
-            .collect();
-        // Regular files by (device, inode): what a symlink in the pool points at.
-        let file_by_id: std::collections::HashMap<(u64, u64), &OsStr> = entries
-            .iter()
-            .filter(|(_, m)| m.is_file())
-            .map(|(n, m)| {
-                use std::os::unix::fs::MetadataExt;
-                ((m.dev(), m.ino()), n.as_os_str())
-            })
-            .collect();
-        let mut changed = false;
-        let mut new_records = Vec::new();
-        let mut out = Vec::with_capacity(entries.len());
-        let canon = d.path().to_path_buf();
-        for (name, md) in &entries {
-            let stat = Stat::of(md);
-            let ft = md.file_type();
-            let (kind, facts, rec_stat) = if ft.is_file() {
-                let facts = match cache.get(name, &stat) {
-                    Some(f) => {
-                        report.reused += 1;
-                        f.clone()
-                    }
-                    None => {
-                        let t = scan::probe_clock();
-                        let f = match d.open_file(name, false) {
-                            Ok(file) => scan::probe_file(file, &d.join(name)),
-                            Err(e) => scan::Facts { error: Some(e.message().to_string()), ..Default::default() },
-                        };
-                        report.probed += 1;
-                        cache.put(name, &stat, t, f.clone());
-                        changed = true;
-                        f
-                    }
-                };
-                (VolType::File, facts, Some(stat))
-            } else if ft.is_symlink() {
-                let (f, target_stat) = volume::probe_symlink(&d, &canon, name);
-                (VolType::Symlink, f, target_stat)
-            } else if ft.is_dir() {
-                (VolType::Dir, scan::Facts::default(), None)
-            } else {
-                (
-                    VolType::Other,
-                    scan::Facts {
-                        error: Some(format!("is a {}, not a volume: vdisk never opens it", dir::kind_name(md))),
-                        ..Default::default()
-                    },
-                    None,
-                )
-            };
-            let recorded = match &rec_stat {
-                Some(s) if kind == VolType::File => {
-                    let r = records.format_of(name, s);
-                    if r.is_none() {
-                        if let Some(fmt) = facts.format {
-                            new_records
-                                .push((name.clone(), Some(scan::Record { dev: s.dev, ino: s.ino, format: fmt })));
-                        }
-                    }
-                    r
-                }
-                Some(s) => {
-                    // Symlinks: the target's record, if the target is a
-                    // volume of this pool.
-                    file_by_id.get(&(s.dev, s.ino)).and_then(|n| records.format_of(n, s))
-                }
-                None => None,
-            };
-            let extent_alloc = facts
-                .extents
-                .iter()
-                .filter_map(|x| alloc_of.get(OsStr::new(x)))
-                .fold(0u64, |a, b| a.saturating_add(*b));
-            let mut info = scan::build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
-            if kind == VolType::Symlink {
-                if let Some(s) = rec_stat {
-                    info.capacity = if facts.format == Some(crate::Format::Raw) { s.size } else { info.capacity };
-                    info.allocation = s.allocated;
-                    info.physical = s.size;
-                }
-            }
-            out.push(info);
-        }
-        report.volumes = out.len();
-        let keep: HashSet<OsString> = entries.iter().map(|(n, _)| n.clone()).collect();
-        if cache.retain(&keep) {
-            changed = true;
-        }
-        if changed {
-            // The cache is an optimisation: failing to save it is not an
-            // error of the listing.
-            let _ = cache.save(&cache_path);
-        }
-        // Records of files that are gone (removed outside vdisk) go too.
-        new_records.extend(records.names().filter(|n| !keep.contains(*n)).map(|n| (n.clone(), None)));
-        if !new_records.is_empty() {
-            Records::update(&records_path, &new_records)?;
-        }
-        Ok((out, report))
-    }
-
-    /// [`refresh`](Self::refresh) without the report.
-    pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
-        Ok(self.refresh()?.0)
-    }
-
     /// The volume named `name` (which must exist; any existing name,
     /// including ones vdisk would not create).
     pub fn volume(&self, name: impl AsRef<OsStr>) -> Result<Volume> {
@@ -669,7 +518,7 @@ impl Pool {
         self.inner.cache.lock().forget(name);
     }
 
-    pub(crate) fn record(&self, name: &OsStr, rec: Option<scan::Record>) -> Result<()> {
+    pub(crate) fn record(&self, name: &OsStr, rec: Option<Record>) -> Result<()> {
         Records::update(&self.paths().records_file(self.uuid()), &[(name.to_os_string(), rec)]).map(|_| ())
     }
 

@@ -37,7 +37,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::def::PoolDef;
-use super::scan::write_atomic;
+use super::statefile::{read_limited, write_atomic};
 use super::uuid::Uuid;
 use super::{Origin, Pool, Volume};
 use crate::error::{Error, ErrorKind, Result};
@@ -241,7 +241,7 @@ impl Registry {
         names.sort();
         for path in names {
             let res = (|| -> Result<Pool> {
-                let bytes = super::scan::read_limited(&path, super::xml::MAX_XML_BYTES as u64)?.ok_or_else(|| {
+                let bytes = read_limited(&path, super::xml::MAX_XML_BYTES as u64)?.ok_or_else(|| {
                     Error::new(crate::ErrorKind::NotFound, "pool definition vanished").with_path(&path)
                 })?;
                 let text = String::from_utf8(bytes)

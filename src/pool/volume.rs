@@ -7,8 +7,10 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::busy::{is_busy, BusyGuard};
-use super::dir::PoolDir;
-use super::scan::{self, Facts, FileStat, Record, VolType, VolumeInfo};
+use super::dir::{open_nonblocking, PoolDir};
+use super::headers::{probe_file, probe_symlink, Facts};
+use super::records::Record;
+use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
 use super::Pool;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
@@ -117,11 +119,11 @@ impl Volume {
         let stat = FileStat::of(&md);
         let ft = md.file_type();
         let (kind, facts, target) = if ft.is_file() {
-            let f = scan::probe_file(d.open_file(&self.name, false)?, &d.join(&self.name));
+            let f = probe_file(d.open_file(&self.name, false)?, &d.join(&self.name));
             (VolType::File, f, Some(stat))
         } else if ft.is_symlink() {
-            let (f, t) = probe_symlink(&d, &canon, &self.name);
-            (VolType::Symlink, f, t)
+            let (f, t) = probe_symlink(&d, &self.name);
+            (VolType::Symlink, f, t.as_ref().map(FileStat::of))
         } else if ft.is_dir() {
             (VolType::Dir, Facts::default(), None)
         } else {
@@ -148,7 +150,7 @@ impl Volume {
                 }
             }
         }
-        let mut info = scan::build_info(&canon, &self.name, kind, stat, &facts, recorded, extent_alloc);
+        let mut info = build_info(&canon, &self.name, kind, stat, &facts, recorded, extent_alloc);
         if let (VolType::Symlink, Some(t)) = (kind, target) {
             info.allocation = t.allocated;
             info.physical = t.size;
@@ -172,7 +174,7 @@ impl Volume {
         };
         if self.pool.records()?.format_of(&self.name, &info.stat).is_none() {
             // First sight of this file: what it is now is what it stays.
-            self.pool.record(&self.name, Some(Record { dev: info.stat.dev, ino: info.stat.ino, format: f }))?;
+            self.pool.record(&self.name, Some(Record::of_stat(&info.stat, f)))?;
         }
         Ok(f)
     }
@@ -230,15 +232,8 @@ impl Volume {
                 return Err(Error::limit("backing chain deeper than 64").with_path(&b.path));
             }
             // Without blocking: a FIFO named by a hostile header must not hang us.
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = match std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                .open(&b.path)
-            {
-                Ok(f) => f,
-                Err(e) => return Err(Error::io("cannot open backing file", e).with_path(&b.path)),
-            };
+            let f =
+                open_nonblocking(&b.path).map_err(|e| Error::io("cannot open backing file", e).with_path(&b.path))?;
             let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&b.path))?;
             if !md.is_file() {
                 return Err(Error::invalid_argument("backing file is not a regular file").with_path(&b.path));
@@ -247,11 +242,11 @@ impl Volume {
                 return Err(Error::invalid("the backing chain loops").with_path(&b.path));
             }
             seen.push((md.dev(), md.ino()));
-            let facts = scan::probe_file(f, &b.path);
+            let facts = probe_file(f, &b.path);
             let dir = b.path.parent().unwrap_or(Path::new("/")).to_path_buf();
             let name = b.path.file_name().unwrap_or_default().to_os_string();
             let recorded = b.format.as_deref().and_then(|x| Format::from_name(x).ok());
-            out.push(scan::build_info(&dir, &name, VolType::File, FileStat::of(&md), &facts, recorded, 0));
+            out.push(build_info(&dir, &name, VolType::File, FileStat::of(&md), &facts, recorded, 0));
         }
         Ok(out)
     }
@@ -344,7 +339,7 @@ impl Volume {
         st.sync()?;
         let md = st.file().and_then(|f| f.metadata().ok());
         if let Some(md) = md {
-            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: Format::Raw }))?;
+            self.pool.record(&self.name, Some(Record::of(&md, Format::Raw)))?;
         }
         self.pool.forget_cached(&self.name);
         Ok(())
@@ -439,9 +434,9 @@ impl Volume {
         drop(_busy);
         drop(st);
         let f = d.open_file(&self.name, false)?;
-        let facts = scan::probe_file(f, &path);
+        let facts = probe_file(f, &path);
         if let Some(fmt) = facts.format {
-            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: fmt }))?;
+            self.pool.record(&self.name, Some(Record::of(&md, fmt)))?;
         }
         self.pool.forget_cached(&self.name);
         Ok(done)
@@ -568,39 +563,6 @@ fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> R
         }
     }
     Ok(())
-}
-
-/// Probes what a symlink in the pool points at, if it stays inside the
-/// pool; otherwise only says why not.
-pub(crate) fn probe_symlink(d: &PoolDir, canon: &Path, name: &OsStr) -> (Facts, Option<FileStat>) {
-    let err = |m: String| (Facts { error: Some(m), ..Default::default() }, None);
-    let link = d.join(name);
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t,
-        Err(e) => return err(format!("cannot read the symlink: {e}")),
-    };
-    let resolved = match link.canonicalize() {
-        Ok(r) => r,
-        Err(_) => return err(format!("dangling symlink to {}", target.display())),
-    };
-    if !resolved.starts_with(canon) {
-        return err(format!(
-            "symlink to {} points outside the pool: not probed, never written through",
-            resolved.display()
-        ));
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&resolved)
-    {
-        Ok(f) => f,
-        Err(e) => return err(format!("cannot open the symlink target: {e}")),
-    };
-    let md = match f.metadata() {
-        Ok(m) if m.is_file() => m,
-        Ok(m) => return err(format!("symlink to a {}", super::dir::kind_name(&m))),
-        Err(e) => return err(format!("cannot stat the symlink target: {e}")),
-    };
-    (scan::probe_file(f, &resolved), Some(FileStat::of(&md)))
 }
 
 /// Removes one stale temporary entry if no process holds a lock on what it

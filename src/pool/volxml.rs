@@ -13,8 +13,8 @@
 use std::fmt::Write as _;
 
 use super::def::{scaled_element, Permissions};
-use super::scan::{FileStat, VolType, VolumeInfo};
 use super::spec::{BackingSpec, VolumeSpec};
+use super::volinfo::{FileStat, VolType, VolumeInfo};
 use super::xml::{self, escape, Element};
 use crate::device::Format;
 use crate::error::{Error, Result};
