@@ -4,15 +4,14 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use super::dir::PoolDir;
-use super::name::TEMP_PREFIX;
+use super::lifecycle::Pool;
 use super::records::Record;
 use super::spec::VolumeSpec;
-use super::uuid::random_hex;
-use super::{Pool, Volume};
+use super::temp::TempBuild;
+use super::volume::Volume;
 use crate::convert::{ConvertOptions, Progress};
 use crate::device::{BlockDevice, Format};
 use crate::error::{Error, ErrorKind, Result};
@@ -35,45 +34,6 @@ pub struct CloneOptions<'a> {
 impl std::fmt::Debug for CloneOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloneOptions").field("format", &self.format).finish()
-    }
-}
-
-/// A temporary build directory in the pool, removed on drop unless
-/// published.
-struct TempBuild<'a> {
-    dir: &'a PoolDir,
-    tmp: OsString,
-    name: OsString,
-    done: bool,
-}
-
-impl<'a> TempBuild<'a> {
-    fn new(dir: &'a PoolDir, name: &str) -> Result<TempBuild<'a>> {
-        let tmp = OsString::from(format!("{TEMP_PREFIX}{}", random_hex(8)?));
-        dir.mkdir(&tmp, 0o700)?;
-        Ok(TempBuild { dir, tmp, name: OsString::from(name), done: false })
-    }
-
-    fn file_path(&self) -> PathBuf {
-        self.dir.join(&self.tmp).join(&self.name)
-    }
-
-    fn publish(&mut self) -> Result<()> {
-        let rel = Path::new(&self.tmp).join(&self.name);
-        self.dir.publish(&rel, &self.name)?;
-        self.done = true;
-        self.dir.sync()?;
-        let _ = self.dir.remove(&self.tmp, true);
-        Ok(())
-    }
-}
-
-impl Drop for TempBuild<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(self.file_path());
-            let _ = self.dir.remove(&self.tmp, true);
-        }
     }
 }
 

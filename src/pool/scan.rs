@@ -24,11 +24,11 @@ pub use super::volinfo::{Backing, FileStat, VolType, VolumeInfo};
 
 use super::dir::kind_name;
 use super::headers::{probe_file, probe_symlink, Facts};
+use super::lifecycle::Pool;
 use super::name::TEMP_PREFIX;
 use super::probe_cache::{probe_clock, ProbeCache};
 use super::records::{Record, Records};
 use super::volinfo::build_info;
-use super::Pool;
 use crate::device::Format;
 use crate::error::{Error, Result};
 
@@ -53,12 +53,12 @@ impl Pool {
         self.require_active()?;
         let d = self.dir()?;
         let mut report = ScanReport::default();
-        let mut cache = self.inner.cache.lock();
-        let cache_path = self.paths().cache_file(self.uuid());
+        let mut cache = self.probe_cache();
+        let cache_path = self.cache_file();
         if !cache.is_loaded() {
             *cache = ProbeCache::load(&cache_path);
         }
-        let records_path = self.paths().records_file(self.uuid());
+        let records_path = self.records_file();
         let records = Records::load(&records_path)?;
         let rd = std::fs::read_dir(d.path())
             .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;

@@ -3,18 +3,21 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
 use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::busy::{is_busy, BusyGuard};
-use super::dir::{open_nonblocking, PoolDir};
+use super::dir::{kind_name, open_nonblocking, PoolDir};
 use super::headers::{probe_file, probe_symlink, Facts};
+use super::lifecycle::Pool;
+use super::name::TEMP_PREFIX;
 use super::records::Record;
 use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
-use super::Pool;
+use super::volxml::volume_xml;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lock::{self, Access, LockMode};
+use crate::lock::{Access, LockMode};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::crypt::Secret;
 use crate::storage::{FileStorage, Storage};
@@ -76,6 +79,41 @@ fn in_use_here(path: &Path) -> Error {
     Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
 }
 
+impl Pool {
+    /// The volume named `name` (which must exist; any existing name,
+    /// including ones vdisk would not create).
+    pub fn volume(&self, name: impl AsRef<OsStr>) -> Result<Volume> {
+        let name = name.as_ref();
+        self.require_active()?;
+        let b = name.as_bytes();
+        if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+            return Err(Error::invalid_argument(format!(
+                "invalid volume name '{}'",
+                name.to_string_lossy().escape_debug()
+            )));
+        }
+        if b.starts_with(TEMP_PREFIX.as_bytes()) {
+            return Err(self.no_volume(name));
+        }
+        let d = self.dir()?;
+        match d.lstat(name)? {
+            Some(_) => Ok(Volume::new(self.clone(), name.to_os_string())),
+            None => Err(self.no_volume(name)),
+        }
+    }
+
+    pub(crate) fn no_volume(&self, name: &OsStr) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "storage volume not found: no storage vol with matching name '{}' in pool '{}'",
+                name.to_string_lossy(),
+                self.name()
+            ),
+        )
+    }
+}
+
 impl Volume {
     pub(crate) fn new(pool: Pool, name: OsString) -> Volume {
         Volume { pool, name }
@@ -129,10 +167,7 @@ impl Volume {
         } else {
             (
                 VolType::Other,
-                Facts {
-                    error: Some(format!("is a {}, not a volume", super::dir::kind_name(&md))),
-                    ..Default::default()
-                },
+                Facts { error: Some(format!("is a {}, not a volume", kind_name(&md))), ..Default::default() },
                 None,
             )
         };
@@ -184,7 +219,7 @@ impl Volume {
         let info = self.info()?;
         let backing_stat =
             info.backing.as_ref().and_then(|b| std::fs::metadata(&b.path).ok().map(|m| FileStat::of(&m)));
-        Ok(super::volxml::volume_xml(&info, backing_stat.as_ref()))
+        Ok(volume_xml(&info, backing_stat.as_ref()))
     }
 
     /// Opens the volume as a block device with its recorded format (never a
@@ -292,7 +327,7 @@ impl Volume {
         } else {
             return Err(Error::invalid_argument(format!(
                 "is a {}, not a volume: vdisk does not delete it",
-                super::dir::kind_name(&md)
+                kind_name(&md)
             ))
             .with_path(&path));
         }
@@ -563,44 +598,6 @@ fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> R
         }
     }
     Ok(())
-}
-
-/// Removes one stale temporary entry if no process holds a lock on what it
-/// contains. Returns whether it was removed.
-pub(crate) fn remove_temp(d: &PoolDir, name: &OsStr, md: &Metadata) -> Result<bool> {
-    let unlocked = |f: &File| lock::users_of(f).map(|u| !u.in_use()).unwrap_or(false);
-    if md.is_file() {
-        let f = d.open_file(name, false)?;
-        if !unlocked(&f) {
-            return Ok(false);
-        }
-        d.remove(name, false)?;
-        return Ok(true);
-    }
-    if !md.is_dir() {
-        return Ok(false);
-    }
-    let sub = PoolDir::open(&d.join(name))?;
-    let mut names = Vec::new();
-    let rd = std::fs::read_dir(sub.path()).map_err(|e| Error::io("cannot read", e).with_path(sub.path()))?;
-    for e in rd.flatten() {
-        let n = e.file_name();
-        let Ok(m) = e.metadata() else {
-            return Ok(false);
-        };
-        if m.is_dir() {
-            return Ok(false);
-        }
-        if m.is_file() && !unlocked(&sub.open_file(&n, false)?) {
-            return Ok(false);
-        }
-        names.push(n);
-    }
-    for n in names {
-        sub.remove(&n, false)?;
-    }
-    d.remove(name, true)?;
-    Ok(true)
 }
 
 /// A volume opened as a block device. While it lives the volume counts as
