@@ -92,6 +92,14 @@ impl PoolDir {
         }
     }
 
+    /// Whether `name` is still the regular file `key` (device, inode)
+    /// identified when it was opened: not replaced, not swapped for a
+    /// symlink.
+    pub fn is_same_file(&self, name: &OsStr, key: (u64, u64)) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(matches!(self.lstat(name)?, Some(m) if m.is_file() && (m.dev(), m.ino()) == key))
+    }
+
     /// Opens the regular file `name` (read-only or read-write), never
     /// through a symlink, and refuses anything that is not a regular file,
     /// checked on the descriptor.

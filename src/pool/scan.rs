@@ -16,13 +16,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
+use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 
 pub use super::probe_cache::RACY_NS;
 pub use super::volinfo::{Backing, FileStat, VolType, VolumeInfo};
 
-use super::dir::kind_name;
+use super::dir::{kind_name, PoolDir};
 use super::headers::{probe_file, probe_symlink, Facts};
 use super::lifecycle::Pool;
 use super::name::TEMP_PREFIX;
@@ -62,7 +63,7 @@ impl Pool {
         let records = Records::load(&records_path)?;
         let rd = std::fs::read_dir(d.path())
             .map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
-        let mut entries: Vec<(OsString, std::fs::Metadata)> = Vec::new();
+        let mut entries: Vec<(OsString, Metadata)> = Vec::new();
         for e in rd {
             let e = e.map_err(|e| Error::io("cannot read the pool directory", e).with_path(d.path()))?;
             let name = e.file_name();
@@ -87,49 +88,28 @@ impl Pool {
         let mut changed = false;
         let mut new_records = Vec::new();
         let mut out = Vec::with_capacity(entries.len());
-        let canon = d.path().to_path_buf();
         for (name, md) in &entries {
-            let stat = FileStat::of(md);
-            let ft = md.file_type();
-            let (kind, facts, rec_stat) = if ft.is_file() {
-                let facts = match cache.get(name, &stat) {
+            let entry = Entry::read(&d, name, md, |stat| {
+                Ok(match cache.get(name, stat) {
                     Some(f) => {
                         report.reused += 1;
                         f.clone()
                     }
                     None => {
                         let t = probe_clock();
-                        let f = match d.open_file(name, false) {
-                            Ok(file) => probe_file(file, &d.join(name)),
-                            Err(e) => Facts { error: Some(e.message().to_string()), ..Default::default() },
-                        };
+                        let f = probe_regular(&d, name).unwrap_or_else(|e| Facts::error(e.message()));
                         report.probed += 1;
-                        cache.put(name, &stat, t, f.clone());
+                        cache.put(name, stat, t, f.clone());
                         changed = true;
                         f
                     }
-                };
-                (VolType::File, facts, Some(stat))
-            } else if ft.is_symlink() {
-                let (f, target) = probe_symlink(&d, name);
-                (VolType::Symlink, f, target.as_ref().map(FileStat::of))
-            } else if ft.is_dir() {
-                (VolType::Dir, Facts::default(), None)
-            } else {
-                (
-                    VolType::Other,
-                    Facts {
-                        error: Some(format!("is a {}, not a volume: vdisk never opens it", kind_name(md))),
-                        ..Default::default()
-                    },
-                    None,
-                )
-            };
-            let recorded = match &rec_stat {
-                Some(s) if kind == VolType::File => {
+                })
+            })?;
+            let recorded = match &entry.file {
+                Some(s) if entry.kind == VolType::File => {
                     let r = records.format_of(name, s);
                     if r.is_none() {
-                        if let Some(fmt) = facts.format {
+                        if let Some(fmt) = entry.facts.format {
                             new_records.push((name.clone(), Some(Record::of_stat(s, fmt))));
                         }
                     }
@@ -142,19 +122,7 @@ impl Pool {
                 }
                 None => None,
             };
-            let extent_alloc = facts
-                .extents
-                .iter()
-                .filter_map(|x| alloc_of.get(OsStr::new(x)))
-                .fold(0u64, |a, b| a.saturating_add(*b));
-            let mut info = build_info(&canon, name, kind, stat, &facts, recorded, extent_alloc);
-            if kind == VolType::Symlink {
-                if let Some(s) = rec_stat {
-                    info.capacity = if facts.format == Some(Format::Raw) { s.size } else { info.capacity };
-                    info.allocation = s.allocated;
-                    info.physical = s.size;
-                }
-            }
+            let info = entry.info(&d, name, recorded, |x| alloc_of.get(x).copied());
             out.push(info);
         }
         report.volumes = out.len();
@@ -179,4 +147,82 @@ impl Pool {
     pub fn volumes(&self) -> Result<Vec<VolumeInfo>> {
         Ok(self.refresh()?.0)
     }
+}
+
+/// One directory entry of a pool, classified by its `lstat` (never
+/// followed out of the pool) and probed: what a listing and
+/// [`Volume::info`](super::Volume::info) both describe.
+pub(crate) struct Entry {
+    /// Kind of entry.
+    pub kind: VolType,
+    /// The entry's own `lstat`.
+    pub stat: FileStat,
+    /// What its headers say (for a symlink, its target's).
+    pub facts: Facts,
+    /// The regular file behind the entry: the entry itself, or the target
+    /// of a symlink that stays inside the pool.
+    pub file: Option<FileStat>,
+}
+
+impl Entry {
+    /// Classifies `name`, whose `lstat` is `md`. A regular file's facts
+    /// come from `probe` (given its stat: a fresh probe, or the cache); a
+    /// symlink's target is probed if it stays inside the pool; FIFOs,
+    /// sockets and devices are never opened.
+    pub fn read(
+        d: &PoolDir,
+        name: &OsStr,
+        md: &Metadata,
+        probe: impl FnOnce(&FileStat) -> Result<Facts>,
+    ) -> Result<Entry> {
+        let stat = FileStat::of(md);
+        let ft = md.file_type();
+        let (kind, facts, file) = if ft.is_file() {
+            (VolType::File, probe(&stat)?, Some(stat))
+        } else if ft.is_symlink() {
+            let (f, target) = probe_symlink(d, name);
+            (VolType::Symlink, f, target.as_ref().map(FileStat::of))
+        } else if ft.is_dir() {
+            (VolType::Dir, Facts::default(), None)
+        } else {
+            let why = format!("is a {}, not a volume: vdisk never opens it", kind_name(md));
+            (VolType::Other, Facts::error(why), None)
+        };
+        Ok(Entry { kind, stat, facts, file })
+    }
+
+    /// What is shown for the entry, given the format recorded for it and
+    /// the allocated bytes of a file of the pool (`alloc_of`, asked for a
+    /// vmdk's extent files; names from the image that are not plain names
+    /// are not looked up).
+    pub fn info(
+        &self,
+        d: &PoolDir,
+        name: &OsStr,
+        recorded: Option<Format>,
+        alloc_of: impl Fn(&OsStr) -> Option<u64>,
+    ) -> VolumeInfo {
+        let extent_alloc = self
+            .facts
+            .extents
+            .iter()
+            .filter(|x| !x.contains('/') && *x != "." && *x != "..")
+            .filter_map(|x| alloc_of(OsStr::new(x)))
+            .fold(0u64, u64::saturating_add);
+        let mut info = build_info(d.path(), name, self.kind, self.stat, &self.facts, recorded, extent_alloc);
+        if let (VolType::Symlink, Some(t)) = (self.kind, self.file) {
+            // A symlink shows the file it points at.
+            info.allocation = t.allocated;
+            info.physical = t.size;
+            if self.facts.format == Some(Format::Raw) {
+                info.capacity = t.size;
+            }
+        }
+        info
+    }
+}
+
+/// A fresh header probe of the regular file `name` (never the cache).
+pub(crate) fn probe_regular(d: &PoolDir, name: &OsStr) -> Result<Facts> {
+    Ok(probe_file(d.open_file(name, false)?, &d.join(name)))
 }

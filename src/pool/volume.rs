@@ -9,10 +9,11 @@ use std::path::{Path, PathBuf};
 
 use super::busy::{is_busy, BusyGuard};
 use super::dir::{kind_name, open_nonblocking, PoolDir};
-use super::headers::{probe_file, probe_symlink, Facts};
+use super::headers::probe_file;
 use super::lifecycle::Pool;
 use super::name::TEMP_PREFIX;
 use super::records::Record;
+use super::scan::{probe_regular, Entry};
 use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
 use super::volxml::volume_xml;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
@@ -75,8 +76,17 @@ pub struct Volume {
     name: OsString,
 }
 
-fn in_use_here(path: &Path) -> Error {
-    Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
+/// The (device, inode) of the volume file `f`, refused with
+/// [`ErrorKind::Busy`] while a vdisk operation in this process uses it.
+fn not_busy_here(f: &File, path: &Path) -> Result<(u64, u64)> {
+    let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(path))?;
+    let key = (md.dev(), md.ino());
+    if is_busy(key) {
+        return Err(
+            Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
+        );
+    }
+    Ok(key)
 }
 
 impl Pool {
@@ -153,46 +163,14 @@ impl Volume {
     pub fn info(&self) -> Result<VolumeInfo> {
         let d = self.dir()?;
         let md = d.lstat(&self.name)?.ok_or_else(|| self.pool.no_volume(&self.name))?;
-        let canon = d.path().to_path_buf();
-        let stat = FileStat::of(&md);
-        let ft = md.file_type();
-        let (kind, facts, target) = if ft.is_file() {
-            let f = probe_file(d.open_file(&self.name, false)?, &d.join(&self.name));
-            (VolType::File, f, Some(stat))
-        } else if ft.is_symlink() {
-            let (f, t) = probe_symlink(&d, &self.name);
-            (VolType::Symlink, f, t.as_ref().map(FileStat::of))
-        } else if ft.is_dir() {
-            (VolType::Dir, Facts::default(), None)
-        } else {
-            (
-                VolType::Other,
-                Facts { error: Some(format!("is a {}, not a volume", kind_name(&md))), ..Default::default() },
-                None,
-            )
-        };
-        let recorded = match (kind, &target) {
+        let entry = Entry::read(&d, &self.name, &md, |_| probe_regular(&d, &self.name))?;
+        let recorded = match (entry.kind, &entry.file) {
             (VolType::File, Some(s)) => self.pool.records()?.format_of(&self.name, s),
             _ => None,
         };
-        let mut extent_alloc = 0;
-        // Extent names come from the image: only plain names inside the
-        // pool are looked at.
-        for x in facts.extents.iter().filter(|x| !x.contains('/') && *x != "." && *x != "..") {
-            if let Ok(Some(m)) = d.lstat(OsStr::new(x)) {
-                if m.is_file() {
-                    extent_alloc = m.blocks().saturating_mul(512).saturating_add(extent_alloc);
-                }
-            }
-        }
-        let mut info = build_info(&canon, &self.name, kind, stat, &facts, recorded, extent_alloc);
-        if let (VolType::Symlink, Some(t)) = (kind, target) {
-            info.allocation = t.allocated;
-            info.physical = t.size;
-            if facts.format == Some(Format::Raw) {
-                info.capacity = t.size;
-            }
-        }
+        let info = entry.info(&d, &self.name, recorded, |x| {
+            d.lstat(x).ok().flatten().filter(|m| m.is_file()).map(|m| m.blocks().saturating_mul(512))
+        });
         Ok(info)
     }
 
@@ -249,9 +227,8 @@ impl Volume {
             .open(&path)?;
         // The name must still be the file checked above (no swap to a
         // symlink in between).
-        match d.lstat(&self.name)? {
-            Some(m) if m.is_file() && (m.dev(), m.ino()) == key_id => {}
-            _ => return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path)),
+        if !d.is_same_file(&self.name, key_id)? {
+            return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path));
         }
         Ok(VolumeDevice { image, _busy: BusyGuard::new(key_id) })
     }
@@ -291,11 +268,7 @@ impl Volume {
     fn open_for_change(&self, d: &PoolDir) -> Result<(FileStorage, BusyGuard)> {
         let path = d.join(&self.name);
         let f = d.open_file(&self.name, true)?;
-        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
-        let key = (md.dev(), md.ino());
-        if is_busy(key) {
-            return Err(in_use_here(&path));
-        }
+        let key = not_busy_here(&f, &path)?;
         let mut st = FileStorage::from_file(f, &path, false)?;
         st.lock_as(LockMode::Auto, Access::ReadWrite)?;
         Ok((st, BusyGuard::new(key)))
@@ -318,10 +291,9 @@ impl Volume {
             d.remove(&self.name, true)?;
         } else if md.is_file() {
             let (st, _busy) = self.open_for_change(&d)?;
-            let fmd = st.file().and_then(|f| f.metadata().ok());
-            match d.lstat(&self.name)? {
-                Some(now) if fmd.as_ref().is_some_and(|f| f.ino() == now.ino() && f.dev() == now.dev()) => {}
-                _ => return Err(Error::invalid_argument("the volume changed while it was deleted").with_path(&path)),
+            let opened = file_md(&st, &path)?;
+            if !d.is_same_file(&self.name, (opened.dev(), opened.ino()))? {
+                return Err(Error::invalid_argument("the volume changed while it was deleted").with_path(&path));
             }
             d.remove(&self.name, false)?;
         } else {
@@ -395,12 +367,7 @@ impl Volume {
         }
         let d = self.dir()?;
         // Refuse here first (clear message), then the device takes the locks.
-        let f = d.open_file(&self.name, false)?;
-        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&info.path))?;
-        if is_busy((md.dev(), md.ino())) {
-            return Err(in_use_here(&info.path));
-        }
-        drop(f);
+        not_busy_here(&d.open_file(&self.name, false)?, &info.path)?;
         let dev = self.open(false)?;
         dev.resize(capacity)?;
         let size = dev.size();
