@@ -693,6 +693,49 @@ fn recorded_format_is_never_upgraded_by_a_probe() {
     assert_eq!(dev.size(), 4 << 20);
 }
 
+#[test]
+fn a_cache_entry_never_decides_a_recorded_format() {
+    let e = env();
+    let p = started(&e, "p");
+    // A raw file put into the pool outside vdisk: the first listing probes
+    // it, caches the probe and records it as raw.
+    std::fs::write(p.canonical_target().join("outside.img"), vec![0u8; 1 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (vols, _) = p.refresh().unwrap();
+    assert_eq!(vols[0].format, Some(Format::Raw));
+    // The record is gone (lost, or never written) and the cache entry,
+    // which still matches the file's (device, inode, size, mtime, ctime),
+    // says qcow2 (edited, or left by another file): the cache must not
+    // decide what the file is recorded as.
+    let records = e.root.join(format!("config/volumes/{}.formats", p.uuid()));
+    std::fs::remove_file(&records).unwrap();
+    let cache = e.root.join(format!("config/cache/{}.cache", p.uuid()));
+    let forged: String = std::fs::read_to_string(&cache)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split('\t').collect();
+            if f[0] == "outside.img" {
+                assert_eq!(f[7], "raw");
+                f[7] = "qcow2";
+            }
+            f.join("\t") + "\n"
+        })
+        .collect();
+    std::fs::write(&cache, forged).unwrap();
+    // A new process, which has only the on-disk cache.
+    let reg2 = Registry::open(RegistryPaths::new(e.root.join("config")).without_libvirt()).unwrap();
+    let p2 = reg2.pool("p").unwrap();
+    let (vols, r) = p2.refresh().unwrap();
+    assert_eq!((vols[0].format, vols[0].probed_format), (Some(Format::Raw), Some(Format::Raw)));
+    assert_eq!((r.probed, r.reused), (1, 0), "the unrecorded file is probed afresh");
+    assert!(std::fs::read_to_string(&records).unwrap().starts_with("raw\t"));
+    assert_eq!(p2.volume("outside.img").unwrap().recorded_format().unwrap(), Format::Raw);
+    // Once recorded, the (now fresh) cache entry serves listings again.
+    let (_, r) = p2.refresh().unwrap();
+    assert_eq!((r.probed, r.reused), (0, 1));
+}
+
 fn qemu_or_build_evil(path: &Path, backing: &Path) {
     std::fs::write(backing, b"secret").unwrap();
     let o = vdisk::qcow2::create::CreateOptions {

@@ -6,7 +6,9 @@
 //! files whose key changed, so listing thousands of unchanged volumes costs
 //! one `statx` each. A file changed within [`RACY_NS`] before it was probed
 //! is probed again next time (timestamps come from a coarse kernel clock).
-//! The cache is disposable: deleting it only costs one slow listing.
+//! The cache is disposable: deleting it only costs one slow listing. It is
+//! an optimisation, never a source of trust: a file is recorded with the
+//! format of a fresh probe, never of a cache entry.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};

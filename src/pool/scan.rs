@@ -7,9 +7,10 @@
 //! cached probe ([`RACY_NS`]: a file changed just before its probe is
 //! probed again), so listing thousands of unchanged volumes costs one
 //! `statx` each; the cache (`<config>/cache/<pool uuid>.cache`) is
-//! disposable. Files appear with the format vdisk opens them with: the one
-//! recorded when the volume was created or first seen
-//! (`<config>/volumes/<pool uuid>.formats`), never a fresh probe, so a
+//! disposable. A file without a format record is always probed afresh,
+//! since that probe becomes its record. Files appear with the format vdisk
+//! opens them with: the one recorded when the volume was created or first
+//! seen (`<config>/volumes/<pool uuid>.formats`), never a fresh probe, so a
 //! guest that writes a qcow2 header into its raw disk does not turn it into
 //! a qcow2 image with a backing file of its choosing. A header that now
 //! says otherwise is shown as a warning.
@@ -90,7 +91,12 @@ impl Pool {
         let mut out = Vec::with_capacity(entries.len());
         for (name, md) in &entries {
             let entry = Entry::read(&d, name, md, |stat| {
-                Ok(match cache.get(name, stat) {
+                // A file without a record gets one from this probe, so that
+                // probe is fresh: the cache (a file anyone with the user's
+                // rights can edit, keyed on stat fields alone) never decides
+                // a recorded format.
+                let recorded = records.format_of(name, stat).is_some();
+                Ok(match cache.get(name, stat).filter(|f| recorded || f.format.is_none()) {
                     Some(f) => {
                         report.reused += 1;
                         f.clone()
