@@ -184,6 +184,9 @@ impl Pool {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };
             crate::convert::convert(src, &*dev, &opts)?;
         }
+        // Clean before it is published, the error reported: everything
+        // flushed, qcow2 lazy refcounts written and the dirty bit cleared.
+        // Nothing writes through `dev` after this.
         dev.make_clean()?;
         // Mode and owner on the new file, then make it durable.
         let mode = spec.permissions.mode.unwrap_or(0o600);
@@ -205,6 +208,7 @@ impl Pool {
                 e
             }
         })?;
+        // Already clean: dropping only releases the image's locks.
         drop(dev);
         self.record(OsStr::new(name), Some(Record::of(&md, spec.format)))?;
         Ok(Volume::new(self.clone(), OsString::from(name)))

@@ -228,6 +228,9 @@ impl Volume {
         // The name must still be the file checked above (no swap to a
         // symlink in between).
         if !d.is_same_file(&self.name, key_id)? {
+            // Nothing was written through it; close it all the same rather
+            // than leave a read-write image to a silent drop.
+            let _ = image.close();
             return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path));
         }
         Ok(VolumeDevice { image, _busy: BusyGuard::new(key_id) })
@@ -369,10 +372,14 @@ impl Volume {
         // Refuse here first (clear message), then the device takes the locks.
         not_busy_here(&d.open_file(&self.name, false)?, &info.path)?;
         let dev = self.open(false)?;
-        dev.resize(capacity)?;
-        let size = dev.size();
-        dev.close()?;
+        let resized = dev.resize(capacity).map(|()| dev.size());
+        // Closed whether or not the resize worked, so the image is left
+        // clean (lazy refcounts written, dirty bit cleared) either way; a
+        // resize error is the one reported.
+        let closed = dev.close();
         self.pool.forget_cached(&self.name);
+        let size = resized?;
+        closed?;
         Ok(size)
     }
 
