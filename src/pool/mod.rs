@@ -42,7 +42,7 @@
 //! * **In use means in use**: delete, wipe, resize and upload take the
 //!   volume's write lock ([`crate::lock`]), so a running VM's disk (or one a
 //!   vdisk operation in this process uses) is refused with
-//!   [`ErrorKind::Busy`].
+//!   [`ErrorKind::Busy`](crate::ErrorKind::Busy).
 //! * **Formats are recorded, not sniffed**: [`Volume::open`] uses the format
 //!   the volume was created with ([`scan`]), never a probe that would turn
 //!   a raw disk a guest wrote a qcow2 header into into a qcow2 image.

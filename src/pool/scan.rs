@@ -49,7 +49,7 @@ pub struct ScanReport {
 
 impl Pool {
     /// Lists the volumes: rescans the directory and re-probes only files
-    /// that changed since their cached probe (see [`scan`]). Entries that
+    /// that changed since their cached probe (see [`scan`](crate::pool::scan)). Entries that
     /// cannot be parsed are listed with the reason. Requires an active pool.
     pub fn refresh(&self) -> Result<(Vec<VolumeInfo>, ScanReport)> {
         self.require_active()?;
