@@ -22,7 +22,7 @@ pub enum Origin {
 /// Where the registry keeps its files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RegistryPaths {
-    /// vdisk's configuration directory (see the module docs).
+    /// vdisk's configuration directory (laid out as [`registry`](super::registry) describes).
     pub config_dir: PathBuf,
     /// libvirt's configuration directory, read only (`None`: not read).
     pub libvirt_dir: Option<PathBuf>,
