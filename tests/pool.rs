@@ -343,6 +343,101 @@ fn clone_wipe_resize_upload_download() {
     assert!(q.volume("c.qcow2").is_err());
 }
 
+/// Every operation that opens a volume read-write closes it explicitly:
+/// with lazy refcounts, qcow2 defers its refcount updates (and sets the
+/// dirty bit) until then, and `qemu-img check` sees any that are missing.
+#[test]
+fn every_operation_leaves_a_lazy_refcounts_qcow2_clean() {
+    if !have_qemu() {
+        return;
+    }
+    let e = env();
+    let p = started(&e, "p");
+    let q = started(&e, "q");
+    let lazy = |name: &str, capacity: u64| {
+        VolumeSpec::new(name, capacity, Format::Qcow2).unwrap().qcow2_option("lazy_refcounts", "on")
+    };
+    let clean = |v: &vdisk::pool::Volume| common::assert_qemu_clean(&v.path(), "qcow2");
+    let same = |a: &vdisk::pool::Volume, b: &vdisk::pool::Volume| {
+        let (code, out, err) =
+            common::run_status("qemu-img", &["compare", "-U", a.path().to_str().unwrap(), b.path().to_str().unwrap()]);
+        assert_eq!(code, 0, "{out}{err}");
+    };
+
+    // vol-create
+    let v = p.create_volume(&lazy("lazy.qcow2", 64 << 20), None).unwrap();
+    assert!(v.info().unwrap().lazy_refcounts);
+    clean(&v);
+    // Writes through Volume::open allocate clusters (the dirty bit goes on);
+    // close writes the refcounts and clears it.
+    let dev = v.open(false).unwrap();
+    dev.write_at(&[7u8; 1 << 20], 3 << 20).unwrap();
+    dev.write_at(&[9u8; 4096], 60 << 20).unwrap();
+    dev.close().unwrap();
+    clean(&v);
+
+    // vol-create-as --backing-vol: a lazy linked clone, written through.
+    let linked = p.create_volume(&lazy("linked.qcow2", 0).backing(v.path(), Format::Qcow2), None).unwrap();
+    clean(&linked);
+    let dev = linked.open(false).unwrap();
+    dev.write_at(&[1u8; 65536], 0).unwrap();
+    dev.close().unwrap();
+    clean(&linked);
+    clean(&v);
+
+    // vol-clone into another pool, and a flattening clone of the overlay.
+    let copy = q.clone_volume(&v, "copy.qcow2", &CloneOptions::default()).unwrap();
+    clean(&copy);
+    clean(&v);
+    same(&v, &copy);
+    let flat = q.clone_volume(&linked, "flat.qcow2", &CloneOptions::default()).unwrap();
+    clean(&flat);
+    clean(&linked);
+    same(&linked, &flat);
+
+    // vol-resize: grow, then shrink over an unallocated tail.
+    assert_eq!(v.resize(128 << 20, false).unwrap(), 128 << 20);
+    clean(&v);
+    assert_eq!(v.resize(96 << 20, true).unwrap(), 96 << 20);
+    clean(&v);
+    let refused = v.resize(32 << 20, true).unwrap_err();
+    assert!(refused.to_string().contains("allocated"), "{refused}");
+    clean(&v);
+
+    // vol-upload: a lazy qcow2 image made by qemu-img, larger than the
+    // volume file it overwrites, becomes the volume (recorded qcow2).
+    let img = e.root.join("upload.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", img.to_str().unwrap(), "32M"]);
+    common::qemu_io("qcow2", &img, &["write -P 5 0 8M".into()]);
+    assert!(std::fs::metadata(&img).unwrap().len() > std::fs::metadata(copy.path()).unwrap().len());
+    copy.upload(&mut std::fs::File::open(&img).unwrap(), &UploadOptions::default(), None).unwrap();
+    clean(&copy);
+    assert_eq!(copy.info().unwrap().capacity, 32 << 20);
+    let dev = copy.open(false).unwrap();
+    dev.write_at(&[6u8; 65536], 16 << 20).unwrap();
+    dev.close().unwrap();
+    clean(&copy);
+
+    // Read-only operations leave it as it was.
+    let dl = e.root.join("download.qcow2");
+    v.download_to_file(&std::fs::File::create(&dl).unwrap(), &UploadOptions::default(), None).unwrap();
+    common::assert_qemu_clean(&dl, "qcow2");
+    v.describe().unwrap();
+    assert_eq!(linked.chain().unwrap().len(), 2);
+    drop(v.open(true).unwrap());
+    clean(&v);
+
+    // vol-wipe: the header is gone, the volume is raw from now on.
+    flat.wipe(WipeAlgorithm::Zero, None).unwrap();
+    assert_eq!(flat.info().unwrap().format, Some(Format::Raw));
+    assert_eq!(qemu_json(&flat.path())["format"].as_str(), Some("raw"));
+
+    // vol-delete
+    linked.delete().unwrap();
+    v.delete().unwrap();
+    assert!(!v.path().exists());
+}
+
 #[test]
 fn volume_in_use_is_not_deleted_or_changed() {
     let e = env();
@@ -691,6 +786,49 @@ fn recorded_format_is_never_upgraded_by_a_probe() {
     let dev = v.open(true).unwrap();
     assert_eq!(dev.info().format, Format::Raw);
     assert_eq!(dev.size(), 4 << 20);
+}
+
+#[test]
+fn a_cache_entry_never_decides_a_recorded_format() {
+    let e = env();
+    let p = started(&e, "p");
+    // A raw file put into the pool outside vdisk: the first listing probes
+    // it, caches the probe and records it as raw.
+    std::fs::write(p.canonical_target().join("outside.img"), vec![0u8; 1 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (vols, _) = p.refresh().unwrap();
+    assert_eq!(vols[0].format, Some(Format::Raw));
+    // The record is gone (lost, or never written) and the cache entry,
+    // which still matches the file's (device, inode, size, mtime, ctime),
+    // says qcow2 (edited, or left by another file): the cache must not
+    // decide what the file is recorded as.
+    let records = e.root.join(format!("config/volumes/{}.formats", p.uuid()));
+    std::fs::remove_file(&records).unwrap();
+    let cache = e.root.join(format!("config/cache/{}.cache", p.uuid()));
+    let forged: String = std::fs::read_to_string(&cache)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut f: Vec<&str> = l.split('\t').collect();
+            if f[0] == "outside.img" {
+                assert_eq!(f[7], "raw");
+                f[7] = "qcow2";
+            }
+            f.join("\t") + "\n"
+        })
+        .collect();
+    std::fs::write(&cache, forged).unwrap();
+    // A new process, which has only the on-disk cache.
+    let reg2 = Registry::open(RegistryPaths::new(e.root.join("config")).without_libvirt()).unwrap();
+    let p2 = reg2.pool("p").unwrap();
+    let (vols, r) = p2.refresh().unwrap();
+    assert_eq!((vols[0].format, vols[0].probed_format), (Some(Format::Raw), Some(Format::Raw)));
+    assert_eq!((r.probed, r.reused), (1, 0), "the unrecorded file is probed afresh");
+    assert!(std::fs::read_to_string(&records).unwrap().starts_with("raw\t"));
+    assert_eq!(p2.volume("outside.img").unwrap().recorded_format().unwrap(), Format::Raw);
+    // Once recorded, the (now fresh) cache entry serves listings again.
+    let (_, r) = p2.refresh().unwrap();
+    assert_eq!((r.probed, r.reused), (0, 1));
 }
 
 fn qemu_or_build_evil(path: &Path, backing: &Path) {

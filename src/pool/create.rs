@@ -3,134 +3,24 @@
 //! replacing anything.
 
 use std::ffi::{OsStr, OsString};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::sync::Arc;
 
-use super::def::Permissions;
-use super::dir::PoolDir;
-use super::name::{check_volume_name, TEMP_PREFIX};
-use super::scan::Record;
-use super::uuid::random_hex;
-use super::{Pool, Volume};
+use super::lifecycle::Pool;
+use super::records::Record;
+use super::spec::VolumeSpec;
+use super::temp::TempBuild;
+use super::volume::Volume;
 use crate::convert::{ConvertOptions, Progress};
 use crate::device::{BlockDevice, Format};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::create::{CreateOptions, Preallocation};
-use crate::qcow2::crypt::Secret;
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::{FileStorage, Storage};
 use crate::vmdk::{Vmdk, VmdkCreateOptions};
-
-/// The backing store of a linked clone.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackingSpec {
-    /// The backing volume's path (its key), recorded as is in the new image.
-    pub path: PathBuf,
-    /// Its format: required, never probed, recorded in the new image.
-    pub format: Format,
-}
-
-/// What to create: `vol-create-as` arguments or a `<volume>` document.
-#[derive(Debug, Clone)]
-pub struct VolumeSpec {
-    /// The new volume's name.
-    pub name: String,
-    /// Guest-visible size in bytes (0 with a backing store: the backing
-    /// volume's size). Rounded up to 512 for qcow2 and vmdk.
-    pub capacity: u64,
-    /// Host bytes to reserve for raw volumes: `Some(0)` sparse (virsh
-    /// `vol-create-as` without `--allocation`), `None` fully allocated
-    /// (volume XML without `<allocation>`), as libvirt does.
-    pub allocation: Option<u64>,
-    /// raw, qcow2 or vmdk.
-    pub format: Format,
-    /// A linked clone's backing volume (qcow2 overlays; vmdk delta links
-    /// need a vmdk backing volume).
-    pub backing: Option<BackingSpec>,
-    /// Mode (default 0600), owner and group of the new file.
-    pub permissions: Permissions,
-    /// `--prealloc-metadata` (qcow2: `preallocation=metadata`).
-    pub prealloc_metadata: bool,
-    /// qcow2 `-o` options (`compat`, `cluster_size`, `lazy_refcounts`,
-    /// `refcount_bits`, `extended_l2`, `compression_type`, `preallocation`).
-    pub qcow2_options: Vec<(String, String)>,
-    /// Legacy AES encryption of a qcow2 volume with this passphrase.
-    pub encryption: Option<Secret>,
-}
-
-impl VolumeSpec {
-    /// A sparse volume of `capacity` bytes.
-    pub fn new(name: &str, capacity: u64, format: Format) -> Result<VolumeSpec> {
-        Ok(VolumeSpec {
-            name: check_volume_name(name)?,
-            capacity,
-            allocation: Some(0),
-            format,
-            backing: None,
-            permissions: Permissions::default(),
-            prealloc_metadata: false,
-            qcow2_options: Vec::new(),
-            encryption: None,
-        })
-    }
-
-    /// Adds a backing volume (builder style).
-    pub fn backing(mut self, path: impl Into<PathBuf>, format: Format) -> Self {
-        self.backing = Some(BackingSpec { path: path.into(), format });
-        self
-    }
-
-    /// Adds a qcow2 option (builder style).
-    pub fn qcow2_option(mut self, key: &str, value: &str) -> Self {
-        self.qcow2_options.push((key.to_string(), value.to_string()));
-        self
-    }
-
-    fn validate(&self) -> Result<()> {
-        check_volume_name(&self.name)?;
-        match self.format {
-            Format::Raw => {
-                if self.backing.is_some() {
-                    return Err(Error::unsupported("backing storage not supported for raw volumes"));
-                }
-                if self.prealloc_metadata {
-                    return Err(Error::unsupported("metadata preallocation is not supported for raw volumes"));
-                }
-                if self.encryption.is_some() {
-                    return Err(Error::unsupported(
-                        "encrypted raw volumes (LUKS) are not supported: use qcow2 with legacy AES",
-                    ));
-                }
-            }
-            Format::Vmdk => {
-                if self.encryption.is_some() || self.prealloc_metadata || !self.qcow2_options.is_empty() {
-                    return Err(Error::unsupported(
-                        "encryption, metadata preallocation and qcow2 options apply to qcow2 volumes only",
-                    ));
-                }
-                if let Some(b) = &self.backing {
-                    if b.format != Format::Vmdk {
-                        return Err(Error::unsupported(
-                            "a vmdk volume's backing volume (delta link parent) must be vmdk",
-                        ));
-                    }
-                }
-            }
-            Format::Qcow2 => {
-                if self.prealloc_metadata && self.backing.is_some() {
-                    return Err(Error::unsupported("metadata preallocation conflicts with a backing store"));
-                }
-            }
-        }
-        if self.capacity == 0 && self.backing.is_none() {
-            return Err(Error::invalid_argument("a volume needs a capacity above 0"));
-        }
-        Ok(())
-    }
-}
 
 /// How [`Pool::clone_volume`] copies.
 #[derive(Clone, Copy, Default)]
@@ -144,45 +34,6 @@ pub struct CloneOptions<'a> {
 impl std::fmt::Debug for CloneOptions<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CloneOptions").field("format", &self.format).finish()
-    }
-}
-
-/// A temporary build directory in the pool, removed on drop unless
-/// published.
-struct TempBuild<'a> {
-    dir: &'a PoolDir,
-    tmp: OsString,
-    name: OsString,
-    done: bool,
-}
-
-impl<'a> TempBuild<'a> {
-    fn new(dir: &'a PoolDir, name: &str) -> Result<TempBuild<'a>> {
-        let tmp = OsString::from(format!("{TEMP_PREFIX}{}", random_hex(8)?));
-        dir.mkdir(&tmp, 0o700)?;
-        Ok(TempBuild { dir, tmp, name: OsString::from(name), done: false })
-    }
-
-    fn file_path(&self) -> PathBuf {
-        self.dir.join(&self.tmp).join(&self.name)
-    }
-
-    fn publish(&mut self) -> Result<()> {
-        let rel = Path::new(&self.tmp).join(&self.name);
-        self.dir.publish(&rel, &self.name)?;
-        self.done = true;
-        self.dir.sync()?;
-        let _ = self.dir.remove(&self.tmp, true);
-        Ok(())
-    }
-}
-
-impl Drop for TempBuild<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = std::fs::remove_file(self.file_path());
-            let _ = self.dir.remove(&self.tmp, true);
-        }
     }
 }
 
@@ -333,6 +184,9 @@ impl Pool {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };
             crate::convert::convert(src, &*dev, &opts)?;
         }
+        // Clean before it is published, the error reported: everything
+        // flushed, qcow2 lazy refcounts written and the dirty bit cleared.
+        // Nothing writes through `dev` after this.
         dev.make_clean()?;
         // Mode and owner on the new file, then make it durable.
         let mode = spec.permissions.mode.unwrap_or(0o600);
@@ -354,8 +208,9 @@ impl Pool {
                 e
             }
         })?;
+        // Already clean: dropping only releases the image's locks.
         drop(dev);
-        self.record(OsStr::new(name), Some(Record { dev: md.dev(), ino: md.ino(), format: spec.format }))?;
+        self.record(OsStr::new(name), Some(Record::of(&md, spec.format)))?;
         Ok(Volume::new(self.clone(), OsString::from(name)))
     }
 }

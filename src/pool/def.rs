@@ -9,7 +9,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use super::name::check_pool_name;
-use super::units::scaled;
+use super::units::parse_scaled;
 use super::uuid::Uuid;
 use super::xml::{self, Element};
 use crate::error::{Error, Result};
@@ -332,17 +332,10 @@ impl PoolDef {
 }
 
 /// Parses a `<capacity unit='...'>N</capacity>`-style element (libvirt's
-/// scaled integer).
+/// scaled integer, [`units::parse_scaled`](super::units::parse_scaled)).
 pub fn scaled_element(e: &Element, what: &str) -> Result<u64> {
-    let text = e.text();
-    let n: u64 = text.trim().parse().map_err(|_| {
-        Error::invalid_argument(format!(
-            "{what}: <{}> value '{}' is not a non-negative integer",
-            e.name,
-            text.trim().escape_debug()
-        ))
-    })?;
-    scaled(n, e.attr("unit").unwrap_or("bytes")).map_err(|err| err.context(what))
+    parse_scaled(&e.text(), e.attr("unit").unwrap_or("bytes"))
+        .map_err(|err| err.context(format!("{what}: <{}>", e.name)))
 }
 
 #[cfg(test)]

@@ -51,6 +51,15 @@ pub(crate) fn kind_name(md: &Metadata) -> &'static str {
     }
 }
 
+/// Opens `path` read-only without blocking (a FIFO without a writer does
+/// not hang us) and without acquiring a controlling terminal: for files
+/// named from outside the pool directory (state files, symlink targets,
+/// backing files). The caller checks the file type on the descriptor.
+pub(crate) fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path)
+}
+
 impl PoolDir {
     /// Opens `path` (which must be a directory, not a symlink to one).
     pub fn open(path: &Path) -> Result<PoolDir> {
@@ -81,6 +90,14 @@ impl PoolDir {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io("cannot stat", e).with_path(self.join(name))),
         }
+    }
+
+    /// Whether `name` is still the regular file `key` (device, inode)
+    /// identified when it was opened: not replaced, not swapped for a
+    /// symlink.
+    pub fn is_same_file(&self, name: &OsStr, key: (u64, u64)) -> Result<bool> {
+        use std::os::unix::fs::MetadataExt;
+        Ok(matches!(self.lstat(name)?, Some(m) if m.is_file() && (m.dev(), m.ino()) == key))
     }
 
     /// Opens the regular file `name` (read-only or read-write), never

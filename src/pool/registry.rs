@@ -32,118 +32,19 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::def::PoolDef;
-use super::scan::write_atomic;
+pub use super::config::RegistryPaths;
+
+use super::config::{canonical_target, lock, Origin};
+use super::def::{sanitize_path, PoolDef};
+use super::lifecycle::Pool;
+use super::statefile::{read_limited, write_atomic};
 use super::uuid::Uuid;
-use super::{Origin, Pool, Volume};
+use super::volume::Volume;
+use super::xml::MAX_XML_BYTES;
 use crate::error::{Error, ErrorKind, Result};
-
-/// Where the registry keeps its files.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RegistryPaths {
-    /// vdisk's configuration directory (see the module docs).
-    pub config_dir: PathBuf,
-    /// libvirt's configuration directory, read only (`None`: not read).
-    pub libvirt_dir: Option<PathBuf>,
-}
-
-impl RegistryPaths {
-    /// `config_dir`, and libvirt's directory from `VDISK_LIBVIRT_DIR`
-    /// (empty: none) or `/etc/libvirt/storage`.
-    pub fn new(config_dir: impl Into<PathBuf>) -> RegistryPaths {
-        let libvirt_dir = match std::env::var_os("VDISK_LIBVIRT_DIR") {
-            Some(v) if v.is_empty() => None,
-            Some(v) => Some(PathBuf::from(v)),
-            None => Some(PathBuf::from("/etc/libvirt/storage")),
-        };
-        RegistryPaths { config_dir: config_dir.into(), libvirt_dir }
-    }
-
-    /// The default locations: `VDISK_CONFIG_DIR`, else
-    /// `$XDG_CONFIG_HOME/vdisk/storage`, else `$HOME/.config/vdisk/storage`.
-    pub fn from_env() -> Result<RegistryPaths> {
-        if let Some(d) = std::env::var_os("VDISK_CONFIG_DIR").filter(|v| !v.is_empty()) {
-            return Ok(Self::new(d));
-        }
-        if let Some(x) = std::env::var_os("XDG_CONFIG_HOME").filter(|v| !v.is_empty()) {
-            return Ok(Self::new(PathBuf::from(x).join("vdisk/storage")));
-        }
-        match std::env::var_os("HOME").filter(|v| !v.is_empty()) {
-            Some(h) => Ok(Self::new(PathBuf::from(h).join(".config/vdisk/storage"))),
-            None => Err(Error::invalid_argument(
-                "no configuration directory: set VDISK_CONFIG_DIR, XDG_CONFIG_HOME or HOME",
-            )),
-        }
-    }
-
-    /// Does not read libvirt's directory.
-    pub fn without_libvirt(mut self) -> RegistryPaths {
-        self.libvirt_dir = None;
-        self
-    }
-
-    pub(crate) fn def_file(&self, name: &str) -> PathBuf {
-        self.config_dir.join(format!("{name}.xml"))
-    }
-    pub(crate) fn autostart_link(&self, name: &str) -> PathBuf {
-        self.config_dir.join("autostart").join(format!("{name}.xml"))
-    }
-    pub(crate) fn state_file(&self, name: &str) -> PathBuf {
-        self.config_dir.join("run").join(format!("{name}.xml"))
-    }
-    pub(crate) fn cache_file(&self, uuid: Uuid) -> PathBuf {
-        self.config_dir.join("cache").join(format!("{uuid}.cache"))
-    }
-    pub(crate) fn records_file(&self, uuid: Uuid) -> PathBuf {
-        self.config_dir.join("volumes").join(format!("{uuid}.formats"))
-    }
-}
-
-/// An exclusive `flock` on `<config>/.lock`, held while definitions or
-/// state change.
-pub(crate) struct RegistryLock {
-    _file: std::fs::File,
-}
-
-pub(crate) fn lock(paths: &RegistryPaths) -> Result<RegistryLock> {
-    let p = paths.config_dir.join(".lock");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&p)
-        .map_err(|e| Error::io("cannot open the registry lock", e).with_path(&p))?;
-    crate::sys::flock(f.as_fd(), true).map_err(|e| Error::io("cannot lock the registry", e).with_path(&p))?;
-    Ok(RegistryLock { _file: f })
-}
-
-/// The canonical form of a target path for comparisons: symlinks resolved
-/// for the part that exists, the rest appended.
-pub(crate) fn canonical_target(p: &Path) -> PathBuf {
-    let mut existing = p.to_path_buf();
-    let mut rest = Vec::new();
-    loop {
-        if let Ok(c) = existing.canonicalize() {
-            let mut out = c;
-            for r in rest.iter().rev() {
-                out.push(r);
-            }
-            return out;
-        }
-        match (existing.file_name().map(OsStr::to_os_string), existing.parent()) {
-            (Some(n), Some(parent)) => {
-                rest.push(n);
-                existing = parent.to_path_buf();
-            }
-            _ => return p.to_path_buf(),
-        }
-    }
-}
 
 /// The pools a registry knows, and the definition files it could not load.
 #[derive(Debug)]
@@ -241,7 +142,7 @@ impl Registry {
         names.sort();
         for path in names {
             let res = (|| -> Result<Pool> {
-                let bytes = super::scan::read_limited(&path, super::xml::MAX_XML_BYTES as u64)?.ok_or_else(|| {
+                let bytes = read_limited(&path, MAX_XML_BYTES as u64)?.ok_or_else(|| {
                     Error::new(crate::ErrorKind::NotFound, "pool definition vanished").with_path(&path)
                 })?;
                 let text = String::from_utf8(bytes)
@@ -404,7 +305,7 @@ impl Registry {
                 format!("storage volume not found: no storage vol with matching path '{}'", path.display()),
             )
         };
-        let path = super::def::sanitize_path(&path.to_string_lossy());
+        let path = sanitize_path(&path.to_string_lossy());
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return Err(not_found());
         };

@@ -1,23 +1,30 @@
-//! Volumes: the files of a pool, and what can be done to them.
+//! Volumes: the files of a pool, and what can be done to them (describe,
+//! open as a block device, follow the backing chain, delete, wipe,
+//! resize; upload and download are in `transfer.rs`).
 
 use std::ffi::{OsStr, OsString};
 use std::fs::{File, Metadata};
-use std::io::{IoSlice, IoSliceMut, Read, Write};
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::io::{IoSlice, IoSliceMut, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::busy::{is_busy, BusyGuard};
-use super::dir::PoolDir;
-use super::scan::{self, Facts, FileStat, Record, VolType, VolumeInfo};
-use super::Pool;
+use super::dir::{kind_name, open_nonblocking, PoolDir};
+use super::headers::probe_file;
+use super::lifecycle::Pool;
+use super::name::TEMP_PREFIX;
+use super::records::Record;
+use super::scan::{probe_regular, Entry};
+use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
+use super::volxml::volume_xml;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lock::{self, Access, LockMode};
+use crate::lock::{Access, LockMode};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::crypt::Secret;
 use crate::storage::{FileStorage, Storage};
 
-pub use super::create::{BackingSpec, CloneOptions, VolumeSpec};
 pub use crate::convert::Progress;
 
 /// How to wipe (`vol-wipe --algorithm`).
@@ -46,23 +53,8 @@ impl WipeAlgorithm {
     }
 }
 
-/// Byte range and sparseness of `vol-upload`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct UploadOptions {
-    /// Where in the volume file writing starts.
-    pub offset: u64,
-    /// At most this many bytes (`None`: until the source ends).
-    pub length: Option<u64>,
-    /// Keep holes: all-zero blocks are punched (or skipped past the end of
-    /// the file) instead of written.
-    pub sparse: bool,
-}
-
-/// Byte range and sparseness of `vol-download`.
-pub type DownloadOptions = UploadOptions;
-
-const CHUNK: usize = 1 << 20;
-const GRANULE: usize = 64 << 10;
+/// Bytes read or written at a time.
+pub(crate) const CHUNK: usize = 1 << 20;
 
 /// A volume of a pool: a name in its directory.
 #[derive(Debug, Clone)]
@@ -71,8 +63,52 @@ pub struct Volume {
     name: OsString,
 }
 
-fn in_use_here(path: &Path) -> Error {
-    Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
+/// The (device, inode) of the volume file `f`, refused with
+/// [`ErrorKind::Busy`] while a vdisk operation in this process uses it.
+fn not_busy_here(f: &File, path: &Path) -> Result<(u64, u64)> {
+    let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(path))?;
+    let key = (md.dev(), md.ino());
+    if is_busy(key) {
+        return Err(
+            Error::new(ErrorKind::Busy, "the volume is in use by a vdisk operation in this process").with_path(path)
+        );
+    }
+    Ok(key)
+}
+
+impl Pool {
+    /// The volume named `name` (which must exist; any existing name,
+    /// including ones vdisk would not create).
+    pub fn volume(&self, name: impl AsRef<OsStr>) -> Result<Volume> {
+        let name = name.as_ref();
+        self.require_active()?;
+        let b = name.as_bytes();
+        if b.is_empty() || b == b"." || b == b".." || b.contains(&b'/') || b.contains(&0) {
+            return Err(Error::invalid_argument(format!(
+                "invalid volume name '{}'",
+                name.to_string_lossy().escape_debug()
+            )));
+        }
+        if b.starts_with(TEMP_PREFIX.as_bytes()) {
+            return Err(self.no_volume(name));
+        }
+        let d = self.dir()?;
+        match d.lstat(name)? {
+            Some(_) => Ok(Volume::new(self.clone(), name.to_os_string())),
+            None => Err(self.no_volume(name)),
+        }
+    }
+
+    pub(crate) fn no_volume(&self, name: &OsStr) -> Error {
+        Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "storage volume not found: no storage vol with matching name '{}' in pool '{}'",
+                name.to_string_lossy(),
+                self.name()
+            ),
+        )
+    }
 }
 
 impl Volume {
@@ -105,7 +141,7 @@ impl Volume {
         self.path()
     }
 
-    fn dir(&self) -> Result<PoolDir> {
+    pub(crate) fn dir(&self) -> Result<PoolDir> {
         self.pool.require_active()?;
         self.pool.dir()
     }
@@ -114,49 +150,14 @@ impl Volume {
     pub fn info(&self) -> Result<VolumeInfo> {
         let d = self.dir()?;
         let md = d.lstat(&self.name)?.ok_or_else(|| self.pool.no_volume(&self.name))?;
-        let canon = d.path().to_path_buf();
-        let stat = FileStat::of(&md);
-        let ft = md.file_type();
-        let (kind, facts, target) = if ft.is_file() {
-            let f = scan::probe_file(d.open_file(&self.name, false)?, &d.join(&self.name));
-            (VolType::File, f, Some(stat))
-        } else if ft.is_symlink() {
-            let (f, t) = probe_symlink(&d, &canon, &self.name);
-            (VolType::Symlink, f, t)
-        } else if ft.is_dir() {
-            (VolType::Dir, Facts::default(), None)
-        } else {
-            (
-                VolType::Other,
-                Facts {
-                    error: Some(format!("is a {}, not a volume", super::dir::kind_name(&md))),
-                    ..Default::default()
-                },
-                None,
-            )
-        };
-        let recorded = match (kind, &target) {
+        let entry = Entry::read(&d, &self.name, &md, |_| probe_regular(&d, &self.name))?;
+        let recorded = match (entry.kind, &entry.file) {
             (VolType::File, Some(s)) => self.pool.records()?.format_of(&self.name, s),
             _ => None,
         };
-        let mut extent_alloc = 0;
-        // Extent names come from the image: only plain names inside the
-        // pool are looked at.
-        for x in facts.extents.iter().filter(|x| !x.contains('/') && *x != "." && *x != "..") {
-            if let Ok(Some(m)) = d.lstat(OsStr::new(x)) {
-                if m.is_file() {
-                    extent_alloc = m.blocks().saturating_mul(512).saturating_add(extent_alloc);
-                }
-            }
-        }
-        let mut info = scan::build_info(&canon, &self.name, kind, stat, &facts, recorded, extent_alloc);
-        if let (VolType::Symlink, Some(t)) = (kind, target) {
-            info.allocation = t.allocated;
-            info.physical = t.size;
-            if facts.format == Some(Format::Raw) {
-                info.capacity = t.size;
-            }
-        }
+        let info = entry.info(&d, &self.name, recorded, |x| {
+            d.lstat(x).ok().flatten().filter(|m| m.is_file()).map(|m| m.blocks().saturating_mul(512))
+        });
         Ok(info)
     }
 
@@ -173,7 +174,7 @@ impl Volume {
         };
         if self.pool.records()?.format_of(&self.name, &info.stat).is_none() {
             // First sight of this file: what it is now is what it stays.
-            self.pool.record(&self.name, Some(Record { dev: info.stat.dev, ino: info.stat.ino, format: f }))?;
+            self.pool.record(&self.name, Some(Record::of_stat(&info.stat, f)))?;
         }
         Ok(f)
     }
@@ -183,7 +184,7 @@ impl Volume {
         let info = self.info()?;
         let backing_stat =
             info.backing.as_ref().and_then(|b| std::fs::metadata(&b.path).ok().map(|m| FileStat::of(&m)));
-        Ok(super::volxml::volume_xml(&info, backing_stat.as_ref()))
+        Ok(volume_xml(&info, backing_stat.as_ref()))
     }
 
     /// Opens the volume as a block device with its recorded format (never a
@@ -213,9 +214,11 @@ impl Volume {
             .open(&path)?;
         // The name must still be the file checked above (no swap to a
         // symlink in between).
-        match d.lstat(&self.name)? {
-            Some(m) if m.is_file() && (m.dev(), m.ino()) == key_id => {}
-            _ => return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path)),
+        if !d.is_same_file(&self.name, key_id)? {
+            // Nothing was written through it; close it all the same rather
+            // than leave a read-write image to a silent drop.
+            let _ = image.close();
+            return Err(Error::invalid_argument("the volume changed while it was opened").with_path(&path));
         }
         Ok(VolumeDevice { image, _busy: BusyGuard::new(key_id) })
     }
@@ -231,15 +234,8 @@ impl Volume {
                 return Err(Error::limit("backing chain deeper than 64").with_path(&b.path));
             }
             // Without blocking: a FIFO named by a hostile header must not hang us.
-            use std::os::unix::fs::OpenOptionsExt;
-            let f = match std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-                .open(&b.path)
-            {
-                Ok(f) => f,
-                Err(e) => return Err(Error::io("cannot open backing file", e).with_path(&b.path)),
-            };
+            let f =
+                open_nonblocking(&b.path).map_err(|e| Error::io("cannot open backing file", e).with_path(&b.path))?;
             let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&b.path))?;
             if !md.is_file() {
                 return Err(Error::invalid_argument("backing file is not a regular file").with_path(&b.path));
@@ -248,25 +244,21 @@ impl Volume {
                 return Err(Error::invalid("the backing chain loops").with_path(&b.path));
             }
             seen.push((md.dev(), md.ino()));
-            let facts = scan::probe_file(f, &b.path);
+            let facts = probe_file(f, &b.path);
             let dir = b.path.parent().unwrap_or(Path::new("/")).to_path_buf();
             let name = b.path.file_name().unwrap_or_default().to_os_string();
             let recorded = b.format.as_deref().and_then(|x| Format::from_name(x).ok());
-            out.push(scan::build_info(&dir, &name, VolType::File, FileStat::of(&md), &facts, recorded, 0));
+            out.push(build_info(&dir, &name, VolType::File, FileStat::of(&md), &facts, recorded, 0));
         }
         Ok(out)
     }
 
     /// Opens the file for a mutation: no symlink, regular file, not in use
     /// here, write lock against other processes.
-    fn open_for_change(&self, d: &PoolDir) -> Result<(FileStorage, BusyGuard)> {
+    pub(crate) fn open_for_change(&self, d: &PoolDir) -> Result<(FileStorage, BusyGuard)> {
         let path = d.join(&self.name);
         let f = d.open_file(&self.name, true)?;
-        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
-        let key = (md.dev(), md.ino());
-        if is_busy(key) {
-            return Err(in_use_here(&path));
-        }
+        let key = not_busy_here(&f, &path)?;
         let mut st = FileStorage::from_file(f, &path, false)?;
         st.lock_as(LockMode::Auto, Access::ReadWrite)?;
         Ok((st, BusyGuard::new(key)))
@@ -289,16 +281,15 @@ impl Volume {
             d.remove(&self.name, true)?;
         } else if md.is_file() {
             let (st, _busy) = self.open_for_change(&d)?;
-            let fmd = st.file().and_then(|f| f.metadata().ok());
-            match d.lstat(&self.name)? {
-                Some(now) if fmd.as_ref().is_some_and(|f| f.ino() == now.ino() && f.dev() == now.dev()) => {}
-                _ => return Err(Error::invalid_argument("the volume changed while it was deleted").with_path(&path)),
+            let opened = file_md(&st, &path)?;
+            if !d.is_same_file(&self.name, (opened.dev(), opened.ino()))? {
+                return Err(Error::invalid_argument("the volume changed while it was deleted").with_path(&path));
             }
             d.remove(&self.name, false)?;
         } else {
             return Err(Error::invalid_argument(format!(
                 "is a {}, not a volume: vdisk does not delete it",
-                super::dir::kind_name(&md)
+                kind_name(&md)
             ))
             .with_path(&path));
         }
@@ -345,7 +336,7 @@ impl Volume {
         st.sync()?;
         let md = st.file().and_then(|f| f.metadata().ok());
         if let Some(md) = md {
-            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: Format::Raw }))?;
+            self.pool.record(&self.name, Some(Record::of(&md, Format::Raw)))?;
         }
         self.pool.forget_cached(&self.name);
         Ok(())
@@ -366,280 +357,26 @@ impl Volume {
         }
         let d = self.dir()?;
         // Refuse here first (clear message), then the device takes the locks.
-        let f = d.open_file(&self.name, false)?;
-        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&info.path))?;
-        if is_busy((md.dev(), md.ino())) {
-            return Err(in_use_here(&info.path));
-        }
-        drop(f);
+        not_busy_here(&d.open_file(&self.name, false)?, &info.path)?;
         let dev = self.open(false)?;
-        dev.resize(capacity)?;
-        let size = dev.size();
-        dev.close()?;
+        let resized = dev.resize(capacity).map(|()| dev.size());
+        // Closed whether or not the resize worked, so the image is left
+        // clean (lazy refcounts written, dirty bit cleared) either way; a
+        // resize error is the one reported.
+        let closed = dev.close();
         self.pool.forget_cached(&self.name);
+        let size = resized?;
+        closed?;
         Ok(size)
-    }
-
-    /// `vol-upload`: writes bytes from `src` into the volume *file* at
-    /// `opts.offset` (as libvirt does: a qcow2 image uploaded into a volume
-    /// makes it a qcow2 volume). With `sparse`, all-zero blocks become
-    /// holes. The file is opened without truncation; a raw volume's range
-    /// must lie within its capacity when a length is given. Afterwards the
-    /// volume is re-probed and its recorded format follows the upload (the
-    /// host chose the content, not a guest). Returns the bytes copied.
-    pub fn upload(&self, src: &mut dyn Read, opts: &UploadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
-        let d = self.dir()?;
-        let path = d.join(&self.name);
-        if opts.offset > i64::MAX as u64 || opts.length.is_some_and(|l| l > i64::MAX as u64 - opts.offset) {
-            return Err(Error::invalid_argument("upload offset or length is too large").with_path(&path));
-        }
-        let (st, _busy) = self.open_for_change(&d)?;
-        let size = st.len()?;
-        if let Some(l) = opts.length {
-            let recorded = self.pool.records()?.format_of(&self.name, &FileStat::of(&file_md(&st, &path)?));
-            let end = opts.offset.checked_add(l).ok_or_else(|| Error::invalid_argument("offset + length overflows"))?;
-            if recorded == Some(Format::Raw) && end > size {
-                return Err(Error::invalid_argument(format!(
-                    "upload of {l} bytes at offset {} goes past the volume's capacity of {size} bytes",
-                    opts.offset
-                ))
-                .with_path(&path));
-            }
-        }
-        let total = opts.length.unwrap_or(0);
-        let mut buf = vec![0u8; CHUNK];
-        let mut done = 0u64;
-        loop {
-            let want = match opts.length {
-                Some(l) => (l - done).min(CHUNK as u64) as usize,
-                None => CHUNK,
-            };
-            if want == 0 {
-                break;
-            }
-            let n = read_full(src, &mut buf[..want]).map_err(|e| Error::io("cannot read the upload source", e))?;
-            if n == 0 {
-                break;
-            }
-            let at = opts.offset + done;
-            write_maybe_sparse(&st, &buf[..n], at, opts.sparse)?;
-            done += n as u64;
-            if let Some(p) = progress {
-                p(done, total.max(done));
-            }
-            if n < want {
-                break;
-            }
-        }
-        let end = opts.offset + done;
-        if st.len()? < end {
-            st.set_len(end)?;
-        }
-        st.sync()?;
-        let md = file_md(&st, &path)?;
-        drop(_busy);
-        drop(st);
-        let f = d.open_file(&self.name, false)?;
-        let facts = scan::probe_file(f, &path);
-        if let Some(fmt) = facts.format {
-            self.pool.record(&self.name, Some(Record { dev: md.dev(), ino: md.ino(), format: fmt }))?;
-        }
-        self.pool.forget_cached(&self.name);
-        Ok(done)
-    }
-
-    /// `vol-download`: writes the volume *file*'s bytes in
-    /// `[offset, offset + length)` to `dst`. The download takes no lock that
-    /// stops a running VM (like `cp`; the copy of a disk in use may be
-    /// inconsistent). Returns the bytes copied.
-    pub fn download(&self, dst: &mut dyn Write, opts: &DownloadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
-        self.download_inner(&mut |buf, _at| dst.write_all(buf), opts, progress, false)
-    }
-
-    /// [`download`](Self::download) into a file at its offset 0, keeping
-    /// holes (holes of the volume, and all-zero blocks with `sparse`, are
-    /// not written; the file's length is set at the end).
-    pub fn download_to_file(&self, dst: &File, opts: &DownloadOptions, progress: Option<Progress<'_>>) -> Result<u64> {
-        let n = self.download_inner(&mut |buf, at| dst.write_all_at(buf, at), opts, progress, true)?;
-        let len = dst.metadata().map_err(|e| Error::io("cannot stat the download target", e))?.len();
-        if len < n {
-            dst.set_len(n).map_err(|e| Error::io("cannot set the download length", e))?;
-        }
-        Ok(n)
-    }
-
-    fn download_inner(
-        &self,
-        out: &mut dyn FnMut(&[u8], u64) -> std::io::Result<()>,
-        opts: &DownloadOptions,
-        progress: Option<Progress<'_>>,
-        skip_holes: bool,
-    ) -> Result<u64> {
-        let d = self.dir()?;
-        let path = d.join(&self.name);
-        let f = d.open_file(&self.name, false)?;
-        let md = f.metadata().map_err(|e| Error::io("cannot stat", e).with_path(&path))?;
-        let _busy = BusyGuard::new((md.dev(), md.ino()));
-        let mut st = FileStorage::from_file(f, &path, true)?;
-        st.lock_as(LockMode::ForceShare, Access::ReadOnly)?;
-        let size = st.len()?;
-        if opts.offset > size {
-            return Err(Error::invalid_argument(format!(
-                "offset {} is past the end of the volume ({size} bytes)",
-                opts.offset
-            ))
-            .with_path(&path));
-        }
-        let end = match opts.length {
-            Some(l) if l > 0 => opts.offset.saturating_add(l).min(size),
-            _ => size,
-        };
-        let total = end - opts.offset;
-        let mut buf = vec![0u8; CHUNK];
-        let mut pos = opts.offset;
-        while pos < end {
-            let (data, run_end) = if skip_holes { st.region(pos)? } else { (true, end) };
-            let run_end = run_end.clamp(pos + 1, end);
-            if !data {
-                pos = run_end;
-                continue;
-            }
-            while pos < run_end {
-                let n = (run_end - pos).min(CHUNK as u64) as usize;
-                st.read_at(&mut buf[..n], pos)?;
-                let rel = pos - opts.offset;
-                if skip_holes && opts.sparse {
-                    for (i, g) in buf[..n].chunks(GRANULE).enumerate() {
-                        if g.iter().any(|&b| b != 0) {
-                            out(g, rel + (i * GRANULE) as u64)
-                                .map_err(|e| Error::io("cannot write the download", e))?;
-                        }
-                    }
-                } else {
-                    out(&buf[..n], rel).map_err(|e| Error::io("cannot write the download", e))?;
-                }
-                pos += n as u64;
-                if let Some(p) = progress {
-                    p(pos - opts.offset, total);
-                }
-            }
-        }
-        Ok(total)
     }
 }
 
-fn file_md(st: &FileStorage, path: &Path) -> Result<Metadata> {
+/// The metadata of the file behind `st`.
+pub(crate) fn file_md(st: &FileStorage, path: &Path) -> Result<Metadata> {
     st.file()
         .ok_or_else(|| Error::internal("file storage without a file"))?
         .metadata()
         .map_err(|e| Error::io("cannot stat", e).with_path(path))
-}
-
-fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
-/// Writes `data` at `at`; with `sparse`, all-zero granules are punched
-/// (inside the file) or skipped (past its end) instead.
-fn write_maybe_sparse(st: &FileStorage, data: &[u8], at: u64, sparse: bool) -> Result<()> {
-    if !sparse {
-        return st.write_at(data, at);
-    }
-    let len = st.len()?;
-    for (i, g) in data.chunks(GRANULE).enumerate() {
-        let off = at + (i * GRANULE) as u64;
-        if g.iter().any(|&b| b != 0) {
-            st.write_at(g, off)?;
-        } else if off < len {
-            let n = (g.len() as u64).min(len - off);
-            match st.punch_hole(off, n) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::Unsupported => st.write_at(&g[..n as usize], off)?,
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Probes what a symlink in the pool points at, if it stays inside the
-/// pool; otherwise only says why not.
-pub(crate) fn probe_symlink(d: &PoolDir, canon: &Path, name: &OsStr) -> (Facts, Option<FileStat>) {
-    let err = |m: String| (Facts { error: Some(m), ..Default::default() }, None);
-    let link = d.join(name);
-    let target = match std::fs::read_link(&link) {
-        Ok(t) => t,
-        Err(e) => return err(format!("cannot read the symlink: {e}")),
-    };
-    let resolved = match link.canonicalize() {
-        Ok(r) => r,
-        Err(_) => return err(format!("dangling symlink to {}", target.display())),
-    };
-    if !resolved.starts_with(canon) {
-        return err(format!(
-            "symlink to {} points outside the pool: not probed, never written through",
-            resolved.display()
-        ));
-    }
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&resolved)
-    {
-        Ok(f) => f,
-        Err(e) => return err(format!("cannot open the symlink target: {e}")),
-    };
-    let md = match f.metadata() {
-        Ok(m) if m.is_file() => m,
-        Ok(m) => return err(format!("symlink to a {}", super::dir::kind_name(&m))),
-        Err(e) => return err(format!("cannot stat the symlink target: {e}")),
-    };
-    (scan::probe_file(f, &resolved), Some(FileStat::of(&md)))
-}
-
-/// Removes one stale temporary entry if no process holds a lock on what it
-/// contains. Returns whether it was removed.
-pub(crate) fn remove_temp(d: &PoolDir, name: &OsStr, md: &Metadata) -> Result<bool> {
-    let unlocked = |f: &File| lock::users_of(f).map(|u| !u.in_use()).unwrap_or(false);
-    if md.is_file() {
-        let f = d.open_file(name, false)?;
-        if !unlocked(&f) {
-            return Ok(false);
-        }
-        d.remove(name, false)?;
-        return Ok(true);
-    }
-    if !md.is_dir() {
-        return Ok(false);
-    }
-    let sub = PoolDir::open(&d.join(name))?;
-    let mut names = Vec::new();
-    let rd = std::fs::read_dir(sub.path()).map_err(|e| Error::io("cannot read", e).with_path(sub.path()))?;
-    for e in rd.flatten() {
-        let n = e.file_name();
-        let Ok(m) = e.metadata() else {
-            return Ok(false);
-        };
-        if m.is_dir() {
-            return Ok(false);
-        }
-        if m.is_file() && !unlocked(&sub.open_file(&n, false)?) {
-            return Ok(false);
-        }
-        names.push(n);
-    }
-    for n in names {
-        sub.remove(&n, false)?;
-    }
-    d.remove(name, true)?;
-    Ok(true)
 }
 
 /// A volume opened as a block device. While it lives the volume counts as

@@ -13,8 +13,8 @@
 use std::fmt::Write as _;
 
 use super::def::{scaled_element, Permissions};
-use super::scan::{FileStat, VolType, VolumeInfo};
-use super::volume::VolumeSpec;
+use super::spec::{BackingSpec, VolumeSpec};
+use super::volinfo::{FileStat, VolType, VolumeInfo};
 use super::xml::{self, escape, Element};
 use crate::device::Format;
 use crate::error::{Error, Result};
@@ -190,10 +190,8 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
                 path.escape_debug()
             )));
         }
-        spec.backing = Some(super::create::BackingSpec {
-            path: path.into(),
-            format: Format::from_name(fmt).map_err(|e| e.context(what))?,
-        });
+        spec.backing =
+            Some(BackingSpec { path: path.into(), format: Format::from_name(fmt).map_err(|e| e.context(what))? });
         if target.and_then(|t| t.child("format")).is_none() {
             spec.format = Format::Qcow2;
         }

@@ -256,6 +256,14 @@ fn start(e: &BytesStart<'_>, what: &str) -> Result<Element> {
     Ok(el)
 }
 
+/// A finished element goes into its parent, or is the root.
+fn close(stack: &mut [Element], root: &mut Option<Element>, el: Element) {
+    match stack.last_mut() {
+        Some(parent) => parent.push(el),
+        None => *root = Some(el),
+    }
+}
+
 /// Parses a document; `what` names it in errors (a file name, "pool XML").
 pub fn parse(input: &str, what: &str) -> Result<Element> {
     if input.len() > MAX_XML_BYTES {
@@ -291,10 +299,7 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                 if matches!(ev, Event::Start(_)) {
                     stack.push(el);
                 } else {
-                    match stack.last_mut() {
-                        Some(parent) => parent.push(el),
-                        None => root = Some(el),
-                    }
+                    close(&mut stack, &mut root, el);
                 }
             }
             Event::End(_) => {
@@ -316,10 +321,7 @@ pub fn parse(input: &str, what: &str) -> Result<Element> {
                         ));
                     }
                 }
-                match stack.last_mut() {
-                    Some(parent) => parent.push(el),
-                    None => root = Some(el),
-                }
+                close(&mut stack, &mut root, el);
             }
             Event::Text(t) => {
                 let s = t.xml10_content().map_err(|e| xml_err(what, e))?;
