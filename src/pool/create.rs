@@ -20,7 +20,7 @@ use crate::qcow2::create::{CreateOptions, Preallocation};
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::{FileStorage, Storage};
-use crate::vmdk::{Vmdk, VmdkCreateOptions};
+use crate::vmdk::VmdkCreateOptions;
 
 /// How [`Pool::clone_volume`] copies.
 #[derive(Clone, Copy, Default)]
@@ -177,7 +177,9 @@ impl Pool {
                     backing_file: spec.backing.as_ref().map(|b| b.path.to_string_lossy().into_owned()),
                     ..Default::default()
                 };
-                Box::new(Vmdk::create(&path, capacity, &o)?)
+                // The parent is opened by the crate's opener, vmdk named:
+                // the volume's recorded format, never probed.
+                Box::new(OpenOptions::new().create_vmdk(&path, capacity, &o)?)
             }
         };
         if let Some(src) = fill {
