@@ -5,12 +5,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
-use vdisk::qcow2::create::CreateOptions;
 use vdisk::vmdk::Subformat;
 use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions};
 
 use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal, CreatedFiles};
-use crate::secrets::{split_opts, SecretArgs};
+use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 
 /// Arguments of `vdisk convert`.
 #[derive(clap::Args, Debug)]
@@ -88,25 +87,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             Box::new(Raw::create(Arc::new(st), size)?)
         }
         Format::Qcow2 => {
-            let mut o = CreateOptions::new(size);
-            let mut key_secret = None;
-            for kv in &opts {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
-                if k == "encrypt.key-secret" {
-                    key_secret = Some(v.to_string());
-                    continue;
-                }
-                o.set(k, v)?;
-            }
-            if opts.iter().any(|kv| kv.starts_with("encrypt.format=")) || key_secret.is_some() {
-                o.encrypt = Some(a.secrets.key(key_secret.as_deref())?.ok_or_else(|| {
-                    Error::invalid_argument(
-                        "encrypted output needs a passphrase (--object secret,... with encrypt.key-secret=ID)",
-                    )
-                })?);
-            }
+            let o = qcow2_create_options(size, &opts, &a.secrets)?;
             if compress && o.encrypt.is_some() {
                 return Err(Error::invalid_argument("compressed writes are not supported for encrypted images"));
             }

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use vdisk::qcow2::create::{CreateOptions, Preallocation};
+use vdisk::qcow2::create::Preallocation;
 use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, VmdkCreateOptions};
 
 use crate::common::{check_image_size, parse_size, CreatedFiles};
-use crate::secrets::{split_opts, SecretArgs};
+use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 
 /// Arguments of `vdisk create`.
 #[derive(clap::Args, Debug)]
@@ -93,25 +93,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
             }
         }
         Format::Qcow2 => {
-            let mut o = CreateOptions::new(size.unwrap_or(0));
-            let mut key_secret = None;
-            for kv in &opts {
-                let (k, v) = kv
-                    .split_once('=')
-                    .ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
-                if k == "encrypt.key-secret" {
-                    key_secret = Some(v.to_string());
-                    continue;
-                }
-                o.set(k, v)?;
-            }
-            let encrypt_asked = opts.iter().any(|kv| kv.starts_with("encrypt.format="));
-            if encrypt_asked || key_secret.is_some() {
-                let key = a.secrets.key(key_secret.as_deref())?.ok_or_else(|| {
-                    Error::invalid_argument("encryption needs a passphrase: --object secret,id=ID,data=... with encrypt.key-secret=ID, or --passphrase-file")
-                })?;
-                o.encrypt = Some(key);
-            }
+            let mut o = qcow2_create_options(size.unwrap_or(0), &opts, &a.secrets)?;
             if let Some(b) = &a.backing {
                 o.backing_file = Some(b.clone());
             }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use vdisk::qcow2::create::CreateOptions;
 use vdisk::{Error, Result, Secret};
 
 /// Secret-related options shared by every command that opens images.
@@ -152,4 +153,29 @@ mod tests {
         assert_eq!(a.key(spec.key_secret.as_deref()).unwrap().unwrap().expose(), b"pass");
         assert!(a.key(Some("nope")).is_err());
     }
+}
+
+/// qcow2 create options from `-o key=value` pairs (already split), with
+/// `encrypt.key-secret=ID` resolved to the passphrase of `--object
+/// secret,id=ID` (or `--passphrase-file`).
+pub fn qcow2_create_options(size: u64, opts: &[String], secrets: &SecretArgs) -> Result<CreateOptions> {
+    let mut o = CreateOptions::new(size);
+    let mut key_secret = None;
+    for kv in opts {
+        let (k, v) = kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+        if k == "encrypt.key-secret" {
+            key_secret = Some(v.to_string());
+            continue;
+        }
+        o.set(k, v)?;
+    }
+    if opts.iter().any(|kv| kv.starts_with("encrypt.format=")) || key_secret.is_some() {
+        let key = secrets.key(key_secret.as_deref())?.ok_or_else(|| {
+            Error::invalid_argument(
+                "encryption needs a passphrase: --object secret,id=ID,data=... with encrypt.key-secret=ID, or --passphrase-file",
+            )
+        })?;
+        o.encrypt = Some(key);
+    }
+    Ok(o)
 }
