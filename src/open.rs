@@ -295,20 +295,7 @@ impl OpenOptions {
         }
         let p = Path::new(name);
         let p = if p.is_absolute() { p.to_path_buf() } else { dir.join(p) };
-        if let Some(root) = &self.confine_to {
-            let canon = p
-                .canonicalize()
-                .map_err(|e| Error::io(format!("cannot resolve {what} '{name}'"), e).with_path(image))?;
-            let root = root.canonicalize().map_err(|e| Error::io("cannot resolve the confinement directory", e))?;
-            if !canon.starts_with(&root) {
-                return Err(Error::new(
-                    ErrorKind::InvalidImage,
-                    format!("{what} '{name}' resolves outside {}", root.display()),
-                )
-                .with_path(image));
-            }
-        }
-        Ok(p)
+        self.confine(image, &p, what)
     }
 
     /// Applies [`confine_to`](Self::confine_to) to an already resolved path.
