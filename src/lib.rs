@@ -36,16 +36,41 @@
 //!   [`OpenOptions::allow_vmdk_external_extents`] says otherwise; a vmdk
 //!   delta link's parent follows the backing policy.
 //!
+//! # Closing
+//!
+//! `close(self)` on [`Raw`], [`Qcow2`], [`Vmdk`] and [`Image`] flushes and
+//! leaves the image clean (qcow2: lazy refcounts written, dirty bit
+//! cleared) and reports a failure; dropping a device opened read-write does
+//! the same, best effort. [`BlockDevice::make_clean`] does it without
+//! closing.
+//!
+//! # Features
+//!
+//! * `cli` (default): the `vdisk` command-line tool (clap, serde_json).
+//!   Library users take `default-features = false`.
+//! * `test-utils`: `vdisk::testing` — `FaultyStorage` for crash tests and the
+//!   fuzz target bodies; the integration tests and the fuzz crate turn it on.
+//!
 //! # Layers
 //!
+//! Data flows down; nothing points up.
+//!
 //! ```text
-//!  vdisk CLI        user code / hypervisor
-//!       |                 |
-//!  open() + probe  — picks a format, opens the backing chain under policy
-//!       |
-//!  raw | qcow2 | vmdk — each implements BlockDevice
-//!       |
-//!  Storage          — host bytes: FileStorage, MemStorage, FaultyStorage
+//!  vdisk CLI (src/bin/vdisk)      user code / hypervisor / backup tool
+//!        |                                 |
+//!  pool/      Pool, Volume: directories of images, libvirt XML
+//!        |
+//!  open.rs + probe.rs — the one place that opens by path: picks a format,
+//!        |              opens backing / data / extent files under the
+//!        |              caller's policy, and is the Resolver formats use
+//!        |              when they create an image with a backing file
+//!  raw | qcow2/ | vmdk/  — each a BlockDevice (convert.rs copies between them)
+//!        |
+//!  device.rs  — BlockDevice, Extent, DeviceInfo, Resolver
+//!        |
+//!  storage/   — Storage: FileStorage, MemStorage, DirectFile, image locks
+//!        |
+//!  sys.rs     — the one module allowed unsafe (crate-private)
 //! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]

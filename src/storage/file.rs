@@ -52,7 +52,7 @@ impl FileStorage {
     /// Creates a file, truncating it if it exists (like `qemu-img create`).
     /// Like QEMU, the write locks are taken *before* truncating, so an image
     /// in use by another process (a running VM) is refused with
-    /// [`ErrorKind::Busy`] and left untouched.
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy) and left untouched.
     pub fn create(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = OpenOptions::new()
@@ -70,7 +70,7 @@ impl FileStorage {
 
     /// Opens an existing file and takes its image locks ([`crate::lock`])
     /// for `mode`: a conflicting user makes this fail with
-    /// [`ErrorKind::Busy`].
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy).
     pub fn open_locked(path: impl AsRef<Path>, read_only: bool, mode: LockMode) -> Result<Self> {
         let mut s = Self::open(path, read_only)?;
         s.lock(mode)?;

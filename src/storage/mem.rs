@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 /// A growable byte vector: images kept in memory, tests and fuzz targets.
 ///
 /// An optional length limit makes writes or `set_len` beyond it fail with
-/// [`ErrorKind::LimitExceeded`], so a fuzz target cannot be driven into
+/// [`ErrorKind::LimitExceeded`](crate::ErrorKind::LimitExceeded), so a fuzz target cannot be driven into
 /// allocating without bound.
 #[derive(Debug)]
 pub struct MemStorage {
