@@ -180,7 +180,7 @@ fn rand_io(dev: &dyn BlockDevice, offs: &[u64], threads: usize, write: bool) {
         for t in 0..threads {
             s.spawn(move || {
                 // Page-aligned buffers, as a hypervisor's guest pages are.
-                let mut aligned = vdisk::direct::Aligned::new(4096);
+                let mut aligned = vdisk::storage::Aligned::new(4096);
                 let buf = aligned.as_mut_slice();
                 buf.fill(t as u8 | 1);
                 for &o in offs.iter().skip(t).step_by(threads) {
@@ -216,7 +216,7 @@ fn bench(c: &mut Criterion) {
     let raw = open(&f.raw, Format::Raw, false);
     let q = open(&f.qcow2, Format::Qcow2, false);
     let aes = open(&f.aes, Format::Qcow2, false);
-    let mut aligned = vdisk::direct::Aligned::new(MB as usize);
+    let mut aligned = vdisk::storage::Aligned::new(MB as usize);
     let buf = aligned.as_mut_slice();
     seq_read(&raw, buf);
     seq_read(&q, buf);
@@ -351,8 +351,8 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
         f.dir.parent().unwrap_or(&f.dir).display()
     );
     let (raw, q, aes) = (&raw_img, &q_img, &aes_img);
-    let mut a1 = vdisk::direct::Aligned::new(MB as usize);
-    let mut a2 = vdisk::direct::Aligned::new(MB as usize);
+    let mut a1 = vdisk::storage::Aligned::new(MB as usize);
+    let mut a2 = vdisk::storage::Aligned::new(MB as usize);
     let (b1, b2) = (a1.as_mut_slice(), a2.as_mut_slice());
     let (r, v) = pair(7, || seq_read(raw, b1), || seq_read(q, b2));
     line("qcow2 seq read 1 MiB vs raw", r, v, 0.95);

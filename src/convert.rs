@@ -95,9 +95,10 @@ pub fn convert(src: &dyn BlockDevice, dst: &dyn BlockDevice, opts: &ConvertOptio
             .map(|_| {
                 s.spawn(|| -> Result<()> {
                     // Page aligned: the kernel copies to and from it faster.
-                    let mut aligned = crate::direct::Aligned::new(opts.unit as usize);
+                    let mut aligned = crate::storage::direct::Aligned::new(opts.unit as usize);
                     let buf = aligned.as_mut_slice();
-                    let mut current = crate::direct::Aligned::new(if through { opts.unit as usize } else { 0 });
+                    let mut current =
+                        crate::storage::direct::Aligned::new(if through { opts.unit as usize } else { 0 });
                     let cur = current.as_mut_slice();
                     loop {
                         if failed.load(Ordering::Relaxed) {

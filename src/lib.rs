@@ -93,8 +93,8 @@ pub(crate) mod sys;
 pub mod testing;
 pub mod vmdk;
 
-// Older paths of the storage submodules, kept while the tree moves.
-pub use storage::{direct, lock};
+// Short crate-internal paths of the storage submodules.
+pub(crate) use storage::direct;
 
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, Resolver, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::MAX_BACKING_DEPTH;
-use crate::lock::LockMode;
 use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
+use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
 use crate::vmdk::{Vmdk, VmdkOptions};
 
@@ -178,7 +178,7 @@ impl OpenOptions {
         self
     }
 
-    /// QEMU-compatible image locking ([`crate::lock`]; default
+    /// QEMU-compatible image locking ([`crate::storage::lock`]; default
     /// [`LockMode::Auto`]). The top image and qcow2 external data files are
     /// locked for their access (read-only or read-write); backing files and
     /// vmdk extent files as read-only users (the vmdk descriptor carries the
@@ -213,9 +213,14 @@ impl OpenOptions {
             return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
         }
         let storage: Arc<dyn Storage> = if depth == 0 && self.cache == CacheMode::Direct {
-            let d = crate::direct::DirectFile::open(path, read_only)?;
+            let d = crate::storage::direct::DirectFile::open(path, read_only)?;
             if let Some(f) = Storage::file(&d) {
-                crate::lock::lock_file(f, path, self.lock, crate::lock::Access::from_read_only(read_only))?;
+                crate::storage::lock::lock_file(
+                    f,
+                    path,
+                    self.lock,
+                    crate::storage::lock::Access::from_read_only(read_only),
+                )?;
             }
             Arc::new(d)
         } else {
@@ -275,7 +280,7 @@ impl OpenOptions {
                 let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
                     let p = self.confine(path, p, "extent file")?;
                     let mut st = FileStorage::open(p, ro)?;
-                    st.lock_as(self.lock, crate::lock::Access::ReadOnly)?;
+                    st.lock_as(self.lock, crate::storage::lock::Access::ReadOnly)?;
                     Ok(Arc::new(st))
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))

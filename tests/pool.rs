@@ -455,14 +455,15 @@ fn volume_in_use_is_not_deleted_or_changed() {
     // description with a write lock stands in for a VM here; the qemu-io
     // case is in pool_lock.rs).
     let other = std::fs::OpenOptions::new().read(true).write(true).open(v.path()).unwrap();
-    vdisk::lock::lock_file(&other, &v.path(), vdisk::LockMode::Auto, vdisk::lock::Access::ReadWrite).unwrap();
+    vdisk::storage::lock::lock_file(&other, &v.path(), vdisk::LockMode::Auto, vdisk::storage::lock::Access::ReadWrite)
+        .unwrap();
     let err = v.delete().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Busy);
     assert!(err.to_string().contains("in use"), "{err}");
     assert!(v.path().exists());
     // Release before closing: a child another test thread is forking could
     // share the description for a moment (see FileStorage's Drop).
-    vdisk::lock::release(&other);
+    vdisk::storage::lock::release(&other);
     drop(other);
     v.delete().unwrap();
 }
@@ -483,7 +484,7 @@ fn qemu_running_blocks_delete() {
         .spawn()
         .unwrap();
     let t = std::time::Instant::now();
-    while !vdisk::lock::users(&v.path()).unwrap().writer() {
+    while !vdisk::storage::lock::users(&v.path()).unwrap().writer() {
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -692,10 +693,11 @@ fn crash_before_rename_leaves_only_a_temp_dir() {
     assert_eq!(p.cleanup(Duration::from_secs(3600)).unwrap(), 0);
     // A temp file some process still has locked is left alone.
     let held = std::fs::File::open(tmp.join("half.qcow2")).unwrap();
-    vdisk::lock::lock_file(&held, &tmp, vdisk::LockMode::Auto, vdisk::lock::Access::ReadOnly).unwrap();
+    vdisk::storage::lock::lock_file(&held, &tmp, vdisk::LockMode::Auto, vdisk::storage::lock::Access::ReadOnly)
+        .unwrap();
     assert_eq!(p.cleanup(Duration::ZERO).unwrap(), 1);
     assert!(tmp.exists());
-    vdisk::lock::release(&held);
+    vdisk::storage::lock::release(&held);
     drop(held);
     assert_eq!(p.cleanup(Duration::ZERO).unwrap(), 1);
     assert!(!tmp.exists());

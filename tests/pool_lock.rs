@@ -30,7 +30,7 @@ impl QemuHolder {
             .expect("qemu-io runs");
         // Wait until its locks are visible.
         let t = Instant::now();
-        while !vdisk::lock::users(path).unwrap().in_use() {
+        while !vdisk::storage::lock::users(path).unwrap().in_use() {
             if let Ok(Some(st)) = child.try_wait() {
                 panic!("qemu-io exited early: {st}");
             }

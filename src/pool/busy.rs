@@ -1,7 +1,7 @@
 //! In-process bookkeeping of volumes a vdisk operation is using (libvirt's
 //! `in_use` counter): a clone reading its source, an upload, a device opened
 //! through [`Volume::open`](super::Volume::open). Other processes are seen
-//! through the image locks instead ([`crate::lock`]); this table also works
+//! through the image locks instead ([`crate::storage::lock`]); this table also works
 //! where the filesystem cannot lock.
 
 use std::collections::HashMap;

@@ -40,7 +40,7 @@
 //!   [`Pool::cleanup`] (run by start) removes once it is stale
 //!   and unlocked. Of two creators of one name, exactly one wins.
 //! * **In use means in use**: delete, wipe, resize and upload take the
-//!   volume's write lock ([`crate::lock`]), so a running VM's disk (or one a
+//!   volume's write lock ([`crate::storage::lock`]), so a running VM's disk (or one a
 //!   vdisk operation in this process uses) is refused with
 //!   [`ErrorKind::Busy`](crate::ErrorKind::Busy).
 //! * **Formats are recorded, not sniffed**: [`Volume::open`] uses the format

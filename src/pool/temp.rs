@@ -11,7 +11,7 @@ use super::dir::PoolDir;
 use super::name::TEMP_PREFIX;
 use super::uuid::random_hex;
 use crate::error::{Error, Result};
-use crate::lock;
+use crate::storage::lock;
 
 /// A temporary build directory in the pool, removed on drop unless
 /// published.

@@ -14,7 +14,7 @@ use super::volume::{file_md, Volume, CHUNK};
 use crate::convert::Progress;
 use crate::device::Format;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lock::{Access, LockMode};
+use crate::storage::lock::{Access, LockMode};
 use crate::storage::{FileStorage, Storage};
 
 /// Byte range and sparseness of `vol-upload`.

@@ -20,9 +20,9 @@ use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
 use super::volxml::volume_xml;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lock::{Access, LockMode};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::crypt::Secret;
+use crate::storage::lock::{Access, LockMode};
 use crate::storage::{FileStorage, Storage};
 
 pub use crate::convert::Progress;

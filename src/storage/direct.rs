@@ -111,7 +111,7 @@ impl Drop for DirectFile {
     /// Releases QEMU-style image locks (taken by `OpenOptions::open`) before
     /// the descriptor closes; see `FileStorage`'s `Drop`.
     fn drop(&mut self) {
-        crate::lock::release(self.inner.std_file());
+        crate::storage::lock::release(self.inner.std_file());
     }
 }
 

@@ -13,7 +13,7 @@ use crate::sys;
 
 /// A host file accessed with positional I/O (`pread`/`pwrite`).
 ///
-/// It also carries the file's QEMU-compatible image locks ([`crate::lock`]):
+/// It also carries the file's QEMU-compatible image locks ([`crate::storage::lock`]):
 /// they belong to its descriptor and are released when it is dropped.
 #[derive(Debug)]
 pub struct FileStorage {
@@ -68,7 +68,7 @@ impl FileStorage {
         Ok(s)
     }
 
-    /// Opens an existing file and takes its image locks ([`crate::lock`])
+    /// Opens an existing file and takes its image locks ([`crate::storage::lock`])
     /// for `mode`: a conflicting user makes this fail with
     /// [`ErrorKind::Busy`](crate::ErrorKind::Busy).
     pub fn open_locked(path: impl AsRef<Path>, read_only: bool, mode: LockMode) -> Result<Self> {

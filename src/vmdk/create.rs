@@ -401,12 +401,12 @@ fn create_inner(path: &Path, size: u64, opts: &VmdkCreateOptions, resolver: Opti
         f.write_at(text.as_bytes(), 0)?;
         f.sync()?;
     }
-    // The new image stays locked as a writer while it is open (crate::lock).
-    let lock = crate::lock::LockMode::Auto;
+    // The new image stays locked as a writer while it is open (crate::storage::lock).
+    let lock = crate::storage::lock::LockMode::Auto;
     let file: Arc<dyn Storage> = Arc::new(FileStorage::open_locked(path, false, lock)?);
     let opener = |p: &Path, ro: bool| -> Result<Arc<dyn Storage>> {
         let mut st = FileStorage::open(p, ro)?;
-        st.lock_as(lock, crate::lock::Access::ReadOnly)?;
+        st.lock_as(lock, crate::storage::lock::Access::ReadOnly)?;
         Ok(Arc::new(st))
     };
     Vmdk::open_with(file, VmdkOptions { parent, ..Default::default() }, &opener)

@@ -125,7 +125,7 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
                 s.spawn(|| -> Result<()> {
                     // Page-aligned, as qemu-img bench's buffers are: the
                     // kernel copies into a misaligned buffer far slower.
-                    let mut aligned = vdisk::direct::Aligned::new(bufsize as usize);
+                    let mut aligned = vdisk::storage::Aligned::new(bufsize as usize);
                     let buf = aligned.as_mut_slice();
                     buf.fill(pattern);
                     loop {

@@ -162,7 +162,8 @@ pub fn qcow2_create_options(size: u64, opts: &[String], secrets: &SecretArgs) ->
     let mut o = CreateOptions::new(size);
     let mut key_secret = None;
     for kv in opts {
-        let (k, v) = kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+        let (k, v) =
+            kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
         if k == "encrypt.key-secret" {
             key_secret = Some(v.to_string());
             continue;
