@@ -5,6 +5,9 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use parking_lot::Mutex;
 
 use super::lock::{self, Access, Held, LockMode};
 use super::{range_end, Storage};
@@ -21,6 +24,69 @@ pub struct FileStorage {
     path: PathBuf,
     read_only: bool,
     lock: Held,
+    /// The last run [`Storage::region`] found (see [`RunCache`]).
+    run: RunCache,
+}
+
+/// The last data run `SEEK_DATA`/`SEEK_HOLE` found, as QEMU's file driver
+/// keeps it: a walk over the file (convert, map) then asks the kernel once
+/// per run instead of once per call. That matters because `SEEK_HOLE` from
+/// inside data can cost time in proportion to the rest of the run (tmpfs
+/// visits every page; NFS pays a round trip), which made a walk in fixed
+/// steps over a file of data cost the square of its size.
+///
+/// Only data runs are kept: a write can turn a hole into data at any
+/// moment, but data becomes a hole only through our own punch or truncate,
+/// which forget what they touch. A stale "data" answer would still be
+/// safe (data reads as what it is, zeros included); a stale "hole" would
+/// not. `kind` lets the punch path see with one plain load that nothing
+/// needs forgetting.
+#[derive(Debug, Default)]
+struct RunCache {
+    /// `RUN_NONE` or `RUN_DATA`: whether `run` holds a data run.
+    kind: AtomicU8,
+    /// (start, end) of the cached run.
+    run: Mutex<(u64, u64)>,
+}
+
+const RUN_NONE: u8 = 0;
+const RUN_DATA: u8 = 1;
+
+impl RunCache {
+    /// The cached run holding `offset`: (is data, end).
+    fn get(&self, offset: u64) -> Option<(bool, u64)> {
+        let kind = self.kind.load(Ordering::Acquire);
+        if kind == RUN_NONE {
+            return None;
+        }
+        let run = self.run.lock();
+        // Read again under the lock: a writer may have forgotten it.
+        let kind = self.kind.load(Ordering::Acquire);
+        (kind == RUN_DATA && run.0 <= offset && offset < run.1).then_some((true, run.1))
+    }
+
+    /// Keeps the data run `[start, end)`.
+    fn put(&self, start: u64, end: u64) {
+        let mut run = self.run.lock();
+        *run = (start, end);
+        self.kind.store(RUN_DATA, Ordering::Release);
+    }
+
+    /// Forgets the cached run if it is of `kind` and meets `[offset, end)`.
+    fn forget(&self, kind: u8, offset: u64, end: u64) {
+        if self.kind.load(Ordering::Acquire) != kind {
+            return;
+        }
+        let run = self.run.lock();
+        if run.0 < end && offset < run.1 {
+            self.kind.store(RUN_NONE, Ordering::Release);
+        }
+    }
+
+    fn forget_all(&self) {
+        let _run = self.run.lock();
+        self.kind.store(RUN_NONE, Ordering::Release);
+    }
 }
 
 impl FileStorage {
@@ -109,7 +175,7 @@ impl FileStorage {
         if !(ft.is_file() || ft.is_block_device()) {
             return Err(Error::invalid_argument("not a regular file or block device").with_path(path));
         }
-        Ok(FileStorage { file, path: path.to_path_buf(), read_only, lock: Held::None })
+        Ok(FileStorage { file, path: path.to_path_buf(), read_only, lock: Held::None, run: RunCache::default() })
     }
 
     /// The open file.
@@ -190,6 +256,7 @@ impl Storage for FileStorage {
             ))
             .with_path(&self.path));
         }
+        self.run.forget_all();
         self.file.set_len(len).map_err(|e| self.err("truncate failed", e, len))
     }
 
@@ -204,6 +271,7 @@ impl Storage for FileStorage {
         if self.read_only {
             return Err(Error::read_only("discard").with_path(&self.path));
         }
+        self.run.forget(RUN_DATA, offset, offset.saturating_add(len));
         sys::punch_hole(self.file.as_fd(), offset, len).map_err(|e| self.err("punching a hole failed", e, offset))
     }
 
@@ -219,17 +287,24 @@ impl Storage for FileStorage {
         if offset >= len {
             return Ok((false, offset));
         }
+        if let Some((data, end)) = self.run.get(offset) {
+            return Ok((data, end.min(len)));
+        }
         let fd = self.file.as_fd();
-        match sys::seek(fd, offset, sys::Whence::Data) {
-            Ok(None) => Ok((false, len)),
-            Ok(Some(d)) if d > offset => Ok((false, d.min(len))),
+        let (data, end) = match sys::seek(fd, offset, sys::Whence::Data) {
+            Ok(None) => (false, len),
+            Ok(Some(d)) if d > offset => (false, d.min(len)),
             Ok(Some(_)) => match sys::seek(fd, offset, sys::Whence::Hole) {
-                Ok(Some(h)) => Ok((true, h.clamp(offset + 1, len))),
-                _ => Ok((true, len)),
+                Ok(Some(h)) => (true, h.clamp(offset + 1, len)),
+                _ => (true, len),
             },
             // SEEK_DATA not supported here: everything is data.
-            Err(_) => Ok((true, len)),
+            Err(_) => (true, len),
+        };
+        if data {
+            self.run.put(offset, end);
         }
+        Ok((data, end))
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
