@@ -348,4 +348,32 @@ mod tests {
         let ro = FileStorage::open(&p, true).unwrap();
         assert_eq!(ro.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
     }
+
+    #[test]
+    fn region_cache_follows_punches_and_truncates() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = FileStorage::create_new(dir.path().join("f")).unwrap();
+        s.set_len(8 << 20).unwrap();
+        s.write_at(&[1u8; 4 << 20], 2 << 20).unwrap();
+        let (data, end) = s.region(3 << 20).unwrap();
+        if !data {
+            return; // a filesystem without SEEK_HOLE reports no holes at all
+        }
+        assert_eq!(end, 6 << 20);
+        // Served from the cache, then forgotten by a punch inside it.
+        assert_eq!(s.region(4 << 20).unwrap(), (true, 6 << 20));
+        if s.punch_hole(4 << 20, 1 << 20).is_ok() {
+            let (data, end) = s.region(4 << 20).unwrap();
+            assert!(!data && end <= 5 << 20, "{data} {end}");
+            assert_eq!(s.region(3 << 20).unwrap(), (true, 4 << 20));
+        }
+        // A truncate forgets it too.
+        s.set_len(3 << 20).unwrap();
+        assert_eq!(s.region(2 << 20).unwrap(), (true, 3 << 20));
+        // A write into a hole is seen at once (holes are never cached).
+        s.set_len(8 << 20).unwrap();
+        assert!(!s.region(7 << 20).unwrap().0);
+        s.write_at(&[2u8; 4096], 7 << 20).unwrap();
+        assert!(s.region(7 << 20).unwrap().0);
+    }
 }
