@@ -1,7 +1,9 @@
 //! Host files opened with `O_DIRECT` (QEMU's `cache=none`): I/O bypasses
 //! the page cache. The kernel wants offsets, lengths and buffers aligned to
-//! the device's block size; [`DirectFile`] aligns everything to 4 KiB with
-//! bounce buffers, and serializes the read-modify-write of partial blocks so
+//! the device's block size; [`DirectFile`] sends requests that already are
+//! (offset, length and buffer on 4 KiB boundaries, inside the file) straight
+//! to the file, aligns the others with bounce buffers, and serializes the
+//! read-modify-write of partial blocks so
 //! concurrent partial writes to one block do not lose each other's bytes
 //! (a whole-block write racing a partial write of the same block may be
 //! undone by it: overlapping writes in flight have no defined order).
@@ -9,6 +11,7 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
@@ -56,6 +59,17 @@ pub struct DirectFile {
     stripes: Vec<Mutex<()>>,
     /// Serializes writes that extend the file.
     grow: Mutex<()>,
+    /// The file's length as this descriptor last saw or made it: a write
+    /// that ends inside it needs no `fstat` and no `grow` lock. Only ever
+    /// too small (another process may have grown the file), which sends a
+    /// write down the careful path that reads the real length.
+    known_len: AtomicU64,
+}
+
+/// Whether `buf` and `offset` are on [`ALIGN`] boundaries, so `O_DIRECT`
+/// takes the caller's buffer as it is.
+fn aligned(buf: &[u8], offset: u64) -> bool {
+    offset % ALIGN == 0 && buf.len() as u64 % ALIGN == 0 && (buf.as_ptr() as usize) % ALIGN as usize == 0
 }
 
 impl DirectFile {
@@ -68,10 +82,13 @@ impl DirectFile {
             .custom_flags(libc::O_DIRECT)
             .open(path)
             .map_err(|e| Error::io("cannot open file with O_DIRECT", e).with_path(path))?;
+        let inner = FileStorage::from_file(file, path, read_only)?;
+        let known_len = AtomicU64::new(inner.len()?);
         Ok(DirectFile {
-            inner: FileStorage::from_file(file, path, read_only)?,
+            inner,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             grow: Mutex::new(()),
+            known_len,
         })
     }
 
@@ -120,6 +137,10 @@ impl Storage for DirectFile {
         if buf.is_empty() {
             return Ok(());
         }
+        if aligned(buf, offset) {
+            // No bounce buffer: the kernel reads into the caller's memory.
+            return self.read_aligned(buf, offset);
+        }
         let (a0, a1) = span(offset, buf.len())?;
         let mut b = Aligned::new((a1 - a0) as usize);
         self.read_aligned(b.as_mut_slice(), a0)?;
@@ -137,6 +158,15 @@ impl Storage for DirectFile {
         }
         let (a0, a1) = span(offset, buf.len())?;
         let end = offset + buf.len() as u64;
+        if aligned(buf, offset) && end <= self.known_len.load(Ordering::Acquire) {
+            // Whole blocks inside the file: straight from the caller's
+            // buffer, no fstat, no lock.
+            return self
+                .inner
+                .std_file()
+                .write_all_at(buf, offset)
+                .map_err(|e| self.err("O_DIRECT write failed", e, offset));
+        }
         let partial = a0 != offset || a1 != end;
         // Lock the stripes of partial edge blocks, in order.
         let mut idx: Vec<usize> = if partial {
@@ -166,6 +196,7 @@ impl Storage for DirectFile {
                 self.inner.set_len(want)?;
             }
         }
+        self.known_len.fetch_max(old_len.max(end), Ordering::AcqRel);
         Ok(())
     }
 
@@ -175,7 +206,12 @@ impl Storage for DirectFile {
 
     fn set_len(&self, len: u64) -> Result<()> {
         let _g = self.grow.lock();
-        self.inner.set_len(len)
+        // Shrink what aligned writes trust first, so none lands past the new
+        // end while it is cut.
+        self.known_len.fetch_min(len, Ordering::AcqRel);
+        self.inner.set_len(len)?;
+        self.known_len.store(len, Ordering::Release);
+        Ok(())
     }
 
     fn sync(&self) -> Result<()> {
@@ -187,7 +223,10 @@ impl Storage for DirectFile {
     }
 
     fn allocate(&self, offset: u64, len: u64) -> Result<()> {
-        self.inner.allocate(offset, len)
+        let _g = self.grow.lock();
+        self.inner.allocate(offset, len)?;
+        self.known_len.fetch_max(offset.saturating_add(len), Ordering::AcqRel);
+        Ok(())
     }
 
     fn allocated_bytes(&self) -> Option<u64> {
@@ -235,5 +274,32 @@ mod tests {
         assert_eq!(&t[..5], &[1u8; 5]);
         assert_eq!(&t[5..15], &[9u8; 10]);
         assert_eq!(&t[15..], &[0u8; 5]);
+    }
+
+    #[test]
+    fn aligned_requests_skip_the_bounce_buffer_and_stay_correct() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d");
+        std::fs::write(&p, vec![3u8; 64 << 10]).unwrap();
+        let Ok(d) = DirectFile::open(&p, false) else { return };
+        let mut a = Aligned::new(8192);
+        a.as_mut_slice().fill(0x42);
+        d.write_at(a.as_slice(), 16384).unwrap();
+        // Aligned, past the end: the careful path grows the file.
+        d.write_at(a.as_slice(), 64 << 10).unwrap();
+        assert_eq!(d.len().unwrap(), (64 << 10) + 8192);
+        // Then an aligned write inside the new length takes the fast path.
+        d.write_at(&a.as_slice()[..4096], 64 << 10).unwrap();
+        let mut r = Aligned::new(12288);
+        d.read_at(r.as_mut_slice(), 12288).unwrap();
+        assert!(r.as_slice()[..4096].iter().all(|&b| b == 3));
+        assert!(r.as_slice()[4096..].iter().all(|&b| b == 0x42));
+        // A shrink is respected by later aligned writes (careful path again).
+        d.set_len(8192).unwrap();
+        d.write_at(a.as_slice(), 16384).unwrap();
+        assert_eq!(d.len().unwrap(), 16384 + 8192);
+        let mut gap = Aligned::new(8192);
+        d.read_at(gap.as_mut_slice(), 8192).unwrap();
+        assert!(gap.as_slice().iter().all(|&b| b == 0));
     }
 }
