@@ -50,6 +50,8 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod codec;
 pub mod convert;
 pub mod device;
 pub mod direct;

@@ -7,6 +7,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
+use crate::codec::Codec;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::reader::Reader;
@@ -74,6 +75,14 @@ impl CompressionType {
         match self {
             CompressionType::Zlib => "zlib",
             CompressionType::Zstd => "zstd",
+        }
+    }
+
+    /// The codec that reads and writes it.
+    pub(crate) fn codec(self) -> Codec {
+        match self {
+            CompressionType::Zlib => Codec::Deflate,
+            CompressionType::Zstd => Codec::Zstd,
         }
     }
 }

@@ -21,7 +21,6 @@
 //! `map` or `header`.
 
 pub mod check;
-pub mod compress;
 pub mod create;
 pub mod crypt;
 pub mod header;
@@ -37,6 +36,7 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::codec::{self, ClusterCache};
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
@@ -121,8 +121,8 @@ pub struct Qcow2 {
     snapshots: RwLock<Vec<Snapshot>>,
     /// Gate that delays reuse of freed clusters until in-flight I/O ends.
     gate: Quiesce,
-    /// Recently decompressed clusters: (descriptor host offset, data).
-    zcache: Mutex<Vec<(u64, Arc<[u8]>)>>,
+    /// Recently decompressed clusters, by descriptor host offset.
+    zcache: ClusterCache,
     /// Path of the image file, for messages.
     path: Option<PathBuf>,
 }
@@ -302,7 +302,7 @@ impl Qcow2 {
             map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
             snapshots: RwLock::new(snaps),
             gate: Quiesce::new(),
-            zcache: Mutex::new(Vec::new()),
+            zcache: ClusterCache::new(),
             header: Mutex::new(h),
             path,
             file,
@@ -482,26 +482,17 @@ impl Qcow2 {
     fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut input = vec![0u8; len as usize];
         self.file.read_at(&mut input, host)?;
-        compress::decompress(self.compression, &input, out).map_err(|e| self.err(e.with_offset(host)))
+        codec::decompress_exact(self.compression.codec(), &input, out, "cluster")
+            .map_err(|e| self.err(e.with_offset(host)))
     }
 
     /// Reads a compressed cluster (whole), from the small cache if possible.
     fn read_compressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
-        {
-            let z = self.zcache.lock();
-            if let Some((_, d)) = z.iter().find(|(h, _)| *h == host) {
-                return Ok(d.clone());
-            }
-        }
-        let mut out = vec![0u8; self.geo.cluster_size() as usize];
-        self.decompress_into(host, len, &mut out)?;
-        let out: Arc<[u8]> = out.into();
-        let mut z = self.zcache.lock();
-        if z.len() >= 8 {
-            z.remove(0);
-        }
-        z.push((host, out.clone()));
-        Ok(out)
+        self.zcache.get_or_load(host, || {
+            let mut out = vec![0u8; self.geo.cluster_size() as usize];
+            self.decompress_into(host, len, &mut out)?;
+            Ok(out)
+        })
     }
 
     /// Reads an unallocated range from the backing image (zeros past its end

@@ -701,7 +701,7 @@ mod ops {
                 a.pending.push(c);
             }
             drop(a);
-            self.zcache.lock().clear();
+            self.zcache.clear();
             self.flush_impl()?;
             let mut a = self.alloc_lock()?;
             self.fix_active_copied(&mut a)?;

@@ -36,11 +36,11 @@ use std::sync::Arc;
 
 use parking_lot::MutexGuard;
 
-use super::compress;
 use super::header::{self, Header};
 use super::l2::{L2Entry, L2Table, Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
 use super::refcount::Refcounts;
 use super::Qcow2;
+use crate::codec;
 use crate::device::{check_request, BlockDevice, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
@@ -1031,7 +1031,7 @@ impl Qcow2 {
                 m.l2.remove(c * cs);
             }
             drop(m);
-            self.zcache.lock().clear();
+            self.zcache.clear();
         }
         // Give the space back: punch holes, and cut free clusters off the
         // end of the file.
@@ -1149,7 +1149,7 @@ impl Qcow2 {
             let guest = offset + k as u64 * cs;
             let mut cluster = chunk.to_vec();
             cluster.resize(cs as usize, 0);
-            match compress::compress(self.compression, &cluster, cs as usize - 1)? {
+            match codec::compress(self.compression.codec(), &cluster, cs as usize - 1)? {
                 None => self.write_impl(chunk, guest)?,
                 Some(z) => self.link_compressed(guest, &z)?,
             }
