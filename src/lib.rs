@@ -53,6 +53,7 @@
 #[doc(hidden)]
 pub mod codec;
 pub mod convert;
+mod crypto;
 pub mod device;
 pub mod direct;
 pub mod error;
@@ -71,11 +72,11 @@ pub mod storage;
 pub mod sys;
 pub mod vmdk;
 
+pub use crypto::Secret;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
 pub use lock::LockMode;
 pub use open::{open, BackingPolicy, CacheMode, Image, OpenOptions};
-pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::{FaultMode, FaultyStorage, FileStorage, MemStorage, Storage, Survivors};

@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use super::crypt::Secret;
 use super::header::{self, CompressionType, Header};
 use super::l2::{L2Entry, OFLAG_COPIED};
 use super::refcount::set_entry;
 use super::{Qcow2, Qcow2Options};
+use crate::crypto::Secret;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::limits::*;

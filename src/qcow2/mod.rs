@@ -37,12 +37,12 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::codec::{self, ClusterCache};
+use crate::crypto::{Secret, SectorCipher};
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
 use crate::storage::Storage;
-use crypt::{Cipher, Secret};
 use header::{CompressionType, Header};
 use l2::{Geometry, L2Cache, L2Table, Mapping, OFFSET_MASK};
 use refcount::{Refcounts, Reserved};
@@ -100,7 +100,7 @@ pub struct Qcow2 {
     /// Corruption was detected: writes refused from now on.
     corrupt: AtomicBool,
     /// The AES cipher of an encrypted image.
-    crypt: Option<Cipher>,
+    crypt: Option<SectorCipher>,
     /// The image is encrypted but was opened without its key.
     key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
@@ -164,24 +164,7 @@ impl Qcow2 {
     fn open_inner(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
-        if h.crypt_method == header::CRYPT_LUKS {
-            return Err(Error::unsupported("LUKS encrypted qcow2 images are not supported").with_field("crypt_method"));
-        }
-        let crypt = if h.crypt_method == header::CRYPT_AES {
-            match &opts.key {
-                Some(k) => Some(Cipher::from_passphrase(k)?),
-                None if opts.inspect_only && read_only => None,
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::Crypto,
-                        "the image is encrypted (legacy AES): a passphrase is needed to open it",
-                    )
-                    .with_field("crypt_method"))
-                }
-            }
-        } else {
-            None
-        };
+        let crypt = crypt::cipher_for(&h, &opts, read_only)?;
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
@@ -539,18 +522,7 @@ impl Qcow2 {
             let n = n as usize;
             let chunk = &mut buf[pos..pos + n];
             match m {
-                Mapping::Data { host } => match &self.crypt {
-                    None => self.data.read_at(chunk, host)?,
-                    Some(c) => {
-                        // Whole sectors are read and decrypted.
-                        let head = guest % 512;
-                        let span = (head + n as u64).div_ceil(512) * 512;
-                        let mut sec = vec![0u8; span as usize];
-                        self.data.read_at(&mut sec, host - head)?;
-                        c.decrypt(guest - head, &mut sec)?;
-                        chunk.copy_from_slice(&sec[head as usize..head as usize + n]);
-                    }
-                },
+                Mapping::Data { host } => self.read_data(chunk, host, guest)?,
                 Mapping::Zero { .. } => chunk.fill(0),
                 Mapping::Unallocated => self.read_backing(chunk, guest)?,
                 Mapping::Compressed { host, len } => {

@@ -39,7 +39,7 @@ use parking_lot::MutexGuard;
 use super::header::{self, Header};
 use super::l2::{L2Entry, L2Table, Mapping, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
 use super::refcount::Refcounts;
-use super::Qcow2;
+use super::{crypt, Qcow2};
 use crate::codec;
 use crate::device::{check_request, BlockDevice, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
@@ -706,7 +706,7 @@ impl Qcow2 {
                 Action::InPlace(h) => {
                     if geo.extended_l2 {
                         self.write_in_place_ext(&p, h, src)?;
-                    } else if p.old.word & OFLAG_ZERO != 0 || self.encrypted() && !self.sector_aligned(p.ws, p.we) {
+                    } else if p.old.word & OFLAG_ZERO != 0 || self.encrypted() && !crypt::sector_aligned(p.ws, p.we) {
                         // A preallocated zero cluster (or an unaligned
                         // encrypted write): rewrite the whole cluster.
                         let mut data = self.cow_source(p.c)?;
@@ -745,32 +745,12 @@ impl Qcow2 {
                     let n = sg.min(self.size().saturating_sub(g)) as usize;
                     self.read_mapped(&mut chunk[..n], g)?;
                 } else {
-                    self.data.read_at(chunk, h + s * sg)?;
-                    if let Some(c) = &self.crypt {
-                        c.decrypt(base + s * sg, chunk)?;
-                    }
+                    self.read_data(chunk, h + s * sg, base + s * sg)?;
                 }
             }
         }
         data[(p.ws - start) as usize..(p.we - start) as usize].copy_from_slice(src);
         self.write_data(&data, h + start, base + start)
-    }
-
-    fn sector_aligned(&self, a: u64, b: u64) -> bool {
-        a % 512 == 0 && b % 512 == 0
-    }
-
-    /// Writes guest data (encrypting it first when the image is encrypted)
-    /// at host offset `host`; `guest` is the guest offset of `data[0]`.
-    fn write_data(&self, data: &[u8], host: u64, guest: u64) -> Result<()> {
-        match &self.crypt {
-            Some(c) => {
-                let mut enc = data.to_vec();
-                c.encrypt(guest, &mut enc)?;
-                self.data.write_at(&enc, host)
-            }
-            None => self.data.write_at(data, host),
-        }
     }
 
     /// Zeroes or discards `[offset, offset + len)`.
