@@ -19,15 +19,34 @@
 //! allocation lock (`alloc`), after the data they point at is written. Lock
 //! order: `alloc` before `map` before `header`. Data I/O never runs under
 //! `map` or `header`.
+//!
+//! # Files
+//!
+//! `header` and `extension` (cluster 0), `l2` (entries, tables) and `cache`
+//! (the L2 cache), `refcount` (refcount table and blocks) and `alloc` (the
+//! allocator and the state behind the allocation lock), `cluster` (lookup),
+//! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
+//! (write_zeroes, discard), `flush` (metadata order, frees, close),
+//! `resize`, `snapshot/` (table, operations, view), `check`, `create`,
+//! `crypt` (how qcow2 uses the legacy AES cipher).
 
+mod alloc;
+mod cache;
 pub mod check;
+mod cluster;
+mod compressed;
 pub mod create;
 pub mod crypt;
+mod extension;
+mod flush;
 pub mod header;
 pub mod l2;
+mod read;
 pub mod refcount;
+mod resize;
 pub mod snapshot;
-pub(crate) mod write;
+mod write;
+mod zero;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -36,18 +55,19 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
-use crate::codec::{self, ClusterCache};
+use crate::codec::ClusterCache;
 use crate::crypto::{Secret, SectorCipher};
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
 use crate::storage::Storage;
+use alloc::AllocState;
+use cache::L2Cache;
 use header::{CompressionType, Header};
-use l2::{Geometry, L2Cache, L2Table, Mapping, OFFSET_MASK};
+use l2::{Geometry, Mapping};
 use refcount::{Refcounts, Reserved};
 use snapshot::Snapshot;
-use write::AllocState;
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -256,7 +276,7 @@ impl Qcow2 {
                 rc,
                 pending: Vec::new(),
                 pending_punch: Vec::new(),
-                inflight: HashSet::with_hasher(l2::OffsetHash),
+                inflight: HashSet::with_hasher(cache::OffsetHash),
                 l1_dirty: false,
                 data_written: false,
                 compressed_next: 0,
@@ -338,210 +358,6 @@ impl Qcow2 {
         qerr(e, self.path.as_deref())
     }
 
-    /// Loads (or finds in the cache) the L2 table at `l2_off` and runs `f`
-    /// on it while the mapping lock is held shared.
-    fn with_l2<T>(&self, l1_index: u64, f: impl Fn(Option<&L2Table>) -> Result<T>) -> Result<T> {
-        self.with_l2_in(None, l1_index, f)
-    }
-
-    /// [`with_l2`](Self::with_l2) over the active L1 table (`snap` None) or
-    /// a snapshot's L1 table.
-    fn with_l2_in<T>(
-        &self,
-        snap: Option<&[u64]>,
-        l1_index: u64,
-        f: impl Fn(Option<&L2Table>) -> Result<T>,
-    ) -> Result<T> {
-        loop {
-            let st = self.map.read();
-            let l1e = match snap {
-                None => st.l1.get(l1_index as usize).copied().unwrap_or(0),
-                Some(t) => t.get(l1_index as usize).copied().unwrap_or(0),
-            };
-            let l2_off = l1e & OFFSET_MASK;
-            if l2_off == 0 {
-                return f(None);
-            }
-            if l2_off & (self.geo.cluster_size() - 1) != 0 {
-                return Err(self.err(
-                    Error::corrupt(format!(
-                        "L2 table offset {l2_off:#x} in L1 entry {l1_index} is not cluster aligned"
-                    ))
-                    .with_offset(l2_off),
-                ));
-            }
-            if let Some(t) = st.l2.get(l2_off) {
-                return f(Some(t));
-            }
-            let generation = st.l2.generation();
-            drop(st);
-            let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-            self.file.read_at(&mut buf, l2_off)?;
-            let table = L2Table::from_bytes(l2_off, &buf);
-            if self.alloc.is_some() {
-                self.validate_l2(&table)?;
-            }
-            table.detect_linear(&self.geo);
-            let mut st = self.map.write();
-            if st.l2.generation() == generation {
-                let t = st.l2.insert(table);
-                return f(Some(&t));
-            }
-        }
-    }
-
-    /// What the guest range starting at `guest` maps to, and for how many
-    /// bytes (at least 1, at most `max`) that mapping continues contiguously.
-    /// For `Data` the host offset is that of `guest` itself.
-    fn lookup(&self, guest: u64, max: u64) -> Result<(Mapping, u64)> {
-        self.lookup_in(None, guest, max)
-    }
-
-    /// [`lookup`](Self::lookup) in the active state or a snapshot.
-    fn lookup_in(&self, snap: Option<&[u64]>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
-        let geo = &self.geo;
-        let cb = geo.cluster_bits;
-        let gb = geo.granule_bits();
-        let cidx = guest >> cb;
-        let l2e = geo.l2_entries();
-        let l1_index = cidx / l2e;
-        let table_end = (l1_index + 1).saturating_mul(geo.l2_span());
-        let limit = guest.saturating_add(max).min(table_end);
-        self.with_l2_in(snap, l1_index, |t| {
-            let Some(t) = t else {
-                return Ok((Mapping::Unallocated, limit - guest));
-            };
-            if let Some(base) = t.linear_base() {
-                // Every entry maps its cluster at base + its index: no entry
-                // needs reading, and the run lasts to the table's end.
-                let host = base + (guest - l1_index * geo.l2_span());
-                return Ok((Mapping::Data { host }, limit - guest));
-            }
-            let granule = 1u64 << gb;
-            let mut g = guest & !(granule - 1);
-            let entry = |g: u64| -> Result<Mapping> {
-                let c = g >> cb;
-                let sc = ((g >> gb) & ((1 << (cb - gb)) - 1)) as u32;
-                t.get(geo, (c % l2e) as usize).mapping(geo, sc, c)
-            };
-            let first = entry(g)?;
-            let mut next_host = match first {
-                Mapping::Compressed { .. } => {
-                    let end = ((guest >> cb) + 1) << cb;
-                    return Ok((first, end.min(limit) - guest));
-                }
-                Mapping::Data { host } => host + granule,
-                _ => 0,
-            };
-            g += granule;
-            while g < limit {
-                let m = entry(g)?;
-                let same = match (first, m) {
-                    (Mapping::Data { .. }, Mapping::Data { host }) => {
-                        let ok = host == next_host;
-                        next_host = host + granule;
-                        ok
-                    }
-                    (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                    (Mapping::Unallocated, Mapping::Unallocated) => true,
-                    _ => false,
-                };
-                if !same {
-                    break;
-                }
-                g += granule;
-            }
-            let len = g.min(limit) - guest;
-            let m = match first {
-                Mapping::Data { host } => Mapping::Data { host: host + (guest & (granule - 1)) },
-                other => other,
-            };
-            Ok((m, len))
-        })
-    }
-
-    /// Decompresses the cluster at `host` into `out` (one cluster). `len`
-    /// is at most 2^(cluster_bits - 8) sectors: at most 2 clusters.
-    fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
-        let mut input = vec![0u8; len as usize];
-        self.file.read_at(&mut input, host)?;
-        codec::decompress_exact(self.compression.codec(), &input, out, "cluster")
-            .map_err(|e| self.err(e.with_offset(host)))
-    }
-
-    /// Reads a compressed cluster (whole), from the small cache if possible.
-    fn read_compressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
-        self.zcache.get_or_load(host, || {
-            let mut out = vec![0u8; self.geo.cluster_size() as usize];
-            self.decompress_into(host, len, &mut out)?;
-            Ok(out)
-        })
-    }
-
-    /// Reads an unallocated range from the backing image (zeros past its end
-    /// or without one).
-    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        match &self.backing {
-            Some(b) => {
-                let bsize = b.size();
-                let n = if guest >= bsize { 0 } else { ((bsize - guest).min(buf.len() as u64)) as usize };
-                if n > 0 {
-                    b.read_at(&mut buf[..n], guest)?;
-                }
-                buf[n..].fill(0);
-                Ok(())
-            }
-            None => {
-                let h = self.header.lock();
-                if let Some(name) = &h.backing_file {
-                    return Err(self.err(
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!("guest offset {guest:#x} falls through to the backing file '{name}', which was not opened"),
-                        )
-                        .with_offset(guest),
-                    ));
-                }
-                drop(h);
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
-    fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_mapped_in(None, buf, offset)
-    }
-
-    /// [`read_mapped`](Self::read_mapped) in the active state or a snapshot.
-    fn read_mapped_in(&self, snap: Option<&[u64]>, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let guest = offset + pos as u64;
-            let (m, n) = self.lookup_in(snap, guest, (buf.len() - pos) as u64)?;
-            let n = n as usize;
-            let chunk = &mut buf[pos..pos + n];
-            match m {
-                Mapping::Data { host } => self.read_data(chunk, host, guest)?,
-                Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Unallocated => self.read_backing(chunk, guest)?,
-                Mapping::Compressed { host, len } => {
-                    let cs = self.geo.cluster_size() as usize;
-                    let in_cluster = (guest & (cs as u64 - 1)) as usize;
-                    if in_cluster == 0 && n == cs {
-                        // A whole cluster: decompress straight into place.
-                        self.decompress_into(host, len, chunk)?;
-                    } else {
-                        let data = self.read_compressed(host, len)?;
-                        chunk.copy_from_slice(&data[in_cluster..in_cluster + n]);
-                    }
-                }
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
     fn details(&self) -> Qcow2Details {
         let h = self.header.lock();
         let size = h.size;
@@ -558,6 +374,31 @@ impl Qcow2 {
             snapshots: self.snapshots.read().iter().map(|s| s.info(size)).collect(),
             bitmaps: h.bitmaps.map_or(0, |b| b.nb_bitmaps),
         }
+    }
+
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only || self.alloc.is_none() {
+            return Err(self.err(Error::read_only("write")));
+        }
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(self.err(Error::new(
+                ErrorKind::ReadOnly,
+                "the image was found corrupt and is now read-only; repair it with check -r all",
+            )));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn geo_granule(&self) -> u64 {
+        1 << self.geo.granule_bits()
+    }
+
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing.is_some() || self.header.lock().backing_file.is_some()
+    }
+
+    pub(crate) fn is_v3(&self) -> bool {
+        self.version == 3
     }
 }
 
