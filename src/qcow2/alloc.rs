@@ -14,6 +14,7 @@ use parking_lot::MutexGuard;
 use super::cache::OffsetHash;
 use super::l2::L2Entry;
 use super::refcount::Refcounts;
+use super::table::{FreeOld, HeaderTable};
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::limits::*;
@@ -150,8 +151,6 @@ impl Qcow2 {
                 next_block += 1;
             }
         }
-        let old_off = a.rc.table_offset;
-        let old_clusters = u64::from(a.rc.table_clusters);
         a.rc.table = table;
         a.rc.table_offset = e_start * cs;
         a.rc.table_clusters = tc as u32;
@@ -159,29 +158,21 @@ impl Qcow2 {
             a.rc.add(file, c, 1)?;
         }
         a.alloc_end = a.alloc_end.max(area_end);
-        // Blocks, then the table, then the header, each durable before the
-        // next points at it.
-        a.rc.write_blocks(file)?;
-        file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-        file.sync()?;
-        {
-            let mut h = self.header.lock();
-            h.refcount_table_offset = a.rc.table_offset;
-            h.refcount_table_clusters = a.rc.table_clusters;
-            self.write_header_locked(&mut h)?;
-        }
-        file.sync()?;
+        // The swap writes the new table (and the blocks before it).
         a.rc.table_dirty = false;
-        {
-            let mut r = self.reserved.write();
-            r.remove(old_off);
-            r.add(a.rc.table_offset, tc * cs);
-        }
-        a.rc.reserved = self.reserved.read().clone();
-        for c in (old_off / cs)..(old_off / cs + old_clusters) {
-            a.rc.add(file, c, -1)?;
-        }
-        Ok(())
+        let (offset, clusters) = (a.rc.table_offset, a.rc.table_clusters);
+        let bytes = a.rc.table_bytes();
+        self.swap_table(
+            a,
+            HeaderTable::Refcount,
+            offset,
+            &bytes,
+            |h| {
+                h.refcount_table_offset = offset;
+                h.refcount_table_clusters = clusters;
+            },
+            FreeOld::Now,
+        )
     }
 
     /// Queues the release of whatever host storage `e` references.

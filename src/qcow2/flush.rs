@@ -27,6 +27,7 @@ use std::sync::Arc;
 
 use super::alloc::AllocState;
 use super::header::{self, Header};
+use super::table;
 use super::Qcow2;
 use crate::error::{Error, Result};
 
@@ -109,11 +110,7 @@ impl Qcow2 {
             }
             let (bytes, off) = {
                 let m = self.map.read();
-                let mut b = vec![0u8; m.l1.len() * 8];
-                for (c, e) in b.chunks_exact_mut(8).zip(&m.l1) {
-                    c.copy_from_slice(&e.to_be_bytes());
-                }
-                (b, self.header.lock().l1_table_offset)
+                (table::encode(m.l1.iter().copied(), m.l1.len() * 8), self.header.lock().l1_table_offset)
             };
             file.write_at(&bytes, off)?;
             a.l1_dirty = false;

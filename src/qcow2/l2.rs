@@ -11,8 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use byteorder::{BigEndian, ByteOrder};
-
+use super::table;
 use crate::error::{Error, Result};
 
 /// L1/L2 entry bit 63: the cluster's refcount is exactly one.
@@ -238,7 +237,7 @@ pub struct L2Table {
 impl L2Table {
     /// A table decoded from its on-disk bytes.
     pub fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
-        let words: Box<[AtomicU64]> = bytes.chunks_exact(8).map(|c| AtomicU64::new(BigEndian::read_u64(c))).collect();
+        let words: Box<[AtomicU64]> = table::decode(bytes).map(AtomicU64::new).collect();
         L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0), linear: AtomicU64::new(0) }
     }
 
@@ -343,11 +342,7 @@ impl L2Table {
 
     /// Encodes the table for writing.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; self.words.len() * 8];
-        for (c, w) in b.chunks_exact_mut(8).zip(self.words.iter()) {
-            BigEndian::write_u64(c, w.load(Ordering::Acquire));
-        }
-        b
+        table::encode(self.words.iter().map(|w| w.load(Ordering::Acquire)), self.words.len() * 8)
     }
 
     /// Whether the table has changes not yet written.
@@ -363,6 +358,8 @@ impl L2Table {
 
 #[cfg(test)]
 mod tests {
+    use byteorder::{BigEndian, ByteOrder};
+
     use super::*;
 
     const G64K: Geometry = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };

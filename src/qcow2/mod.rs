@@ -45,6 +45,7 @@ mod read;
 pub mod refcount;
 mod resize;
 pub mod snapshot;
+mod table;
 mod write;
 mod zero;
 
@@ -66,8 +67,9 @@ use alloc::AllocState;
 use cache::L2Cache;
 use header::{CompressionType, Header};
 use l2::{Geometry, Mapping};
-use refcount::{Refcounts, Reserved};
+use refcount::Refcounts;
 use snapshot::Snapshot;
+use table::Reserved;
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -129,8 +131,9 @@ pub struct Qcow2 {
     data_unsynced: AtomicBool,
     /// Signalled when in-flight allocations complete.
     alloc_cv: Condvar,
-    /// Host ranges of fixed metadata (header, L1, refcount table, snapshots).
-    reserved: RwLock<Reserved>,
+    /// Host ranges of fixed metadata (header, L1, refcount table, snapshots),
+    /// shared with the refcount structures' allocator.
+    reserved: Arc<RwLock<Reserved>>,
     /// The current header (rewritten on metadata changes).
     header: Mutex<Header>,
     /// Guest-visible size.
@@ -221,7 +224,7 @@ impl Qcow2 {
                 .with_offset(off));
             }
         }
-        let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
+        let l1 = table::read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
         let (mut snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
@@ -238,40 +241,27 @@ impl Qcow2 {
         let tables = (cache_bytes / cs).max(QCOW2_MIN_L2_CACHE_TABLES as u64) as usize;
         let path = file.path().map(Path::to_path_buf);
         // Fixed metadata the allocator must never hand out.
-        let mut reserved = Reserved::default();
-        reserved.add(0, cs);
-        let round = |b: u64| b.div_ceil(cs) * cs;
-        reserved.add(h.l1_table_offset, round(u64::from(h.l1_size) * 8));
-        reserved.add(h.refcount_table_offset, rt_bytes);
-        if h.nb_snapshots > 0 {
-            reserved.add(h.snapshots_offset, round(snap_table_len));
-        }
-        for s in &snaps {
-            reserved.add(s.l1_table_offset, round(u64::from(s.l1_size) * 8));
-        }
-        if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
-            reserved.add(b.directory_offset, round(b.directory_size));
-        }
+        let reserved = Arc::new(RwLock::new(Reserved::new(&h, &snaps, snap_table_len)));
         let alloc = if read_only {
             None
         } else {
-            let mut rc = Refcounts::load(
+            let rc = Refcounts::load(
                 &*file,
                 h.refcount_order,
                 h.cluster_bits,
                 h.refcount_table_offset,
                 h.refcount_table_clusters,
+                Arc::clone(&reserved),
             )?;
             for (i, &e) in rc.table.iter().enumerate() {
                 let off = e & refcount::REFT_OFFSET_MASK;
-                if off != 0 && reserved.overlaps(off, cs) {
+                if off != 0 && reserved.read().overlaps(off, cs) {
                     return Err(Error::corrupt(format!(
                         "refcount block {i} at {off:#x} overlaps the image's metadata"
                     ))
                     .with_field("refcount table"));
                 }
             }
-            rc.reserved = reserved.clone();
             Some(Mutex::new(AllocState {
                 rc,
                 pending: Vec::new(),
@@ -299,7 +289,7 @@ impl Qcow2 {
             alloc,
             alloc_cv: Condvar::new(),
             data_unsynced: AtomicBool::new(false),
-            reserved: RwLock::new(reserved),
+            reserved,
             read_only,
             size: AtomicU64::new(h.size),
             map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
@@ -400,17 +390,6 @@ impl Qcow2 {
     pub(crate) fn is_v3(&self) -> bool {
         self.version == 3
     }
-}
-
-/// Reads a table of `count` big-endian u64 entries at `offset`, bounded by
-/// the L1 limit (the caller validated `count`).
-pub(crate) fn read_u64_table(file: &dyn Storage, offset: u64, count: usize, what: &str) -> Result<Vec<u64>> {
-    if count as u64 > QCOW2_MAX_L1_BYTES / 8 {
-        return Err(Error::limit(format!("{what} of {count} entries is too large")));
-    }
-    let mut buf = vec![0u8; count * 8];
-    file.read_at(&mut buf, offset).map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
 }
 
 impl BlockDevice for Qcow2 {

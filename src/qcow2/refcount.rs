@@ -8,9 +8,12 @@
 //! and applied only after the pointers they belong to were removed durably.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
+use parking_lot::RwLock;
 
+use super::table::{self, Reserved};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::storage::Storage;
@@ -76,33 +79,6 @@ struct Block {
     last_use: u64,
 }
 
-/// Host ranges the allocator must never hand out (header, L1 table,
-/// refcount table, snapshot table, snapshot L1 tables, bitmap directory).
-#[derive(Debug, Clone, Default)]
-pub struct Reserved {
-    ranges: Vec<(u64, u64)>,
-}
-
-impl Reserved {
-    /// Adds `[offset, offset + len)`.
-    pub fn add(&mut self, offset: u64, len: u64) {
-        if len > 0 {
-            self.ranges.push((offset, offset.saturating_add(len)));
-        }
-    }
-
-    /// Removes a range added before (exact match).
-    pub fn remove(&mut self, offset: u64) {
-        self.ranges.retain(|r| r.0 != offset);
-    }
-
-    /// Whether `[offset, offset + len)` overlaps a reserved range.
-    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
-        let end = offset.saturating_add(len);
-        self.ranges.iter().any(|&(a, b)| offset < b && a < end)
-    }
-}
-
 /// The refcount structures of an open image.
 #[derive(Debug)]
 pub struct Refcounts {
@@ -123,18 +99,20 @@ pub struct Refcounts {
     tick: u64,
     /// First cluster index worth scanning for free clusters.
     pub free_hint: u64,
-    /// Ranges never to allocate over.
-    pub reserved: Reserved,
+    /// Ranges never to allocate over (the image's, shared).
+    pub(crate) reserved: Arc<RwLock<Reserved>>,
 }
 
 impl Refcounts {
-    /// Loads the refcount table.
-    pub fn load(
+    /// Loads the refcount table; the allocator never hands out what
+    /// `reserved` holds.
+    pub(crate) fn load(
         file: &dyn Storage,
         order: u32,
         cluster_bits: u32,
         table_offset: u64,
         table_clusters: u32,
+        reserved: Arc<RwLock<Reserved>>,
     ) -> Result<Refcounts> {
         let cs = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cs;
@@ -143,7 +121,7 @@ impl Refcounts {
         }
         let mut buf = vec![0u8; bytes as usize];
         file.read_at(&mut buf, table_offset)?;
-        let table: Vec<u64> = buf.chunks_exact(8).map(BigEndian::read_u64).collect();
+        let table: Vec<u64> = table::decode(&buf).collect();
         for (i, &e) in table.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
             if off & (cs - 1) != 0 || e & !REFT_OFFSET_MASK != 0 {
@@ -169,7 +147,7 @@ impl Refcounts {
             capacity: 64,
             tick: 0,
             free_hint: 0,
-            reserved: Reserved::default(),
+            reserved,
         })
     }
 
@@ -333,10 +311,13 @@ impl Refcounts {
         let cs = self.cluster_size();
         let start = ti * epb;
         let mut c = start.max(1);
-        while self.reserved.overlaps(c * cs, cs) {
-            c += 1;
-            if c >= start + epb {
-                return Err(Error::corrupt("no room for a refcount block: its range is all metadata"));
+        {
+            let reserved = self.reserved.read();
+            while reserved.overlaps(c * cs, cs) {
+                c += 1;
+                if c >= start + epb {
+                    return Err(Error::corrupt("no room for a refcount block: its range is all metadata"));
+                }
             }
         }
         let off = c * cs;
@@ -407,13 +388,15 @@ impl Refcounts {
         let cs = self.cluster_size();
         let epb = self.entries_per_block();
         let order = self.order;
+        let reserved = Arc::clone(&self.reserved);
+        let reserved = reserved.read();
         {
             while *c < range_end {
                 let cc = *c;
                 if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
                     return Err(Error::limit("image file would grow past the largest qcow2 offset"));
                 }
-                let free = !self.reserved.overlaps(cc * cs, cs)
+                let free = !reserved.overlaps(cc * cs, cs)
                     && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
                 if free {
                     first_free.get_or_insert(cc);
@@ -470,11 +453,7 @@ impl Refcounts {
 
     /// Encodes the table for writing (padded to its clusters).
     pub fn table_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; (u64::from(self.table_clusters) * self.cluster_size()) as usize];
-        for (c, e) in b.chunks_exact_mut(8).zip(&self.table) {
-            BigEndian::write_u64(c, *e);
-        }
-        b
+        table::encode(self.table.iter().copied(), (u64::from(self.table_clusters) * self.cluster_size()) as usize)
     }
 
     /// Drops cached blocks (after the structure was rebuilt on disk).
@@ -521,8 +500,8 @@ mod tests {
             set_entry(&mut block, 4, c, 1);
         }
         m.write_at(&block, 2 * 512).unwrap();
-        let mut r = Refcounts::load(&m, 4, 9, 512, 1).unwrap();
-        r.reserved.add(0, 512);
+        let reserved = Arc::new(RwLock::new(Reserved::header_only(512)));
+        let mut r = Refcounts::load(&m, 4, 9, 512, 1, reserved).unwrap();
         let c = r.find_free(&m, 1).unwrap();
         assert_eq!(c, 3);
         r.add(&m, c, 1).unwrap();

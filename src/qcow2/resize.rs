@@ -1,6 +1,7 @@
 //! Changing the virtual size, and growing the L1 table with it.
 
 use super::alloc::AllocState;
+use super::table::{self, FreeOld, HeaderTable};
 use super::zero::ZeroOp;
 use super::Qcow2;
 use crate::device::{BlockDevice, ZeroMode};
@@ -85,40 +86,19 @@ impl Qcow2 {
         let off = self.alloc_clusters(a, clusters)?;
         let mut l1 = self.map.read().l1.clone();
         l1.resize(needed as usize, 0);
-        let mut bytes = vec![0u8; (clusters * cs) as usize];
-        for (c, e) in bytes.chunks_exact_mut(8).zip(&l1) {
-            c.copy_from_slice(&e.to_be_bytes());
-        }
-        let file = &*self.file;
-        a.rc.write_blocks(file)?;
-        if a.rc.table_dirty {
-            file.sync()?;
-            file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-            a.rc.table_dirty = false;
-        }
-        file.write_at(&bytes, off)?;
-        file.sync()?;
-        let (old_off, old_len) = {
-            let mut h = self.header.lock();
-            let old = (h.l1_table_offset, u64::from(h.l1_size));
-            h.l1_table_offset = off;
-            h.l1_size = needed as u32;
-            self.write_header_locked(&mut h)?;
-            old
-        };
-        file.sync()?;
+        let bytes = table::encode(l1.iter().copied(), (clusters * cs) as usize);
+        self.swap_table(
+            a,
+            HeaderTable::L1,
+            off,
+            &bytes,
+            |h| {
+                h.l1_table_offset = off;
+                h.l1_size = needed as u32;
+            },
+            FreeOld::Now,
+        )?;
         self.map.write().l1 = l1;
-        {
-            let mut r = self.reserved.write();
-            r.remove(old_off);
-            r.add(off, clusters * cs);
-        }
-        a.rc.reserved = self.reserved.read().clone();
-        if old_len > 0 {
-            for c in (old_off / cs)..(old_off / cs + (old_len * 8).div_ceil(cs)) {
-                a.rc.add(file, c, -1)?;
-            }
-        }
         Ok(())
     }
 }

@@ -13,6 +13,7 @@ use crate::limits::*;
 use crate::qcow2::alloc::AllocState;
 use crate::qcow2::header;
 use crate::qcow2::l2::{L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
+use crate::qcow2::table::{self, FreeOld, HeaderTable};
 use crate::qcow2::Qcow2;
 
 impl Qcow2 {
@@ -182,11 +183,10 @@ impl Qcow2 {
     }
 
     /// Writes `snaps` as a new snapshot table and switches the header to
-    /// it; the old table's clusters are freed.
+    /// it; the old table's clusters are freed after the next flush.
     fn write_snapshot_table(&self, a: &mut AllocState, snaps: Vec<Snapshot>) -> Result<()> {
-        let file = &*self.file;
         let cs = self.geo.cluster_size();
-        let bytes = encode_table(&snaps);
+        let mut bytes = encode_table(&snaps);
         if bytes.len() as u64 > QCOW2_MAX_SNAPSHOTS_BYTES {
             return Err(Error::limit("the snapshot table would be larger than 64 MiB"));
         }
@@ -194,47 +194,24 @@ impl Qcow2 {
             0
         } else {
             let clusters = (bytes.len() as u64).div_ceil(cs);
-            let off = self.alloc_clusters(a, clusters)?;
-            let mut padded = bytes.clone();
-            padded.resize((clusters * cs) as usize, 0);
-            file.write_at(&padded, off)?;
-            off
+            bytes.resize((clusters * cs) as usize, 0);
+            self.alloc_clusters(a, clusters)?
         };
-        // Refcounts of the new table durable, then the table, then the header.
+        // Whatever the new entries point at is durable first.
         self.flush_meta(a)?;
-        a.rc.write_blocks(file)?;
-        file.sync()?;
-        let (old_off, old_n) = {
-            let mut h = self.header.lock();
-            let old = (h.snapshots_offset, h.nb_snapshots);
-            h.snapshots_offset = new_off;
-            h.nb_snapshots = snaps.len() as u32;
-            self.write_header_locked(&mut h)?;
-            old
-        };
-        file.sync()?;
-        let old_len = encode_table(&self.snapshots.read()).len() as u64;
-        {
-            let mut r = self.reserved.write();
-            if old_n > 0 {
-                r.remove(old_off);
-            }
-            for s in self.snapshots.read().iter() {
-                r.remove(s.l1_table_offset);
-            }
-            if !snaps.is_empty() {
-                r.add(new_off, (bytes.len() as u64).div_ceil(cs) * cs);
-            }
-            for s in &snaps {
-                r.add(s.l1_table_offset, (u64::from(s.l1_size) * 8).div_ceil(cs) * cs);
-            }
-            a.rc.reserved = r.clone();
-        }
-        if old_n > 0 {
-            for c in (old_off / cs)..(old_off / cs + old_len.div_ceil(cs)) {
-                a.pending.push(c);
-            }
-        }
+        let n = snaps.len() as u32;
+        self.swap_table(
+            a,
+            HeaderTable::Snapshots,
+            new_off,
+            &bytes,
+            |h| {
+                h.snapshots_offset = new_off;
+                h.nb_snapshots = n;
+            },
+            FreeOld::AfterFlush,
+        )?;
+        self.reserved.write().set_snapshot_l1s(&snaps);
         *self.snapshots.write() = snaps;
         Ok(())
     }
@@ -308,10 +285,7 @@ impl Qcow2 {
         // 3. The snapshot's copy of the L1 table.
         let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs).max(1);
         let l1_off = self.alloc_clusters(&mut a, l1_clusters)?;
-        let mut bytes = vec![0u8; (l1_clusters * cs) as usize];
-        for (c, e) in bytes.chunks_exact_mut(8).zip(&l1) {
-            c.copy_from_slice(&(e & !OFLAG_COPIED).to_be_bytes());
-        }
+        let bytes = table::encode(l1.iter().map(|e| e & !OFLAG_COPIED), (l1_clusters * cs) as usize);
         self.file.write_at(&bytes, l1_off)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         snaps.push(Snapshot {
@@ -348,12 +322,8 @@ impl Qcow2 {
             // The table without the entry is durable first ...
             self.write_snapshot_table(&mut a, snaps)?;
             // ... then the snapshot's references go (queued frees).
-            let l1 = crate::qcow2::read_u64_table(
-                &*self.file,
-                snap.l1_table_offset,
-                snap.l1_size as usize,
-                "snapshot L1 table",
-            )?;
+            let l1 =
+                table::read_u64_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize, "snapshot L1 table")?;
             self.l1_refs(&mut a, &l1, -1)?;
             let cs = self.geo.cluster_size();
             let first = snap.l1_table_offset / cs;
@@ -383,8 +353,7 @@ impl Qcow2 {
         self.flush_meta(&mut a)?;
         let file = &*self.file;
         let cs = self.geo.cluster_size();
-        let snap_l1 =
-            crate::qcow2::read_u64_table(file, snap.l1_table_offset, snap.l1_size as usize, "snapshot L1 table")?;
+        let snap_l1 = table::read_u64_table(file, snap.l1_table_offset, snap.l1_size as usize, "snapshot L1 table")?;
         let new_size = snap.disk_size.unwrap_or_else(|| self.size());
         let needed = self.header.lock().l1_entries_for(new_size).max(snap_l1.len() as u64);
         if needed > QCOW2_MAX_L1_BYTES / 8 {
@@ -394,44 +363,31 @@ impl Qcow2 {
         //    reference.
         self.l1_refs(&mut a, &snap_l1, 1)?;
         self.flush_meta(&mut a)?;
-        a.rc.write_blocks(file)?;
         // 2. A new active L1 table with the snapshot's entries (shared,
-        //    so without COPIED).
+        //    so without COPIED), which the header switches to in one write
+        //    (with the snapshot's size); the old one is freed after the
+        //    next flush.
         let mut l1: Vec<u64> = snap_l1.iter().map(|e| e & !OFLAG_COPIED).collect();
         l1.resize(needed as usize, 0);
         let l1_clusters = (needed * 8).div_ceil(cs).max(1);
         let l1_off = self.alloc_clusters(&mut a, l1_clusters)?;
-        let mut bytes = vec![0u8; (l1_clusters * cs) as usize];
-        for (c, e) in bytes.chunks_exact_mut(8).zip(&l1) {
-            c.copy_from_slice(&e.to_be_bytes());
-        }
-        file.write_at(&bytes, l1_off)?;
-        a.rc.write_blocks(file)?;
-        file.sync()?;
-        // 3. The header switches to it in one write.
-        let (old_off, old_len) = {
-            let mut h = self.header.lock();
-            let old = (h.l1_table_offset, u64::from(h.l1_size));
-            h.l1_table_offset = l1_off;
-            h.l1_size = needed as u32;
-            h.size = new_size;
-            self.write_header_locked(&mut h)?;
-            old
-        };
-        file.sync()?;
-        // 4. The old active state's references go.
+        let bytes = table::encode(l1.iter().copied(), (l1_clusters * cs) as usize);
+        self.swap_table(
+            &mut a,
+            HeaderTable::L1,
+            l1_off,
+            &bytes,
+            |h| {
+                h.l1_table_offset = l1_off;
+                h.l1_size = needed as u32;
+                h.size = new_size;
+            },
+            FreeOld::AfterFlush,
+        )?;
+        // 3. The old active state's references go.
         let old_l1 = std::mem::replace(&mut self.map.write().l1, l1);
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
-        {
-            let mut r = self.reserved.write();
-            r.remove(old_off);
-            r.add(l1_off, l1_clusters * cs);
-            a.rc.reserved = r.clone();
-        }
         self.l1_refs(&mut a, &old_l1, -1)?;
-        for c in (old_off / cs)..(old_off / cs + (old_len * 8).div_ceil(cs).max(1)) {
-            a.pending.push(c);
-        }
         drop(a);
         self.zcache.clear();
         self.flush_impl()?;

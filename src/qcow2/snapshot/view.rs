@@ -12,7 +12,7 @@ impl Qcow2 {
     /// like the current image as `qemu-img convert -l` exports it.
     pub fn snapshot_view(&self, key: &str) -> Result<SnapshotView<'_>> {
         let snap = self.find_snapshot(key)?;
-        let l1 = crate::qcow2::read_u64_table(
+        let l1 = crate::qcow2::table::read_u64_table(
             &*self.file,
             snap.l1_table_offset,
             snap.l1_size as usize,
