@@ -23,26 +23,26 @@ use crate::limits::*;
 #[derive(Debug)]
 pub(crate) struct AllocState {
     /// Refcount table and block cache.
-    pub rc: Refcounts,
+    pub(crate) rc: Refcounts,
     /// Host clusters whose refcount drops by one once the pointers removed
     /// since the last flush are durable (one entry per reference).
-    pub pending: Vec<u64>,
+    pub(crate) pending: Vec<u64>,
     /// Guest byte ranges of an external data file to punch after the flush.
-    pub pending_punch: Vec<(u64, u64)>,
+    pub(crate) pending_punch: Vec<(u64, u64)>,
     /// Guest clusters being allocated by some request.
-    pub inflight: HashSet<u64, OffsetHash>,
+    pub(crate) inflight: HashSet<u64, OffsetHash>,
     /// The in-memory L1 table differs from the disk.
-    pub l1_dirty: bool,
+    pub(crate) l1_dirty: bool,
     /// Guest data was written since the last sync.
-    pub data_written: bool,
+    pub(crate) data_written: bool,
     /// Next free byte for compressed data (0: start a new cluster).
-    pub compressed_next: u64,
+    pub(crate) compressed_next: u64,
     /// One past the highest cluster allocated in this session.
-    pub alloc_end: u64,
+    pub(crate) alloc_end: u64,
     /// Lazy refcounts: refcounts are written only on close.
-    pub lazy: bool,
+    pub(crate) lazy: bool,
     /// The dirty bit was set on disk in this session (lazy refcounts).
-    pub marked_dirty: bool,
+    pub(crate) marked_dirty: bool,
 }
 
 impl Qcow2 {

@@ -18,11 +18,11 @@ use super::l2::L2Table;
 /// set of clusters being allocated on every allocating one, and keys come
 /// from the image itself, where collisions cost only a longer probe.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct OffsetHash;
+pub(crate) struct OffsetHash;
 
 /// The hasher of [`OffsetHash`].
 #[derive(Debug, Default)]
-pub struct OffsetHasher(u64);
+pub(crate) struct OffsetHasher(u64);
 
 impl std::hash::Hasher for OffsetHasher {
     fn finish(&self) -> u64 {
@@ -56,7 +56,7 @@ impl std::hash::BuildHasher for OffsetHash {
 /// evicted; dirty ones stay until the image flushes its metadata, so the
 /// cache may briefly exceed its capacity while many tables are dirty.
 #[derive(Debug)]
-pub struct L2Cache {
+pub(crate) struct L2Cache {
     tables: HashMap<u64, Arc<L2Table>, OffsetHash>,
     capacity: usize,
     tick: AtomicU64,
@@ -67,7 +67,7 @@ pub struct L2Cache {
 
 impl L2Cache {
     /// A cache holding at most `capacity` clean tables (at least 2).
-    pub fn new(capacity: usize) -> Self {
+    pub(crate) fn new(capacity: usize) -> Self {
         L2Cache {
             tables: HashMap::with_hasher(OffsetHash),
             capacity: capacity.max(crate::limits::QCOW2_MIN_L2_CACHE_TABLES),
@@ -78,7 +78,7 @@ impl L2Cache {
 
     /// The table at `offset`, if cached.
     #[inline]
-    pub fn get(&self, offset: u64) -> Option<&Arc<L2Table>> {
+    pub(crate) fn get(&self, offset: u64) -> Option<&Arc<L2Table>> {
         let t = self.tables.get(&offset)?;
         let now = self.tick.load(Ordering::Relaxed);
         if t.last_use.load(Ordering::Relaxed) != now {
@@ -88,13 +88,13 @@ impl L2Cache {
     }
 
     /// The eviction generation.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// Inserts a table (replacing none: if one is cached at that offset it
     /// is returned instead), evicting clean tables beyond the capacity.
-    pub fn insert(&mut self, table: L2Table) -> Arc<L2Table> {
+    pub(crate) fn insert(&mut self, table: L2Table) -> Arc<L2Table> {
         if let Some(t) = self.tables.get(&table.offset) {
             return t.clone();
         }
@@ -108,7 +108,7 @@ impl L2Cache {
 
     /// Inserts a new table, replacing whatever was cached at its offset (a
     /// stale copy of a freed cluster).
-    pub fn replace(&mut self, table: L2Table) -> Arc<L2Table> {
+    pub(crate) fn replace(&mut self, table: L2Table) -> Arc<L2Table> {
         if self.tables.remove(&table.offset).is_some() {
             self.generation += 1;
         }
@@ -116,7 +116,7 @@ impl L2Cache {
     }
 
     /// Evicts least recently used clean tables while over capacity.
-    pub fn evict_clean(&mut self) {
+    pub(crate) fn evict_clean(&mut self) {
         self.evict_except(None)
     }
 
@@ -139,7 +139,7 @@ impl L2Cache {
     }
 
     /// Removes the table at `offset` (it was freed or replaced).
-    pub fn remove(&mut self, offset: u64) -> Option<Arc<L2Table>> {
+    pub(crate) fn remove(&mut self, offset: u64) -> Option<Arc<L2Table>> {
         let t = self.tables.remove(&offset);
         if t.is_some() {
             self.generation += 1;
@@ -148,18 +148,18 @@ impl L2Cache {
     }
 
     /// Whether more tables than the capacity are cached (all dirty).
-    pub fn over_capacity(&self) -> bool {
+    pub(crate) fn over_capacity(&self) -> bool {
         self.tables.len() > self.capacity
     }
 
     /// Dirty tables, in no particular order.
-    pub fn dirty_tables(&self) -> Vec<Arc<L2Table>> {
+    pub(crate) fn dirty_tables(&self) -> Vec<Arc<L2Table>> {
         self.tables.values().filter(|t| t.is_dirty()).cloned().collect()
     }
 
     /// Number of cached tables.
     #[cfg(test)]
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.tables.len()
     }
 }

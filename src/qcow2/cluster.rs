@@ -223,9 +223,4 @@ impl Qcow2 {
         a.l1_dirty = true;
         Ok(t)
     }
-
-    /// What guest cluster `c` maps to now (for tests and tools).
-    pub fn cluster_mapping(&self, guest: u64) -> Result<Mapping> {
-        Ok(self.lookup(guest, 1)?.0)
-    }
 }

@@ -183,7 +183,7 @@ fn known_incompat_name(bit: u32) -> Option<&'static str> {
 
 /// Reads `cluster_bits` from the first bytes of a file, so the caller knows
 /// how much of cluster 0 to read. Validates magic, version and the range.
-pub fn peek_cluster_bits(first: &[u8]) -> Result<u32> {
+pub(crate) fn peek_cluster_bits(first: &[u8]) -> Result<u32> {
     if first.len() < V2_HEADER_LEN as usize {
         return Err(Error::invalid(format!("file is too short for a qcow2 header ({} bytes)", first.len()))
             .with_format("qcow2"));
@@ -578,7 +578,7 @@ impl Header {
 
 /// Validates a table position the way `qcow2_validate_table` does: cluster
 /// aligned and `offset + len` not overflowing a signed 64-bit file offset.
-pub fn check_table(field: &'static str, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
+pub(crate) fn check_table(field: &'static str, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
     if offset % cluster_size != 0 {
         return Err(hbad(field, format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}")));
     }

@@ -15,38 +15,34 @@ use super::table;
 use crate::error::{Error, Result};
 
 /// L1/L2 entry bit 63: the cluster's refcount is exactly one.
-pub const OFLAG_COPIED: u64 = 1 << 63;
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 /// L2 entry bit 62: the cluster is compressed.
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0: the cluster reads as zeros (v3, standard L2 only).
-pub const OFLAG_ZERO: u64 = 1;
+pub(crate) const OFLAG_ZERO: u64 = 1;
 /// Host offset bits 9..=55 of L1 and standard L2 entries.
-pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Reserved bits of an L1 entry (1..=8 and 56..=62; bit 0 is also reserved).
-pub const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-/// Reserved bits of a standard L2 entry (1..=8 and 56..=61).
-pub const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Subclusters per cluster with extended L2.
-pub const SUBCLUSTERS: u32 = 32;
+pub(crate) const SUBCLUSTERS: u32 = 32;
 
 /// Geometry needed to decode entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     /// log2 of the cluster size.
-    pub cluster_bits: u32,
+    pub(crate) cluster_bits: u32,
     /// Extended L2 entries.
-    pub extended_l2: bool,
+    pub(crate) extended_l2: bool,
     /// External data file in use (offset 0 with COPIED is a real cluster).
-    pub data_file: bool,
+    pub(crate) data_file: bool,
 }
 
 impl Geometry {
     /// Cluster size in bytes.
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
     /// u64 words per L2 entry.
-    pub fn words_per_entry(&self) -> usize {
+    pub(crate) fn words_per_entry(&self) -> usize {
         if self.extended_l2 {
             2
         } else {
@@ -54,12 +50,12 @@ impl Geometry {
         }
     }
     /// Entries per L2 table.
-    pub fn l2_entries(&self) -> u64 {
+    pub(crate) fn l2_entries(&self) -> u64 {
         self.cluster_size() / (8 * self.words_per_entry() as u64)
     }
     /// log2 of the allocation granule for reads: the subcluster size with
     /// extended L2, else the cluster size.
-    pub fn granule_bits(&self) -> u32 {
+    pub(crate) fn granule_bits(&self) -> u32 {
         if self.extended_l2 {
             self.cluster_bits - 5
         } else {
@@ -67,22 +63,22 @@ impl Geometry {
         }
     }
     /// Bit position where the sector count of a compressed descriptor starts.
-    pub fn csize_shift(&self) -> u32 {
+    pub(crate) fn csize_shift(&self) -> u32 {
         62 - (self.cluster_bits - 8)
     }
     /// Mask of the host offset in a compressed descriptor.
-    pub fn compressed_offset_mask(&self) -> u64 {
+    pub(crate) fn compressed_offset_mask(&self) -> u64 {
         (1u64 << self.csize_shift()) - 1
     }
     /// Guest bytes mapped by one L2 table.
-    pub fn l2_span(&self) -> u64 {
+    pub(crate) fn l2_span(&self) -> u64 {
         self.cluster_size() * self.l2_entries()
     }
 }
 
 /// What one (sub)cluster of the guest disk maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
+pub(crate) enum Mapping {
     /// Not allocated here: read the backing image, or zeros.
     Unallocated,
     /// Reads as zeros; `prealloc` is a host offset kept allocated for it.
@@ -106,26 +102,26 @@ pub enum Mapping {
 
 /// A decoded L2 entry (standard part and, with extended L2, the bitmap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct L2Entry {
+pub(crate) struct L2Entry {
     /// The standard 64-bit entry.
-    pub word: u64,
+    pub(crate) word: u64,
     /// The subcluster bitmap (0 without extended L2).
-    pub bitmap: u64,
+    pub(crate) bitmap: u64,
 }
 
 impl L2Entry {
     /// The cluster is compressed.
-    pub fn is_compressed(&self) -> bool {
+    pub(crate) fn is_compressed(&self) -> bool {
         self.word & OFLAG_COMPRESSED != 0
     }
 
     /// The COPIED flag.
-    pub fn copied(&self) -> bool {
+    pub(crate) fn copied(&self) -> bool {
         self.word & OFLAG_COPIED != 0
     }
 
     /// Host offset of a standard (not compressed) entry, if any.
-    pub fn host_offset(&self, geo: &Geometry) -> Option<u64> {
+    pub(crate) fn host_offset(&self, geo: &Geometry) -> Option<u64> {
         if self.is_compressed() {
             return None;
         }
@@ -138,7 +134,7 @@ impl L2Entry {
     }
 
     /// Decodes a compressed descriptor into (host byte offset, bytes to read).
-    pub fn compressed(&self, geo: &Geometry) -> (u64, u64) {
+    pub(crate) fn compressed(&self, geo: &Geometry) -> (u64, u64) {
         let shift = geo.csize_shift();
         let host = self.word & geo.compressed_offset_mask();
         let nb_sectors = ((self.word >> shift) & ((1u64 << (geo.cluster_bits - 8)) - 1)) + 1;
@@ -148,7 +144,7 @@ impl L2Entry {
 
     /// What subcluster `sc` (0 without extended L2) maps to. `guest_cluster`
     /// is used only in error messages.
-    pub fn mapping(&self, geo: &Geometry, sc: u32, guest_cluster: u64) -> Result<Mapping> {
+    pub(crate) fn mapping(&self, geo: &Geometry, sc: u32, guest_cluster: u64) -> Result<Mapping> {
         let cs = geo.cluster_size();
         if self.is_compressed() {
             if geo.data_file {
@@ -217,9 +213,9 @@ impl L2Entry {
 
 /// One cached L2 table.
 #[derive(Debug)]
-pub struct L2Table {
+pub(crate) struct L2Table {
     /// Host offset of the table.
-    pub offset: u64,
+    pub(crate) offset: u64,
     /// The entries' words (two per entry with extended L2), native order.
     words: Box<[AtomicU64]>,
     /// Changed since last written.
@@ -236,13 +232,13 @@ pub struct L2Table {
 
 impl L2Table {
     /// A table decoded from its on-disk bytes.
-    pub fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
+    pub(crate) fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
         let words: Box<[AtomicU64]> = table::decode(bytes).map(AtomicU64::new).collect();
         L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0), linear: AtomicU64::new(0) }
     }
 
     /// An all-zero (unallocated) table.
-    pub fn zeroed(offset: u64, words: usize) -> L2Table {
+    pub(crate) fn zeroed(offset: u64, words: usize) -> L2Table {
         L2Table {
             offset,
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -253,7 +249,7 @@ impl L2Table {
     }
 
     /// A copy of this table at a new offset (copy-on-write of a shared table).
-    pub fn copy_to(&self, offset: u64) -> L2Table {
+    pub(crate) fn copy_to(&self, offset: u64) -> L2Table {
         L2Table {
             offset,
             words: self.words.iter().map(|w| AtomicU64::new(w.load(Ordering::Acquire))).collect(),
@@ -265,7 +261,7 @@ impl L2Table {
 
     /// Entry `i`.
     #[inline]
-    pub fn get(&self, geo: &Geometry, i: usize) -> L2Entry {
+    pub(crate) fn get(&self, geo: &Geometry, i: usize) -> L2Entry {
         if geo.extended_l2 {
             // Bitmap first, then the word: a writer stores the word last.
             let word = self.words.get(2 * i).map_or(0, |w| w.load(Ordering::Acquire));
@@ -280,7 +276,7 @@ impl L2Table {
     /// `base + i * cluster_size` (standard entries only; the COPIED flag may
     /// vary, it does not change what a read sees). Called on a table just
     /// loaded, before anyone else sees it.
-    pub fn detect_linear(&self, geo: &Geometry) {
+    pub(crate) fn detect_linear(&self, geo: &Geometry) {
         if geo.extended_l2 {
             return;
         }
@@ -306,14 +302,14 @@ impl L2Table {
     /// The host offset of entry 0 when every entry maps linearly from it
     /// (see [`detect_linear`](Self::detect_linear)).
     #[inline]
-    pub fn linear_base(&self) -> Option<u64> {
+    pub(crate) fn linear_base(&self) -> Option<u64> {
         let l = self.linear.load(Ordering::Acquire);
         (l != 0).then_some(l & !1)
     }
 
     /// Stores entry `i` and marks the table dirty. Callers hold the image's
     /// allocation lock.
-    pub fn set(&self, geo: &Geometry, i: usize, e: L2Entry) {
+    pub(crate) fn set(&self, geo: &Geometry, i: usize, e: L2Entry) {
         // Before the entry changes: a reader that still sees the old base
         // sees the old mapping, as one that read the old entry would.
         if self.linear.load(Ordering::Relaxed) != 0 {
@@ -331,27 +327,22 @@ impl L2Table {
     }
 
     /// Number of entries.
-    pub fn len(&self, geo: &Geometry) -> usize {
+    pub(crate) fn len(&self, geo: &Geometry) -> usize {
         self.words.len() / geo.words_per_entry()
     }
 
-    /// Whether the table has no entries (never true for a real table).
-    pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
-    }
-
     /// Encodes the table for writing.
-    pub fn to_bytes(&self) -> Vec<u8> {
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
         table::encode(self.words.iter().map(|w| w.load(Ordering::Acquire)), self.words.len() * 8)
     }
 
     /// Whether the table has changes not yet written.
-    pub fn is_dirty(&self) -> bool {
+    pub(crate) fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
     }
 
     /// Marks the table clean (after writing it) or dirty.
-    pub fn set_dirty(&self, dirty: bool) {
+    pub(crate) fn set_dirty(&self, dirty: bool) {
         self.dirty.store(dirty, Ordering::Release);
     }
 }

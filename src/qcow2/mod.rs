@@ -40,11 +40,11 @@ pub mod crypt;
 mod extension;
 mod flush;
 pub mod header;
-pub mod l2;
+pub(crate) mod l2;
 mod read;
-pub mod refcount;
+pub(crate) mod refcount;
 mod resize;
-pub mod snapshot;
+pub(crate) mod snapshot;
 mod table;
 mod write;
 mod zero;
@@ -65,11 +65,16 @@ use crate::quiesce::Quiesce;
 use crate::storage::Storage;
 use alloc::AllocState;
 use cache::L2Cache;
-use header::{CompressionType, Header};
+
 use l2::{Geometry, Mapping};
 use refcount::Refcounts;
-use snapshot::Snapshot;
+pub use snapshot::Snapshot;
 use table::Reserved;
+
+pub use check::{CheckReport, Repair};
+pub use create::{CreateOptions, Preallocation};
+pub use header::{CompressionType, Header};
+pub use snapshot::SnapshotView;
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]

@@ -8,6 +8,6 @@ mod ops;
 mod table;
 mod view;
 
+pub use table::Snapshot;
 pub(crate) use table::{encode_table, read_table};
-pub use table::{Snapshot, ENTRY_FIXED_LEN};
 pub use view::SnapshotView;

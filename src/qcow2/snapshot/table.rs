@@ -14,7 +14,7 @@ use crate::qcow2::header::check_table;
 use crate::storage::Storage;
 
 /// Size of the fixed part of a snapshot table entry.
-pub const ENTRY_FIXED_LEN: usize = 40;
+const ENTRY_FIXED_LEN: usize = 40;
 
 /// One snapshot table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,14 +58,8 @@ impl Snapshot {
         }
     }
 
-    /// Encoded length including padding.
-    pub fn encoded_len(&self) -> usize {
-        let extra = 24 + self.unknown_extra.len();
-        (ENTRY_FIXED_LEN + extra + self.id.len() + self.name.len()).div_ceil(8) * 8
-    }
-
     /// Appends the encoded entry.
-    pub fn encode(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode(&self, out: &mut Vec<u8>) {
         let start = out.len();
         let mut f = [0u8; ENTRY_FIXED_LEN];
         BigEndian::write_u64(&mut f[0..8], self.l1_table_offset);
@@ -97,7 +91,12 @@ fn bad(i: u32, msg: String, offset: u64) -> Error {
 }
 
 /// Reads and validates `count` snapshot entries at `offset`.
-pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64) -> Result<(Vec<Snapshot>, u64)> {
+pub(crate) fn read_table(
+    file: &dyn Storage,
+    offset: u64,
+    count: u32,
+    cluster_size: u64,
+) -> Result<(Vec<Snapshot>, u64)> {
     if count == 0 {
         return Ok((Vec::new(), 0));
     }
@@ -183,7 +182,7 @@ pub fn read_table(file: &dyn Storage, offset: u64, count: u32, cluster_size: u64
 }
 
 /// Encodes a whole table.
-pub fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
+pub(crate) fn encode_table(snaps: &[Snapshot]) -> Vec<u8> {
     let mut out = Vec::new();
     for s in snaps {
         s.encode(&mut out);
