@@ -8,8 +8,9 @@
 //! * stored < counted: an error (a cluster could be handed out twice);
 //! * stored > counted: a leak (wasted space, no harm to data).
 //!
-//! It also reports entries that are not cluster aligned and COPIED flags that
-//! disagree with the refcount, in the same words as QEMU. Repair:
+//! It also reports entries that are not cluster aligned, L1 and L2 entries
+//! with reserved bits set, and COPIED flags that disagree with the
+//! refcount, in the same words as QEMU. Repair:
 //! [`Repair::Leaks`] lowers leaked refcounts in place; [`Repair::All`]
 //! rebuilds the refcount structures from the counts (placing a new table and
 //! blocks past the end of the image and switching the header to them) and
@@ -21,7 +22,10 @@ use std::sync::Arc;
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{self, Header};
-use super::l2::{Geometry, L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
+use super::l2::{
+    Geometry, L2Entry, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
 use super::refcount::{get_entry, set_entry, Refcounts, REFT_OFFSET_MASK};
 use super::snapshot::Snapshot;
 use super::table::{self, FreeOld, HeaderTable};
@@ -184,6 +188,10 @@ impl Walker<'_> {
         };
         let mut next_contiguous = 0u64;
         for &l1e in l1.iter() {
+            if l1e & L1E_RESERVED_MASK != 0 {
+                self.report.corruptions += times;
+                self.report.messages.push(format!("ERROR found L1 entry with reserved bits set: {l1e:x}"));
+            }
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
@@ -272,9 +280,20 @@ impl Walker<'_> {
                             entry.word & self.geo.compressed_offset_mask()
                         ));
                     }
+                    if entry.bitmap != 0 {
+                        self.report.corruptions += n;
+                        self.report.messages.push(format!(
+                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry={:#x}",
+                            entry.word
+                        ));
+                    }
                     let (host, len) = entry.compressed(&self.geo);
                     self.refs.add_n(&mut self.report, host, len, n, "compressed cluster");
                     continue;
+                }
+                if entry.word & L2E_STD_RESERVED_MASK != 0 {
+                    self.report.corruptions += n;
+                    self.report.messages.push(format!("ERROR found l2 entry with reserved bits set: {:x}", entry.word));
                 }
                 let off = entry.word & OFFSET_MASK;
                 if self.geo.extended_l2 {

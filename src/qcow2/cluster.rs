@@ -11,9 +11,19 @@
 use std::sync::Arc;
 
 use super::alloc::AllocState;
-use super::l2::{L2Table, Mapping, OFFSET_MASK, OFLAG_COPIED};
+use super::l2::{check_l1_entry, L2Table, Mapping, L1E_RESERVED_MASK, OFFSET_MASK, OFLAG_COPIED};
 use super::Qcow2;
 use crate::error::{Error, Result};
+
+/// An L1 table: its entries and where it lies (for messages). Lookups go
+/// through the active one unless given a snapshot's.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct L1Ref<'a> {
+    /// The entries (native byte order).
+    pub(crate) entries: &'a [u64],
+    /// Host offset of the table.
+    pub(crate) offset: u64,
+}
 
 impl Qcow2 {
     /// Loads (or finds in the cache) the L2 table at `l2_off` and runs `f`
@@ -22,11 +32,24 @@ impl Qcow2 {
         self.with_l2_in(None, l1_index, f)
     }
 
+    /// Refuses L1 entry `l1e` (index `l1_index` of the active table, or of
+    /// `snap`) when it has reserved bits set.
+    pub(crate) fn check_l1(&self, snap: Option<L1Ref<'_>>, l1e: u64, l1_index: u64) -> Result<()> {
+        if l1e & L1E_RESERVED_MASK == 0 {
+            return Ok(());
+        }
+        let table = match snap {
+            Some(t) => t.offset,
+            None => self.header.lock().l1_table_offset,
+        };
+        check_l1_entry(l1e, l1_index, table).map_err(|e| self.err(e))
+    }
+
     /// [`with_l2`](Self::with_l2) over the active L1 table (`snap` None) or
     /// a snapshot's L1 table.
     fn with_l2_in<T>(
         &self,
-        snap: Option<&[u64]>,
+        snap: Option<L1Ref<'_>>,
         l1_index: u64,
         f: impl Fn(Option<&L2Table>) -> Result<T>,
     ) -> Result<T> {
@@ -34,8 +57,9 @@ impl Qcow2 {
             let st = self.map.read();
             let l1e = match snap {
                 None => st.l1.get(l1_index as usize).copied().unwrap_or(0),
-                Some(t) => t.get(l1_index as usize).copied().unwrap_or(0),
+                Some(t) => t.entries.get(l1_index as usize).copied().unwrap_or(0),
             };
+            self.check_l1(snap, l1e, l1_index)?;
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 return f(None);
@@ -76,7 +100,7 @@ impl Qcow2 {
     }
 
     /// [`lookup`](Self::lookup) in the active state or a snapshot.
-    pub(crate) fn lookup_in(&self, snap: Option<&[u64]>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
+    pub(crate) fn lookup_in(&self, snap: Option<L1Ref<'_>>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
         let geo = &self.geo;
         let cb = geo.cluster_bits;
         let gb = geo.granule_bits();
@@ -100,7 +124,10 @@ impl Qcow2 {
             let entry = |g: u64| -> Result<Mapping> {
                 let c = g >> cb;
                 let sc = ((g >> gb) & ((1 << (cb - gb)) - 1)) as u32;
-                t.get(geo, (c % l2e) as usize).mapping(geo, sc, c)
+                let i = (c % l2e) as usize;
+                let e = t.get(geo, i);
+                e.check_reserved(geo, t.offset, i).map_err(|e| self.err(e))?;
+                e.mapping(geo, sc, c)
             };
             let first = entry(g)?;
             let mut next_host = match first {
@@ -151,17 +178,21 @@ impl Qcow2 {
         Ok(self.map.write().l2.insert(table))
     }
 
-    /// Checks that no entry of a freshly loaded table points into the
-    /// image's fixed metadata (header, L1, refcount table, snapshots).
+    /// Checks a freshly loaded table of an image open read-write, before
+    /// anything can change it: no entry has reserved bits set, and none
+    /// points into the image's fixed metadata (header, L1, refcount table,
+    /// snapshots), which marks the image corrupt.
     fn validate_l2(&self, t: &L2Table) -> Result<()> {
-        if self.alloc.is_none() || self.geo.data_file {
+        if self.alloc.is_none() {
             return Ok(());
         }
+        let geo = &self.geo;
         let reserved = self.reserved.read();
-        let cs = self.geo.cluster_size();
-        for i in 0..t.len(&self.geo) {
-            let e = t.get(&self.geo, i);
-            if e.is_compressed() {
+        let cs = geo.cluster_size();
+        for i in 0..t.len(geo) {
+            let e = t.get(geo, i);
+            e.check_reserved(geo, t.offset, i).map_err(|e| self.err(e))?;
+            if e.is_compressed() || geo.data_file {
                 continue;
             }
             let off = e.word & OFFSET_MASK;
@@ -189,6 +220,7 @@ impl Qcow2 {
                 }
             }
         };
+        self.check_l1(None, l1e, l1_index)?;
         let off = l1e & OFFSET_MASK;
         let cs = self.geo.cluster_size();
         if off != 0 {

@@ -1,10 +1,15 @@
-//! L1 and L2 entries, and the L2 table cache.
+//! L1 and L2 entries, and L2 tables.
 //!
 //! Spec: `docs/interop/qcow2.txt`, "Cluster mapping" and "Extended L2
 //! Entries". An L2 table is one cluster of 8-byte entries (16-byte with
 //! extended L2: a standard entry followed by a subcluster bitmap).
 //!
-//! The cache holds whole tables as `Arc<L2Table>` whose entries are atomics:
+//! Entries with reserved bits set are refused (`Corrupt`) when they are
+//! used, which is stricter than QEMU: QEMU's read path masks those bits
+//! away, and only `qemu-img check` (`check_refcounts_l1`/`_l2`) counts
+//! them as corruption. Nothing is marked corrupt for them.
+//!
+//! The L2 cache (`cache.rs`) holds whole tables as `Arc<L2Table>` whose entries are atomics:
 //! readers load entries without a lock of their own, writers store them while
 //! holding the image's allocation lock. A newly mapped cluster is stored only
 //! after its data is written, so a reader never sees the mapping first.
@@ -22,6 +27,13 @@ pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 pub(crate) const OFLAG_ZERO: u64 = 1;
 /// Host offset bits 9..=55 of L1 and standard L2 entries.
 pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry: 0..=8 and 56..=62 (QEMU
+/// `L1E_RESERVED_MASK`).
+pub(crate) const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry: 1..=8 and 56..=61 (QEMU
+/// `L2E_STD_RESERVED_MASK`). Bit 0 (zero) is not among them; with extended
+/// L2 it is ignored, as QEMU ignores it.
+pub(crate) const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Subclusters per cluster with extended L2.
 pub(crate) const SUBCLUSTERS: u32 = 32;
 
@@ -109,7 +121,52 @@ pub(crate) struct L2Entry {
     pub(crate) bitmap: u64,
 }
 
+/// Refuses entry `index` (value `l1e`) of the L1 table at host offset
+/// `table` when it has reserved bits set.
+pub(crate) fn check_l1_entry(l1e: u64, index: u64, table: u64) -> Result<()> {
+    let bits = l1e & L1E_RESERVED_MASK;
+    if bits != 0 {
+        return Err(Error::corrupt(format!(
+            "L1 entry {index} of the table at {table:#x} ({l1e:#018x}) has reserved bits {bits:#x} set"
+        ))
+        .with_field("L1 entry")
+        .with_offset(table.saturating_add(index.saturating_mul(8))));
+    }
+    Ok(())
+}
+
 impl L2Entry {
+    /// Refuses the entry when bits the spec reserves are set: those of
+    /// [`L2E_STD_RESERVED_MASK`] in a standard descriptor; COPIED (bit 63)
+    /// in a compressed one, which never carries it; and with extended L2 a
+    /// compressed cluster's subcluster bitmap, which is reserved. `table`
+    /// and `index` locate the entry for the message.
+    pub(crate) fn check_reserved(&self, geo: &Geometry, table: u64, index: usize) -> Result<()> {
+        let at = table.saturating_add((index as u64).saturating_mul(8 * geo.words_per_entry() as u64));
+        let (bits, what) = if self.is_compressed() {
+            (self.word & OFLAG_COPIED, "reserved bit (COPIED in a compressed cluster descriptor)")
+        } else {
+            (self.word & L2E_STD_RESERVED_MASK, "reserved bits")
+        };
+        if bits != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 entry {index} of the table at {table:#x} ({:#018x}) has {what} {bits:#x} set",
+                self.word
+            ))
+            .with_field("L2 entry")
+            .with_offset(at));
+        }
+        if geo.extended_l2 && self.is_compressed() && self.bitmap != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 entry {index} of the table at {table:#x} is a compressed cluster with reserved subcluster bitmap bits {:#018x} set",
+                self.bitmap
+            ))
+            .with_field("L2 entry")
+            .with_offset(at.saturating_add(8)));
+        }
+        Ok(())
+    }
+
     /// The cluster is compressed.
     pub(crate) fn is_compressed(&self) -> bool {
         self.word & OFLAG_COMPRESSED != 0

@@ -2,6 +2,7 @@
 //! zero clusters, compressed clusters, and ranges that fall through to the
 //! backing image. Data I/O runs under no metadata lock.
 
+use super::cluster::L1Ref;
 use super::l2::Mapping;
 use super::Qcow2;
 use crate::error::{Error, ErrorKind, Result};
@@ -43,7 +44,7 @@ impl Qcow2 {
     }
 
     /// [`read_mapped`](Self::read_mapped) in the active state or a snapshot.
-    pub(crate) fn read_mapped_in(&self, snap: Option<&[u64]>, buf: &mut [u8], offset: u64) -> Result<()> {
+    pub(crate) fn read_mapped_in(&self, snap: Option<L1Ref<'_>>, buf: &mut [u8], offset: u64) -> Result<()> {
         let mut pos = 0usize;
         while pos < buf.len() {
             let guest = offset + pos as u64;

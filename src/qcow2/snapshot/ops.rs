@@ -11,6 +11,7 @@ use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::qcow2::alloc::AllocState;
+use crate::qcow2::cluster::L1Ref;
 use crate::qcow2::header;
 use crate::qcow2::l2::{L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
 use crate::qcow2::table::{self, FreeOld, HeaderTable};
@@ -37,7 +38,7 @@ impl Qcow2 {
     /// Fails, changing nothing, when one more reference through `l1`
     /// would overflow a refcount (narrow refcount widths hold few
     /// snapshots; 1-bit refcounts none).
-    fn check_refcount_room(&self, a: &mut AllocState, l1: &[u64]) -> Result<()> {
+    fn check_refcount_room(&self, a: &mut AllocState, l1: L1Ref<'_>) -> Result<()> {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let geo = self.geo;
@@ -65,7 +66,8 @@ impl Qcow2 {
             }
             Ok(())
         };
-        for &l1e in l1 {
+        for (i, &l1e) in l1.entries.iter().enumerate() {
+            self.check_l1(Some(l1), l1e, i as u64)?;
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
@@ -95,14 +97,15 @@ impl Qcow2 {
 
     /// Adds `delta` to the refcount of every L2 table and host cluster
     /// `l1` reaches. Increments apply at once; decrements are queued.
-    fn l1_refs(&self, a: &mut AllocState, l1: &[u64], delta: i64) -> Result<()> {
+    fn l1_refs(&self, a: &mut AllocState, l1: L1Ref<'_>, delta: i64) -> Result<()> {
         if delta > 0 {
             self.check_refcount_room(a, l1)?;
         }
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let geo = self.geo;
-        for &l1e in l1 {
+        for (i, &l1e) in l1.entries.iter().enumerate() {
+            self.check_l1(Some(l1), l1e, i as u64)?;
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
@@ -148,6 +151,7 @@ impl Qcow2 {
         let geo = self.geo;
         let l1 = self.map.read().l1.clone();
         for (i, &l1e) in l1.iter().enumerate() {
+            self.check_l1(None, l1e, i as u64)?;
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
@@ -277,7 +281,8 @@ impl Qcow2 {
         let cs = self.geo.cluster_size();
         let l1 = self.map.read().l1.clone();
         // 1. Everything the active L1 reaches gets one more reference.
-        self.l1_refs(&mut a, &l1, 1)?;
+        let l1_table = self.header.lock().l1_table_offset;
+        self.l1_refs(&mut a, L1Ref { entries: &l1, offset: l1_table }, 1)?;
         // 2. Shared now: no COPIED flags; durable with the refcounts.
         self.fix_active_copied(&mut a)?;
         self.flush_meta(&mut a)?;
@@ -324,7 +329,7 @@ impl Qcow2 {
             // ... then the snapshot's references go (queued frees).
             let l1 =
                 table::read_u64_table(&*self.file, snap.l1_table_offset, snap.l1_size as usize, "snapshot L1 table")?;
-            self.l1_refs(&mut a, &l1, -1)?;
+            self.l1_refs(&mut a, L1Ref { entries: &l1, offset: snap.l1_table_offset }, -1)?;
             let cs = self.geo.cluster_size();
             let first = snap.l1_table_offset / cs;
             for c in first..first + (u64::from(snap.l1_size) * 8).div_ceil(cs).max(1) {
@@ -361,7 +366,7 @@ impl Qcow2 {
         }
         // 1. The snapshot's tables and clusters get the active state's
         //    reference.
-        self.l1_refs(&mut a, &snap_l1, 1)?;
+        self.l1_refs(&mut a, L1Ref { entries: &snap_l1, offset: snap.l1_table_offset }, 1)?;
         self.flush_meta(&mut a)?;
         // 2. A new active L1 table with the snapshot's entries (shared,
         //    so without COPIED), which the header switches to in one write
@@ -372,6 +377,7 @@ impl Qcow2 {
         let l1_clusters = (needed * 8).div_ceil(cs).max(1);
         let l1_off = self.alloc_clusters(&mut a, l1_clusters)?;
         let bytes = table::encode(l1.iter().copied(), (l1_clusters * cs) as usize);
+        let old_l1_table = self.header.lock().l1_table_offset;
         self.swap_table(
             &mut a,
             HeaderTable::L1,
@@ -387,7 +393,7 @@ impl Qcow2 {
         // 3. The old active state's references go.
         let old_l1 = std::mem::replace(&mut self.map.write().l1, l1);
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
-        self.l1_refs(&mut a, &old_l1, -1)?;
+        self.l1_refs(&mut a, L1Ref { entries: &old_l1, offset: old_l1_table }, -1)?;
         drop(a);
         self.zcache.clear();
         self.flush_impl()?;

@@ -4,6 +4,7 @@
 use super::table::Snapshot;
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind};
 use crate::error::Result;
+use crate::qcow2::cluster::L1Ref;
 use crate::qcow2::l2::Mapping;
 use crate::qcow2::Qcow2;
 
@@ -35,6 +36,11 @@ impl SnapshotView<'_> {
     pub fn snapshot(&self) -> &Snapshot {
         &self.snapshot
     }
+
+    /// The snapshot's L1 table.
+    fn l1_ref(&self) -> L1Ref<'_> {
+        L1Ref { entries: &self.l1, offset: self.snapshot.l1_table_offset }
+    }
 }
 
 impl BlockDevice for SnapshotView<'_> {
@@ -52,7 +58,7 @@ impl BlockDevice for SnapshotView<'_> {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size())?;
         let _g = self.q.gate.enter();
-        self.q.read_mapped_in(Some(&self.l1), buf, offset)
+        self.q.read_mapped_in(Some(self.l1_ref()), buf, offset)
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
@@ -64,7 +70,7 @@ impl BlockDevice for SnapshotView<'_> {
             return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
         let _g = self.q.gate.enter();
-        let (m, len) = self.q.lookup_in(Some(&self.l1), offset, max)?;
+        let (m, len) = self.q.lookup_in(Some(self.l1_ref()), offset, max)?;
         let len = len.min(max);
         let kind = match m {
             Mapping::Data { host } => ExtentKind::Data { host_offset: Some(host) },
