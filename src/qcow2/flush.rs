@@ -34,6 +34,12 @@ use crate::error::{Error, Result};
 /// Queued frees beyond which a write triggers a flush to apply them.
 const MAX_PENDING_FREES: usize = 1 << 16;
 
+/// Whether so many frees are queued that the caller should flush (once it
+/// holds no lock and no gate guard) to apply them.
+pub(crate) fn frees_due(a: &AllocState) -> bool {
+    a.pending.len() > MAX_PENDING_FREES
+}
+
 impl Qcow2 {
     /// Writes the header (cluster 0) from `h`.
     pub(crate) fn write_header_locked(&self, h: &mut Header) -> Result<()> {
@@ -203,7 +209,7 @@ impl Qcow2 {
 
     /// Flushes when too many frees are queued (called with no gate guard).
     pub(crate) fn maybe_flush_frees(&self) -> Result<()> {
-        let many = self.alloc.as_ref().is_some_and(|a| a.lock().pending.len() > MAX_PENDING_FREES);
+        let many = self.alloc.as_ref().is_some_and(|a| frees_due(&a.lock()));
         if many {
             self.flush_impl()?;
         }

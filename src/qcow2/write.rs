@@ -4,14 +4,23 @@
 //! # Concurrency
 //!
 //! Overwrites of clusters the image owns (COPIED) go straight to the data
-//! file without any lock. Allocating writes take the allocation lock to
-//! reserve host clusters and mark the guest clusters in flight, release it
-//! for the copy-on-write reads and the data write, and take it again to link
-//! the new clusters into the L2 table: a reader never sees a mapping before
-//! its data. Other writers of an in-flight cluster wait on a condition
-//! variable.
+//! file without any lock. An allocating write takes the allocation lock
+//! twice. The first time it looks its L2 table up (once: the table is
+//! allocated or copied if the image does not own it), plans every cluster
+//! from the entries, reserves host clusters (refcounts raised) and marks
+//! the guest clusters in flight; then it releases the lock for the
+//! copy-on-write reads and the data write. The second time it links the
+//! new clusters into the same table, after checking, under the mapping
+//! lock, that the table is still the cached one its L1 entry names (a
+//! flush may have written and evicted it meanwhile; only then does it look
+//! the table up again). A reader never sees a mapping before its data.
+//! Other writers of an in-flight cluster wait on a condition variable.
 
-use super::l2::{L2Entry, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
+use std::sync::Arc;
+
+use super::alloc::AllocState;
+use super::flush::frees_due;
+use super::l2::{L2Entry, L2Table, OFFSET_MASK, OFLAG_COPIED, OFLAG_ZERO, SUBCLUSTERS};
 use super::{crypt, Qcow2};
 use crate::device::{check_request, BlockDevice};
 use crate::error::Result;
@@ -56,6 +65,9 @@ impl Qcow2 {
 
     /// Writes `buf` at guest `offset`; the range was checked.
     pub(crate) fn write_impl(&self, buf: &[u8], offset: u64) -> Result<()> {
+        // Set when an allocating write queued more frees than a flush
+        // should wait for (only allocating writes queue frees).
+        let mut frees_due = false;
         {
             let _g = self.gate.enter();
             let mut pos = 0usize;
@@ -74,10 +86,15 @@ impl Qcow2 {
                         continue;
                     }
                 }
-                pos += self.write_slow(&buf[pos..], guest)? as usize;
+                let (n, due) = self.write_slow(&buf[pos..], guest)?;
+                frees_due |= due;
+                pos += n as usize;
             }
         }
-        self.maybe_flush_frees()
+        if frees_due {
+            self.flush_impl()?;
+        }
+        Ok(())
     }
 
     /// The run of owned, allocated granules starting at `guest` that can be
@@ -131,8 +148,9 @@ impl Qcow2 {
     }
 
     /// Handles the allocating part of a write starting at `guest`, at most
-    /// up to the end of its L2 table. Returns the bytes written.
-    fn write_slow(&self, buf: &[u8], guest: u64) -> Result<u64> {
+    /// up to the end of its L2 table. Returns the bytes written, and whether
+    /// the frees it queued call for a flush.
+    fn write_slow(&self, buf: &[u8], guest: u64) -> Result<(u64, bool)> {
         let geo = self.geo;
         let cb = geo.cluster_bits;
         let cs = geo.cluster_size();
@@ -165,7 +183,6 @@ impl Qcow2 {
             };
             plans.push(Plan { c, old, ws, we, action, fresh: false });
         }
-        drop(t);
         if allocs > 0 {
             let mut host = self.alloc_clusters(&mut a, allocs)?;
             let file_len = self.data.len()?;
@@ -201,20 +218,40 @@ impl Qcow2 {
 
             return Err(e);
         }
-        let t = self.l2_for_write(&mut a, l1_index)?;
-        for p in &plans {
-            let i = (p.c % l2e) as usize;
-            let new = self.new_entry(p);
-            if let Action::New(_) = p.action {
-                self.release_entry(&mut a, p.old, p.c);
+        let link = |a: &mut AllocState, t: &L2Table| {
+            for p in &plans {
+                if let Action::New(_) = p.action {
+                    self.release_entry(a, p.old, p.c);
+                }
+                t.set(&geo, (p.c % l2e) as usize, self.new_entry(p));
             }
-            t.set(&geo, i, new);
-        }
+        };
+        // The planned table, if it is still the cached one the L1 entry
+        // names: checked and changed under the mapping lock, which keeps
+        // the cache from evicting it in between.
+        let (linked, over) = {
+            let m = self.map.read();
+            let current =
+                m.l1.get(l1_index as usize).is_some_and(|&e| e & OFFSET_MASK == t.offset && e & OFLAG_COPIED != 0)
+                    && m.l2.get(t.offset).is_some_and(|c| Arc::ptr_eq(c, &t));
+            if current {
+                link(&mut a, &t);
+            }
+            (current, m.l2.over_capacity())
+        };
+        drop(t);
+        let over = if linked {
+            over
+        } else {
+            let t = self.l2_for_write(&mut a, l1_index)?;
+            link(&mut a, &t);
+            self.map.read().l2.over_capacity()
+        };
         a.data_written = true;
-        if self.map.read().l2.over_capacity() {
+        if over {
             self.flush_meta(&mut a)?;
         }
-        Ok(end - guest)
+        Ok((end - guest, frees_due(&a)))
     }
 
     /// The L2 entry a plan leaves behind.
@@ -390,5 +427,105 @@ impl Plan {
         match self.action {
             Action::InPlace(h) | Action::New(h) => h,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::super::check::Repair;
+    use super::super::create::CreateOptions;
+    use super::super::{Qcow2, Qcow2Options};
+    use crate::device::BlockDevice;
+    use crate::error::Result;
+    use crate::storage::{MemStorage, Storage};
+
+    /// Memory whose whole-cluster writes (guest data) take a while, so that
+    /// other threads run between an allocating write's plan and its link.
+    #[derive(Debug, Default)]
+    struct SlowData(MemStorage);
+
+    impl Storage for SlowData {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            if buf.len() == 512 {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+            self.0.write_at(buf, offset)
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync(&self) -> Result<()> {
+            self.0.sync()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    /// Allocating writes link into the table they planned with, unless it
+    /// left the cache meanwhile. With a cache of two tables, threads that
+    /// share tables, reads that load other tables and flushes that make
+    /// tables clean evict planned tables between plan and link; every
+    /// write must still land, and the metadata stay consistent.
+    #[test]
+    fn allocating_writes_survive_evictions_between_plan_and_link() {
+        let m: Arc<dyn Storage> = Arc::new(SlowData::default());
+        let mut o = CreateOptions::new(4 << 20);
+        // 512-byte clusters: an L2 table maps 32 KiB, the disk 128 tables.
+        o.cluster_size = 512;
+        let opts = Qcow2Options { l2_cache_bytes: Some(1024), ..Qcow2Options::default() };
+        let q = Arc::new(Qcow2::create(m.clone(), &o, opts.clone()).unwrap());
+        let threads = 4u64;
+        let clusters = (4u64 << 20) / 512;
+        let written: std::collections::HashSet<u64> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|k| {
+                    let q = q.clone();
+                    s.spawn(move || {
+                        let mut mine = Vec::new();
+                        let mut x = 0x9e37_79b9_7f4a_7c15_u64 ^ k;
+                        let mut buf = vec![0u8; 512];
+                        for step in 0..400u64 {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            // Thread k owns the clusters c with c % threads == k.
+                            let c = (x % (clusters / threads)) * threads + k;
+                            buf.fill((c % 251) as u8 + 1);
+                            q.write_at(&buf, c * 512).unwrap();
+                            mine.push(c);
+                            let other = (x >> 32) % clusters;
+                            q.read_at(&mut buf, other * 512).unwrap();
+                            if step % 97 == 0 {
+                                q.flush().unwrap();
+                            }
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        let check = |q: &Qcow2| {
+            let mut buf = vec![0u8; 512];
+            for c in 0..clusters {
+                q.read_at(&mut buf, c * 512).unwrap();
+                let want = if written.contains(&c) { (c % 251) as u8 + 1 } else { 0 };
+                assert!(buf.iter().all(|&b| b == want), "cluster {c} holds {}, not {want}", buf[0]);
+            }
+            let r = q.check(Repair::None).unwrap();
+            assert!(r.is_clean(), "{r:?}");
+        };
+        check(&q);
+        Arc::try_unwrap(q).unwrap().close().unwrap();
+        check(&Qcow2::open(m, opts).unwrap());
     }
 }
