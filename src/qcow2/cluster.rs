@@ -187,24 +187,29 @@ impl Qcow2 {
             return Ok(());
         }
         let geo = &self.geo;
-        let reserved = self.reserved.read();
         let cs = geo.cluster_size();
-        for i in 0..t.len(geo) {
-            let e = t.get(geo, i);
-            e.check_reserved(geo, t.offset, i).map_err(|e| self.err(e))?;
-            if e.is_compressed() || geo.data_file {
-                continue;
+        let overlap = {
+            let reserved = self.reserved.read();
+            let mut overlap = None;
+            for i in 0..t.len(geo) {
+                let e = t.get(geo, i);
+                e.check_reserved(geo, t.offset, i).map_err(|e| self.err(e))?;
+                let off = e.word & OFFSET_MASK;
+                if !e.is_compressed() && !geo.data_file && off != 0 && reserved.overlaps(off, cs) {
+                    overlap = Some((i, off));
+                    break;
+                }
             }
-            let off = e.word & OFFSET_MASK;
-            if off != 0 && reserved.overlaps(off, cs) {
-                return Err(self.mark_corrupt(
-                    Error::corrupt(format!(
-                        "L2 table at {:#x} entry {i} points at {off:#x}, inside the image's metadata",
-                        t.offset
-                    ))
-                    .with_offset(t.offset),
-                ));
-            }
+            overlap
+        };
+        if let Some((i, off)) = overlap {
+            return Err(self.mark_corrupt(
+                Error::corrupt(format!(
+                    "L2 table at {:#x} entry {i} points at {off:#x}, inside the image's metadata",
+                    t.offset
+                ))
+                .with_offset(t.offset),
+            ));
         }
         Ok(())
     }

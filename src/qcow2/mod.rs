@@ -17,13 +17,16 @@
 //! for a few nanoseconds; inserting a table or changing the L1 table takes it
 //! exclusively. L2 entries are atomics, stored only by a thread holding the
 //! allocation lock (`alloc`), after the data they point at is written. Lock
-//! order: `alloc` before `map` before `header`. Data I/O never runs under
-//! `map` or `header`.
+//! order: `alloc` before `map` before `header`; `reserved` (where the
+//! header's tables lie, shared with the allocator) is a leaf: nothing else
+//! is acquired while it is held. Data I/O never runs under `map`, `header`
+//! or `reserved`.
 //!
 //! # Files
 //!
-//! `header` and `extension` (cluster 0), `l2` (entries, tables) and `cache`
-//! (the L2 cache), `refcount` (refcount table and blocks) and `alloc` (the
+//! `header` and `extension` (cluster 0), `table` (the u64 table codec, the
+//! reserved ranges, `swap_table`), `l2` (entries, tables) and `cache` (the
+//! L2 cache), `refcount` (refcount table and blocks) and `alloc` (the
 //! allocator and the state behind the allocation lock), `cluster` (lookup),
 //! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
 //! (write_zeroes, discard), `flush` (metadata order, frees, close),

@@ -27,11 +27,12 @@
 
 use std::sync::atomic::Ordering;
 
+use byteorder::{ByteOrder, LittleEndian};
+
 use super::header::*;
 use super::sparse::{AllocState, Fallback, Mapping, SparseExtent};
 use crate::codec::{self, Codec};
 use crate::error::{Error, Result};
-use byteorder::{ByteOrder, LittleEndian};
 
 /// Deflates `data` into a zlib stream (with header and Adler-32 trailer).
 fn deflate(data: &[u8]) -> Result<Vec<u8>> {
