@@ -75,7 +75,10 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[doc(hidden)]
+pub mod codec;
 pub mod convert;
+mod crypto;
 pub mod device;
 pub mod error;
 pub mod limits;
@@ -93,13 +96,10 @@ pub(crate) mod sys;
 pub mod testing;
 pub mod vmdk;
 
-// Short crate-internal paths of the storage submodules.
-pub(crate) use storage::direct;
-
+pub use crypto::Secret;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 pub use error::{Error, ErrorKind, Result};
 pub use open::{open, BackingPolicy, CacheMode, Image, OpenOptions};
-pub use qcow2::crypt::Secret;
 pub use qcow2::{Qcow2, Qcow2Options};
 pub use raw::Raw;
 pub use storage::lock::LockMode;

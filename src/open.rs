@@ -49,7 +49,7 @@ pub struct OpenOptions {
     max_depth: usize,
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
-    key: Option<crate::qcow2::crypt::Secret>,
+    key: Option<crate::crypto::Secret>,
     inspect_only: bool,
     lock: LockMode,
     cache: CacheMode,
@@ -109,13 +109,13 @@ impl OpenOptions {
     }
 
     /// The passphrase for encrypted (legacy AES qcow2) images in the chain.
-    pub fn key(mut self, key: crate::qcow2::crypt::Secret) -> Self {
+    pub fn key(mut self, key: crate::crypto::Secret) -> Self {
         self.key = Some(key);
         self
     }
 
     /// Sets or clears the passphrase.
-    pub fn key_opt(mut self, key: Option<crate::qcow2::crypt::Secret>) -> Self {
+    pub fn key_opt(mut self, key: Option<crate::crypto::Secret>) -> Self {
         self.key = key;
         self
     }

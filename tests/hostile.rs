@@ -17,13 +17,24 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vdisk::codec::Codec;
 use vdisk::qcow2::create::CreateOptions;
 use vdisk::qcow2::header::CompressionType;
-use vdisk::qcow2::l2::OFLAG_COMPRESSED;
 use vdisk::{
     BackingPolicy, BlockDevice, ErrorKind, FileStorage, Format, MemStorage, OpenOptions, Qcow2, Qcow2Options, Storage,
     Vmdk, VmdkCreateOptions, VmdkOptions,
 };
+
+/// L2 entry bit 62: the cluster is compressed.
+const OFLAG_COMPRESSED: u64 = 1 << 62;
+
+/// The codec of a qcow2 compression type.
+fn codec_of(ty: CompressionType) -> Codec {
+    match ty {
+        CompressionType::Zlib => Codec::Deflate,
+        CompressionType::Zstd => Codec::Zstd,
+    }
+}
 
 struct Counting;
 
@@ -353,7 +364,7 @@ fn qcow2_compressed_cluster_inflating_past_a_cluster() {
         // 64 MiB of zeros compress to ~64 KiB (zlib) or a few KiB (zstd):
         // a "cluster" that inflates a thousand times past its size.
         let bomb =
-            vdisk::qcow2::compress::compress(ty, &vec![0u8; 64 << 20], 120 << 10).unwrap().expect("compressible");
+            vdisk::codec::compress(codec_of(ty), &vec![0u8; 64 << 20], 120 << 10).unwrap().expect("compressible");
         let host = img.len() as u64;
         img.extend_from_slice(&bomb);
         img.resize(img.len().div_ceil(65536) * 65536, 0);
@@ -588,7 +599,8 @@ fn vmdk_grain_directory_claiming_terabytes() {
 fn vmdk_compressed_grain_inflating_past_a_grain() {
     let _serial = serial();
     // 64 MiB of zeros deflate to ~64 KiB: within the 2-grain limit.
-    let bomb = vdisk::vmdk::stream::deflate(&vec![0u8; 64 << 20]).unwrap();
+    let zeros = vec![0u8; 64 << 20];
+    let bomb = vdisk::codec::compress(Codec::Zlib, &zeros, vdisk::codec::deflate_bound(zeros.len())).unwrap().unwrap();
     assert!(bomb.len() < 2 * 65536, "bomb of {} bytes", bomb.len());
     for markers in [false, true] {
         // One 64 KiB grain: header, directory at sector 1, table at sector

@@ -36,6 +36,8 @@ enum Expect {
     Read(ErrorKind),
     /// Opening read-write fails with this kind, read-only works.
     OpenRw(ErrorKind),
+    /// As `Read`, and the message says each of these.
+    ReadSays(ErrorKind, &'static [&'static str]),
 }
 
 /// Computes (offset, bytes) edits from the original image.
@@ -53,6 +55,10 @@ fn l1(img: &[u8]) -> usize {
 }
 fn l2(img: &[u8]) -> usize {
     (read_be(img, l1(img), 8) & 0x00ff_ffff_ffff_fe00) as usize
+}
+/// Sets `bits` in the 8-byte entry at `off`.
+fn set_bits(img: &[u8], off: usize, bits: u64) -> Vec<(usize, Vec<u8>)> {
+    vec![(off, be(read_be(img, off, 8) | bits, 8))]
 }
 
 const POKES: &[Poke] = &[
@@ -209,6 +215,34 @@ const POKES: &[Poke] = &[
         },
         expect: Expect::Read(ErrorKind::Corrupt),
     },
+    // Reserved bits (QEMU's L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, and
+    // COPIED in a compressed descriptor): `qemu-img check` counts them as
+    // corruption; vdisk refuses to use such an entry.
+    Poke {
+        name: "L1 entry with reserved bit 56",
+        edit: |i| set_bits(i, l1(i), 1 << 56),
+        expect: Expect::ReadSays(ErrorKind::Corrupt, &["L1 entry 0", "reserved bits 0x100000000000000"]),
+    },
+    Poke {
+        name: "L1 entry with reserved bit 0",
+        edit: |i| set_bits(i, l1(i), 1),
+        expect: Expect::ReadSays(ErrorKind::Corrupt, &["L1 entry 0", "reserved bits 0x1 "]),
+    },
+    Poke {
+        name: "L2 entry with reserved bit 1",
+        edit: |i| set_bits(i, l2(i), 1 << 1),
+        expect: Expect::ReadSays(ErrorKind::Corrupt, &["L2 entry 0", "reserved bits 0x2 "]),
+    },
+    Poke {
+        name: "L2 entry with reserved bit 61",
+        edit: |i| set_bits(i, l2(i) + 8, 1 << 61),
+        expect: Expect::ReadSays(ErrorKind::Corrupt, &["L2 entry 1", "reserved bits 0x2000000000000000"]),
+    },
+    Poke {
+        name: "compressed descriptor with COPIED",
+        edit: |i| set_bits(i, l2(i) + 16, 1 << 63),
+        expect: Expect::ReadSays(ErrorKind::Corrupt, &["L2 entry 2", "COPIED", "0x8000000000000000"]),
+    },
 ];
 
 fn open(path: &Path, ro: bool) -> vdisk::Result<vdisk::Image> {
@@ -241,11 +275,16 @@ fn poke_table() {
                 assert_eq!(e.kind(), kind, "{}: {e}", poke.name);
                 open(&path, true).unwrap_or_else(|e| panic!("{}: read-only open failed: {e}", poke.name));
             }
-            Expect::Read(kind) => {
+            Expect::Read(kind) | Expect::ReadSays(kind, _) => {
                 let dev = open(&path, true).unwrap_or_else(|e| panic!("{}: open failed: {e}", poke.name));
                 let mut buf = vec![0u8; 192 << 10];
                 let e = dev.read_at(&mut buf, 0).expect_err(poke.name);
                 assert_eq!(e.kind(), kind, "{}: {e}", poke.name);
+                if let Expect::ReadSays(_, says) = poke.expect {
+                    for s in says {
+                        assert!(e.to_string().contains(s), "{}: '{e}' does not say '{s}'", poke.name);
+                    }
+                }
             }
         }
     }
@@ -265,6 +304,62 @@ fn error_messages_name_the_field() {
     assert_eq!(e.field(), Some("cluster_bits"));
     let s = e.to_string();
     assert!(s.contains("cluster_bits 8") && s.contains("base.qcow2"), "{s}");
+}
+
+/// A reserved bit in an L1 and in an L2 entry: the error names the field,
+/// the entry's value and its host offset, opening read-write refuses the
+/// same reads without marking the image corrupt, and vdisk's check counts
+/// the corruption as `qemu-img check` does.
+#[test]
+fn reserved_bits_name_the_entry_and_agree_with_qemu_check() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let img = base(dir.path());
+    let orig = std::fs::read(&img).unwrap();
+    let (l1_off, l2_off) = (l1(&orig), l2(&orig));
+    let cases: [(&str, usize, u64, &str); 3] = [
+        ("l1.qcow2", l1_off, 1 << 57, "L1 entry"),
+        ("l2.qcow2", l2_off + 8, 1 << 3, "L2 entry"),
+        ("c.qcow2", l2_off + 16, 1 << 63, "L2 entry"),
+    ];
+    for (name, at, bit, field) in cases {
+        let mut bytes = orig.clone();
+        for (off, val) in set_bits(&orig, at, bit) {
+            bytes[off..off + val.len()].copy_from_slice(&val);
+        }
+        let path = p(dir.path(), name);
+        std::fs::write(&path, &bytes).unwrap();
+        let value = format!("{:#018x}", read_be(&bytes, at, 8));
+        for ro in [true, false] {
+            let dev = open(&path, ro).unwrap_or_else(|e| panic!("{name}: open (read-only {ro}) failed: {e}"));
+            let mut buf = vec![0u8; 192 << 10];
+            let e = dev.read_at(&mut buf, 0).expect_err(name);
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{name}: {e}");
+            assert_eq!(e.field(), Some(field), "{name}: {e}");
+            assert_eq!(e.offset(), Some(at as u64), "{name}: {e}");
+            assert!(e.to_string().contains(&value), "{name}: '{e}' does not name the value {value}");
+        }
+        // Nothing was marked corrupt: the header is as poked.
+        assert_eq!(std::fs::read(&path).unwrap()[..4096], bytes[..4096], "{name}: the header changed");
+        let q = vdisk::Qcow2::open(
+            std::sync::Arc::new(vdisk::FileStorage::open(&path, true).unwrap()),
+            vdisk::Qcow2Options { read_only: true, ..Default::default() },
+        )
+        .unwrap();
+        let report = q.check(vdisk::qcow2::Repair::None).unwrap();
+        let (code, json) = qemu_check(&path, "qcow2");
+        assert_eq!(code, 2, "{name}: qemu-img check:\n{json}");
+        let key = "\"corruptions\": ";
+        let at = json.find(key).unwrap_or_else(|| panic!("{name}: no corruptions in {json}")) + key.len();
+        let qemu: u64 = json[at..].split([',', '\n', '}']).next().unwrap().trim().parse().unwrap();
+        assert_eq!(report.corruptions, qemu, "{name}: vdisk {:?} vs qemu-img {json}", report.messages);
+        assert!(
+            report.messages.iter().any(|m| m.contains("reserved bits") || m.contains("COPIED")),
+            "{name}: {report:?}"
+        );
+    }
 }
 
 #[test]

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use super::def::Permissions;
 use super::name::check_volume_name;
+use crate::crypto::Secret;
 use crate::device::Format;
 use crate::error::{Error, Result};
-use crate::qcow2::crypt::Secret;
 
 /// The backing store of a linked clone.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,10 +18,10 @@ use super::records::Record;
 use super::scan::{probe_regular, Entry};
 use super::volinfo::{build_info, FileStat, VolType, VolumeInfo};
 use super::volxml::volume_xml;
+use crate::crypto::Secret;
 use crate::device::{BlockDevice, DeviceInfo, Extent, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
 use crate::open::{BackingPolicy, Image, OpenOptions};
-use crate::qcow2::crypt::Secret;
 use crate::storage::lock::{Access, LockMode};
 use crate::storage::{FileStorage, Storage};
 

@@ -16,9 +16,9 @@ use super::def::{scaled_element, Permissions};
 use super::spec::{BackingSpec, VolumeSpec};
 use super::volinfo::{FileStat, VolType, VolumeInfo};
 use super::xml::{self, escape, Element};
+use crate::crypto::Secret;
 use crate::device::Format;
 use crate::error::{Error, Result};
-use crate::qcow2::crypt::Secret;
 
 fn ts(t: (i64, i64)) -> String {
     format!("{}.{:09}", t.0, t.1)

@@ -8,21 +8,27 @@
 //! * stored < counted: an error (a cluster could be handed out twice);
 //! * stored > counted: a leak (wasted space, no harm to data).
 //!
-//! It also reports entries that are not cluster aligned and COPIED flags that
-//! disagree with the refcount, in the same words as QEMU. Repair:
+//! It also reports entries that are not cluster aligned, L1 and L2 entries
+//! with reserved bits set, and COPIED flags that disagree with the
+//! refcount, in the same words as QEMU. Repair:
 //! [`Repair::Leaks`] lowers leaked refcounts in place; [`Repair::All`]
 //! rebuilds the refcount structures from the counts (placing a new table and
 //! blocks past the end of the image and switching the header to them) and
 //! fixes COPIED flags.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
 
 use super::header::{self, Header};
-use super::l2::{Geometry, L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED, OFLAG_ZERO};
-use super::refcount::{get_entry, set_entry, REFT_OFFSET_MASK};
+use super::l2::{
+    Geometry, L2Entry, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
+    OFLAG_ZERO,
+};
+use super::refcount::{get_entry, set_entry, Refcounts, REFT_OFFSET_MASK};
 use super::snapshot::Snapshot;
+use super::table::{self, FreeOld, HeaderTable};
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::limits::*;
@@ -163,7 +169,7 @@ impl Walker<'_> {
         let avail = self.file_len.saturating_sub(offset).min(count.saturating_mul(8)) / 8 * 8;
         let mut buf = vec![0u8; avail as usize];
         match self.file.read_at(&mut buf, offset) {
-            Ok(()) => Some(buf.chunks_exact(8).map(BigEndian::read_u64).collect()),
+            Ok(()) => Some(table::decode(&buf).collect()),
             Err(e) => {
                 self.report.check_errors += 1;
                 self.report.messages.push(format!("ERROR: could not read {what} at {offset:#x}: {e}"));
@@ -182,6 +188,10 @@ impl Walker<'_> {
         };
         let mut next_contiguous = 0u64;
         for &l1e in l1.iter() {
+            if l1e & L1E_RESERVED_MASK != 0 {
+                self.report.corruptions += times;
+                self.report.messages.push(format!("ERROR found L1 entry with reserved bits set: {l1e:x}"));
+            }
             let l2_off = l1e & OFFSET_MASK;
             if l2_off == 0 {
                 continue;
@@ -270,9 +280,20 @@ impl Walker<'_> {
                             entry.word & self.geo.compressed_offset_mask()
                         ));
                     }
+                    if entry.bitmap != 0 {
+                        self.report.corruptions += n;
+                        self.report.messages.push(format!(
+                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry={:#x}",
+                            entry.word
+                        ));
+                    }
                     let (host, len) = entry.compressed(&self.geo);
                     self.refs.add_n(&mut self.report, host, len, n, "compressed cluster");
                     continue;
+                }
+                if entry.word & L2E_STD_RESERVED_MASK != 0 {
+                    self.report.corruptions += n;
+                    self.report.messages.push(format!("ERROR found l2 entry with reserved bits set: {:x}", entry.word));
                 }
                 let off = entry.word & OFFSET_MASK;
                 if self.geo.extended_l2 {
@@ -463,7 +484,7 @@ impl Qcow2 {
         let file = &*self.file;
         let cs = h.cluster_size();
         let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
-        let reftable = super::read_u64_table(
+        let reftable = table::read_u64_table(
             file,
             h.refcount_table_offset,
             (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
@@ -556,7 +577,7 @@ impl Qcow2 {
         let file = &*self.file;
         let _ = counts;
         let refcount = |off: u64| -> u64 { stored.get((off / cs) as usize).copied().unwrap_or(0) };
-        let l1 = super::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
+        let l1 = table::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
         let per = if h.extended_l2() { 2 } else { 1 };
         let file_len = file.len()?;
         // Each L2 table is checked once, however many entries name it.
@@ -579,7 +600,7 @@ impl Qcow2 {
             if l2_off >= file_len || !seen.insert(l2_off) {
                 continue;
             }
-            let t = super::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
+            let t = table::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
             for (j, e) in t.chunks_exact(per).enumerate() {
                 let w = e[0];
                 if w & OFLAG_COMPRESSED != 0 {
@@ -700,28 +721,20 @@ impl Qcow2 {
             file.write_at(&block, off)?;
             table[b as usize] = off;
         }
-        let mut tbytes = vec![0u8; (tc * cs) as usize];
-        for (ch, e) in tbytes.chunks_exact_mut(8).zip(&table) {
-            BigEndian::write_u64(ch, *e);
-        }
-        file.write_at(&tbytes, table_off)?;
-        file.sync()?;
-        let old_table = {
-            let mut hh = self.header.lock();
-            let old = (hh.refcount_table_offset, u64::from(hh.refcount_table_clusters));
-            hh.refcount_table_offset = table_off;
-            hh.refcount_table_clusters = tc as u32;
-            self.write_header_locked(&mut hh)?;
-            old
-        };
-        file.sync()?;
-        {
-            let mut r = self.reserved.write();
-            r.remove(old_table.0);
-            r.add(table_off, tc * cs);
-        }
-        let mut rc = super::refcount::Refcounts::load(file, order, h.cluster_bits, table_off, tc as u32)?;
-        rc.reserved = self.reserved.read().clone();
+        // The blocks are written; the swap writes the table, then the header.
+        let tbytes = table::encode(table, (tc * cs) as usize);
+        self.swap_table(
+            &mut a,
+            HeaderTable::Refcount,
+            table_off,
+            &tbytes,
+            |hh| {
+                hh.refcount_table_offset = table_off;
+                hh.refcount_table_clusters = tc as u32;
+            },
+            FreeOld::Never,
+        )?;
+        let rc = Refcounts::load(file, order, h.cluster_bits, table_off, tc as u32, Arc::clone(&self.reserved))?;
         a.rc = rc;
         a.alloc_end = e_start + tc + nb;
         a.compressed_next = 0;
@@ -733,7 +746,7 @@ impl Qcow2 {
         self.flush_impl()?;
         let h = self.header.lock().clone();
         let file = &*self.file;
-        let reftable = super::read_u64_table(
+        let reftable = table::read_u64_table(
             file,
             h.refcount_table_offset,
             (u64::from(h.refcount_table_clusters) * h.cluster_size() / 8) as usize,

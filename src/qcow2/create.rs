@@ -3,11 +3,12 @@
 
 use std::sync::Arc;
 
-use super::crypt::Secret;
 use super::header::{self, CompressionType, Header};
 use super::l2::{L2Entry, OFLAG_COPIED};
 use super::refcount::set_entry;
+use super::table;
 use super::{Qcow2, Qcow2Options};
+use crate::crypto::Secret;
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::limits::*;
@@ -324,9 +325,7 @@ impl Qcow2 {
         c0.resize(cs as usize, 0);
         file.write_at(&c0, 0)?;
         let epb = (cs * 8) >> h.refcount_order;
-        let mut table = vec![0u8; cs as usize];
-        table[0..8].copy_from_slice(&(2 * cs).to_be_bytes());
-        file.write_at(&table, cs)?;
+        file.write_at(&table::encode([2 * cs], cs as usize), cs)?;
         let mut block = vec![0u8; cs as usize];
         let first_clusters = (3 + l1_clusters).min(epb);
         for c in 0..first_clusters {

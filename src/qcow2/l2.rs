@@ -1,55 +1,60 @@
-//! L1 and L2 entries, and the L2 table cache.
+//! L1 and L2 entries, and L2 tables.
 //!
 //! Spec: `docs/interop/qcow2.txt`, "Cluster mapping" and "Extended L2
 //! Entries". An L2 table is one cluster of 8-byte entries (16-byte with
 //! extended L2: a standard entry followed by a subcluster bitmap).
 //!
-//! The cache holds whole tables as `Arc<L2Table>` whose entries are atomics:
+//! Entries with reserved bits set are refused (`Corrupt`) when they are
+//! used, which is stricter than QEMU: QEMU's read path masks those bits
+//! away, and only `qemu-img check` (`check_refcounts_l1`/`_l2`) counts
+//! them as corruption. Nothing is marked corrupt for them.
+//!
+//! The L2 cache (`cache.rs`) holds whole tables as `Arc<L2Table>` whose entries are atomics:
 //! readers load entries without a lock of their own, writers store them while
 //! holding the image's allocation lock. A newly mapped cluster is stored only
 //! after its data is written, so a reader never sees the mapping first.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 
-use byteorder::{BigEndian, ByteOrder};
-
+use super::table;
 use crate::error::{Error, Result};
 
 /// L1/L2 entry bit 63: the cluster's refcount is exactly one.
-pub const OFLAG_COPIED: u64 = 1 << 63;
+pub(crate) const OFLAG_COPIED: u64 = 1 << 63;
 /// L2 entry bit 62: the cluster is compressed.
-pub const OFLAG_COMPRESSED: u64 = 1 << 62;
+pub(crate) const OFLAG_COMPRESSED: u64 = 1 << 62;
 /// L2 entry bit 0: the cluster reads as zeros (v3, standard L2 only).
-pub const OFLAG_ZERO: u64 = 1;
+pub(crate) const OFLAG_ZERO: u64 = 1;
 /// Host offset bits 9..=55 of L1 and standard L2 entries.
-pub const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
-/// Reserved bits of an L1 entry (1..=8 and 56..=62; bit 0 is also reserved).
-pub const L1E_RESERVED: u64 = 0x7f00_0000_0000_01ff;
-/// Reserved bits of a standard L2 entry (1..=8 and 56..=61).
-pub const L2E_RESERVED: u64 = 0x3f00_0000_0000_01fe;
+pub(crate) const OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+/// Reserved bits of an L1 entry: 0..=8 and 56..=62 (QEMU
+/// `L1E_RESERVED_MASK`).
+pub(crate) const L1E_RESERVED_MASK: u64 = 0x7f00_0000_0000_01ff;
+/// Reserved bits of a standard L2 entry: 1..=8 and 56..=61 (QEMU
+/// `L2E_STD_RESERVED_MASK`). Bit 0 (zero) is not among them; with extended
+/// L2 it is ignored, as QEMU ignores it.
+pub(crate) const L2E_STD_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Subclusters per cluster with extended L2.
-pub const SUBCLUSTERS: u32 = 32;
+pub(crate) const SUBCLUSTERS: u32 = 32;
 
 /// Geometry needed to decode entries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Geometry {
+pub(crate) struct Geometry {
     /// log2 of the cluster size.
-    pub cluster_bits: u32,
+    pub(crate) cluster_bits: u32,
     /// Extended L2 entries.
-    pub extended_l2: bool,
+    pub(crate) extended_l2: bool,
     /// External data file in use (offset 0 with COPIED is a real cluster).
-    pub data_file: bool,
+    pub(crate) data_file: bool,
 }
 
 impl Geometry {
     /// Cluster size in bytes.
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
     /// u64 words per L2 entry.
-    pub fn words_per_entry(&self) -> usize {
+    pub(crate) fn words_per_entry(&self) -> usize {
         if self.extended_l2 {
             2
         } else {
@@ -57,12 +62,12 @@ impl Geometry {
         }
     }
     /// Entries per L2 table.
-    pub fn l2_entries(&self) -> u64 {
+    pub(crate) fn l2_entries(&self) -> u64 {
         self.cluster_size() / (8 * self.words_per_entry() as u64)
     }
     /// log2 of the allocation granule for reads: the subcluster size with
     /// extended L2, else the cluster size.
-    pub fn granule_bits(&self) -> u32 {
+    pub(crate) fn granule_bits(&self) -> u32 {
         if self.extended_l2 {
             self.cluster_bits - 5
         } else {
@@ -70,22 +75,22 @@ impl Geometry {
         }
     }
     /// Bit position where the sector count of a compressed descriptor starts.
-    pub fn csize_shift(&self) -> u32 {
+    pub(crate) fn csize_shift(&self) -> u32 {
         62 - (self.cluster_bits - 8)
     }
     /// Mask of the host offset in a compressed descriptor.
-    pub fn compressed_offset_mask(&self) -> u64 {
+    pub(crate) fn compressed_offset_mask(&self) -> u64 {
         (1u64 << self.csize_shift()) - 1
     }
     /// Guest bytes mapped by one L2 table.
-    pub fn l2_span(&self) -> u64 {
+    pub(crate) fn l2_span(&self) -> u64 {
         self.cluster_size() * self.l2_entries()
     }
 }
 
 /// What one (sub)cluster of the guest disk maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mapping {
+pub(crate) enum Mapping {
     /// Not allocated here: read the backing image, or zeros.
     Unallocated,
     /// Reads as zeros; `prealloc` is a host offset kept allocated for it.
@@ -109,26 +114,71 @@ pub enum Mapping {
 
 /// A decoded L2 entry (standard part and, with extended L2, the bitmap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct L2Entry {
+pub(crate) struct L2Entry {
     /// The standard 64-bit entry.
-    pub word: u64,
+    pub(crate) word: u64,
     /// The subcluster bitmap (0 without extended L2).
-    pub bitmap: u64,
+    pub(crate) bitmap: u64,
+}
+
+/// Refuses entry `index` (value `l1e`) of the L1 table at host offset
+/// `table` when it has reserved bits set.
+pub(crate) fn check_l1_entry(l1e: u64, index: u64, table: u64) -> Result<()> {
+    let bits = l1e & L1E_RESERVED_MASK;
+    if bits != 0 {
+        return Err(Error::corrupt(format!(
+            "L1 entry {index} of the table at {table:#x} ({l1e:#018x}) has reserved bits {bits:#x} set"
+        ))
+        .with_field("L1 entry")
+        .with_offset(table.saturating_add(index.saturating_mul(8))));
+    }
+    Ok(())
 }
 
 impl L2Entry {
+    /// Refuses the entry when bits the spec reserves are set: those of
+    /// [`L2E_STD_RESERVED_MASK`] in a standard descriptor; COPIED (bit 63)
+    /// in a compressed one, which never carries it; and with extended L2 a
+    /// compressed cluster's subcluster bitmap, which is reserved. `table`
+    /// and `index` locate the entry for the message.
+    pub(crate) fn check_reserved(&self, geo: &Geometry, table: u64, index: usize) -> Result<()> {
+        let at = table.saturating_add((index as u64).saturating_mul(8 * geo.words_per_entry() as u64));
+        let (bits, what) = if self.is_compressed() {
+            (self.word & OFLAG_COPIED, "reserved bit (COPIED in a compressed cluster descriptor)")
+        } else {
+            (self.word & L2E_STD_RESERVED_MASK, "reserved bits")
+        };
+        if bits != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 entry {index} of the table at {table:#x} ({:#018x}) has {what} {bits:#x} set",
+                self.word
+            ))
+            .with_field("L2 entry")
+            .with_offset(at));
+        }
+        if geo.extended_l2 && self.is_compressed() && self.bitmap != 0 {
+            return Err(Error::corrupt(format!(
+                "L2 entry {index} of the table at {table:#x} is a compressed cluster with reserved subcluster bitmap bits {:#018x} set",
+                self.bitmap
+            ))
+            .with_field("L2 entry")
+            .with_offset(at.saturating_add(8)));
+        }
+        Ok(())
+    }
+
     /// The cluster is compressed.
-    pub fn is_compressed(&self) -> bool {
+    pub(crate) fn is_compressed(&self) -> bool {
         self.word & OFLAG_COMPRESSED != 0
     }
 
     /// The COPIED flag.
-    pub fn copied(&self) -> bool {
+    pub(crate) fn copied(&self) -> bool {
         self.word & OFLAG_COPIED != 0
     }
 
     /// Host offset of a standard (not compressed) entry, if any.
-    pub fn host_offset(&self, geo: &Geometry) -> Option<u64> {
+    pub(crate) fn host_offset(&self, geo: &Geometry) -> Option<u64> {
         if self.is_compressed() {
             return None;
         }
@@ -141,7 +191,7 @@ impl L2Entry {
     }
 
     /// Decodes a compressed descriptor into (host byte offset, bytes to read).
-    pub fn compressed(&self, geo: &Geometry) -> (u64, u64) {
+    pub(crate) fn compressed(&self, geo: &Geometry) -> (u64, u64) {
         let shift = geo.csize_shift();
         let host = self.word & geo.compressed_offset_mask();
         let nb_sectors = ((self.word >> shift) & ((1u64 << (geo.cluster_bits - 8)) - 1)) + 1;
@@ -151,7 +201,7 @@ impl L2Entry {
 
     /// What subcluster `sc` (0 without extended L2) maps to. `guest_cluster`
     /// is used only in error messages.
-    pub fn mapping(&self, geo: &Geometry, sc: u32, guest_cluster: u64) -> Result<Mapping> {
+    pub(crate) fn mapping(&self, geo: &Geometry, sc: u32, guest_cluster: u64) -> Result<Mapping> {
         let cs = geo.cluster_size();
         if self.is_compressed() {
             if geo.data_file {
@@ -220,12 +270,15 @@ impl L2Entry {
 
 /// One cached L2 table.
 #[derive(Debug)]
-pub struct L2Table {
+pub(crate) struct L2Table {
     /// Host offset of the table.
-    pub offset: u64,
+    pub(crate) offset: u64,
+    /// The entries' words (two per entry with extended L2), native order.
     words: Box<[AtomicU64]>,
+    /// Changed since last written.
     dirty: AtomicBool,
-    last_use: AtomicU64,
+    /// The cache's clock when the table was last used (for eviction).
+    pub(crate) last_use: AtomicU64,
     /// `base | 1` while every entry `i` maps its cluster, as plain data, at
     /// `base + i * cluster_size` (a converted or preallocated image); 0
     /// otherwise. Lookups in such a table need not touch its entries, which
@@ -236,13 +289,13 @@ pub struct L2Table {
 
 impl L2Table {
     /// A table decoded from its on-disk bytes.
-    pub fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
-        let words: Box<[AtomicU64]> = bytes.chunks_exact(8).map(|c| AtomicU64::new(BigEndian::read_u64(c))).collect();
+    pub(crate) fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
+        let words: Box<[AtomicU64]> = table::decode(bytes).map(AtomicU64::new).collect();
         L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0), linear: AtomicU64::new(0) }
     }
 
     /// An all-zero (unallocated) table.
-    pub fn zeroed(offset: u64, words: usize) -> L2Table {
+    pub(crate) fn zeroed(offset: u64, words: usize) -> L2Table {
         L2Table {
             offset,
             words: (0..words).map(|_| AtomicU64::new(0)).collect(),
@@ -253,7 +306,7 @@ impl L2Table {
     }
 
     /// A copy of this table at a new offset (copy-on-write of a shared table).
-    pub fn copy_to(&self, offset: u64) -> L2Table {
+    pub(crate) fn copy_to(&self, offset: u64) -> L2Table {
         L2Table {
             offset,
             words: self.words.iter().map(|w| AtomicU64::new(w.load(Ordering::Acquire))).collect(),
@@ -265,7 +318,7 @@ impl L2Table {
 
     /// Entry `i`.
     #[inline]
-    pub fn get(&self, geo: &Geometry, i: usize) -> L2Entry {
+    pub(crate) fn get(&self, geo: &Geometry, i: usize) -> L2Entry {
         if geo.extended_l2 {
             // Bitmap first, then the word: a writer stores the word last.
             let word = self.words.get(2 * i).map_or(0, |w| w.load(Ordering::Acquire));
@@ -280,7 +333,7 @@ impl L2Table {
     /// `base + i * cluster_size` (standard entries only; the COPIED flag may
     /// vary, it does not change what a read sees). Called on a table just
     /// loaded, before anyone else sees it.
-    pub fn detect_linear(&self, geo: &Geometry) {
+    pub(crate) fn detect_linear(&self, geo: &Geometry) {
         if geo.extended_l2 {
             return;
         }
@@ -306,14 +359,14 @@ impl L2Table {
     /// The host offset of entry 0 when every entry maps linearly from it
     /// (see [`detect_linear`](Self::detect_linear)).
     #[inline]
-    pub fn linear_base(&self) -> Option<u64> {
+    pub(crate) fn linear_base(&self) -> Option<u64> {
         let l = self.linear.load(Ordering::Acquire);
         (l != 0).then_some(l & !1)
     }
 
     /// Stores entry `i` and marks the table dirty. Callers hold the image's
     /// allocation lock.
-    pub fn set(&self, geo: &Geometry, i: usize, e: L2Entry) {
+    pub(crate) fn set(&self, geo: &Geometry, i: usize, e: L2Entry) {
         // Before the entry changes: a reader that still sees the old base
         // sees the old mapping, as one that read the old entry would.
         if self.linear.load(Ordering::Relaxed) != 0 {
@@ -331,203 +384,30 @@ impl L2Table {
     }
 
     /// Number of entries.
-    pub fn len(&self, geo: &Geometry) -> usize {
+    pub(crate) fn len(&self, geo: &Geometry) -> usize {
         self.words.len() / geo.words_per_entry()
     }
 
-    /// Whether the table has no entries (never true for a real table).
-    pub fn is_empty(&self) -> bool {
-        self.words.is_empty()
-    }
-
     /// Encodes the table for writing.
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; self.words.len() * 8];
-        for (c, w) in b.chunks_exact_mut(8).zip(self.words.iter()) {
-            BigEndian::write_u64(c, w.load(Ordering::Acquire));
-        }
-        b
+    pub(crate) fn to_bytes(&self) -> Vec<u8> {
+        table::encode(self.words.iter().map(|w| w.load(Ordering::Acquire)), self.words.len() * 8)
     }
 
     /// Whether the table has changes not yet written.
-    pub fn is_dirty(&self) -> bool {
+    pub(crate) fn is_dirty(&self) -> bool {
         self.dirty.load(Ordering::Acquire)
     }
 
     /// Marks the table clean (after writing it) or dirty.
-    pub fn set_dirty(&self, dirty: bool) {
+    pub(crate) fn set_dirty(&self, dirty: bool) {
         self.dirty.store(dirty, Ordering::Release);
-    }
-}
-
-/// Hashes table offsets (cluster-aligned u64s) and cluster numbers with one
-/// multiplication: the cache is looked up on every guest request and the
-/// set of clusters being allocated on every allocating one, and keys come
-/// from the image itself, where collisions cost only a longer probe.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct OffsetHash;
-
-/// The hasher of [`OffsetHash`].
-#[derive(Debug, Default)]
-pub struct OffsetHasher(u64);
-
-impl std::hash::Hasher for OffsetHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        // Fibonacci hashing mixes the high bits; folding them down mixes the
-        // low ones too (offsets end in many zero bits, and the table indexes
-        // buckets by the low bits).
-        let x = v.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        self.0 = x ^ (x >> 31);
-    }
-}
-
-impl std::hash::BuildHasher for OffsetHash {
-    type Hasher = OffsetHasher;
-    fn build_hasher(&self) -> OffsetHasher {
-        OffsetHasher(0)
-    }
-}
-
-/// A bounded cache of L2 tables keyed by host offset.
-///
-/// Lookups take `&self` (the caller holds a read lock on the image's mapping
-/// state); inserting and evicting take `&mut self`. Only clean tables are
-/// evicted; dirty ones stay until the image flushes its metadata, so the
-/// cache may briefly exceed its capacity while many tables are dirty.
-#[derive(Debug)]
-pub struct L2Cache {
-    tables: HashMap<u64, Arc<L2Table>, OffsetHash>,
-    capacity: usize,
-    tick: AtomicU64,
-    /// Bumped whenever a table leaves the cache; a reader that loaded a
-    /// table from disk discards its copy if this changed meanwhile.
-    generation: u64,
-}
-
-impl L2Cache {
-    /// A cache holding at most `capacity` clean tables (at least 2).
-    pub fn new(capacity: usize) -> Self {
-        L2Cache {
-            tables: HashMap::with_hasher(OffsetHash),
-            capacity: capacity.max(crate::limits::QCOW2_MIN_L2_CACHE_TABLES),
-            tick: AtomicU64::new(1),
-            generation: 0,
-        }
-    }
-
-    /// The table at `offset`, if cached.
-    #[inline]
-    pub fn get(&self, offset: u64) -> Option<&Arc<L2Table>> {
-        let t = self.tables.get(&offset)?;
-        let now = self.tick.load(Ordering::Relaxed);
-        if t.last_use.load(Ordering::Relaxed) != now {
-            t.last_use.store(now, Ordering::Relaxed);
-        }
-        Some(t)
-    }
-
-    /// The eviction generation.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// Inserts a table (replacing none: if one is cached at that offset it
-    /// is returned instead), evicting clean tables beyond the capacity.
-    pub fn insert(&mut self, table: L2Table) -> Arc<L2Table> {
-        if let Some(t) = self.tables.get(&table.offset) {
-            return t.clone();
-        }
-        let now = self.tick.fetch_add(1, Ordering::Relaxed) + 1;
-        table.last_use.store(now, Ordering::Relaxed);
-        let t = Arc::new(table);
-        self.tables.insert(t.offset, t.clone());
-        self.evict_except(Some(t.offset));
-        t
-    }
-
-    /// Inserts a new table, replacing whatever was cached at its offset (a
-    /// stale copy of a freed cluster).
-    pub fn replace(&mut self, table: L2Table) -> Arc<L2Table> {
-        if self.tables.remove(&table.offset).is_some() {
-            self.generation += 1;
-        }
-        self.insert(table)
-    }
-
-    /// Evicts least recently used clean tables while over capacity.
-    pub fn evict_clean(&mut self) {
-        self.evict_except(None)
-    }
-
-    fn evict_except(&mut self, keep: Option<u64>) {
-        while self.tables.len() > self.capacity {
-            let victim = self
-                .tables
-                .values()
-                .filter(|t| !t.is_dirty() && Some(t.offset) != keep)
-                .min_by_key(|t| t.last_use.load(Ordering::Relaxed))
-                .map(|t| t.offset);
-            match victim {
-                Some(off) => {
-                    self.tables.remove(&off);
-                    self.generation += 1;
-                }
-                None => break,
-            }
-        }
-    }
-
-    /// Removes the table at `offset` (it was freed or replaced).
-    pub fn remove(&mut self, offset: u64) -> Option<Arc<L2Table>> {
-        let t = self.tables.remove(&offset);
-        if t.is_some() {
-            self.generation += 1;
-        }
-        t
-    }
-
-    /// Drops every table (after a metadata change that invalidates them all).
-    pub fn clear(&mut self) {
-        self.tables.clear();
-        self.generation += 1;
-    }
-
-    /// Whether more tables than the capacity are cached (all dirty).
-    pub fn over_capacity(&self) -> bool {
-        self.tables.len() > self.capacity
-    }
-
-    /// Dirty tables, in no particular order.
-    pub fn dirty_tables(&self) -> Vec<Arc<L2Table>> {
-        self.tables.values().filter(|t| t.is_dirty()).cloned().collect()
-    }
-
-    /// Number of cached tables.
-    pub fn len(&self) -> usize {
-        self.tables.len()
-    }
-
-    /// Whether no table is cached.
-    pub fn is_empty(&self) -> bool {
-        self.tables.is_empty()
-    }
-
-    /// The capacity in tables.
-    pub fn capacity(&self) -> usize {
-        self.capacity
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use byteorder::{BigEndian, ByteOrder};
+
     use super::*;
 
     const G64K: Geometry = Geometry { cluster_bits: 16, extended_l2: false, data_file: false };
@@ -607,35 +487,5 @@ mod tests {
         assert!(bad.mapping(&g, 5, 0).is_err());
         let bad = L2Entry { word: 0, bitmap: 1 };
         assert!(bad.mapping(&g, 5, 0).is_err());
-    }
-
-    #[test]
-    fn offset_hash_spreads_aligned_offsets() {
-        use std::hash::{BuildHasher, Hasher};
-        let mut buckets = std::collections::HashSet::new();
-        for i in 0..1024u64 {
-            let mut h = OffsetHash.build_hasher();
-            h.write_u64(i << 16);
-            buckets.insert(h.finish() & 1023);
-        }
-        assert!(buckets.len() > 500, "{} buckets used of 1024", buckets.len());
-    }
-
-    #[test]
-    fn cache_evicts_clean_only() {
-        let mut c = L2Cache::new(2);
-        c.insert(L2Table::from_bytes(0x10000, &[0u8; 64]));
-        let dirty = c.insert(L2Table::zeroed(0x20000, 8));
-        c.insert(L2Table::from_bytes(0x30000, &[0u8; 64]));
-        assert_eq!(c.len(), 2);
-        assert!(c.get(0x20000).is_some());
-        assert!(c.get(0x10000).is_none());
-        c.insert(L2Table::zeroed(0x40000, 8));
-        c.insert(L2Table::zeroed(0x50000, 8));
-        assert!(c.over_capacity());
-        dirty.set_dirty(false);
-        c.evict_clean();
-        assert_eq!(c.len(), 2);
-        assert!(c.get(0x20000).is_none());
     }
 }

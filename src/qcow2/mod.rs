@@ -17,18 +17,40 @@
 //! for a few nanoseconds; inserting a table or changing the L1 table takes it
 //! exclusively. L2 entries are atomics, stored only by a thread holding the
 //! allocation lock (`alloc`), after the data they point at is written. Lock
-//! order: `alloc` before `map` before `header`. Data I/O never runs under
-//! `map` or `header`.
+//! order: `alloc` before `map` before `header`; `reserved` (where the
+//! header's tables lie, shared with the allocator) is a leaf: nothing else
+//! is acquired while it is held. Data I/O never runs under `map`, `header`
+//! or `reserved`.
+//!
+//! # Files
+//!
+//! `header` and `extension` (cluster 0), `table` (the u64 table codec, the
+//! reserved ranges, `swap_table`), `l2` (entries, tables) and `cache` (the
+//! L2 cache), `refcount` (refcount table and blocks) and `alloc` (the
+//! allocator and the state behind the allocation lock), `cluster` (lookup),
+//! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
+//! (write_zeroes, discard), `flush` (metadata order, frees, close),
+//! `resize`, `snapshot/` (table, operations, view), `check`, `create`,
+//! `crypt` (how qcow2 uses the legacy AES cipher).
 
+mod alloc;
+mod cache;
 pub mod check;
-pub mod compress;
+mod cluster;
+mod compressed;
 pub mod create;
 pub mod crypt;
+mod extension;
+mod flush;
 pub mod header;
-pub mod l2;
-pub mod refcount;
-pub mod snapshot;
-pub(crate) mod write;
+pub(crate) mod l2;
+mod read;
+pub(crate) mod refcount;
+mod resize;
+pub(crate) mod snapshot;
+mod table;
+mod write;
+mod zero;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -37,17 +59,25 @@ use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
 
+use crate::codec::ClusterCache;
+use crate::crypto::{Secret, SectorCipher};
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::quiesce::Quiesce;
 use crate::storage::Storage;
-use crypt::{Cipher, Secret};
-use header::{CompressionType, Header};
-use l2::{Geometry, L2Cache, L2Table, Mapping, OFFSET_MASK};
-use refcount::{Refcounts, Reserved};
-use snapshot::Snapshot;
-use write::AllocState;
+use alloc::AllocState;
+use cache::L2Cache;
+
+use l2::{Geometry, Mapping};
+use refcount::Refcounts;
+pub use snapshot::Snapshot;
+use table::Reserved;
+
+pub use check::{CheckReport, Repair};
+pub use create::{CreateOptions, Preallocation};
+pub use header::{CompressionType, Header};
+pub use snapshot::SnapshotView;
 
 /// How to open a qcow2 image.
 #[derive(Debug, Clone, Default)]
@@ -100,7 +130,7 @@ pub struct Qcow2 {
     /// Corruption was detected: writes refused from now on.
     corrupt: AtomicBool,
     /// The AES cipher of an encrypted image.
-    crypt: Option<Cipher>,
+    crypt: Option<SectorCipher>,
     /// The image is encrypted but was opened without its key.
     key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
@@ -109,8 +139,9 @@ pub struct Qcow2 {
     data_unsynced: AtomicBool,
     /// Signalled when in-flight allocations complete.
     alloc_cv: Condvar,
-    /// Host ranges of fixed metadata (header, L1, refcount table, snapshots).
-    reserved: RwLock<Reserved>,
+    /// Host ranges of fixed metadata (header, L1, refcount table, snapshots),
+    /// shared with the refcount structures' allocator.
+    reserved: Arc<RwLock<Reserved>>,
     /// The current header (rewritten on metadata changes).
     header: Mutex<Header>,
     /// Guest-visible size.
@@ -121,8 +152,8 @@ pub struct Qcow2 {
     snapshots: RwLock<Vec<Snapshot>>,
     /// Gate that delays reuse of freed clusters until in-flight I/O ends.
     gate: Quiesce,
-    /// Recently decompressed clusters: (descriptor host offset, data).
-    zcache: Mutex<Vec<(u64, Arc<[u8]>)>>,
+    /// Recently decompressed clusters, by descriptor host offset.
+    zcache: ClusterCache,
     /// Path of the image file, for messages.
     path: Option<PathBuf>,
 }
@@ -164,24 +195,7 @@ impl Qcow2 {
     fn open_inner(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
-        if h.crypt_method == header::CRYPT_LUKS {
-            return Err(Error::unsupported("LUKS encrypted qcow2 images are not supported").with_field("crypt_method"));
-        }
-        let crypt = if h.crypt_method == header::CRYPT_AES {
-            match &opts.key {
-                Some(k) => Some(Cipher::from_passphrase(k)?),
-                None if opts.inspect_only && read_only => None,
-                None => {
-                    return Err(Error::new(
-                        ErrorKind::Crypto,
-                        "the image is encrypted (legacy AES): a passphrase is needed to open it",
-                    )
-                    .with_field("crypt_method"))
-                }
-            }
-        } else {
-            None
-        };
+        let crypt = crypt::cipher_for(&h, &opts, read_only)?;
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
@@ -218,7 +232,7 @@ impl Qcow2 {
                 .with_offset(off));
             }
         }
-        let l1 = read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
+        let l1 = table::read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
 
         // Snapshots (validated; their tables are read on demand).
         let (mut snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
@@ -235,45 +249,32 @@ impl Qcow2 {
         let tables = (cache_bytes / cs).max(QCOW2_MIN_L2_CACHE_TABLES as u64) as usize;
         let path = file.path().map(Path::to_path_buf);
         // Fixed metadata the allocator must never hand out.
-        let mut reserved = Reserved::default();
-        reserved.add(0, cs);
-        let round = |b: u64| b.div_ceil(cs) * cs;
-        reserved.add(h.l1_table_offset, round(u64::from(h.l1_size) * 8));
-        reserved.add(h.refcount_table_offset, rt_bytes);
-        if h.nb_snapshots > 0 {
-            reserved.add(h.snapshots_offset, round(snap_table_len));
-        }
-        for s in &snaps {
-            reserved.add(s.l1_table_offset, round(u64::from(s.l1_size) * 8));
-        }
-        if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
-            reserved.add(b.directory_offset, round(b.directory_size));
-        }
+        let reserved = Arc::new(RwLock::new(Reserved::new(&h, &snaps, snap_table_len)));
         let alloc = if read_only {
             None
         } else {
-            let mut rc = Refcounts::load(
+            let rc = Refcounts::load(
                 &*file,
                 h.refcount_order,
                 h.cluster_bits,
                 h.refcount_table_offset,
                 h.refcount_table_clusters,
+                Arc::clone(&reserved),
             )?;
             for (i, &e) in rc.table.iter().enumerate() {
                 let off = e & refcount::REFT_OFFSET_MASK;
-                if off != 0 && reserved.overlaps(off, cs) {
+                if off != 0 && reserved.read().overlaps(off, cs) {
                     return Err(Error::corrupt(format!(
                         "refcount block {i} at {off:#x} overlaps the image's metadata"
                     ))
                     .with_field("refcount table"));
                 }
             }
-            rc.reserved = reserved.clone();
             Some(Mutex::new(AllocState {
                 rc,
                 pending: Vec::new(),
                 pending_punch: Vec::new(),
-                inflight: HashSet::with_hasher(l2::OffsetHash),
+                inflight: HashSet::with_hasher(cache::OffsetHash),
                 l1_dirty: false,
                 data_written: false,
                 compressed_next: 0,
@@ -296,13 +297,13 @@ impl Qcow2 {
             alloc,
             alloc_cv: Condvar::new(),
             data_unsynced: AtomicBool::new(false),
-            reserved: RwLock::new(reserved),
+            reserved,
             read_only,
             size: AtomicU64::new(h.size),
             map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
             snapshots: RwLock::new(snaps),
             gate: Quiesce::new(),
-            zcache: Mutex::new(Vec::new()),
+            zcache: ClusterCache::new(),
             header: Mutex::new(h),
             path,
             file,
@@ -355,230 +356,6 @@ impl Qcow2 {
         qerr(e, self.path.as_deref())
     }
 
-    /// Loads (or finds in the cache) the L2 table at `l2_off` and runs `f`
-    /// on it while the mapping lock is held shared.
-    fn with_l2<T>(&self, l1_index: u64, f: impl Fn(Option<&L2Table>) -> Result<T>) -> Result<T> {
-        self.with_l2_in(None, l1_index, f)
-    }
-
-    /// [`with_l2`](Self::with_l2) over the active L1 table (`snap` None) or
-    /// a snapshot's L1 table.
-    fn with_l2_in<T>(
-        &self,
-        snap: Option<&[u64]>,
-        l1_index: u64,
-        f: impl Fn(Option<&L2Table>) -> Result<T>,
-    ) -> Result<T> {
-        loop {
-            let st = self.map.read();
-            let l1e = match snap {
-                None => st.l1.get(l1_index as usize).copied().unwrap_or(0),
-                Some(t) => t.get(l1_index as usize).copied().unwrap_or(0),
-            };
-            let l2_off = l1e & OFFSET_MASK;
-            if l2_off == 0 {
-                return f(None);
-            }
-            if l2_off & (self.geo.cluster_size() - 1) != 0 {
-                return Err(self.err(
-                    Error::corrupt(format!(
-                        "L2 table offset {l2_off:#x} in L1 entry {l1_index} is not cluster aligned"
-                    ))
-                    .with_offset(l2_off),
-                ));
-            }
-            if let Some(t) = st.l2.get(l2_off) {
-                return f(Some(t));
-            }
-            let generation = st.l2.generation();
-            drop(st);
-            let mut buf = vec![0u8; self.geo.cluster_size() as usize];
-            self.file.read_at(&mut buf, l2_off)?;
-            let table = L2Table::from_bytes(l2_off, &buf);
-            if self.alloc.is_some() {
-                self.validate_l2(&table)?;
-            }
-            table.detect_linear(&self.geo);
-            let mut st = self.map.write();
-            if st.l2.generation() == generation {
-                let t = st.l2.insert(table);
-                return f(Some(&t));
-            }
-        }
-    }
-
-    /// What the guest range starting at `guest` maps to, and for how many
-    /// bytes (at least 1, at most `max`) that mapping continues contiguously.
-    /// For `Data` the host offset is that of `guest` itself.
-    fn lookup(&self, guest: u64, max: u64) -> Result<(Mapping, u64)> {
-        self.lookup_in(None, guest, max)
-    }
-
-    /// [`lookup`](Self::lookup) in the active state or a snapshot.
-    fn lookup_in(&self, snap: Option<&[u64]>, guest: u64, max: u64) -> Result<(Mapping, u64)> {
-        let geo = &self.geo;
-        let cb = geo.cluster_bits;
-        let gb = geo.granule_bits();
-        let cidx = guest >> cb;
-        let l2e = geo.l2_entries();
-        let l1_index = cidx / l2e;
-        let table_end = (l1_index + 1).saturating_mul(geo.l2_span());
-        let limit = guest.saturating_add(max).min(table_end);
-        self.with_l2_in(snap, l1_index, |t| {
-            let Some(t) = t else {
-                return Ok((Mapping::Unallocated, limit - guest));
-            };
-            if let Some(base) = t.linear_base() {
-                // Every entry maps its cluster at base + its index: no entry
-                // needs reading, and the run lasts to the table's end.
-                let host = base + (guest - l1_index * geo.l2_span());
-                return Ok((Mapping::Data { host }, limit - guest));
-            }
-            let granule = 1u64 << gb;
-            let mut g = guest & !(granule - 1);
-            let entry = |g: u64| -> Result<Mapping> {
-                let c = g >> cb;
-                let sc = ((g >> gb) & ((1 << (cb - gb)) - 1)) as u32;
-                t.get(geo, (c % l2e) as usize).mapping(geo, sc, c)
-            };
-            let first = entry(g)?;
-            let mut next_host = match first {
-                Mapping::Compressed { .. } => {
-                    let end = ((guest >> cb) + 1) << cb;
-                    return Ok((first, end.min(limit) - guest));
-                }
-                Mapping::Data { host } => host + granule,
-                _ => 0,
-            };
-            g += granule;
-            while g < limit {
-                let m = entry(g)?;
-                let same = match (first, m) {
-                    (Mapping::Data { .. }, Mapping::Data { host }) => {
-                        let ok = host == next_host;
-                        next_host = host + granule;
-                        ok
-                    }
-                    (Mapping::Zero { .. }, Mapping::Zero { .. }) => true,
-                    (Mapping::Unallocated, Mapping::Unallocated) => true,
-                    _ => false,
-                };
-                if !same {
-                    break;
-                }
-                g += granule;
-            }
-            let len = g.min(limit) - guest;
-            let m = match first {
-                Mapping::Data { host } => Mapping::Data { host: host + (guest & (granule - 1)) },
-                other => other,
-            };
-            Ok((m, len))
-        })
-    }
-
-    /// Decompresses the cluster at `host` into `out` (one cluster). `len`
-    /// is at most 2^(cluster_bits - 8) sectors: at most 2 clusters.
-    fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
-        let mut input = vec![0u8; len as usize];
-        self.file.read_at(&mut input, host)?;
-        compress::decompress(self.compression, &input, out).map_err(|e| self.err(e.with_offset(host)))
-    }
-
-    /// Reads a compressed cluster (whole), from the small cache if possible.
-    fn read_compressed(&self, host: u64, len: u64) -> Result<Arc<[u8]>> {
-        {
-            let z = self.zcache.lock();
-            if let Some((_, d)) = z.iter().find(|(h, _)| *h == host) {
-                return Ok(d.clone());
-            }
-        }
-        let mut out = vec![0u8; self.geo.cluster_size() as usize];
-        self.decompress_into(host, len, &mut out)?;
-        let out: Arc<[u8]> = out.into();
-        let mut z = self.zcache.lock();
-        if z.len() >= 8 {
-            z.remove(0);
-        }
-        z.push((host, out.clone()));
-        Ok(out)
-    }
-
-    /// Reads an unallocated range from the backing image (zeros past its end
-    /// or without one).
-    fn read_backing(&self, buf: &mut [u8], guest: u64) -> Result<()> {
-        match &self.backing {
-            Some(b) => {
-                let bsize = b.size();
-                let n = if guest >= bsize { 0 } else { ((bsize - guest).min(buf.len() as u64)) as usize };
-                if n > 0 {
-                    b.read_at(&mut buf[..n], guest)?;
-                }
-                buf[n..].fill(0);
-                Ok(())
-            }
-            None => {
-                let h = self.header.lock();
-                if let Some(name) = &h.backing_file {
-                    return Err(self.err(
-                        Error::new(
-                            ErrorKind::NotFound,
-                            format!("guest offset {guest:#x} falls through to the backing file '{name}', which was not opened"),
-                        )
-                        .with_offset(guest),
-                    ));
-                }
-                drop(h);
-                buf.fill(0);
-                Ok(())
-            }
-        }
-    }
-
-    fn read_mapped(&self, buf: &mut [u8], offset: u64) -> Result<()> {
-        self.read_mapped_in(None, buf, offset)
-    }
-
-    /// [`read_mapped`](Self::read_mapped) in the active state or a snapshot.
-    fn read_mapped_in(&self, snap: Option<&[u64]>, buf: &mut [u8], offset: u64) -> Result<()> {
-        let mut pos = 0usize;
-        while pos < buf.len() {
-            let guest = offset + pos as u64;
-            let (m, n) = self.lookup_in(snap, guest, (buf.len() - pos) as u64)?;
-            let n = n as usize;
-            let chunk = &mut buf[pos..pos + n];
-            match m {
-                Mapping::Data { host } => match &self.crypt {
-                    None => self.data.read_at(chunk, host)?,
-                    Some(c) => {
-                        // Whole sectors are read and decrypted.
-                        let head = guest % 512;
-                        let span = (head + n as u64).div_ceil(512) * 512;
-                        let mut sec = vec![0u8; span as usize];
-                        self.data.read_at(&mut sec, host - head)?;
-                        c.decrypt(guest - head, &mut sec)?;
-                        chunk.copy_from_slice(&sec[head as usize..head as usize + n]);
-                    }
-                },
-                Mapping::Zero { .. } => chunk.fill(0),
-                Mapping::Unallocated => self.read_backing(chunk, guest)?,
-                Mapping::Compressed { host, len } => {
-                    let cs = self.geo.cluster_size() as usize;
-                    let in_cluster = (guest & (cs as u64 - 1)) as usize;
-                    if in_cluster == 0 && n == cs {
-                        // A whole cluster: decompress straight into place.
-                        self.decompress_into(host, len, chunk)?;
-                    } else {
-                        let data = self.read_compressed(host, len)?;
-                        chunk.copy_from_slice(&data[in_cluster..in_cluster + n]);
-                    }
-                }
-            }
-            pos += n;
-        }
-        Ok(())
-    }
-
     fn details(&self) -> Qcow2Details {
         let h = self.header.lock();
         let size = h.size;
@@ -596,17 +373,31 @@ impl Qcow2 {
             bitmaps: h.bitmaps.map_or(0, |b| b.nb_bitmaps),
         }
     }
-}
 
-/// Reads a table of `count` big-endian u64 entries at `offset`, bounded by
-/// the L1 limit (the caller validated `count`).
-pub(crate) fn read_u64_table(file: &dyn Storage, offset: u64, count: usize, what: &str) -> Result<Vec<u64>> {
-    if count as u64 > QCOW2_MAX_L1_BYTES / 8 {
-        return Err(Error::limit(format!("{what} of {count} entries is too large")));
+    pub(crate) fn check_writable(&self) -> Result<()> {
+        if self.read_only || self.alloc.is_none() {
+            return Err(self.err(Error::read_only("write")));
+        }
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(self.err(Error::new(
+                ErrorKind::ReadOnly,
+                "the image was found corrupt and is now read-only; repair it with check -r all",
+            )));
+        }
+        Ok(())
     }
-    let mut buf = vec![0u8; count * 8];
-    file.read_at(&mut buf, offset).map_err(|e| e.context(format!("reading the {what}")))?;
-    Ok(buf.chunks_exact(8).map(|c| u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]])).collect())
+
+    pub(crate) fn geo_granule(&self) -> u64 {
+        1 << self.geo.granule_bits()
+    }
+
+    pub(crate) fn has_backing(&self) -> bool {
+        self.backing.is_some() || self.header.lock().backing_file.is_some()
+    }
+
+    pub(crate) fn is_v3(&self) -> bool {
+        self.version == 3
+    }
 }
 
 impl BlockDevice for Qcow2 {

@@ -8,18 +8,21 @@
 //! and applied only after the pointers they belong to were removed durably.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
+use parking_lot::RwLock;
 
+use super::table::{self, Reserved};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::storage::Storage;
 
 /// Refcount table entry: bits 9..=63 hold the block offset.
-pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
+pub(crate) const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 
 /// Reads refcount entry `i` of a block of `1 << order`-bit entries.
-pub fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
+pub(crate) fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
     match order {
         0..=2 => {
             let w = 1usize << order;
@@ -35,7 +38,7 @@ pub fn get_entry(block: &[u8], order: u32, i: usize) -> u64 {
 }
 
 /// Writes refcount entry `i`; `v` must fit in the width.
-pub fn set_entry(block: &mut [u8], order: u32, i: usize, v: u64) {
+pub(crate) fn set_entry(block: &mut [u8], order: u32, i: usize, v: u64) {
     match order {
         0..=2 => {
             let w = 1usize << order;
@@ -76,65 +79,40 @@ struct Block {
     last_use: u64,
 }
 
-/// Host ranges the allocator must never hand out (header, L1 table,
-/// refcount table, snapshot table, snapshot L1 tables, bitmap directory).
-#[derive(Debug, Clone, Default)]
-pub struct Reserved {
-    ranges: Vec<(u64, u64)>,
-}
-
-impl Reserved {
-    /// Adds `[offset, offset + len)`.
-    pub fn add(&mut self, offset: u64, len: u64) {
-        if len > 0 {
-            self.ranges.push((offset, offset.saturating_add(len)));
-        }
-    }
-
-    /// Removes a range added before (exact match).
-    pub fn remove(&mut self, offset: u64) {
-        self.ranges.retain(|r| r.0 != offset);
-    }
-
-    /// Whether `[offset, offset + len)` overlaps a reserved range.
-    pub fn overlaps(&self, offset: u64, len: u64) -> bool {
-        let end = offset.saturating_add(len);
-        self.ranges.iter().any(|&(a, b)| offset < b && a < end)
-    }
-}
-
 /// The refcount structures of an open image.
 #[derive(Debug)]
-pub struct Refcounts {
+pub(crate) struct Refcounts {
     /// log2 of the refcount width in bits.
-    pub order: u32,
+    pub(crate) order: u32,
     /// log2 of the cluster size.
-    pub cluster_bits: u32,
+    pub(crate) cluster_bits: u32,
     /// Refcount table entries (block offsets, native order).
-    pub table: Vec<u64>,
+    pub(crate) table: Vec<u64>,
     /// Host offset of the table.
-    pub table_offset: u64,
+    pub(crate) table_offset: u64,
     /// Table length in clusters.
-    pub table_clusters: u32,
+    pub(crate) table_clusters: u32,
     /// Table entries changed since the last write of the table.
-    pub table_dirty: bool,
+    pub(crate) table_dirty: bool,
     blocks: HashMap<u64, Block>,
     capacity: usize,
     tick: u64,
     /// First cluster index worth scanning for free clusters.
-    pub free_hint: u64,
-    /// Ranges never to allocate over.
-    pub reserved: Reserved,
+    pub(crate) free_hint: u64,
+    /// Ranges never to allocate over (the image's, shared).
+    pub(crate) reserved: Arc<RwLock<Reserved>>,
 }
 
 impl Refcounts {
-    /// Loads the refcount table.
-    pub fn load(
+    /// Loads the refcount table; the allocator never hands out what
+    /// `reserved` holds.
+    pub(crate) fn load(
         file: &dyn Storage,
         order: u32,
         cluster_bits: u32,
         table_offset: u64,
         table_clusters: u32,
+        reserved: Arc<RwLock<Reserved>>,
     ) -> Result<Refcounts> {
         let cs = 1u64 << cluster_bits;
         let bytes = u64::from(table_clusters) * cs;
@@ -143,7 +121,7 @@ impl Refcounts {
         }
         let mut buf = vec![0u8; bytes as usize];
         file.read_at(&mut buf, table_offset)?;
-        let table: Vec<u64> = buf.chunks_exact(8).map(BigEndian::read_u64).collect();
+        let table: Vec<u64> = table::decode(&buf).collect();
         for (i, &e) in table.iter().enumerate() {
             let off = e & REFT_OFFSET_MASK;
             if off & (cs - 1) != 0 || e & !REFT_OFFSET_MASK != 0 {
@@ -169,22 +147,22 @@ impl Refcounts {
             capacity: 64,
             tick: 0,
             free_hint: 0,
-            reserved: Reserved::default(),
+            reserved,
         })
     }
 
     /// Cluster size in bytes.
-    pub fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
 
     /// Refcount entries per block.
-    pub fn entries_per_block(&self) -> u64 {
+    pub(crate) fn entries_per_block(&self) -> u64 {
         (self.cluster_size() * 8) >> self.order
     }
 
     /// Largest refcount value.
-    pub fn max_refcount(&self) -> u64 {
+    pub(crate) fn max_refcount(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
         } else {
@@ -224,7 +202,7 @@ impl Refcounts {
     }
 
     /// The refcount of host cluster `cluster`.
-    pub fn get(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
+    pub(crate) fn get(&mut self, file: &dyn Storage, cluster: u64) -> Result<u64> {
         let epb = self.entries_per_block();
         let ti = cluster / epb;
         let Some(&e) = self.table.get(ti as usize) else {
@@ -240,8 +218,8 @@ impl Refcounts {
     }
 
     /// Sets the refcount of `cluster`, which must be covered by an existing
-    /// block (see [`ensure_blocks`](Self::ensure_blocks)).
-    pub fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
+    /// block (as [`add`](Self::add) makes sure).
+    pub(crate) fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         if value > self.max_refcount() {
             return Err(Error::corrupt(format!(
                 "refcount of cluster {cluster} would overflow {} bits",
@@ -262,7 +240,7 @@ impl Refcounts {
     }
 
     /// Adds `delta` to the refcount of `cluster`.
-    pub fn add(&mut self, file: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+    pub(crate) fn add(&mut self, file: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
         let cur = self.get(file, cluster)?;
         let new = if delta >= 0 { cur.checked_add(delta as u64) } else { cur.checked_sub(delta.unsigned_abs()) }
             .ok_or_else(|| {
@@ -279,21 +257,9 @@ impl Refcounts {
         Ok(new)
     }
 
-    /// Makes sure refcount blocks cover `[start, start + n)`. Returns whether
-    /// a block had to be created (it then occupies a cluster that looked
-    /// free, so the caller must search again).
-    pub fn ensure_blocks(&mut self, file: &dyn Storage, start: u64, n: u64) -> Result<bool> {
-        let epb = self.entries_per_block();
-        let mut created = false;
-        for ti in (start / epb)..=((start + n - 1) / epb) {
-            created |= self.ensure_block_for(file, ti * epb)?;
-        }
-        Ok(created)
-    }
-
     /// Creates an empty block for table entry `ti` at host offset `off`;
     /// the caller gives `off` its refcount.
-    pub fn create_block_at(&mut self, file: &dyn Storage, ti: u64, off: u64) -> Result<()> {
+    pub(crate) fn create_block_at(&mut self, file: &dyn Storage, ti: u64, off: u64) -> Result<()> {
         if ti as usize >= self.table.len() {
             return Err(Error::internal(format!("refcount table entry {ti} is beyond the table")));
         }
@@ -305,7 +271,7 @@ impl Refcounts {
 
     /// Puts a new all-zero block at `off` into the cache (dirty); the
     /// caller links it into the table.
-    pub fn insert_new_block(&mut self, file: &dyn Storage, off: u64) -> Result<()> {
+    pub(crate) fn insert_new_block(&mut self, file: &dyn Storage, off: u64) -> Result<()> {
         if self.blocks.len() >= self.capacity {
             self.evict(file)?;
         }
@@ -333,10 +299,13 @@ impl Refcounts {
         let cs = self.cluster_size();
         let start = ti * epb;
         let mut c = start.max(1);
-        while self.reserved.overlaps(c * cs, cs) {
-            c += 1;
-            if c >= start + epb {
-                return Err(Error::corrupt("no room for a refcount block: its range is all metadata"));
+        {
+            let reserved = self.reserved.read();
+            while reserved.overlaps(c * cs, cs) {
+                c += 1;
+                if c >= start + epb {
+                    return Err(Error::corrupt("no room for a refcount block: its range is all metadata"));
+                }
             }
         }
         let off = c * cs;
@@ -356,7 +325,7 @@ impl Refcounts {
     }
 
     /// Whether the table covers `cluster`.
-    pub fn covers(&self, cluster: u64) -> bool {
+    pub(crate) fn covers(&self, cluster: u64) -> bool {
         cluster / self.entries_per_block() < self.table.len() as u64
     }
 
@@ -364,7 +333,7 @@ impl Refcounts {
     /// reserved ranges. Clusters the table does not cover count as free.
     /// Moves the hint past them when the run starts at the first free
     /// cluster seen.
-    pub fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+    pub(crate) fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let epb = self.entries_per_block();
         let mut c = self.free_hint.max(1);
 
@@ -407,13 +376,15 @@ impl Refcounts {
         let cs = self.cluster_size();
         let epb = self.entries_per_block();
         let order = self.order;
+        let reserved = Arc::clone(&self.reserved);
+        let reserved = reserved.read();
         {
             while *c < range_end {
                 let cc = *c;
                 if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
                     return Err(Error::limit("image file would grow past the largest qcow2 offset"));
                 }
-                let free = !self.reserved.overlaps(cc * cs, cs)
+                let free = !reserved.overlaps(cc * cs, cs)
                     && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
                 if free {
                     first_free.get_or_insert(cc);
@@ -438,25 +409,13 @@ impl Refcounts {
         Ok(None)
     }
 
-    /// Dirty blocks: (offset, bytes).
-    pub fn dirty_blocks(&self) -> Vec<(u64, Vec<u8>)> {
-        self.blocks.iter().filter(|(_, b)| b.dirty).map(|(&o, b)| (o, b.data.clone())).collect()
-    }
-
     /// Whether any block or the table is dirty.
-    pub fn is_dirty(&self) -> bool {
+    pub(crate) fn is_dirty(&self) -> bool {
         self.table_dirty || self.blocks.values().any(|b| b.dirty)
     }
 
-    /// Marks every cached block clean (after writing them).
-    pub fn mark_blocks_clean(&mut self) {
-        for b in self.blocks.values_mut() {
-            b.dirty = false;
-        }
-    }
-
     /// Writes every dirty block (without syncing).
-    pub fn write_blocks(&mut self, file: &dyn Storage) -> Result<bool> {
+    pub(crate) fn write_blocks(&mut self, file: &dyn Storage) -> Result<bool> {
         let mut any = false;
         for (&off, b) in self.blocks.iter_mut() {
             if b.dirty {
@@ -469,17 +428,8 @@ impl Refcounts {
     }
 
     /// Encodes the table for writing (padded to its clusters).
-    pub fn table_bytes(&self) -> Vec<u8> {
-        let mut b = vec![0u8; (u64::from(self.table_clusters) * self.cluster_size()) as usize];
-        for (c, e) in b.chunks_exact_mut(8).zip(&self.table) {
-            BigEndian::write_u64(c, *e);
-        }
-        b
-    }
-
-    /// Drops cached blocks (after the structure was rebuilt on disk).
-    pub fn clear_cache(&mut self) {
-        self.blocks.clear();
+    pub(crate) fn table_bytes(&self) -> Vec<u8> {
+        table::encode(self.table.iter().copied(), (u64::from(self.table_clusters) * self.cluster_size()) as usize)
     }
 }
 
@@ -521,8 +471,8 @@ mod tests {
             set_entry(&mut block, 4, c, 1);
         }
         m.write_at(&block, 2 * 512).unwrap();
-        let mut r = Refcounts::load(&m, 4, 9, 512, 1).unwrap();
-        r.reserved.add(0, 512);
+        let reserved = Arc::new(RwLock::new(Reserved::header_only(512)));
+        let mut r = Refcounts::load(&m, 4, 9, 512, 1, reserved).unwrap();
         let c = r.find_free(&m, 1).unwrap();
         assert_eq!(c, 3);
         r.add(&m, c, 1).unwrap();

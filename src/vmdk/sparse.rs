@@ -27,6 +27,7 @@ use parking_lot::{Mutex, RwLock};
 
 use super::header::*;
 use super::table::{GrainTable, TableCache};
+use crate::codec::{self, ClusterCache, Codec};
 use crate::device::ZeroMode;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
@@ -104,8 +105,8 @@ pub(crate) struct SparseExtent {
     pub read_only: bool,
     /// Guest bytes this extent covers (≤ capacity).
     pub len: u64,
-    /// Recently decompressed grains: (host offset, data).
-    pub zcache: Mutex<Vec<(u64, Arc<[u8]>)>>,
+    /// Recently decompressed grains, by host offset.
+    pub zcache: ClusterCache,
 }
 
 fn corrupt(msg: String, off: u64) -> Error {
@@ -288,7 +289,7 @@ impl SparseExtent {
             meta_end,
             read_only,
             len,
-            zcache: Mutex::new(Vec::new()),
+            zcache: ClusterCache::new(),
         })
     }
 
@@ -444,12 +445,12 @@ impl SparseExtent {
 
     /// Reads and decompresses the grain whose marker starts at `host`.
     pub(crate) fn read_compressed(&self, host: u64, grain: u64) -> Result<Arc<[u8]>> {
-        {
-            let z = self.zcache.lock();
-            if let Some((_, d)) = z.iter().find(|(h, _)| *h == host) {
-                return Ok(d.clone());
-            }
-        }
+        self.zcache.get_or_load(host, || self.decompress_grain(host, grain))
+    }
+
+    /// Reads and decompresses the grain whose marker starts at `host`,
+    /// into a new buffer of one grain.
+    fn decompress_grain(&self, host: u64, grain: u64) -> Result<Vec<u8>> {
         let gb = self.grain_bytes();
         let flen = self.file_len.load(Ordering::Acquire);
         let grain_start = grain.saturating_mul(gb);
@@ -493,19 +494,14 @@ impl SparseExtent {
         let mut input = vec![0u8; data_len as usize];
         self.file.read_at(&mut input, data_off)?;
         let mut out = vec![0u8; gb as usize];
-        let produced = super::stream::inflate(&input, &mut out).map_err(|e| e.with_offset(host))?;
+        let produced =
+            codec::decompress_stream(Codec::Zlib, &input, &mut out, "grain").map_err(|e| e.with_offset(host))?;
         if (produced as u64) < valid {
             return Err(corrupt(
                 format!("compressed grain at {host:#x} inflates to {produced} bytes, less than the {valid} bytes it must hold"),
                 host,
             ));
         }
-        let out: Arc<[u8]> = out.into();
-        let mut z = self.zcache.lock();
-        if z.len() >= 8 {
-            z.remove(0);
-        }
-        z.push((host, out.clone()));
         Ok(out)
     }
 

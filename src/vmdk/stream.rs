@@ -28,42 +28,16 @@
 use std::sync::atomic::Ordering;
 
 use byteorder::{ByteOrder, LittleEndian};
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 use super::header::*;
 use super::sparse::{AllocState, Fallback, Mapping, SparseExtent};
+use crate::codec::{self, Codec};
 use crate::error::{Error, Result};
 
-/// Inflates one zlib stream into `out`; returns the bytes produced. The
-/// stream must end within `out` (one grain); trailing input is ignored.
-pub fn inflate(input: &[u8], out: &mut [u8]) -> Result<usize> {
-    let mut d = Decompress::new(true);
-    let status = d.decompress(input, out, FlushDecompress::Finish);
-    let produced = usize::try_from(d.total_out()).unwrap_or(usize::MAX);
-    match status {
-        Ok(Status::StreamEnd) => Ok(produced),
-        Ok(_) if produced >= out.len() => {
-            Err(Error::corrupt(format!("compressed grain inflates to more than one grain ({} bytes)", out.len())))
-        }
-        Ok(_) => Err(Error::corrupt(format!(
-            "compressed grain is truncated (inflated {produced} bytes before the input ended)"
-        ))),
-        Err(e) => Err(Error::corrupt(format!("compressed grain does not inflate: {e}"))),
-    }
-}
-
 /// Deflates `data` into a zlib stream (with header and Adler-32 trailer).
-pub fn deflate(data: &[u8]) -> Result<Vec<u8>> {
-    let mut c = Compress::new(Compression::default(), true);
-    let mut out = vec![0u8; data.len() + data.len() / 64 + 128];
-    match c.compress(data, &mut out, FlushCompress::Finish) {
-        Ok(Status::StreamEnd) => {
-            out.truncate(usize::try_from(c.total_out()).unwrap_or(0));
-            Ok(out)
-        }
-        Ok(_) => Err(Error::internal("deflate did not finish within its bound")),
-        Err(e) => Err(Error::internal(format!("deflate failed: {e}"))),
-    }
+fn deflate(data: &[u8]) -> Result<Vec<u8>> {
+    codec::compress(Codec::Zlib, data, codec::deflate_bound(data.len()))?
+        .ok_or_else(|| Error::internal("deflate did not finish within its bound"))
 }
 
 fn once_only(off: u64) -> Error {
@@ -187,33 +161,5 @@ impl SparseExtent {
         st.next = pos - 3 * SECTOR;
         st.tail_dirty = false;
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn zlib_round_trip_and_bounds() {
-        let data: Vec<u8> = (0..65536u32).map(|i| (i % 251) as u8).collect();
-        let z = deflate(&data).unwrap();
-        assert_eq!(&z[..1], &[0x78]);
-        let mut out = vec![0u8; 65536];
-        assert_eq!(inflate(&z, &mut out).unwrap(), 65536);
-        assert_eq!(out, data);
-        // Too small an output buffer: more than one grain.
-        let mut small = vec![0u8; 1000];
-        assert!(inflate(&z, &mut small).is_err());
-        // Truncated input.
-        assert!(inflate(&z[..z.len() / 2], &mut out).is_err());
-        // Raw deflate (no zlib header) is refused.
-        assert!(inflate(&[0x63, 0, 0], &mut out).is_err());
-        // Incompressible data still fits.
-        let noise: Vec<u8> = (0..65536u64).map(|i| (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8).collect();
-        let z = deflate(&noise).unwrap();
-        assert!(z.len() < 2 * 65536);
-        assert_eq!(inflate(&z, &mut out).unwrap(), 65536);
-        assert_eq!(out, noise);
     }
 }

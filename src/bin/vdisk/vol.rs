@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use clap::Subcommand;
 use vdisk::pool::units::{parse_size, pretty};
 use vdisk::pool::{CloneOptions, Registry, UploadOptions, VolType, Volume, VolumeSpec, WipeAlgorithm};
-use vdisk::qcow2::crypt::Secret;
+use vdisk::Secret;
 use vdisk::{Error, ErrorKind, Format, Result};
 
 use crate::pool::{emit, fail, registry, safe, table};

@@ -1,0 +1,12 @@
+//! Cryptography shared by the formats: secrets (passphrases and keys) and
+//! the legacy AES-CBC sector cipher of `crypt_method` 1 images.
+//!
+//! Formats keep only how they use a cipher (which offsets feed the IVs,
+//! how unaligned I/O is widened to whole sectors); the cipher and the key
+//! handling live here.
+
+mod aes_cbc;
+mod secret;
+
+pub(crate) use aes_cbc::SectorCipher;
+pub use secret::Secret;

@@ -1,0 +1,214 @@
+//! Host cluster allocation: the state behind the allocation lock, the
+//! allocator over the refcount structures, growing the refcount table, and
+//! the guest clusters in flight.
+//!
+//! Refcounts are raised (in the refcount cache) before anything points at
+//! a new cluster and reach the disk before the pointer does (see `flush.rs`);
+//! a pointer removed queues its cluster's decrement in
+//! [`AllocState::pending`], applied once the removal is durable.
+
+use std::collections::HashSet;
+
+use parking_lot::MutexGuard;
+
+use super::cache::OffsetHash;
+use super::l2::L2Entry;
+use super::refcount::Refcounts;
+use super::table::{FreeOld, HeaderTable};
+use super::Qcow2;
+use crate::error::{Error, Result};
+use crate::limits::*;
+
+/// State behind the allocation lock.
+#[derive(Debug)]
+pub(crate) struct AllocState {
+    /// Refcount table and block cache.
+    pub(crate) rc: Refcounts,
+    /// Host clusters whose refcount drops by one once the pointers removed
+    /// since the last flush are durable (one entry per reference).
+    pub(crate) pending: Vec<u64>,
+    /// Guest byte ranges of an external data file to punch after the flush.
+    pub(crate) pending_punch: Vec<(u64, u64)>,
+    /// Guest clusters being allocated by some request.
+    pub(crate) inflight: HashSet<u64, OffsetHash>,
+    /// The in-memory L1 table differs from the disk.
+    pub(crate) l1_dirty: bool,
+    /// Guest data was written since the last sync.
+    pub(crate) data_written: bool,
+    /// Next free byte for compressed data (0: start a new cluster).
+    pub(crate) compressed_next: u64,
+    /// One past the highest cluster allocated in this session.
+    pub(crate) alloc_end: u64,
+    /// Lazy refcounts: refcounts are written only on close.
+    pub(crate) lazy: bool,
+    /// The dirty bit was set on disk in this session (lazy refcounts).
+    pub(crate) marked_dirty: bool,
+}
+
+impl Qcow2 {
+    pub(crate) fn alloc_lock(&self) -> Result<MutexGuard<'_, AllocState>> {
+        match &self.alloc {
+            Some(a) => Ok(a.lock()),
+            None => Err(self.err(Error::read_only("write"))),
+        }
+    }
+
+    /// Allocates `n` contiguous new host clusters (refcount 1 each).
+    ///
+    /// Refcount blocks missing for the run are placed right after it (the
+    /// search asks for room for them), so a run never has to be split.
+    pub(crate) fn alloc_clusters(&self, a: &mut AllocState, n: u64) -> Result<u64> {
+        let file = &*self.file;
+        let cs = self.geo.cluster_size();
+        let epb = a.rc.entries_per_block();
+        let mut extra = 0u64;
+        for _ in 0..64 {
+            let total = n + extra;
+            let start = a.rc.find_free(file, total)?;
+            let last = start + total - 1;
+            if !a.rc.covers(last) {
+                self.grow_reftable(a, last)?;
+                continue;
+            }
+            let missing: Vec<u64> = ((start / epb)..=(last / epb))
+                .filter(|&ti| a.rc.table.get(ti as usize).is_none_or(|&e| e == 0))
+                .collect();
+            if missing.len() as u64 > extra {
+                extra = missing.len() as u64;
+                continue;
+            }
+            for (i, &ti) in missing.iter().enumerate() {
+                a.rc.create_block_at(file, ti, (start + n + i as u64) * cs)?;
+            }
+            for c in start..start + n + missing.len() as u64 {
+                a.rc.add(file, c, 1)?;
+            }
+            a.alloc_end = a.alloc_end.max(start + n + missing.len() as u64);
+            return Ok(start << self.geo.cluster_bits);
+        }
+        Err(Error::internal("cluster allocation did not converge"))
+    }
+
+    /// Gives cluster `c` (which is not free-listed: reserved metadata) a
+    /// refcount of one, growing the refcount structures as needed.
+    pub(crate) fn mark_used(&self, a: &mut AllocState, c: u64) -> Result<()> {
+        if !a.rc.covers(c) {
+            self.grow_reftable(a, c)?;
+        }
+        let file = &*self.file;
+        let ti = c / a.rc.entries_per_block();
+        if a.rc.table.get(ti as usize).is_some_and(|&e| e == 0) {
+            // The block goes wherever the allocator finds room: the range
+            // itself may be all metadata (a large L1 table of small clusters).
+            let off = self.alloc_clusters(a, 1)?;
+            if a.rc.table.get(ti as usize).is_some_and(|&e| e == 0) {
+                a.rc.create_block_at(file, ti, off)?;
+            } else {
+                // The allocation created that block itself.
+                a.rc.add(file, off >> self.geo.cluster_bits, -1)?;
+            }
+        }
+        a.rc.add(file, c, 1)?;
+        Ok(())
+    }
+
+    /// Replaces the refcount table with a larger one covering `need_cluster`,
+    /// placed (with the refcount blocks it needs) past everything allocated.
+    fn grow_reftable(&self, a: &mut AllocState, need_cluster: u64) -> Result<()> {
+        let file = &*self.file;
+        let cs = self.geo.cluster_size();
+        let epb = a.rc.entries_per_block();
+        let old_len = a.rc.table.len() as u64;
+        let file_end = file.len()?.div_ceil(cs);
+        let e_start = file_end.max(a.alloc_end).max(need_cluster + 1);
+        let mut new_len = (need_cluster / epb + 1).max(old_len + old_len / 2 + 1);
+        let mut nb = 0u64;
+        let mut tc;
+        loop {
+            tc = (new_len * 8).div_ceil(cs);
+            let area_end = e_start + tc + nb;
+            let ranges = (e_start / epb)..=((area_end - 1) / epb);
+            let needed = ranges.clone().filter(|&r| a.rc.table.get(r as usize).is_none_or(|&e| e == 0)).count() as u64;
+            let need_len = new_len.max(*ranges.end() + 1);
+            if needed == nb && need_len == new_len {
+                break;
+            }
+            nb = needed;
+            new_len = need_len;
+        }
+        if tc * cs > QCOW2_MAX_REFTABLE_BYTES {
+            return Err(Error::limit(format!("the refcount table would grow past {QCOW2_MAX_REFTABLE_BYTES} bytes")));
+        }
+        let area_end = e_start + tc + nb;
+        let mut table = a.rc.table.clone();
+        table.resize((tc * cs / 8) as usize, 0);
+        let mut next_block = e_start + tc;
+        for r in (e_start / epb)..=((area_end - 1) / epb) {
+            if table[r as usize] == 0 {
+                let off = next_block * cs;
+                table[r as usize] = off;
+                a.rc.insert_new_block(file, off)?;
+                next_block += 1;
+            }
+        }
+        a.rc.table = table;
+        a.rc.table_offset = e_start * cs;
+        a.rc.table_clusters = tc as u32;
+        for c in e_start..area_end {
+            a.rc.add(file, c, 1)?;
+        }
+        a.alloc_end = a.alloc_end.max(area_end);
+        // The swap writes the new table (and the blocks before it).
+        a.rc.table_dirty = false;
+        let (offset, clusters) = (a.rc.table_offset, a.rc.table_clusters);
+        let bytes = a.rc.table_bytes();
+        self.swap_table(
+            a,
+            HeaderTable::Refcount,
+            offset,
+            &bytes,
+            |h| {
+                h.refcount_table_offset = offset;
+                h.refcount_table_clusters = clusters;
+            },
+            FreeOld::Now,
+        )
+    }
+
+    /// Queues the release of whatever host storage `e` references.
+    pub(crate) fn release_entry(&self, a: &mut AllocState, e: L2Entry, guest_cluster: u64) {
+        let cs = self.geo.cluster_size();
+        if e.is_compressed() {
+            let (host, len) = e.compressed(&self.geo);
+            let first = host / cs;
+            let last = (host + len - 1) / cs;
+            a.pending.extend(first..=last);
+        } else if let Some(h) = e.host_offset(&self.geo) {
+            if self.geo.data_file {
+                a.pending_punch.push((guest_cluster * cs, cs));
+            } else {
+                a.pending.push(h / cs);
+            }
+        }
+    }
+
+    /// Waits until none of the guest clusters `[c0, c1]` is in flight.
+    pub(crate) fn wait_inflight<'a>(
+        &'a self,
+        mut a: MutexGuard<'a, AllocState>,
+        c0: u64,
+        c1: u64,
+    ) -> MutexGuard<'a, AllocState> {
+        while (c0..=c1).any(|c| a.inflight.contains(&c)) {
+            self.alloc_cv.wait(&mut a);
+        }
+        a
+    }
+
+    pub(crate) fn wait_all_inflight<'a>(&'a self, mut a: MutexGuard<'a, AllocState>) -> MutexGuard<'a, AllocState> {
+        while !a.inflight.is_empty() {
+            self.alloc_cv.wait(&mut a);
+        }
+        a
+    }
+}
