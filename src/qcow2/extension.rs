@@ -7,7 +7,7 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::header::{bad, hbad, Header, AUTOCLEAR_BITMAPS};
+use super::header::{bad, hbad, Header, HeaderField, AUTOCLEAR_BITMAPS};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::reader::Reader;
@@ -56,7 +56,7 @@ impl Header {
         // else at the end of the first cluster.
         if self.backing_file_offset > cluster_size {
             return Err(hbad(
-                "backing_file_offset",
+                HeaderField::BackingFileOffset,
                 format!("backing file offset {} is past the first cluster", self.backing_file_offset),
             ));
         }

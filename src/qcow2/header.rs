@@ -140,33 +140,92 @@ pub(super) fn bad(field: &'static str, msg: String) -> Error {
     Error::invalid(msg).with_field(field).with_format("qcow2")
 }
 
-fn field_offset(field: &str) -> u64 {
-    match field {
-        "magic" => 0,
-        "version" => 4,
-        "backing_file_offset" => 8,
-        "backing_file_size" => 16,
-        "cluster_bits" => 20,
-        "size" => 24,
-        "crypt_method" => 32,
-        "l1_size" => 36,
-        "l1_table_offset" => 40,
-        "refcount_table_offset" => 48,
-        "refcount_table_clusters" => 56,
-        "nb_snapshots" => 60,
-        "snapshots_offset" => 64,
-        "incompatible_features" => 72,
-        "compatible_features" => 80,
-        "autoclear_features" => 88,
-        "refcount_order" => 96,
-        "header_length" => 100,
-        "compression_type" => 104,
-        _ => 0,
+/// A field of the fixed qcow2 header (spec: `docs/interop/qcow2.txt`,
+/// "Header"): its name as the spec writes it and its byte offset, from one
+/// table, so an error about a header field always names both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeaderField {
+    /// `magic`, at byte 0.
+    Magic,
+    /// `version`, at byte 4.
+    Version,
+    /// `backing_file_offset`, at byte 8.
+    BackingFileOffset,
+    /// `backing_file_size`, at byte 16.
+    BackingFileSize,
+    /// `cluster_bits`, at byte 20.
+    ClusterBits,
+    /// `size`, at byte 24.
+    Size,
+    /// `crypt_method`, at byte 32.
+    CryptMethod,
+    /// `l1_size`, at byte 36.
+    L1Size,
+    /// `l1_table_offset`, at byte 40.
+    L1TableOffset,
+    /// `refcount_table_offset`, at byte 48.
+    RefcountTableOffset,
+    /// `refcount_table_clusters`, at byte 56.
+    RefcountTableClusters,
+    /// `nb_snapshots`, at byte 60.
+    NbSnapshots,
+    /// `snapshots_offset`, at byte 64.
+    SnapshotsOffset,
+    /// `incompatible_features`, at byte 72.
+    IncompatibleFeatures,
+    /// `compatible_features`, at byte 80 (no bit of it is refused).
+    #[allow(dead_code)]
+    CompatibleFeatures,
+    /// `autoclear_features`, at byte 88.
+    AutoclearFeatures,
+    /// `refcount_order`, at byte 96.
+    RefcountOrder,
+    /// `header_length`, at byte 100.
+    HeaderLength,
+    /// `compression_type`, at byte 104.
+    CompressionType,
+}
+
+impl HeaderField {
+    /// (spec name, byte offset).
+    const fn entry(self) -> (&'static str, u64) {
+        match self {
+            HeaderField::Magic => ("magic", 0),
+            HeaderField::Version => ("version", 4),
+            HeaderField::BackingFileOffset => ("backing_file_offset", 8),
+            HeaderField::BackingFileSize => ("backing_file_size", 16),
+            HeaderField::ClusterBits => ("cluster_bits", 20),
+            HeaderField::Size => ("size", 24),
+            HeaderField::CryptMethod => ("crypt_method", 32),
+            HeaderField::L1Size => ("l1_size", 36),
+            HeaderField::L1TableOffset => ("l1_table_offset", 40),
+            HeaderField::RefcountTableOffset => ("refcount_table_offset", 48),
+            HeaderField::RefcountTableClusters => ("refcount_table_clusters", 56),
+            HeaderField::NbSnapshots => ("nb_snapshots", 60),
+            HeaderField::SnapshotsOffset => ("snapshots_offset", 64),
+            HeaderField::IncompatibleFeatures => ("incompatible_features", 72),
+            HeaderField::CompatibleFeatures => ("compatible_features", 80),
+            HeaderField::AutoclearFeatures => ("autoclear_features", 88),
+            HeaderField::RefcountOrder => ("refcount_order", 96),
+            HeaderField::HeaderLength => ("header_length", 100),
+            HeaderField::CompressionType => ("compression_type", 104),
+        }
+    }
+
+    /// The field's name as the spec writes it.
+    pub(crate) const fn name(self) -> &'static str {
+        self.entry().0
+    }
+
+    /// The field's byte offset in the header.
+    pub(crate) const fn offset(self) -> u64 {
+        self.entry().1
     }
 }
 
-pub(super) fn hbad(field: &'static str, msg: String) -> Error {
-    bad(field, msg).with_offset(field_offset(field))
+/// An invalid-header error naming `field` and its byte offset.
+pub(super) fn hbad(field: HeaderField, msg: String) -> Error {
+    bad(field.name(), msg).with_offset(field.offset())
 }
 
 /// Names of the known incompatible bits, for messages.
@@ -190,19 +249,19 @@ pub(crate) fn peek_cluster_bits(first: &[u8]) -> Result<u32> {
     }
     let magic = BigEndian::read_u32(&first[0..4]);
     if magic != MAGIC {
-        return Err(hbad("magic", format!("bad magic {magic:#010x}, expected {MAGIC:#010x}")));
+        return Err(hbad(HeaderField::Magic, format!("bad magic {magic:#010x}, expected {MAGIC:#010x}")));
     }
     let version = BigEndian::read_u32(&first[4..8]);
     if version != 2 && version != 3 {
         return Err(Error::unsupported(format!("unsupported qcow2 version {version}"))
             .with_format("qcow2")
-            .with_field("version")
-            .with_offset(4));
+            .with_field(HeaderField::Version.name())
+            .with_offset(HeaderField::Version.offset()));
     }
     let cluster_bits = BigEndian::read_u32(&first[20..24]);
     if !(QCOW2_MIN_CLUSTER_BITS..=QCOW2_MAX_CLUSTER_BITS).contains(&cluster_bits) {
         return Err(hbad(
-            "cluster_bits",
+            HeaderField::ClusterBits,
             format!(
                 "cluster_bits {cluster_bits} is outside {QCOW2_MIN_CLUSTER_BITS}..={QCOW2_MAX_CLUSTER_BITS} (cluster sizes 512 B to 2 MiB)"
             ),
@@ -293,14 +352,17 @@ impl Header {
             h.refcount_order = be32(96);
             h.header_length = be32(100);
             if h.header_length < V3_HEADER_LEN {
-                return Err(hbad("header_length", format!("header_length {} is below 104", h.header_length)));
+                return Err(hbad(HeaderField::HeaderLength, format!("header_length {} is below 104", h.header_length)));
             }
             if h.header_length % 8 != 0 {
-                return Err(hbad("header_length", format!("header_length {} is not a multiple of 8", h.header_length)));
+                return Err(hbad(
+                    HeaderField::HeaderLength,
+                    format!("header_length {} is not a multiple of 8", h.header_length),
+                ));
             }
             if u64::from(h.header_length) > cluster_size {
                 return Err(hbad(
-                    "header_length",
+                    HeaderField::HeaderLength,
                     format!("header_length {} is larger than the cluster size {cluster_size}", h.header_length),
                 ));
             }
@@ -309,7 +371,7 @@ impl Header {
                     0 => CompressionType::Zlib,
                     1 => CompressionType::Zstd,
                     other => {
-                        return Err(hbad("compression_type", format!("unknown compression type {other}")));
+                        return Err(hbad(HeaderField::CompressionType, format!("unknown compression type {other}")));
                     }
                 };
             }
@@ -319,7 +381,7 @@ impl Header {
         }
         if h.refcount_order > 6 {
             return Err(hbad(
-                "refcount_order",
+                HeaderField::RefcountOrder,
                 format!("refcount_order {} is above 6 (64-bit refcounts)", h.refcount_order),
             ));
         }
@@ -331,12 +393,12 @@ impl Header {
             let len = h.backing_file_size as usize;
             let name = &buf[off..off + len];
             let name = std::str::from_utf8(name)
-                .map_err(|_| hbad("backing_file_offset", "backing file name is not valid UTF-8".into()))?;
+                .map_err(|_| hbad(HeaderField::BackingFileOffset, "backing file name is not valid UTF-8".into()))?;
             if name.is_empty() {
                 // qemu treats an empty name as no backing file.
             } else {
                 if name.contains('\0') {
-                    return Err(hbad("backing_file_offset", "backing file name contains a NUL byte".into()));
+                    return Err(hbad(HeaderField::BackingFileOffset, "backing file name contains a NUL byte".into()));
                 }
                 h.backing_file = Some(name.to_string());
             }
@@ -365,20 +427,20 @@ impl Header {
             }
             return Err(Error::unsupported(format!("unsupported qcow2 feature(s): {}", names.join(", ")))
                 .with_format("qcow2")
-                .with_field("incompatible_features")
-                .with_offset(72));
+                .with_field(HeaderField::IncompatibleFeatures.name())
+                .with_offset(HeaderField::IncompatibleFeatures.offset()));
         }
         let has_ct_bit = self.incompatible_features & INCOMPAT_COMPRESSION != 0;
         match (self.compression_type, has_ct_bit) {
             (CompressionType::Zlib, true) => {
                 return Err(hbad(
-                    "compression_type",
+                    HeaderField::CompressionType,
                     "compression type incompatible feature bit must not be set with zlib compression".into(),
                 ))
             }
             (CompressionType::Zstd, false) => {
                 return Err(hbad(
-                    "compression_type",
+                    HeaderField::CompressionType,
                     "compression type incompatible feature bit must be set with zstd compression".into(),
                 ))
             }
@@ -386,12 +448,12 @@ impl Header {
         }
         if self.extended_l2() && self.cluster_bits < 14 {
             return Err(hbad(
-                "cluster_bits",
+                HeaderField::ClusterBits,
                 format!("extended L2 entries need clusters of at least 16 KiB, not {cs} bytes"),
             ));
         }
         if self.crypt_method > CRYPT_LUKS {
-            return Err(hbad("crypt_method", format!("unknown encryption method {}", self.crypt_method)));
+            return Err(hbad(HeaderField::CryptMethod, format!("unknown encryption method {}", self.crypt_method)));
         }
         if self.crypto_header.is_some() && self.crypt_method != CRYPT_LUKS {
             return Err(bad(
@@ -402,7 +464,10 @@ impl Header {
         if self.autoclear_features & AUTOCLEAR_DATA_FILE_RAW != 0
             && self.incompatible_features & INCOMPAT_DATA_FILE == 0
         {
-            return Err(hbad("autoclear_features", "data-file-raw is set without an external data file".into()));
+            return Err(hbad(
+                HeaderField::AutoclearFeatures,
+                "data-file-raw is set without an external data file".into(),
+            ));
         }
         if self.incompatible_features & INCOMPAT_DATA_FILE != 0 && self.data_file.is_none() {
             return Err(bad("data_file", "the image needs an external data file but names none".into()));
@@ -413,64 +478,70 @@ impl Header {
             let max = room.min(u64::from(QCOW2_MAX_BACKING_NAME));
             if u64::from(self.backing_file_size) > max {
                 return Err(hbad(
-                    "backing_file_size",
+                    HeaderField::BackingFileSize,
                     format!("backing file name of {} bytes is too long (at most {max} here)", self.backing_file_size),
                 ));
             }
             if self.backing_file_offset < u64::from(self.header_length) {
                 return Err(hbad(
-                    "backing_file_offset",
+                    HeaderField::BackingFileOffset,
                     format!("backing file name at {} overlaps the header", self.backing_file_offset),
                 ));
             }
         }
         // Virtual size and the L1 table.
         if self.size > MAX_VIRTUAL_SIZE {
-            return Err(hbad("size", format!("virtual size {} is too large", self.size)));
+            return Err(hbad(HeaderField::Size, format!("virtual size {} is too large", self.size)));
         }
         let needed = self.l1_entries_for(self.size);
         if needed > i32::MAX as u64 || needed > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(hbad("size", format!("image of {} bytes is too big for this cluster size", self.size)));
+            return Err(hbad(
+                HeaderField::Size,
+                format!("image of {} bytes is too big for this cluster size", self.size),
+            ));
         }
         if u64::from(self.l1_size) > QCOW2_MAX_L1_BYTES / 8 {
-            return Err(hbad("l1_size", format!("active L1 table of {} entries is too large", self.l1_size)));
+            return Err(hbad(HeaderField::L1Size, format!("active L1 table of {} entries is too large", self.l1_size)));
         }
         if u64::from(self.l1_size) < needed {
             return Err(hbad(
-                "l1_size",
+                HeaderField::L1Size,
                 format!("L1 table of {} entries is too small for {} bytes (needs {needed})", self.l1_size, self.size),
             ));
         }
         if self.l1_size > 0 {
-            check_table("l1_table_offset", self.l1_table_offset, u64::from(self.l1_size) * 8, cs)?;
+            check_header_table(HeaderField::L1TableOffset, self.l1_table_offset, u64::from(self.l1_size) * 8, cs)?;
         }
         // Refcount table.
         if self.refcount_table_clusters == 0 {
-            return Err(hbad("refcount_table_clusters", "image does not contain a reference count table".into()));
+            return Err(hbad(
+                HeaderField::RefcountTableClusters,
+                "image does not contain a reference count table".into(),
+            ));
         }
         let rt_bytes = u64::from(self.refcount_table_clusters) * cs;
         if rt_bytes > QCOW2_MAX_REFTABLE_BYTES {
             return Err(hbad(
-                "refcount_table_clusters",
+                HeaderField::RefcountTableClusters,
                 format!("reference count table of {} clusters is too large", self.refcount_table_clusters),
             ));
         }
-        check_table("refcount_table_offset", self.refcount_table_offset, rt_bytes, cs)?;
+        check_header_table(HeaderField::RefcountTableOffset, self.refcount_table_offset, rt_bytes, cs)?;
         // Snapshots.
         if self.nb_snapshots > QCOW2_MAX_SNAPSHOTS {
             return Err(hbad(
-                "nb_snapshots",
+                HeaderField::NbSnapshots,
                 format!("{} snapshots is more than {QCOW2_MAX_SNAPSHOTS}", self.nb_snapshots),
             ));
         }
         if self.nb_snapshots > 0 {
-            check_table("snapshots_offset", self.snapshots_offset, 1, cs)?;
+            check_header_table(HeaderField::SnapshotsOffset, self.snapshots_offset, 1, cs)?;
         }
         // Tables must not overlap the header cluster.
         for (field, off, len) in [
-            ("l1_table_offset", self.l1_table_offset, u64::from(self.l1_size) * 8),
-            ("refcount_table_offset", self.refcount_table_offset, rt_bytes),
-            ("snapshots_offset", self.snapshots_offset, u64::from(self.nb_snapshots.min(1))),
+            (HeaderField::L1TableOffset, self.l1_table_offset, u64::from(self.l1_size) * 8),
+            (HeaderField::RefcountTableOffset, self.refcount_table_offset, rt_bytes),
+            (HeaderField::SnapshotsOffset, self.snapshots_offset, u64::from(self.nb_snapshots.min(1))),
         ] {
             if len > 0 && off < cs {
                 return Err(hbad(field, format!("table at {off:#x} overlaps the header cluster")));
@@ -481,7 +552,7 @@ impl Header {
             let l1_end = self.l1_table_offset + u64::from(self.l1_size) * 8;
             let rt_end = self.refcount_table_offset + rt_bytes;
             if self.l1_table_offset < rt_end && self.refcount_table_offset < l1_end {
-                return Err(hbad("l1_table_offset", "the L1 table overlaps the refcount table".into()));
+                return Err(hbad(HeaderField::L1TableOffset, "the L1 table overlaps the refcount table".into()));
             }
         }
         Ok(())
@@ -578,14 +649,22 @@ impl Header {
 
 /// Validates a table position the way `qcow2_validate_table` does: cluster
 /// aligned and `offset + len` not overflowing a signed 64-bit file offset.
+/// Errors name `field`; callers that know where the pointer is stored add
+/// its offset ([`check_header_table`] for the header's own tables).
 pub(crate) fn check_table(field: &'static str, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
     if offset % cluster_size != 0 {
-        return Err(hbad(field, format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}")));
+        return Err(bad(field, format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}")));
     }
     match offset.checked_add(len) {
         Some(end) if end <= QCOW2_MAX_HOST_OFFSET => Ok(()),
-        _ => Err(hbad(field, format!("table at {offset:#x} of {len} bytes ends beyond the largest file offset"))),
+        _ => Err(bad(field, format!("table at {offset:#x} of {len} bytes ends beyond the largest file offset"))),
     }
+}
+
+/// [`check_table`] for a table the header points at: the error carries the
+/// header field's offset too.
+fn check_header_table(field: HeaderField, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
+    check_table(field.name(), offset, len, cluster_size).map_err(|e| e.with_offset(field.offset()))
 }
 
 #[cfg(test)]
