@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use vdisk::qcow2::create::CreateOptions;
-use vdisk::{BackingPolicy, BlockDevice, ExtentKind, Format, OpenOptions, Qcow2, Raw};
+use vdisk::{BackingPolicy, BlockDevice, ExtentKind, Format, OpenOptions, Raw};
 
 fn main() -> vdisk::Result<()> {
     let dir = std::env::temp_dir().join(format!("vdisk-quickstart-{}", std::process::id()));
@@ -26,7 +26,7 @@ fn main() -> vdisk::Result<()> {
     let mut opts = CreateOptions::new(0); // 0: take the backing image's size
     opts.backing_file = Some("golden.raw".into());
     opts.backing_format = Some("raw".into());
-    let vm = Qcow2::create_file(&vm_path, &opts)?;
+    let vm = vdisk::OpenOptions::new().create_qcow2(&vm_path, &opts)?;
     vm.write_at(b"hello from the guest", 4096)?; // copy-on-write of one cluster
     vm.write_at(&vec![0x11; 3 << 20], 8 << 20)?; // new data
     vm.snapshot_create("installed")?; // an internal snapshot

@@ -43,6 +43,11 @@ pub const MAX_BACKING_DEPTH: usize = 10;
 pub const VMDK_MAX_DESCRIPTOR: u64 = 1 << 20;
 /// Largest vmdk grain: 0x200000 sectors (1 GiB), as QEMU (`vmdk_open_vmdk4`).
 pub const VMDK_MAX_GRAIN_SECTORS: u64 = 0x200000;
+/// Largest grain vdisk decompresses: 16 MiB (vdisk's own limit; QEMU has
+/// none). Compressed grains are decompressed into a buffer of one grain; the
+/// format allows 1 GiB grains, which a hostile file could use to make every
+/// read allocate 3 GiB.
+pub const VMDK_MAX_COMPRESSED_GRAIN_BYTES: u64 = 16 << 20;
 /// Most grain table entries per grain table (spec fixes 512; QEMU accepts 1..=512).
 pub const VMDK_MAX_GTES_PER_GT: u32 = 512;
 /// Largest grain directory vdisk loads: 64 MiB of entries.
@@ -57,3 +62,17 @@ pub const VMDK_MAX_PARENT_HINT: usize = 4095;
 /// Largest vmdk capacity: 2^32 grains tables' worth is absurd; VMware's
 /// limit is 62 TiB. vdisk refuses more than 64 TiB.
 pub const VMDK_MAX_CAPACITY: u64 = 64 << 40;
+
+/// Largest pool or volume XML document parsed: 1 MiB (libvirt's own files
+/// are a few KiB).
+pub const POOL_XML_MAX_BYTES: usize = 1 << 20;
+/// Deepest element nesting in pool or volume XML.
+pub const POOL_XML_MAX_DEPTH: usize = 32;
+/// Most elements in one pool or volume XML document.
+pub const POOL_XML_MAX_ELEMENTS: usize = 4096;
+/// Most attributes on one XML element.
+pub const POOL_XML_MAX_ATTRS: usize = 64;
+/// Longest pool or volume name: `NAME_MAX` bytes.
+pub const POOL_MAX_NAME_BYTES: usize = 255;
+/// Largest probe-cache or format-record file read (larger ones are refused).
+pub const POOL_MAX_STATE_FILE: u64 = 256 << 20;

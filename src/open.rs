@@ -288,6 +288,13 @@ impl OpenOptions {
         }
     }
 
+    /// Creates a qcow2 image file at `path`; a backing file or data file
+    /// named in `opts` is opened or created under these options' policy
+    /// (see the [`Resolver`] impl).
+    pub fn create_qcow2(&self, path: impl AsRef<Path>, opts: &crate::qcow2::create::CreateOptions) -> Result<Qcow2> {
+        Qcow2::create_file_with(path.as_ref(), opts, self)
+    }
+
     /// Creates a vmdk image at `path`; a parent named in `opts` is opened
     /// under these options' policy (see the [`Resolver`] impl).
     pub fn create_vmdk(&self, path: impl AsRef<Path>, size: u64, opts: &crate::VmdkCreateOptions) -> Result<Vmdk> {

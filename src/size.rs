@@ -49,7 +49,7 @@ pub fn parse(s: &str) -> Result<u64> {
             denom *= 10;
         }
         let total = u128::from(int) * mult + frac_val * mult / denom;
-        if frac_val * mult % denom != 0 {
+        if !(frac_val * mult).is_multiple_of(denom) {
             return Err(Error::invalid_argument(format!("size '{s}' is not a whole number of bytes")));
         }
         return u64::try_from(total).map_err(|_| Error::invalid_argument(format!("size '{s}' is too large")));

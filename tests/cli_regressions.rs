@@ -144,14 +144,22 @@ fn force_share_reads_an_image_held_by_qemu() {
     // qemu-io keeps the image open read-write while it sleeps.
     let mut holder = Command::new("qemu-io")
         .args(["-f", "qcow2", s(&img), "-c", "sleep 20000"])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let mut held = false;
-    for _ in 0..100 {
-        let (code, _, _) = vdisk(&["check", s(&img)]);
-        if code != 0 {
+    let mut last = String::new();
+    for _ in 0..200 {
+        if let Some(status) = holder.try_wait().unwrap() {
+            let mut err = String::new();
+            let _ = holder.stderr.take().unwrap().read_to_string(&mut err);
+            panic!("qemu-io ended early ({status}): {err}");
+        }
+        let (code, out, err) = vdisk(&["check", s(&img)]);
+        last = format!("exit {code}: {out}{err}");
+        if code != 0 && err.contains("in use") {
             held = true;
             break;
         }
@@ -162,7 +170,7 @@ fn force_share_reads_an_image_held_by_qemu() {
     let refused = vdisk(&["snapshot", "-U", "-c", "s2", s(&img)]);
     let _ = holder.kill();
     let _ = holder.wait();
-    assert!(held, "the image was never seen as held by qemu-io");
+    assert!(held, "the image was never seen as held by qemu-io; last check: {last}");
     assert_eq!(check.0, 0, "check -U: {}{}", check.1, check.2);
     assert!(check.1.contains("No errors were found"), "{}", check.1);
     assert_eq!(snaps.0, 0, "snapshot -U -l: {}{}", snaps.1, snaps.2);

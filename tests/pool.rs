@@ -840,5 +840,5 @@ fn qemu_or_build_evil(path: &Path, backing: &Path) {
         backing_format: Some("raw".into()),
         ..vdisk::qcow2::create::CreateOptions::new(1 << 20)
     };
-    drop(vdisk::Qcow2::create_file(path, &o).unwrap());
+    drop(vdisk::OpenOptions::new().create_qcow2(path, &o).unwrap());
 }

@@ -107,7 +107,7 @@ fn aes_images_made_by_vdisk_read_in_qemu() {
         o.cluster_size = cs;
         o.version = v;
         o.encrypt = Some(Secret::new(PASS));
-        let q = Qcow2::create_file(&img, &o).unwrap();
+        let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
         let mut model = Model::new(4 << 20);
         let mut rng = Rng(11);
         for _ in 0..40 {
@@ -143,7 +143,7 @@ fn aes_overlay_copies_on_write_from_plain_backing() {
     o.backing_file = Some("base.raw".into());
     o.backing_format = Some("raw".into());
     o.encrypt = Some(Secret::new(PASS));
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     let mut model = Model { data: std::fs::read(&base).unwrap() };
     for (off, len) in [(100u64, 50u64), (70_000, 3), (1 << 20, 200_000)] {
         let buf = pattern(off, len as usize);
@@ -166,7 +166,7 @@ fn aes_without_key_and_with_a_wrong_key() {
     let img = p(dir.path(), "k.qcow2");
     let mut o = CreateOptions::new(1 << 20);
     o.encrypt = Some(Secret::new(PASS));
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     q.write_at(&[0x42; 4096], 0).unwrap();
     q.close().unwrap();
     // No key: a clear error that says a passphrase is needed.
@@ -302,7 +302,7 @@ fn snapshots_made_by_vdisk_applied_by_qemu() {
         let mut o = CreateOptions::new(4 << 20);
         tweak(&mut o);
         let aes = o.encrypt.is_some();
-        let q = Qcow2::create_file(&img, &o).unwrap();
+        let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
         q.write_at(&pattern(1, 1 << 20), 0).unwrap();
         if !aes {
             q.write_compressed(&vec![7u8; (o.cluster_size * 2) as usize], 2 << 20).unwrap();

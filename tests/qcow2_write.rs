@@ -221,7 +221,7 @@ fn created_images_pass_qemu_check_and_compare() {
         let size = (8u64 << 20).max(12 * cs);
         o.size = size;
         let img = p(dir.path(), &format!("{}.qcow2", c.name));
-        let q = Qcow2::create_file(&img, &o).unwrap_or_else(|e| panic!("{}: {e}", c.name));
+        let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap_or_else(|e| panic!("{}: {e}", c.name));
         let mut model = Model::new(size);
         let mut rng = Rng(0x1234 + n as u64);
         let granule = cs;
@@ -246,7 +246,7 @@ fn info_of_created_images_matches_qemu() {
     o.refcount_bits = 8;
     o.lazy_refcounts = true;
     o.compression_type = CompressionType::Zstd;
-    Qcow2::create_file(&img, &o).unwrap().close().unwrap();
+    vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap().close().unwrap();
     let info = qemu_img(&["info", "--output=json", img.to_str().unwrap()]);
     for want in [
         "\"virtual-size\": 1073741824",
@@ -273,7 +273,7 @@ fn refcount_table_grows() {
     let mut o = CreateOptions::new(8 << 20);
     o.cluster_size = 512;
     o.refcount_bits = 64;
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     let mut model = Model::new(8 << 20);
     for i in 0..6u64 {
         let buf = pattern(i, 1 << 20);
@@ -357,7 +357,7 @@ fn overlays_copy_on_write_from_backing() {
         o.backing_file = Some("base.qcow2".into());
         o.backing_format = Some("qcow2".into());
         tweak(&mut o);
-        let q = Qcow2::create_file(&img, &o).unwrap();
+        let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
         assert_eq!(q.size(), 8 << 20);
         let mut model = Model { data: qemu_export(&base, "qcow2") };
         for (off, len) in [(100u64, 10u64), (65535, 2), (4 << 20, 3000), (6_000_000, 200_000), (8_388_000, 608)] {
@@ -381,7 +381,13 @@ fn overlays_copy_on_write_from_backing() {
     // An overlay without a backing format is refused unless asked for.
     let mut o = CreateOptions::new(0);
     o.backing_file = Some("base.qcow2".into());
-    assert!(Qcow2::create_file(&p(dir.path(), "nofmt.qcow2"), &o).is_err());
+    // Refused by the options themselves, even where the opener may probe.
+    let e = vdisk::OpenOptions::new().probe(true).create_qcow2(p(dir.path(), "nofmt.qcow2"), &o).unwrap_err();
+    assert!(e.to_string().contains("backing"), "{e}");
+    // And the plain create_file opens no backing file at all.
+    o.backing_format = Some("qcow2".into());
+    let e = Qcow2::create_file(&p(dir.path(), "plain.qcow2"), &o).unwrap_err();
+    assert_eq!(e.kind(), vdisk::ErrorKind::InvalidArgument, "{e}");
 }
 
 #[test]
@@ -428,7 +434,7 @@ fn resize_grow_and_shrink() {
     let img = p(dir.path(), "r.qcow2");
     let mut o = CreateOptions::new(1 << 20);
     o.cluster_size = 4096;
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     q.write_at(&[1u8; 5000], 1000).unwrap();
     // Growing past what the L1 table maps moves the L1 table.
     q.resize(3 << 30).unwrap();
@@ -459,7 +465,7 @@ fn many_small_writes_then_reopen_with_small_cache() {
     let img = p(dir.path(), "c.qcow2");
     let mut o = CreateOptions::new(64 << 20);
     o.cluster_size = 512;
-    Qcow2::create_file(&img, &o).unwrap().close().unwrap();
+    vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap().close().unwrap();
     let q = OpenOptions::new().format(Format::Qcow2).l2_cache_bytes(1024).open(&img).unwrap();
     let mut model = Model::new(64 << 20);
     let mut rng = Rng(5);
@@ -499,7 +505,7 @@ fn file_does_not_grow_under_overwrite_and_discard_churn() {
     let img = p(dir.path(), "churn.qcow2");
     let mut o = CreateOptions::new(64 << 20);
     o.cluster_size = 4096;
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     let mut sizes = Vec::new();
     for round in 0..20u64 {
         let off = (round % 4) * (8 << 20);
@@ -588,7 +594,7 @@ fn small_clusters_with_a_large_l1_table() {
     let img = p(dir.path(), "big-l1.qcow2");
     let mut o = CreateOptions::new(1 << 30);
     o.cluster_size = 512;
-    let q = Qcow2::create_file(&img, &o).unwrap();
+    let q = vdisk::OpenOptions::new().create_qcow2(&img, &o).unwrap();
     q.write_at(&[3u8; 5000], (1 << 30) - 5000).unwrap();
     q.close().unwrap();
     if have_qemu() {

@@ -63,7 +63,7 @@ impl SectorCipher {
     }
 
     fn check(first_sector_byte: u64, len: usize) -> Result<()> {
-        if first_sector_byte % SECTOR as u64 != 0 || len % SECTOR != 0 {
+        if !first_sector_byte.is_multiple_of(SECTOR as u64) || !len.is_multiple_of(SECTOR) {
             return Err(Error::internal(format!("unaligned encrypted I/O at {first_sector_byte} of {len} bytes")));
         }
         Ok(())

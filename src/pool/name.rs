@@ -19,8 +19,7 @@ use crate::error::{Error, Result};
 /// (`.vdisk-tmp-<random>/<name>`); names starting with it are reserved.
 pub const TEMP_PREFIX: &str = ".vdisk-tmp-";
 
-/// Longest name: `NAME_MAX` bytes.
-pub const MAX_NAME_BYTES: usize = 255;
+pub use crate::limits::POOL_MAX_NAME_BYTES as MAX_NAME_BYTES;
 
 fn invalid(what: &str, name: &OsStr, why: &str) -> Error {
     Error::invalid_argument(format!("invalid {what} name '{}': {why}", name.to_string_lossy().escape_debug()))

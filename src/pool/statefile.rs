@@ -12,8 +12,7 @@ use super::dir::{kind_name, open_nonblocking};
 use super::uuid::random_hex;
 use crate::error::{Error, Result};
 
-/// Largest cache or record file read (larger ones are refused).
-pub(crate) const MAX_STATE_FILE: u64 = 256 << 20;
+pub(crate) use crate::limits::POOL_MAX_STATE_FILE as MAX_STATE_FILE;
 
 /// Percent-encodes bytes outside a safe set (so names with tabs,
 /// newlines or invalid UTF-8 survive a line-based file).

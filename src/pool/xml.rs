@@ -20,14 +20,10 @@ use quick_xml::XmlVersion;
 
 use crate::error::{Error, Result};
 
-/// Largest document parsed: 1 MiB (libvirt's own files are a few KiB).
-pub const MAX_XML_BYTES: usize = 1 << 20;
-/// Deepest element nesting.
-pub const MAX_DEPTH: usize = 32;
-/// Most elements in one document.
-pub const MAX_ELEMENTS: usize = 4096;
-/// Most attributes on one element.
-pub const MAX_ATTRS: usize = 64;
+pub use crate::limits::{
+    POOL_XML_MAX_ATTRS as MAX_ATTRS, POOL_XML_MAX_BYTES as MAX_XML_BYTES, POOL_XML_MAX_DEPTH as MAX_DEPTH,
+    POOL_XML_MAX_ELEMENTS as MAX_ELEMENTS,
+};
 
 /// A node of the tree.
 #[derive(Debug, Clone, PartialEq, Eq)]

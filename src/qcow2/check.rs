@@ -411,7 +411,7 @@ fn count_references(
 /// Counts the bitmap directory, bitmap tables and bitmap data clusters.
 fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
     let cs = w.geo.cluster_size();
-    if dir_size > QCOW2_MAX_BITMAP_DIRECTORY || dir_off % cs != 0 {
+    if dir_size > QCOW2_MAX_BITMAP_DIRECTORY || !dir_off.is_multiple_of(cs) {
         return;
     }
     w.refs.add(&mut w.report, dir_off, dir_size, "bitmap directory");

@@ -39,7 +39,7 @@ impl Qcow2 {
         let size = self.size();
         check_request(offset, buf.len() as u64, size)?;
         let cs = self.geo.cluster_size();
-        if offset % cs != 0 || (buf.len() as u64 % cs != 0 && offset + buf.len() as u64 != size) {
+        if !offset.is_multiple_of(cs) || (!(buf.len() as u64).is_multiple_of(cs) && offset + buf.len() as u64 != size) {
             return Err(Error::invalid_argument(format!(
                 "compressed writes must cover whole clusters of {cs} bytes (offset {offset}, length {})",
                 buf.len()
@@ -98,7 +98,7 @@ impl Qcow2 {
         let file = &*self.file;
         let cs = self.geo.cluster_size();
         let cur = a.compressed_next;
-        if cur != 0 && cur % cs != 0 {
+        if cur != 0 && !cur.is_multiple_of(cs) {
             let cl = cur / cs;
             let rc = a.rc.get(file, cl)?;
             // A full refcount (narrow widths) starts a new cluster, as QEMU does.

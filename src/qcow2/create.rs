@@ -9,7 +9,7 @@ use super::refcount::set_entry;
 use super::table;
 use super::{Qcow2, Qcow2Options};
 use crate::crypto::Secret;
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, Format, Resolver};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::storage::Storage;
@@ -108,8 +108,8 @@ impl CreateOptions {
             }
         };
         match key {
-            "size" => self.size = parse_size(value)?,
-            "cluster_size" => self.cluster_size = parse_size(value)?,
+            "size" => self.size = crate::size::parse(value)?,
+            "cluster_size" => self.cluster_size = crate::size::parse(value)?,
             "compat" => {
                 self.version = match value {
                     "0.10" | "v2" => 2,
@@ -236,29 +236,6 @@ impl CreateOptions {
         }
         Ok(())
     }
-}
-
-/// Parses a size with k/M/G/T/P/E suffixes (binary), as qemu options do.
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'B' => 0,
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'P' => 50,
-                'E' => 60,
-                _ => return Err(Error::invalid_argument(format!("invalid size '{s}'"))),
-            };
-            (&t[..i], shift)
-        }
-        _ => (t, 0),
-    };
-    let n: u64 = num.parse().map_err(|_| Error::invalid_argument(format!("invalid size '{s}'")))?;
-    n.checked_mul(1 << shift).ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
 }
 
 impl Qcow2 {
@@ -420,36 +397,53 @@ impl Qcow2 {
 }
 
 impl Qcow2 {
-    /// Creates the image file at `path` (replacing any file there, as
-    /// qemu-img does) and opens it read-write. With a backing file and a size
-    /// of 0 the backing image's size is used; the backing file is opened
-    /// (read-only, with its recorded format) so reads fall through to it. An
-    /// external data file is created next to the image.
+    /// Creates a qcow2 image file at `path` (replacing any file there, as
+    /// qemu-img does) and opens it read-write. An image that names a
+    /// backing file or an external data file needs
+    /// [`create_file_with`](Self::create_file_with): this one opens no other
+    /// file and refuses them.
     pub fn create_file(path: &std::path::Path, opts: &CreateOptions) -> Result<Qcow2> {
+        if opts.backing_file.is_some() || opts.data_file.is_some() {
+            return Err(Error::invalid_argument(
+                "an image with a backing file or data file is created with Qcow2::create_file_with (or OpenOptions::create_qcow2), which opens them under a policy",
+            )
+            .with_path(path));
+        }
+        Self::create_file_inner(path, opts, None)
+    }
+
+    /// [`create_file`](Self::create_file) for an image that names a
+    /// backing file (opened read-only through `resolver`, with
+    /// `opts.backing_format` or as the resolver decides; with a size of 0
+    /// the backing image's size is used, and reads fall through to it) or
+    /// an external data file (created through `resolver`). The format opens
+    /// no file by path itself: [`crate::OpenOptions`] is the usual resolver.
+    pub fn create_file_with(path: &std::path::Path, opts: &CreateOptions, resolver: &dyn Resolver) -> Result<Qcow2> {
+        Self::create_file_inner(path, opts, Some(resolver))
+    }
+
+    fn create_file_inner(
+        path: &std::path::Path,
+        opts: &CreateOptions,
+        resolver: Option<&dyn Resolver>,
+    ) -> Result<Qcow2> {
         opts.validate()?;
-        let dir = path.parent().unwrap_or(std::path::Path::new("."));
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
         let mut opts = opts.clone();
         let mut extra = Qcow2Options::default();
+        let need = |what: &str| Error::internal(format!("no resolver for the {what}"));
         if let Some(b) = &opts.backing_file {
-            let bp = std::path::Path::new(b);
-            let bp = if bp.is_absolute() { bp.to_path_buf() } else { dir.join(bp) };
-            let mut o = crate::OpenOptions::new().read_only(true).backing(crate::BackingPolicy::Follow);
-            match &opts.backing_format {
-                Some(f) => o = o.format(crate::Format::from_name(f)?),
-                None => o = o.probe(true),
-            }
-            let backing = o.open(&bp).map_err(|e| e.context(format!("opening backing file '{b}'")))?;
+            let format = opts.backing_format.as_deref().map(Format::from_name).transpose()?;
+            let backing = resolver.ok_or_else(|| need("backing file"))?.open_backing(dir, b, format)?;
             if opts.size == 0 {
                 opts.size = backing.size();
             }
-            extra.backing = Some(Arc::new(backing));
+            extra.backing = Some(backing);
         }
         if let Some(d) = &opts.data_file {
-            let dp = std::path::Path::new(d);
-            let dp = if dp.is_absolute() { dp.to_path_buf() } else { dir.join(dp) };
-            let ds = crate::storage::FileStorage::create(&dp)?;
+            let ds = resolver.ok_or_else(|| need("data file"))?.create_data_file(dir, d)?;
             ds.set_len(opts.size.div_ceil(512) * 512)?;
-            extra.data_file = Some(Arc::new(ds));
+            extra.data_file = Some(ds);
         }
         let file = crate::storage::FileStorage::create(path)?;
         Qcow2::create(Arc::new(file), &opts, extra).map_err(|e| e.with_path(path))

@@ -39,7 +39,7 @@ pub(crate) fn cipher_for(h: &Header, opts: &Qcow2Options, read_only: bool) -> Re
 
 /// Whether `[start, end)` of a cluster covers whole sectors.
 pub(crate) fn sector_aligned(start: u64, end: u64) -> bool {
-    start % SECTOR == 0 && end % SECTOR == 0
+    start.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR)
 }
 
 impl Qcow2 {
@@ -52,7 +52,7 @@ impl Qcow2 {
         };
         let n = buf.len() as u64;
         let head = guest % SECTOR;
-        if head == 0 && n % SECTOR == 0 {
+        if head == 0 && n.is_multiple_of(SECTOR) {
             self.data.read_at(buf, host)?;
             return c.decrypt(guest, buf);
         }

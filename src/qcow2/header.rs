@@ -354,7 +354,7 @@ impl Header {
             if h.header_length < V3_HEADER_LEN {
                 return Err(hbad(HeaderField::HeaderLength, format!("header_length {} is below 104", h.header_length)));
             }
-            if h.header_length % 8 != 0 {
+            if !h.header_length.is_multiple_of(8) {
                 return Err(hbad(
                     HeaderField::HeaderLength,
                     format!("header_length {} is not a multiple of 8", h.header_length),
@@ -652,7 +652,7 @@ impl Header {
 /// Errors name `field`; callers that know where the pointer is stored add
 /// its offset ([`check_header_table`] for the header's own tables).
 pub(crate) fn check_table(field: &'static str, offset: u64, len: u64, cluster_size: u64) -> Result<()> {
-    if offset % cluster_size != 0 {
+    if !offset.is_multiple_of(cluster_size) {
         return Err(bad(field, format!("table offset {offset:#x} is not aligned to the cluster size {cluster_size}")));
     }
     match offset.checked_add(len) {

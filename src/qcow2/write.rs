@@ -290,10 +290,10 @@ impl Qcow2 {
             touched |= 1 << s;
         }
         let mut partial = 0u64;
-        if p.ws % sg != 0 {
+        if !p.ws.is_multiple_of(sg) {
             partial |= 1 << first;
         }
-        if p.we % sg != 0 {
+        if !p.we.is_multiple_of(sg) {
             partial |= 1 << last;
         }
         (touched, partial)

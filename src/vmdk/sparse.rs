@@ -32,10 +32,7 @@ use crate::device::ZeroMode;
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
-/// Largest grain vdisk decompresses: 16 MiB. Compressed grains are
-/// decompressed into a buffer of one grain; the format allows 1 GiB grains,
-/// which a hostile file could use to make every read allocate 3 GiB.
-pub const MAX_COMPRESSED_GRAIN_BYTES: u64 = 16 << 20;
+use crate::limits::VMDK_MAX_COMPRESSED_GRAIN_BYTES as MAX_COMPRESSED_GRAIN_BYTES;
 
 /// What one grain of a sparse extent maps to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

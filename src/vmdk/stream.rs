@@ -51,7 +51,7 @@ impl SparseExtent {
     /// Writes whole grains of a compressed extent.
     pub(crate) fn write_stream(&self, buf: &[u8], off: u64, fb: &Fallback<'_>) -> Result<()> {
         let gb = self.grain_bytes();
-        if off % gb != 0 {
+        if !off.is_multiple_of(gb) {
             return Err(Error::unsupported(format!(
                 "streamOptimized images take whole-grain writes: offset {off:#x} is not a multiple of the {gb}-byte grain"
             ))

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
 use vdisk::vmdk::Subformat;
-use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Qcow2, Raw, Result, Vmdk, VmdkCreateOptions};
+use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Raw, Result, Vmdk, VmdkCreateOptions};
 
 use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
@@ -93,7 +93,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             }
             // Whole clusters per unit, so compressed writes cover clusters.
             unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
-            Box::new(Qcow2::create_file(&a.dst, &o)?)
+            Box::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?)
         }
         Format::Vmdk => {
             let o = VmdkCreateOptions::parse(&opts.join(","))?;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use vdisk::qcow2::create::Preallocation;
-use vdisk::{Error, FileStorage, Format, Qcow2, Raw, Result, Storage, VmdkCreateOptions};
+use vdisk::{Error, FileStorage, Format, Raw, Result, Storage, VmdkCreateOptions};
 
 use crate::common::{check_image_size, parse_size, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
@@ -104,7 +104,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
             if size.is_none() && o.backing_file.is_none() && o.size == 0 {
                 return Err(Error::invalid_argument("a size is needed (or a backing file to take it from)"));
             }
-            let q = Qcow2::create_file(path, &o)?;
+            let q = crate::common::create_resolver().create_qcow2(path, &o)?;
             let real_size = vdisk::BlockDevice::size(&q);
             q.close()?;
             if !a.quiet {

@@ -139,22 +139,6 @@ impl SecretArgs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn options() {
-        assert_eq!(split_opts("a=1,b=x,,y,c"), vec!["a=1", "b=x,y", "c"]);
-        let a =
-            SecretArgs { objects: vec!["secret,id=sec0,data=pass".into()], passphrase_file: None, image_opts: true };
-        let spec = a.image("driver=qcow2,file.filename=/tmp/x.qcow2,encrypt.key-secret=sec0", None).unwrap();
-        assert_eq!(spec.format.as_deref(), Some("qcow2"));
-        assert_eq!(a.key(spec.key_secret.as_deref()).unwrap().unwrap().expose(), b"pass");
-        assert!(a.key(Some("nope")).is_err());
-    }
-}
-
 /// qcow2 create options from `-o key=value` pairs (already split), with
 /// `encrypt.key-secret=ID` resolved to the passphrase of `--object
 /// secret,id=ID` (or `--passphrase-file`).
@@ -179,4 +163,20 @@ pub fn qcow2_create_options(size: u64, opts: &[String], secrets: &SecretArgs) ->
         o.encrypt = Some(key);
     }
     Ok(o)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        assert_eq!(split_opts("a=1,b=x,,y,c"), vec!["a=1", "b=x,y", "c"]);
+        let a =
+            SecretArgs { objects: vec!["secret,id=sec0,data=pass".into()], passphrase_file: None, image_opts: true };
+        let spec = a.image("driver=qcow2,file.filename=/tmp/x.qcow2,encrypt.key-secret=sec0", None).unwrap();
+        assert_eq!(spec.format.as_deref(), Some("qcow2"));
+        assert_eq!(a.key(spec.key_secret.as_deref()).unwrap().unwrap().expose(), b"pass");
+        assert!(a.key(Some("nope")).is_err());
+    }
 }
