@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use byteorder::{BigEndian, ByteOrder};
 
+use super::alloc::FreeOld;
 use super::header::{self, Header};
 use super::l2::{
     Geometry, L2Entry, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
@@ -28,7 +29,7 @@ use super::l2::{
 };
 use super::refcount::{get_entry, set_entry, Refcounts, REFT_OFFSET_MASK};
 use super::snapshot::Snapshot;
-use super::table::{self, FreeOld, HeaderTable};
+use super::table::{self, HeaderTable};
 use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::limits::*;

@@ -7,45 +7,13 @@
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::header::{bad, hbad, Header, HeaderField, AUTOCLEAR_BITMAPS};
+use super::header::{
+    bad, hbad, BitmapsExt, FeatureName, Header, HeaderField, AUTOCLEAR_BITMAPS, EXT_BACKING_FORMAT, EXT_BITMAPS,
+    EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE,
+};
 use crate::error::{Error, Result};
 use crate::limits::*;
 use crate::reader::Reader;
-
-/// Header extension: end of the list.
-pub const EXT_END: u32 = 0;
-/// Header extension: backing file format name.
-pub const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
-/// Header extension: feature name table.
-pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
-/// Header extension: persistent bitmaps.
-pub const EXT_BITMAPS: u32 = 0x2385_2875;
-/// Header extension: full disk encryption (LUKS) header pointer.
-pub const EXT_CRYPTO: u32 = 0x0537_be77;
-/// Header extension: external data file name.
-pub const EXT_DATA_FILE: u32 = 0x4441_5441;
-
-/// One entry of the feature name table extension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FeatureName {
-    /// 0 incompatible, 1 compatible, 2 autoclear.
-    pub kind: u8,
-    /// Bit number.
-    pub bit: u8,
-    /// Name (up to 46 bytes, NUL padded on disk).
-    pub name: String,
-}
-
-/// The bitmaps extension (kept on round-trip; vdisk does not use bitmaps).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BitmapsExt {
-    /// Number of bitmaps.
-    pub nb_bitmaps: u32,
-    /// Bitmap directory size in bytes.
-    pub directory_size: u64,
-    /// Bitmap directory offset.
-    pub directory_offset: u64,
-}
 
 impl Header {
     /// Parses the extension area of cluster 0 (`buf`): from the end of the

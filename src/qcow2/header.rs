@@ -41,9 +41,40 @@ pub const AUTOCLEAR_BITMAPS: u64 = 1 << 0;
 /// Autoclear bit 1: the external data file is raw-readable.
 pub const AUTOCLEAR_DATA_FILE_RAW: u64 = 1 << 1;
 
-pub use super::extension::{
-    BitmapsExt, FeatureName, EXT_BACKING_FORMAT, EXT_BITMAPS, EXT_CRYPTO, EXT_DATA_FILE, EXT_END, EXT_FEATURE_TABLE,
-};
+/// Header extension: end of the list.
+pub const EXT_END: u32 = 0;
+/// Header extension: backing file format name.
+pub const EXT_BACKING_FORMAT: u32 = 0xE279_2ACA;
+/// Header extension: feature name table.
+pub const EXT_FEATURE_TABLE: u32 = 0x6803_f857;
+/// Header extension: persistent bitmaps.
+pub const EXT_BITMAPS: u32 = 0x2385_2875;
+/// Header extension: full disk encryption (LUKS) header pointer.
+pub const EXT_CRYPTO: u32 = 0x0537_be77;
+/// Header extension: external data file name.
+pub const EXT_DATA_FILE: u32 = 0x4441_5441;
+
+/// One entry of the feature name table extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureName {
+    /// 0 incompatible, 1 compatible, 2 autoclear.
+    pub kind: u8,
+    /// Bit number.
+    pub bit: u8,
+    /// Name (up to 46 bytes, NUL padded on disk).
+    pub name: String,
+}
+
+/// The bitmaps extension (kept on round-trip; vdisk does not use bitmaps).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BitmapsExt {
+    /// Number of bitmaps.
+    pub nb_bitmaps: u32,
+    /// Bitmap directory size in bytes.
+    pub directory_size: u64,
+    /// Bitmap directory offset.
+    pub directory_offset: u64,
+}
 
 /// Legacy AES-CBC encryption (`crypt_method` 1).
 pub const CRYPT_AES: u32 = 1;

@@ -1,7 +1,8 @@
 //! Changing the virtual size, and growing the L1 table with it.
 
 use super::alloc::AllocState;
-use super::table::{self, FreeOld, HeaderTable};
+use super::alloc::FreeOld;
+use super::table::{self, HeaderTable};
 use super::zero::ZeroOp;
 use super::Qcow2;
 use crate::device::{BlockDevice, ZeroMode};

@@ -9,17 +9,15 @@
 //! at the snapshots' L1 tables). [`Reserved`] records where they lie, with
 //! the header cluster and the bitmap directory, in one place: the allocator
 //! skips those ranges and an L1 or L2 entry pointing into them is
-//! corruption. [`Qcow2::swap_table`] is the one way such a table is
-//! replaced.
+//! corruption. `Qcow2::swap_table` (in `alloc.rs`) is the one way such a
+//! table is replaced.
 
 use std::ops::Range;
 
 use byteorder::{BigEndian, ByteOrder};
 
-use super::alloc::AllocState;
 use super::header::{self, Header};
 use super::snapshot::Snapshot;
-use super::Qcow2;
 use crate::error::{Error, Result};
 use crate::limits::QCOW2_MAX_L1_BYTES;
 use crate::storage::Storage;
@@ -60,19 +58,6 @@ pub(crate) enum HeaderTable {
     Refcount,
     /// The snapshot table (`snapshots_offset`, `nb_snapshots`).
     Snapshots,
-}
-
-/// What becomes of the clusters of a table once the header no longer
-/// points at it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FreeOld {
-    /// Their refcounts drop now: nothing but the header pointed at them.
-    Now,
-    /// Their refcounts drop after the next flush (queued frees), once no
-    /// request can still be using them.
-    AfterFlush,
-    /// They were never counted (refcounts rebuilt from the references).
-    Never,
 }
 
 /// Host ranges of the image's fixed metadata, each rounded up to whole
@@ -163,101 +148,5 @@ impl Reserved {
             .into_iter()
             .chain(&self.snapshot_l1s)
             .any(|r| offset < r.end && r.start < end)
-    }
-}
-
-impl Qcow2 {
-    /// Replaces table `t` by `bytes` (the whole table, padded or not) at
-    /// host offset `offset`, which the caller allocated; `switch` points
-    /// the header at it. In the one order that survives a crash:
-    ///
-    /// 1. the refcounts raised so far (those of the new table and of
-    ///    whatever it points at) reach the disk, blocks before a changed
-    ///    refcount table;
-    /// 2. the new table is written and synced;
-    /// 3. the header switches to it in one write, synced;
-    /// 4. the reserved ranges follow the header;
-    /// 5. the old table's clusters are freed as `free` says.
-    ///
-    /// A crash before step 3 leaves the old table in use and the new one
-    /// leaked; after it, the new table in use and at worst the old one
-    /// leaked. An empty `bytes` (no snapshots left) writes no table.
-    pub(crate) fn swap_table(
-        &self,
-        a: &mut AllocState,
-        t: HeaderTable,
-        offset: u64,
-        bytes: &[u8],
-        switch: impl FnOnce(&mut Header),
-        free: FreeOld,
-    ) -> Result<()> {
-        let file = &*self.file;
-        a.rc.write_blocks(file)?;
-        if a.rc.table_dirty {
-            file.sync()?;
-            file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-            a.rc.table_dirty = false;
-        }
-        if !bytes.is_empty() {
-            file.write_at(bytes, offset)?;
-        }
-        file.sync()?;
-        {
-            let mut h = self.header.lock();
-            switch(&mut h);
-            self.write_header_locked(&mut h)?;
-        }
-        file.sync()?;
-        let old = {
-            let mut r = self.reserved.write();
-            let old = r.clusters(t);
-            r.set(t, offset, bytes.len() as u64);
-            old
-        };
-        match free {
-            FreeOld::Now => {
-                for c in old {
-                    a.rc.add(file, c, -1)?;
-                }
-            }
-            FreeOld::AfterFlush => a.pending.extend(old),
-            FreeOld::Never => {}
-        }
-        Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codec_roundtrip_and_padding() {
-        let b = encode([1, 0x0102_0304_0506_0708, u64::MAX], 32);
-        assert_eq!(b.len(), 32);
-        assert_eq!(&b[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(decode(&b).collect::<Vec<_>>(), vec![1, 0x0102_0304_0506_0708, u64::MAX, 0]);
-        // Entries that do not fit are left out; a partial entry is ignored.
-        assert_eq!(encode([1, 2, 3], 16).len(), 16);
-        assert_eq!(decode(&b[..15]).count(), 1);
-    }
-
-    #[test]
-    fn reserved_slots_follow_the_header() {
-        let mut r = Reserved::header_only(512);
-        r.set(HeaderTable::L1, 4096, 8);
-        r.set(HeaderTable::Refcount, 8192, 1024);
-        assert!(r.overlaps(0, 1));
-        assert!(r.overlaps(4096 + 511, 1));
-        assert!(!r.overlaps(4096 + 512, 512));
-        assert_eq!(r.clusters(HeaderTable::Refcount), 16..18);
-        // Moving a table releases its old place.
-        r.set(HeaderTable::L1, 65536, 16);
-        assert!(!r.overlaps(4096, 512));
-        assert!(r.overlaps(65536, 1));
-        // An absent table reserves nothing.
-        assert_eq!(r.clusters(HeaderTable::Snapshots), 0..0);
-        r.set(HeaderTable::Snapshots, 0, 0);
-        assert!(!r.overlaps(1024, 512));
     }
 }

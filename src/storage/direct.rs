@@ -69,7 +69,9 @@ pub struct DirectFile {
 /// Whether `buf` and `offset` are on [`ALIGN`] boundaries, so `O_DIRECT`
 /// takes the caller's buffer as it is.
 fn aligned(buf: &[u8], offset: u64) -> bool {
-    offset.is_multiple_of(ALIGN) && (buf.len() as u64).is_multiple_of(ALIGN) && (buf.as_ptr() as usize).is_multiple_of(ALIGN as usize)
+    offset.is_multiple_of(ALIGN)
+        && (buf.len() as u64).is_multiple_of(ALIGN)
+        && (buf.as_ptr() as usize).is_multiple_of(ALIGN as usize)
 }
 
 impl DirectFile {

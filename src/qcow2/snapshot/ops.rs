@@ -11,10 +11,11 @@ use crate::device::BlockDevice;
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
 use crate::qcow2::alloc::AllocState;
+use crate::qcow2::alloc::FreeOld;
 use crate::qcow2::cluster::L1Ref;
 use crate::qcow2::header;
 use crate::qcow2::l2::{L2Entry, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED};
-use crate::qcow2::table::{self, FreeOld, HeaderTable};
+use crate::qcow2::table::{self, HeaderTable};
 use crate::qcow2::Qcow2;
 
 impl Qcow2 {
