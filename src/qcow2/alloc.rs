@@ -287,38 +287,3 @@ impl Qcow2 {
         Ok(())
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codec_roundtrip_and_padding() {
-        let b = encode([1, 0x0102_0304_0506_0708, u64::MAX], 32);
-        assert_eq!(b.len(), 32);
-        assert_eq!(&b[8..16], &[1, 2, 3, 4, 5, 6, 7, 8]);
-        assert_eq!(decode(&b).collect::<Vec<_>>(), vec![1, 0x0102_0304_0506_0708, u64::MAX, 0]);
-        // Entries that do not fit are left out; a partial entry is ignored.
-        assert_eq!(encode([1, 2, 3], 16).len(), 16);
-        assert_eq!(decode(&b[..15]).count(), 1);
-    }
-
-    #[test]
-    fn reserved_slots_follow_the_header() {
-        let mut r = Reserved::header_only(512);
-        r.set(HeaderTable::L1, 4096, 8);
-        r.set(HeaderTable::Refcount, 8192, 1024);
-        assert!(r.overlaps(0, 1));
-        assert!(r.overlaps(4096 + 511, 1));
-        assert!(!r.overlaps(4096 + 512, 512));
-        assert_eq!(r.clusters(HeaderTable::Refcount), 16..18);
-        // Moving a table releases its old place.
-        r.set(HeaderTable::L1, 65536, 16);
-        assert!(!r.overlaps(4096, 512));
-        assert!(r.overlaps(65536, 1));
-        // An absent table reserves nothing.
-        assert_eq!(r.clusters(HeaderTable::Snapshots), 0..0);
-        r.set(HeaderTable::Snapshots, 0, 0);
-        assert!(!r.overlaps(1024, 512));
-    }
-}
