@@ -75,8 +75,7 @@
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
-#[doc(hidden)]
-pub mod codec;
+pub(crate) mod codec;
 pub mod convert;
 mod crypto;
 pub mod device;

@@ -17,9 +17,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vdisk::codec::Codec;
 use vdisk::qcow2::create::CreateOptions;
 use vdisk::qcow2::header::CompressionType;
+use vdisk::testing::codec::Codec;
 use vdisk::{
     BackingPolicy, BlockDevice, ErrorKind, FileStorage, Format, MemStorage, OpenOptions, Qcow2, Qcow2Options, Storage,
     Vmdk, VmdkCreateOptions, VmdkOptions,
@@ -363,8 +363,9 @@ fn qcow2_compressed_cluster_inflating_past_a_cluster() {
         });
         // 64 MiB of zeros compress to ~64 KiB (zlib) or a few KiB (zstd):
         // a "cluster" that inflates a thousand times past its size.
-        let bomb =
-            vdisk::codec::compress(codec_of(ty), &vec![0u8; 64 << 20], 120 << 10).unwrap().expect("compressible");
+        let bomb = vdisk::testing::codec::compress(codec_of(ty), &vec![0u8; 64 << 20], 120 << 10)
+            .unwrap()
+            .expect("compressible");
         let host = img.len() as u64;
         img.extend_from_slice(&bomb);
         img.resize(img.len().div_ceil(65536) * 65536, 0);
@@ -600,7 +601,9 @@ fn vmdk_compressed_grain_inflating_past_a_grain() {
     let _serial = serial();
     // 64 MiB of zeros deflate to ~64 KiB: within the 2-grain limit.
     let zeros = vec![0u8; 64 << 20];
-    let bomb = vdisk::codec::compress(Codec::Zlib, &zeros, vdisk::codec::deflate_bound(zeros.len())).unwrap().unwrap();
+    let bomb = vdisk::testing::codec::compress(Codec::Zlib, &zeros, vdisk::testing::codec::deflate_bound(zeros.len()))
+        .unwrap()
+        .unwrap();
     assert!(bomb.len() < 2 * 65536, "bomb of {} bytes", bomb.len());
     for markers in [false, true] {
         // One 64 KiB grain: header, directory at sector 1, table at sector

@@ -316,8 +316,12 @@ fn hand_built_vmware_stream_layout() {
     require_qemu!();
     use vdisk::vmdk::header::*;
     let deflate = |data: &[u8]| {
-        vdisk::codec::compress(vdisk::codec::Codec::Zlib, data, vdisk::codec::deflate_bound(data.len()))
-            .map(|z| z.expect("fits the bound"))
+        vdisk::testing::codec::compress(
+            vdisk::testing::codec::Codec::Zlib,
+            data,
+            vdisk::testing::codec::deflate_bound(data.len()),
+        )
+        .map(|z| z.expect("fits the bound"))
     };
     let dir = tempfile::tempdir().unwrap();
     let capacity = 2048u64; // 1 MiB, 8 grains of 128 sectors (gtes 4 → 2 tables)

@@ -6,3 +6,9 @@ pub mod faulty;
 pub mod fuzzing;
 
 pub use faulty::{FaultMode, FaultyStorage, Survivors};
+
+/// The crate's deflate/zstd codec, for tests that build hostile compressed
+/// data (bombs, grains made by hand).
+pub mod codec {
+    pub use crate::codec::{compress, deflate_bound, Codec};
+}

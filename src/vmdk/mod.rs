@@ -63,10 +63,10 @@ pub mod check;
 pub mod create;
 pub mod descriptor;
 mod extent;
-pub mod flat;
+mod flat;
 pub mod header;
 pub mod sparse;
-pub mod stream;
+mod stream;
 mod table;
 
 use std::path::{Path, PathBuf};
