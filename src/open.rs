@@ -365,6 +365,11 @@ impl Resolver for OpenOptions {
     /// policy.
     fn open_backing(&self, dir: &Path, name: &str, format: Option<Format>) -> Result<Arc<dyn BlockDevice>> {
         let image = dir.join(name);
+        if self.backing == BackingPolicy::Never {
+            return Err(Error::invalid_argument(format!(
+                "the backing file '{name}' would have to be opened, and the backing policy is Never"
+            )));
+        }
         if format.is_none() && !(self.probe || self.backing == BackingPolicy::Follow) {
             return Err(Error::invalid_argument(format!(
                 "the backing file '{name}' has no format given; name it (backing_fmt, -F), or allow probing for trusted images"
@@ -381,7 +386,13 @@ impl Resolver for OpenOptions {
 
     fn create_data_file(&self, dir: &Path, name: &str) -> Result<Arc<dyn Storage>> {
         let image = dir.join(name);
-        let p = self.resolve(&image, dir, name, "data file")?;
+        if name.starts_with("json:") || name.contains("://") {
+            return Err(Error::unsupported(format!("data file '{name}' is not a plain file name")));
+        }
+        let p = if Path::new(name).is_absolute() { PathBuf::from(name) } else { dir.join(name) };
+        // The file does not exist yet: confine the directory it goes into.
+        let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        self.confine(&image, parent, "data file directory")?;
         Ok(Arc::new(FileStorage::create(&p)?))
     }
 }

@@ -282,3 +282,53 @@ fn io_map_prints_what_qemu_io_prints() {
     assert_eq!(code, 1, "{out}{err}");
     assert!(err.contains("beyond") || err.contains("past") || err.contains("out of"), "{err}");
 }
+
+/// Found in review: `convert -O vmdk -o backing_file=...` always failed
+/// (the vmdk parent was not opened through the opener), and it must write
+/// what differs from the parent, zeros included, like qcow2 output.
+#[test]
+fn convert_to_vmdk_over_a_parent() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let parent = p(d.path(), "parent.vmdk");
+    let src = p(d.path(), "src.qcow2");
+    qemu_img(&["create", "-f", "vmdk", s(&parent), "4M"]);
+    run("qemu-io", &["-f", "vmdk", "-c", "write -P 0x44 0 4M", s(&parent)]);
+    qemu_img(&["create", "-f", "qcow2", s(&src), "4M"]);
+    run("qemu-io", &["-c", "write -P 0x44 0 1M", "-c", "write -P 0x55 2M 1M", s(&src)]);
+    let out = p(d.path(), "child.vmdk");
+    ok(&["convert", "-O", "vmdk", "-o", "backing_file=parent.vmdk", s(&src), s(&out)]);
+    let (code, o, e) = run_status("qemu-img", &["compare", "-f", "qcow2", "-F", "vmdk", s(&src), s(&out)]);
+    assert_eq!(code, 0, "{o}{e}");
+}
+
+/// Found in review: the opener used as a resolver must keep its own policy
+/// (`BackingPolicy::Never` opens nothing) and confine a data file that does
+/// not exist yet by its directory.
+#[test]
+fn resolver_keeps_the_openers_policy() {
+    let d = tmp();
+    let base = p(d.path(), "base.qcow2");
+    vdisk::Qcow2::create_file(&base, &vdisk::qcow2::create::CreateOptions::new(1 << 20)).unwrap().close().unwrap();
+    let mut o = vdisk::qcow2::create::CreateOptions::new(0);
+    o.backing_file = Some("base.qcow2".into());
+    o.backing_format = Some("qcow2".into());
+    let never = vdisk::OpenOptions::new().backing(vdisk::BackingPolicy::Never);
+    let e = never.create_qcow2(p(d.path(), "top.qcow2"), &o).unwrap_err();
+    assert!(e.to_string().contains("Never"), "{e}");
+    vdisk::OpenOptions::new().create_qcow2(p(d.path(), "top.qcow2"), &o).unwrap().close().unwrap();
+    // A data file inside the confinement directory is created; one outside is refused.
+    let mut o = vdisk::qcow2::create::CreateOptions::new(1 << 20);
+    o.data_file = Some("data.raw".into());
+    let confined = vdisk::OpenOptions::new().confine_to(d.path());
+    confined.create_qcow2(p(d.path(), "ext.qcow2"), &o).unwrap().close().unwrap();
+    assert!(p(d.path(), "data.raw").exists());
+    o.data_file = Some("../escape.raw".into());
+    let inner = p(d.path(), "inner");
+    std::fs::create_dir(&inner).unwrap();
+    let e = vdisk::OpenOptions::new().confine_to(&inner).create_qcow2(inner.join("ext2.qcow2"), &o).unwrap_err();
+    assert!(e.to_string().contains("outside"), "{e}");
+    assert!(!p(d.path(), "escape.raw").exists());
+}

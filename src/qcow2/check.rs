@@ -173,7 +173,7 @@ impl Walker<'_> {
             Ok(()) => Some(table::decode(&buf).collect()),
             Err(e) => {
                 self.report.check_errors += 1;
-                self.report.messages.push(format!("ERROR: could not read {what} at {offset:#x}: {e}"));
+                self.report.messages.push(format!("ERROR: could not read {what} at {offset:#x}: {}", e.report()));
                 None
             }
         }

@@ -29,6 +29,16 @@ pub enum Preallocation {
 }
 
 impl Preallocation {
+    /// qemu-img's name (`off`, `metadata`, `falloc`, `full`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Preallocation::Off => "off",
+            Preallocation::Metadata => "metadata",
+            Preallocation::Falloc => "falloc",
+            Preallocation::Full => "full",
+        }
+    }
+
     /// Parses qemu-img's names.
     pub fn from_name(s: &str) -> Result<Self> {
         match s {

@@ -163,7 +163,10 @@ impl Qcow2 {
         freed.dedup();
         let len = file.len()?;
         let mut end_cluster = len.div_ceil(cs);
-        while end_cluster > 1 && freed.binary_search(&(end_cluster - 1)).is_ok() {
+        // Never while an allocating write is in flight: its new cluster may
+        // lie past the end the file has now, and cutting the file would
+        // drop the data it is writing there (those writes hold no lock).
+        while a.inflight.is_empty() && end_cluster > 1 && freed.binary_search(&(end_cluster - 1)).is_ok() {
             end_cluster -= 1;
         }
         if end_cluster * cs < len {
@@ -240,8 +243,10 @@ impl Qcow2 {
     /// later lazy-refcount write sets the dirty bit again).
     pub(crate) fn close_impl(&self) -> Result<()> {
         if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
-            // Nothing more is written to an image found corrupt.
-            return Ok(());
+            // Nothing more is written to an image found corrupt; say so.
+            return Err(self.err(Error::corrupt(
+                "the image was found corrupt while open: it was left as it is (qemu-img check -r all repairs it)",
+            )));
         }
         self.flush_impl()?;
         if let Some(alloc) = &self.alloc {

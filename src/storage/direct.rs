@@ -198,7 +198,10 @@ impl Storage for DirectFile {
                 self.inner.set_len(want)?;
             }
         }
-        self.known_len.fetch_max(old_len.max(end), Ordering::AcqRel);
+        if _grow.is_some() {
+            // Only under `grow`, so a concurrent set_len cannot be undone.
+            self.known_len.fetch_max(old_len.max(end), Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -208,8 +211,10 @@ impl Storage for DirectFile {
 
     fn set_len(&self, len: u64) -> Result<()> {
         let _g = self.grow.lock();
-        // Shrink what aligned writes trust first, so none lands past the new
-        // end while it is cut.
+        // Shrink what aligned writes trust first, so later ones take the
+        // careful path. (A write already in flight may still land past the
+        // new end and extend the file again: a write racing a truncate of
+        // the same range has no defined order.)
         self.known_len.fetch_min(len, Ordering::AcqRel);
         self.inner.set_len(len)?;
         self.known_len.store(len, Ordering::Release);

@@ -204,47 +204,73 @@ pub fn check_image_size(size: u64) -> Result<()> {
     Ok(())
 }
 
-/// Removes what a failed `create` or `convert` made: the image file and any
-/// file beside it named after it (vmdk extents, a data file) that did not
-/// exist before. Files that were there before are never removed.
+/// Removes what a failed `create` or `convert` made: the image file, and
+/// the extent files vmdk names after it (`NAME-flat.EXT`, `NAME-sNNN.EXT`,
+/// `NAME-fNNN.EXT`), where they did not exist before. Nothing else is
+/// touched, and no file that existed before is removed.
 pub struct CreatedFiles {
     dir: std::path::PathBuf,
-    stem: std::ffi::OsString,
+    name: std::ffi::OsString,
     before: std::collections::HashSet<std::ffi::OsString>,
 }
 
 impl CreatedFiles {
-    /// Notes what exists beside `path` now.
+    /// Notes which of those names exist beside `path` now.
     pub fn before(path: &Path) -> CreatedFiles {
         let dir = match path.parent() {
             Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
             _ => std::path::PathBuf::from("."),
         };
-        let stem = path.file_stem().map(|s| s.to_os_string()).unwrap_or_default();
-        let before = Self::matching(&dir, &stem);
-        CreatedFiles { dir, stem, before }
+        let name = path.file_name().map(|s| s.to_os_string()).unwrap_or_default();
+        let mut c = CreatedFiles { dir, name, before: Default::default() };
+        c.before = c.ours();
+        c
     }
 
-    fn matching(dir: &Path, stem: &std::ffi::OsStr) -> std::collections::HashSet<std::ffi::OsString> {
-        use std::os::unix::ffi::OsStrExt;
+    /// Whether `file` is an extent name vmdk derives from `image`.
+    fn is_extent_of(image: &str, file: &str) -> bool {
+        let (prefix, postfix) = match image.rfind('.') {
+            Some(i) => (&image[..i], &image[i..]),
+            None => (image, ""),
+        };
+        let Some(mid) =
+            file.strip_prefix(prefix).and_then(|r| r.strip_prefix('-')).and_then(|r| r.strip_suffix(postfix))
+        else {
+            return false;
+        };
+        mid == "flat"
+            || (mid.len() == 4
+                && (mid.starts_with('s') || mid.starts_with('f'))
+                && mid[1..].bytes().all(|b| b.is_ascii_digit()))
+    }
+
+    /// The image and its extent names that exist now.
+    fn ours(&self) -> std::collections::HashSet<std::ffi::OsString> {
         let mut out = std::collections::HashSet::new();
-        if stem.is_empty() {
+        let Some(image) = self.name.to_str() else {
+            if self.dir.join(&self.name).exists() {
+                out.insert(self.name.clone());
+            }
+            return out;
+        };
+        if image.is_empty() {
             return out;
         }
-        if let Ok(rd) = std::fs::read_dir(dir) {
+        if let Ok(rd) = std::fs::read_dir(&self.dir) {
             for e in rd.flatten() {
-                if e.file_name().as_bytes().starts_with(stem.as_bytes()) {
-                    out.insert(e.file_name());
+                let n = e.file_name();
+                if n == self.name || n.to_str().is_some_and(|f| Self::is_extent_of(image, f)) {
+                    out.insert(n);
                 }
             }
         }
         out
     }
 
-    /// Removes the files made since [`before`](Self::before); used when the
-    /// command failed.
+    /// Removes those files made since [`before`](Self::before); used when
+    /// the command failed.
     pub fn remove_new(&self) {
-        for name in Self::matching(&self.dir, &self.stem) {
+        for name in self.ours() {
             if !self.before.contains(&name) {
                 let _ = std::fs::remove_file(self.dir.join(name));
             }
@@ -255,6 +281,17 @@ impl CreatedFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn created_files_are_the_image_and_its_extents_only() {
+        assert!(CreatedFiles::is_extent_of("d.vmdk", "d-flat.vmdk"));
+        assert!(CreatedFiles::is_extent_of("d.vmdk", "d-s001.vmdk"));
+        assert!(CreatedFiles::is_extent_of("d.vmdk", "d-f012.vmdk"));
+        assert!(!CreatedFiles::is_extent_of("d.vmdk", "d2.vmdk"));
+        assert!(!CreatedFiles::is_extent_of("d.vmdk", "d.log"));
+        assert!(!CreatedFiles::is_extent_of("disk.img", "diskette.img"));
+        assert!(!CreatedFiles::is_extent_of("d.vmdk", "d-s01x.vmdk"));
+    }
 
     #[test]
     fn human() {

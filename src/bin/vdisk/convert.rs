@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
 use vdisk::vmdk::Subformat;
-use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Raw, Result, Vmdk, VmdkCreateOptions};
+use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Raw, Result, VmdkCreateOptions};
 
 use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
@@ -105,7 +105,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                     "vmdk output can be compressed only with subformat=streamOptimized",
                 ));
             }
-            let v = Vmdk::create(&a.dst, size, &o)?;
+            let v = crate::common::create_resolver().create_vmdk(&a.dst, size, &o)?;
             let g = v.grain_size().unwrap_or(65536);
             unit = unit.div_ceil(g) * g;
             Box::new(v)
@@ -117,7 +117,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     let copts = ConvertOptions {
         threads,
         unit,
-        sparse_granule: parse_size(&a.sparse)?,
+        sparse_granule: sparse_granule(&a.sparse)?,
         progress: Some(&progress),
         compress,
         ..ConvertOptions::default()
@@ -128,4 +128,16 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         outln!("    (100.00/100%)");
     }
     Ok(0)
+}
+
+/// `-S SIZE` as qemu-img takes it: 0 (write every byte) or a multiple of
+/// 512 up to 16 MiB.
+fn sparse_granule(s: &str) -> Result<u64> {
+    let g = parse_size(s)?;
+    if !g.is_multiple_of(512) || g > 16 << 20 {
+        return Err(Error::invalid_argument(format!(
+            "invalid -S size '{s}': sizes for sparse output are 0 or multiples of 512 up to 16 MiB"
+        )));
+    }
+    Ok(g)
 }

@@ -116,7 +116,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                     o.compression_type.name()
                 );
                 if o.preallocation != Preallocation::Off {
-                    line.push_str(&format!(" preallocation={:?}", o.preallocation).to_lowercase());
+                    line.push_str(&format!(" preallocation={}", o.preallocation.name()));
                 }
                 line.push_str(&format!(" size={real_size}"));
                 if let Some(b) = &o.backing_file {

@@ -29,6 +29,8 @@ mod secrets;
 mod snapshot;
 mod vol;
 
+use std::io::Write as _;
+
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Virtual-machine disk images (raw, qcow2, vmdk).
@@ -114,7 +116,7 @@ fn main() {
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("vdisk: {}", e.report());
+            let _ = writeln!(std::io::stderr(), "vdisk: {}", e.report());
             std::process::exit(err_code);
         }
     }
@@ -128,8 +130,12 @@ fn virsh_exit(res: vdisk::Result<i32>) {
         Err(e) => {
             use std::error::Error as _;
             match e.source().and_then(|s| s.downcast_ref::<vdisk::Error>()) {
-                Some(inner) => eprintln!("error: {e}\nerror: {}", inner.report()),
-                None => eprintln!("error: {}", e.report()),
+                Some(inner) => {
+                    let _ = writeln!(std::io::stderr(), "error: {e}\nerror: {}", inner.report());
+                }
+                None => {
+                    let _ = writeln!(std::io::stderr(), "error: {}", e.report());
+                }
             }
             std::process::exit(1);
         }

@@ -241,10 +241,14 @@ impl Qcow2 {
             }
         };
         op()?;
-        if set {
-            let lazy_dirty = self.alloc_lock()?.marked_dirty;
-            if !lazy_dirty {
-                self.flush_impl()?;
+        // (The guard of the condition is dropped before the block runs.)
+        if set && !self.alloc_lock()?.marked_dirty {
+            self.flush_impl()?;
+            // Decided again under the allocation lock, held while the bit is
+            // cleared: a lazy-refcount write that started in between owns
+            // the dirty bit now and keeps it set.
+            let a = self.alloc_lock()?;
+            if !a.marked_dirty {
                 let mut h = self.header.lock();
                 h.incompatible_features &= !header::INCOMPAT_DIRTY;
                 self.write_header_locked(&mut h)?;
