@@ -673,3 +673,49 @@ fn converted_images_stay_right_under_writes_and_snapshots() {
         assert_qemu_clean(&img, "qcow2");
     }
 }
+
+/// A storage that cannot punch holes: freed clusters keep their old bytes.
+#[derive(Debug)]
+struct NoPunch(vdisk::MemStorage);
+
+impl vdisk::Storage for NoPunch {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> vdisk::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn len(&self) -> vdisk::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> vdisk::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync(&self) -> vdisk::Result<()> {
+        self.0.sync()
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// An allocating write that reuses a freed cluster inside the file (whose
+/// old bytes are still there) writes zeros around its data: only clusters
+/// past every length the file can have are taken as already reading zeros.
+/// (The allocator stopped asking the file's length on every allocation.)
+#[test]
+fn reused_clusters_never_show_old_bytes() {
+    let st = Arc::new(NoPunch(vdisk::MemStorage::new()));
+    let q = Qcow2::create(st.clone(), &CreateOptions::new(1 << 20), Default::default()).unwrap();
+    q.write_at(&[0xaa; 65536], 0).unwrap();
+    q.write_at(&[0xab; 65536], 65536).unwrap();
+    q.flush().unwrap();
+    q.discard(0, 65536).unwrap();
+    q.flush().unwrap();
+    q.write_at(&[0xbb; 4096], 131072).unwrap();
+    let mut buf = vec![0u8; 65536];
+    q.read_at(&mut buf, 131072).unwrap();
+    assert!(buf[..4096].iter().all(|&b| b == 0xbb));
+    assert!(buf[4096..].iter().all(|&b| b == 0), "old bytes of a freed cluster showed through");
+    q.close().unwrap();
+}

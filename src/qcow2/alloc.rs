@@ -40,10 +40,25 @@ pub(crate) struct AllocState {
     pub(crate) compressed_next: u64,
     /// One past the highest cluster allocated in this session.
     pub(crate) alloc_end: u64,
+    /// The image file's length when it was opened. With `alloc_end` it
+    /// bounds the file's length from above (the file grows only into
+    /// clusters this session allocated), which lets an allocating write
+    /// know that its new cluster lies past the end, and reads as zeros,
+    /// without an `fstat` (see [`AllocState::eof_bound`]).
+    pub(crate) len_at_open: u64,
     /// Lazy refcounts: refcounts are written only on close.
     pub(crate) lazy: bool,
     /// The dirty bit was set on disk in this session (lazy refcounts).
     pub(crate) marked_dirty: bool,
+}
+
+impl AllocState {
+    /// An upper bound of the image file's length: nothing this session
+    /// wrote or will write lies past it except in clusters allocated after
+    /// this call. Truncation only lowers the real length.
+    pub(crate) fn eof_bound(&self, cluster_bits: u32) -> u64 {
+        self.len_at_open.max(self.alloc_end << cluster_bits)
+    }
 }
 
 impl Qcow2 {
@@ -93,6 +108,8 @@ impl Qcow2 {
     /// Gives cluster `c` (which is not free-listed: reserved metadata) a
     /// refcount of one, growing the refcount structures as needed.
     pub(crate) fn mark_used(&self, a: &mut AllocState, c: u64) -> Result<()> {
+        // In use from now on, so inside the bound of the file's length.
+        a.alloc_end = a.alloc_end.max(c + 1);
         if !a.rc.covers(c) {
             self.grow_reftable(a, c)?;
         }

@@ -279,6 +279,7 @@ impl Qcow2 {
                 data_written: false,
                 compressed_next: 0,
                 alloc_end: 0,
+                len_at_open: file.len()?,
                 lazy: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
                 marked_dirty: false,
             }))

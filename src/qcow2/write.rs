@@ -184,12 +184,14 @@ impl Qcow2 {
             plans.push(Plan { c, old, ws, we, action, fresh: false });
         }
         if allocs > 0 {
+            // Clusters at or past this bound lie past the end of the file
+            // and read as zeros (asked before the allocation moves it).
+            let eof = a.eof_bound(geo.cluster_bits);
             let mut host = self.alloc_clusters(&mut a, allocs)?;
-            let file_len = self.data.len()?;
             for p in plans.iter_mut() {
                 if p.action == Action::New(0) {
                     p.action = Action::New(host);
-                    p.fresh = host >= file_len;
+                    p.fresh = host >= eof;
                     host += cs;
                 }
             }
