@@ -44,6 +44,7 @@ mod extension;
 mod flush;
 pub mod header;
 pub(crate) mod l2;
+pub mod measure;
 mod read;
 pub(crate) mod refcount;
 mod resize;

@@ -23,6 +23,7 @@ mod create;
 mod info;
 mod io;
 mod map;
+mod measure;
 mod pool;
 mod resize;
 mod secrets;
@@ -89,6 +90,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// How large a new image would be (qemu-img measure).
+    Measure(measure::MeasureArgs),
     /// Run the workloads of qemu-img bench.
     Bench(bench::BenchArgs),
     #[command(flatten)]
@@ -110,6 +113,7 @@ fn main() {
         Cmd::Io(a) => (io::run(a), 1),
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
         Cmd::Bench(a) => (bench::run(a), 1),
+        Cmd::Measure(a) => (measure::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
