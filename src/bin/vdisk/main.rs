@@ -20,6 +20,7 @@ mod common;
 mod compare;
 mod convert;
 mod create;
+mod dd;
 mod info;
 mod io;
 mod map;
@@ -90,6 +91,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Copy blocks of an image into a new one (qemu-img dd).
+    Dd(dd::DdArgs),
     /// How large a new image would be (qemu-img measure).
     Measure(measure::MeasureArgs),
     /// Run the workloads of qemu-img bench.
@@ -114,6 +117,7 @@ fn main() {
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
         Cmd::Bench(a) => (bench::run(a), 1),
         Cmd::Measure(a) => (measure::run(a), 1),
+        Cmd::Dd(a) => (dd::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
