@@ -46,6 +46,7 @@ pub mod header;
 pub(crate) mod l2;
 pub mod measure;
 mod read;
+mod rebase;
 pub(crate) mod refcount;
 mod resize;
 pub(crate) mod snapshot;

@@ -26,6 +26,7 @@ mod io;
 mod map;
 mod measure;
 mod pool;
+mod rebase;
 mod resize;
 mod secrets;
 mod snapshot;
@@ -91,6 +92,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Move a qcow2 image onto another backing file (qemu-img rebase).
+    Rebase(rebase::RebaseArgs),
     /// Copy blocks of an image into a new one (qemu-img dd).
     Dd(dd::DdArgs),
     /// How large a new image would be (qemu-img measure).
@@ -118,6 +121,7 @@ fn main() {
         Cmd::Bench(a) => (bench::run(a), 1),
         Cmd::Measure(a) => (measure::run(a), 1),
         Cmd::Dd(a) => (dd::run(a), 1),
+        Cmd::Rebase(a) => (rebase::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
