@@ -347,6 +347,44 @@ fn write_sparse(dst: &dyn BlockDevice, data: &[u8], offset: u64, opts: &ConvertO
     Ok(written)
 }
 
+/// Writes into `base` everything `top` holds itself (map depth 0: data
+/// as data, zeros as zeros), at the same offsets: `qemu-img commit`'s copy.
+/// `base` is grown first if it is smaller. Returns the bytes copied as data.
+/// Flushes `base` before returning, so a caller that then empties `top`
+/// never leaves the guest without its data.
+pub fn commit_into(top: &dyn BlockDevice, base: &dyn BlockDevice) -> Result<u64> {
+    let size = top.size();
+    if base.size() < size {
+        base.resize(size)?;
+    }
+    const PIECE: u64 = 4 << 20;
+    let mut buf = crate::storage::Aligned::new(PIECE as usize);
+    let mut copied = 0u64;
+    let mut pos = 0u64;
+    while pos < size {
+        let e = top.map(pos, size - pos)?;
+        let len = e.length.max(1).min(size - pos);
+        if e.depth == 0 && e.kind != crate::device::ExtentKind::Unallocated {
+            if e.reads_as_zero() {
+                base.write_zeroes(pos, len, ZeroMode::MayUnmap)?;
+            } else {
+                let mut at = pos;
+                while at < pos + len {
+                    let n = PIECE.min(pos + len - at);
+                    let b = &mut buf.as_mut_slice()[..n as usize];
+                    top.read_at(b, at)?;
+                    base.write_at(b, at)?;
+                    at += n;
+                    copied += n;
+                }
+            }
+        }
+        pos += len;
+    }
+    base.flush()?;
+    Ok(copied)
+}
+
 /// Where two devices first differ: `Ok(None)` when the guest contents are
 /// equal. A larger device must read as zeros past the smaller one's end,
 /// unless `strict` (then different sizes are a difference at the smaller

@@ -13,6 +13,9 @@ use crate::error::Result;
 pub(crate) enum ZeroOp {
     /// Give the range back (reads then see zeros or the backing image).
     Discard,
+    /// Make the range unallocated whatever it held, so it reads through
+    /// to the backing image (emptying after a commit).
+    Empty,
     /// Make the range read as zeros.
     Zero(ZeroMode),
 }
@@ -47,7 +50,7 @@ impl Qcow2 {
         // as QEMU's discard alignment.
         let granule = match op {
             ZeroOp::Zero(_) => self.geo_granule(),
-            ZeroOp::Discard => self.geo.cluster_size(),
+            ZeroOp::Discard | ZeroOp::Empty => self.geo.cluster_size(),
         };
 
         // A final partial cluster at the end of the disk counts as whole.
@@ -72,7 +75,7 @@ impl Qcow2 {
             ZeroOp::Zero(mode) => {
                 (!self.is_v3() && (self.has_backing() || mode == ZeroMode::Allocate)) || self.geo.data_file
             }
-            ZeroOp::Discard => false,
+            ZeroOp::Discard | ZeroOp::Empty => false,
         };
         if data_fallback {
             self.write_zero_data(astart, aend.min(end) - astart)?;
@@ -117,7 +120,7 @@ impl Qcow2 {
         // Discarding into a missing L2 table without a backing file changes
         // nothing: skip allocating one.
         let l1e = self.map.read().l1.get(l1_index as usize).copied().unwrap_or(0);
-        if l1e & OFFSET_MASK == 0 && (op == ZeroOp::Discard && !(backing && v3)) {
+        if l1e & OFFSET_MASK == 0 && (op == ZeroOp::Empty || (op == ZeroOp::Discard && !(backing && v3))) {
             return Ok(stop);
         }
         self.mark_dirty_if_lazy(&mut a)?;
@@ -149,6 +152,7 @@ impl Qcow2 {
                 let alloc = (old.bitmap & 0xffff_ffff) & !mask;
                 let zero_set = match op {
                     ZeroOp::Discard => backing,
+                    ZeroOp::Empty => false,
                     ZeroOp::Zero(_) => true,
                 };
                 let zero = if zero_set { (old.bitmap >> 32) | mask } else { (old.bitmap >> 32) & !mask };
@@ -157,6 +161,7 @@ impl Qcow2 {
             }
             let owned_host = old.host_offset(&geo).filter(|_| old.copied() && !old.is_compressed());
             let (new, keep) = match op {
+                ZeroOp::Empty => (L2Entry { word: 0, bitmap: 0 }, false),
                 ZeroOp::Discard => {
                     if geo.extended_l2 {
                         (L2Entry { word: 0, bitmap: if backing { 0xffff_ffff << 32 } else { 0 } }, false)
@@ -199,14 +204,24 @@ impl Qcow2 {
         Ok(stop)
     }
 
-    /// Discards every cluster of the range, even without a backing file
-    /// (the entries become unallocated).
+    /// Makes every cluster unallocated, so the whole image reads through
+    /// to its backing file (what `qemu-img commit` does to the image it
+    /// committed, unless `-d`). The space goes back to the host at the next
+    /// flush.
+    pub fn make_empty(&self) -> Result<()> {
+        self.check_writable()?;
+        let size = self.size();
+        self.discard_all(0, size)
+    }
+
+    /// Makes every cluster of the range unallocated (the entries read
+    /// through to the backing image, or as zeros without one).
     pub(crate) fn discard_all(&self, offset: u64, len: u64) -> Result<()> {
         let _g = self.gate.enter();
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
-            pos = self.zero_batch(pos, end, ZeroOp::Discard)?;
+            pos = self.zero_batch(pos, end, ZeroOp::Empty)?;
         }
         Ok(())
     }

@@ -16,6 +16,7 @@ mod output;
 
 mod bench;
 mod check;
+mod commit;
 mod common;
 mod compare;
 mod convert;
@@ -92,6 +93,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Write an image's data into its backing file (qemu-img commit).
+    Commit(commit::CommitArgs),
     /// Move a qcow2 image onto another backing file (qemu-img rebase).
     Rebase(rebase::RebaseArgs),
     /// Copy blocks of an image into a new one (qemu-img dd).
@@ -122,6 +125,7 @@ fn main() {
         Cmd::Measure(a) => (measure::run(a), 1),
         Cmd::Dd(a) => (dd::run(a), 1),
         Cmd::Rebase(a) => (rebase::run(a), 1),
+        Cmd::Commit(a) => (commit::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
