@@ -34,6 +34,7 @@
 //! `crypt` (how qcow2 uses the legacy AES cipher).
 
 mod alloc;
+mod amend;
 mod cache;
 pub mod check;
 mod cluster;

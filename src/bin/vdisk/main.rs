@@ -14,6 +14,7 @@ macro_rules! outln {
 
 mod output;
 
+mod amend;
 mod bench;
 mod check;
 mod commit;
@@ -93,6 +94,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Change an image's options (qemu-img amend).
+    Amend(amend::AmendArgs),
     /// Write an image's data into its backing file (qemu-img commit).
     Commit(commit::CommitArgs),
     /// Move a qcow2 image onto another backing file (qemu-img rebase).
@@ -126,6 +129,7 @@ fn main() {
         Cmd::Dd(a) => (dd::run(a), 1),
         Cmd::Rebase(a) => (rebase::run(a), 1),
         Cmd::Commit(a) => (commit::run(a), 1),
+        Cmd::Amend(a) => (amend::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
