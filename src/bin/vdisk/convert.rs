@@ -42,11 +42,29 @@ pub struct ConvertArgs {
     /// Open even if another process holds the source.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
+    /// Backing file of the new image (as `-o backing_file=`): only what
+    /// reads differently from it is written.
+    #[arg(short = 'B')]
+    pub backing: Option<String>,
+    /// Format of the `-B` backing file (as `-o backing_fmt=`).
+    #[arg(short = 'F')]
+    pub backing_fmt: Option<String>,
+    /// Do not create the destination: write into the existing image (of
+    /// format -O), which must be at least as large as the source.
+    #[arg(short = 'n')]
+    pub no_create: bool,
+    /// With -n: the existing destination reads as zeros everywhere, so zero
+    /// ranges need no write.
+    #[arg(long = "target-is-zero")]
+    pub target_is_zero: bool,
+    /// Quiet.
+    #[arg(short = 'q')]
+    pub quiet: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Source image.
     pub src: String,
-    /// Destination image (created, replacing any file there).
+    /// Destination image (created, replacing any file there, unless -n).
     pub dst: PathBuf,
 }
 
@@ -72,43 +90,74 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     };
     let out = Format::from_name(&a.out_fmt)?;
     let size = source.size();
-    let opts: Vec<String> = a.options.iter().flat_map(|o| split_opts(o)).collect();
+    let mut opts: Vec<String> = a.options.iter().flat_map(|o| split_opts(o)).collect();
+    if let Some(b) = &a.backing {
+        opts.push(format!("backing_file={b}"));
+    }
+    if let Some(f) = &a.backing_fmt {
+        if a.backing.is_none() {
+            return Err(Error::invalid_argument("-F names the format of a -B backing file"));
+        }
+        opts.push(format!("backing_fmt={f}"));
+    }
+    if a.target_is_zero && !a.no_create {
+        return Err(Error::invalid_argument("--target-is-zero requires -n (an existing target)"));
+    }
     let mut compress = a.compress;
     let mut unit = 2u64 << 20;
-    let dst: Box<dyn BlockDevice> = match out {
-        Format::Raw => {
-            if a.compress {
-                return Err(Error::invalid_argument("raw output cannot be compressed"));
-            }
-            if !opts.is_empty() {
-                return Err(Error::invalid_argument("raw output takes no -o options"));
-            }
-            let st = FileStorage::create(&a.dst)?;
-            Box::new(Raw::create(Arc::new(st), size)?)
+    let dst: Box<dyn BlockDevice> = if a.no_create {
+        if !opts.is_empty() {
+            return Err(Error::invalid_argument("-n writes into an existing image: -o, -B and -F do not apply"));
         }
-        Format::Qcow2 => {
-            let o = qcow2_create_options(size, &opts, &a.secrets)?;
-            if compress && o.encrypt.is_some() {
-                return Err(Error::invalid_argument("compressed writes are not supported for encrypted images"));
-            }
-            // Whole clusters per unit, so compressed writes cover clusters.
-            unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
-            Box::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?)
+        // The existing target, its backing chain followed (what it reads
+        // through is compared, not overwritten blindly).
+        let img = crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)?;
+        if img.size() < size {
+            return Err(Error::invalid_argument(format!(
+                "the target of {} bytes is smaller than the source of {size} bytes",
+                img.size()
+            )));
         }
-        Format::Vmdk => {
-            let o = VmdkCreateOptions::parse(&opts.join(","))?;
-            if o.subformat == Subformat::StreamOptimized {
-                // Stream grains are compressed and written whole, once.
-                compress = true;
-            } else if compress {
-                return Err(Error::invalid_argument(
-                    "vmdk output can be compressed only with subformat=streamOptimized",
-                ));
+        if compress {
+            unit = unit.div_ceil(img.info().cluster_size.unwrap_or(65536)) * img.info().cluster_size.unwrap_or(65536);
+        }
+        Box::new(img)
+    } else {
+        match out {
+            Format::Raw => {
+                if a.compress {
+                    return Err(Error::invalid_argument("raw output cannot be compressed"));
+                }
+                if !opts.is_empty() {
+                    return Err(Error::invalid_argument("raw output takes no -o options"));
+                }
+                let st = FileStorage::create(&a.dst)?;
+                Box::new(Raw::create(Arc::new(st), size)?)
             }
-            let v = crate::common::create_resolver().create_vmdk(&a.dst, size, &o)?;
-            let g = v.grain_size().unwrap_or(65536);
-            unit = unit.div_ceil(g) * g;
-            Box::new(v)
+            Format::Qcow2 => {
+                let o = qcow2_create_options(size, &opts, &a.secrets)?;
+                if compress && o.encrypt.is_some() {
+                    return Err(Error::invalid_argument("compressed writes are not supported for encrypted images"));
+                }
+                // Whole clusters per unit, so compressed writes cover clusters.
+                unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
+                Box::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?)
+            }
+            Format::Vmdk => {
+                let o = VmdkCreateOptions::parse(&opts.join(","))?;
+                if o.subformat == Subformat::StreamOptimized {
+                    // Stream grains are compressed and written whole, once.
+                    compress = true;
+                } else if compress {
+                    return Err(Error::invalid_argument(
+                        "vmdk output can be compressed only with subformat=streamOptimized",
+                    ));
+                }
+                let v = crate::common::create_resolver().create_vmdk(&a.dst, size, &o)?;
+                let g = v.grain_size().unwrap_or(65536);
+                unit = unit.div_ceil(g) * g;
+                Box::new(v)
+            }
         }
     };
     let show = a.progress && stdout_is_terminal();
@@ -120,7 +169,8 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         sparse_granule: sparse_granule(&a.sparse)?,
         progress: Some(&progress),
         compress,
-        ..ConvertOptions::default()
+        // A target that was there before holds whatever it held.
+        dst_is_zeroed: !a.no_create || a.target_is_zero,
     };
     vdisk::convert::convert(source, &*dst, &copts)?;
     dst.make_clean()?;
