@@ -17,7 +17,8 @@
 //! for a few nanoseconds; inserting a table or changing the L1 table takes it
 //! exclusively. L2 entries are atomics, stored only by a thread holding the
 //! allocation lock (`alloc`), after the data they point at is written. Lock
-//! order: `alloc` before `map` before `header`; `reserved` (where the
+//! order: `alloc` before `map` before `header` before `snapshots` (the
+//! snapshot table; `info` reads it under `header`); `reserved` (where the
 //! header's tables lie, shared with the allocator) is a leaf: nothing else
 //! is acquired while it is held. Data I/O never runs under `map`, `header`
 //! or `reserved`.
