@@ -3,8 +3,9 @@
 //! An [`Error`] carries an [`ErrorKind`] a caller can match on, a message that
 //! names what was wrong (lowercase, no trailing period), optional context (the
 //! path, the format, the on-disk field, a guest or host offset) and an optional
-//! source error. `Display` shows the message and the context on one line; the
-//! cause chain is reached through [`std::error::Error::source`].
+//! source error. `Display` shows the context, what was being done and the
+//! message on one line, one level only; the cause chain is reached through
+//! [`std::error::Error::source`], and [`Error::report`] prints it all once.
 
 use std::fmt;
 use std::io;

@@ -51,7 +51,11 @@ impl Raw {
         if self.read_only {
             return Err(crate::Error::read_only(what).with_format("raw"));
         }
-        self.unsynced.store(true, Ordering::Release);
+        // A load first: writers on many threads then share the cache line
+        // instead of bouncing it with a store on every request.
+        if !self.unsynced.load(Ordering::Relaxed) {
+            self.unsynced.store(true, Ordering::Release);
+        }
         Ok(())
     }
 }

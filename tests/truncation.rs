@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use vdisk::{BackingPolicy, BlockDevice, Format, OpenOptions};
+use vdisk::{BackingPolicy, Format, OpenOptions};
 
 fn images(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -32,6 +32,36 @@ fn images(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// The `fixed` cut lengths plus 39 evenly spread ones, each below `len`,
+/// sorted, once each.
+fn cut_points(mut fixed: Vec<usize>, len: usize) -> Vec<usize> {
+    fixed.extend((1..40).map(|i| len * i / 40));
+    fixed.retain(|&c| c < len);
+    fixed.sort_unstable();
+    fixed.dedup();
+    fixed
+}
+
+/// Reads the whole device in 1 MiB pieces and walks its map: errors are
+/// fine, panics are not.
+fn read_and_map(dev: &dyn vdisk::BlockDevice) {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = 0;
+    while pos < dev.size() {
+        let n = (dev.size() - pos).min(buf.len() as u64) as usize;
+        let _ = dev.read_at(&mut buf[..n], pos);
+        pos += n as u64;
+    }
+    let mut pos = 0;
+    while pos < dev.size() {
+        match dev.map(pos, u64::MAX) {
+            Ok(e) => pos += e.length.max(1),
+            Err(_) => break,
+        }
+    }
+    let _ = dev.info();
+}
+
 fn be(bytes: &[u8], off: usize, w: usize) -> u64 {
     let mut b = [0u8; 8];
     b[8 - w..].copy_from_slice(&bytes[off..off + w]);
@@ -50,15 +80,9 @@ fn truncated_images_never_panic() {
         let cs = 1usize << be(&bytes, 20, 4);
         let l1_end = be(&bytes, 40, 8) as usize + be(&bytes, 36, 4) as usize * 8;
         let rt_end = be(&bytes, 48, 8) as usize + be(&bytes, 56, 4) as usize * cs;
-        let mut cuts: Vec<usize> = vec![0, 1, 4, 8, 20, 71, 72, 100, 104, 111, 112, 200, 511, 512, 4096];
-        cuts.extend([cs - 1, cs, cs + 1, l1_end - 1, l1_end, rt_end - 1, rt_end, len - 1]);
-        for i in 1..40 {
-            cuts.push(len * i / 40);
-        }
-        cuts.retain(|&c| c < len);
-        cuts.sort_unstable();
-        cuts.dedup();
-        for cut in cuts {
+        let mut fixed = vec![0, 1, 4, 8, 20, 71, 72, 100, 104, 111, 112, 200, 511, 512, 4096];
+        fixed.extend([cs - 1, cs, cs + 1, l1_end - 1, l1_end, rt_end - 1, rt_end, len - 1]);
+        for cut in cut_points(fixed, len) {
             let path = p(dir.path(), "cut.qcow2");
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let r = OpenOptions::new().format(Format::Qcow2).read_only(true).backing(BackingPolicy::Never).open(&path);
@@ -67,16 +91,7 @@ fn truncated_images_never_panic() {
                 Err(e) => assert!(!e.to_string().is_empty()),
                 Ok(dev) => {
                     assert!(!must_fail, "{}: cut at {cut} opened", img.display());
-                    let mut buf = vec![0u8; dev.size() as usize];
-                    let _ = dev.read_at(&mut buf, 0);
-                    let mut pos = 0;
-                    while pos < dev.size() {
-                        match dev.map(pos, u64::MAX) {
-                            Ok(e) => pos += e.length.max(1),
-                            Err(_) => break,
-                        }
-                    }
-                    let _ = vdisk::BlockDevice::info(&dev);
+                    read_and_map(&dev);
                 }
             }
         }
@@ -138,14 +153,8 @@ fn truncated_vmdk_images_never_panic() {
         // descriptorOffset and descriptorSize (sectors) of the sparse header.
         let desc_end = (u64le(28) + u64le(36)) * 512;
         assert_eq!(u32le(0), 0x564d_444b, "{}: not a sparse vmdk", img.display());
-        let mut cuts: Vec<usize> = vec![0, 1, 4, 77, 511, 512, 513, desc_end - 1, desc_end, len - 512, len - 1];
-        for i in 1..40 {
-            cuts.push(len * i / 40);
-        }
-        cuts.retain(|&c| c < len);
-        cuts.sort_unstable();
-        cuts.dedup();
-        for cut in cuts {
+        let fixed = vec![0, 1, 4, 77, 511, 512, 513, desc_end - 1, desc_end, len - 512, len - 1];
+        for cut in cut_points(fixed, len) {
             let path = p(dir.path(), "cut.vmdk");
             std::fs::write(&path, &bytes[..cut]).unwrap();
             let r = OpenOptions::new().format(Format::Vmdk).read_only(true).backing(BackingPolicy::Never).open(&path);
@@ -157,19 +166,7 @@ fn truncated_vmdk_images_never_panic() {
                         "{}: cut at {cut} (inside the header or descriptor) opened",
                         img.display()
                     );
-                    let mut buf = vec![0u8; 1 << 20];
-                    let mut pos = 0;
-                    while pos < dev.size() {
-                        let _ = dev.read_at(&mut buf, pos);
-                        pos += buf.len() as u64;
-                    }
-                    let mut pos = 0;
-                    while pos < dev.size() {
-                        match dev.map(pos, u64::MAX) {
-                            Ok(e) => pos += e.length.max(1),
-                            Err(_) => break,
-                        }
-                    }
+                    read_and_map(&dev);
                 }
             }
         }

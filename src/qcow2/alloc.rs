@@ -270,12 +270,7 @@ impl Qcow2 {
         free: FreeOld,
     ) -> Result<()> {
         let file = &*self.file;
-        a.rc.write_blocks(file)?;
-        if a.rc.table_dirty {
-            file.sync()?;
-            file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-            a.rc.table_dirty = false;
-        }
+        self.store_refcounts(a)?;
         if !bytes.is_empty() {
             file.write_at(bytes, offset)?;
         }

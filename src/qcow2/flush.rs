@@ -89,16 +89,8 @@ impl Qcow2 {
         if !Arc::ptr_eq(&self.data, &self.file) && a.data_written {
             self.data.sync()?;
         }
-        if !lazy && rc_dirty {
-            if a.rc.write_blocks(file)? {
-                unsynced = true;
-            }
-            if a.rc.table_dirty {
-                file.sync()?;
-                file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
-                a.rc.table_dirty = false;
-                unsynced = true;
-            }
+        if !lazy && rc_dirty && self.store_refcounts(a)? {
+            unsynced = true;
         }
         if !l2_dirty.is_empty() {
             if unsynced {
@@ -219,17 +211,26 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// Writes the cached refcounts (blocks, then a moved table) and syncs:
-    /// how lazy refcounts reach the disk.
-    pub(crate) fn write_refcounts(&self, a: &mut AllocState) -> Result<()> {
+    /// Writes the cached refcount blocks, then (after a sync, so the table
+    /// never names a block not yet on disk) a moved refcount table. Returns
+    /// whether anything was written; the caller syncs.
+    pub(crate) fn store_refcounts(&self, a: &mut AllocState) -> Result<bool> {
         let file = &*self.file;
-        a.rc.write_blocks(file)?;
+        let mut wrote = a.rc.write_blocks(file)?;
         if a.rc.table_dirty {
             file.sync()?;
             file.write_at(&a.rc.table_bytes(), a.rc.table_offset)?;
             a.rc.table_dirty = false;
+            wrote = true;
         }
-        file.sync()
+        Ok(wrote)
+    }
+
+    /// Writes the cached refcounts and syncs: how lazy refcounts reach the
+    /// disk.
+    pub(crate) fn write_refcounts(&self, a: &mut AllocState) -> Result<()> {
+        self.store_refcounts(a)?;
+        self.file.sync()
     }
 
     /// Flushes, writes lazy refcounts and clears the dirty bit: the clean

@@ -26,13 +26,15 @@
 //! # Files
 //!
 //! `header` and `extension` (cluster 0), `table` (the u64 table codec, the
-//! reserved ranges, `swap_table`), `l2` (entries, tables) and `cache` (the
-//! L2 cache), `refcount` (refcount table and blocks) and `alloc` (the
-//! allocator and the state behind the allocation lock), `cluster` (lookup),
+//! reserved ranges), `l2` (entries, tables) and `cache` (the L2 cache),
+//! `refcount` (refcount table and blocks) and `alloc` (the allocator, the
+//! state behind the allocation lock, `swap_table`), `cluster` (lookup),
 //! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
-//! (write_zeroes, discard), `flush` (metadata order, frees, close),
-//! `resize`, `snapshot/` (table, operations, view), `check`, `create`,
-//! `crypt` (how qcow2 uses the legacy AES cipher).
+//! (write_zeroes, discard, make_empty), `flush` (metadata order, frees,
+//! close), `resize`, `snapshot/` (table, operations, view), `check`,
+//! `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
+//! `amend` (compat, lazy refcounts), `crypt` (how qcow2 uses the legacy AES
+//! cipher).
 
 mod alloc;
 mod amend;

@@ -4,9 +4,9 @@
 //! creation are refused as it refuses them; the ones vdisk does not amend
 //! yet (data files, refcount width, LUKS key slots) are refused by name.
 
-use vdisk::{BackingPolicy, Error, Format, Image, OpenOptions, Result};
+use vdisk::{Error, Image, Result};
 
-use crate::common::parse_size;
+use crate::common::{open_arg, parse_size};
 use crate::secrets::{split_opts, SecretArgs};
 
 /// Arguments of `vdisk amend`.
@@ -63,14 +63,7 @@ pub fn run(a: &AmendArgs) -> Result<i32> {
             other => return Err(Error::invalid_argument(format!("invalid parameter '{other}'"))),
         }
     }
-    let spec = a.secrets.image(&a.image, a.format.as_deref())?;
-    let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let mut o = OpenOptions::new().key_opt(key).backing(BackingPolicy::Never).inspect_only(false);
-    o = match spec.format.as_deref() {
-        Some(f) => o.format(Format::from_name(f)?),
-        None => o.probe(true),
-    };
-    let img = o.open(&spec.path)?;
+    let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), false, false)?;
     let Image::Qcow2(q) = img else {
         return Err(Error::unsupported(format!("amend works on qcow2 images; '{}' is {}", a.image, img.format())));
     };

@@ -4,8 +4,9 @@
 //! The order keeps the guest's view at every moment: the backing file is
 //! written and flushed before the image is emptied.
 
-use vdisk::{BackingPolicy, Error, Format, Image, OpenOptions, Result};
+use vdisk::{Error, Image, Result};
 
+use crate::common::{beside, image_options, open_arg};
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk commit`.
@@ -35,15 +36,8 @@ pub struct CommitArgs {
 
 /// Runs `vdisk commit`.
 pub fn run(a: &CommitArgs) -> Result<i32> {
-    let spec = a.secrets.image(&a.image, a.format.as_deref())?;
-    let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let mut opts = OpenOptions::new().key_opt(key).backing(BackingPolicy::Never);
-    opts = match spec.format.as_deref() {
-        Some(f) => opts.format(Format::from_name(f)?),
-        None => opts.probe(true),
-    };
     // The image alone: only what it holds itself is read.
-    let top = opts.open(&spec.path)?;
+    let (path, top) = open_arg(&a.secrets, &a.image, a.format.as_deref(), false, false)?;
     if !a.keep && !matches!(top, Image::Qcow2(_)) {
         return Err(Error::unsupported(format!("a {} image cannot be emptied after the commit: use -d", top.format())));
     }
@@ -51,9 +45,7 @@ pub fn run(a: &CommitArgs) -> Result<i32> {
     let Some(name) = info.backing_file.clone() else {
         return Err(Error::invalid_argument(format!("image '{}' does not have a backing file", a.image)));
     };
-    let dir = spec.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-    let base_path =
-        if std::path::Path::new(&name).is_absolute() { std::path::PathBuf::from(&name) } else { dir.join(&name) };
+    let base_path = beside(&path, &name);
     if let Some(b) = &a.base {
         let same = |x: &std::path::Path, y: &std::path::Path| match (x.canonicalize(), y.canonicalize()) {
             (Ok(x), Ok(y)) => x == y,
@@ -68,12 +60,9 @@ pub fn run(a: &CommitArgs) -> Result<i32> {
     }
     // The backing file read-write, in the format the image records (probed
     // only when it records none, as qemu-img does).
-    let mut bopts = OpenOptions::new().backing(BackingPolicy::Follow);
-    bopts = match info.backing_format.as_deref() {
-        Some(f) => bopts.format(Format::from_name(f)?),
-        None => bopts.probe(true),
-    };
-    let base = bopts.open(&base_path).map_err(|e| e.context(format!("opening the backing file '{name}'")))?;
+    let base = image_options(info.backing_format.as_deref(), false, true, None, false)?
+        .open(&base_path)
+        .map_err(|e| e.context(format!("opening the backing file '{name}'")))?;
     vdisk::convert::commit_into(&top, &base)?;
     base.close()?;
     if let (false, Image::Qcow2(q)) = (a.keep, &top) {

@@ -106,6 +106,29 @@ pub fn image_options(
     })
 }
 
+/// The internal snapshot `-l SPEC` names (`snapshot.name=NAME`,
+/// `snapshot.id=ID`, or a bare name or id), viewed without applying it.
+pub fn snapshot_arg<'a>(img: &'a Image, spec: &str) -> Result<vdisk::qcow2::SnapshotView<'a>> {
+    let Image::Qcow2(q) = img else {
+        return Err(Error::unsupported("only qcow2 images have internal snapshots"));
+    };
+    let key = spec.strip_prefix("snapshot.name=").or_else(|| spec.strip_prefix("snapshot.id=")).unwrap_or(spec);
+    q.snapshot_view(key)
+}
+
+/// Where a file an image names (`name`, relative to the image's directory
+/// unless absolute) lies.
+pub fn beside(image: &Path, name: &str) -> std::path::PathBuf {
+    let n = Path::new(name);
+    if n.is_absolute() {
+        return n.to_path_buf();
+    }
+    match image.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.join(n),
+        _ => n.to_path_buf(),
+    }
+}
+
 /// What opens the backing file of an image being created, as qemu-img
 /// does: the format given (`-F`, `backing_fmt`) or probed, the backing's
 /// own chain followed.

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vdisk::convert::ConvertOptions;
 use vdisk::vmdk::Subformat;
-use vdisk::{BlockDevice, Error, FileStorage, Format, Image, Raw, Result, VmdkCreateOptions};
+use vdisk::{BlockDevice, Error, FileStorage, Format, Raw, Result, VmdkCreateOptions};
 
 use crate::common::{open_arg_shared, parse_size, progress_printer, stdout_is_terminal, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
@@ -80,11 +80,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     let source: &dyn BlockDevice = match &a.snapshot {
         None => &src,
         Some(spec) => {
-            let Image::Qcow2(q) = &src else {
-                return Err(Error::unsupported("only qcow2 images have internal snapshots"));
-            };
-            let key = spec.strip_prefix("snapshot.name=").or_else(|| spec.strip_prefix("snapshot.id=")).unwrap_or(spec);
-            snap_view = q.snapshot_view(key)?;
+            snap_view = crate::common::snapshot_arg(&src, spec)?;
             &snap_view
         }
     };

@@ -2,7 +2,7 @@
 //! reports it (same lines, same JSON names, same figures).
 
 use vdisk::qcow2::measure::{measure, Measure};
-use vdisk::{BlockDevice, Error, Format, Image, Result};
+use vdisk::{BlockDevice, Error, Format, Result};
 
 use crate::common::{open_arg_shared, parse_size};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
@@ -61,11 +61,7 @@ pub fn run(a: &MeasureArgs) -> Result<i32> {
         (None, _) => None,
         (Some(s), None) => Some(s),
         (Some(s), Some(spec)) => {
-            let Image::Qcow2(q) = s else {
-                return Err(Error::unsupported("only qcow2 images have internal snapshots"));
-            };
-            let key = spec.strip_prefix("snapshot.name=").or_else(|| spec.strip_prefix("snapshot.id=")).unwrap_or(spec);
-            snap_view = q.snapshot_view(key)?;
+            snap_view = crate::common::snapshot_arg(s, spec)?;
             Some(&snap_view)
         }
     };

@@ -2,8 +2,9 @@
 //! backing file (or none) without changing what the guest sees, or with
 //! `-u` only rewrite the backing file name and format.
 
-use vdisk::{BackingPolicy, BlockDevice, Error, Format, Image, OpenOptions, Result};
+use vdisk::{BlockDevice, Error, Image, Result};
 
+use crate::common::{beside, image_options, open_arg};
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk rebase`.
@@ -43,20 +44,9 @@ pub fn run(a: &RebaseArgs) -> Result<i32> {
             a.backing
         )));
     }
-    let spec = a.secrets.image(&a.image, a.format.as_deref())?;
-    let key = a.secrets.key(spec.key_secret.as_deref())?;
     // The image itself, read-write; in safe mode with its backing chain
     // open (the copy reads through it).
-    let mut opts = OpenOptions::new().key_opt(key).backing(if a.unsafe_mode {
-        BackingPolicy::Never
-    } else {
-        BackingPolicy::Follow
-    });
-    opts = match spec.format.as_deref() {
-        Some(f) => opts.format(Format::from_name(f)?),
-        None => opts.probe(true),
-    };
-    let img = opts.open(&spec.path)?;
+    let (path, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), false, !a.unsafe_mode)?;
     let Image::Qcow2(q) = img else {
         return Err(Error::unsupported(format!("rebase works on qcow2 images; '{}' is {}", a.image, img.format())));
     };
@@ -68,14 +58,9 @@ pub fn run(a: &RebaseArgs) -> Result<i32> {
     let new_backing = match name {
         None => None,
         Some(n) => {
-            let dir = spec.path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
-            let p = if std::path::Path::new(n).is_absolute() { std::path::PathBuf::from(n) } else { dir.join(n) };
-            let f = Format::from_name(a.backing_fmt.as_deref().unwrap_or("raw"))?;
-            let b = OpenOptions::new()
-                .format(f)
-                .read_only(true)
-                .backing(BackingPolicy::Follow)
-                .open(&p)
+            // -F is required with a name (checked above).
+            let b = image_options(a.backing_fmt.as_deref(), true, true, None, false)?
+                .open(beside(&path, n))
                 .map_err(|e| e.context(format!("opening the new backing file '{n}'")))?;
             Some(b)
         }
