@@ -149,8 +149,8 @@ pub struct Qcow2Details {
     pub data_file_raw: bool,
     /// Internal snapshots.
     pub snapshots: Vec<SnapshotInfo>,
-    /// Number of persistent bitmaps recorded.
-    pub bitmaps: u32,
+    /// The persistent dirty bitmaps.
+    pub bitmaps: Vec<crate::qcow2::bitmap::BitmapInfo>,
 }
 
 /// One internal snapshot, as `qemu-img snapshot -l` lists it.

@@ -72,6 +72,8 @@ pub struct CheckReport {
     pub compressed_clusters: u64,
     /// One line per finding, as `qemu-img check` prints them.
     pub messages: Vec<String>,
+    /// Remarks that are not errors (bitmaps left in use), for the user.
+    pub notes: Vec<String>,
 }
 
 impl CheckReport {
@@ -380,6 +382,7 @@ fn count_references(
     }
     if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
         count_bitmaps(&mut w, b.directory_offset, b.directory_size);
+        verify_bitmaps(&mut w.report, w.file, h);
     } else if let Some(b) = h.bitmaps {
         // Inconsistent bitmaps are still stored and referenced.
         count_bitmaps(&mut w, b.directory_offset, b.directory_size);
@@ -407,6 +410,31 @@ fn count_references(
         }
     }
     Ok((w.refs, w.report))
+}
+
+/// Checks the bitmap directory and tables against the constraints QEMU
+/// enforces; a bitmap left `in_use` is reported (it is not an error of the
+/// image: QEMU ignores its contents, and removing it is the way out).
+fn verify_bitmaps(report: &mut CheckReport, file: &dyn Storage, h: &Header) {
+    match super::bitmap::read_directory(file, h) {
+        Err(e) => {
+            report.corruptions += 1;
+            report.messages.push(format!("ERROR bitmap directory: {e}"));
+        }
+        Ok(entries) => {
+            for e in entries {
+                if let Err(err) = super::bitmap::check_table(file, &e, h.cluster_size()) {
+                    report.corruptions += 1;
+                    report.messages.push(format!("ERROR bitmap '{}': {err}", e.name));
+                } else if e.flags & super::bitmap::dir::FLAG_IN_USE != 0 {
+                    report.notes.push(format!(
+                        "Bitmap '{}' is in use (left inconsistent by a program that did not close the image); remove it with: bitmap --remove",
+                        e.name
+                    ));
+                }
+            }
+        }
+    }
 }
 
 /// Counts the bitmap directory, bitmap tables and bitmap data clusters.

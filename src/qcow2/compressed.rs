@@ -51,6 +51,7 @@ impl Qcow2 {
         if self.geo.data_file {
             return Err(self.err(Error::unsupported("compressed writes are not supported with an external data file")));
         }
+        self.track_write(offset, buf.len() as u64)?;
         for (k, chunk) in buf.chunks(cs as usize).enumerate() {
             let guest = offset + k as u64 * cs;
             let mut cluster = chunk.to_vec();

@@ -250,6 +250,7 @@ impl Qcow2 {
             )));
         }
         self.flush_impl()?;
+        self.store_bitmaps()?;
         if let Some(alloc) = &self.alloc {
             let mut a = alloc.lock();
             if a.marked_dirty {

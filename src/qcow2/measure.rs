@@ -95,15 +95,18 @@ pub fn measure(opts: &CreateOptions, source: Option<&dyn BlockDevice>) -> Result
     let fully_allocated = prealloc_size(virtual_size, &o).ok_or_else(too_big)?;
     let bitmaps = match source.map(|s| s.info().details) {
         Some(crate::device::FormatDetails::Qcow2(d)) if o.version >= 3 && d.compat == "1.1" => {
-            if d.bitmaps > 0 {
-                // Their size needs the bitmap directory, which vdisk does
-                // not read yet (the bitmaps work will).
-                return Err(Error::unsupported(format!(
-                    "the source has {} persistent bitmaps, whose size vdisk cannot measure yet",
-                    d.bitmaps
-                )));
+            // As qemu-img counts them: every bitmap fully allocated, its
+            // table, and the directory, in clusters of the new image.
+            let cs = o.cluster_size;
+            let size = source.map_or(virtual_size, |s| s.size());
+            let mut total = 0u64;
+            let mut dir_len = 0u64;
+            for b in &d.bitmaps {
+                let clusters = size.div_ceil(b.granularity).div_ceil(8).div_ceil(cs);
+                total += clusters * cs + (clusters * 8).div_ceil(cs) * cs;
+                dir_len += crate::qcow2::bitmap::dir::entry_len(&b.name);
             }
-            Some(0)
+            Some(total + dir_len.div_ceil(cs) * cs)
         }
         _ => None,
     };

@@ -38,6 +38,7 @@
 
 mod alloc;
 mod amend;
+pub mod bitmap;
 mod cache;
 pub mod check;
 mod cluster;
@@ -156,6 +157,10 @@ pub struct Qcow2 {
     map: RwLock<MapState>,
     /// Snapshot table.
     snapshots: RwLock<Vec<Snapshot>>,
+    /// Persistent dirty bitmaps.
+    bitmaps: RwLock<bitmap::BitmapState>,
+    /// Some bitmap exists: guest writes must be recorded.
+    bitmaps_tracking: AtomicBool,
     /// Gate that delays reuse of freed clusters until in-flight I/O ends.
     gate: Quiesce,
     /// Recently decompressed clusters, by descriptor host offset.
@@ -291,7 +296,14 @@ impl Qcow2 {
             }))
         };
         let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
-        let clear_autoclear = !read_only && h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0;
+        // Bitmaps: loaded (and then maintained) when the image is writable;
+        // an extension without its autoclear bit was left by a program that
+        // did not maintain it, and is dropped on the first write (QEMU does
+        // the same; its clusters leak until check -r).
+        let bitmap_dir = bitmap::read_directory(&*file, &h)?;
+        let drop_stale_bitmaps =
+            !read_only && h.bitmaps.is_some() && h.autoclear_features & header::AUTOCLEAR_BITMAPS == 0;
+        let bitmaps = bitmap::BitmapState::open(&*file, bitmap_dir, h.size, cs, !read_only)?;
         let q = Qcow2 {
             data,
             backing: opts.backing,
@@ -309,6 +321,8 @@ impl Qcow2 {
             size: AtomicU64::new(h.size),
             map: RwLock::new(MapState { l1, l2: L2Cache::new(tables) }),
             snapshots: RwLock::new(snaps),
+            bitmaps_tracking: AtomicBool::new(!read_only && bitmaps.tracking()),
+            bitmaps: RwLock::new(bitmaps),
             gate: Quiesce::new(),
             zcache: ClusterCache::new(),
             header: Mutex::new(h),
@@ -321,11 +335,9 @@ impl Qcow2 {
                 // them before anything is allocated.
                 q.repair_dirty()?;
             }
-            if clear_autoclear {
-                // vdisk does not maintain persistent bitmaps: say so, as the
-                // spec asks of writers that do not understand them.
+            if drop_stale_bitmaps {
                 let mut h = q.header.lock();
-                h.autoclear_features &= !header::AUTOCLEAR_BITMAPS;
+                h.bitmaps = None;
                 q.write_header_locked(&mut h)?;
                 drop(h);
                 q.file.sync()?;
@@ -377,7 +389,7 @@ impl Qcow2 {
             data_file: h.data_file.clone(),
             data_file_raw: h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
             snapshots: self.snapshots.read().iter().map(|s| s.info(size)).collect(),
-            bitmaps: h.bitmaps.map_or(0, |b| b.nb_bitmaps),
+            bitmaps: self.bitmaps(),
         }
     }
 

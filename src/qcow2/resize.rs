@@ -18,6 +18,9 @@ impl Qcow2 {
             return Err(Error::invalid_argument(format!("size {new_size} is too large")));
         }
         let old = self.size();
+        if new_size != old {
+            self.bitmaps_resizable()?;
+        }
         if new_size < old {
             if !self.snapshots.read().is_empty() {
                 return Err(self.err(Error::unsupported("cannot shrink an image that has internal snapshots")));
@@ -72,6 +75,8 @@ impl Qcow2 {
         drop(h);
         self.file.sync()?;
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
+        drop(_a);
+        self.resize_bitmaps(new_size);
         Ok(())
     }
 

@@ -69,8 +69,7 @@ pub(crate) struct Reserved {
     cluster_size: u64,
     /// The header cluster.
     header: Range<u64>,
-    /// The bitmap directory, when the bitmaps extension was consistent at
-    /// open (kept for the session although vdisk clears the autoclear bit).
+    /// The bitmap directory, when the bitmaps extension is consistent.
     bitmap_directory: Range<u64>,
     /// The active L1 table.
     l1: Range<u64>,
@@ -103,6 +102,14 @@ impl Reserved {
             r.bitmap_directory = r.span(b.directory_offset, b.directory_size);
         }
         r
+    }
+
+    /// Where the bitmap directory lies now (`None`: no bitmaps).
+    pub(crate) fn set_bitmap_directory(&mut self, dir: Option<(u64, u64)>) {
+        self.bitmap_directory = match dir {
+            Some((off, len)) => self.span(off, len),
+            None => 0..0,
+        };
     }
 
     /// `[offset, offset + len)` rounded up to whole clusters.

@@ -60,6 +60,7 @@ impl Qcow2 {
         if buf.is_empty() {
             return Ok(());
         }
+        self.track_write(offset, buf.len() as u64)?;
         self.write_impl(buf, offset)
     }
 

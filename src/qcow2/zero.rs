@@ -35,6 +35,7 @@ impl Qcow2 {
     pub(crate) fn zero_or_discard(&self, offset: u64, len: u64, op: ZeroOp) -> Result<()> {
         self.check_writable()?;
         check_request(offset, len, self.size())?;
+        self.track_write(offset, len)?;
         self.zero_or_discard_in(offset, len, op, self.size())
     }
 
@@ -211,6 +212,7 @@ impl Qcow2 {
     pub fn make_empty(&self) -> Result<()> {
         self.check_writable()?;
         let size = self.size();
+        self.track_write(0, size)?;
         self.discard_all(0, size)
     }
 

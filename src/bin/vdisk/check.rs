@@ -44,6 +44,9 @@ fn human(r: &CheckReport, repaired: bool) {
     for m in &r.messages {
         eprintln!("{m}");
     }
+    for n in &r.notes {
+        eprintln!("Warning: {n}");
+    }
     if repaired && (r.leaks_fixed > 0 || r.corruptions_fixed > 0) {
         outln!("The following inconsistencies were found and repaired:\n");
         outln!("    {} leaked clusters", r.leaks_fixed);

@@ -60,6 +60,12 @@ pub struct ConvertArgs {
     /// Quiet.
     #[arg(short = 'q')]
     pub quiet: bool,
+    /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
+    #[arg(long = "bitmaps")]
+    pub bitmaps: bool,
+    /// With --bitmaps: leave out inconsistent bitmaps instead of failing.
+    #[arg(long = "skip-broken-bitmaps", requires = "bitmaps")]
+    pub skip_broken_bitmaps: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// Source image.
@@ -99,8 +105,11 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     if a.target_is_zero && !a.no_create {
         return Err(Error::invalid_argument("--target-is-zero requires -n (an existing target)"));
     }
+    let src_bitmaps = if a.bitmaps { bitmaps_to_copy(a, &src, out)? } else { Vec::new() };
     let mut compress = a.compress;
     let mut unit = 2u64 << 20;
+    // The destination as qcow2, for --bitmaps.
+    let mut dst_q: Option<Arc<vdisk::qcow2::Qcow2>> = None;
     let dst: Box<dyn BlockDevice> = if a.no_create {
         if !opts.is_empty() {
             return Err(Error::invalid_argument("-n writes into an existing image: -o, -B and -F do not apply"));
@@ -117,7 +126,14 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         if compress {
             unit = unit.div_ceil(img.info().cluster_size.unwrap_or(65536)) * img.info().cluster_size.unwrap_or(65536);
         }
-        Box::new(img)
+        match img {
+            vdisk::Image::Qcow2(q) => {
+                let q = Arc::new(q);
+                dst_q = Some(q.clone());
+                Box::new(q)
+            }
+            other => Box::new(other),
+        }
     } else {
         match out {
             Format::Raw => {
@@ -137,7 +153,9 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 }
                 // Whole clusters per unit, so compressed writes cover clusters.
                 unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
-                Box::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?)
+                let q = Arc::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?);
+                dst_q = Some(q.clone());
+                Box::new(q)
             }
             Format::Vmdk => {
                 let o = VmdkCreateOptions::parse(&opts.join(","))?;
@@ -169,11 +187,49 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         dst_is_zeroed: !a.no_create || a.target_is_zero,
     };
     vdisk::convert::convert(source, &*dst, &copts)?;
+    if let (Some(q), vdisk::Image::Qcow2(sq)) = (&dst_q, &src) {
+        for b in &src_bitmaps {
+            q.bitmap_add(&b.name, Some(b.granularity), b.enabled)?;
+            q.bitmap_merge_from(&b.name, &sq.bitmap_dirty_ranges(&b.name, 0, u64::MAX)?)?;
+        }
+    }
     dst.make_clean()?;
     if show {
         outln!("    (100.00/100%)");
     }
     Ok(0)
+}
+
+/// The bitmaps `--bitmaps` copies, after qemu-img's checks: a qcow2
+/// source, a qcow2 v3 target, no inconsistent bitmap unless skipped.
+fn bitmaps_to_copy(a: &ConvertArgs, src: &vdisk::Image, out: Format) -> Result<Vec<vdisk::qcow2::bitmap::BitmapInfo>> {
+    let vdisk::Image::Qcow2(sq) = src else {
+        return Err(Error::unsupported("source lacks bitmap support: only qcow2 images have persistent bitmaps"));
+    };
+    if out != Format::Qcow2 || a.options.iter().any(|o| o.contains("compat=0.10") || o.contains("compat=v2")) {
+        return Err(Error::unsupported("persistent bitmaps are unsupported for the output format (qcow2 v3 needed)"));
+    }
+    if a.snapshot.is_some() {
+        return Err(Error::invalid_argument("--bitmaps copies the active state's bitmaps: it does not apply with -l"));
+    }
+    let mut out = Vec::new();
+    for b in sq.bitmaps() {
+        if b.inconsistent {
+            if a.skip_broken_bitmaps {
+                eprintln!("vdisk: warning: skipping inconsistent bitmap '{}'", b.name);
+                continue;
+            }
+            return Err(Error::new(
+                vdisk::ErrorKind::Corrupt,
+                format!(
+                    "cannot copy inconsistent bitmap '{}': try --skip-broken-bitmaps, or remove it with 'vdisk bitmap --remove'",
+                    b.name
+                ),
+            ));
+        }
+        out.push(b);
+    }
+    Ok(out)
 }
 
 /// `-S SIZE` as qemu-img takes it: 0 (write every byte) or a multiple of

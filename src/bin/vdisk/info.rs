@@ -100,6 +100,14 @@ fn to_json(l: &Layer) -> Value {
             if q.compat != "0.10" {
                 d.insert("compression-type".into(), json!(q.compression_type));
                 d.insert("lazy-refcounts".into(), json!(q.lazy_refcounts));
+                if !q.bitmaps.is_empty() {
+                    let list: Vec<Value> = q
+                        .bitmaps
+                        .iter()
+                        .map(|b| json!({ "flags": b.flags(), "name": b.name, "granularity": b.granularity }))
+                        .collect();
+                    d.insert("bitmaps".into(), Value::Array(list));
+                }
             } else {
                 d.insert("compression-type".into(), json!(q.compression_type));
             }
@@ -204,6 +212,18 @@ fn print_human(l: &Layer) {
             outln!("    compression type: {}", q.compression_type);
             if q.compat != "0.10" {
                 outln!("    lazy refcounts: {}", q.lazy_refcounts);
+                if !q.bitmaps.is_empty() {
+                    outln!("    bitmaps:");
+                    for (k, b) in q.bitmaps.iter().enumerate() {
+                        outln!("        [{k}]:");
+                        outln!("            flags:");
+                        for (j, f) in b.flags().iter().enumerate() {
+                            outln!("                [{j}]: {f}");
+                        }
+                        outln!("            name: {}", b.name);
+                        outln!("            granularity: {}", b.granularity);
+                    }
+                }
             }
             outln!("    refcount bits: {}", q.refcount_bits);
             if i.encrypted {

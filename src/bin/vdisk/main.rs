@@ -16,6 +16,7 @@ mod output;
 
 mod amend;
 mod bench;
+mod bitmap;
 mod check;
 mod commit;
 mod common;
@@ -69,7 +70,11 @@ fn parse() -> (Cli, Option<std::path::PathBuf>) {
         });
     }
     let matches = cmd.get_matches();
-    let config_dir = matches.subcommand().and_then(|(_, m)| m.get_one::<std::path::PathBuf>("config-dir").cloned());
+    // `try_get_one`: image verbs have no such argument (`get_one` would
+    // panic on them in debug builds).
+    let config_dir = matches
+        .subcommand()
+        .and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     (cli, config_dir)
 }
@@ -94,6 +99,8 @@ enum Cmd {
     Io(io::IoArgs),
     /// List, create, apply or delete internal snapshots.
     Snapshot(snapshot::SnapshotArgs),
+    /// Add, remove, clear, enable, disable, merge or dump persistent dirty bitmaps (qemu-img bitmap).
+    Bitmap(bitmap::BitmapArgs),
     /// Change an image's options (qemu-img amend).
     Amend(amend::AmendArgs),
     /// Write an image's data into its backing file (qemu-img commit).
@@ -124,6 +131,7 @@ fn main() {
         Cmd::Resize(a) => (resize::run(a), 1),
         Cmd::Io(a) => (io::run(a), 1),
         Cmd::Snapshot(a) => (snapshot::run(a), 1),
+        Cmd::Bitmap(a) => (bitmap::run(a), 1),
         Cmd::Bench(a) => (bench::run(a), 1),
         Cmd::Measure(a) => (measure::run(a), 1),
         Cmd::Dd(a) => (dd::run(a), 1),

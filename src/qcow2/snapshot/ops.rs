@@ -353,7 +353,12 @@ impl Qcow2 {
     /// (`qemu-img snapshot -a`). The current state is lost unless another
     /// snapshot keeps it.
     pub fn snapshot_apply(&self, key: &str) -> Result<()> {
-        self.snapshot_transaction(|| self.snapshot_apply_inner(key))
+        // The guest's whole disk changes: every enabled bitmap says so.
+        self.find_snapshot(key)?;
+        self.track_everything()?;
+        self.snapshot_transaction(|| self.snapshot_apply_inner(key))?;
+        self.resize_bitmaps(self.size());
+        Ok(())
     }
 
     fn snapshot_apply_inner(&self, key: &str) -> Result<()> {
