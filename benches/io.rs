@@ -398,6 +398,26 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
     }
     let (r, v) = (median(r), median(v));
     line("qcow2 alloc seq write 64 KiB vs raw", r, v, 0.80);
+    // Bitmap maintenance: the same writes into two images, one of them
+    // with an enabled persistent bitmap (64 KiB granularity).
+    let plain = fresh_qcow2(&f.dir, "bm0.qcow2", size);
+    let tracked = fresh_qcow2(&f.dir, "bm1.qcow2", size);
+    if let Image::Qcow2(q) = &tracked {
+        q.bitmap_add("backup", None, true).unwrap();
+    }
+    let (pa, ta) = pair(1, || rand_io(&plain, alloc_offs, 1, true), || rand_io(&tracked, alloc_offs, 1, true));
+    line("qcow2 alloc rand write 4 KiB, bitmap vs none", pa, ta, 0.97);
+    for (name, threads) in [
+        ("qcow2 rand overwrite 4 KiB, 1 thread, bitmap vs none", 1),
+        ("qcow2 rand overwrite 4 KiB, 16 threads, bitmap vs none", 16),
+    ] {
+        let (p0, t0) =
+            pair(7, || rand_io(&plain, alloc_offs, threads, true), || rand_io(&tracked, alloc_offs, threads, true));
+        line(name, p0, t0, 0.97);
+    }
+    drop((plain, tracked));
+    let _ = std::fs::remove_file(f.dir.join("bm0.qcow2"));
+    let _ = std::fs::remove_file(f.dir.join("bm1.qcow2"));
     let _ = std::fs::remove_file(f.dir.join("e.raw"));
     let _ = std::fs::remove_file(f.dir.join("e.qcow2"));
     let _ = std::fs::remove_file(f.dir.join("s.raw"));

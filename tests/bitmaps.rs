@@ -165,8 +165,7 @@ fn a_bitmap_vdisk_added_is_maintained_by_qemu_and_managed_like_qemu_img() {
             continue;
         }
         let name = st.last().unwrap();
-        let ops: Vec<&str> =
-            st[..st.len() - 1].iter().map(|&x| if x == "OTHER" { s(&other) } else { x }).collect();
+        let ops: Vec<&str> = st[..st.len() - 1].iter().map(|&x| if x == "OTHER" { s(&other) } else { x }).collect();
         let mut qa = vec!["bitmap"];
         qa.extend(&ops);
         qa.extend([s(&q_img), name]);

@@ -33,7 +33,7 @@
 //! (write_zeroes, discard, make_empty), `flush` (metadata order, frees,
 //! close), `resize`, `snapshot/` (table, operations, view), `check`,
 //! `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
-//! `amend` (compat, lazy refcounts), `crypt` (how qcow2 uses the legacy AES
+//! `amend` (compat, lazy refcounts), `bitmap/` (persistent dirty bitmaps), `crypt` (how qcow2 uses the legacy AES
 //! cipher).
 
 mod alloc;

@@ -8,7 +8,6 @@ use byteorder::{BigEndian, ByteOrder};
 
 use crate::error::{Error, Result};
 
-
 /// Flag bit 0: the bitmap was not saved and may be inconsistent.
 pub(crate) const FLAG_IN_USE: u32 = 1 << 0;
 /// Flag bit 1: the bitmap tracks every write (enabled).
@@ -68,11 +67,8 @@ pub(crate) fn check_new(name: &str, granularity: u64, size: u64, cluster_size: u
         return Err(Error::invalid_argument("a bitmap name must not be empty").with_field("bitmap name"));
     }
     if name.len() > MAX_NAME {
-        return Err(Error::invalid_argument(format!(
-            "bitmap name of {} bytes is longer than {MAX_NAME}",
-            name.len()
-        ))
-        .with_field("bitmap name"));
+        return Err(Error::invalid_argument(format!("bitmap name of {} bytes is longer than {MAX_NAME}", name.len()))
+            .with_field("bitmap name"));
     }
     if !granularity.is_power_of_two() {
         return Err(Error::invalid_argument(format!("bitmap granularity {granularity} is not a power of two"))
@@ -218,7 +214,13 @@ mod tests {
     #[test]
     fn directory_round_trips_and_hostile_entries_are_refused() {
         let es = vec![
-            DirEntry { table_offset: 0x30000, table_size: 1, flags: FLAG_AUTO, granularity_bits: 16, name: "b0".into() },
+            DirEntry {
+                table_offset: 0x30000,
+                table_size: 1,
+                flags: FLAG_AUTO,
+                granularity_bits: 16,
+                name: "b0".into(),
+            },
             DirEntry { table_offset: 0x40000, table_size: 1, flags: 0, granularity_bits: 9, name: "x".repeat(40) },
         ];
         let d = encode(&es);

@@ -220,12 +220,19 @@ fn load_bits(file: &dyn Storage, e: &DirEntry, size: u64, cluster_size: u64, bud
 impl BitmapState {
     /// The bitmaps found in the directory `entries`; their bits are loaded
     /// when `load` (an image opened read-write maintains them).
-    pub(crate) fn open(file: &dyn Storage, entries: Vec<DirEntry>, size: u64, cluster_size: u64, load: bool) -> Result<BitmapState> {
+    pub(crate) fn open(
+        file: &dyn Storage,
+        entries: Vec<DirEntry>,
+        size: u64,
+        cluster_size: u64,
+        load: bool,
+    ) -> Result<BitmapState> {
         let mut budget = MAX_LOADED_BYTES;
         let mut list = Vec::with_capacity(entries.len());
         for e in entries {
             let inconsistent = e.flags & FLAG_IN_USE != 0;
-            let bits = if load && !inconsistent { Some(load_bits(file, &e, size, cluster_size, &mut budget)?) } else { None };
+            let bits =
+                if load && !inconsistent { Some(load_bits(file, &e, size, cluster_size, &mut budget)?) } else { None };
             list.push(Bitmap {
                 name: e.name.clone(),
                 granularity_bits: e.granularity_bits,
@@ -418,7 +425,11 @@ impl Qcow2 {
             let bytes = dir::encode(&new_entries);
             let off = self.alloc_clusters(&mut a, (bytes.len() as u64).div_ceil(cs))?;
             file.write_at(&bytes, off)?;
-            Some(BitmapsExt { nb_bitmaps: new_entries.len() as u32, directory_size: bytes.len() as u64, directory_offset: off })
+            Some(BitmapsExt {
+                nb_bitmaps: new_entries.len() as u32,
+                directory_size: bytes.len() as u64,
+                directory_offset: off,
+            })
         };
         // Refcounts and everything written, then the header in one write.
         self.store_refcounts(&mut a)?;
@@ -559,7 +570,8 @@ impl Qcow2 {
         if st.list[i].bits.is_none() {
             let e = st.list[i].disk.clone().ok_or_else(|| Error::internal("bitmap without bits or entry"))?;
             let mut budget = MAX_LOADED_BYTES;
-            let bits = load_bits(&*self.file, &e, size, self.geo.cluster_size(), &mut budget).map_err(|e| self.err(e))?;
+            let bits =
+                load_bits(&*self.file, &e, size, self.geo.cluster_size(), &mut budget).map_err(|e| self.err(e))?;
             st.list[i].bits = Some(bits);
         }
         let b = &st.list[i];
