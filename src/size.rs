@@ -10,24 +10,40 @@
 
 use crate::error::{Error, Result};
 
-/// Parses a size with qemu-img's suffixes: `k`/`K` (KiB), `M`, `G`, `T`,
-/// `P`, `E`, optionally followed by `B`/`iB`, a plain number being bytes.
-/// Fractions such as `1.5G` are accepted when the result is whole bytes.
+/// Parses a size as qemu-img does (QEMU's `qemu_strtosz`): a decimal
+/// number, optionally with a fraction, followed by at most one suffix
+/// letter — `b`/`B` bytes, `k`/`K` KiB, `M`, `G`, `T`, `P`, `E` (powers of
+/// 1024, either case) — or a hexadecimal `0x` number without fraction or
+/// suffix. A fraction needs a suffix larger than bytes and is truncated to
+/// whole bytes (`1.5k` is 1536). Leading blanks are skipped; anything else
+/// (`10MB`, `8GiB`, `1e3`, `-1`, trailing blanks) is refused.
 pub fn parse(s: &str) -> Result<u64> {
-    let t = s.trim();
     let bad = || Error::invalid_argument(format!("invalid size '{s}'"));
-    if t.is_empty() {
+    let too_large = || Error::invalid_argument(format!("size '{s}' is too large"));
+    let t = s.trim_start();
+    if t.contains('-') {
         return Err(bad());
     }
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(split);
-    if num.is_empty() {
+    if let Some(hex) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
+        if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(bad());
+        }
+        return u64::from_str_radix(hex, 16).map_err(|_| too_large());
+    }
+    let int_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    if int_end == 0 {
         return Err(bad());
     }
-    let suffix = suffix.trim();
-    let suffix = suffix.strip_suffix("iB").or_else(|| suffix.strip_suffix('B')).unwrap_or(suffix);
-    let shift = match suffix {
-        "" => 0,
+    let int: u64 = t[..int_end].parse().map_err(|_| too_large())?;
+    let mut rest = &t[int_end..];
+    let mut frac = "";
+    if let Some(r) = rest.strip_prefix('.') {
+        let fe = r.find(|c: char| !c.is_ascii_digit()).unwrap_or(r.len());
+        frac = &r[..fe];
+        rest = &r[fe..];
+    }
+    let shift = match rest {
+        "" | "b" | "B" => 0,
         "k" | "K" => 10,
         "m" | "M" => 20,
         "g" | "G" => 30,
@@ -36,26 +52,22 @@ pub fn parse(s: &str) -> Result<u64> {
         "e" | "E" => 60,
         _ => return Err(bad()),
     };
-    if let Some((int, frac)) = num.split_once('.') {
-        if frac.contains('.') {
+    let whole = int.checked_mul(1u64 << shift).ok_or_else(too_large)?;
+    if frac.bytes().any(|b| b != b'0') {
+        if shift == 0 {
             return Err(bad());
         }
-        let int: u64 = if int.is_empty() { 0 } else { int.parse().map_err(|_| bad())? };
-        let mult = 1u128 << shift;
-        let mut frac_val = 0u128;
-        let mut denom = 1u128;
-        for c in frac.chars().take(18) {
-            frac_val = frac_val * 10 + u128::from(c.to_digit(10).ok_or_else(bad)?);
-            denom *= 10;
+        // The fraction's bytes, truncated: frac * 2^shift / 10^digits.
+        let mut num = 0u128;
+        let mut den = 1u128;
+        for c in frac.bytes().take(30) {
+            num = num * 10 + u128::from(c - b'0');
+            den *= 10;
         }
-        let total = u128::from(int) * mult + frac_val * mult / denom;
-        if !(frac_val * mult).is_multiple_of(denom) {
-            return Err(Error::invalid_argument(format!("size '{s}' is not a whole number of bytes")));
-        }
-        return u64::try_from(total).map_err(|_| Error::invalid_argument(format!("size '{s}' is too large")));
+        let part = (num << shift) / den;
+        return whole.checked_add(part as u64).ok_or_else(too_large);
     }
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    n.checked_mul(1u64 << shift).ok_or_else(|| Error::invalid_argument(format!("size '{s}' is too large")))
+    Ok(whole)
 }
 
 #[cfg(test)]
@@ -63,15 +75,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes() {
-        assert_eq!(parse("512").unwrap(), 512);
-        assert_eq!(parse("64k").unwrap(), 65536);
-        assert_eq!(parse("1M").unwrap(), 1 << 20);
-        assert_eq!(parse("2G").unwrap(), 2 << 30);
-        assert_eq!(parse("1.5G").unwrap(), 3 << 29);
-        assert_eq!(parse("8GiB").unwrap(), 8 << 30);
-        assert!(parse("1.0000001k").is_err());
-        assert!(parse("x").is_err());
-        assert!(parse("99999999999E").is_err());
+    fn sizes_as_qemu_img_reads_them() {
+        for (text, want) in [
+            ("512", 512),
+            ("64k", 65536),
+            ("1M", 1 << 20),
+            ("2G", 2 << 30),
+            ("1.5G", 3 << 29),
+            ("1b", 1),
+            ("1B", 1),
+            ("0x100", 256),
+            ("0X10", 16),
+            ("1.k", 1024),
+            ("0.5k", 512),
+            ("1.0000001k", 1024),
+            ("1.1111k", 1137),
+            (" 5k", 5120),
+            ("1.0", 1),
+        ] {
+            assert_eq!(parse(text).unwrap(), want, "{text}");
+        }
+        for text in [
+            "x",
+            "10MB",
+            "8GiB",
+            "1e3",
+            "5k ",
+            "-1",
+            "1kk",
+            "0x",
+            "0x1k",
+            "1.5b",
+            "00x10",
+            "0.5",
+            "1.5",
+            "",
+            "99999999999E",
+        ] {
+            assert!(parse(text).is_err(), "{text}");
+        }
     }
 }

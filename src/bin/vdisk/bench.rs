@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use vdisk::{BlockDevice, Error, Result};
 
-use crate::common::{human_size, parse_size};
+use crate::common::parse_size;
 use crate::secrets::SecretArgs;
 
 /// Arguments of `vdisk bench`.
@@ -53,6 +53,13 @@ pub struct BenchArgs {
     /// Write instead of read.
     #[arg(short = 'w')]
     pub write: bool,
+    /// Bypass the host cache (the same as -t none).
+    #[arg(short = 'n', long = "nocache")]
+    pub nocache: bool,
+    /// AIO mode: vdisk runs requests on threads (`threads`); qemu's
+    /// `native` and `io_uring` are refused by name.
+    #[arg(short = 'i', long = "aio", default_value = "threads")]
+    pub aio: String,
     /// Open even if another process holds the image (reads only).
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
@@ -73,7 +80,13 @@ fn parse_byte(s: &str) -> Result<u8> {
 
 /// Runs `vdisk bench`.
 pub fn run(a: &BenchArgs) -> Result<i32> {
-    let cache = match a.cache.as_str() {
+    if a.aio != "threads" {
+        return Err(Error::unsupported(format!(
+            "aio mode '{}' is not supported: vdisk submits requests from threads (-i threads)",
+            a.aio
+        )));
+    }
+    let cache = match if a.nocache { "none" } else { a.cache.as_str() } {
         "writeback" => vdisk::CacheMode::Writeback,
         "none" => vdisk::CacheMode::Direct,
         other => {
@@ -175,13 +188,6 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     let secs = start.elapsed().as_secs_f64();
     if !a.quiet {
         outln!("Run completed in {secs:.3} seconds.");
-        let bytes = a.count.saturating_mul(bufsize);
-        outln!(
-            "{} requests, {}/s, {:.0} IOPS",
-            a.count,
-            human_size((bytes as f64 / secs.max(1e-9)) as u64),
-            a.count as f64 / secs.max(1e-9)
-        );
     }
     // Outside the timed part, as qemu-img closes after its report.
     img.close()?;

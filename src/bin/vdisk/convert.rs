@@ -33,9 +33,9 @@ pub struct ConvertArgs {
     /// (`-l snapshot.name=NAME` or `-l snapshot.id=ID`).
     #[arg(short = 'l')]
     pub snapshot: Option<String>,
-    /// Worker threads (default: one per core).
-    #[arg(short = 'm', default_value = "0")]
-    pub threads: usize,
+    /// Worker threads, 1 to 16 as qemu-img takes them (default: one per core).
+    #[arg(short = 'm')]
+    pub threads: Option<usize>,
     /// Zero detection granule (`-S 0` writes every byte).
     #[arg(short = 'S', default_value = "4k")]
     pub sparse: String,
@@ -176,7 +176,15 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
     };
     let show = a.progress && stdout_is_terminal();
     let progress = progress_printer(show);
-    let threads = if a.threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { a.threads };
+    let threads = match a.threads {
+        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        Some(n @ 1..=16) => n,
+        Some(n) => {
+            return Err(Error::invalid_argument(format!(
+                "invalid number of coroutines specified ({n}): must be between 1 and 16"
+            )))
+        }
+    };
     let copts = ConvertOptions {
         threads,
         unit,

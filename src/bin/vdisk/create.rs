@@ -46,6 +46,8 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
     if let Some(s) = size {
         check_image_size(s)?;
     }
+    // qemu-img creates whole sectors: 100 bytes make a 512-byte image.
+    let size = size.map(|s| s.div_ceil(512) * 512);
     let path = std::path::Path::new(&a.image);
     let created = CreatedFiles::before(path);
     create(a, format, size, path).inspect_err(|_| created.remove_new())

@@ -31,9 +31,67 @@ pub struct InfoArgs {
 
 struct Layer {
     filename: String,
+    /// The protocol-level files under the image, as qemu-img lists them
+    /// (`extents.N` for a vmdk's extent files, then `file`).
     info: DeviceInfo,
     actual_size: Option<u64>,
     full_backing: Option<String>,
+}
+
+/// A file under an image: its node name, path, length and allocated bytes.
+struct Child {
+    name: String,
+    filename: String,
+    length: u64,
+    actual: u64,
+}
+
+fn child(name: String, path: &Path) -> Option<Child> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    // The length in whole sectors, as QEMU's block layer reports it.
+    Some(Child {
+        name,
+        filename: path.display().to_string(),
+        length: m.len().div_ceil(512) * 512,
+        actual: m.blocks() * 512,
+    })
+}
+
+/// The files under layer `l` (what qemu-img prints as child nodes).
+fn children(l: &Layer) -> Vec<Child> {
+    let image = Path::new(&l.filename);
+    let mut out = Vec::new();
+    if let FormatDetails::Vmdk(v) = &l.info.details {
+        // (Extent names are paths by now: see `qemu_view`.)
+        for (k, e) in v.extents.iter().enumerate() {
+            if e.filename.is_empty() {
+                continue;
+            }
+            let p = Path::new(&e.filename);
+            if p != image {
+                out.extend(child(format!("extents.{k}"), &p));
+            }
+        }
+    }
+    out.extend(child("file".into(), image));
+    out
+}
+
+fn child_json(c: &Child) -> Value {
+    json!({ "name": c.name, "info": {
+        "children": [], "virtual-size": c.length, "filename": c.filename, "format": "file",
+        "actual-size": c.actual, "format-specific": { "type": "file", "data": {} }, "dirty-flag": false } })
+}
+
+fn print_children(l: &Layer) {
+    for c in children(l) {
+        outln!("Child node '/{}':", c.name);
+        outln!("    filename: {}", c.filename);
+        outln!("    protocol type: file");
+        outln!("    file length: {} ({} bytes)", human_size(c.length), c.length);
+        outln!("    disk size: {}", human_size(c.actual));
+    }
 }
 
 fn layer(path: &Path, img: &Image) -> Layer {
@@ -46,7 +104,34 @@ fn layer(path: &Path, img: &Image) -> Layer {
             path.parent().unwrap_or(Path::new("")).join(p).display().to_string()
         }
     });
-    Layer { filename: path.display().to_string(), actual_size: img.allocated_bytes(), info, full_backing }
+    let mut l = Layer { filename: path.display().to_string(), actual_size: img.allocated_bytes(), info, full_backing };
+    qemu_view(&mut l);
+    l
+}
+
+/// What qemu-img shows differently from the device's own description: a
+/// raw image's size in whole sectors; a vmdk's extent files named by their
+/// path, an extent inside the descriptor's own file (embedded descriptor)
+/// without a type, and the size on disk of every file together.
+fn qemu_view(l: &mut Layer) {
+    let path = Path::new(&l.filename).to_path_buf();
+    if l.info.format == vdisk::Format::Raw {
+        l.info.virtual_size = l.info.virtual_size.div_ceil(512) * 512;
+    }
+    if let FormatDetails::Vmdk(v) = &mut l.info.details {
+        let dir = path.parent().unwrap_or(Path::new(""));
+        for e in &mut v.extents {
+            if e.filename.is_empty() {
+                continue;
+            }
+            let p = dir.join(&e.filename);
+            if p == path {
+                e.kind = String::new();
+            }
+            e.filename = p.display().to_string();
+        }
+        l.actual_size = Some(children(l).iter().map(|c| c.actual).sum());
+    }
 }
 
 fn snapshot_json(s: &SnapshotInfo) -> Value {
@@ -67,6 +152,7 @@ fn snapshot_json(s: &SnapshotInfo) -> Value {
 fn to_json(l: &Layer) -> Value {
     let i = &l.info;
     let mut m = Map::new();
+    m.insert("children".into(), Value::Array(children(l).iter().map(child_json).collect()));
     m.insert("virtual-size".into(), json!(i.virtual_size));
     m.insert("filename".into(), json!(l.filename));
     if let Some(c) = i.cluster_size {
@@ -115,8 +201,10 @@ fn to_json(l: &Layer) -> Value {
             if i.encrypted {
                 d.insert("encrypt".into(), json!({ "format": "aes" }));
             }
-            d.insert("corrupt".into(), json!(q.corrupt));
-            d.insert("extended-l2".into(), json!(q.extended_l2));
+            if q.compat != "0.10" {
+                d.insert("corrupt".into(), json!(q.corrupt));
+                d.insert("extended-l2".into(), json!(q.extended_l2));
+            }
             if let Some(df) = &q.data_file {
                 d.insert("data-file".into(), json!(df));
                 d.insert("data-file-raw".into(), json!(q.data_file_raw));
@@ -230,8 +318,10 @@ fn print_human(l: &Layer) {
                 outln!("    encrypt:");
                 outln!("        format: aes");
             }
-            outln!("    corrupt: {}", q.corrupt);
-            outln!("    extended l2: {}", q.extended_l2);
+            if q.compat != "0.10" {
+                outln!("    corrupt: {}", q.corrupt);
+                outln!("    extended l2: {}", q.extended_l2);
+            }
             if let Some(df) = &q.data_file {
                 outln!("    data file: {df}");
                 outln!("    data file raw: {}", q.data_file_raw);
@@ -248,6 +338,9 @@ fn print_human(l: &Layer) {
             outln!("    extents:");
             for (i, e) in v.extents.iter().enumerate() {
                 outln!("        [{i}]:");
+                if e.compressed {
+                    outln!("            compressed: true");
+                }
                 outln!("            virtual size: {}", e.virtual_size);
                 outln!("            filename: {}", e.filename);
                 if let Some(c) = e.cluster_size {
@@ -258,6 +351,7 @@ fn print_human(l: &Layer) {
         }
         _ => {}
     }
+    print_children(l);
 }
 
 /// Runs `vdisk info`.
@@ -287,7 +381,9 @@ pub fn run(a: &InfoArgs) -> Result<i32> {
                 use std::os::unix::fs::MetadataExt;
                 m.blocks() * 512
             });
-            layers.push(Layer { filename: path.display().to_string(), info, actual_size: actual, full_backing });
+            let mut l = Layer { filename: path.display().to_string(), info, actual_size: actual, full_backing };
+            qemu_view(&mut l);
+            layers.push(l);
             next = dev.backing();
         }
     } else {

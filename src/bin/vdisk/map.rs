@@ -115,12 +115,27 @@ pub fn run(a: &MapArgs) -> Result<i32> {
     };
     let (_, img) = crate::common::open_inspect(&a.secrets, &a.image, a.format.as_deref(), true, a.force_share)?;
     let size = img.size();
-    let start = crate::common::parse_size(&a.start)?.min(size);
+    let start = crate::common::parse_size(&a.start)?;
     let end = match &a.max_length {
         Some(l) => start.saturating_add(crate::common::parse_size(l)?).min(size),
         None => size,
     };
-    let entries = collect(&img, start, end)?;
+    let mut entries = collect(&img, start.min(size), end.max(start.min(size)))?;
+    if entries.is_empty() {
+        // An empty range: qemu-img prints one zero-length, unallocated entry
+        // at the start offset (in JSON; the human form lists nothing).
+        entries.push(MapEntry {
+            start,
+            length: 0,
+            depth: 0,
+            present: false,
+            zero: false,
+            data: false,
+            compressed: false,
+            offset: None,
+            file: String::new(),
+        });
+    }
     if json {
         let lines: Vec<String> = entries
             .iter()
@@ -139,13 +154,15 @@ pub fn run(a: &MapArgs) -> Result<i32> {
         outln!("[{}]", lines.join(",\n"));
     } else {
         outln!("{:<16}{:<16}{:<16}File", "Offset", "Length", "Mapped to");
+        // C's "%#x": 0 prints without the prefix.
+        let hex = |v: u64| if v == 0 { "0".to_string() } else { format!("{v:#x}") };
         for e in entries.iter().filter(|e| e.data) {
             let mapped = match (e.compressed, e.offset) {
                 (true, _) => "compressed".to_string(),
-                (false, Some(o)) => format!("{o:#x}"),
+                (false, Some(o)) => hex(o),
                 (false, None) => "-".to_string(),
             };
-            outln!("{:<16}{:<16}{:<16}{}", format!("{:#x}", e.start), format!("{:#x}", e.length), mapped, e.file);
+            outln!("{:<16}{:<16}{:<16}{}", hex(e.start), hex(e.length), mapped, e.file);
         }
     }
     Ok(0)

@@ -49,6 +49,10 @@ pub fn run(a: &SnapshotArgs) -> Result<i32> {
         open_arg(&a.secrets, &a.image, a.format.as_deref(), false, false)?
     };
     let Image::Qcow2(q) = img else {
+        if read_only {
+            // qemu-img lists nothing for a format without snapshots.
+            return Ok(0);
+        }
         return Err(Error::unsupported("only qcow2 images have internal snapshots"));
     };
     if let Some(n) = &a.create {
