@@ -347,17 +347,33 @@ fn write_sparse(dst: &dyn BlockDevice, data: &[u8], offset: u64, opts: &ConvertO
     Ok(written)
 }
 
+/// How [`commit_into_with`] copies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CommitOptions {
+    /// Copy at most this many bytes per second (`qemu-img commit -r`).
+    pub rate: Option<u64>,
+}
+
 /// Writes into `base` everything `top` holds itself (map depth 0: data
 /// as data, zeros as zeros), at the same offsets: `qemu-img commit`'s copy.
 /// `base` is grown first if it is smaller. Returns the bytes copied as data.
 /// Flushes `base` before returning, so a caller that then empties `top`
 /// never leaves the guest without its data.
 pub fn commit_into(top: &dyn BlockDevice, base: &dyn BlockDevice) -> Result<u64> {
+    commit_into_with(top, base, &CommitOptions::default())
+}
+
+/// [`commit_into`] with options.
+pub fn commit_into_with(top: &dyn BlockDevice, base: &dyn BlockDevice, opts: &CommitOptions) -> Result<u64> {
     let size = top.size();
     if base.size() < size {
         base.resize(size)?;
     }
+    if opts.rate == Some(0) {
+        return Err(Error::invalid_argument("a rate limit of 0 bytes per second"));
+    }
     const PIECE: u64 = 4 << 20;
+    let started = std::time::Instant::now();
     let mut buf = crate::storage::Aligned::new(PIECE as usize);
     let mut copied = 0u64;
     let mut pos = 0u64;
@@ -376,6 +392,12 @@ pub fn commit_into(top: &dyn BlockDevice, base: &dyn BlockDevice) -> Result<u64>
                     base.write_at(b, at)?;
                     at += n;
                     copied += n;
+                    if let Some(r) = opts.rate {
+                        let due = std::time::Duration::from_secs_f64(copied as f64 / r as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
                 }
             }
         }

@@ -53,7 +53,25 @@ impl Qcow2 {
     /// image is closed cleanly. `self` must have its current backing image
     /// open (the copy reads through it).
     pub fn rebase(self, new_backing: Option<&dyn BlockDevice>, name: Option<&str>, format: Option<&str>) -> Result<()> {
+        self.rebase_with(new_backing, name, format, false)
+    }
+
+    /// [`rebase`](Self::rebase), writing the copied whole clusters
+    /// compressed when `compress` (`qemu-img rebase -c`; a partial cluster
+    /// is written as it is).
+    pub fn rebase_with(
+        self,
+        new_backing: Option<&dyn BlockDevice>,
+        name: Option<&str>,
+        format: Option<&str>,
+        compress: bool,
+    ) -> Result<()> {
         self.check_writable()?;
+        if compress && (self.crypt.is_some() || self.geo.data_file) {
+            return Err(self.err(Error::unsupported(
+                "compressed writes are not supported for encrypted images or images with an external data file",
+            )));
+        }
         if self.has_backing() && self.backing.is_none() {
             return Err(self.err(Error::invalid_argument(
                 "the image's current backing file is not open: a safe rebase reads through it (open with a backing policy that follows it, or rebase unsafely)",
@@ -74,7 +92,13 @@ impl Qcow2 {
                 let mut at = pos;
                 while at < pos + len {
                     let n = piece.min(pos + len - at);
-                    self.copy_if_different(new_backing, at, &mut old.as_mut_slice()[..n as usize], new.as_mut_slice())?;
+                    self.copy_if_different(
+                        new_backing,
+                        at,
+                        &mut old.as_mut_slice()[..n as usize],
+                        new.as_mut_slice(),
+                        compress,
+                    )?;
                     at += n;
                 }
             }
@@ -95,6 +119,7 @@ impl Qcow2 {
         at: u64,
         old: &mut [u8],
         new: &mut [u8],
+        compress: bool,
     ) -> Result<()> {
         let n = old.len();
         self.read_at(old, at)?;
@@ -114,8 +139,11 @@ impl Qcow2 {
             let j = next.min(n);
             if old[i..j] != new[i..j] {
                 let off = at + i as u64;
+                let whole = off.is_multiple_of(cs) && ((j - i) as u64 == cs || off + (j - i) as u64 == self.size());
                 if old[i..j].iter().all(|&b| b == 0) {
                     self.write_zeroes(off, (j - i) as u64, ZeroMode::MayUnmap)?;
+                } else if compress && whole {
+                    self.write_compressed(&old[i..j], off)?;
                 } else {
                     self.write_at(&old[i..j], off)?;
                 }

@@ -12,16 +12,19 @@ use crate::secrets::SecretArgs;
 #[derive(clap::Args, Debug)]
 pub struct CheckArgs {
     /// Image format (probed when absent).
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Repair: `leaks` or `all`.
-    #[arg(short = 'r')]
+    #[arg(short = 'r', long = "repair")]
     pub repair: Option<String>,
     /// Output format: human or json.
     #[arg(long = "output", default_value = "human")]
     pub output: String,
+    /// Cache mode (none, writeback, writethrough, directsync, unsafe).
+    #[arg(short = 'T', long = "cache")]
+    pub cache: Option<String>,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
     /// Open even if another process holds the image (no repair).
     #[arg(short = 'U', long = "force-share")]
@@ -100,8 +103,10 @@ fn to_json(r: &CheckReport, filename: &str, format: &str) -> Value {
     if r.leaks_fixed > 0 {
         m.insert("leaks-fixed".into(), json!(r.leaks_fixed));
     }
-    m.insert("allocated-clusters".into(), json!(r.allocated_clusters));
-    // (qemu-img leaves these two out when they are zero.)
+    // (qemu-img leaves these three out when they are zero.)
+    if r.allocated_clusters > 0 {
+        m.insert("allocated-clusters".into(), json!(r.allocated_clusters));
+    }
     if r.fragmented_clusters > 0 {
         m.insert("fragmented-clusters".into(), json!(r.fragmented_clusters));
     }
@@ -115,6 +120,10 @@ fn to_json(r: &CheckReport, filename: &str, format: &str) -> Value {
 
 /// Runs `vdisk check`.
 pub fn run(a: &CheckArgs) -> Result<i32> {
+    crate::common::with_cache(a.cache.as_deref(), || check(a))
+}
+
+fn check(a: &CheckArgs) -> Result<i32> {
     let json = match a.output.as_str() {
         "human" => false,
         "json" => true,
@@ -148,10 +157,21 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
             }
             let r = v.check()?;
             if json {
-                print_json(&json!({
-                    "check-errors": 0, "corruptions": r.errors, "filename": filename, "format": "vmdk",
-                    "allocated-clusters": r.allocated_grains, "compressed-clusters": r.compressed_grains,
-                }));
+                // Counts of zero are left out, as qemu-img leaves them out.
+                let mut m = Map::new();
+                m.insert("check-errors".into(), json!(0));
+                for (k, v) in [
+                    ("corruptions", r.errors),
+                    ("allocated-clusters", r.allocated_grains),
+                    ("compressed-clusters", r.compressed_grains),
+                ] {
+                    if v > 0 {
+                        m.insert(k.into(), json!(v));
+                    }
+                }
+                m.insert("filename".into(), json!(filename));
+                m.insert("format".into(), json!("vmdk"));
+                print_json(&Value::Object(m));
             } else if !a.quiet {
                 for m in &r.messages {
                     eprintln!("{m}");

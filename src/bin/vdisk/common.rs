@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use vdisk::{BackingPolicy, Error, Format, Image, LockMode, OpenOptions, Result};
+use vdisk::{BackingPolicy, CacheMode, Error, Format, Image, LockMode, OpenOptions, Result};
 
 /// Parses a size with qemu-img's suffixes (see [`vdisk::size::parse`]).
 pub fn parse_size(s: &str) -> Result<u64> {
@@ -86,8 +86,40 @@ fn open_image_locked(
     image_options(format, read_only, follow_backing, key, force_share)?.open(path)
 }
 
+thread_local! {
+    /// The cache mode of the images opened next on this thread (`-t`/`-T`).
+    static CACHE: std::cell::Cell<CacheMode> = const { std::cell::Cell::new(CacheMode::Writeback) };
+}
+
+/// qemu-img's cache modes: `none` and `directsync` bypass the host's page
+/// cache (`O_DIRECT`); `writeback`, `writethrough` and `unsafe` go through
+/// it. (Every verb flushes what it wrote before it exits, so the modes
+/// differ only in the path the data takes.)
+pub fn cache_mode(s: &str) -> Result<CacheMode> {
+    match s {
+        "none" | "directsync" => Ok(CacheMode::Direct),
+        "writeback" | "writethrough" | "unsafe" => Ok(CacheMode::Writeback),
+        other => Err(vdisk::Error::invalid_argument(format!(
+            "invalid cache option '{other}': none, writeback, writethrough, directsync or unsafe"
+        ))),
+    }
+}
+
+/// Runs `f` with images opened in cache mode `mode` (`None`: the default).
+pub fn with_cache<T>(mode: Option<&str>, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let m = match mode {
+        Some(m) => cache_mode(m)?,
+        None => CacheMode::Writeback,
+    };
+    let old = CACHE.with(|c| c.replace(m));
+    let r = f();
+    CACHE.with(|c| c.set(old));
+    r
+}
+
 /// The open options every command builds from its flags: lock mode (`-U`),
-/// access, key, backing policy, and the format (`-f`) or probing.
+/// access, key, backing policy, the cache mode ([`with_cache`]), and the
+/// format (`-f`) or probing.
 pub fn image_options(
     format: Option<&str>,
     read_only: bool,
@@ -97,6 +129,7 @@ pub fn image_options(
 ) -> Result<OpenOptions> {
     let opts = OpenOptions::new()
         .lock(lock_mode(force_share))
+        .cache(CACHE.with(|c| c.get()))
         .read_only(read_only)
         .key_opt(key)
         .backing(if follow_backing { BackingPolicy::Follow } else { BackingPolicy::Never });
@@ -207,6 +240,7 @@ pub fn open_inspect(
     let key = secrets.key(spec.key_secret.as_deref())?;
     let mut opts = OpenOptions::new()
         .lock(lock_mode(force_share))
+        .cache(CACHE.with(|c| c.get()))
         .read_only(true)
         .inspect_only(key.is_none())
         .key_opt(key)

@@ -15,51 +15,72 @@ use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
     /// Source format (probed when absent).
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "source-format")]
     pub src_fmt: Option<String>,
     /// Output format.
-    #[arg(short = 'O', default_value = "raw")]
+    #[arg(short = 'O', long = "target-format", default_value = "raw")]
     pub out_fmt: String,
     /// Show progress (on a terminal).
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     pub progress: bool,
     /// Compress the output (qcow2, vmdk streamOptimized).
-    #[arg(short = 'c')]
+    #[arg(short = 'c', long = "compress")]
     pub compress: bool,
     /// Output format options (`-o key=value,...`).
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "target-options")]
     pub options: Vec<String>,
     /// Export an internal snapshot instead of the current state
     /// (`-l snapshot.name=NAME` or `-l snapshot.id=ID`).
-    #[arg(short = 'l')]
+    #[arg(short = 'l', long = "source-snapshot")]
     pub snapshot: Option<String>,
     /// Worker threads, 1 to 16 as qemu-img takes them (default: one per core).
-    #[arg(short = 'm')]
+    #[arg(short = 'm', long = "parallel")]
     pub threads: Option<usize>,
     /// Zero detection granule (`-S 0` writes every byte).
-    #[arg(short = 'S', default_value = "4k")]
+    #[arg(short = 'S', long = "sparse-size", default_value = "4k")]
     pub sparse: String,
     /// Open even if another process holds the source.
     #[arg(short = 'U', long = "force-share")]
     pub force_share: bool,
     /// Backing file of the new image (as `-o backing_file=`): only what
     /// reads differently from it is written.
-    #[arg(short = 'B')]
+    #[arg(short = 'B', long = "backing")]
     pub backing: Option<String>,
     /// Format of the `-B` backing file (as `-o backing_fmt=`).
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     pub backing_fmt: Option<String>,
     /// Do not create the destination: write into the existing image (of
     /// format -O), which must be at least as large as the source.
-    #[arg(short = 'n')]
+    #[arg(short = 'n', long = "no-create")]
     pub no_create: bool,
     /// With -n: the existing destination reads as zeros everywhere, so zero
     /// ranges need no write.
     #[arg(long = "target-is-zero")]
     pub target_is_zero: bool,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
+    /// Cache mode of the source (none, writeback, writethrough, directsync, unsafe).
+    #[arg(short = 'T', long = "source-cache")]
+    pub source_cache: Option<String>,
+    /// Cache mode of the target (none and directsync bypass the page cache).
+    #[arg(short = 't', long = "target-cache")]
+    pub target_cache: Option<String>,
+    /// Copy at most RATE bytes per second (qemu's size suffixes).
+    #[arg(short = 'r', long = "rate")]
+    pub rate: Option<String>,
+    /// Allow out-of-order writes (vdisk always writes its units in parallel,
+    /// so this is accepted and changes nothing).
+    #[arg(short = 'W', long = "oob-writes")]
+    pub oob_writes: bool,
+    /// Copy offloading (copy_file_range); refused: vdisk copies through
+    /// memory, with zero detection.
+    #[arg(short = 'C', long = "copy-range-offloading")]
+    pub copy_range: bool,
+    /// Keep going past read errors of the source: unreadable sectors are
+    /// written as zeros, each one reported.
+    #[arg(long = "salvage")]
+    pub salvage: bool,
     /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
     #[arg(long = "bitmaps")]
     pub bitmaps: bool,
@@ -76,14 +97,26 @@ pub struct ConvertArgs {
 
 /// Runs `vdisk convert`; a failure removes the files it had created.
 pub fn run(a: &ConvertArgs) -> Result<i32> {
+    if a.copy_range {
+        return Err(Error::unsupported(
+            "copy offloading (-C) is not supported: vdisk copies through memory, detecting zeros",
+        ));
+    }
+    // Both modes checked before anything is created.
+    crate::common::with_cache(a.source_cache.as_deref(), || Ok(()))?;
+    crate::common::with_cache(a.target_cache.as_deref(), || Ok(()))?;
     let created = CreatedFiles::before(&a.dst);
     convert(a).inspect_err(|_| created.remove_new())
 }
 
 fn convert(a: &ConvertArgs) -> Result<i32> {
-    let (_, src) = open_arg_shared(&a.secrets, &a.src, a.src_fmt.as_deref(), true, true, a.force_share)?;
+    let (_, src) = crate::common::with_cache(a.source_cache.as_deref(), || {
+        open_arg_shared(&a.secrets, &a.src, a.src_fmt.as_deref(), true, true, a.force_share)
+    })?;
+    let salvage = crate::salvage::Salvage::new(&src);
     let snap_view;
     let source: &dyn BlockDevice = match &a.snapshot {
+        None if a.salvage => &salvage,
         None => &src,
         Some(spec) => {
             snap_view = crate::common::snapshot_arg(&src, spec)?;
@@ -116,7 +149,9 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         }
         // The existing target, its backing chain followed (what it reads
         // through is compared, not overwritten blindly).
-        let img = crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)?;
+        let img = crate::common::with_cache(a.target_cache.as_deref(), || {
+            crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
+        })?;
         if img.size() < size {
             return Err(Error::invalid_argument(format!(
                 "the target of {} bytes is smaller than the source of {size} bytes",
@@ -175,7 +210,22 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         }
     };
     let show = a.progress && stdout_is_terminal();
-    let progress = progress_printer(show);
+    let printer = progress_printer(show);
+    let rate = a.rate.as_deref().map(parse_size).transpose()?;
+    if rate == Some(0) {
+        return Err(Error::invalid_argument("invalid rate limit 0: give bytes per second"));
+    }
+    let started = std::time::Instant::now();
+    // `-r`: a worker that got ahead of RATE waits before its next unit.
+    let progress = |done: u64, total: u64| {
+        printer(done, total);
+        if let Some(r) = rate {
+            let due = std::time::Duration::from_secs_f64(done as f64 / r as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    };
     let threads = match a.threads {
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
         Some(n @ 1..=16) => n,
@@ -194,7 +244,34 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         // A target that was there before holds whatever it held.
         dst_is_zeroed: !a.no_create || a.target_is_zero,
     };
+    // A target that must bypass the page cache is reopened so: creation
+    // wrote its metadata through the cache and synced it.
+    let dst: Box<dyn BlockDevice> = match crate::common::cache_mode(a.target_cache.as_deref().unwrap_or("writeback"))? {
+        vdisk::CacheMode::Direct if !a.no_create => {
+            if dst.info().encrypted {
+                return Err(Error::unsupported("-t none/directsync with a new encrypted target is not supported"));
+            }
+            dst.make_clean()?;
+            dst_q = None;
+            drop(dst);
+            let img = crate::common::with_cache(a.target_cache.as_deref(), || {
+                crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
+            })?;
+            match img {
+                vdisk::Image::Qcow2(q) => {
+                    let q = Arc::new(q);
+                    dst_q = Some(q.clone());
+                    Box::new(q)
+                }
+                other => Box::new(other),
+            }
+        }
+        _ => dst,
+    };
     vdisk::convert::convert(source, &*dst, &copts)?;
+    if salvage.errors() > 0 {
+        eprintln!("vdisk: warning: {} unreadable bytes of the source were written as zeros", salvage.errors());
+    }
     if let (Some(q), vdisk::Image::Qcow2(sq)) = (&dst_q, &src) {
         for b in &src_bitmaps {
             q.bitmap_add(&b.name, Some(b.granularity), b.enabled)?;

@@ -12,23 +12,27 @@ use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
     /// Image format: raw, qcow2 or vmdk.
-    #[arg(short = 'f', default_value = "raw")]
+    #[arg(short = 'f', long = "format", default_value = "raw")]
     pub format: String,
     /// Format options (`-o key=value,...`; repeatable).
-    #[arg(short = 'o')]
+    #[arg(short = 'o', long = "options")]
     pub options: Vec<String>,
     /// Backing file (the new image is an overlay of it).
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "backing")]
     pub backing: Option<String>,
     /// Backing file format.
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     pub backing_fmt: Option<String>,
     /// Create an overlay whose backing format stays unrecorded (the backing
     /// file will be probed when opened: only for trusted images).
     #[arg(long = "allow-unknown-backing-format")]
     pub allow_unknown_backing_format: bool,
+    /// Unsafe: do not open the backing file (a size must be given; its
+    /// format is recorded as -F says).
+    #[arg(short = 'u', long = "backing-unsafe")]
+    pub backing_unsafe: bool,
     /// Quiet: print nothing on success.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
@@ -106,7 +110,21 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
             if size.is_none() && o.backing_file.is_none() && o.size == 0 {
                 return Err(Error::invalid_argument("a size is needed (or a backing file to take it from)"));
             }
-            let q = crate::common::create_resolver().create_qcow2(path, &o)?;
+            let q = if a.backing_unsafe && o.backing_file.is_some() {
+                if size.is_none() && o.size == 0 {
+                    return Err(Error::invalid_argument(
+                        "-u: the backing file is not opened, so the size must be given",
+                    ));
+                }
+                if o.data_file.is_some() {
+                    return Err(Error::unsupported("-u with an external data file is not supported"));
+                }
+                let st = vdisk::FileStorage::create(path)?;
+                vdisk::Qcow2::create(std::sync::Arc::new(st), &o, vdisk::Qcow2Options::default())
+                    .map_err(|e| e.with_path(path))?
+            } else {
+                crate::common::create_resolver().create_qcow2(path, &o)?
+            };
             let real_size = vdisk::BlockDevice::size(&q);
             q.close()?;
             if !a.quiet {

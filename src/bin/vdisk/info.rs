@@ -18,7 +18,7 @@ pub struct InfoArgs {
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Show every image of the backing chain.
-    #[arg(long = "backing-chain")]
+    #[arg(short = 'b', long = "backing-chain")]
     pub backing_chain: bool,
     /// Open even if another process holds the image (read-only, no locks).
     #[arg(short = 'U', long = "force-share")]
@@ -70,7 +70,7 @@ fn children(l: &Layer) -> Vec<Child> {
             }
             let p = Path::new(&e.filename);
             if p != image {
-                out.extend(child(format!("extents.{k}"), &p));
+                out.extend(child(format!("extents.{k}"), p));
             }
         }
     }

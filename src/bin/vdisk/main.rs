@@ -31,6 +31,7 @@ mod measure;
 mod pool;
 mod rebase;
 mod resize;
+mod salvage;
 mod secrets;
 mod snapshot;
 mod vol;

@@ -11,23 +11,32 @@ use crate::secrets::SecretArgs;
 #[derive(clap::Args, Debug)]
 pub struct RebaseArgs {
     /// Image format (probed when absent).
-    #[arg(short = 'f')]
+    #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Format of the new backing file (needed with a non-empty -b).
-    #[arg(short = 'F')]
+    #[arg(short = 'F', long = "backing-format")]
     pub backing_fmt: Option<String>,
     /// Unsafe: only rewrite the backing file name and format.
-    #[arg(short = 'u')]
+    #[arg(short = 'u', long = "backing-unsafe")]
     pub unsafe_mode: bool,
     /// The new backing file ("" for none), as the image will record it
     /// (relative names are relative to the image's directory).
-    #[arg(short = 'b')]
+    #[arg(short = 'b', long = "backing")]
     pub backing: String,
     /// Show progress (accepted for qemu-img compatibility).
-    #[arg(short = 'p')]
+    #[arg(short = 'p', long = "progress")]
     pub progress: bool,
+    /// Write the copied clusters compressed.
+    #[arg(short = 'c', long = "compress")]
+    pub compress: bool,
+    /// Cache mode of the image (none, writeback, writethrough, directsync, unsafe).
+    #[arg(short = 't', long = "cache")]
+    pub cache: Option<String>,
+    /// Cache mode of the new backing file.
+    #[arg(short = 'T', long = "backing-cache")]
+    pub backing_cache: Option<String>,
     /// Quiet.
-    #[arg(short = 'q')]
+    #[arg(short = 'q', long = "quiet")]
     pub quiet: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
@@ -37,6 +46,11 @@ pub struct RebaseArgs {
 
 /// Runs `vdisk rebase`.
 pub fn run(a: &RebaseArgs) -> Result<i32> {
+    crate::common::with_cache(a.backing_cache.as_deref(), || Ok(()))?;
+    crate::common::with_cache(a.cache.as_deref(), || rebase(a))
+}
+
+fn rebase(a: &RebaseArgs) -> Result<i32> {
     let name = (!a.backing.is_empty()).then_some(a.backing.as_str());
     if name.is_some() && a.backing_fmt.is_none() {
         return Err(Error::invalid_argument(format!(
@@ -59,12 +73,13 @@ pub fn run(a: &RebaseArgs) -> Result<i32> {
         None => None,
         Some(n) => {
             // -F is required with a name (checked above).
-            let b = image_options(a.backing_fmt.as_deref(), true, true, None, false)?
-                .open(beside(&path, n))
-                .map_err(|e| e.context(format!("opening the new backing file '{n}'")))?;
+            let b = crate::common::with_cache(a.backing_cache.as_deref(), || {
+                image_options(a.backing_fmt.as_deref(), true, true, None, false)?.open(beside(&path, n))
+            })
+            .map_err(|e| e.context(format!("opening the new backing file '{n}'")))?;
             Some(b)
         }
     };
-    q.rebase(new_backing.as_ref().map(|b| b as &dyn BlockDevice), name, a.backing_fmt.as_deref())?;
+    q.rebase_with(new_backing.as_ref().map(|b| b as &dyn BlockDevice), name, a.backing_fmt.as_deref(), a.compress)?;
     Ok(0)
 }
