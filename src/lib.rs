@@ -93,7 +93,9 @@ pub mod storage;
 pub(crate) mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+pub mod vdi;
 pub mod vmdk;
+pub mod vpc;
 
 pub use crypto::Secret;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
@@ -105,4 +107,6 @@ pub use storage::lock::LockMode;
 pub use storage::{FileStorage, MemStorage, Storage};
 #[cfg(feature = "test-utils")]
 pub use testing::{FaultMode, FaultyStorage, Survivors};
+pub use vdi::{Vdi, VdiCreateOptions, VdiOptions};
 pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};
+pub use vpc::{Vpc, VpcCreateOptions, VpcOptions};
