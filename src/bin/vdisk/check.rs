@@ -156,6 +156,12 @@ pub fn run(a: &CheckArgs) -> Result<i32> {
             }
             Ok(if r.errors > 0 { 2 } else { 0 })
         }
+        Image::Vpc(_) => {
+            // qemu-img's exit code for formats without a check.
+            eprintln!("vdisk: This image format does not support checks");
+            Ok(63)
+        }
+        Image::Vdi(v) => crate::vpcvdi::check_vdi(&v, &filename, repair != Repair::None, json, a.quiet),
         _ => Err(Error::unsupported("this image format does not support checks")),
     }
 }
