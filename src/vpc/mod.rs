@@ -624,6 +624,61 @@ mod tests {
         }
     }
 
+    /// A differencing disk made from a dynamic one: block 0 holds the
+    /// child's data for its first 8 sectors only (bitmap bits), the rest of
+    /// the disk comes from the parent named by a `W2ru` locator.
+    #[test]
+    fn differencing_reads_through_the_bitmap() {
+        let st = Arc::new(MemStorage::new());
+        let v = Vpc::create(st.clone(), 4 << 20, &VpcCreateOptions::default()).unwrap();
+        let size = v.size();
+        v.write_at(&[0xaa; 8192], 0).unwrap();
+        v.close().unwrap();
+        let mut b = st.to_vec();
+        let l = b.len();
+        let bat0 = BigEndian::read_u32(&b[1536..]) as usize * 512;
+        b[bat0] = 0xff;
+        b[bat0 + 1..bat0 + 512].fill(0);
+        let mut f = Footer::decode(b[l - 512..].try_into().unwrap()).unwrap();
+        f.disk_type = TYPE_DIFFERENCING;
+        let fb = f.encode();
+        let mut h = DynHeader::decode(b[512..1536].try_into().unwrap()).unwrap();
+        let name: Vec<u8> = ".\\base.vhd".encode_utf16().flat_map(u16::to_le_bytes).collect();
+        h.locators[0] = dynamic::ParentLocator {
+            code: *b"W2ru",
+            data_space: 1,
+            data_len: name.len() as u32,
+            data_offset: (l - 512) as u64,
+        };
+        b[512..1536].copy_from_slice(&h.encode());
+        b[l - 512..].fill(0);
+        b[l - 512..l - 512 + name.len()].copy_from_slice(&name);
+        b.extend_from_slice(&fb);
+        b[..512].copy_from_slice(&fb);
+        let file: Arc<dyn Storage> = Arc::new(MemStorage::from_vec(b));
+        assert_eq!(Vpc::parent_name(&*file).unwrap().as_deref(), Some("base.vhd"));
+        let pdata: Vec<u8> = (0..size).map(|i| (i / 512) as u8 ^ 0x5c).collect();
+        let parent = Arc::new(crate::Raw::open(Arc::new(MemStorage::from_vec(pdata.clone()))).unwrap());
+        let d = Vpc::open(file.clone(), VpcOptions { read_only: false, parent: Some(parent) }).unwrap();
+        assert!(d.info().read_only);
+        let mut got = vec![0u8; size as usize];
+        d.read_at(&mut got, 0).unwrap();
+        let mut want = pdata;
+        want[..4096].fill(0xaa);
+        assert!(got == want);
+        let mut odd = vec![0u8; 5000];
+        d.read_at(&mut odd, 3000).unwrap();
+        assert!(odd[..] == want[3000..8000]);
+        let e = d.map(0, size).unwrap();
+        assert_eq!((e.length, e.kind), (4096, ExtentKind::Data { host_offset: Some(bat0 as u64 + 512) }));
+        assert_eq!(d.map(4096, size).unwrap().kind, ExtentKind::Unallocated);
+        assert_eq!(d.write_at(&[1], 0).unwrap_err().kind(), ErrorKind::ReadOnly);
+        // Without the parent opened, reads that need it fail.
+        let d = Vpc::open(file, VpcOptions::default()).unwrap();
+        assert_eq!(d.read_at(&mut odd, 3000).unwrap_err().kind(), ErrorKind::NotFound);
+        d.read_at(&mut odd[..4096], 0).unwrap();
+    }
+
     #[test]
     fn dynamic_and_fixed_model() {
         model_check(VpcSubformat::Dynamic);
