@@ -161,6 +161,7 @@ impl Vpc {
             checksum: 0,
             uuid: random_uuid(),
             saved_state: 0,
+            reserved: [0; 427],
         };
         footer.checksum = 0;
         let fb = footer.encode();

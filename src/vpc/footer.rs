@@ -61,6 +61,8 @@ pub struct Footer {
     pub uuid: [u8; 16],
     /// 84: saved state flag.
     pub saved_state: u8,
+    /// 85..512: reserved bytes, kept as read (zeros in new images).
+    pub reserved: [u8; 427],
 }
 
 /// One's complement of the sum of `bytes`, skipping the 4 checksum bytes at
@@ -103,6 +105,7 @@ impl Footer {
             checksum: BigEndian::read_u32(&b[64..]),
             uuid: b[68..84].try_into().unwrap_or([0; 16]),
             saved_state: b[84],
+            reserved: b[85..].try_into().unwrap_or([0; 427]),
         };
         let want = checksum(b, 64);
         if f.checksum != want {
@@ -141,6 +144,7 @@ impl Footer {
         BigEndian::write_u32(&mut b[60..], self.disk_type);
         b[68..84].copy_from_slice(&self.uuid);
         b[84] = self.saved_state;
+        b[85..].copy_from_slice(&self.reserved);
         let c = checksum(&b, 64);
         BigEndian::write_u32(&mut b[64..], c);
         b
@@ -260,6 +264,7 @@ mod tests {
             checksum: 0,
             uuid: [9; 16],
             saved_state: 0,
+            reserved: [0; 427],
         };
         let b = f.encode();
         let g = Footer::decode(&b).unwrap();
@@ -289,6 +294,7 @@ mod tests {
                 checksum: 0,
                 uuid: [0; 16],
                 saved_state: 0,
+                reserved: [0; 427],
             };
             t.checksum = 0;
             t.encode()
