@@ -312,3 +312,48 @@ fn uuids_kept_and_read_only_differencing_refused() {
     let v = Vpc::open(Arc::new(FileStorage::open(&path, true).unwrap()), VpcOptions::default()).unwrap();
     assert_eq!(v.footer().uuid, uuid);
 }
+
+/// Rewrites the creator app, current size and geometry of every footer of
+/// a VHD file (with fresh checksums).
+fn poke_footer(path: &Path, app: &[u8; 4], current: u64, chs: Option<(u16, u8, u8)>) {
+    let mut b = std::fs::read(path).unwrap();
+    let end = b.len() - 512;
+    for at in [0, end] {
+        if &b[at..at + 8] != b"conectix" {
+            continue;
+        }
+        b[at + 28..at + 32].copy_from_slice(app);
+        b[at + 48..at + 56].copy_from_slice(&current.to_be_bytes());
+        if let Some((c, h, s)) = chs {
+            b[at + 56..at + 58].copy_from_slice(&c.to_be_bytes());
+            b[at + 58] = h;
+            b[at + 59] = s;
+        }
+        b[at + 64..at + 68].fill(0);
+        let sum = b[at..at + 512].iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)));
+        b[at + 64..at + 68].copy_from_slice(&(!sum).to_be_bytes());
+    }
+    std::fs::write(path, b).unwrap();
+}
+
+#[test]
+fn size_by_creator_app_as_qemu() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let apps: [&[u8; 4]; 8] = [b"win ", b"d2v ", b"qem2", b"tap\0", b"CTXS", b"vpc ", b"qemu", b"xyz "];
+    for sub in ["dynamic", "fixed"] {
+        for app in apps {
+            for chs in [None, Some((65535, 16, 255))] {
+                let path = p(d.path(), "c.vhd");
+                qemu_create("vpc", &format!("subformat={sub}"), &path, 20 << 20);
+                // Hyper-V style: current_size below the geometry's size.
+                poke_footer(&path, app, (15 << 20) + 512, chs);
+                let q = virtual_size(&path, "vpc");
+                let v = open_ro(&path, Format::Vpc);
+                assert_eq!(v.size(), q, "{sub} {:?} {chs:?}", String::from_utf8_lossy(app));
+            }
+        }
+    }
+}

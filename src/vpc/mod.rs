@@ -10,10 +10,11 @@
 //! caller's backing policy; sectors whose bitmap bit is clear come from the
 //! parent).
 //!
-//! The guest-visible size follows QEMU: the CHS geometry for images made
-//! by Virtual PC and QEMU without `force_size`, the footer's `current_size`
-//! for Hyper-V (`win `), disk2vhd (`d2v `), QEMU with `force_size` (`qem2`),
-//! XenServer and XenConverter, and for any image with the maximum geometry.
+//! The guest-visible size follows QEMU 10: the CHS geometry for images
+//! made by Virtual PC (`vpc `) and QEMU without `force_size` (`qemu`), the
+//! footer's `current_size` for every other creator (Hyper-V's `win `,
+//! disk2vhd's `d2v `, QEMU with `force_size`'s `qem2`, XenServer,
+//! XenConverter, unknown ones) and for any image with the maximum geometry.
 //!
 //! Refused: a footer or dynamic header with a bad checksum (QEMU only
 //! warns), disk types other than 2, 3 and 4, block sizes that are not a
