@@ -1,7 +1,8 @@
 //! # vdisk — virtual-machine disk images
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
-//! `Send + Sync`), with backends for raw, qcow2 and vmdk, an opener with an
+//! `Send + Sync`), with backends for raw, qcow2, vmdk, VHD ([`Vpc`]) and
+//! VDI ([`Vdi`]), an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).
 //!
@@ -64,7 +65,8 @@
 //!        |              opens backing / data / extent files under the
 //!        |              caller's policy, and is the Resolver formats use
 //!        |              when they create an image with a backing file
-//!  raw | qcow2/ | vmdk/  — each a BlockDevice (convert.rs copies between them)
+//!  raw | qcow2/ | vmdk/ | vpc/ | vdi/  — each a BlockDevice (convert.rs
+//!        |                                 copies between them)
 //!        |
 //!  device.rs  — BlockDevice, Extent, DeviceInfo, Resolver
 //!        |
