@@ -362,3 +362,76 @@ fn size_by_creator_app_as_qemu() {
         }
     }
 }
+
+/// Turns the dynamic VHD at `child` (made by vdisk, block 0 written) into a
+/// differencing disk of `parent_name` whose block 0 holds only its first 8
+/// sectors (bitmap bits), the rest falling through to the parent.
+fn make_differencing(child: &Path, parent_name: &str) {
+    let mut b = std::fs::read(child).unwrap();
+    let l = b.len();
+    let bat0 = u32::from_be_bytes(b[1536..1540].try_into().unwrap()) as usize * 512;
+    b[bat0] = 0xff;
+    b[bat0 + 1..bat0 + 512].fill(0);
+    let name: Vec<u8> = format!(".\\{parent_name}").encode_utf16().flat_map(u16::to_le_bytes).collect();
+    // Locator 0 (W2ru) at 576 in the dynamic header, its data where the
+    // footer was; the footer moves 512 bytes on.
+    let loc = 512 + 576;
+    b[loc..loc + 4].copy_from_slice(b"W2ru");
+    b[loc + 4..loc + 8].copy_from_slice(&1u32.to_be_bytes());
+    b[loc + 8..loc + 12].copy_from_slice(&(name.len() as u32).to_be_bytes());
+    b[loc + 16..loc + 24].copy_from_slice(&((l - 512) as u64).to_be_bytes());
+    b[512 + 36..512 + 40].fill(0);
+    let sum = b[512..1536].iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)));
+    b[512 + 36..512 + 40].copy_from_slice(&(!sum).to_be_bytes());
+    let mut footer = b[l - 512..].to_vec();
+    footer[60..64].copy_from_slice(&4u32.to_be_bytes());
+    footer[64..68].fill(0);
+    let sum = footer.iter().fold(0u32, |s, &x| s.wrapping_add(u32::from(x)));
+    footer[64..68].copy_from_slice(&(!sum).to_be_bytes());
+    b[l - 512..].fill(0);
+    b[l - 512..l - 512 + name.len()].copy_from_slice(&name);
+    b.extend_from_slice(&footer);
+    b[..512].copy_from_slice(&footer);
+    std::fs::write(child, b).unwrap();
+}
+
+#[test]
+fn differencing_vhd_through_the_backing_policy() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let sub = p(d.path(), "vms");
+    std::fs::create_dir(&sub).unwrap();
+    let parent = p(&sub, "base.vhd");
+    qemu_create("vpc", "", &parent, 6 << 20);
+    qemu_io("vpc", &parent, &["write -P 0x5c 0 6M".into()]);
+    let child = p(&sub, "child.vhd");
+    let v = Vpc::create_file(&child, 6 << 20, &VpcCreateOptions::default()).unwrap();
+    v.write_at(&[0xaa; 8192], 0).unwrap();
+    v.close().unwrap();
+    make_differencing(&child, "base.vhd");
+    let mut want = qemu_export(&parent, "vpc");
+    want[..4096].fill(0xaa);
+    // The parent is a VHD by definition: the default policy follows it.
+    let img = OpenOptions::new().format(Format::Vpc).read_only(true).open(&child).unwrap();
+    assert_eq!(img.info().backing_file.as_deref(), Some("base.vhd"));
+    assert_same("differencing", &read_all(&img), &want);
+    let (code, out, err) = vdisk(&["map", "-f", "vpc", "--output=json", &s(&child)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"depth\": 1"), "{out}");
+    drop(img);
+    // Never: metadata works, reads that need the parent fail.
+    let img = OpenOptions::new().format(Format::Vpc).read_only(true).backing(vdisk::BackingPolicy::Never).open(&child).unwrap();
+    let mut buf = [0u8; 512];
+    img.read_at(&mut buf, 0).unwrap();
+    assert_eq!(img.read_at(&mut buf, 8192).unwrap_err().kind(), vdisk::ErrorKind::NotFound);
+    drop(img);
+    // A parent outside the confinement directory is refused.
+    let other = p(d.path(), "other");
+    std::fs::create_dir(&other).unwrap();
+    assert!(OpenOptions::new().format(Format::Vpc).read_only(true).confine_to(&other).open(&child).is_err());
+    // Writes are refused: differencing disks are read-only here.
+    let img = OpenOptions::new().format(Format::Vpc).open(&child).unwrap();
+    assert_eq!(img.write_at(&[1], 0).unwrap_err().kind(), vdisk::ErrorKind::ReadOnly);
+}
