@@ -85,22 +85,138 @@ fn vpc_corruption_table() {
     let end = |b: &Vec<u8>| b.len() - 512;
     let cases: Vec<(&str, Poke, Option<ErrorKind>)> = vec![
         ("intact", |_| {}, None),
-        ("footer checksum only at the end (copy at 0 used)", |b| { let e = b.len() - 1; b[e - 500] ^= 1; }, None),
-        ("both footers' checksums", |b| { let e = b.len() - 1; b[e - 500] ^= 1; b[12] ^= 1; }, Some(ErrorKind::InvalidImage)),
-        ("disk type 5", |b| { let e = b.len() - 512; put_be32(b, e + 60, 5); put_be32(b, 60, 5); fix_vpc_sums(b); }, Some(ErrorKind::Unsupported)),
-        ("dynamic header cookie", |b| { b[512] = b'X'; }, Some(ErrorKind::InvalidImage)),
-        ("dynamic header checksum", |b| { b[600] ^= 1; }, Some(ErrorKind::InvalidImage)),
-        ("block size 3000", |b| { put_be32(b, 512 + 32, 3000); fix_vpc_sums(b); }, Some(ErrorKind::InvalidImage)),
-        ("block size 1 GiB", |b| { put_be32(b, 512 + 32, 1 << 30); fix_vpc_sums(b); }, Some(ErrorKind::InvalidImage)),
-        ("BAT too small", |b| { put_be32(b, 512 + 28, 1); fix_vpc_sums(b); }, Some(ErrorKind::InvalidImage)),
-        ("BAT of 2^32 entries", |b| { put_be32(b, 512 + 28, u32::MAX); fix_vpc_sums(b); }, Some(ErrorKind::LimitExceeded)),
-        ("BAT outside the file", |b| { put_be64(b, 512 + 16, 1 << 40); fix_vpc_sums(b); }, Some(ErrorKind::InvalidImage)),
-        ("dynamic header outside", |b| { let e = b.len() - 512; put_be64(b, e + 16, u64::MAX - 5); put_be64(b, 16, u64::MAX - 5); fix_vpc_sums(b); }, Some(ErrorKind::InvalidImage)),
-        ("BAT entry past the file", |b| { put_be32(b, 1536 + 8, 0x00ff_ffff); }, Some(ErrorKind::InvalidImage)),
-        ("BAT entry over the BAT", |b| { put_be32(b, 1536 + 8, 3); }, Some(ErrorKind::InvalidImage)),
-        ("BAT entry over the footer copy", |b| { put_be32(b, 1536 + 8, 0); }, Some(ErrorKind::InvalidImage)),
-        ("size above 2040 GiB", |b| { for at in [0, b.len() - 512] { put_be64(b, at + 48, 4 << 40); b[at + 28..at + 32].copy_from_slice(b"win "); } fix_vpc_sums(b); }, Some(ErrorKind::LimitExceeded)),
-        ("no footer anywhere", |b| { let e = b.len() - 512; b[e] = 0; b[0] = 0; }, Some(ErrorKind::InvalidImage)),
+        (
+            "footer checksum only at the end (copy at 0 used)",
+            |b| {
+                let e = b.len() - 1;
+                b[e - 500] ^= 1;
+            },
+            None,
+        ),
+        (
+            "both footers' checksums",
+            |b| {
+                let e = b.len() - 1;
+                b[e - 500] ^= 1;
+                b[12] ^= 1;
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "disk type 5",
+            |b| {
+                let e = b.len() - 512;
+                put_be32(b, e + 60, 5);
+                put_be32(b, 60, 5);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::Unsupported),
+        ),
+        (
+            "dynamic header cookie",
+            |b| {
+                b[512] = b'X';
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "dynamic header checksum",
+            |b| {
+                b[600] ^= 1;
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "block size 3000",
+            |b| {
+                put_be32(b, 512 + 32, 3000);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "block size 1 GiB",
+            |b| {
+                put_be32(b, 512 + 32, 1 << 30);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "BAT too small",
+            |b| {
+                put_be32(b, 512 + 28, 1);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "BAT of 2^32 entries",
+            |b| {
+                put_be32(b, 512 + 28, u32::MAX);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::LimitExceeded),
+        ),
+        (
+            "BAT outside the file",
+            |b| {
+                put_be64(b, 512 + 16, 1 << 40);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "dynamic header outside",
+            |b| {
+                let e = b.len() - 512;
+                put_be64(b, e + 16, u64::MAX - 5);
+                put_be64(b, 16, u64::MAX - 5);
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "BAT entry past the file",
+            |b| {
+                put_be32(b, 1536 + 8, 0x00ff_ffff);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "BAT entry over the BAT",
+            |b| {
+                put_be32(b, 1536 + 8, 3);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "BAT entry over the footer copy",
+            |b| {
+                put_be32(b, 1536 + 8, 0);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "size above 2040 GiB",
+            |b| {
+                for at in [0, b.len() - 512] {
+                    put_be64(b, at + 48, 4 << 40);
+                    b[at + 28..at + 32].copy_from_slice(b"win ");
+                }
+                fix_vpc_sums(b);
+            },
+            Some(ErrorKind::LimitExceeded),
+        ),
+        (
+            "no footer anywhere",
+            |b| {
+                let e = b.len() - 512;
+                b[e] = 0;
+                b[0] = 0;
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
     ];
     let _ = end;
     for (what, poke, want) in cases {
@@ -134,13 +250,30 @@ fn vdi_corruption_table() {
         ("unaligned data", |b| put_le32(b, 0x158, 0x401), Some(ErrorKind::Unsupported)),
         ("sector size 4096", |b| put_le32(b, 0x168, 4096), Some(ErrorKind::Unsupported)),
         ("block size 2 MiB", |b| put_le32(b, 0x178, 2 << 20), Some(ErrorKind::Unsupported)),
-        ("disk size past the block map", |b| b[0x170..0x178].copy_from_slice(&(1u64 << 40).to_le_bytes()), Some(ErrorKind::Unsupported)),
+        (
+            "disk size past the block map",
+            |b| b[0x170..0x178].copy_from_slice(&(1u64 << 40).to_le_bytes()),
+            Some(ErrorKind::Unsupported),
+        ),
         ("parent UUID", |b| b[0x1b8] = 1, Some(ErrorKind::Unsupported)),
         ("too many blocks", |b| put_le32(b, 0x180, u32::MAX), Some(ErrorKind::Unsupported)),
-        ("block map past the file", |b| { put_le32(b, 0x180, 0x1000_0000); b[0x170..0x178].copy_from_slice(&0u64.to_le_bytes()); }, Some(ErrorKind::LimitExceeded)),
+        (
+            "block map past the file",
+            |b| {
+                put_le32(b, 0x180, 0x1000_0000);
+                b[0x170..0x178].copy_from_slice(&0u64.to_le_bytes());
+            },
+            Some(ErrorKind::LimitExceeded),
+        ),
         ("block map over the data", |b| put_le32(b, 0x158, 0x200), Some(ErrorKind::InvalidImage)),
         ("block map entry past the blocks", |b| put_le32(b, 0x200 + 16, 5000), Some(ErrorKind::Corrupt)),
-        ("blocks_allocated full", |b| { put_le32(b, 0x184, 8); }, Some(ErrorKind::Corrupt)),
+        (
+            "blocks_allocated full",
+            |b| {
+                put_le32(b, 0x184, 8);
+            },
+            Some(ErrorKind::Corrupt),
+        ),
     ];
     for (what, poke, want) in cases {
         let mut b = vdi_image();
@@ -171,7 +304,8 @@ fn truncated_images_fail_cleanly() {
 
 /// The allocating workload: non-overlapping writes, each into a new block
 /// (two straddle a block boundary), then a flush.
-const WRITES: &[(u64, usize, u8)] = &[(100, 3000, 0x21), ((2 << 20) - 700, 1400, 0x42), ((4 << 20) + 512, 70_000, 0x63)];
+const WRITES: &[(u64, usize, u8)] =
+    &[(100, 3000, 0x21), ((2 << 20) - 700, 1400, 0x42), ((4 << 20) + 512, 70_000, 0x63)];
 
 fn workload(dev: &dyn BlockDevice) -> vdisk::Result<()> {
     for &(off, len, b) in WRITES {
@@ -223,8 +357,14 @@ fn crash_at_every_write_of_allocating_writes() {
                 let mut masked = got.clone();
                 for &(off, len, _) in WRITES {
                     let r = off as usize..off as usize + len;
-                    for (i, ((g, b), a)) in got[r.clone()].iter().zip(&before[r.clone()]).zip(&after[r.clone()]).enumerate() {
-                        assert!(g == b || g == a, "{what}: byte {:#x} is {g:#x}, neither {b:#x} nor {a:#x}", off as usize + i);
+                    for (i, ((g, b), a)) in
+                        got[r.clone()].iter().zip(&before[r.clone()]).zip(&after[r.clone()]).enumerate()
+                    {
+                        assert!(
+                            g == b || g == a,
+                            "{what}: byte {:#x} is {g:#x}, neither {b:#x} nor {a:#x}",
+                            off as usize + i
+                        );
                     }
                     masked[r.clone()].copy_from_slice(&before[r]);
                 }
@@ -235,7 +375,8 @@ fn crash_at_every_write_of_allocating_writes() {
                 drop(d);
                 let d = open_any(vdi, Arc::new(MemStorage::from_vec(mem.to_vec()))).unwrap();
                 let mut again = read_all(&*d);
-                again[(7 << 20) as usize..(7 << 20) as usize + 512].copy_from_slice(&got[(7 << 20) as usize..(7 << 20) as usize + 512]);
+                again[(7 << 20) as usize..(7 << 20) as usize + 512]
+                    .copy_from_slice(&got[(7 << 20) as usize..(7 << 20) as usize + 512]);
                 assert_same(&format!("{what}: after a later allocation"), &again, &got);
                 if qemu && surv == Survivors::Some(budget + 1) {
                     let path = dir.path().join("crash.img");

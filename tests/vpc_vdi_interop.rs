@@ -99,8 +99,12 @@ fn vdisk_images_pass_qemu() {
     for (f, opts) in CASES {
         let path = p(d.path(), &format!("v-{f}-{}.img", opts.replace([',', '='], "_")));
         let dev: Box<dyn BlockDevice> = match *f {
-            "vpc" => Box::new(Vpc::create_file(&path, (20 << 20) + 12345, &VpcCreateOptions::parse(opts).unwrap()).unwrap()),
-            _ => Box::new(Vdi::create_file(&path, (20 << 20) + 12345, &VdiCreateOptions::parse(opts).unwrap()).unwrap()),
+            "vpc" => {
+                Box::new(Vpc::create_file(&path, (20 << 20) + 12345, &VpcCreateOptions::parse(opts).unwrap()).unwrap())
+            }
+            _ => {
+                Box::new(Vdi::create_file(&path, (20 << 20) + 12345, &VdiCreateOptions::parse(opts).unwrap()).unwrap())
+            }
         };
         let size = dev.size();
         // The size qemu-img gives the same request.
@@ -265,7 +269,10 @@ fn vdi_check_verdicts() {
     let (_, vo, ve) = vdisk(&["check", "-f", "vdi", &s(&img)]);
     let (_, qo, qe) = run_status("qemu-img", &["check", "-f", "vdi", &s(&img)]);
     assert_eq!(vo, qo);
-    assert_eq!(ve.lines().filter(|l| l.starts_with("ERROR")).count(), qe.lines().filter(|l| l.starts_with("ERROR")).count());
+    assert_eq!(
+        ve.lines().filter(|l| l.starts_with("ERROR")).count(),
+        qe.lines().filter(|l| l.starts_with("ERROR")).count()
+    );
     let (code, _, _) = vdisk(&["check", "-r", "all", "-f", "vdi", &s(&img)]);
     assert_eq!(code, run_status("qemu-img", &["check", "-r", "all", "-f", "vdi", &s(&img)]).0);
     let v = p(d.path(), "c.vhd");
@@ -279,9 +286,12 @@ fn probing_and_info() {
         return;
     }
     let d = tmp();
-    for (f, opts, probed) in
-        [("vpc", "", Format::Vpc), ("vdi", "", Format::Vdi), ("vdi", "static=on", Format::Vdi), ("vpc", "subformat=fixed", Format::Raw)]
-    {
+    for (f, opts, probed) in [
+        ("vpc", "", Format::Vpc),
+        ("vdi", "", Format::Vdi),
+        ("vdi", "static=on", Format::Vdi),
+        ("vpc", "subformat=fixed", Format::Raw),
+    ] {
         let path = p(d.path(), &format!("p.{f}"));
         qemu_create(f, opts, &path, 4 << 20);
         // A fixed VHD's footer is at the end: qemu-img probes it as raw too.
@@ -290,7 +300,8 @@ fn probing_and_info() {
         let (code, out, err) = vdisk(&["info", "-f", f, "--output=json", &s(&path)]);
         assert_eq!(code, 0, "{err}");
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let q: serde_json::Value = serde_json::from_str(&qemu_img(&["info", "-f", f, "--output=json", &s(&path)])).unwrap();
+        let q: serde_json::Value =
+            serde_json::from_str(&qemu_img(&["info", "-f", f, "--output=json", &s(&path)])).unwrap();
         for k in ["virtual-size", "format", "cluster-size", "dirty-flag"] {
             assert_eq!(v[k], q[k], "{f} {opts}: {k}");
         }
@@ -422,7 +433,12 @@ fn differencing_vhd_through_the_backing_policy() {
     assert!(out.contains("\"depth\": 1"), "{out}");
     drop(img);
     // Never: metadata works, reads that need the parent fail.
-    let img = OpenOptions::new().format(Format::Vpc).read_only(true).backing(vdisk::BackingPolicy::Never).open(&child).unwrap();
+    let img = OpenOptions::new()
+        .format(Format::Vpc)
+        .read_only(true)
+        .backing(vdisk::BackingPolicy::Never)
+        .open(&child)
+        .unwrap();
     let mut buf = [0u8; 512];
     img.read_at(&mut buf, 0).unwrap();
     assert_eq!(img.read_at(&mut buf, 8192).unwrap_err().kind(), vdisk::ErrorKind::NotFound);

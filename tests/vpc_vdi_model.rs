@@ -34,10 +34,15 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 fn create(kind: u8, st: Arc<MemStorage>) -> Box<dyn BlockDevice> {
     match kind {
         0 | 1 => {
-            let o = VpcCreateOptions { subformat: if kind == 0 { vdisk::vpc::VpcSubformat::Dynamic } else { vdisk::vpc::VpcSubformat::Fixed }, ..Default::default() };
+            let o = VpcCreateOptions {
+                subformat: if kind == 0 { vdisk::vpc::VpcSubformat::Dynamic } else { vdisk::vpc::VpcSubformat::Fixed },
+                ..Default::default()
+            };
             Box::new(Vpc::create(st, SIZE, &o).unwrap())
         }
-        _ => Box::new(Vdi::create(st, SIZE, &VdiCreateOptions { static_image: kind == 3, ..Default::default() }).unwrap()),
+        _ => Box::new(
+            Vdi::create(st, SIZE, &VdiCreateOptions { static_image: kind == 3, ..Default::default() }).unwrap(),
+        ),
     }
 }
 

@@ -6,12 +6,30 @@
 
 use std::path::PathBuf;
 
-const VALUES: &[u32] = &[0, 1, 2, 3, 4, 0x1ff, 0x200, 0x201, 0x600, 0xfff, 0x1000, 0x10_0000, 0x20_0000, 0x7fff_ffff, 0xffff_fffe, 0xffff_ffff];
+const VALUES: &[u32] = &[
+    0,
+    1,
+    2,
+    3,
+    4,
+    0x1ff,
+    0x200,
+    0x201,
+    0x600,
+    0xfff,
+    0x1000,
+    0x10_0000,
+    0x20_0000,
+    0x7fff_ffff,
+    0xffff_fffe,
+    0xffff_ffff,
+];
 
 #[test]
 fn mutated_seeds_never_panic() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/open_vpc_vdi");
-    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
+    let mut seeds: Vec<Vec<u8>> =
+        std::fs::read_dir(&dir).unwrap().map(|e| std::fs::read(e.unwrap().path()).unwrap()).collect();
     seeds.sort();
     assert!(seeds.len() >= 4);
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

@@ -35,7 +35,9 @@ fn vpc_and_vdi_volumes() {
     let p = reg.define(PoolDef::dir("images", d.path().join("images")).unwrap()).unwrap();
     p.build().unwrap();
     p.start().unwrap();
-    for (name, xml_fmt, fmt) in [("a.vhd", "vpc", Format::Vpc), ("b.vhd", "vhd", Format::Vpc), ("c.vdi", "vdi", Format::Vdi)] {
+    for (name, xml_fmt, fmt) in
+        [("a.vhd", "vpc", Format::Vpc), ("b.vhd", "vhd", Format::Vpc), ("c.vdi", "vdi", Format::Vdi)]
+    {
         let xml = format!(
             "<volume><name>{name}</name><capacity unit='MiB'>10</capacity><target><format type='{xml_fmt}'/></target></volume>"
         );
@@ -61,13 +63,31 @@ fn vpc_and_vdi_volumes() {
         let c = p.clone_volume(&src, name, &CloneOptions { format: Some(fmt), progress: None }).unwrap();
         let (code, out, err) = run_status(
             "qemu-img",
-            &["compare", "-f", "qcow2", "-F", fmt.name(), &src.path().display().to_string(), &c.path().display().to_string()],
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                fmt.name(),
+                &src.path().display().to_string(),
+                &c.path().display().to_string(),
+            ],
         );
         assert_eq!(code, 0, "{out}{err}");
-        let back = p.clone_volume(&c, &format!("{name}.qcow2"), &CloneOptions { format: Some(Format::Qcow2), progress: None }).unwrap();
+        let back = p
+            .clone_volume(&c, &format!("{name}.qcow2"), &CloneOptions { format: Some(Format::Qcow2), progress: None })
+            .unwrap();
         let (code, out, err) = run_status(
             "qemu-img",
-            &["compare", "-f", "qcow2", "-F", "qcow2", &src.path().display().to_string(), &back.path().display().to_string()],
+            &[
+                "compare",
+                "-f",
+                "qcow2",
+                "-F",
+                "qcow2",
+                &src.path().display().to_string(),
+                &back.path().display().to_string(),
+            ],
         );
         assert_eq!(code, 0, "{out}{err}");
     }

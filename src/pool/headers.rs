@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::dir::{kind_name, open_nonblocking, PoolDir};
+use crate::device::BlockDevice;
 use crate::device::Format;
 use crate::error::Error;
 use crate::probe::{probe_bytes, PROBE_LEN};
@@ -22,7 +23,6 @@ use crate::qcow2::header::{COMPAT_LAZY_REFCOUNTS, CRYPT_AES, CRYPT_LUKS};
 use crate::qcow2::Qcow2;
 use crate::storage::{FileStorage, Storage};
 use crate::vmdk::Vmdk;
-use crate::device::BlockDevice;
 use std::sync::Arc;
 
 /// What a header probe found.

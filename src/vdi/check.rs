@@ -59,10 +59,8 @@ impl Vdi {
         self.file.read_at(&mut b, 0x184)?;
         let recorded = u32::from_le_bytes(b);
         if r.allocated_blocks != recorded {
-            r.messages.push(format!(
-                "ERROR: allocated blocks mismatch, is {}, should be {recorded}",
-                r.allocated_blocks
-            ));
+            r.messages
+                .push(format!("ERROR: allocated blocks mismatch, is {}, should be {recorded}", r.allocated_blocks));
             r.corruptions += 1;
         }
         Ok(r)

@@ -88,8 +88,9 @@ impl Header {
     pub fn decode(b: &[u8; HEADER_LEN], file_len: u64) -> Result<Header> {
         let sig = LittleEndian::read_u32(&b[0x40..]);
         if sig != SIGNATURE {
-            return Err(Error::invalid(format!("Image not in VDI format (bad signature {sig:08x})"))
-                .with_field("signature"));
+            return Err(
+                Error::invalid(format!("Image not in VDI format (bad signature {sig:08x})")).with_field("signature")
+            );
         }
         let version = LittleEndian::read_u32(&b[0x44..]);
         if version != VERSION_1_1 {
@@ -175,8 +176,10 @@ impl Header {
         }
         let bmap = h.bmap_bytes();
         if bmap > VDI_MAX_BMAP_BYTES {
-            return Err(Error::limit(format!("block map of {bmap} bytes is larger than the {VDI_MAX_BMAP_BYTES}-byte limit"))
-                .with_field("blocks_in_image"));
+            return Err(Error::limit(format!(
+                "block map of {bmap} bytes is larger than the {VDI_MAX_BMAP_BYTES}-byte limit"
+            ))
+            .with_field("blocks_in_image"));
         }
         let bmap_end = u64::from(h.offset_bmap) + bmap;
         if u64::from(h.offset_bmap) < HEADER_LEN as u64 || bmap_end > u64::from(h.offset_data) || bmap_end > file_len {

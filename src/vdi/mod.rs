@@ -204,8 +204,7 @@ impl Vdi {
         file.write_at(&bmap, 0x200)?;
         if opts.static_image {
             let end = u64::from(h.offset_data) + u64::from(blocks) * u64::from(VDI_BLOCK_SIZE);
-            if !(opts.preallocate && file.allocate(u64::from(h.offset_data), end - u64::from(h.offset_data)).is_ok())
-            {
+            if !(opts.preallocate && file.allocate(u64::from(h.offset_data), end - u64::from(h.offset_data)).is_ok()) {
                 file.set_len(end)?;
             }
         }

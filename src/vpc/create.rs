@@ -125,10 +125,8 @@ pub(crate) fn random_uuid() -> [u8; 16] {
 }
 
 fn now_vhd() -> u32 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(VHD_EPOCH);
+    let t =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(VHD_EPOCH);
     t.saturating_sub(VHD_EPOCH) as u32
 }
 

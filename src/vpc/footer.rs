@@ -171,11 +171,8 @@ impl Footer {
     /// creators of [`sized_by_current_size`](Self::sized_by_current_size).
     pub fn virtual_size(&self) -> u64 {
         let chs = self.geometry_sectors();
-        let sectors = if self.sized_by_current_size() || chs == MAX_GEOMETRY_SECTORS {
-            self.current_size / 512
-        } else {
-            chs
-        };
+        let sectors =
+            if self.sized_by_current_size() || chs == MAX_GEOMETRY_SECTORS { self.current_size / 512 } else { chs };
         sectors * 512
     }
 }

@@ -128,8 +128,9 @@ fn read_footer(file: &dyn Storage, flen: u64) -> Result<(Footer, bool)> {
     if Footer::has_cookie(&head) {
         let f = Footer::decode(&head)?;
         if f.disk_type == TYPE_FIXED {
-            return Err(Error::invalid("a fixed VHD needs its footer in the last 512 bytes of the file")
-                .with_field("footer"));
+            return Err(
+                Error::invalid("a fixed VHD needs its footer in the last 512 bytes of the file").with_field("footer")
+            );
         }
         return Ok((f, false));
     }
@@ -167,7 +168,9 @@ impl Vpc {
         let (footer, at_end) = read_footer(&*file, flen)?;
         let size = footer.virtual_size();
         if size / 512 > VPC_MAX_SECTORS {
-            return Err(Error::limit(format!("disk size {size} is too large (max 2040 GiB)")).with_field("current_size"));
+            return Err(
+                Error::limit(format!("disk size {size} is too large (max 2040 GiB)")).with_field("current_size")
+            );
         }
         let footer_pos = if at_end { flen - FOOTER_LEN as u64 } else { flen.next_multiple_of(512) };
         let mut read_only = opts.read_only || file.is_read_only();
@@ -473,13 +476,7 @@ fn load_bat(
         ))
         .with_field("bat"));
     }
-    Ok(Dynamic {
-        header,
-        block_size,
-        bitmap_len,
-        bat: RwLock::new(bat),
-        alloc: Mutex::new(free.max(footer_pos)),
-    })
+    Ok(Dynamic { header, block_size, bitmap_len, bat: RwLock::new(bat), alloc: Mutex::new(free.max(footer_pos)) })
 }
 
 impl BlockDevice for Vpc {
@@ -533,7 +530,9 @@ impl BlockDevice for Vpc {
         let within = offset % d.block_size;
         let in_block = (d.block_size - within).min(len);
         match Self::block_at(d, idx) {
-            Some(host) if !diff => Ok(mk(in_block, ExtentKind::Data { host_offset: Some(host + d.bitmap_len + within) }, 0)),
+            Some(host) if !diff => {
+                Ok(mk(in_block, ExtentKind::Data { host_offset: Some(host + d.bitmap_len + within) }, 0))
+            }
             Some(host) => {
                 let bm = self.read_bitmap(d, host).map_err(|e| self.err(e))?;
                 let first = within / 512;

@@ -18,10 +18,8 @@ pub fn open_vpc_vdi(data: &[u8]) {
     roundtrip(data);
     let len = data.len() as u64;
     let ro = || -> Arc<dyn Storage> { Arc::new(MemStorage::from_vec(data.to_vec()).limit(len).read_only()) };
-    let parent = no_internal("vpc parent name", Vpc::parent_name(&*ro()))
-        .ok()
-        .flatten()
-        .map(|_| pattern_device(1 << 20, 0x44));
+    let parent =
+        no_internal("vpc parent name", Vpc::parent_name(&*ro())).ok().flatten().map(|_| pattern_device(1 << 20, 0x44));
     if let Ok(v) = no_internal("vpc open", Vpc::open(ro(), VpcOptions { read_only: true, parent: parent.clone() })) {
         walk(&v);
     }
