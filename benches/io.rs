@@ -561,17 +561,15 @@ criterion_main!(benches);
 /// Fully allocated dynamic VHD and VDI copies of the raw fixture against
 /// the raw file: sequential 1 MiB and random 4 KiB reads.
 fn vpc_vdi_ratios(f: &Fixture, raw: &Image, offs: &[u64]) {
-    let src = open(&f.raw, Format::Raw, true);
     let full = ConvertOptions { sparse_granule: 0, ..Default::default() };
     let vhd = f.dir.join("data.vhd");
     let d = vdisk::Vpc::create_file(&vhd, size(), &vdisk::VpcCreateOptions::default()).unwrap();
-    vdisk::convert::convert(&src, &d, &full).unwrap();
+    vdisk::convert::convert(raw, &d, &full).unwrap();
     d.close().unwrap();
     let vdi = f.dir.join("data.vdi");
     let d = vdisk::Vdi::create_file(&vdi, size(), &vdisk::VdiCreateOptions::default()).unwrap();
-    vdisk::convert::convert(&src, &d, &full).unwrap();
+    vdisk::convert::convert(raw, &d, &full).unwrap();
     d.close().unwrap();
-    drop(src);
     let mut a1 = vdisk::storage::Aligned::new(MB as usize);
     let mut a2 = vdisk::storage::Aligned::new(MB as usize);
     let (b1, b2) = (a1.as_mut_slice(), a2.as_mut_slice());

@@ -157,7 +157,8 @@ impl Vdi {
 
     /// Creates a VDI image in `file` (which should be empty) of `size`
     /// bytes rounded up to whole sectors, laid out as QEMU 10 lays it out
-    /// (`vdi_co_do_create`): header, block map at 0x200, data after it.
+    /// (`vdi_co_do_create`: header, block map at 0x200, data after it),
+    /// except that the data starts on a 4 KiB boundary.
     pub fn create(file: Arc<dyn Storage>, size: u64, opts: &VdiCreateOptions) -> Result<Vdi> {
         let bytes = size.checked_next_multiple_of(512).unwrap_or(u64::MAX);
         let max = u64::from(VDI_BLOCKS_IN_IMAGE_MAX) * u64::from(VDI_BLOCK_SIZE);
@@ -177,7 +178,10 @@ impl Vdi {
             image_flags: 0,
             description: [0; 256],
             offset_bmap: 0x200,
-            offset_data: (0x200 + bmap_len) as u32,
+            // QEMU puts the data right after the block map (512-byte
+            // aligned); vdisk aligns it to 4 KiB so guest pages do not
+            // straddle host pages.
+            offset_data: (0x200 + bmap_len).next_multiple_of(4096) as u32,
             cylinders: 0,
             heads: 0,
             sectors: 0,
@@ -202,6 +206,7 @@ impl Vdi {
             }
         }
         file.write_at(&bmap, 0x200)?;
+        file.set_len(u64::from(h.offset_data))?;
         if opts.static_image {
             let end = u64::from(h.offset_data) + u64::from(blocks) * u64::from(VDI_BLOCK_SIZE);
             if !(opts.preallocate && file.allocate(u64::from(h.offset_data), end - u64::from(h.offset_data)).is_ok()) {
@@ -422,6 +427,16 @@ impl Drop for Vdi {
 mod tests {
     use super::*;
     use crate::storage::MemStorage;
+
+    #[test]
+    fn data_is_page_aligned() {
+        for mib in [1u64, 200, 5000] {
+            let st = Arc::new(MemStorage::new());
+            let v = Vdi::create(st.clone(), mib << 20, &VdiCreateOptions::default()).unwrap();
+            assert!(v.header().offset_data.is_multiple_of(4096));
+            assert_eq!(st.len().unwrap(), u64::from(v.header().offset_data));
+        }
+    }
 
     #[test]
     fn model_static_and_dynamic() {

@@ -25,7 +25,9 @@
 //! Allocating writes are ordered for crash safety: a new footer is written
 //! past the new block first (the file keeps a footer at its end), then the
 //! data and the sector bitmap over the old footer, a sync, and only then
-//! the BAT entry. A crash at any point leaves at most a leaked block.
+//! the BAT entry. Unlike QEMU, vdisk starts each new block's data on a
+//! 4 KiB boundary of the file (the few bytes before its bitmap are zeroed),
+//! so guest pages do not straddle host pages. A crash at any point leaves at most a leaked block.
 //! Like QEMU, dynamic disks read allocated blocks whole (the bitmap of a
 //! new block is all ones, its unwritten sectors zeros).
 //!
@@ -65,6 +67,9 @@ use crate::storage::Storage;
 pub use create::{VpcCreateOptions, VpcSubformat};
 use dynamic::{locator_name, DynHeader, BAT_UNALLOCATED, DYN_HEADER_LEN};
 use footer::{Footer, FOOTER_LEN, TYPE_DIFFERENCING, TYPE_FIXED};
+
+/// Alignment of the data of blocks vdisk allocates.
+const DATA_ALIGN: u64 = 4096;
 
 /// How to open a VHD image.
 #[derive(Debug, Clone, Default)]
@@ -338,7 +343,11 @@ impl Vpc {
             drop(next);
             return self.file.write_at(data, host + d.bitmap_len + within);
         }
-        let pos = *next;
+        // The block's data starts on a 4 KiB boundary (QEMU puts it right
+        // after the previous block, so guest pages straddle host pages);
+        // the gap before the bitmap is zeroed, over the old footer.
+        let gap_start = *next;
+        let pos = (gap_start + d.bitmap_len).next_multiple_of(DATA_ALIGN) - d.bitmap_len;
         let sector = u32::try_from(pos / 512)
             .ok()
             .filter(|&s| s != BAT_UNALLOCATED)
@@ -347,6 +356,9 @@ impl Vpc {
         self.file.write_at(&self.footer.encode(), end)?;
         self.file.write_at(data, pos + d.bitmap_len + within)?;
         self.file.write_at(&vec![0xffu8; d.bitmap_len as usize], pos)?;
+        if pos > gap_start {
+            self.file.write_at(&vec![0u8; (pos - gap_start) as usize], gap_start)?;
+        }
         self.file.sync()?;
         let mut e = [0u8; 4];
         BigEndian::write_u32(&mut e, sector);
@@ -677,6 +689,22 @@ mod tests {
         let d = Vpc::open(file, VpcOptions::default()).unwrap();
         assert_eq!(d.read_at(&mut odd, 3000).unwrap_err().kind(), ErrorKind::NotFound);
         d.read_at(&mut odd[..4096], 0).unwrap();
+    }
+
+    #[test]
+    fn new_blocks_are_page_aligned() {
+        let st = Arc::new(MemStorage::new());
+        let v = Vpc::create(st.clone(), 9 << 20, &VpcCreateOptions::default()).unwrap();
+        for at in [5u64 << 20, 0, 8 << 20, 3 << 20] {
+            v.write_at(&[7u8; 100], at + 1000).unwrap();
+            match v.map(at, 4096).unwrap().kind {
+                ExtentKind::Data { host_offset: Some(h) } => assert!(h.is_multiple_of(4096), "{h:#x}"),
+                k => panic!("{k:?}"),
+            }
+        }
+        let mut b = [0u8; 100];
+        v.read_at(&mut b, (3 << 20) + 1000).unwrap();
+        assert_eq!(b, [7u8; 100]);
     }
 
     #[test]
