@@ -16,6 +16,9 @@
 //! disk2vhd's `d2v `, QEMU with `force_size`'s `qem2`, XenServer,
 //! XenConverter, unknown ones) and for any image with the maximum geometry.
 //!
+//! QEMU 10 opens a differencing disk as a dynamic one (no parent, bitmaps
+//! ignored); vdisk reads it as the format means it.
+//!
 //! Refused: a footer or dynamic header with a bad checksum (QEMU only
 //! warns), disk types other than 2, 3 and 4, block sizes that are not a
 //! power of two from 512 B to 256 MiB, tables or blocks outside the file or
