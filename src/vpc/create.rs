@@ -183,8 +183,8 @@ impl Vpc {
             };
             file.write_at(&fb, 0)?;
             file.write_at(&header.encode(), 512)?;
-            let bat = vec![0xffu8; bat_len as usize];
-            debug_assert!(BAT_UNALLOCATED == 0xffff_ffff);
+            // Every entry BAT_UNALLOCATED (all ones).
+            let bat = vec![(BAT_UNALLOCATED & 0xff) as u8; bat_len as usize];
             file.write_at(&bat, 1536)?;
             file.write_at(&fb, 1536 + bat_len)?;
         } else {

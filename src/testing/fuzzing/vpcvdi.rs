@@ -30,11 +30,11 @@ pub fn open_vpc_vdi(data: &[u8]) {
     // Writable copies.
     let st = Capped::new(data.to_vec(), len + (4 << 20));
     if let Ok(v) = Vpc::open(st.clone(), VpcOptions { read_only: false, parent }) {
-        write_back(&v, &*st, |s| Vpc::open(s, VpcOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
+        write_back(&v, &st, |s| Vpc::open(s, VpcOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
     let st = Capped::new(data.to_vec(), len + (4 << 20));
     if let Ok(v) = Vdi::open(st.clone(), VdiOptions { read_only: false }) {
-        write_back(&v, &*st, |s| Vdi::open(s, VdiOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
+        write_back(&v, &st, |s| Vdi::open(s, VdiOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
 }
 
