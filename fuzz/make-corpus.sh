@@ -19,7 +19,7 @@ IO() { local f="$1" img="$2"; shift 2; local a=(); for c in "$@"; do a+=(-c "$c"
 SECRET=(--object secret,id=sec0,data=vdisk-fuzz)
 
 rm -rf "$out"
-mkdir -p "$out"/{open_qcow2,open_vmdk,vmdk_descriptor,probe,qcow2_ops}
+mkdir -p "$out"/{open_qcow2,open_vmdk,vmdk_descriptor,probe,qcow2_ops,open_vpc_vdi}
 
 # A raw source with data, zeros and a compressible run.
 python3 - <<'EOF'
@@ -170,3 +170,9 @@ EOF
 
 find "$out" -type f -size +64k -printf 'over 64 KiB: %P (%s bytes)\n'
 du -sh "$out"
+
+# VHD (vpc) and VDI: empty dynamic images, a small fixed VHD, force_size.
+Q create -f vpc "$out/open_vpc_vdi/s-dyn.vhd" 1M
+Q create -f vpc -o subformat=fixed "$out/open_vpc_vdi/s-fixed.vhd" 32K
+Q create -f vpc -o force_size=on "$out/open_vpc_vdi/s-force.vhd" 64K
+Q create -f vdi "$out/open_vpc_vdi/s-dyn.vdi" 8M

@@ -16,6 +16,10 @@ pub enum Format {
     Qcow2,
     /// VMware virtual disk.
     Vmdk,
+    /// Microsoft Virtual Hard Disk (VHD; QEMU calls the driver `vpc`).
+    Vpc,
+    /// VirtualBox Disk Image.
+    Vdi,
 }
 
 impl Format {
@@ -25,6 +29,8 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
+            Format::Vpc => "vpc",
+            Format::Vdi => "vdi",
         }
     }
 
@@ -34,6 +40,8 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
+            "vpc" => Ok(Format::Vpc),
+            "vdi" => Ok(Format::Vdi),
             other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
@@ -537,7 +545,7 @@ mod tests {
 
     #[test]
     fn format_names() {
-        for f in [Format::Raw, Format::Qcow2, Format::Vmdk] {
+        for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vpc, Format::Vdi] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
         assert!(Format::from_name("vhdx").is_err());

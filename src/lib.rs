@@ -1,7 +1,8 @@
 //! # vdisk — virtual-machine disk images
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
-//! `Send + Sync`), with backends for raw, qcow2 and vmdk, an opener with an
+//! `Send + Sync`), with backends for raw, qcow2, vmdk, VHD ([`Vpc`]) and
+//! VDI ([`Vdi`]), an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).
 //!
@@ -64,7 +65,8 @@
 //!        |              opens backing / data / extent files under the
 //!        |              caller's policy, and is the Resolver formats use
 //!        |              when they create an image with a backing file
-//!  raw | qcow2/ | vmdk/  — each a BlockDevice (convert.rs copies between them)
+//!  raw | qcow2/ | vmdk/ | vpc/ | vdi/  — each a BlockDevice (convert.rs
+//!        |                                 copies between them)
 //!        |
 //!  device.rs  — BlockDevice, Extent, DeviceInfo, Resolver
 //!        |
@@ -93,7 +95,9 @@ pub mod storage;
 pub(crate) mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+pub mod vdi;
 pub mod vmdk;
+pub mod vpc;
 
 pub use crypto::Secret;
 pub use device::{BlockDevice, DeviceCursor, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
@@ -105,4 +109,6 @@ pub use storage::lock::LockMode;
 pub use storage::{FileStorage, MemStorage, Storage};
 #[cfg(feature = "test-utils")]
 pub use testing::{FaultMode, FaultyStorage, Survivors};
+pub use vdi::{Vdi, VdiCreateOptions, VdiOptions};
 pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};
+pub use vpc::{Vpc, VpcCreateOptions, VpcOptions};

@@ -76,3 +76,24 @@ pub const POOL_XML_MAX_ATTRS: usize = 64;
 pub const POOL_MAX_NAME_BYTES: usize = 255;
 /// Largest probe-cache or format-record file read (larger ones are refused).
 pub const POOL_MAX_STATE_FILE: u64 = 256 << 20;
+
+/// Largest VHD guest size: 0xff000000 sectors (2040 GiB), as QEMU
+/// (`VHD_MAX_SECTORS` in `block/vpc.c`).
+pub const VPC_MAX_SECTORS: u64 = 0xff00_0000;
+/// Largest VHD block vdisk opens: 256 MiB (vdisk's limit; QEMU only asks
+/// for a power of two of at least 512; real images use 512 KiB or 2 MiB).
+pub const VPC_MAX_BLOCK_SIZE: u64 = 256 << 20;
+/// Largest VHD block allocation table vdisk loads: 32 MiB (8 Mi entries,
+/// 16 TiB of 2 MiB blocks; QEMU's bound is `INT_MAX / 4` entries).
+pub const VPC_MAX_BAT_BYTES: u64 = 32 << 20;
+/// Longest VHD parent locator read: 64 KiB (a path in UTF-16).
+pub const VPC_MAX_PARENT_LOCATOR: usize = 64 << 10;
+
+/// The only VDI block size QEMU opens: 1 MiB (`block/vdi.c`).
+pub const VDI_BLOCK_SIZE: u32 = 1 << 20;
+/// Most VDI blocks: the largest count QEMU 10 creates and opens
+/// (`qemu-img create -f vdi` refuses sizes above 0x1fffff8000000 bytes,
+/// 0x1fffff80 blocks of 1 MiB).
+pub const VDI_BLOCKS_IN_IMAGE_MAX: u32 = 0x1fff_ff80;
+/// Largest VDI block map vdisk loads: 64 MiB (16 Mi blocks, 16 TiB).
+pub const VDI_MAX_BMAP_BYTES: u64 = 64 << 20;

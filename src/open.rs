@@ -14,7 +14,9 @@ use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
+use crate::vdi::{Vdi, VdiOptions};
 use crate::vmdk::{Vmdk, VmdkOptions};
+use crate::vpc::{Vpc, VpcOptions};
 
 /// Which backing (and external data) files an image may make vdisk open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -285,6 +287,16 @@ impl OpenOptions {
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }
+            Format::Vpc => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut opts = VpcOptions { read_only, ..Default::default() };
+                if let Some(name) = Vpc::parent_name(&*storage)? {
+                    // A differencing disk's parent is a VHD by definition.
+                    opts.parent = self.open_backing(path, dir, &name, Some("vpc"), depth, seen)?;
+                }
+                Ok(Image::Vpc(Vpc::open(storage, opts)?))
+            }
+            Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only })?)),
         }
     }
 
@@ -415,6 +427,10 @@ pub enum Image {
     Qcow2(Qcow2),
     /// A vmdk image.
     Vmdk(Vmdk),
+    /// A VHD image.
+    Vpc(Vpc),
+    /// A VDI image.
+    Vdi(Vdi),
 }
 
 impl Image {
@@ -423,6 +439,8 @@ impl Image {
             Image::Raw(d) => d,
             Image::Qcow2(d) => d,
             Image::Vmdk(d) => d,
+            Image::Vpc(d) => d,
+            Image::Vdi(d) => d,
         }
     }
 
@@ -432,6 +450,8 @@ impl Image {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::Vpc(_) => Format::Vpc,
+            Image::Vdi(_) => Format::Vdi,
         }
     }
 
@@ -443,6 +463,8 @@ impl Image {
             Image::Raw(d) => d.close(),
             Image::Qcow2(d) => d.close(),
             Image::Vmdk(d) => d.close(),
+            Image::Vpc(d) => d.close(),
+            Image::Vdi(d) => d.close(),
         }
     }
 
@@ -452,6 +474,8 @@ impl Image {
             Image::Raw(r) => r.storage().allocated_bytes(),
             Image::Qcow2(q) => q.file().allocated_bytes(),
             Image::Vmdk(v) => v.allocated_bytes(),
+            Image::Vpc(v) => v.file().allocated_bytes(),
+            Image::Vdi(v) => v.file().allocated_bytes(),
         }
     }
 }

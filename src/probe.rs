@@ -26,6 +26,12 @@ pub fn probe_bytes(head: &[u8]) -> Format {
     if head.len() >= 4 && (head[0..4] == *b"KDMV" || head[0..4] == *b"COWD") {
         return Format::Vmdk;
     }
+    if head.len() >= 8 && head[0..8] == *b"conectix" {
+        return Format::Vpc;
+    }
+    if head.len() >= 0x44 && head[0x40..0x44] == crate::vdi::header::SIGNATURE.to_le_bytes() {
+        return Format::Vdi;
+    }
     if looks_like_vmdk_descriptor(head) {
         return Format::Vmdk;
     }
@@ -81,6 +87,10 @@ mod tests {
         assert_eq!(probe_bytes(b"\n\n# x\nversion=2\n"), Format::Vmdk);
         assert_eq!(probe_bytes(b"version=4\n"), Format::Raw);
         assert_eq!(probe_bytes(b""), Format::Raw);
+        assert_eq!(probe_bytes(b"conectix\0\0\0\x02"), Format::Vpc);
+        let mut vdi = vec![0u8; 512];
+        vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
+        assert_eq!(probe_bytes(&vdi), Format::Vdi);
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
     }
 }

@@ -181,6 +181,14 @@ impl Pool {
                 // the volume's recorded format, never probed.
                 Box::new(OpenOptions::new().create_vmdk(&path, capacity, &o)?)
             }
+            Format::Vpc => {
+                drop(backing);
+                Box::new(crate::vpc::Vpc::create_file(&path, capacity, &crate::vpc::VpcCreateOptions::default())?)
+            }
+            Format::Vdi => {
+                drop(backing);
+                Box::new(crate::vdi::Vdi::create_file(&path, capacity, &crate::vdi::VdiCreateOptions::default())?)
+            }
         };
         if let Some(src) = fill {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };

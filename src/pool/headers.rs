@@ -15,6 +15,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use super::dir::{kind_name, open_nonblocking, PoolDir};
+use crate::device::BlockDevice;
 use crate::device::Format;
 use crate::error::Error;
 use crate::probe::{probe_bytes, PROBE_LEN};
@@ -22,6 +23,7 @@ use crate::qcow2::header::{COMPAT_LAZY_REFCOUNTS, CRYPT_AES, CRYPT_LUKS};
 use crate::qcow2::Qcow2;
 use crate::storage::{FileStorage, Storage};
 use crate::vmdk::Vmdk;
+use std::sync::Arc;
 
 /// What a header probe found.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -78,6 +80,16 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             let me = path.file_name().map(|n| n.as_bytes().to_vec());
             f.extents =
                 d.extents.iter().filter_map(|e| e.file.clone()).filter(|n| Some(n.as_bytes().to_vec()) != me).collect();
+        }),
+        Format::Vpc => crate::vpc::Vpc::open(Arc::new(st), crate::vpc::VpcOptions { read_only: true, parent: None })
+            .map(|v| {
+                f.capacity = v.size();
+                f.cluster_size = v.info().cluster_size;
+                f.backing = v.parent().map(|p| (p.to_string(), Some("vpc".to_string())));
+            }),
+        Format::Vdi => crate::vdi::Vdi::open(Arc::new(st), crate::vdi::VdiOptions { read_only: true }).map(|v| {
+            f.capacity = v.size();
+            f.cluster_size = v.info().cluster_size;
         }),
     };
     if let Err(e) = parsed {

@@ -105,6 +105,19 @@ impl VolumeSpec {
                     }
                 }
             }
+            Format::Vpc | Format::Vdi => {
+                if self.encryption.is_some() || self.prealloc_metadata || !self.qcow2_options.is_empty() {
+                    return Err(Error::unsupported(
+                        "encryption, metadata preallocation and qcow2 options apply to qcow2 volumes only",
+                    ));
+                }
+                if self.backing.is_some() {
+                    return Err(Error::unsupported(format!(
+                        "backing storage is not supported for {} volumes",
+                        self.format.name()
+                    )));
+                }
+            }
             Format::Qcow2 => {
                 if self.prealloc_metadata && self.backing.is_some() {
                     return Err(Error::unsupported("metadata preallocation conflicts with a backing store"));

@@ -132,6 +132,9 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
     };
     let target = one(&root, "target")?;
     let format = match target.and_then(|t| t.child("format")).and_then(|f| f.attr("type")) {
+        // libvirt's schema knows VHD as both `vpc` (what it probes and
+        // qemu-img names) and `vhd`; vdisk reads both and writes `vpc`.
+        Some("vhd") => Format::Vpc,
         Some(f) => Format::from_name(f).map_err(|e| e.context(what))?,
         None => Format::Raw,
     };

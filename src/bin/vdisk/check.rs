@@ -184,6 +184,12 @@ fn check(a: &CheckArgs) -> Result<i32> {
             }
             Ok(if r.errors > 0 { 2 } else { 0 })
         }
+        Image::Vpc(_) => {
+            // qemu-img's exit code for formats without a check.
+            eprintln!("vdisk: this image format does not support checks");
+            Ok(63)
+        }
+        Image::Vdi(v) => crate::vpcvdi::check_vdi(&v, &filename, repair != Repair::None, json, a.quiet),
         _ => {
             // qemu-img's exit code for a format without checks.
             eprintln!("vdisk: this image format does not support checks");

@@ -207,6 +207,12 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 unit = unit.div_ceil(g) * g;
                 Box::new(v)
             }
+            Format::Vpc | Format::Vdi => {
+                if compress {
+                    return Err(Error::invalid_argument(format!("{} output cannot be compressed", out.name())));
+                }
+                crate::vpcvdi::create(out, std::path::Path::new(&a.dst), size, &opts)?
+            }
         }
     };
     let show = a.progress && stdout_is_terminal();

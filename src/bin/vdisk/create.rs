@@ -11,7 +11,7 @@ use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 /// Arguments of `vdisk create`.
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
-    /// Image format: raw, qcow2 or vmdk.
+    /// Image format: raw, qcow2, vmdk, vpc or vdi.
     #[arg(short = 'f', long = "format", default_value = "raw")]
     pub format: String,
     /// Format options (`-o key=value,...`; repeatable).
@@ -174,6 +174,9 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
             if !a.quiet {
                 outln!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
             }
+        }
+        Format::Vpc | Format::Vdi => {
+            return crate::vpcvdi::create_verb(format, &a.image, size, &opts, a.backing.is_some(), a.quiet)
         }
     }
     Ok(0)

@@ -35,6 +35,7 @@ mod salvage;
 mod secrets;
 mod snapshot;
 mod vol;
+mod vpcvdi;
 
 use std::io::Write as _;
 

@@ -76,6 +76,9 @@ pub fn run(a: &MeasureArgs) -> Result<i32> {
         }
         Format::Qcow2 => measure(&qcow2_create_options(size.unwrap_or(0), &opts, &a.secrets)?, source)?,
         Format::Vmdk => return Err(Error::unsupported("block driver 'vmdk' does not support size measurement")),
+        f @ (Format::Vpc | Format::Vdi) => {
+            return Err(Error::unsupported(format!("Block driver '{f}' does not support size measurement")))
+        }
     };
     if json {
         // qemu-img's key order (a JSON map here would sort them).
