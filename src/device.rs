@@ -16,6 +16,8 @@ pub enum Format {
     Qcow2,
     /// VMware virtual disk.
     Vmdk,
+    /// Hyper-V virtual hard disk v2.
+    Vhdx,
 }
 
 impl Format {
@@ -25,6 +27,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -34,6 +37,7 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
@@ -124,6 +128,8 @@ pub enum FormatDetails {
     Qcow2(Qcow2Details),
     /// vmdk facts.
     Vmdk(VmdkDetails),
+    /// VHDX facts.
+    Vhdx(crate::vhdx::VhdxDetails),
 }
 
 /// qcow2 facts for `info`.
@@ -537,10 +543,10 @@ mod tests {
 
     #[test]
     fn format_names() {
-        for f in [Format::Raw, Format::Qcow2, Format::Vmdk] {
+        for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vhdx] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
-        assert!(Format::from_name("vhdx").is_err());
+        assert!(Format::from_name("qed").is_err());
     }
 }
 

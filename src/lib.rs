@@ -93,6 +93,7 @@ pub mod storage;
 pub(crate) mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+pub mod vhdx;
 pub mod vmdk;
 
 pub use crypto::Secret;
@@ -105,4 +106,5 @@ pub use storage::lock::LockMode;
 pub use storage::{FileStorage, MemStorage, Storage};
 #[cfg(feature = "test-utils")]
 pub use testing::{FaultMode, FaultyStorage, Survivors};
+pub use vhdx::{Vhdx, VhdxCreateOptions, VhdxOptions};
 pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};

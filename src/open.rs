@@ -14,6 +14,7 @@ use crate::qcow2::{Qcow2, Qcow2Options};
 use crate::raw::Raw;
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
+use crate::vhdx::{Vhdx, VhdxOptions};
 use crate::vmdk::{Vmdk, VmdkOptions};
 
 /// Which backing (and external data) files an image may make vdisk open.
@@ -53,6 +54,7 @@ pub struct OpenOptions {
     inspect_only: bool,
     lock: LockMode,
     cache: CacheMode,
+    vhdx_for_check: bool,
 }
 
 /// How image files use the host's page cache (QEMU's `cache=` modes).
@@ -89,6 +91,7 @@ impl OpenOptions {
             inspect_only: false,
             lock: LockMode::Auto,
             cache: CacheMode::Writeback,
+            vhdx_for_check: false,
         }
     }
 
@@ -285,6 +288,20 @@ impl OpenOptions {
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }
+            Format::Vhdx => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut opts = VhdxOptions { read_only, for_check: self.vhdx_for_check, ..Default::default() };
+                if let Some(hint) = Vhdx::read_parent_hint(&storage)? {
+                    let name = hint.path().ok_or_else(|| {
+                        Error::invalid("differencing VHDX image whose parent locator has no relative_path")
+                            .with_path(path)
+                            .with_field("ParentLocator")
+                    })?;
+                    // A differencing VHDX's parent is VHDX by definition.
+                    opts.parent = self.open_backing(path, dir, &name, Some("vhdx"), depth, seen)?;
+                }
+                Ok(Image::Vhdx(Vhdx::open(storage, opts)?))
+            }
         }
     }
 
@@ -293,6 +310,21 @@ impl OpenOptions {
     /// (see the [`Resolver`] impl).
     pub fn create_qcow2(&self, path: impl AsRef<Path>, opts: &crate::qcow2::create::CreateOptions) -> Result<Qcow2> {
         Qcow2::create_file_with(path.as_ref(), opts, self)
+    }
+
+    /// Creates a VHDX image at `path`; a parent named in `opts`
+    /// (`backing_file`, a differencing image) is opened under these
+    /// options' policy.
+    pub fn create_vhdx(&self, path: impl AsRef<Path>, size: u64, opts: &crate::VhdxCreateOptions) -> Result<Vhdx> {
+        Vhdx::create_with(path.as_ref(), size, opts, self)
+    }
+
+    /// Opens VHDX images for `check`: BAT entries pointing outside the
+    /// file or into metadata are counted by the check instead of failing
+    /// the open (QEMU's `BDRV_O_CHECK`).
+    pub fn vhdx_for_check(mut self, on: bool) -> Self {
+        self.vhdx_for_check = on;
+        self
     }
 
     /// Creates a vmdk image at `path`; a parent named in `opts` is opened
@@ -415,6 +447,8 @@ pub enum Image {
     Qcow2(Qcow2),
     /// A vmdk image.
     Vmdk(Vmdk),
+    /// A VHDX image.
+    Vhdx(Vhdx),
 }
 
 impl Image {
@@ -423,6 +457,7 @@ impl Image {
             Image::Raw(d) => d,
             Image::Qcow2(d) => d,
             Image::Vmdk(d) => d,
+            Image::Vhdx(d) => d,
         }
     }
 
@@ -432,6 +467,7 @@ impl Image {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::Vhdx(_) => Format::Vhdx,
         }
     }
 
@@ -443,6 +479,7 @@ impl Image {
             Image::Raw(d) => d.close(),
             Image::Qcow2(d) => d.close(),
             Image::Vmdk(d) => d.close(),
+            Image::Vhdx(d) => d.close(),
         }
     }
 
@@ -452,6 +489,7 @@ impl Image {
             Image::Raw(r) => r.storage().allocated_bytes(),
             Image::Qcow2(q) => q.file().allocated_bytes(),
             Image::Vmdk(v) => v.allocated_bytes(),
+            Image::Vhdx(v) => v.allocated_bytes(),
         }
     }
 }

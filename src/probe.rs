@@ -26,6 +26,9 @@ pub fn probe_bytes(head: &[u8]) -> Format {
     if head.len() >= 4 && (head[0..4] == *b"KDMV" || head[0..4] == *b"COWD") {
         return Format::Vmdk;
     }
+    if head.len() >= 8 && head[0..8] == *b"vhdxfile" {
+        return Format::Vhdx;
+    }
     if looks_like_vmdk_descriptor(head) {
         return Format::Vmdk;
     }
@@ -81,6 +84,8 @@ mod tests {
         assert_eq!(probe_bytes(b"\n\n# x\nversion=2\n"), Format::Vmdk);
         assert_eq!(probe_bytes(b"version=4\n"), Format::Raw);
         assert_eq!(probe_bytes(b""), Format::Raw);
+        assert_eq!(probe_bytes(b"vhdxfile\0\0"), Format::Vhdx);
+        assert_eq!(probe_bytes(b"vhdxfil"), Format::Raw);
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
     }
 }

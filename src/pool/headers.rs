@@ -79,6 +79,12 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             f.extents =
                 d.extents.iter().filter_map(|e| e.file.clone()).filter(|n| Some(n.as_bytes().to_vec()) != me).collect();
         }),
+        // libvirt's volume formats have no VHDX: it reports such a file
+        // as raw, and so does the pool.
+        Format::Vhdx => {
+            f.format = Some(Format::Raw);
+            Ok(())
+        }
     };
     if let Err(e) = parsed {
         f.capacity = 0;
