@@ -5,6 +5,7 @@ use std::sync::Arc;
 use vdisk::qcow2::create::Preallocation;
 use vdisk::{Error, FileStorage, Format, Raw, Result, Storage, VmdkCreateOptions};
 
+
 use crate::common::{check_image_size, parse_size, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 
@@ -155,6 +156,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 outln!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
             }
         }
+        Format::Vhdx => crate::vhdx_cli::create(a, &opts, size, path)?,
     }
     Ok(0)
 }

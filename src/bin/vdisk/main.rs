@@ -32,6 +32,7 @@ mod rebase;
 mod resize;
 mod secrets;
 mod snapshot;
+mod vhdx_cli;
 mod vol;
 
 use std::io::Write as _;
@@ -69,7 +70,7 @@ fn parse() -> (Cli, Option<std::path::PathBuf>) {
         });
     }
     let matches = cmd.get_matches();
-    let config_dir = matches.subcommand().and_then(|(_, m)| m.get_one::<std::path::PathBuf>("config-dir").cloned());
+    let config_dir = matches.subcommand().and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     (cli, config_dir)
 }

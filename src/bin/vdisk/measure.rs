@@ -76,6 +76,7 @@ pub fn run(a: &MeasureArgs) -> Result<i32> {
         }
         Format::Qcow2 => measure(&qcow2_create_options(size.unwrap_or(0), &opts, &a.secrets)?, source)?,
         Format::Vmdk => return Err(Error::unsupported("block driver 'vmdk' does not support size measurement")),
+        Format::Vhdx => return Err(Error::unsupported("Block driver 'vhdx' does not support size measurement")),
     };
     if json {
         // qemu-img's key order (a JSON map here would sort them).
