@@ -4,7 +4,8 @@
 //! `dynamic` (default) or `fixed`; `block_size` 0 (default: 8 MiB up to
 //! 1 GiB, 16 MiB up to 100 GiB, 32 MiB up to 32 TiB, 64 MiB above),
 //! otherwise clamped to 1..256 MiB and refused unless a power of two;
-//! `log_size` a multiple of 1 MiB (default 1 MiB); `block_state_zero` (on
+//! `log_size` rounded up to whole MiB (default 1 MiB; 0 and 4 GiB or more
+//! refused); `block_state_zero` (on
 //! by default: blocks start in the ZERO state, a fixed image's space is
 //! reserved but written on first use, as QEMU does; off: a fixed image's
 //! blocks are fully present, a dynamic image's not present); sizes above
@@ -167,7 +168,12 @@ fn write_image(file: &dyn Storage, size: u64, o: &VhdxCreateOptions, parent: Opt
     if size > MAX_DISK_SIZE {
         return Err(Error::invalid_argument("Image size too large; max of 64TB"));
     }
-    if o.log_size == 0 || !o.log_size.is_multiple_of(MIB) || o.log_size > u64::from(u32::MAX) & !(MIB - 1) {
+    if o.log_size > u64::from(u32::MAX) {
+        return Err(Error::invalid_argument("Log size must be smaller than 4 GB"));
+    }
+    // QEMU rounds the log up to whole MiB; only 0 is refused.
+    let log_size = o.log_size.next_multiple_of(MIB);
+    if log_size == 0 || log_size > u64::from(u32::MAX) {
         return Err(Error::invalid_argument("Log size must be a multiple of 1 MB"));
     }
     if parent.is_some() && o.subformat == VhdxSubformat::Fixed {
@@ -178,7 +184,7 @@ fn write_image(file: &dyn Storage, size: u64, o: &VhdxCreateOptions, parent: Opt
     let bs = o.effective_block_size(size)?;
     let geo = Geometry::new(size, bs, o.logical_sector_size, o.physical_sector_size, parent.is_some())?;
     let log_offset = MIB;
-    let bat_offset = log_offset + o.log_size;
+    let bat_offset = log_offset + log_size;
     let bat_len = (geo.bat_entries * 8).next_multiple_of(MIB).max(MIB);
     let meta_offset = bat_offset + bat_len;
     let payload = meta_offset + MIB;
@@ -266,7 +272,7 @@ fn write_image(file: &dyn Storage, size: u64, o: &VhdxCreateOptions, parent: Opt
         log_guid: Guid::default(),
         log_version: 0,
         version: 1,
-        log_length: o.log_size as u32,
+        log_length: log_size as u32,
         log_offset,
     };
     file.write_at(&h.encode(), HEADER_OFFSETS[0])?;
@@ -339,7 +345,9 @@ mod tests {
         assert_eq!(d.effective_block_size(101 << 30).unwrap(), 32 << 20);
         let f = MemStorage::new();
         assert!(write_image(&f, 65 << 40, &d, None).is_err());
-        let o = VhdxCreateOptions { log_size: 1536 << 10, ..Default::default() };
+        let o = VhdxCreateOptions { log_size: 0, ..Default::default() };
+        assert!(write_image(&f, 1 << 20, &o, None).is_err());
+        let o = VhdxCreateOptions { log_size: 4 << 30, ..Default::default() };
         assert!(write_image(&f, 1 << 20, &o, None).is_err());
     }
 

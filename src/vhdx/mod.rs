@@ -386,16 +386,21 @@ impl Vhdx {
     }
 
     /// BAT entries that point past the end of the file or into metadata.
+    /// The last block only needs the part the virtual size covers inside
+    /// the file (QEMU sizes fixed images that way).
     fn scan_bat(&self, flen: u64) -> Vec<String> {
         let bat = self.bat.read();
         let mut out = Vec::new();
+        let bs = u64::from(self.geo.block_size);
         for (i, &e) in bat.iter().take(self.geo.bat_entries as usize).enumerate() {
             let i = i as u64;
             let st = e & 7;
             let (present, len) = if self.geo.is_bitmap_index(i) {
                 (st == state::SB_PRESENT, MIB)
             } else {
-                (st == state::FULLY_PRESENT || st == state::PARTIALLY_PRESENT, u64::from(self.geo.block_size))
+                let block = i - i / (self.geo.chunk_ratio + 1);
+                let len = bs.min(self.geo.size.saturating_sub(block * bs)).max(1);
+                (st == state::FULLY_PRESENT || st == state::PARTIALLY_PRESENT, len)
             };
             if !present {
                 continue;

@@ -29,12 +29,12 @@ pub fn create(a: &CreateArgs, opts: &[String], size: Option<u64>, path: &Path) -
         (None, None) => return Err(Error::invalid_argument("vhdx images need a size")),
     };
     let v = crate::common::create_resolver().create_vhdx(path, size, &vo)?;
-    let real = vdisk::BlockDevice::size(&v);
     v.close()?;
     if !a.quiet {
-        // qemu-img's line: the options it was given, in its order.
+        // qemu-img's line: the size asked for and the options given, in
+        // its order.
         let mut line = format!(
-            "Formatting '{}', fmt=vhdx size={real} log_size={} block_size={}",
+            "Formatting '{}', fmt=vhdx size={size} log_size={} block_size={}",
             a.image, vo.log_size, vo.block_size
         );
         let given = |k: &str| opts.iter().find_map(|kv| kv.strip_prefix(k).and_then(|r| r.strip_prefix('=')));
