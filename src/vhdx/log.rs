@@ -130,6 +130,13 @@ impl Scanner<'_> {
         if desc_sectors > sectors {
             return Ok(None);
         }
+        // The descriptors first: their data descriptors must account for
+        // every sector after them before the whole entry is read.
+        let descs = self.read(pos, desc_sectors)?;
+        let data_descs = (0..count as usize).filter(|&i| &descs[64 + 32 * i..68 + 32 * i] == DATA_DESC_SIG).count();
+        if desc_sectors + data_descs as u64 != sectors {
+            return Ok(None);
+        }
         let all = self.read(pos, sectors)?;
         if checksum_with_hole(&all, 4) != le32(&all, 4) {
             return Ok(None);
@@ -203,9 +210,11 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
         budget: len * VHDX_MAX_LOG_SCAN_FACTOR,
     };
     let n = (len / SECTOR) as usize;
+    // An entry cannot start where the file has no bytes (they read as zeros).
+    let in_file = (file_len.saturating_sub(hdr.log_offset).div_ceil(SECTOR) as usize).min(n);
     let mut covered = vec![false; n];
     let mut best: Option<Vec<Entry>> = None;
-    for start in 0..n {
+    for start in 0..in_file {
         if covered[start] {
             continue;
         }
