@@ -137,7 +137,12 @@ fn crash_at_every_write_keeps_the_bat_consistent() {
         };
         assert!(r.is_err() && st.has_failed(), "budget {n} of {total} did not fail");
         for (k, s) in [Survivors::All, Survivors::None, Survivors::Some(n * 7 + 1)].into_iter().enumerate() {
-            check_crashed(st.crashed_image(s), &prog, &format!("crash after {n} ops ({s:?})"), k == 2 && std::env::var("VDISK_SKIP_QEMU").is_err() && n % 8 == 0);
+            check_crashed(
+                st.crashed_image(s),
+                &prog,
+                &format!("crash after {n} ops ({s:?})"),
+                k == 2 && std::env::var("VDISK_SKIP_QEMU").is_err() && n % 8 == 0,
+            );
         }
     }
 }
@@ -154,8 +159,11 @@ fn interrupted_write_leaves_a_log_qemu_replays() {
         let _ = v.write_at(&d, 3 * MIB + 8192);
         drop(v);
         let img = st.crashed_image(Survivors::None);
-        let ro = Vhdx::open(Arc::new(MemStorage::from_vec(img.clone())), VhdxOptions { read_only: true, ..Default::default() })
-            .unwrap();
+        let ro = Vhdx::open(
+            Arc::new(MemStorage::from_vec(img.clone())),
+            VhdxOptions { read_only: true, ..Default::default() },
+        )
+        .unwrap();
         if !ro.log_replayed() {
             continue;
         }

@@ -170,39 +170,59 @@ fn corruption_table() {
     type Poke = fn(&mut Vec<u8>);
     let cases: &[(&str, Poke, Option<ErrorKind>)] = &[
         ("file signature", |b| b[0] = b'X', Some(ErrorKind::InvalidImage)),
-        ("both header checksums", |b| {
-            b[64 << 10 | 100] ^= 1;
-            b[128 << 10 | 100] ^= 1;
-        }, Some(ErrorKind::InvalidImage)),
+        (
+            "both header checksums",
+            |b| {
+                b[64 << 10 | 100] ^= 1;
+                b[128 << 10 | 100] ^= 1;
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
         ("first header checksum (the second is used)", |b| b[64 << 10 | 100] ^= 1, None),
         ("first region table (the second is used)", |b| b[(192 << 10) + 20] ^= 1, None),
-        ("both region tables", |b| {
-            b[(192 << 10) + 20] ^= 1;
-            b[(256 << 10) + 20] ^= 1;
-        }, Some(ErrorKind::InvalidImage)),
-        ("region count 5000", |b| {
-            le32(b, (192 << 10) + 8, 5000);
-            le32(b, (256 << 10) + 8, 5000);
-            reseal_regions(b);
-        }, Some(ErrorKind::InvalidImage)),
-        ("regions overlap", |b| {
-            for r in REGION_OFFSETS {
-                let first = u64::from_le_bytes(b[r as usize + 32..r as usize + 40].try_into().unwrap());
-                le64(b, r as usize + 48 + 16, first);
-            }
-            reseal_regions(b);
-        }, Some(ErrorKind::InvalidImage)),
-        ("unknown required region", |b| {
-            for r in REGION_OFFSETS {
-                let r = r as usize;
-                le32(b, r + 8, 3);
-                b[r + 80..r + 96].copy_from_slice(&[7; 16]);
-                le64(b, r + 96, 40 << 20);
-                le32(b, r + 104, 1 << 20);
-                le32(b, r + 108, 1);
-            }
-            reseal_regions(b);
-        }, Some(ErrorKind::Unsupported)),
+        (
+            "both region tables",
+            |b| {
+                b[(192 << 10) + 20] ^= 1;
+                b[(256 << 10) + 20] ^= 1;
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "region count 5000",
+            |b| {
+                le32(b, (192 << 10) + 8, 5000);
+                le32(b, (256 << 10) + 8, 5000);
+                reseal_regions(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "regions overlap",
+            |b| {
+                for r in REGION_OFFSETS {
+                    let first = u64::from_le_bytes(b[r as usize + 32..r as usize + 40].try_into().unwrap());
+                    le64(b, r as usize + 48 + 16, first);
+                }
+                reseal_regions(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "unknown required region",
+            |b| {
+                for r in REGION_OFFSETS {
+                    let r = r as usize;
+                    le32(b, r + 8, 3);
+                    b[r + 80..r + 96].copy_from_slice(&[7; 16]);
+                    le64(b, r + 96, 40 << 20);
+                    le32(b, r + 104, 1 << 20);
+                    le32(b, r + 108, 1);
+                }
+                reseal_regions(b);
+            },
+            Some(ErrorKind::Unsupported),
+        ),
         ("block size 3 MiB", |b| le32(b, ITEMS, 3 << 20), Some(ErrorKind::InvalidImage)),
         ("block size 512 MiB", |b| le32(b, ITEMS, 512 << 20), Some(ErrorKind::InvalidImage)),
         ("logical sector 1024", |b| le32(b, ITEMS + 32, 1024), Some(ErrorKind::InvalidImage)),
@@ -212,38 +232,54 @@ fn corruption_table() {
         ("metadata signature", |b| b[META] = b'X', Some(ErrorKind::InvalidImage)),
         ("metadata items missing", |b| b[META + 10] = 2, Some(ErrorKind::InvalidImage)),
         ("metadata item outside its region", |b| le32(b, META + 32 + 16, 2 << 20), Some(ErrorKind::InvalidImage)),
-        ("unknown required metadata item", |b| {
-            b[META + 10] = 6;
-            let e = META + 32 + 5 * 32;
-            b[e..e + 16].copy_from_slice(&[9; 16]);
-            le32(b, e + 16, 70 << 10);
-            le32(b, e + 20, 8);
-            le32(b, e + 24, 4);
-        }, Some(ErrorKind::Unsupported)),
+        (
+            "unknown required metadata item",
+            |b| {
+                b[META + 10] = 6;
+                let e = META + 32 + 5 * 32;
+                b[e..e + 16].copy_from_slice(&[9; 16]);
+                le32(b, e + 16, 70 << 10);
+                le32(b, e + 20, 8);
+                le32(b, e + 24, 4);
+            },
+            Some(ErrorKind::Unsupported),
+        ),
         ("HasParent without a locator", |b| le32(b, ITEMS + 4, 2), Some(ErrorKind::InvalidImage)),
         ("BAT entry past the end of the file", |b| le64(b, BAT, (1 << 40) | 6), Some(ErrorKind::Corrupt)),
         ("BAT entry into the header area", |b| le64(b, BAT, 6), Some(ErrorKind::Corrupt)),
         ("BAT entry onto the BAT", |b| le64(b, BAT, (2 << 20) | 6), Some(ErrorKind::Corrupt)),
-        ("log version 1", |b| {
-            b[(64 << 10) + 64] = 1;
-            b[(128 << 10) + 64] = 1;
-            b[(64 << 10) + 48] = 1;
-            b[(128 << 10) + 48] = 1;
-            reseal_headers(b);
-        }, Some(ErrorKind::Unsupported)),
-        ("log of 2 GiB", |b| {
-            for h in HEADER_OFFSETS {
-                le32(b, h as usize + 68, 2 << 30);
-                b[h as usize + 48] = 1;
-            }
-            reseal_headers(b);
-        }, Some(ErrorKind::LimitExceeded)),
-        ("log GUID without entries (nothing to replay)", |b| {
-            for h in HEADER_OFFSETS {
-                b[h as usize + 48] = 0x77;
-            }
-            reseal_headers(b);
-        }, None),
+        (
+            "log version 1",
+            |b| {
+                b[(64 << 10) + 64] = 1;
+                b[(128 << 10) + 64] = 1;
+                b[(64 << 10) + 48] = 1;
+                b[(128 << 10) + 48] = 1;
+                reseal_headers(b);
+            },
+            Some(ErrorKind::Unsupported),
+        ),
+        (
+            "log of 2 GiB",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    le32(b, h as usize + 68, 2 << 30);
+                    b[h as usize + 48] = 1;
+                }
+                reseal_headers(b);
+            },
+            Some(ErrorKind::LimitExceeded),
+        ),
+        (
+            "log GUID without entries (nothing to replay)",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    b[h as usize + 48] = 0x77;
+                }
+                reseal_headers(b);
+            },
+            None,
+        ),
         ("truncated at 1.5 MiB", |b| b.truncate(3 << 19), Some(ErrorKind::InvalidImage)),
     ];
     let good = image();

@@ -181,7 +181,9 @@ impl Pool {
                 // the volume's recorded format, never probed.
                 Box::new(OpenOptions::new().create_vmdk(&path, capacity, &o)?)
             }
-            Format::Vhdx => return Err(Error::unsupported("pools do not create VHDX volumes (libvirt has no such format)")),
+            Format::Vhdx => {
+                return Err(Error::unsupported("pools do not create VHDX volumes (libvirt has no such format)"))
+            }
         };
         if let Some(src) = fill {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };

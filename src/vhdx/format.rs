@@ -121,8 +121,7 @@ impl Guid {
 /// Region: the block allocation table.
 pub const BAT_GUID: Guid = Guid::new(0x2dc27766, 0xf623, 0x4200, [0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08]);
 /// Region: the metadata region.
-pub const METADATA_GUID: Guid =
-    Guid::new(0x8b7ca206, 0x4790, 0x4b9a, [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e]);
+pub const METADATA_GUID: Guid = Guid::new(0x8b7ca206, 0x4790, 0x4b9a, [0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e]);
 /// Metadata item: file parameters.
 pub const FILE_PARAMS_GUID: Guid =
     Guid::new(0xcaa16737, 0xfa36, 0x4d43, [0xb3, 0xb6, 0x33, 0xf0, 0xaa, 0x44, 0xe7, 0x6b]);
@@ -279,11 +278,8 @@ pub fn current_header(h1: Option<Header>, h2: Option<Header>) -> Result<(usize, 
             } else if a == b {
                 Ok((0, a))
             } else {
-                Err(Error::invalid(format!(
-                    "both VHDX headers have sequence number {} but differ",
-                    a.sequence
-                ))
-                .with_field("SequenceNumber"))
+                Err(Error::invalid(format!("both VHDX headers have sequence number {} but differ", a.sequence))
+                    .with_field("SequenceNumber"))
             }
         }
     }
@@ -324,15 +320,25 @@ impl RegionTable {
         }
         let count = le32(b, 8);
         if count > MAX_TABLE_ENTRIES {
-            return Err(Error::invalid(format!("VHDX region table has {count} entries, more than {MAX_TABLE_ENTRIES}"))
-                .with_field("EntryCount"));
+            return Err(Error::invalid(format!(
+                "VHDX region table has {count} entries, more than {MAX_TABLE_ENTRIES}"
+            ))
+            .with_field("EntryCount"));
         }
         let mut all: Vec<Region> = Vec::with_capacity(count as usize);
         let (mut bat, mut metadata) = (None, None);
         for i in 0..count as usize {
             let e = &b[16 + 32 * i..16 + 32 * (i + 1)];
-            let r = Region { guid: Guid::read(e), offset: le64(e, 16), length: le32(e, 24), required: le32(e, 28) & 1 != 0 };
-            if !r.offset.is_multiple_of(MIB) || r.offset < MIB || !u64::from(r.length).is_multiple_of(MIB) || r.length == 0
+            let r = Region {
+                guid: Guid::read(e),
+                offset: le64(e, 16),
+                length: le32(e, 24),
+                required: le32(e, 28) & 1 != 0,
+            };
+            if !r.offset.is_multiple_of(MIB)
+                || r.offset < MIB
+                || !u64::from(r.length).is_multiple_of(MIB)
+                || r.length == 0
             {
                 return Err(Error::invalid(format!(
                     "VHDX region {} at {} with length {} is not 1 MiB-aligned past the header area",
@@ -340,7 +346,8 @@ impl RegionTable {
                 ))
                 .with_field("FileOffset"));
             }
-            let end = r.offset.checked_add(u64::from(r.length)).ok_or_else(|| Error::invalid("VHDX region end overflows"))?;
+            let end =
+                r.offset.checked_add(u64::from(r.length)).ok_or_else(|| Error::invalid("VHDX region end overflows"))?;
             if all.iter().any(|o| r.offset < o.offset + u64::from(o.length) && o.offset < end) {
                 return Err(Error::invalid(format!("VHDX region {} at {} overlaps another region", r.guid, r.offset))
                     .with_field("FileOffset"));
@@ -505,8 +512,10 @@ impl ParentLocator {
 fn utf16(b: &[u8], off: usize, len: usize) -> Result<String> {
     let end = off.checked_add(len).filter(|&e| e <= b.len() && len.is_multiple_of(2));
     let Some(end) = end else {
-        return Err(Error::invalid(format!("VHDX parent locator string at {off} (length {len}) lies outside the item"))
-            .with_field("ParentLocator"));
+        return Err(Error::invalid(format!(
+            "VHDX parent locator string at {off} (length {len}) lies outside the item"
+        ))
+        .with_field("ParentLocator"));
     };
     let units: Vec<u16> = b[off..end].chunks(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
     String::from_utf16(&units)
@@ -594,7 +603,16 @@ impl Geometry {
         } else {
             data_blocks + (data_blocks - 1) / chunk_ratio
         };
-        Ok(Geometry { size, block_size, logical_sector, physical_sector, chunk_ratio, data_blocks, bat_entries, has_parent })
+        Ok(Geometry {
+            size,
+            block_size,
+            logical_sector,
+            physical_sector,
+            chunk_ratio,
+            data_blocks,
+            bat_entries,
+            has_parent,
+        })
     }
 
     /// BAT index of payload block `block`.

@@ -94,8 +94,9 @@ impl Scanner<'_> {
     fn read(&mut self, pos: u64, sectors: u64) -> Result<Vec<u8>> {
         let bytes = sectors * SECTOR;
         if bytes > self.budget {
-            return Err(Error::limit("VHDX log scan read more than its budget (entries claiming to overlap)")
-                .with_field("log"));
+            return Err(
+                Error::limit("VHDX log scan read more than its budget (entries claiming to overlap)").with_field("log")
+            );
         }
         self.budget -= bytes;
         let mut out = vec![0u8; bytes as usize];
@@ -185,7 +186,9 @@ impl Scanner<'_> {
 /// when the log is empty (zero log GUID) or holds no valid entry.
 pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Replay>> {
     if hdr.log_version != 0 {
-        return Err(Error::unsupported(format!("VHDX log version {} is not 0", hdr.log_version)).with_field("LogVersion"));
+        return Err(
+            Error::unsupported(format!("VHDX log version {} is not 0", hdr.log_version)).with_field("LogVersion")
+        );
     }
     let len = u64::from(hdr.log_length);
     if hdr.log_guid.is_zero() || len == 0 {
@@ -199,16 +202,13 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
         .with_field("LogOffset"));
     }
     if len > VHDX_MAX_LOG_BYTES {
-        return Err(Error::limit(format!("VHDX log of {len} bytes is larger than the {VHDX_MAX_LOG_BYTES}-byte limit"))
-            .with_field("LogLength"));
+        return Err(Error::limit(format!(
+            "VHDX log of {len} bytes is larger than the {VHDX_MAX_LOG_BYTES}-byte limit"
+        ))
+        .with_field("LogLength"));
     }
-    let mut sc = Scanner {
-        file,
-        start: hdr.log_offset,
-        len,
-        guid: hdr.log_guid,
-        budget: len * VHDX_MAX_LOG_SCAN_FACTOR,
-    };
+    let mut sc =
+        Scanner { file, start: hdr.log_offset, len, guid: hdr.log_guid, budget: len * VHDX_MAX_LOG_SCAN_FACTOR };
     let n = (len / SECTOR) as usize;
     // An entry cannot start where the file has no bytes (they read as zeros).
     let in_file = (file_len.saturating_sub(hdr.log_offset).div_ceil(SECTOR) as usize).min(n);
@@ -259,13 +259,11 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
     }
     let bound = file_len.max(head.last).saturating_add(crate::limits::VHDX_MAX_LOG_GROWTH);
     if head.last > file_len.saturating_add(crate::limits::VHDX_MAX_LOG_GROWTH) {
-        return Err(Error::limit(format!(
-            "VHDX log would grow the file from {file_len} to {} bytes",
-            head.last
-        ))
-        .with_field("LastFileOffset"));
+        return Err(Error::limit(format!("VHDX log would grow the file from {file_len} to {} bytes", head.last))
+            .with_field("LastFileOffset"));
     }
-    let mut out = Replay { last_file_offset: head.last, entries: chain.len(), head_sequence: head.seq, ops: Vec::new() };
+    let mut out =
+        Replay { last_file_offset: head.last, entries: chain.len(), head_sequence: head.seq, ops: Vec::new() };
     for e in chain {
         for op in e.ops {
             let (o, l) = op.range();

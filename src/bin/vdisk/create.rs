@@ -5,7 +5,6 @@ use std::sync::Arc;
 use vdisk::qcow2::create::Preallocation;
 use vdisk::{Error, FileStorage, Format, Raw, Result, Storage, VmdkCreateOptions};
 
-
 use crate::common::{check_image_size, parse_size, CreatedFiles};
 use crate::secrets::{qcow2_create_options, split_opts, SecretArgs};
 

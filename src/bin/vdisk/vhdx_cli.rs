@@ -29,6 +29,8 @@ pub fn create(a: &CreateArgs, opts: &[String], size: Option<u64>, path: &Path) -
         (None, None) => return Err(Error::invalid_argument("vhdx images need a size")),
     };
     let v = crate::common::create_resolver().create_vhdx(path, size, &vo)?;
+    // A differencing image without a size takes its parent's.
+    let size = if size == 0 { vdisk::BlockDevice::size(&v) } else { size };
     v.close()?;
     if !a.quiet {
         // qemu-img's line: the size asked for and the options given, in
@@ -119,4 +121,3 @@ pub fn check(a: &CheckArgs, json_out: bool, repair: bool) -> Result<i32> {
     }
     Ok(r.exit_code())
 }
-
