@@ -176,3 +176,49 @@ Q create -f vpc "$out/open_vpc_vdi/s-dyn.vhd" 1M
 Q create -f vpc -o subformat=fixed "$out/open_vpc_vdi/s-fixed.vhd" 32K
 Q create -f vpc -o force_size=on "$out/open_vpc_vdi/s-force.vhd" 64K
 Q create -f vdi "$out/open_vpc_vdi/s-dyn.vdi" 8M
+# ---- open_vhdx ----------------------------------------------------------
+# VHDX images are stored as runs of their non-zero 4 KiB sectors
+# (`VHDXRUNS` + (u32 offset, u32 length, bytes)...; see
+# vdisk::testing::fuzzing::vhdx_image).
+mkdir -p "$out/open_vhdx"
+vx() { # name, create options, size, qemu-io commands...
+    local name="$1" opts="$2" size="$3"; shift 3
+    Q create -f vhdx ${opts:+-o "$opts"} "$name.vhdx" "$size"
+    [ $# -eq 0 ] || IO vhdx "$name.vhdx" "$@"
+}
+vx vhdx-empty "" 8M
+vx vhdx-dyn block_size=1M 6M 'write -P 0x11 0 300' 'write -P 0x22 1M 5k' 'write -z 2M 1M'
+vx vhdx-zero-off block_size=1M,block_state_zero=off 4M 'write -P 0x33 100k 8k' 'write -P 0x34 3M 1k'
+vx vhdx-fixed subformat=fixed,block_state_zero=off,block_size=1M 3M 'write -P 0x44 512 1k'
+vx vhdx-log2m block_size=1M,log_size=2M 2M 'write -P 0x55 1M 4k'
+printf 'vhdxfile' > vhdx-magic-only.vhdx
+python3 - "$out/open_vhdx" <<'EOF'
+import glob, os, struct, sys
+dst = sys.argv[1]
+def crc32c(b):
+    crc = 0xffffffff
+    for x in b:
+        crc ^= x
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0x82f63b78 if crc & 1 else crc >> 1
+    return crc ^ 0xffffffff
+# QEMU leaves its last log entries in the log and clears the header's log
+# GUID: putting the GUID back makes an image whose log needs a replay.
+img = bytearray(open("vhdx-dyn.vhdx", "rb").read())
+guid = img[(1 << 20) + 32:(1 << 20) + 48]
+assert img[1 << 20:(1 << 20) + 4] == b"loge"
+for h in (64 << 10, 128 << 10):
+    img[h + 48:h + 64] = guid
+    img[h + 4:h + 8] = b"\0\0\0\0"
+    img[h + 4:h + 8] = struct.pack("<I", crc32c(bytes(img[h:h + 4096])))
+open("vhdx-dirty-log.vhdx", "wb").write(img)
+def runs(img):
+    out = bytearray(b"VHDXRUNS")
+    for i in range(0, len(img), 4096):
+        s = img[i:i + 4096]
+        if any(s) or i + 4096 >= len(img):
+            out += struct.pack("<II", i, len(s)) + s
+    return bytes(out)
+for f in sorted(glob.glob("vhdx-*.vhdx")):
+    open(os.path.join(dst, os.path.basename(f) + ".runs"), "wb").write(runs(open(f, "rb").read()))
+EOF

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 t="$1"; secs="$2"; shift 2
 case "$t" in
-    open_qcow2|open_vmdk) max_len=262144 ;;
+    open_qcow2|open_vmdk|open_vhdx) max_len=262144 ;;
     open_vpc_vdi) max_len=65536 ;;
     qcow2_ops) max_len=70000 ;;
     vmdk_descriptor|pool_xml) max_len=16384 ;;

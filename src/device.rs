@@ -20,6 +20,8 @@ pub enum Format {
     Vpc,
     /// VirtualBox Disk Image.
     Vdi,
+    /// Hyper-V virtual hard disk v2.
+    Vhdx,
 }
 
 impl Format {
@@ -31,6 +33,7 @@ impl Format {
             Format::Vmdk => "vmdk",
             Format::Vpc => "vpc",
             Format::Vdi => "vdi",
+            Format::Vhdx => "vhdx",
         }
     }
 
@@ -42,6 +45,7 @@ impl Format {
             "vmdk" => Ok(Format::Vmdk),
             "vpc" => Ok(Format::Vpc),
             "vdi" => Ok(Format::Vdi),
+            "vhdx" => Ok(Format::Vhdx),
             other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
@@ -132,6 +136,8 @@ pub enum FormatDetails {
     Qcow2(Qcow2Details),
     /// vmdk facts.
     Vmdk(VmdkDetails),
+    /// VHDX facts.
+    Vhdx(crate::vhdx::VhdxDetails),
 }
 
 /// qcow2 facts for `info`.
@@ -545,10 +551,10 @@ mod tests {
 
     #[test]
     fn format_names() {
-        for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vpc, Format::Vdi] {
+        for f in [Format::Raw, Format::Qcow2, Format::Vmdk, Format::Vpc, Format::Vdi, Format::Vhdx] {
             assert_eq!(Format::from_name(f.name()).unwrap(), f);
         }
-        assert!(Format::from_name("vhdx").is_err());
+        assert!(Format::from_name("qed").is_err());
     }
 }
 

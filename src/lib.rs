@@ -96,6 +96,7 @@ pub(crate) mod sys;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 pub mod vdi;
+pub mod vhdx;
 pub mod vmdk;
 pub mod vpc;
 
@@ -110,5 +111,6 @@ pub use storage::{FileStorage, MemStorage, Storage};
 #[cfg(feature = "test-utils")]
 pub use testing::{FaultMode, FaultyStorage, Survivors};
 pub use vdi::{Vdi, VdiCreateOptions, VdiOptions};
+pub use vhdx::{Vhdx, VhdxCreateOptions, VhdxOptions};
 pub use vmdk::{Vmdk, VmdkCreateOptions, VmdkOptions};
 pub use vpc::{Vpc, VpcCreateOptions, VpcOptions};

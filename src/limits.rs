@@ -97,3 +97,14 @@ pub const VDI_BLOCK_SIZE: u32 = 1 << 20;
 pub const VDI_BLOCKS_IN_IMAGE_MAX: u32 = 0x1fff_ff80;
 /// Largest VDI block map vdisk loads: 64 MiB (16 Mi blocks, 16 TiB).
 pub const VDI_MAX_BMAP_BYTES: u64 = 64 << 20;
+/// Largest VHDX log vdisk scans: 1 GiB (the spec allows up to 4 GiB; QEMU
+/// and Hyper-V make 1 MiB logs).
+pub const VHDX_MAX_LOG_BYTES: u64 = 1 << 30;
+/// The log scan reads at most this many times the log's length: entries
+/// that claim to overlap cannot make the search quadratic.
+pub const VHDX_MAX_LOG_SCAN_FACTOR: u64 = 8;
+/// Most a VHDX log replay may grow the file past its length (LastFileOffset).
+pub const VHDX_MAX_LOG_GROWTH: u64 = 4 << 30;
+/// Largest VHDX BAT vdisk loads: 1 GiB of entries (a 64 TiB disk of 1 MiB
+/// blocks needs 512 MiB).
+pub const VHDX_MAX_BAT_BYTES: u64 = 1 << 30;

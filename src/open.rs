@@ -15,6 +15,7 @@ use crate::raw::Raw;
 use crate::storage::lock::LockMode;
 use crate::storage::{FileStorage, Storage};
 use crate::vdi::{Vdi, VdiOptions};
+use crate::vhdx::{Vhdx, VhdxOptions};
 use crate::vmdk::{Vmdk, VmdkOptions};
 use crate::vpc::{Vpc, VpcOptions};
 
@@ -55,6 +56,7 @@ pub struct OpenOptions {
     inspect_only: bool,
     lock: LockMode,
     cache: CacheMode,
+    vhdx_for_check: bool,
 }
 
 /// How image files use the host's page cache (QEMU's `cache=` modes).
@@ -91,6 +93,7 @@ impl OpenOptions {
             inspect_only: false,
             lock: LockMode::Auto,
             cache: CacheMode::Writeback,
+            vhdx_for_check: false,
         }
     }
 
@@ -297,6 +300,20 @@ impl OpenOptions {
                 Ok(Image::Vpc(Vpc::open(storage, opts)?))
             }
             Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only })?)),
+            Format::Vhdx => {
+                let dir = path.parent().unwrap_or(Path::new("."));
+                let mut opts = VhdxOptions { read_only, for_check: self.vhdx_for_check, ..Default::default() };
+                if let Some(hint) = Vhdx::read_parent_hint(&storage)? {
+                    let name = hint.path().ok_or_else(|| {
+                        Error::invalid("differencing VHDX image whose parent locator has no relative_path")
+                            .with_path(path)
+                            .with_field("ParentLocator")
+                    })?;
+                    // A differencing VHDX's parent is VHDX by definition.
+                    opts.parent = self.open_backing(path, dir, &name, Some("vhdx"), depth, seen)?;
+                }
+                Ok(Image::Vhdx(Vhdx::open(storage, opts)?))
+            }
         }
     }
 
@@ -305,6 +322,21 @@ impl OpenOptions {
     /// (see the [`Resolver`] impl).
     pub fn create_qcow2(&self, path: impl AsRef<Path>, opts: &crate::qcow2::create::CreateOptions) -> Result<Qcow2> {
         Qcow2::create_file_with(path.as_ref(), opts, self)
+    }
+
+    /// Creates a VHDX image at `path`; a parent named in `opts`
+    /// (`backing_file`, a differencing image) is opened under these
+    /// options' policy.
+    pub fn create_vhdx(&self, path: impl AsRef<Path>, size: u64, opts: &crate::VhdxCreateOptions) -> Result<Vhdx> {
+        Vhdx::create_with(path.as_ref(), size, opts, self)
+    }
+
+    /// Opens VHDX images for `check`: BAT entries pointing outside the
+    /// file or into metadata are counted by the check instead of failing
+    /// the open (QEMU's `BDRV_O_CHECK`).
+    pub fn vhdx_for_check(mut self, on: bool) -> Self {
+        self.vhdx_for_check = on;
+        self
     }
 
     /// Creates a vmdk image at `path`; a parent named in `opts` is opened
@@ -431,6 +463,8 @@ pub enum Image {
     Vpc(Vpc),
     /// A VDI image.
     Vdi(Vdi),
+    /// A VHDX image.
+    Vhdx(Vhdx),
 }
 
 impl Image {
@@ -441,6 +475,7 @@ impl Image {
             Image::Vmdk(d) => d,
             Image::Vpc(d) => d,
             Image::Vdi(d) => d,
+            Image::Vhdx(d) => d,
         }
     }
 
@@ -452,6 +487,7 @@ impl Image {
             Image::Vmdk(_) => Format::Vmdk,
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
+            Image::Vhdx(_) => Format::Vhdx,
         }
     }
 
@@ -465,6 +501,7 @@ impl Image {
             Image::Vmdk(d) => d.close(),
             Image::Vpc(d) => d.close(),
             Image::Vdi(d) => d.close(),
+            Image::Vhdx(d) => d.close(),
         }
     }
 
@@ -476,6 +513,7 @@ impl Image {
             Image::Vmdk(v) => v.allocated_bytes(),
             Image::Vpc(v) => v.file().allocated_bytes(),
             Image::Vdi(v) => v.file().allocated_bytes(),
+            Image::Vhdx(v) => v.allocated_bytes(),
         }
     }
 }

@@ -32,6 +32,9 @@ pub fn probe_bytes(head: &[u8]) -> Format {
     if head.len() >= 0x44 && head[0x40..0x44] == crate::vdi::header::SIGNATURE.to_le_bytes() {
         return Format::Vdi;
     }
+    if head.len() >= 8 && head[0..8] == *b"vhdxfile" {
+        return Format::Vhdx;
+    }
     if looks_like_vmdk_descriptor(head) {
         return Format::Vmdk;
     }
@@ -91,6 +94,8 @@ mod tests {
         let mut vdi = vec![0u8; 512];
         vdi[0x40..0x44].copy_from_slice(&[0x7f, 0x10, 0xda, 0xbe]);
         assert_eq!(probe_bytes(&vdi), Format::Vdi);
+        assert_eq!(probe_bytes(b"vhdxfile\0\0"), Format::Vhdx);
+        assert_eq!(probe_bytes(b"vhdxfil"), Format::Raw);
         assert_eq!(probe_bytes(&[0u8; 512]), Format::Raw);
     }
 }

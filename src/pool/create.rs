@@ -189,6 +189,9 @@ impl Pool {
                 drop(backing);
                 Box::new(crate::vdi::Vdi::create_file(&path, capacity, &crate::vdi::VdiCreateOptions::default())?)
             }
+            Format::Vhdx => {
+                return Err(Error::unsupported("pools do not create VHDX volumes (libvirt has no such format)"))
+            }
         };
         if let Some(src) = fill {
             let opts = ConvertOptions { threads: 2, progress, ..ConvertOptions::default() };

@@ -91,6 +91,12 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             f.capacity = v.size();
             f.cluster_size = v.info().cluster_size;
         }),
+        // libvirt's volume formats have no VHDX: it reports such a file
+        // as raw, and so does the pool.
+        Format::Vhdx => {
+            f.format = Some(Format::Raw);
+            Ok(())
+        }
     };
     if let Err(e) = parsed {
         f.capacity = 0;

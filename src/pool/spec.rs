@@ -78,6 +78,11 @@ impl VolumeSpec {
     pub(crate) fn validate(&self) -> Result<()> {
         check_volume_name(&self.name)?;
         match self.format {
+            Format::Vhdx => {
+                return Err(Error::unsupported(
+                    "libvirt's storage volume schema has no 'vhdx' format, so pools do not create VHDX volumes",
+                ))
+            }
             Format::Raw => {
                 if self.backing.is_some() {
                     return Err(Error::unsupported("backing storage not supported for raw volumes"));

@@ -139,6 +139,9 @@ fn check(a: &CheckArgs) -> Result<i32> {
     if a.force_share && !read_only {
         return Err(Error::invalid_argument("-U (force-share) can only be used without -r (read-only checks)"));
     }
+    if crate::vhdx_cli::is_vhdx(a) {
+        return crate::vhdx_cli::check(a, json, repair != Repair::None);
+    }
     let (path, img) = open_arg_shared(&a.secrets, &a.image, a.format.as_deref(), read_only, false, a.force_share)?;
     let filename = path.display().to_string();
     match img {

@@ -213,6 +213,15 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 }
                 crate::vpcvdi::create(out, std::path::Path::new(&a.dst), size, &opts)?
             }
+            Format::Vhdx => {
+                if compress {
+                    return Err(Error::invalid_argument("vhdx output cannot be compressed"));
+                }
+                let v = crate::vhdx_cli::create_for_convert(&a.dst, size, &opts)?;
+                // Whole blocks per unit: each allocation is one logged BAT update.
+                unit = unit.max(u64::from(v.geometry().block_size));
+                Box::new(v)
+            }
         }
     };
     let show = a.progress && stdout_is_terminal();

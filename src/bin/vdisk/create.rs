@@ -50,11 +50,15 @@ pub fn run(a: &CreateArgs) -> Result<i32> {
     if let Some(s) = size {
         check_image_size(s)?;
     }
-    // qemu-img creates whole sectors: 100 bytes make a 512-byte image.
-    let size = size.map(|s| s.div_ceil(512) * 512);
     let path = std::path::Path::new(&a.image);
     let created = CreatedFiles::before(path);
     create(a, format, size, path).inspect_err(|_| created.remove_new())
+}
+
+/// The size qemu-img's raw, qcow2 and vmdk drivers give an image asked to
+/// be `size` bytes: whole sectors.
+fn sector_size(size: u64) -> u64 {
+    size.div_ceil(512) * 512
 }
 
 fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::Path) -> Result<i32> {
@@ -76,15 +80,18 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 }
             }
             let st = Arc::new(FileStorage::create(path)?);
-            let raw = Raw::create(st.clone(), size)?;
+            // Whole sectors, as qemu-img makes them (the line below prints
+            // the size asked for, as qemu-img prints it).
+            let real = sector_size(size);
+            let raw = Raw::create(st.clone(), real)?;
             match prealloc.as_str() {
                 "off" => {}
-                "falloc" => st.allocate(0, size)?,
+                "falloc" => st.allocate(0, real)?,
                 "full" => {
                     let zeros = vec![0u8; 1 << 20];
                     let mut off = 0;
-                    while off < size {
-                        let n = (size - off).min(1 << 20);
+                    while off < real {
+                        let n = (real - off).min(1 << 20);
                         st.write_at(&zeros[..n as usize], off)?;
                         off += n;
                     }
@@ -99,7 +106,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
             }
         }
         Format::Qcow2 => {
-            let mut o = qcow2_create_options(size.unwrap_or(0), &opts, &a.secrets)?;
+            let mut o = qcow2_create_options(size.map_or(0, sector_size), &opts, &a.secrets)?;
             if let Some(b) = &a.backing {
                 o.backing_file = Some(b.clone());
             }
@@ -138,7 +145,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 if o.preallocation != Preallocation::Off {
                     line.push_str(&format!(" preallocation={}", o.preallocation.name()));
                 }
-                line.push_str(&format!(" size={real_size}"));
+                line.push_str(&format!(" size={}", size.unwrap_or(real_size)));
                 if let Some(b) = &o.backing_file {
                     line.push_str(&format!(" backing_file={b}"));
                 }
@@ -169,15 +176,34 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 Some(s) => s,
                 None => return Err(Error::invalid_argument("vmdk images need a size")),
             };
-            let v = crate::common::create_resolver().create_vmdk(path, size, &vo)?;
+            let v = crate::common::create_resolver().create_vmdk(path, sector_size(size), &vo)?;
             v.close()?;
             if !a.quiet {
-                outln!("Formatting '{}', fmt=vmdk size={size} {}", a.image, o.join(" "));
+                // qemu-img's order of the vmdk options, with its defaults.
+                let get =
+                    |k: &str| o.iter().rev().find_map(|kv| kv.strip_prefix(k)?.strip_prefix('=').map(str::to_string));
+                let mut line = format!("Formatting '{}', fmt=vmdk size={size}", a.image);
+                for (k, default) in [
+                    ("adapter_type", None),
+                    ("backing_file", None),
+                    ("backing_fmt", None),
+                    ("compat6", Some("off")),
+                    ("hwversion", Some("undefined")),
+                    ("toolsversion", None),
+                    ("subformat", None),
+                    ("zeroed_grain", None),
+                ] {
+                    if let Some(v) = get(k).or(default.map(str::to_string)) {
+                        line.push_str(&format!(" {k}={v}"));
+                    }
+                }
+                outln!("{line}");
             }
         }
         Format::Vpc | Format::Vdi => {
             return crate::vpcvdi::create_verb(format, &a.image, size, &opts, a.backing.is_some(), a.quiet)
         }
+        Format::Vhdx => crate::vhdx_cli::create(a, &opts, size, path)?,
     }
     Ok(0)
 }

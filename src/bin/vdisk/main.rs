@@ -34,6 +34,7 @@ mod resize;
 mod salvage;
 mod secrets;
 mod snapshot;
+mod vhdx_cli;
 mod vol;
 mod vpcvdi;
 

@@ -79,6 +79,7 @@ pub fn run(a: &MeasureArgs) -> Result<i32> {
         f @ (Format::Vpc | Format::Vdi) => {
             return Err(Error::unsupported(format!("Block driver '{f}' does not support size measurement")))
         }
+        Format::Vhdx => return Err(Error::unsupported("Block driver 'vhdx' does not support size measurement")),
     };
     if json {
         // qemu-img's key order (a JSON map here would sort them).
