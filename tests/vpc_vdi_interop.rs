@@ -218,6 +218,36 @@ fn cli_create_convert_and_refusals() {
         assert_ne!(code, 0);
         assert!(err.contains(word), "{a:?}: {err}");
     }
+    // The "Formatting" line, word for word.
+    for (f, o) in [
+        ("vpc", "force_size=on,preallocation=full,subformat=fixed"),
+        ("vpc", "subformat=dynamic"),
+        ("vdi", "preallocation=full,static=on"),
+        ("vdi", ""),
+    ] {
+        let mut a = vec!["create", "-f", f];
+        if !o.is_empty() {
+            a.extend(["-o", o]);
+        }
+        a.extend(["x.img", "1M"]);
+        let run_in = |prog: &str| {
+            let out = std::process::Command::new(prog).args(&a).current_dir(d.path()).output().unwrap();
+            assert!(out.status.success(), "{prog} {a:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        assert_eq!(run_in(vdisk_bin().to_str().unwrap()), run_in("qemu-img"), "{f} {o}");
+    }
+    // Neither format can be resized or measured, in qemu-img either.
+    for (f, img) in [("vpc", "c0.vpc"), ("vdi", "c1.vdi")] {
+        let path = s(&p(d.path(), img));
+        let (code, _, err) = vdisk(&["resize", "-f", f, &path, "+1M"]);
+        let (qcode, _, qerr) = run_status("qemu-img", &["resize", "-f", f, &path, "+1M"]);
+        assert_eq!((code != 0, qcode != 0), (true, true), "{err} / {qerr}");
+        assert!(err.contains("does not support resize"), "{err}");
+        let (code, _, err) = vdisk(&["measure", "-O", f, "--size", "1G"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("does not support size measurement"), "{err}");
+    }
     let (code, _, err) = vdisk(&["create", "-f", "vpc", &s(&t), "3T"]);
     assert_ne!(code, 0);
     assert!(err.contains("too large for file format 'vpc'"), "{err}");
