@@ -481,3 +481,57 @@ fn differencing_vhd_through_the_backing_policy() {
     let img = OpenOptions::new().format(Format::Vpc).open(&child).unwrap();
     assert_eq!(img.write_at(&[1], 0).unwrap_err().kind(), vdisk::ErrorKind::ReadOnly);
 }
+
+/// A VDI laid out as VirtualBox lays it out (its own text, header size
+/// 0x190, data at 1 MiB, blocks in another order than the guest's, a
+/// discarded block), made from a qemu-made image: qemu-img and vdisk read
+/// the same bytes, vdisk writes into it and qemu-img check stays clean.
+#[test]
+fn virtualbox_layout_vdi() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let q = p(d.path(), "q.vdi");
+    qemu_create("vdi", "", &q, 8 << 20);
+    qemu_io("vdi", &q, &["write -P 0x31 0 1M".into(), "write -P 0x32 3M 1M".into(), "write -P 0x33 6M 4k".into()]);
+    let b = std::fs::read(&q).unwrap();
+    let le = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let (bmap_off, data_off) = (le(0x154) as usize, le(0x158) as usize);
+    let blocks = le(0x180) as usize;
+    let mut out = vec![0u8; 1 << 20];
+    out[..512].copy_from_slice(&b[..512]);
+    let text = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
+    out[..64].fill(0);
+    out[..text.len()].copy_from_slice(text);
+    out[0x48..0x4c].copy_from_slice(&0x190u32.to_le_bytes());
+    out[0x158..0x15c].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    // Blocks stored in reverse order of allocation; block 1 discarded.
+    let mut order: Vec<(usize, u32)> =
+        (0..blocks).filter_map(|i| Some((i, le(bmap_off + 4 * i))).filter(|(_, e)| *e < 0xffff_fffe)).collect();
+    order.reverse();
+    let mut bmap = vec![0xffu8; blocks * 4];
+    bmap[4..8].copy_from_slice(&0xffff_fffeu32.to_le_bytes());
+    for (n, (i, e)) in order.iter().enumerate() {
+        bmap[4 * i..4 * i + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        let src = data_off + (*e as usize) * (1 << 20);
+        out.extend_from_slice(&b[src..src + (1 << 20)]);
+    }
+    out[0x200..0x200 + bmap.len()].copy_from_slice(&bmap);
+    let path = p(d.path(), "vbox.vdi");
+    std::fs::write(&path, &out).unwrap();
+    assert_same("virtualbox layout", &read_all(&open_ro(&path, Format::Vdi)), &qemu_export(&path, "vdi"));
+    assert_same("same guest data", &qemu_export(&path, "vdi"), &qemu_export(&q, "vdi"));
+    assert_qemu_clean(&path, "vdi");
+    {
+        let img = open_rw(&path, Format::Vdi);
+        img.write_at(&[0x44; 4096], (1 << 20) + 512).unwrap(); // the discarded block
+        img.write_at(&[0x45; 512], 3 << 20).unwrap();
+        img.close().unwrap();
+    }
+    qemu_io("vdi", &q, &["write -P 0x44 1049088 4k".into(), "write -P 0x45 3M 512".into()]);
+    assert_same("after writes", &qemu_export(&path, "vdi"), &qemu_export(&q, "vdi"));
+    assert_qemu_clean(&path, "vdi");
+    let out = std::fs::read(&path).unwrap();
+    assert_eq!(&out[..text.len()], text, "the header text is kept");
+}
