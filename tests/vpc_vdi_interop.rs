@@ -22,6 +22,8 @@ const CASES: &[(&str, &str)] = &[
     ("vpc", "subformat=fixed,force_size=on"),
     ("vdi", ""),
     ("vdi", "static=on"),
+    ("vpc", "subformat=fixed,preallocation=falloc"),
+    ("vdi", "static=on,preallocation=full"),
 ];
 
 fn fmt(name: &str) -> Format {
