@@ -161,6 +161,12 @@ fn writes_match_qemu_io() {
         if *f == "vdi" {
             assert_qemu_clean(&b, f);
         }
+        // QEMU goes on allocating after vdisk's blocks.
+        let more = ["write -P 0x88 11M 4k".to_string(), "write -P 0x99 3M 4k".to_string()];
+        qemu_io(f, &a, &more);
+        qemu_io(f, &b, &more);
+        assert_same(&format!("{f} {opts}: qemu-io after vdisk"), &qemu_export(&b, f), &qemu_export(&a, f));
+        assert_same(&format!("{f} {opts}: vdisk reads"), &read_all(&open_ro(&b, fmt(f))), &qemu_export(&a, f));
     }
 }
 
