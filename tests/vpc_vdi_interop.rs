@@ -22,6 +22,8 @@ const CASES: &[(&str, &str)] = &[
     ("vpc", "subformat=fixed,force_size=on"),
     ("vdi", ""),
     ("vdi", "static=on"),
+    ("vpc", "subformat=fixed,preallocation=falloc"),
+    ("vdi", "static=on,preallocation=full"),
 ];
 
 fn fmt(name: &str) -> Format {
@@ -159,6 +161,12 @@ fn writes_match_qemu_io() {
         if *f == "vdi" {
             assert_qemu_clean(&b, f);
         }
+        // QEMU goes on allocating after vdisk's blocks.
+        let more = ["write -P 0x88 11M 4k".to_string(), "write -P 0x99 3M 4k".to_string()];
+        qemu_io(f, &a, &more);
+        qemu_io(f, &b, &more);
+        assert_same(&format!("{f} {opts}: qemu-io after vdisk"), &qemu_export(&b, f), &qemu_export(&a, f));
+        assert_same(&format!("{f} {opts}: vdisk reads"), &read_all(&open_ro(&b, fmt(f))), &qemu_export(&a, f));
     }
 }
 
@@ -217,6 +225,36 @@ fn cli_create_convert_and_refusals() {
         let (code, _, err) = vdisk(&a);
         assert_ne!(code, 0);
         assert!(err.contains(word), "{a:?}: {err}");
+    }
+    // The "Formatting" line, word for word.
+    for (f, o) in [
+        ("vpc", "force_size=on,preallocation=full,subformat=fixed"),
+        ("vpc", "subformat=dynamic"),
+        ("vdi", "preallocation=full,static=on"),
+        ("vdi", ""),
+    ] {
+        let mut a = vec!["create", "-f", f];
+        if !o.is_empty() {
+            a.extend(["-o", o]);
+        }
+        a.extend(["x.img", "1M"]);
+        let run_in = |prog: &str| {
+            let out = std::process::Command::new(prog).args(&a).current_dir(d.path()).output().unwrap();
+            assert!(out.status.success(), "{prog} {a:?}");
+            String::from_utf8(out.stdout).unwrap()
+        };
+        assert_eq!(run_in(vdisk_bin().to_str().unwrap()), run_in("qemu-img"), "{f} {o}");
+    }
+    // Neither format can be resized or measured, in qemu-img either.
+    for (f, img) in [("vpc", "c0.vpc"), ("vdi", "c1.vdi")] {
+        let path = s(&p(d.path(), img));
+        let (code, _, err) = vdisk(&["resize", "-f", f, &path, "+1M"]);
+        let (qcode, _, qerr) = run_status("qemu-img", &["resize", "-f", f, &path, "+1M"]);
+        assert_eq!((code != 0, qcode != 0), (true, true), "{err} / {qerr}");
+        assert!(err.contains("does not support resize"), "{err}");
+        let (code, _, err) = vdisk(&["measure", "-O", f, "--size", "1G"]);
+        assert_ne!(code, 0);
+        assert!(err.contains("does not support size measurement"), "{err}");
     }
     let (code, _, err) = vdisk(&["create", "-f", "vpc", &s(&t), "3T"]);
     assert_ne!(code, 0);
@@ -450,4 +488,58 @@ fn differencing_vhd_through_the_backing_policy() {
     // Writes are refused: differencing disks are read-only here.
     let img = OpenOptions::new().format(Format::Vpc).open(&child).unwrap();
     assert_eq!(img.write_at(&[1], 0).unwrap_err().kind(), vdisk::ErrorKind::ReadOnly);
+}
+
+/// A VDI laid out as VirtualBox lays it out (its own text, header size
+/// 0x190, data at 1 MiB, blocks in another order than the guest's, a
+/// discarded block), made from a qemu-made image: qemu-img and vdisk read
+/// the same bytes, vdisk writes into it and qemu-img check stays clean.
+#[test]
+fn virtualbox_layout_vdi() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let q = p(d.path(), "q.vdi");
+    qemu_create("vdi", "", &q, 8 << 20);
+    qemu_io("vdi", &q, &["write -P 0x31 0 1M".into(), "write -P 0x32 3M 1M".into(), "write -P 0x33 6M 4k".into()]);
+    let b = std::fs::read(&q).unwrap();
+    let le = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let (bmap_off, data_off) = (le(0x154) as usize, le(0x158) as usize);
+    let blocks = le(0x180) as usize;
+    let mut out = vec![0u8; 1 << 20];
+    out[..512].copy_from_slice(&b[..512]);
+    let text = b"<<< Oracle VM VirtualBox Disk Image >>>\n";
+    out[..64].fill(0);
+    out[..text.len()].copy_from_slice(text);
+    out[0x48..0x4c].copy_from_slice(&0x190u32.to_le_bytes());
+    out[0x158..0x15c].copy_from_slice(&(1u32 << 20).to_le_bytes());
+    // Blocks stored in reverse order of allocation; block 1 discarded.
+    let mut order: Vec<(usize, u32)> =
+        (0..blocks).filter_map(|i| Some((i, le(bmap_off + 4 * i))).filter(|(_, e)| *e < 0xffff_fffe)).collect();
+    order.reverse();
+    let mut bmap = vec![0xffu8; blocks * 4];
+    bmap[4..8].copy_from_slice(&0xffff_fffeu32.to_le_bytes());
+    for (n, (i, e)) in order.iter().enumerate() {
+        bmap[4 * i..4 * i + 4].copy_from_slice(&(n as u32).to_le_bytes());
+        let src = data_off + (*e as usize) * (1 << 20);
+        out.extend_from_slice(&b[src..src + (1 << 20)]);
+    }
+    out[0x200..0x200 + bmap.len()].copy_from_slice(&bmap);
+    let path = p(d.path(), "vbox.vdi");
+    std::fs::write(&path, &out).unwrap();
+    assert_same("virtualbox layout", &read_all(&open_ro(&path, Format::Vdi)), &qemu_export(&path, "vdi"));
+    assert_same("same guest data", &qemu_export(&path, "vdi"), &qemu_export(&q, "vdi"));
+    assert_qemu_clean(&path, "vdi");
+    {
+        let img = open_rw(&path, Format::Vdi);
+        img.write_at(&[0x44; 4096], (1 << 20) + 512).unwrap(); // the discarded block
+        img.write_at(&[0x45; 512], 3 << 20).unwrap();
+        img.close().unwrap();
+    }
+    qemu_io("vdi", &q, &["write -P 0x44 1049088 4k".into(), "write -P 0x45 3M 512".into()]);
+    assert_same("after writes", &qemu_export(&path, "vdi"), &qemu_export(&q, "vdi"));
+    assert_qemu_clean(&path, "vdi");
+    let out = std::fs::read(&path).unwrap();
+    assert_eq!(&out[..text.len()], text, "the header text is kept");
 }

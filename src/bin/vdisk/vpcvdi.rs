@@ -34,13 +34,23 @@ pub fn create_verb(
     let dev = create(format, std::path::Path::new(image), size, opts)?;
     dev.make_clean()?;
     if !quiet {
+        // qemu-img's order: the driver's option list, not the command line's.
+        let order: &[&str] = match format {
+            Format::Vpc => &["subformat", "force_size", "preallocation"],
+            _ => &["static", "preallocation"],
+        };
+        let value = |k: &str| opts.iter().rev().find_map(|kv| kv.strip_prefix(k)?.strip_prefix('='));
         let mut line = format!("Formatting '{image}', fmt={} size={size}", format.name());
-        for kv in opts {
+        for k in order {
+            match value(k) {
+                Some(v) => line.push_str(&format!(" {k}={v}")),
+                None if format == Format::Vdi && *k == "static" => line.push_str(" static=off"),
+                None => {}
+            }
+        }
+        for kv in opts.iter().filter(|kv| !order.iter().any(|k| kv.split('=').next() == Some(k))) {
             line.push(' ');
             line.push_str(kv);
-        }
-        if format == Format::Vdi && !opts.iter().any(|o| o.starts_with("static=")) {
-            line.push_str(" static=off");
         }
         outln!("{line}");
     }
