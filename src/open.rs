@@ -415,6 +415,8 @@ pub enum Image {
     Qcow2(Qcow2),
     /// A vmdk image.
     Vmdk(Vmdk),
+    /// An NBD export (its guest bytes, as raw).
+    Nbd(crate::nbd::Client),
 }
 
 impl Image {
@@ -423,6 +425,7 @@ impl Image {
             Image::Raw(d) => d,
             Image::Qcow2(d) => d,
             Image::Vmdk(d) => d,
+            Image::Nbd(d) => d,
         }
     }
 
@@ -432,6 +435,7 @@ impl Image {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::Nbd(_) => Format::Raw,
         }
     }
 
@@ -443,6 +447,7 @@ impl Image {
             Image::Raw(d) => d.close(),
             Image::Qcow2(d) => d.close(),
             Image::Vmdk(d) => d.close(),
+            Image::Nbd(d) => d.flush(),
         }
     }
 
@@ -452,6 +457,7 @@ impl Image {
             Image::Raw(r) => r.storage().allocated_bytes(),
             Image::Qcow2(q) => q.file().allocated_bytes(),
             Image::Vmdk(v) => v.allocated_bytes(),
+            Image::Nbd(_) => None,
         }
     }
 }

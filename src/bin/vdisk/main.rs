@@ -31,6 +31,7 @@ mod pool;
 mod rebase;
 mod resize;
 mod secrets;
+mod serve;
 mod snapshot;
 mod vol;
 
@@ -69,7 +70,7 @@ fn parse() -> (Cli, Option<std::path::PathBuf>) {
         });
     }
     let matches = cmd.get_matches();
-    let config_dir = matches.subcommand().and_then(|(_, m)| m.get_one::<std::path::PathBuf>("config-dir").cloned());
+    let config_dir = matches.subcommand().and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     (cli, config_dir)
 }
@@ -106,6 +107,8 @@ enum Cmd {
     Measure(measure::MeasureArgs),
     /// Run the workloads of qemu-img bench.
     Bench(bench::BenchArgs),
+    /// Export images over NBD (qemu-nbd).
+    Serve(serve::ServeArgs),
     #[command(flatten)]
     Pool(pool::PoolCmd),
     #[command(flatten)]
@@ -130,6 +133,7 @@ fn main() {
         Cmd::Rebase(a) => (rebase::run(a), 1),
         Cmd::Commit(a) => (commit::run(a), 1),
         Cmd::Amend(a) => (amend::run(a), 1),
+        Cmd::Serve(a) => (serve::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };
