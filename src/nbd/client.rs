@@ -395,6 +395,11 @@ impl Client {
         self.structured || self.extended
     }
 
+    /// The block size the server prefers (`NBD_INFO_BLOCK_SIZE`).
+    pub fn preferred_block_size(&self) -> u32 {
+        self.preferred_block
+    }
+
     /// Whether the server offered `base:allocation`.
     pub fn has_allocation_status(&self) -> bool {
         self.base_ctx.is_some()
@@ -587,9 +592,7 @@ impl Client {
 
 impl BlockDevice for Client {
     fn info(&self) -> DeviceInfo {
-        let mut i = DeviceInfo::new(Format::Raw, self.size, self.read_only);
-        i.cluster_size = Some(u64::from(self.preferred_block));
-        i
+        DeviceInfo::new(Format::Raw, self.size, self.read_only)
     }
 
     fn size(&self) -> u64 {

@@ -218,7 +218,9 @@ pub(crate) fn negotiate(server: &Server, conn: &dyn Connection) -> Result<Option
                 }
             }
             OPT_EXTENDED_HEADERS => {
-                if !data.is_empty() {
+                if !server.opts.extended_headers {
+                    reply_err(c, opt, REP_ERR_UNSUP, "extended headers are turned off")?;
+                } else if !data.is_empty() {
                     reply_err(c, opt, REP_ERR_INVALID, "NBD_OPT_EXTENDED_HEADERS takes no data")?;
                 } else if extended {
                     reply_err(c, opt, REP_ERR_INVALID, "extended headers are already in use")?;

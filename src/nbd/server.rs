@@ -13,6 +13,9 @@ use super::conn::{Connection, Listener};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 
+/// How long a reply may wait for the client to read it.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Whether writes of all-zero data become zero writes (QEMU's
 /// `detect-zeroes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -139,6 +142,9 @@ pub struct ServerOptions {
     /// Bytes of request and reply data one connection may hold in memory
     /// at once (at least one maximal request).
     pub inflight_bytes: usize,
+    /// Offer extended headers (`NBD_OPT_EXTENDED_HEADERS`); off, clients
+    /// fall back to compact headers.
+    pub extended_headers: bool,
 }
 
 impl Default for ServerOptions {
@@ -149,6 +155,7 @@ impl Default for ServerOptions {
             handshake_timeout: Duration::from_secs(10),
             workers: 4,
             inflight_bytes: 64 << 20,
+            extended_headers: true,
         }
     }
 }
@@ -246,6 +253,9 @@ impl Server {
             None => return Ok(()),
         };
         conn.set_read_timeout_conn(None).map_err(|e| Error::io("nbd: socket", e))?;
+        // A client that stops reading its replies is dropped rather than
+        // holding a worker forever.
+        conn.set_write_timeout_conn(Some(REPLY_TIMEOUT)).map_err(|e| Error::io("nbd: socket", e))?;
         super::transmit::run(self, conn, session)
     }
 
