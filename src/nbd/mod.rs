@@ -33,4 +33,4 @@ mod transmit;
 
 pub use client::{is_uri, Address, Client, Target};
 pub use conn::{Connection, Listener};
-pub use server::{DetectZeroes, DirtyBitmap, Export, Server, ServerOptions, StopHandle};
+pub use server::{log_to_stderr, DetectZeroes, DirtyBitmap, Export, Server, ServerOptions, StopHandle};

@@ -396,10 +396,13 @@ impl Request {
         Ok(Request { flags, typ, cookie, offset, length })
     }
 
-    /// How many payload bytes follow this header on the wire.
+    /// How many payload bytes follow this header on the wire. A write
+    /// always carries its data: with extended headers the spec asks for
+    /// `NBD_CMD_FLAG_PAYLOAD_LEN` on writes, but QEMU 10's client leaves it
+    /// out, and the length means the same either way.
     pub fn payload_len(&self, extended: bool) -> u64 {
         if extended {
-            if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+            if self.flags & CMD_FLAG_PAYLOAD_LEN != 0 || self.typ == CMD_WRITE {
                 self.length
             } else {
                 0
@@ -575,7 +578,7 @@ mod tests {
     fn payload_lengths() {
         let w = Request { flags: 0, typ: CMD_WRITE, cookie: 0, offset: 0, length: 10 };
         assert_eq!(w.payload_len(false), 10);
-        assert_eq!(w.payload_len(true), 0, "extended writes need PAYLOAD_LEN");
+        assert_eq!(w.payload_len(true), 10, "extended writes carry data with or without PAYLOAD_LEN");
         let r = Request { typ: CMD_READ, ..w };
         assert_eq!(r.payload_len(false), 0);
         let bs = Request { flags: CMD_FLAG_PAYLOAD_LEN, typ: CMD_BLOCK_STATUS, ..w };

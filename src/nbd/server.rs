@@ -145,6 +145,16 @@ pub struct ServerOptions {
     /// Offer extended headers (`NBD_OPT_EXTENDED_HEADERS`); off, clients
     /// fall back to compact headers.
     pub extended_headers: bool,
+    /// Where connection errors are reported (default: standard error,
+    /// write failures ignored).
+    pub log: fn(&str),
+}
+
+/// Writes a line to standard error, ignoring failures (a closed stderr
+/// must not stop a server).
+pub fn log_to_stderr(msg: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "vdisk: {msg}");
 }
 
 impl Default for ServerOptions {
@@ -156,6 +166,7 @@ impl Default for ServerOptions {
             workers: 4,
             inflight_bytes: 64 << 20,
             extended_headers: true,
+            log: log_to_stderr,
         }
     }
 }
@@ -289,7 +300,7 @@ impl Server {
                         scope.spawn(move || {
                             let peer = conn.peer();
                             if let Err(e) = self.serve_connection(conn) {
-                                eprintln!("vdisk: nbd client {peer}: {}", e.report());
+                                (self.opts.log)(&format!("nbd client {peer}: {}", e.report()));
                             }
                             let (count, cv) = &*active;
                             *count.lock() -= 1;
@@ -301,7 +312,7 @@ impl Server {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(e) => {
-                        eprintln!("vdisk: nbd accept: {e}");
+                        (self.opts.log)(&format!("nbd accept: {e}"));
                         std::thread::sleep(Duration::from_millis(50));
                     }
                 }

@@ -131,9 +131,6 @@ fn read_loop(ctx: &Ctx, conn: Box<dyn Connection>, tx: &mpsc::SyncSender<Job>) -
             }
         }
         let req = Request::parse(&hdr[..hlen], ext)?;
-        if ext && req.typ == CMD_WRITE && req.flags & CMD_FLAG_PAYLOAD_LEN == 0 {
-            return Err(Error::invalid_argument("nbd: extended write request without NBD_CMD_FLAG_PAYLOAD_LEN"));
-        }
         let plen = req.payload_len(ext);
         if plen > u64::from(MAX_PAYLOAD) {
             return Err(ProtoError::TooLong {

@@ -205,10 +205,12 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevic
     Ok(out)
 }
 
-/// Starts the same command in the background and returns once it listens
-/// (it prints a line on the pipe when ready).
+/// Starts the same command in the background and returns once it listens:
+/// it prints `ready` on its standard output then. Its standard error is a
+/// pipe too, relayed only if it fails to start, so nothing waiting on this
+/// command's output waits on the server.
 fn fork() -> Result<i32> {
-    use std::io::BufRead;
+    use std::io::{BufRead, Read};
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| Error::io("cannot find the vdisk executable", e))?;
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--fork").collect();
@@ -217,10 +219,11 @@ fn fork() -> Result<i32> {
         .arg("--x-forked")
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .process_group(0)
         .spawn()
         .map_err(|e| Error::io("cannot start the background server", e))?;
-    let Some(out) = child.stdout.take() else {
+    let (Some(out), Some(mut err)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(Error::internal("no pipe to the background server"));
     };
     let mut line = String::new();
@@ -231,7 +234,10 @@ fn fork() -> Result<i32> {
         }
         return Ok(0);
     }
+    let mut msg = String::new();
+    let _ = err.read_to_string(&mut msg);
     let status = child.wait().map_err(|e| Error::io("waiting for the background server", e))?;
+    let _ = write!(std::io::stderr(), "{msg}");
     Err(Error::new(vdisk::ErrorKind::Io, format!("the background server failed to start ({status})")))
 }
 
