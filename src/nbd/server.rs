@@ -148,6 +148,10 @@ pub struct ServerOptions {
     /// Where connection errors are reported (default: standard error,
     /// write failures ignored).
     pub log: fn(&str),
+    /// Stop on SIGTERM, SIGINT or SIGHUP (as on [`StopHandle::stop`]):
+    /// [`Server::serve`] installs process-wide handlers for them. Off by
+    /// default; a program embedding the server usually has its own.
+    pub stop_on_signals: bool,
 }
 
 /// Writes a line to standard error, ignoring failures (a closed stderr
@@ -163,10 +167,11 @@ impl Default for ServerOptions {
             max_connections: 16,
             persistent: true,
             handshake_timeout: Duration::from_secs(10),
-            workers: 4,
+            workers: 16,
             inflight_bytes: 64 << 20,
             extended_headers: true,
             log: log_to_stderr,
+            stop_on_signals: false,
         }
     }
 }
@@ -176,8 +181,9 @@ impl Default for ServerOptions {
 pub struct StopHandle(Arc<AtomicBool>);
 
 impl StopHandle {
-    /// Asks the server to stop accepting; `serve` returns once the running
-    /// connections have ended.
+    /// Asks the server to stop: it accepts no more clients and shuts the
+    /// running connections down (requests already received finish first);
+    /// `serve` then returns.
     pub fn stop(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
@@ -203,6 +209,8 @@ pub struct Server {
     stop: Arc<AtomicBool>,
     active: Arc<(Mutex<usize>, Condvar)>,
     served: AtomicUsize,
+    /// Sockets of the running connections, shut down when the server stops.
+    open: Mutex<Vec<(usize, Box<dyn Connection>)>>,
 }
 
 impl Server {
@@ -214,6 +222,7 @@ impl Server {
             stop: Arc::new(AtomicBool::new(false)),
             active: Arc::new((Mutex::new(0), Condvar::new())),
             served: AtomicUsize::new(0),
+            open: Mutex::new(Vec::new()),
         }
     }
 
@@ -276,9 +285,15 @@ impl Server {
     /// standard error and end only that connection.
     pub fn serve(&self, listener: Listener) -> Result<()> {
         listener.set_nonblocking(true).map_err(|e| Error::io("nbd: listener", e))?;
+        if self.opts.stop_on_signals {
+            crate::sys::catch_stop_signals().map_err(|e| Error::io("nbd: installing signal handlers", e))?;
+        }
         std::thread::scope(|scope| {
             loop {
-                if self.stop.load(Ordering::SeqCst) {
+                if self.stop.load(Ordering::SeqCst) || (self.opts.stop_on_signals && crate::sys::stop_signalled()) {
+                    for (_, c) in self.open.lock().iter() {
+                        c.shutdown_conn();
+                    }
                     break;
                 }
                 {
@@ -295,13 +310,17 @@ impl Server {
                 match listener.accept() {
                     Ok(conn) => {
                         *self.active.0.lock() += 1;
-                        self.served.fetch_add(1, Ordering::SeqCst);
+                        let id = self.served.fetch_add(1, Ordering::SeqCst);
+                        if let Ok(c) = conn.try_clone_conn() {
+                            self.open.lock().push((id, c));
+                        }
                         let active = self.active.clone();
                         scope.spawn(move || {
                             let peer = conn.peer();
                             if let Err(e) = self.serve_connection(conn) {
                                 (self.opts.log)(&format!("nbd client {peer}: {}", e.report()));
                             }
+                            self.open.lock().retain(|(i, _)| *i != id);
                             let (count, cv) = &*active;
                             *count.lock() -= 1;
                             cv.notify_all();

@@ -65,7 +65,8 @@ pub struct ServeArgs {
     /// Write the server's process id to this file.
     #[arg(long = "pid-file", value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
-    /// Serve every volume of this storage pool, by volume name.
+    /// Serve volumes of this storage pool by volume name: those named as
+    /// IMAGES, or all of them.
     #[arg(long = "pool", value_name = "NAME")]
     pub pool: Option<String>,
     /// Storage pool configuration directory (with --pool).
@@ -163,19 +164,23 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevic
     let direct = matches!(cache, "none" | "directsync");
     let mut out: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
     if let Some(pool) = &a.pool {
-        if !a.images.is_empty() {
-            return Err(Error::invalid_argument("--pool serves the pool's volumes: name no image as well"));
-        }
+        // With --pool, the positional names are volumes (all when none).
         let reg = crate::pool::registry(a.config_dir.as_ref())?;
         let pool = reg.pool(pool)?;
-        for v in pool.volumes()? {
-            if v.format.is_none() {
-                continue;
-            }
-            let name = v.name.to_str().map(str::to_string).ok_or_else(|| {
-                Error::invalid_argument(format!("volume name {:?} is not UTF-8 and cannot be an export name", v.name))
-            })?;
-            let dev = pool.volume(&v.name)?.open(a.read_only).map_err(|e| e.context(format!("opening volume '{name}'")))?;
+        let names: Vec<std::ffi::OsString> = if a.images.is_empty() {
+            pool.volumes()?.into_iter().filter(|v| v.format.is_some()).map(|v| v.name).collect()
+        } else {
+            a.images.iter().map(std::ffi::OsString::from).collect()
+        };
+        for (i, vname) in names.iter().enumerate() {
+            let vol = pool.volume(vname)?;
+            let name = match a.export_names.get(i) {
+                Some(n) => n.clone(),
+                None => vname.to_str().map(str::to_string).ok_or_else(|| {
+                    Error::invalid_argument(format!("volume name {vname:?} is not UTF-8: name its export with -x"))
+                })?,
+            };
+            let dev = vol.open(a.read_only).map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
             out.push((name, Arc::new(dev)));
         }
         if out.is_empty() {
@@ -275,6 +280,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         max_connections: a.shared,
         persistent: a.persistent,
         handshake_timeout: Duration::from_secs(a.handshake_limit.max(1)),
+        stop_on_signals: true,
         ..ServerOptions::default()
     });
     for (name, dev) in devices(a, cache)? {
