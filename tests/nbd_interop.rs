@@ -269,21 +269,35 @@ fn vdisk_client_reads_qemu_nbd_and_nbdkit() {
 }
 
 #[test]
-fn fork_writes_a_pid_file_and_serves_in_the_background() {
+fn fork_serves_in_the_background_and_sigterm_leaves_the_image_clean() {
     if !common::have_qemu() {
         return;
     }
     let dir = common::tmp();
-    let img = p(dir.path(), "f.raw");
-    qemu_img(&["create", "-q", "-f", "raw", s(&img), "1M"]);
+    let img = p(dir.path(), "f.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "4M"]);
     let sock = p(dir.path(), "f.sock");
     let pid = p(dir.path(), "f.pid");
-    let (code, _, err) = vdisk(&["serve", "--fork", "--pid-file", s(&pid), "-t", "-k", s(&sock), "-f", "raw", s(&img)]);
+    let (code, _, err) = vdisk(&["serve", "--fork", "--pid-file", s(&pid), "-t", "-k", s(&sock), "-f", "qcow2", s(&img)]);
     assert_eq!(code, 0, "{err}");
-    let pid_s = std::fs::read_to_string(&pid).unwrap();
-    let pid_n: i32 = pid_s.trim().parse().unwrap();
-    let (code, out, _) = run_status("nbdinfo", &["--size", &unix_uri(&sock, "")]);
+    let pid_n: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
+    let uri = unix_uri(&sock, "");
+    let (c1, size, _) = run_status("nbdinfo", &["--size", &uri]);
+    let (c2, out, err) = run_status("qemu-io", &["-f", "raw", "-c", "write -P 0x42 64k 192k", &uri]);
     // Stop the background server before judging, whatever happened.
     let _ = Command::new("kill").arg(pid_n.to_string()).status();
-    assert_eq!((code, out.trim()), (0, "1048576"));
+    assert_eq!((c1, size.trim()), (0, "4194304"));
+    assert_eq!(c2, 0, "{out}{err}");
+    let t0 = Instant::now();
+    while pid.exists() || sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the server did not clean up after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Lazy refcounts written and the dirty bit cleared on the way out.
+    common::assert_qemu_clean(&img, "qcow2");
+    let info = qemu_img(&["info", "--output=json", s(&img)]);
+    assert!(info.contains("\"dirty-flag\": false"), "{info}");
+    let mut want = vec![0u8; 4 << 20];
+    want[64 << 10..256 << 10].fill(0x42);
+    common::assert_same("after SIGTERM", &common::qemu_export(&img, "qcow2"), &want);
 }

@@ -366,6 +366,14 @@ fn hostile_requests_get_errors_or_a_hang_up() {
     r.s.read_exact(&mut p).unwrap();
     assert_eq!(u32::from_be_bytes(p[..4].try_into().unwrap()), EINVAL);
 
+    // A client stalled half-way through a request header stalls nobody
+    // else.
+    let mut stalled = Peer::connect(&srv.sock, "e", false);
+    stalled.send(&REQUEST_MAGIC.to_be_bytes());
+    let c = Client::connect(&target(&srv, "e"), false).unwrap();
+    c.write_at(b"others go on", 100).unwrap();
+    drop(c);
+
     // A client that vanishes in the middle of a write: nothing of it lands,
     // and what it wrote and saw acknowledged before is there.
     let mut r = Peer::connect(&srv.sock, "e", false);
@@ -380,6 +388,7 @@ fn hostile_requests_get_errors_or_a_hang_up() {
     let mut half = [1u8; 100];
     c.read_at(&mut half, 8192).unwrap();
     assert_eq!(half, [0u8; 100], "the half-sent write did not land");
+    drop(stalled);
 }
 
 /// A server that negotiates (no structured replies unless `structured`)
