@@ -59,6 +59,7 @@
 //!  vdisk CLI (src/bin/vdisk)      user code / hypervisor / backup tool
 //!        |                                 |
 //!  pool/      Pool, Volume: directories of images, libvirt XML
+//!  nbd/       Server (exports any BlockDevice), Client (an export as one)
 //!        |
 //!  open.rs + probe.rs — the one place that opens by path: picks a format,
 //!        |              opens backing / data / extent files under the

@@ -1,6 +1,7 @@
 //! The one module allowed `unsafe`: thin wrappers over the few system calls
 //! std does not offer (hole punching, preallocation, SEEK_DATA/SEEK_HOLE,
-//! byte-range open-file-description locks, statvfs).
+//! byte-range open-file-description locks, statvfs, and the signal handlers
+//! that let `vdisk serve` stop cleanly).
 //!
 //! Every function takes a borrowed file descriptor, so the descriptor is valid
 //! for the whole call; each `unsafe` block says why the call is sound.
@@ -312,29 +313,6 @@ pub fn local_time(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
     )
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Write;
-    use std::os::fd::AsFd;
-
-    #[test]
-    fn holes_and_data() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("f");
-        let mut f = std::fs::File::create(&p).unwrap();
-        f.write_all(&vec![1u8; 1 << 20]).unwrap();
-        f.sync_all().unwrap();
-        punch_hole(f.as_fd(), 0, 512 << 10).unwrap();
-        let d = seek(f.as_fd(), 0, Whence::Data).unwrap();
-        // Filesystems may keep the hole at block granularity; data starts at or
-        // before the end of the punched range.
-        assert!(d.unwrap() <= 512 << 10);
-        let st = fs_stats(f.as_fd()).unwrap();
-        assert!(st.capacity >= st.free && st.free >= st.available);
-    }
-}
-
 /// Set by the handler [`catch_stop_signals`] installs.
 static STOP_SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
@@ -366,4 +344,27 @@ pub fn catch_stop_signals() -> io::Result<()> {
 /// Whether a signal [`catch_stop_signals`] catches has arrived.
 pub fn stop_signalled() -> bool {
     STOP_SIGNALLED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn holes_and_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        let mut f = std::fs::File::create(&p).unwrap();
+        f.write_all(&vec![1u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+        punch_hole(f.as_fd(), 0, 512 << 10).unwrap();
+        let d = seek(f.as_fd(), 0, Whence::Data).unwrap();
+        // Filesystems may keep the hole at block granularity; data starts at or
+        // before the end of the punched range.
+        assert!(d.unwrap() <= 512 << 10);
+        let st = fs_stats(f.as_fd()).unwrap();
+        assert!(st.capacity >= st.free && st.free >= st.available);
+    }
 }

@@ -95,7 +95,12 @@ fn sample(dir: &Path) -> PathBuf {
     common::qemu_io(
         "qcow2",
         &img,
-        &["write -P 0xab 0 1M".into(), "write -z 2M 512k".into(), "write -P 0x5c 3M 64k".into(), "write -P 0x77 6M 128k".into()],
+        &[
+            "write -P 0xab 0 1M".into(),
+            "write -z 2M 512k".into(),
+            "write -P 0x5c 3M 64k".into(),
+            "write -P 0x77 6M 128k".into(),
+        ],
     );
     img
 }
@@ -111,7 +116,11 @@ fn qemu_reads_what_vdisk_serves_as_qemu_nbd_would() {
     let qsock = p(dir.path(), "q.sock");
     let _v = serve_unix(&sock, &["-r", "-t", "-A", "-e", "4", "-f", "qcow2", s(&img)]);
     let (_t, port) = serve_tcp(&["-r", "-t", "-f", "qcow2", "-x", "disk", s(&img)]);
-    let _q = spawn_unix(Path::new("qemu-nbd"), &["-r", "-t", "-A", "-e", "4", "-f", "qcow2", "-k", s(&qsock), s(&img)], &qsock);
+    let _q = spawn_unix(
+        Path::new("qemu-nbd"),
+        &["-r", "-t", "-A", "-e", "4", "-f", "qcow2", "-k", s(&qsock), s(&img)],
+        &qsock,
+    );
     let v = unix_uri(&sock, "");
     let q = unix_uri(&qsock, "");
     let tcp = format!("nbd://127.0.0.1:{port}/disk");
@@ -228,7 +237,11 @@ fn vdisk_client_reads_qemu_nbd_and_nbdkit() {
     let dir = common::tmp();
     let img = sample(dir.path());
     let qsock = p(dir.path(), "q.sock");
-    let _q = spawn_unix(Path::new("qemu-nbd"), &["-r", "-t", "-A", "-e", "4", "-f", "qcow2", "-k", s(&qsock), s(&img)], &qsock);
+    let _q = spawn_unix(
+        Path::new("qemu-nbd"),
+        &["-r", "-t", "-A", "-e", "4", "-f", "qcow2", "-k", s(&qsock), s(&img)],
+        &qsock,
+    );
     let q = unix_uri(&qsock, "");
     let c = vdisk::nbd::Client::open_uri(&q, true).unwrap();
     assert!(c.extended_headers(), "qemu-nbd 10 offers extended headers");
@@ -278,7 +291,8 @@ fn fork_serves_in_the_background_and_sigterm_leaves_the_image_clean() {
     qemu_img(&["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "4M"]);
     let sock = p(dir.path(), "f.sock");
     let pid = p(dir.path(), "f.pid");
-    let (code, _, err) = vdisk(&["serve", "--fork", "--pid-file", s(&pid), "-t", "-k", s(&sock), "-f", "qcow2", s(&img)]);
+    let (code, _, err) =
+        vdisk(&["serve", "--fork", "--pid-file", s(&pid), "-t", "-k", s(&sock), "-f", "qcow2", s(&img)]);
     assert_eq!(code, 0, "{err}");
     let pid_n: i32 = std::fs::read_to_string(&pid).unwrap().trim().parse().unwrap();
     let uri = unix_uri(&sock, "");

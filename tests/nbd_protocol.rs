@@ -393,7 +393,11 @@ fn hostile_requests_get_errors_or_a_hang_up() {
 
 /// A server that negotiates (no structured replies unless `structured`)
 /// then answers the first request with `bad(request)`.
-fn scripted_server(dir: &Path, structured: bool, bad: fn(&Request) -> Vec<u8>) -> (PathBuf, std::thread::JoinHandle<()>) {
+fn scripted_server(
+    dir: &Path,
+    structured: bool,
+    bad: fn(&Request) -> Vec<u8>,
+) -> (PathBuf, std::thread::JoinHandle<()>) {
     let sock = dir.join("fake.sock");
     let l = UnixListener::bind(&sock).unwrap();
     let t = std::thread::spawn(move || {

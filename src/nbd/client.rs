@@ -107,11 +107,7 @@ impl Target {
             if authority.is_empty() {
                 return Err(bad("the host is missing"));
             }
-            let has_port = if authority.starts_with('[') {
-                authority.contains("]:")
-            } else {
-                authority.contains(':')
-            };
+            let has_port = if authority.starts_with('[') { authority.contains("]:") } else { authority.contains(':') };
             Address::Tcp(if has_port { authority.to_string() } else { format!("{authority}:10809") })
         };
         Ok(Target { address, export })
@@ -191,7 +187,14 @@ fn read_option_reply(r: &mut dyn Read, opt: u32) -> Result<(u32, Vec<u8>)> {
 fn option_error(opt: &str, typ: u32, data: &[u8]) -> Error {
     let msg = String::from_utf8_lossy(data);
     let kind = if typ == REP_ERR_UNKNOWN { ErrorKind::NotFound } else { ErrorKind::Unsupported };
-    Error::new(kind, format!("nbd: the server refused {opt} (reply {:#x}){}", typ, if msg.is_empty() { String::new() } else { format!(": {msg}") }))
+    Error::new(
+        kind,
+        format!(
+            "nbd: the server refused {opt} (reply {:#x}){}",
+            typ,
+            if msg.is_empty() { String::new() } else { format!(": {msg}") }
+        ),
+    )
 }
 
 /// How the message of an error the server reported starts.
@@ -236,7 +239,8 @@ impl Client {
                 Box::new(s)
             }
             Address::Unix(p) => Box::new(
-                UnixStream::connect(p).map_err(|e| Error::io("nbd: cannot connect to the unix socket", e).with_path(p))?,
+                UnixStream::connect(p)
+                    .map_err(|e| Error::io("nbd: cannot connect to the unix socket", e).with_path(p))?,
             ),
         };
         Client::handshake(conn, target.clone(), read_only)
@@ -406,7 +410,15 @@ impl Client {
     }
 
     /// Sends one request and reads its whole reply.
-    fn request(&self, typ: u16, flags: u16, offset: u64, length: u64, payload: &[u8], read: Option<&mut [u8]>) -> Result<Outcome> {
+    fn request(
+        &self,
+        typ: u16,
+        flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        read: Option<&mut [u8]>,
+    ) -> Result<Outcome> {
         let mut s = self.stream.lock();
         if s.broken {
             return Err(Error::new(ErrorKind::Io, "nbd: the connection broke on an earlier reply"));
@@ -423,7 +435,16 @@ impl Client {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn exchange(&self, s: &mut Stream, typ: u16, mut flags: u16, offset: u64, length: u64, payload: &[u8], mut read: Option<&mut [u8]>) -> Result<Outcome> {
+    fn exchange(
+        &self,
+        s: &mut Stream,
+        typ: u16,
+        mut flags: u16,
+        offset: u64,
+        length: u64,
+        payload: &[u8],
+        mut read: Option<&mut [u8]>,
+    ) -> Result<Outcome> {
         let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
         if self.extended && !payload.is_empty() {
             flags |= CMD_FLAG_PAYLOAD_LEN;
@@ -435,7 +456,8 @@ impl Client {
         s.w.write_all(&h).map_err(&werr)?;
         s.w.write_all(payload).map_err(&werr)?;
         s.w.flush().map_err(&werr)?;
-        let broken = |what: String| Error::new(ErrorKind::InvalidImage, format!("nbd: invalid reply from the server: {what}"));
+        let broken =
+            |what: String| Error::new(ErrorKind::InvalidImage, format!("nbd: invalid reply from the server: {what}"));
         if let Some(buf) = read.as_deref_mut() {
             buf.fill(0);
         }
@@ -445,7 +467,8 @@ impl Client {
         loop {
             let mut m = [0u8; 4];
             s.r.read_exact(&mut m).map_err(io_err("reading a reply"))?;
-            let hlen = ReplyHeader::len_for_magic(u32::from_be_bytes(m), self.extended).map_err(|e| broken(e.to_string()))?;
+            let hlen =
+                ReplyHeader::len_for_magic(u32::from_be_bytes(m), self.extended).map_err(|e| broken(e.to_string()))?;
             let mut hb = [0u8; EXTENDED_REPLY_LEN];
             hb[..4].copy_from_slice(&m);
             s.r.read_exact(&mut hb[4..hlen]).map_err(io_err("reading a reply"))?;
@@ -585,7 +608,7 @@ impl Client {
             1 << 30
         } else {
             // Keep 32-bit lengths and stay aligned.
-            (u64::from(u32::MAX) + 1) / 2
+            1 << 31
         }
     }
 }
@@ -663,7 +686,8 @@ impl BlockDevice for Client {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_request(offset, 0, self.size)?;
         let len = max_len.min(self.size - offset).min(self.max_effect());
-        let data = Extent { offset, length: len, kind: ExtentKind::Data { host_offset: None }, depth: 0, encrypted: false };
+        let data =
+            Extent { offset, length: len, kind: ExtentKind::Data { host_offset: None }, depth: 0, encrypted: false };
         let Some(base) = self.base_ctx else {
             return Ok(data);
         };
@@ -673,7 +697,10 @@ impl BlockDevice for Client {
         let out = self.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, len, &[], None)?;
         let first = |id: u32| out.status.iter().find(|(i, _)| *i == id).and_then(|(_, d)| d.first().copied());
         let Some((n, st)) = first(base) else {
-            return Err(Error::new(ErrorKind::InvalidImage, "nbd: invalid reply from the server: no base:allocation status"));
+            return Err(Error::new(
+                ErrorKind::InvalidImage,
+                "nbd: invalid reply from the server: no base:allocation status",
+            ));
         };
         let mut length = n.min(len);
         let st = st as u32;

@@ -288,52 +288,50 @@ impl Server {
         if self.opts.stop_on_signals {
             crate::sys::catch_stop_signals().map_err(|e| Error::io("nbd: installing signal handlers", e))?;
         }
-        std::thread::scope(|scope| {
-            loop {
-                if self.stop.load(Ordering::SeqCst) || (self.opts.stop_on_signals && crate::sys::stop_signalled()) {
-                    for (_, c) in self.open.lock().iter() {
-                        c.shutdown_conn();
-                    }
+        std::thread::scope(|scope| loop {
+            if self.stop.load(Ordering::SeqCst) || (self.opts.stop_on_signals && crate::sys::stop_signalled()) {
+                for (_, c) in self.open.lock().iter() {
+                    c.shutdown_conn();
+                }
+                break;
+            }
+            {
+                let (count, cv) = &*self.active;
+                let mut n = count.lock();
+                if !self.opts.persistent && *n == 0 && self.served.load(Ordering::SeqCst) > 0 {
                     break;
                 }
-                {
-                    let (count, cv) = &*self.active;
-                    let mut n = count.lock();
-                    if !self.opts.persistent && *n == 0 && self.served.load(Ordering::SeqCst) > 0 {
-                        break;
-                    }
-                    if *n >= self.opts.max_connections.max(1) {
-                        cv.wait_for(&mut n, Duration::from_millis(50));
-                        continue;
-                    }
+                if *n >= self.opts.max_connections.max(1) {
+                    cv.wait_for(&mut n, Duration::from_millis(50));
+                    continue;
                 }
-                match listener.accept() {
-                    Ok(conn) => {
-                        *self.active.0.lock() += 1;
-                        let id = self.served.fetch_add(1, Ordering::SeqCst);
-                        if let Ok(c) = conn.try_clone_conn() {
-                            self.open.lock().push((id, c));
+            }
+            match listener.accept() {
+                Ok(conn) => {
+                    *self.active.0.lock() += 1;
+                    let id = self.served.fetch_add(1, Ordering::SeqCst);
+                    if let Ok(c) = conn.try_clone_conn() {
+                        self.open.lock().push((id, c));
+                    }
+                    let active = self.active.clone();
+                    scope.spawn(move || {
+                        let peer = conn.peer();
+                        if let Err(e) = self.serve_connection(conn) {
+                            (self.opts.log)(&format!("nbd client {peer}: {}", e.report()));
                         }
-                        let active = self.active.clone();
-                        scope.spawn(move || {
-                            let peer = conn.peer();
-                            if let Err(e) = self.serve_connection(conn) {
-                                (self.opts.log)(&format!("nbd client {peer}: {}", e.report()));
-                            }
-                            self.open.lock().retain(|(i, _)| *i != id);
-                            let (count, cv) = &*active;
-                            *count.lock() -= 1;
-                            cv.notify_all();
-                        });
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        (self.opts.log)(&format!("nbd accept: {e}"));
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
+                        self.open.lock().retain(|(i, _)| *i != id);
+                        let (count, cv) = &*active;
+                        *count.lock() -= 1;
+                        cv.notify_all();
+                    });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    (self.opts.log)(&format!("nbd accept: {e}"));
+                    std::thread::sleep(Duration::from_millis(50));
                 }
             }
         });

@@ -510,7 +510,8 @@ fn block_status(rep: &Reply<'_>, dev: &dyn BlockDevice, req: Request, payload: &
     };
     let size = dev.size();
     if req.offset >= size || length == 0 {
-        return rep.error(EINVAL, &format!("block-status of {length} at {} is outside the export of {size}", req.offset));
+        return rep
+            .error(EINVAL, &format!("block-status of {length} at {} is outside the export of {size}", req.offset));
     }
     let end = req.offset + length.min(size - req.offset);
     let one = req.flags & CMD_FLAG_REQ_ONE != 0;

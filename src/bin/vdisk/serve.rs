@@ -180,7 +180,9 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevic
                     Error::invalid_argument(format!("volume name {vname:?} is not UTF-8: name its export with -x"))
                 })?,
             };
-            let dev = vol.open(a.read_only).map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
+            let dev = vol
+                .open(a.read_only)
+                .map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
             out.push((name, Arc::new(dev)));
         }
         if out.is_empty() {
@@ -300,11 +302,8 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
     let listener = match &a.socket {
         Some(p) => Listener::unix(p)?,
         None => {
-            let host = if a.bind.contains(':') && !a.bind.starts_with('[') {
-                format!("[{}]", a.bind)
-            } else {
-                a.bind.clone()
-            };
+            let host =
+                if a.bind.contains(':') && !a.bind.starts_with('[') { format!("[{}]", a.bind) } else { a.bind.clone() };
             Listener::tcp(&format!("{host}:{}", a.port))?
         }
     };
