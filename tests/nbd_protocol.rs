@@ -572,3 +572,60 @@ fn client_fuzz_seeds_reach_transmission() {
     assert!(got.iter().all(|&b| b == 0));
     assert!(vdisk::testing::fuzzing::nbd_client_reads(&std::fs::read(root.join("simple")).unwrap()).is_none());
 }
+
+/// A bitmap an embedder supplies: dirty in [64 KiB, 192 KiB).
+#[derive(Debug)]
+struct TestBitmap;
+
+impl vdisk::nbd::DirtyBitmap for TestBitmap {
+    fn status(&self, offset: u64, max_len: u64) -> vdisk::Result<(u64, bool)> {
+        let (lo, hi) = (64 << 10, 192 << 10);
+        Ok(if offset < lo {
+            ((lo - offset).min(max_len), false)
+        } else if offset < hi {
+            ((hi - offset).min(max_len), true)
+        } else {
+            (max_len, false)
+        })
+    }
+}
+
+/// `qemu:dirty-bitmap:NAME` is listed, selectable, and answers block
+/// status from the embedder's bitmap, in compact descriptors.
+#[test]
+fn dirty_bitmap_context_reports_the_embedders_bitmap() {
+    let dir = common::tmp();
+    let e = Export::new("b", mem_raw(1 << 20)).bitmap("backup", Arc::new(TestBitmap));
+    let srv = start(dir.path(), ServerOptions::default(), vec![e]);
+    let mut r = Peer::open(&srv.sock);
+    r.send(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes());
+    r.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(r.option_reply().0, REP_ACK);
+    let meta = |q: &str| {
+        let mut d = vec![0, 0, 0, 1, b'b', 0, 0, 0, 1];
+        d.extend_from_slice(&(q.len() as u32).to_be_bytes());
+        d.extend_from_slice(q.as_bytes());
+        d
+    };
+    r.option(OPT_LIST_META_CONTEXT, &meta("qemu:dirty-bitmap:"));
+    let (t, d) = r.option_reply();
+    assert_eq!((t, &d[4..]), (REP_META_CONTEXT, &b"qemu:dirty-bitmap:backup"[..]));
+    assert_eq!(r.option_reply().0, REP_ACK);
+    r.option(OPT_SET_META_CONTEXT, &meta("qemu:dirty-bitmap:backup"));
+    let (t, d) = r.option_reply();
+    assert_eq!(t, REP_META_CONTEXT);
+    let id = u32::from_be_bytes(d[..4].try_into().unwrap());
+    assert_eq!(r.option_reply().0, REP_ACK);
+    r.option(OPT_EXPORT_NAME, b"b");
+    let mut ex = [0u8; 10];
+    r.s.read_exact(&mut ex).unwrap();
+    r.request(CMD_BLOCK_STATUS, 0, 1 << 20, &[]);
+    let mut h = [0u8; STRUCTURED_REPLY_LEN];
+    r.s.read_exact(&mut h).unwrap();
+    let rh = ReplyHeader::parse(&h, false).unwrap();
+    assert_eq!((rh.typ, rh.cookie), (REPLY_TYPE_BLOCK_STATUS, 42));
+    let mut p = vec![0u8; rh.length as usize];
+    r.s.read_exact(&mut p).unwrap();
+    let words: Vec<u32> = p.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(words, [id, 64 << 10, 0, 128 << 10, STATE_DIRTY, (1 << 20) - (192 << 10), 0]);
+}
