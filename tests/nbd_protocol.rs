@@ -629,3 +629,33 @@ fn dirty_bitmap_context_reports_the_embedders_bitmap() {
     let words: Vec<u32> = p.chunks(4).map(|c| u32::from_be_bytes(c.try_into().unwrap())).collect();
     assert_eq!(words, [id, 64 << 10, 0, 128 << 10, STATE_DIRTY, (1 << 20) - (192 << 10), 0]);
 }
+
+/// Eight threads share one client: their requests are in flight together
+/// on one connection, the server answers out of order, and every thread
+/// gets its own replies.
+#[test]
+fn one_client_many_threads() {
+    let dir = common::tmp();
+    let size = 8u64 << 20;
+    let srv = start(dir.path(), ServerOptions::default(), vec![Export::new("", mem_raw(size)).read_only(false)]);
+    let c = Client::connect(&target(&srv, ""), false).unwrap();
+    let slice = size / 8;
+    std::thread::scope(|s| {
+        for i in 0..8u64 {
+            let c = &c;
+            s.spawn(move || {
+                for round in 0..40u64 {
+                    let len = 4096 + (round * 977 % 60_000) as usize;
+                    let off = i * slice + round * 4096 % (slice - len as u64);
+                    let data = common::pattern(i * 1000 + round, len);
+                    c.write_at(&data, off).unwrap();
+                    let mut back = vec![0u8; len];
+                    c.read_at(&mut back, off).unwrap();
+                    common::assert_same(&format!("thread {i} round {round}"), &back, &data);
+                    c.map(off, len as u64).unwrap();
+                }
+            });
+        }
+    });
+    c.flush().unwrap();
+}

@@ -3,21 +3,17 @@
 //!
 //! Negotiation asks for extended headers, then structured replies, then
 //! the `base:allocation` and `qemu:allocation-depth` meta contexts, and
-//! takes what the server offers. Requests are sent one at a time over the
-//! connection. Every reply is checked: the cookie must be the request's,
-//! chunks must stay inside the request and under the payload limit, and a
-//! read must be covered exactly; anything else is an error that names
-//! what the server sent.
+//! takes what the server offers. Threads calling the device at once have
+//! their requests in flight together on the one connection (see
+//! `pipe.rs`); every reply is checked against its request.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
-
 use super::conn::Connection;
+use super::pipe::{Outcome, Pipe};
 use super::proto::*;
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 use crate::error::{Error, ErrorKind, Result};
@@ -114,19 +110,10 @@ impl Target {
     }
 }
 
-/// The connection and what the handshake agreed.
-#[derive(Debug)]
-struct Stream {
-    r: BufReader<Box<dyn Connection>>,
-    w: BufWriter<Box<dyn Connection>>,
-    /// A reply could not be parsed: the stream is out of step.
-    broken: bool,
-}
-
 /// An NBD export as a [`BlockDevice`].
 #[derive(Debug)]
 pub struct Client {
-    stream: Mutex<Stream>,
+    pipe: Pipe,
     target: Target,
     size: u64,
     flags: u16,
@@ -137,7 +124,6 @@ pub struct Client {
     read_only: bool,
     max_block: u32,
     preferred_block: u32,
-    cookie: AtomicU64,
 }
 
 /// Most bytes of option reply data accepted.
@@ -195,31 +181,6 @@ fn option_error(opt: &str, typ: u32, data: &[u8]) -> Error {
             if msg.is_empty() { String::new() } else { format!(": {msg}") }
         ),
     )
-}
-
-/// How the message of an error the server reported starts.
-const SERVER_FAILED: &str = "nbd: the server failed";
-
-/// An error a server reported for a command.
-fn command_error(cmd: u16, errno: u32, msg: &str) -> Error {
-    let kind = match errno {
-        EPERM => ErrorKind::ReadOnly,
-        EINVAL => ErrorKind::InvalidArgument,
-        ENOSPC => ErrorKind::OutOfBounds,
-        ENOTSUP => ErrorKind::Unsupported,
-        _ => ErrorKind::Io,
-    };
-    let what = if msg.is_empty() { String::new() } else { format!(": {msg}") };
-    Error::new(kind, format!("{SERVER_FAILED} {} with error {errno}{what}", command_name(cmd)))
-}
-
-/// What the replies to one request delivered.
-#[derive(Default)]
-struct Outcome {
-    /// Block status descriptors by context id.
-    status: Vec<(u32, Vec<(u64, u64)>)>,
-    /// Read bytes covered.
-    covered: u64,
 }
 
 impl Client {
@@ -364,7 +325,7 @@ impl Client {
         }
         w.get_ref().set_read_timeout_conn(None).map_err(io_err("socket"))?;
         Ok(Client {
-            stream: Mutex::new(Stream { r, w, broken: false }),
+            pipe: Pipe::new(r, w, structured, extended),
             read_only: read_only || flags & TF_READ_ONLY != 0,
             target,
             size,
@@ -375,7 +336,6 @@ impl Client {
             depth_ctx,
             max_block,
             preferred_block: if preferred_block.is_power_of_two() { preferred_block } else { 4096 },
-            cookie: AtomicU64::new(1),
         })
     }
 
@@ -409,190 +369,9 @@ impl Client {
         self.base_ctx.is_some()
     }
 
-    /// Sends one request and reads its whole reply.
-    fn request(
-        &self,
-        typ: u16,
-        flags: u16,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        read: Option<&mut [u8]>,
-    ) -> Result<Outcome> {
-        let mut s = self.stream.lock();
-        if s.broken {
-            return Err(Error::new(ErrorKind::Io, "nbd: the connection broke on an earlier reply"));
-        }
-        let r = self.exchange(&mut s, typ, flags, offset, length, payload, read);
-        if let Err(e) = &r {
-            // An error the server reported leaves the stream in step;
-            // anything else (i/o, a reply that made no sense) does not.
-            if !e.message().starts_with(SERVER_FAILED) {
-                s.broken = true;
-            }
-        }
-        r
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn exchange(
-        &self,
-        s: &mut Stream,
-        typ: u16,
-        mut flags: u16,
-        offset: u64,
-        length: u64,
-        payload: &[u8],
-        mut read: Option<&mut [u8]>,
-    ) -> Result<Outcome> {
-        let cookie = self.cookie.fetch_add(1, Ordering::Relaxed);
-        if self.extended && !payload.is_empty() {
-            flags |= CMD_FLAG_PAYLOAD_LEN;
-        }
-        let req = Request { flags, typ, cookie, offset, length };
-        let mut h = Vec::with_capacity(EXTENDED_REQUEST_LEN);
-        req.encode(self.extended, &mut h);
-        let werr = io_err("sending a request");
-        s.w.write_all(&h).map_err(&werr)?;
-        s.w.write_all(payload).map_err(&werr)?;
-        s.w.flush().map_err(&werr)?;
-        let broken =
-            |what: String| Error::new(ErrorKind::InvalidImage, format!("nbd: invalid reply from the server: {what}"));
-        if let Some(buf) = read.as_deref_mut() {
-            buf.fill(0);
-        }
-        let mut out = Outcome::default();
-        let mut error: Option<Error> = None;
-        let end = offset + length;
-        loop {
-            let mut m = [0u8; 4];
-            s.r.read_exact(&mut m).map_err(io_err("reading a reply"))?;
-            let hlen =
-                ReplyHeader::len_for_magic(u32::from_be_bytes(m), self.extended).map_err(|e| broken(e.to_string()))?;
-            let mut hb = [0u8; EXTENDED_REPLY_LEN];
-            hb[..4].copy_from_slice(&m);
-            s.r.read_exact(&mut hb[4..hlen]).map_err(io_err("reading a reply"))?;
-            let rh = ReplyHeader::parse(&hb[..hlen], self.extended).map_err(|e| broken(e.to_string()))?;
-            if rh.cookie != cookie {
-                return Err(broken(format!("cookie {:#x} does not match the request's {cookie:#x}", rh.cookie)));
-            }
-            if rh.simple {
-                if rh.error != 0 {
-                    return Err(command_error(typ, rh.error, ""));
-                }
-                if let Some(buf) = read.as_deref_mut() {
-                    if self.structured {
-                        return Err(broken("a simple reply to a read with structured replies".into()));
-                    }
-                    s.r.read_exact(buf).map_err(io_err("reading data"))?;
-                    out.covered = buf.len() as u64;
-                }
-                return Ok(out);
-            }
-            let limit = u64::from(MAX_PAYLOAD) + 4096;
-            if rh.length > limit {
-                return Err(broken(format!("chunk of {} bytes is over the limit {limit}", rh.length)));
-            }
-            match rh.typ {
-                REPLY_TYPE_OFFSET_DATA => {
-                    if rh.length < 8 {
-                        return Err(broken("data chunk shorter than its offset".into()));
-                    }
-                    let mut o = [0u8; 8];
-                    s.r.read_exact(&mut o).map_err(io_err("reading data"))?;
-                    let off = u64::from_be_bytes(o);
-                    let n = rh.length - 8;
-                    let Some(buf) = read.as_deref_mut() else {
-                        return Err(broken("data chunk in a reply to a command that reads nothing".into()));
-                    };
-                    if off < offset || off.checked_add(n).is_none_or(|e| e > end) {
-                        return Err(broken(format!("data chunk [{off}, +{n}) outside the request [{offset}, {end})")));
-                    }
-                    let start = (off - offset) as usize;
-                    s.r.read_exact(&mut buf[start..start + n as usize]).map_err(io_err("reading data"))?;
-                    out.covered += n;
-                }
-                REPLY_TYPE_OFFSET_HOLE => {
-                    let mut p = [0u8; 12];
-                    if rh.length != 12 {
-                        return Err(broken(format!("hole chunk of {} bytes", rh.length)));
-                    }
-                    s.r.read_exact(&mut p).map_err(io_err("reading a reply"))?;
-                    let off = u64::from_be_bytes(p[..8].try_into().unwrap_or_default());
-                    let n = u64::from(u32::from_be_bytes(p[8..].try_into().unwrap_or_default()));
-                    let Some(buf) = read.as_deref_mut() else {
-                        return Err(broken("hole chunk in a reply to a command that reads nothing".into()));
-                    };
-                    if n == 0 || off < offset || off.checked_add(n).is_none_or(|e| e > end) {
-                        return Err(broken(format!("hole chunk [{off}, +{n}) outside the request [{offset}, {end})")));
-                    }
-                    let start = (off - offset) as usize;
-                    buf[start..start + n as usize].fill(0);
-                    out.covered += n;
-                }
-                REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
-                    let ext = rh.typ == REPLY_TYPE_BLOCK_STATUS_EXT;
-                    if ext != self.extended || typ != CMD_BLOCK_STATUS {
-                        return Err(broken("unexpected block status chunk".into()));
-                    }
-                    let mut p = vec![0u8; rh.length as usize];
-                    s.r.read_exact(&mut p).map_err(io_err("reading a reply"))?;
-                    let mut w = Wire::new(&p, "block status chunk");
-                    let id = w.u32()?;
-                    let mut descs = Vec::new();
-                    if ext {
-                        let n = w.u32()?;
-                        if u64::from(n) * 16 != w.remaining() as u64 || n == 0 {
-                            return Err(broken(format!("block status count {n} does not match its length")));
-                        }
-                        for _ in 0..n {
-                            descs.push((w.u64()?, w.u64()?));
-                        }
-                    } else {
-                        if w.remaining() == 0 || !w.remaining().is_multiple_of(8) {
-                            return Err(broken("block status chunk of a bad length".into()));
-                        }
-                        while w.remaining() > 0 {
-                            descs.push((u64::from(w.u32()?), u64::from(w.u32()?)));
-                        }
-                    }
-                    if descs.iter().any(|d| d.0 == 0) {
-                        return Err(broken("block status descriptor of length 0".into()));
-                    }
-                    out.status.push((id, descs));
-                }
-                REPLY_TYPE_NONE => {
-                    if rh.length != 0 {
-                        return Err(broken("a NONE chunk with a payload".into()));
-                    }
-                }
-                t if t & (1 << 15) != 0 => {
-                    let mut p = vec![0u8; rh.length as usize];
-                    s.r.read_exact(&mut p).map_err(io_err("reading a reply"))?;
-                    let mut w = Wire::new(&p, "error chunk");
-                    let errno = w.u32()?;
-                    let mlen = w.u16()?;
-                    let msg = w.take(usize::from(mlen)).map(String::from_utf8_lossy).unwrap_or_default();
-                    if errno == 0 {
-                        return Err(broken("an error chunk with error 0".into()));
-                    }
-                    error.get_or_insert_with(|| command_error(typ, errno, &msg));
-                }
-                t => return Err(broken(format!("unknown chunk type {t}"))),
-            }
-            if rh.flags & REPLY_FLAG_DONE != 0 {
-                break;
-            }
-        }
-        if let Some(e) = error {
-            return Err(e);
-        }
-        if let Some(buf) = read {
-            if out.covered != buf.len() as u64 {
-                return Err(broken(format!("read reply covers {} of {} bytes", out.covered, buf.len())));
-            }
-        }
-        Ok(out)
+    /// Sends one request and waits for its whole reply.
+    fn request(&self, typ: u16, flags: u16, offset: u64, length: u64, payload: &[u8]) -> Result<Outcome> {
+        self.pipe.request(typ, flags, offset, length, payload)
     }
 
     fn writable(&self, what: &str) -> Result<()> {
@@ -628,7 +407,8 @@ impl BlockDevice for Client {
         for chunk in buf.chunks_mut(self.max_block as usize) {
             let off = offset + pos as u64;
             let n = chunk.len() as u64;
-            self.request(CMD_READ, 0, off, n, &[], Some(chunk))?;
+            let out = self.request(CMD_READ, 0, off, n, &[])?;
+            chunk.copy_from_slice(&out.data);
             pos += chunk.len();
         }
         Ok(())
@@ -639,7 +419,7 @@ impl BlockDevice for Client {
         check_request(offset, buf.len() as u64, self.size)?;
         let mut pos = 0usize;
         for chunk in buf.chunks(self.max_block as usize) {
-            self.request(CMD_WRITE, 0, offset + pos as u64, chunk.len() as u64, chunk, None)?;
+            self.request(CMD_WRITE, 0, offset + pos as u64, chunk.len() as u64, chunk)?;
             pos += chunk.len();
         }
         Ok(())
@@ -662,7 +442,7 @@ impl BlockDevice for Client {
         let mut pos = 0;
         while pos < len {
             let n = (len - pos).min(self.max_effect());
-            self.request(CMD_WRITE_ZEROES, flags, offset + pos, n, &[], None)?;
+            self.request(CMD_WRITE_ZEROES, flags, offset + pos, n, &[])?;
             pos += n;
         }
         Ok(())
@@ -677,7 +457,7 @@ impl BlockDevice for Client {
         let mut pos = 0;
         while pos < len {
             let n = (len - pos).min(self.max_effect());
-            self.request(CMD_TRIM, 0, offset + pos, n, &[], None)?;
+            self.request(CMD_TRIM, 0, offset + pos, n, &[])?;
             pos += n;
         }
         Ok(())
@@ -694,7 +474,7 @@ impl BlockDevice for Client {
         if len == 0 {
             return Ok(data);
         }
-        let out = self.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, len, &[], None)?;
+        let out = self.request(CMD_BLOCK_STATUS, CMD_FLAG_REQ_ONE, offset, len, &[])?;
         let first = |id: u32| out.status.iter().find(|(i, _)| *i == id).and_then(|(_, d)| d.first().copied());
         let Some((n, st)) = first(base) else {
             return Err(Error::new(
@@ -724,21 +504,13 @@ impl BlockDevice for Client {
         if self.flags & TF_SEND_FLUSH == 0 {
             return Ok(());
         }
-        self.request(CMD_FLUSH, 0, 0, 0, &[], None).map(|_| ())
+        self.request(CMD_FLUSH, 0, 0, 0, &[]).map(|_| ())
     }
 }
 
 impl Drop for Client {
     fn drop(&mut self) {
-        let s = self.stream.get_mut();
-        if s.broken {
-            return;
-        }
-        let req = Request { flags: 0, typ: CMD_DISC, cookie: 0, offset: 0, length: 0 };
-        let mut h = Vec::new();
-        req.encode(self.extended, &mut h);
-        let _ = s.w.write_all(&h).and_then(|_| s.w.flush());
-        s.w.get_ref().shutdown_conn();
+        self.pipe.disconnect();
     }
 }
 

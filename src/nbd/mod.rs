@@ -27,6 +27,7 @@
 mod client;
 mod conn;
 mod handshake;
+mod pipe;
 pub mod proto;
 mod server;
 mod transmit;
