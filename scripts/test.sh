@@ -16,8 +16,10 @@ command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 || nee
 # replace qemu-utils with an older qemu.
 command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
-# nbdinfo: QEMU's view of a dirty bitmap (through qemu-nbd) and of NBD exports.
-command -v nbdinfo >/dev/null 2>&1 || need+=(libnbd-bin)
+# nbdinfo and nbdcopy (libnbd), nbdkit: clients and servers the NBD tests
+# run against `vdisk serve` and vdisk's NBD client.
+command -v nbdinfo >/dev/null 2>&1 && command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin python3-libnbd)
+command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 if [ ${#need[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "missing ${need[*]} and apt-get is not available: install them, then run this again" >&2

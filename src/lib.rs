@@ -60,6 +60,7 @@
 //!  vdisk CLI (src/bin/vdisk)      user code / hypervisor / backup tool
 //!        |                                 |
 //!  pool/      Pool, Volume: directories of images, libvirt XML
+//!  nbd/       Server (exports any BlockDevice), Client (an export as one)
 //!        |
 //!  open.rs + probe.rs — the one place that opens by path: picks a format,
 //!        |              opens backing / data / extent files under the
@@ -83,6 +84,7 @@ mod crypto;
 pub mod device;
 pub mod error;
 pub mod limits;
+pub mod nbd;
 pub mod open;
 pub mod pool;
 pub mod probe;

@@ -465,6 +465,8 @@ pub enum Image {
     Vdi(Vdi),
     /// A VHDX image.
     Vhdx(Vhdx),
+    /// An NBD export (its guest bytes, as raw).
+    Nbd(crate::nbd::Client),
 }
 
 impl Image {
@@ -476,6 +478,7 @@ impl Image {
             Image::Vpc(d) => d,
             Image::Vdi(d) => d,
             Image::Vhdx(d) => d,
+            Image::Nbd(d) => d,
         }
     }
 
@@ -488,6 +491,7 @@ impl Image {
             Image::Vpc(_) => Format::Vpc,
             Image::Vdi(_) => Format::Vdi,
             Image::Vhdx(_) => Format::Vhdx,
+            Image::Nbd(_) => Format::Raw,
         }
     }
 
@@ -502,6 +506,7 @@ impl Image {
             Image::Vpc(d) => d.close(),
             Image::Vdi(d) => d.close(),
             Image::Vhdx(d) => d.close(),
+            Image::Nbd(d) => d.flush(),
         }
     }
 
@@ -514,6 +519,7 @@ impl Image {
             Image::Vpc(v) => v.file().allocated_bytes(),
             Image::Vdi(v) => v.file().allocated_bytes(),
             Image::Vhdx(v) => v.allocated_bytes(),
+            Image::Nbd(_) => None,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The one module allowed `unsafe`: thin wrappers over the few system calls
 //! std does not offer (hole punching, preallocation, SEEK_DATA/SEEK_HOLE,
-//! byte-range open-file-description locks, statvfs).
+//! byte-range open-file-description locks, statvfs, and the signal handlers
+//! that let `vdisk serve` stop cleanly).
 //!
 //! Every function takes a borrowed file descriptor, so the descriptor is valid
 //! for the whole call; each `unsafe` block says why the call is sound.
@@ -310,6 +311,39 @@ pub fn local_time(secs: i64) -> (i32, u32, u32, u32, u32, u32) {
         tm.tm_min as u32,
         tm.tm_sec as u32,
     )
+}
+
+/// Set by the handler [`catch_stop_signals`] installs.
+static STOP_SIGNALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_sig: libc::c_int) {
+    // Storing to an atomic is async-signal-safe.
+    STOP_SIGNALLED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes SIGTERM, SIGINT and SIGHUP set a flag ([`stop_signalled`]) instead
+/// of killing the process, so a server can close its images cleanly.
+pub fn catch_stop_signals() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: an all-zero `sigaction` is a valid value of this plain C
+        // struct (empty mask, no flags); the fields that matter are set below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_stop_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = libc::SA_RESTART;
+        // SAFETY: `sa` is initialised and outlives the call; the handler only
+        // stores to an atomic, which is async-signal-safe; a null old-action
+        // pointer is allowed.
+        let r = unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Whether a signal [`catch_stop_signals`] catches has arrived.
+pub fn stop_signalled() -> bool {
+    STOP_SIGNALLED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
 #[cfg(test)]

@@ -109,11 +109,16 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     };
     let offset = parse_size(&a.offset)?;
     let pattern = parse_byte(&a.pattern)?;
-    let spec = a.secrets.image(&a.image, a.format.as_deref())?;
-    let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let img = crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?
-        .cache(cache)
-        .open(&spec.path)?;
+    let img = match crate::common::open_nbd(&a.image, a.format.as_deref(), !a.write)? {
+        Some(img) => img,
+        None => {
+            let spec = a.secrets.image(&a.image, a.format.as_deref())?;
+            let key = a.secrets.key(spec.key_secret.as_deref())?;
+            crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?
+                .cache(cache)
+                .open(&spec.path)?
+        }
+    };
     let size = img.size();
     if offset.checked_add(bufsize).is_none_or(|e| e > size) {
         return Err(Error::invalid_argument(format!(

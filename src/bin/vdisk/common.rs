@@ -221,6 +221,9 @@ pub fn open_arg_shared(
     follow_backing: bool,
     force_share: bool,
 ) -> Result<(std::path::PathBuf, Image)> {
+    if let Some(img) = open_nbd(arg, format, read_only)? {
+        return Ok((arg.into(), img));
+    }
     let spec = secrets.image(arg, format)?;
     let key = secrets.key(spec.key_secret.as_deref())?;
     let img = open_image_locked(&spec.path, spec.format.as_deref(), read_only, follow_backing, key, force_share)?;
@@ -236,6 +239,9 @@ pub fn open_inspect(
     follow_backing: bool,
     force_share: bool,
 ) -> Result<(std::path::PathBuf, Image)> {
+    if let Some(img) = open_nbd(arg, format, true)? {
+        return Ok((arg.into(), img));
+    }
     let spec = secrets.image(arg, format)?;
     let key = secrets.key(spec.key_secret.as_deref())?;
     let mut opts = OpenOptions::new()
@@ -251,6 +257,19 @@ pub fn open_inspect(
     }
     let img = opts.open(&spec.path)?;
     Ok((spec.path, img))
+}
+
+/// An NBD URI (`nbd://HOST[:PORT]/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`)
+/// opened as a client; `None` when `arg` is not one. The export's bytes
+/// are the guest disk (format raw).
+pub fn open_nbd(arg: &str, format: Option<&str>, read_only: bool) -> Result<Option<Image>> {
+    if !vdisk::nbd::is_uri(arg) {
+        return Ok(None);
+    }
+    if let Some(f) = format.filter(|f| *f != "raw") {
+        return Err(Error::unsupported(format!("an NBD export is opened as raw, not '{f}'")));
+    }
+    Ok(Some(Image::Nbd(vdisk::nbd::Client::open_uri(arg, read_only)?)))
 }
 
 /// Checks a virtual size the way qemu-img does before anything is created.

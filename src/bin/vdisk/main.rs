@@ -33,6 +33,7 @@ mod rebase;
 mod resize;
 mod salvage;
 mod secrets;
+mod serve;
 mod snapshot;
 mod vhdx_cli;
 mod vol;
@@ -116,6 +117,8 @@ enum Cmd {
     Measure(measure::MeasureArgs),
     /// Run the workloads of qemu-img bench.
     Bench(bench::BenchArgs),
+    /// Export images over NBD (qemu-nbd).
+    Serve(serve::ServeArgs),
     #[command(flatten)]
     Pool(pool::PoolCmd),
     #[command(flatten)]
@@ -141,6 +144,7 @@ fn main() {
         Cmd::Rebase(a) => (rebase::run(a), 1),
         Cmd::Commit(a) => (commit::run(a), 1),
         Cmd::Amend(a) => (amend::run(a), 1),
+        Cmd::Serve(a) => (serve::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };

@@ -28,18 +28,30 @@ use crate::vmdk::header::SparseHeader;
 use crate::{Qcow2, Qcow2Options, Raw, Secret, Vmdk, VmdkOptions};
 
 mod images;
+mod nbd;
 mod ops;
 mod vhdx;
 mod vpcvdi;
 
 pub use images::{open_qcow2, open_vmdk, pool_xml, probe, split_files, vmdk_descriptor, FILE_MARKER};
+pub use nbd::{nbd_client, nbd_client_reads, nbd_server, nbd_server_export};
 pub use ops::qcow2_ops;
 pub use vhdx::{open_vhdx, vhdx_image, vhdx_runs};
 pub use vpcvdi::open_vpc_vdi;
 
 /// The target names, as in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: &[&str] =
-    &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml", "open_vpc_vdi", "open_vhdx"];
+pub const TARGETS: &[&str] = &[
+    "open_qcow2",
+    "open_vmdk",
+    "vmdk_descriptor",
+    "probe",
+    "qcow2_ops",
+    "pool_xml",
+    "open_vpc_vdi",
+    "open_vhdx",
+    "nbd_server",
+    "nbd_client",
+];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> bool {
@@ -52,6 +64,8 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "pool_xml" => pool_xml(data),
         "open_vpc_vdi" => open_vpc_vdi(data),
         "open_vhdx" => open_vhdx(data),
+        "nbd_server" => nbd_server(data),
+        "nbd_client" => nbd_client(data),
         _ => return false,
     }
     true
