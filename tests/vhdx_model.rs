@@ -280,6 +280,26 @@ fn corruption_table() {
             },
             None,
         ),
+        (
+            "log offset near 2^64",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    le64(b, h as usize + 72, u64::MAX - (1 << 20) + 1);
+                }
+                reseal_headers(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "log offset inside the header area",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    le64(b, h as usize + 72, 4096);
+                }
+                reseal_headers(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
         ("truncated at 1.5 MiB", |b| b.truncate(3 << 19), Some(ErrorKind::InvalidImage)),
     ];
     let good = image();
@@ -308,6 +328,20 @@ fn invalid_block_state_fails_reads_of_that_block_only() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     v.read_at(&mut buf, MIB).unwrap();
     assert!(v.map(3 * MIB, MIB).is_err());
+}
+
+#[test]
+fn bat_entries_near_the_top_of_the_offset_space_are_errors() {
+    // Opened for check (bad entries allowed): reads and maps of the block
+    // end in an error or zeros, never an overflow.
+    let mut b = image();
+    le64(&mut b, BAT, (u64::MAX & !((1 << 20) - 1)) | 6);
+    let st = Arc::new(MemStorage::from_vec(b));
+    let v = Vhdx::open(st, VhdxOptions { read_only: true, for_check: true, ..Default::default() }).unwrap();
+    let mut buf = [0u8; 4096];
+    let _ = v.read_at(&mut buf, (1 << 20) - 4096);
+    let _ = v.map(0, 4 << 20);
+    assert_eq!(v.check().corruptions, 1);
 }
 
 #[test]
