@@ -335,7 +335,7 @@ fn bat_entries_near_the_top_of_the_offset_space_are_errors() {
     // Opened for check (bad entries allowed): reads and maps of the block
     // end in an error or zeros, never an overflow.
     let mut b = image();
-    le64(&mut b, BAT, (u64::MAX & !((1 << 20) - 1)) | 6);
+    le64(&mut b, BAT, !((1u64 << 20) - 1) | 6);
     let st = Arc::new(MemStorage::from_vec(b));
     let v = Vhdx::open(st, VhdxOptions { read_only: true, for_check: true, ..Default::default() }).unwrap();
     let mut buf = [0u8; 4096];
