@@ -491,8 +491,10 @@ impl Vhdx {
         }
     }
 
+    /// The BAT entry of payload block `block` (callers stay below the
+    /// virtual size, so it exists; "not present" otherwise).
     fn entry(&self, block: u64) -> u64 {
-        self.bat.read()[self.geo.payload_index(block) as usize]
+        self.bat.read().get(self.geo.payload_index(block) as usize).copied().unwrap_or(0)
     }
 
     /// Reads guest bytes of the parent (zeros past its end).
@@ -521,7 +523,7 @@ impl Vhdx {
     /// For a partially present block: whether logical sector `sector` (of
     /// the block) is present, and how many following sectors share that.
     fn bitmap_run(&self, block: u64, sector: u64, max: u64) -> Result<(bool, u64)> {
-        let sb = self.bat.read()[self.geo.bitmap_index(block) as usize];
+        let sb = self.bat.read().get(self.geo.bitmap_index(block) as usize).copied().unwrap_or(0);
         if sb & 7 != state::SB_PRESENT {
             return Err(Error::corrupt(format!(
                 "VHDX block {block} is partially present but its sector bitmap is not present"
@@ -689,6 +691,9 @@ impl BlockDevice for Vhdx {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_request(offset, 0, self.geo.size)?;
         let max_len = max_len.min(self.geo.size - offset);
+        if max_len == 0 {
+            return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
+        }
         let bs = u64::from(self.geo.block_size);
         let one = |g: u64, n: u64| -> Result<Extent> {
             let block = g / bs;
