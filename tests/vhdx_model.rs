@@ -378,3 +378,51 @@ fn overlapping_log_entries_do_not_hang() {
     assert!(!v.log_replayed());
     assert!(t.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[test]
+fn partially_present_blocks_read_through_their_sector_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let b = Vhdx::create(&base, 4 * MIB, &VhdxCreateOptions::parse("block_size=1M").unwrap()).unwrap();
+    let parent_data = pattern(3, 4 << 20);
+    b.write_at(&parent_data, 0).unwrap();
+    b.close().unwrap();
+    let child = dir.path().join("child.vhdx");
+    let o = VhdxCreateOptions::parse("backing_file=base.vhdx,block_size=1M").unwrap();
+    vdisk::OpenOptions::new().create_vhdx(&child, 0, &o).unwrap().close().unwrap();
+    // Poke a partially present block 1: payload at the end of the file,
+    // its sector bitmap after it; sectors 0..8 and 16 present.
+    let mut img = std::fs::read(&child).unwrap();
+    let end = (img.len() as u64).next_multiple_of(MIB);
+    let (payload, bitmap) = (end, end + MIB);
+    img.resize((end + 2 * MIB) as usize, 0);
+    img[payload as usize..(payload + MIB) as usize].fill(0xaa);
+    // Block 1 is the second block of chunk 0: its sectors start at bit 2048.
+    let bits = bitmap as usize + 2048 / 8;
+    img[bits] = 0xff; // sectors 0..8
+    img[bits + 2] = 0x01; // sector 16
+    le64(&mut img, BAT + 8, payload | 7);
+    le64(&mut img, BAT + 4096 * 8, bitmap | 6); // the chunk's sector bitmap entry
+    std::fs::write(&child, &img).unwrap();
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).read_only(true).open(&child).unwrap();
+    let got = read_all(&v);
+    let mut want = parent_data.clone();
+    let s = MIB as usize;
+    want[s..s + 8 * 512].fill(0xaa);
+    want[s + 16 * 512..s + 17 * 512].fill(0xaa);
+    assert!(got == want, "partially present block reads wrong");
+    let m = v.map(MIB, MIB).unwrap();
+    assert_eq!((m.length, m.depth), (8 * 512, 0), "{m:?}");
+    let m = v.map(MIB + 8 * 512, MIB).unwrap();
+    assert_eq!((m.length, m.depth), (8 * 512, 1), "{m:?}");
+    drop(v);
+    // A write into it makes the block fully present with the same content
+    // around the write.
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).open(&child).unwrap();
+    v.write_at(&[0x55; 100], MIB + 20 * 512).unwrap();
+    want[s + 20 * 512..s + 20 * 512 + 100].fill(0x55);
+    assert!(read_all(&v) == want, "copy of a partially present block lost data");
+    v.close().unwrap();
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).read_only(true).open(&child).unwrap();
+    assert!(read_all(&v) == want);
+}
