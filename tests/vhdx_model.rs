@@ -280,6 +280,26 @@ fn corruption_table() {
             },
             None,
         ),
+        (
+            "log offset near 2^64",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    le64(b, h as usize + 72, u64::MAX - (1 << 20) + 1);
+                }
+                reseal_headers(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
+            "log offset inside the header area",
+            |b| {
+                for h in HEADER_OFFSETS {
+                    le64(b, h as usize + 72, 4096);
+                }
+                reseal_headers(b);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
         ("truncated at 1.5 MiB", |b| b.truncate(3 << 19), Some(ErrorKind::InvalidImage)),
     ];
     let good = image();
@@ -308,6 +328,20 @@ fn invalid_block_state_fails_reads_of_that_block_only() {
     assert_eq!(e.kind(), ErrorKind::Corrupt, "{e}");
     v.read_at(&mut buf, MIB).unwrap();
     assert!(v.map(3 * MIB, MIB).is_err());
+}
+
+#[test]
+fn bat_entries_near_the_top_of_the_offset_space_are_errors() {
+    // Opened for check (bad entries allowed): reads and maps of the block
+    // end in an error or zeros, never an overflow.
+    let mut b = image();
+    le64(&mut b, BAT, !((1u64 << 20) - 1) | 6);
+    let st = Arc::new(MemStorage::from_vec(b));
+    let v = Vhdx::open(st, VhdxOptions { read_only: true, for_check: true, ..Default::default() }).unwrap();
+    let mut buf = [0u8; 4096];
+    let _ = v.read_at(&mut buf, (1 << 20) - 4096);
+    let _ = v.map(0, 4 << 20);
+    assert_eq!(v.check().corruptions, 1);
 }
 
 #[test]
@@ -343,4 +377,87 @@ fn overlapping_log_entries_do_not_hang() {
     let v = open(b, true).unwrap();
     assert!(!v.log_replayed());
     assert!(t.elapsed() < std::time::Duration::from_secs(20));
+}
+
+#[test]
+fn partially_present_blocks_read_through_their_sector_bitmap() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let b = Vhdx::create(&base, 4 * MIB, &VhdxCreateOptions::parse("block_size=1M").unwrap()).unwrap();
+    let parent_data = pattern(3, 4 << 20);
+    b.write_at(&parent_data, 0).unwrap();
+    b.close().unwrap();
+    let child = dir.path().join("child.vhdx");
+    let o = VhdxCreateOptions::parse("backing_file=base.vhdx,block_size=1M").unwrap();
+    vdisk::OpenOptions::new().create_vhdx(&child, 0, &o).unwrap().close().unwrap();
+    // Poke a partially present block 1: payload at the end of the file,
+    // its sector bitmap after it; sectors 0..8 and 16 present.
+    let mut img = std::fs::read(&child).unwrap();
+    let end = (img.len() as u64).next_multiple_of(MIB);
+    let (payload, bitmap) = (end, end + MIB);
+    img.resize((end + 2 * MIB) as usize, 0);
+    img[payload as usize..(payload + MIB) as usize].fill(0xaa);
+    // Block 1 is the second block of chunk 0: its sectors start at bit 2048.
+    let bits = bitmap as usize + 2048 / 8;
+    img[bits] = 0xff; // sectors 0..8
+    img[bits + 2] = 0x01; // sector 16
+    le64(&mut img, BAT + 8, payload | 7);
+    le64(&mut img, BAT + 4096 * 8, bitmap | 6); // the chunk's sector bitmap entry
+    std::fs::write(&child, &img).unwrap();
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).read_only(true).open(&child).unwrap();
+    let got = read_all(&v);
+    let mut want = parent_data.clone();
+    let s = MIB as usize;
+    want[s..s + 8 * 512].fill(0xaa);
+    want[s + 16 * 512..s + 17 * 512].fill(0xaa);
+    assert!(got == want, "partially present block reads wrong");
+    let m = v.map(MIB, MIB).unwrap();
+    assert_eq!((m.length, m.depth), (8 * 512, 0), "{m:?}");
+    let m = v.map(MIB + 8 * 512, MIB).unwrap();
+    assert_eq!((m.length, m.depth), (8 * 512, 1), "{m:?}");
+    drop(v);
+    // A write into it makes the block fully present with the same content
+    // around the write.
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).open(&child).unwrap();
+    v.write_at(&[0x55; 100], MIB + 20 * 512).unwrap();
+    want[s + 20 * 512..s + 20 * 512 + 100].fill(0x55);
+    assert!(read_all(&v) == want, "copy of a partially present block lost data");
+    v.close().unwrap();
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).read_only(true).open(&child).unwrap();
+    assert!(read_all(&v) == want);
+}
+
+#[test]
+fn threads_allocating_and_overwriting_at_once() {
+    let st: Arc<dyn Storage> = Arc::new(MemStorage::new());
+    let size = 16 * MIB;
+    let v = Arc::new(Vhdx::create_on(st.clone(), size, &VhdxCreateOptions::parse("block_size=1M").unwrap()).unwrap());
+    // Each thread writes its own 64 KiB stripes across every block, so
+    // threads race to allocate the same blocks.
+    let threads: Vec<_> = (0..8u64)
+        .map(|t| {
+            let v = v.clone();
+            std::thread::spawn(move || {
+                for k in 0..(size / (512 << 10)) {
+                    let off = k * (512 << 10) + t * (64 << 10);
+                    v.write_at(&pattern(t * 1000 + k, 64 << 10), off).unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut want = vec![0u8; size as usize];
+    for t in 0..8u64 {
+        for k in 0..(size / (512 << 10)) {
+            let off = (k * (512 << 10) + t * (64 << 10)) as usize;
+            want[off..off + (64 << 10)].copy_from_slice(&pattern(t * 1000 + k, 64 << 10));
+        }
+    }
+    assert!(read_all(&*v) == want, "concurrent writes lost data");
+    Arc::try_unwrap(v).unwrap().close().unwrap();
+    let v = Vhdx::open(st, VhdxOptions { read_only: true, ..Default::default() }).unwrap();
+    assert!(read_all(&v) == want, "concurrent writes lost data after reopening");
+    assert_eq!(v.check().corruptions, 0);
 }

@@ -241,6 +241,29 @@ fn read_headers(file: &dyn Storage) -> Result<(usize, Header)> {
     current_header(h1, h2)
 }
 
+/// The log's place must be valid even when it is empty, as QEMU requires:
+/// 1 MiB-aligned, past the header area, its end representable.
+fn check_log_place(h: &Header) -> Result<()> {
+    if h.log_offset < MIB
+        || !h.log_offset.is_multiple_of(MIB)
+        || h.log_offset.checked_add(u64::from(h.log_length)).is_none()
+    {
+        return Err(Error::invalid(format!(
+            "VHDX log offset {} is not 1 MiB-aligned past the header area",
+            h.log_offset
+        ))
+        .with_field("LogOffset"));
+    }
+    Ok(())
+}
+
+/// The host offset of byte `inb` of the block a BAT entry points at.
+fn host(e: u64, inb: u64) -> Result<u64> {
+    (e & BAT_OFFSET_MASK)
+        .checked_add(inb)
+        .ok_or_else(|| Error::corrupt(format!("VHDX BAT entry {e:#x} points past any file")).with_field("BAT"))
+}
+
 fn read_regions(view: &dyn Storage) -> Result<RegionTable> {
     let mut b = vec![0u8; TABLE_SIZE];
     view.read_at(&mut b, REGION_OFFSETS[0])?;
@@ -282,6 +305,7 @@ impl Vhdx {
         let read_only = opts.read_only || file.is_read_only();
         let path = file.path().map(Path::to_path_buf);
         let (mut cur, mut header) = read_headers(&*file)?;
+        check_log_place(&header)?;
         let flen = file.len()?;
         let replay = log::find(&*file, &header, flen)?;
         let log_replayed = replay.is_some();
@@ -467,8 +491,10 @@ impl Vhdx {
         }
     }
 
+    /// The BAT entry of payload block `block` (callers stay below the
+    /// virtual size, so it exists; "not present" otherwise).
     fn entry(&self, block: u64) -> u64 {
-        self.bat.read()[self.geo.payload_index(block) as usize]
+        self.bat.read().get(self.geo.payload_index(block) as usize).copied().unwrap_or(0)
     }
 
     /// Reads guest bytes of the parent (zeros past its end).
@@ -497,7 +523,7 @@ impl Vhdx {
     /// For a partially present block: whether logical sector `sector` (of
     /// the block) is present, and how many following sectors share that.
     fn bitmap_run(&self, block: u64, sector: u64, max: u64) -> Result<(bool, u64)> {
-        let sb = self.bat.read()[self.geo.bitmap_index(block) as usize];
+        let sb = self.bat.read().get(self.geo.bitmap_index(block) as usize).copied().unwrap_or(0);
         if sb & 7 != state::SB_PRESENT {
             return Err(Error::corrupt(format!(
                 "VHDX block {block} is partially present but its sector bitmap is not present"
@@ -510,7 +536,7 @@ impl Vhdx {
         let byte0 = first / 8;
         let bytes = (first + n).div_ceil(8) - byte0;
         let mut bits = vec![0u8; bytes as usize];
-        self.view.read_at(&mut bits, (sb & BAT_OFFSET_MASK) + byte0)?;
+        self.view.read_at(&mut bits, host(sb, byte0)?)?;
         let bit = |k: u64| {
             let i = first + k - byte0 * 8;
             bits[(i / 8) as usize] >> (i % 8) & 1 != 0
@@ -529,7 +555,7 @@ impl Vhdx {
         let inb = guest % bs;
         let e = self.entry(block);
         match e & 7 {
-            state::FULLY_PRESENT => self.view.read_at(buf, (e & BAT_OFFSET_MASK) + inb),
+            state::FULLY_PRESENT => self.view.read_at(buf, host(e, inb)?),
             state::NOT_PRESENT if self.geo.has_parent => self.read_parent(buf, guest),
             state::NOT_PRESENT | state::UNDEFINED | state::ZERO | state::UNMAPPED | state::UNMAPPED_V095 => {
                 buf.fill(0);
@@ -546,7 +572,7 @@ impl Vhdx {
                     let end = ((sector + run) * ls).min(inb + buf.len() as u64);
                     let piece = &mut buf[done..(end - inb) as usize];
                     if present {
-                        self.view.read_at(piece, (e & BAT_OFFSET_MASK) + pos)?;
+                        self.view.read_at(piece, host(e, pos)?)?;
                     } else {
                         self.read_parent(piece, block * bs + pos)?;
                     }
@@ -630,7 +656,7 @@ impl BlockDevice for Vhdx {
         self.for_blocks(offset, buf.len() as u64, |g, r| {
             let e = self.entry(g / bs);
             if e & 7 == state::FULLY_PRESENT {
-                self.file.write_at(&buf[r], (e & BAT_OFFSET_MASK) + g % bs)
+                self.file.write_at(&buf[r], host(e, g % bs)?)
             } else {
                 self.allocate_write(&buf[r], g)
             }
@@ -665,6 +691,9 @@ impl BlockDevice for Vhdx {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         check_request(offset, 0, self.geo.size)?;
         let max_len = max_len.min(self.geo.size - offset);
+        if max_len == 0 {
+            return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
+        }
         let bs = u64::from(self.geo.block_size);
         let one = |g: u64, n: u64| -> Result<Extent> {
             let block = g / bs;
@@ -672,7 +701,7 @@ impl BlockDevice for Vhdx {
             let e = self.entry(block);
             let mk = |kind, length, depth| Extent { offset: g, length, kind, depth, encrypted: false };
             Ok(match e & 7 {
-                state::FULLY_PRESENT => mk(ExtentKind::Data { host_offset: Some((e & BAT_OFFSET_MASK) + inb) }, n, 0),
+                state::FULLY_PRESENT => mk(ExtentKind::Data { host_offset: Some(host(e, inb)?) }, n, 0),
                 state::NOT_PRESENT if self.geo.has_parent => match &self.parent {
                     Some(p) if g < p.size() => {
                         let x = p.map(g, n.min(p.size() - g))?;
@@ -687,7 +716,7 @@ impl BlockDevice for Vhdx {
                     let (present, run) = self.bitmap_run(block, sector, (inb + n).div_ceil(ls) - sector)?;
                     let len = ((sector + run) * ls).min(inb + n) - inb;
                     if present {
-                        mk(ExtentKind::Data { host_offset: Some((e & BAT_OFFSET_MASK) + inb) }, len, 0)
+                        mk(ExtentKind::Data { host_offset: Some(host(e, inb)?) }, len, 0)
                     } else {
                         match &self.parent {
                             Some(p) if g < p.size() => {
@@ -715,7 +744,7 @@ impl BlockDevice for Vhdx {
             let next = one(g, bs.min(max_len - ext.length)).map_err(|e| self.err(e))?;
             let joins = match (ext.kind, next.kind) {
                 (ExtentKind::Data { host_offset: Some(a) }, ExtentKind::Data { host_offset: Some(b) }) => {
-                    a + ext.length == b && ext.depth == next.depth
+                    a.checked_add(ext.length) == Some(b) && ext.depth == next.depth
                 }
                 (a, b) => a == b && ext.depth == next.depth && !matches!(a, ExtentKind::Data { .. }),
             };

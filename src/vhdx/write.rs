@@ -132,7 +132,7 @@ impl Vhdx {
         let e = self.entry(block);
         if e & 7 == state::FULLY_PRESENT {
             drop(st);
-            return self.file.write_at(data, (e & BAT_OFFSET_MASK) + inb);
+            return self.file.write_at(data, super::host(e, inb)?);
         }
         self.begin(&mut st, true)?;
         let off = st.end.max(self.file.len()?.next_multiple_of(MIB));
