@@ -409,3 +409,49 @@ fn hostile_bitmap_directories_are_refused_with_an_error() {
     img[table] = 0xff;
     assert!(Qcow2::open(Arc::new(MemStorage::from_vec(img)), Qcow2Options::default()).is_err());
 }
+
+/// `vdisk serve -B NAME` offers `qemu:dirty-bitmap:NAME` as `qemu-nbd -B`
+/// does, and a write through the export shows in it at once.
+#[test]
+fn serve_offers_a_bitmap_as_qemu_nbd_does() {
+    if !have_qemu() || !have_nbdinfo() {
+        eprintln!("skipped: qemu-img or nbdinfo missing");
+        return;
+    }
+    let d = tmp();
+    let img = p(d.path(), "a.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "8M"]);
+    qemu_img(&["bitmap", "--add", "-g", "4k", s(&img), "b"]);
+    run("qemu-io", &["-c", "write 4k 4k", "-c", "write 1M 100k", s(&img)]);
+    let want = qemu_dirty(&img, "b");
+    assert_eq!(want, vec![(4096, 4096), (1 << 20, 102400)]);
+    let sock = p(d.path(), "s.sock");
+    let mut server = std::process::Command::new(vdisk_bin())
+        .args(["serve", "-t", "-f", "qcow2", "-B", "b", "-k", s(&sock), s(&img)])
+        .spawn()
+        .unwrap();
+    for _ in 0..200 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(25));
+    }
+    let uri = format!("nbd+unix:///?socket={}", s(&sock));
+    let map = |uri: &str| -> Vec<(u64, u64)> {
+        let out = run("nbdinfo", &["--json", "--map=qemu:dirty-bitmap:b", uri]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"].as_u64().unwrap() & 1 == 1)
+            .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+            .collect()
+    };
+    assert_eq!(map(&uri), want);
+    run("qemu-io", &["-f", "raw", "-c", "write 6M 4k", &uri]);
+    let mut after = want.clone();
+    after.push((6 << 20, 4096));
+    assert_eq!(map(&uri), after);
+    server.kill().unwrap();
+    let _ = server.wait();
+}

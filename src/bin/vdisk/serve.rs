@@ -160,9 +160,35 @@ impl<D: BlockDevice> BlockDevice for NoFlush<D> {
 }
 
 /// The devices to export, by name.
-fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevice>)>> {
+/// A qcow2 persistent bitmap served as `qemu:dirty-bitmap:NAME`: its
+/// live state (writes through the export mark it too).
+#[derive(Debug)]
+struct QcowBitmap {
+    img: Arc<vdisk::Image>,
+    name: String,
+}
+
+impl vdisk::nbd::DirtyBitmap for QcowBitmap {
+    fn status(&self, offset: u64, max_len: u64) -> Result<(u64, bool)> {
+        match &*self.img {
+            vdisk::Image::Qcow2(q) => q.bitmap_extent(&self.name, offset, max_len),
+            _ => Err(Error::internal("a bitmap on an image that is not qcow2")),
+        }
+    }
+}
+
+/// Whether `img` is a qcow2 image with a usable bitmap called `name`.
+fn has_bitmap(img: Option<&vdisk::Image>, name: &str) -> bool {
+    matches!(img, Some(vdisk::Image::Qcow2(q)) if q.bitmaps().iter().any(|b| b.name == name && !b.inconsistent))
+}
+
+/// An export's name, device, and the image behind it (for bitmaps) when
+/// it is one.
+type Served = (String, Arc<dyn BlockDevice>, Option<Arc<vdisk::Image>>);
+
+fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<Served>> {
     let direct = matches!(cache, "none" | "directsync");
-    let mut out: Vec<(String, Arc<dyn BlockDevice>)> = Vec::new();
+    let mut out: Vec<Served> = Vec::new();
     if let Some(pool) = &a.pool {
         // With --pool, the positional names are volumes (all when none).
         let reg = crate::pool::registry(a.config_dir.as_ref())?;
@@ -183,7 +209,7 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevic
             let dev = vol
                 .open(a.read_only)
                 .map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
-            out.push((name, Arc::new(dev)));
+            out.push((name, Arc::new(dev), None));
         }
         if out.is_empty() {
             return Err(Error::new(vdisk::ErrorKind::NotFound, "the pool has no volumes to serve"));
@@ -207,7 +233,8 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<(String, Arc<dyn BlockDevic
             None if a.images.len() == 1 => String::new(),
             None => spec.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
         };
-        out.push((name, Arc::new(img)));
+        let img = Arc::new(img);
+        out.push((name, img.clone(), Some(img)));
     }
     Ok(out)
 }
@@ -267,11 +294,6 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             "--cache must be writeback, none, writethrough, directsync or unsafe, not '{cache}'"
         )));
     }
-    if let Some(b) = a.bitmaps.first() {
-        return Err(Error::unsupported(format!(
-            "-B {b}: serving persistent dirty bitmaps (qemu:dirty-bitmap) needs qcow2 bitmap support, which vdisk does not have yet"
-        )));
-    }
     if a.shared == 0 {
         return Err(Error::invalid_argument("-e must be at least 1"));
     }
@@ -285,7 +307,27 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         stop_on_signals: true,
         ..ServerOptions::default()
     });
-    for (name, dev) in devices(a, cache)? {
+    let exports = devices(a, cache)?;
+    // -B NAME: every served qcow2 image that has the bitmap offers it.
+    for b in &a.bitmaps {
+        if !exports.iter().any(|(_, _, img)| has_bitmap(img.as_deref(), b)) {
+            return Err(Error::new(
+                vdisk::ErrorKind::NotFound,
+                format!("-B {b}: no served image has a bitmap of that name"),
+            ));
+        }
+    }
+    for (name, dev, img) in exports {
+        let bitmaps: Vec<(String, Arc<dyn vdisk::nbd::DirtyBitmap>)> = a
+            .bitmaps
+            .iter()
+            .filter(|b| has_bitmap(img.as_deref(), b))
+            .map(|b| {
+                let bm: Arc<dyn vdisk::nbd::DirtyBitmap> =
+                    Arc::new(QcowBitmap { img: img.clone().expect("has the bitmap"), name: b.clone() });
+                (b.clone(), bm)
+            })
+            .collect();
         let dev: Arc<dyn BlockDevice> = match cache {
             "writethrough" | "directsync" => Arc::new(WriteThrough(dev)),
             "unsafe" => Arc::new(NoFlush(dev)),
@@ -297,6 +339,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             .detect_zeroes(detect)
             .allocation_depth(a.allocation_depth)
             .description(a.description.clone());
+        let e = bitmaps.into_iter().fold(e, |e, (n, bm)| e.bitmap(n, bm));
         server.add_export(e)?;
     }
     let listener = match &a.socket {

@@ -578,6 +578,31 @@ impl Qcow2 {
         Ok(ranges_of(b.bits.as_ref().expect("loaded above"), b.granularity_bits, offset, end))
     }
 
+    /// Whether guest offset `offset` is dirty in the bitmap `name`, and for
+    /// how many bytes from there (at most `max_len`, at least 1 when
+    /// `max_len > 0` and `offset` is inside the disk) that stays so: what an
+    /// NBD `qemu:dirty-bitmap` block status answers.
+    pub fn bitmap_extent(&self, name: &str, offset: u64, max_len: u64) -> Result<(u64, bool)> {
+        let size = self.size();
+        let end = offset.saturating_add(max_len).min(size);
+        if offset >= end {
+            return Ok((0, false));
+        }
+        self.bitmap_dirty_ranges(name, 0, 0)?; // loads the bits if needed, checks the name
+        let st = self.bitmaps.read();
+        let i = st.usable(name)?;
+        let b = &st.list[i];
+        let g = b.granularity_bits;
+        let bits = b.bits.as_ref().ok_or_else(|| Error::internal("bitmap bits not loaded"))?;
+        let first = offset >> g;
+        let last = end.div_ceil(1 << g);
+        Ok(match bits.runs(first, last, 1).first() {
+            Some(&(s, e)) if s <= first => ((e << g).min(end) - offset, true),
+            Some(&(s, _)) => ((s << g).min(end) - offset, false),
+            None => (end - offset, false),
+        })
+    }
+
     /// Marks every range of `src` dirty in the bitmap `name` (of any
     /// granularity: a source bit marks every bit it overlaps).
     pub fn bitmap_merge_from(&self, name: &str, src: &DirtyRanges) -> Result<()> {
