@@ -81,6 +81,7 @@ mod crypto;
 pub mod device;
 pub mod error;
 pub mod limits;
+pub mod luks;
 pub mod open;
 pub mod pool;
 pub mod probe;

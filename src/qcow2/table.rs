@@ -72,6 +72,8 @@ pub(crate) struct Reserved {
     /// The bitmap directory, when the bitmaps extension was consistent at
     /// open (kept for the session although vdisk clears the autoclear bit).
     bitmap_directory: Range<u64>,
+    /// The LUKS header area (full disk encryption header extension).
+    crypto_header: Range<u64>,
     /// The active L1 table.
     l1: Range<u64>,
     /// The refcount table.
@@ -101,6 +103,9 @@ impl Reserved {
         r.set_snapshot_l1s(snapshots);
         if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
             r.bitmap_directory = r.span(b.directory_offset, b.directory_size);
+        }
+        if let Some((o, l)) = h.crypto_header {
+            r.crypto_header = r.span(o, l);
         }
         r
     }
@@ -144,7 +149,7 @@ impl Reserved {
     /// Whether `[offset, offset + len)` overlaps a reserved range.
     pub(crate) fn overlaps(&self, offset: u64, len: u64) -> bool {
         let end = offset.saturating_add(len);
-        [&self.header, &self.bitmap_directory, &self.l1, &self.refcount, &self.snapshots]
+        [&self.header, &self.bitmap_directory, &self.crypto_header, &self.l1, &self.refcount, &self.snapshots]
             .into_iter()
             .chain(&self.snapshot_l1s)
             .any(|r| offset < r.end && r.start < end)

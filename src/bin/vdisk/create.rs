@@ -126,7 +126,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                     line.push_str(&format!(" backing_fmt={f}"));
                 }
                 if o.encrypt.is_some() {
-                    line.push_str(" encrypt.format=aes");
+                    line.push_str(if o.luks.is_some() { " encrypt.format=luks" } else { " encrypt.format=aes" });
                 }
                 line.push_str(&format!(
                     " lazy_refcounts={} refcount_bits={}",

@@ -69,7 +69,7 @@ fn parse() -> (Cli, Option<std::path::PathBuf>) {
         });
     }
     let matches = cmd.get_matches();
-    let config_dir = matches.subcommand().and_then(|(_, m)| m.get_one::<std::path::PathBuf>("config-dir").cloned());
+    let config_dir = matches.subcommand().and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     (cli, config_dir)
 }

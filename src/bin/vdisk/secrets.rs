@@ -128,7 +128,7 @@ impl SecretArgs {
                 "file.filename" | "filename" => spec.path = PathBuf::from(v),
                 "file.driver" if v == "file" => {}
                 "encrypt.key-secret" => spec.key_secret = Some(v.to_string()),
-                "encrypt.format" if v == "aes" => {}
+                "encrypt.format" if v == "aes" || v == "luks" => {}
                 _ => return Err(Error::invalid_argument(format!("image option '{k}' is not supported"))),
             }
         }
