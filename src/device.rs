@@ -16,6 +16,8 @@ pub enum Format {
     Qcow2,
     /// VMware virtual disk.
     Vmdk,
+    /// LUKS1 encrypted volume (QEMU's `luks` driver).
+    Luks,
 }
 
 impl Format {
@@ -25,6 +27,7 @@ impl Format {
             Format::Raw => "raw",
             Format::Qcow2 => "qcow2",
             Format::Vmdk => "vmdk",
+            Format::Luks => "luks",
         }
     }
 
@@ -34,6 +37,7 @@ impl Format {
             "raw" => Ok(Format::Raw),
             "qcow2" => Ok(Format::Qcow2),
             "vmdk" => Ok(Format::Vmdk),
+            "luks" => Ok(Format::Luks),
             other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
@@ -124,6 +128,8 @@ pub enum FormatDetails {
     Qcow2(Qcow2Details),
     /// vmdk facts.
     Vmdk(VmdkDetails),
+    /// LUKS facts.
+    Luks(crate::luks::LuksDetails),
 }
 
 /// qcow2 facts for `info`.

@@ -50,6 +50,8 @@ pub struct OpenOptions {
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
     key: Option<crate::crypto::Secret>,
+    /// A LUKS volume's detached header file.
+    luks_header: Option<PathBuf>,
     inspect_only: bool,
     lock: LockMode,
     cache: CacheMode,
@@ -86,6 +88,7 @@ impl OpenOptions {
             confine_to: None,
             vmdk_external_extents: false,
             key: None,
+            luks_header: None,
             inspect_only: false,
             lock: LockMode::Auto,
             cache: CacheMode::Writeback,
@@ -108,7 +111,15 @@ impl OpenOptions {
         self
     }
 
-    /// The passphrase for encrypted (legacy AES qcow2) images in the chain.
+    /// The detached header of a LUKS volume (QEMU's `header=` of the `luks`
+    /// driver): the header is read from this file, the payload is the
+    /// opened file from its first byte.
+    pub fn luks_header(mut self, path: impl Into<PathBuf>) -> Self {
+        self.luks_header = Some(path.into());
+        self
+    }
+
+    /// The passphrase for encrypted (legacy AES or LUKS) images.
     pub fn key(mut self, key: crate::crypto::Secret) -> Self {
         self.key = Some(key);
         self
@@ -285,6 +296,19 @@ impl OpenOptions {
                 };
                 Ok(Image::Vmdk(Vmdk::open_with(storage, opts, &opener)?))
             }
+            Format::Luks => {
+                let header: Option<Arc<dyn Storage>> = match &self.luks_header {
+                    Some(p) if depth == 0 => Some(Arc::new(FileStorage::open_locked(p, read_only, self.lock)?)),
+                    _ => None,
+                };
+                let opts = crate::luks::LuksOptions {
+                    read_only,
+                    key: self.key.clone(),
+                    inspect_only: self.inspect_only,
+                    header,
+                };
+                Ok(Image::Luks(crate::luks::Luks::open(storage, opts)?))
+            }
         }
     }
 
@@ -415,6 +439,8 @@ pub enum Image {
     Qcow2(Qcow2),
     /// A vmdk image.
     Vmdk(Vmdk),
+    /// A LUKS volume.
+    Luks(crate::luks::Luks),
 }
 
 impl Image {
@@ -423,6 +449,7 @@ impl Image {
             Image::Raw(d) => d,
             Image::Qcow2(d) => d,
             Image::Vmdk(d) => d,
+            Image::Luks(d) => d,
         }
     }
 
@@ -432,6 +459,7 @@ impl Image {
             Image::Raw(_) => Format::Raw,
             Image::Qcow2(_) => Format::Qcow2,
             Image::Vmdk(_) => Format::Vmdk,
+            Image::Luks(_) => Format::Luks,
         }
     }
 
@@ -443,6 +471,7 @@ impl Image {
             Image::Raw(d) => d.close(),
             Image::Qcow2(d) => d.close(),
             Image::Vmdk(d) => d.close(),
+            Image::Luks(d) => d.close(),
         }
     }
 
@@ -452,6 +481,7 @@ impl Image {
             Image::Raw(r) => r.storage().allocated_bytes(),
             Image::Qcow2(q) => q.file().allocated_bytes(),
             Image::Vmdk(v) => v.allocated_bytes(),
+            Image::Luks(l) => l.payload_file().allocated_bytes(),
         }
     }
 }

@@ -78,6 +78,7 @@ impl VolumeSpec {
     pub(crate) fn validate(&self) -> Result<()> {
         check_volume_name(&self.name)?;
         match self.format {
+            Format::Luks => return Err(Error::unsupported("luks volumes cannot be created in a pool yet")),
             Format::Raw => {
                 if self.backing.is_some() {
                     return Err(Error::unsupported("backing storage not supported for raw volumes"));

@@ -98,9 +98,11 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     let pattern = parse_byte(&a.pattern)?;
     let spec = a.secrets.image(&a.image, a.format.as_deref())?;
     let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let img = crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?
-        .cache(cache)
-        .open(&spec.path)?;
+    let mut opts = crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?.cache(cache);
+    if let Some(h) = &spec.luks_header {
+        opts = opts.luks_header(h);
+    }
+    let img = opts.open(&spec.path)?;
     let size = img.size();
     if offset.checked_add(bufsize).is_none_or(|e| e > size) {
         return Err(Error::invalid_argument(format!(

@@ -102,6 +102,7 @@ fn copy(src: &dyn BlockDevice, dst_path: &std::path::Path, fmt: Format, start: u
             Box::new(vdisk::Qcow2::create_file(dst_path, &vdisk::qcow2::create::CreateOptions::new(size))?)
         }
         Format::Vmdk => Box::new(vdisk::Vmdk::create(dst_path, size, &vdisk::VmdkCreateOptions::default())?),
+        Format::Luks => return Err(Error::unsupported("dd cannot create luks output (it needs a passphrase)")),
     };
     // Blocks of `bs`, read and written in pieces of at most 4 MiB.
     let chunk = bs.min(4 << 20);
