@@ -170,19 +170,23 @@ pub enum IvGen {
 }
 
 impl IvGen {
-    /// Parses `plain`, `plain64`, `essiv:HASH`.
+    /// Parses `plain`, `plain64`, `essiv:HASH`. QEMU writes the hash it
+    /// was given after `plain` and `plain64` too (`plain64:sha256`): it is
+    /// checked and unused.
     pub fn from_name(s: &str) -> Result<IvGen> {
-        Ok(match s {
-            "plain" => IvGen::Plain,
-            "plain64" => IvGen::Plain64,
-            _ => match s.strip_prefix("essiv:") {
-                Some(h) => IvGen::Essiv(LuksHash::from_name(h)?),
-                None => {
-                    return Err(Error::unsupported(format!(
-                        "LUKS IV generator '{s}' is not supported (plain, plain64, essiv:HASH)"
-                    )))
-                }
-            },
+        let (alg, hash) = match s.split_once(':') {
+            Some((a, h)) => (a, Some(LuksHash::from_name(h)?)),
+            None => (s, None),
+        };
+        Ok(match (alg, hash) {
+            ("plain", _) => IvGen::Plain,
+            ("plain64", _) => IvGen::Plain64,
+            ("essiv", Some(h)) => IvGen::Essiv(h),
+            _ => {
+                return Err(Error::unsupported(format!(
+                    "LUKS IV generator '{s}' is not supported (plain, plain64, essiv:HASH)"
+                )))
+            }
         })
     }
 
@@ -419,6 +423,8 @@ mod tests {
         assert_eq!(parse_mode("cbc-essiv:sha256").unwrap(), (LuksMode::Cbc, IvGen::Essiv(LuksHash::Sha256)));
         assert!(parse_mode("ecb").unwrap_err().to_string().contains("ecb"));
         assert!(parse_mode("cbc-benbi").unwrap_err().to_string().contains("benbi"));
+        assert_eq!(parse_mode("cbc-plain64:sha256").unwrap(), (LuksMode::Cbc, IvGen::Plain64));
+        assert!(parse_mode("cbc-essiv").is_err());
         assert!(LuksHash::from_name("ripemd160").unwrap_err().to_string().contains("ripemd160"));
     }
 }

@@ -14,7 +14,9 @@
 //! wrong passphrase is a [`Crypto`](crate::ErrorKind::Crypto) error. Holes
 //! in the payload file read as whatever zeros decrypt to, as with QEMU.
 
-mod keyslots;
+pub(crate) mod keyslots;
+
+pub use keyslots::{KeyslotChange, SlotState};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -116,8 +118,8 @@ pub struct Luks {
     header: Mutex<Luks1Header>,
     /// `None` when opened for inspection only.
     cipher: Option<LuksCipher>,
-    /// The master key (for adding key slots).
-    master_key: Option<Secret>,
+    /// The passphrase it was opened with (for key-slot changes).
+    passphrase: Option<Secret>,
     /// Payload byte offset in the payload file.
     offset: u64,
     size: AtomicU64,
@@ -190,13 +192,13 @@ impl Luks {
                 &*header_file,
             ));
         }
-        let (cipher, master_key) = match &opts.key {
+        let cipher = match &opts.key {
             Some(k) => {
                 let (mk, _) =
                     h.unlock(k, None, &|o, b| header_file.read_at(b, o)).map_err(|e| lerr(e, &*header_file))?;
-                (Some(h.cipher(&mk)?), Some(mk))
+                Some(h.cipher(&mk)?)
             }
-            None if opts.inspect_only && opts.read_only => (None, None),
+            None if opts.inspect_only && opts.read_only => None,
             None => {
                 return Err(lerr(
                     Error::new(ErrorKind::Crypto, "the volume is encrypted (LUKS): a passphrase is needed to open it"),
@@ -211,7 +213,7 @@ impl Luks {
             detached,
             header: Mutex::new(h),
             cipher,
-            master_key,
+            passphrase: opts.key.clone(),
             offset,
             size: AtomicU64::new(size),
             read_only,

@@ -127,6 +127,29 @@ pub(crate) fn cipher_for(
     }
 }
 
+impl Qcow2 {
+    /// Adds or removes LUKS passphrases (`qemu-img amend -o
+    /// encrypt.state=...`); `unlock` is the passphrase the image opens
+    /// with. The header clusters are rewritten in place.
+    pub fn change_luks_keyslots(&self, unlock: &Secret, c: &crate::luks::KeyslotChange) -> Result<()> {
+        self.check_writable()?;
+        let h = self.header.lock().clone();
+        if h.crypt_method != header::CRYPT_LUKS {
+            return Err(self.err(Error::invalid_argument("the image is not LUKS encrypted").with_field("crypt_method")));
+        }
+        luks_header(&h, &*self.file)?;
+        let base = h.crypto_header.map_or(0, |c| c.0);
+        crate::luks::keyslots::apply(&*self.file, base, unlock, c).map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The LUKS header of a `crypt_method` 2 image, if it is one.
+    pub fn luks_header(&self) -> Option<Luks1Header> {
+        let h = self.header.lock().clone();
+        (h.crypt_method == header::CRYPT_LUKS).then(|| luks_header(&h, &*self.file).ok()).flatten()
+    }
+}
+
 /// Whether `[start, end)` of a cluster covers whole sectors.
 pub(crate) fn sector_aligned(start: u64, end: u64) -> bool {
     start.is_multiple_of(SECTOR) && end.is_multiple_of(SECTOR)

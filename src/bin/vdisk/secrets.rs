@@ -137,8 +137,12 @@ impl SecretArgs {
                 "file.filename" | "filename" => spec.path = PathBuf::from(v),
                 "file.driver" if v == "file" => {}
                 "encrypt.key-secret" | "key-secret" => spec.key_secret = Some(v.to_string()),
+                // QEMU's `header=` node of the luks driver: a file node
+                // (`header.driver=file,header.filename=P`) or a format node
+                // over one (`header.file.filename=P`).
                 "header.file.filename" | "header.filename" => spec.luks_header = Some(PathBuf::from(v)),
-                "header.driver" | "header.file.driver" if v == "file" => {}
+                "header.driver" if v == "file" || v == "raw" => {}
+                "header.file.driver" if v == "file" => {}
                 "encrypt.format" if v == "aes" || v == "luks" => {}
                 _ => return Err(Error::invalid_argument(format!("image option '{k}' is not supported"))),
             }
