@@ -391,3 +391,81 @@ fn cryptsetup_luks1_header_reads() {
     let (c, _, _) = run_status("cryptsetup", &["open", "--test-passphrase", "--key-file", &kf, &ps]);
     assert_eq!(c, 0);
 }
+
+/// Key slots: added and removed with vdisk, unlocked by qemu; added and
+/// removed with qemu-img amend, unlocked by vdisk; the last slot is never
+/// erased without --force.
+#[test]
+fn keyslots_both_ways() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let vd = env!("CARGO_BIN_EXE_vdisk");
+    let objs = ["--object", OBJ, "--object", "secret,id=sec1,data=second", "--object", "secret,id=sec2,data=third"];
+    for fmt in ["luks", "qcow2"] {
+        let p = d.path().join(format!("k.{fmt}"));
+        let ps = p.display().to_string();
+        let (pre, o) = if fmt == "luks" { ("", "key-secret=sec0,iter-time=10") } else {
+            ("encrypt.", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
+        };
+        run(vd, &["create", "-q", "--object", OBJ, "-f", fmt, "-o", o, &ps, "1M"]);
+        let with = |id: &str| match fmt {
+            "luks" => format!("driver=luks,file.filename={ps},key-secret={id}"),
+            _ => format!("driver=qcow2,file.filename={ps},encrypt.key-secret={id}"),
+        };
+        let amend = |tool: &str, id: &str, opts: String, force: bool| {
+            let io = with(id);
+            let mut args: Vec<&str> = vec!["amend"];
+            args.extend(objs);
+            args.extend(["--image-opts", &io, "-o", &opts]);
+            if force {
+                args.push("--force");
+            }
+            run_status(tool, &args)
+        };
+        let qemu_opens = |id: &str| {
+            let io = with(id);
+            let mut args: Vec<&str> = objs.to_vec();
+            args.extend(["--image-opts", &io, "-c", "read 0 512"]);
+            run_status("qemu-io", &args).0 == 0
+        };
+        let vdisk_opens = |id: &str| {
+            let io = with(id);
+            let mut args: Vec<&str> = vec!["io"];
+            args.extend(objs);
+            args.extend(["--image-opts", &io, "-c", "read 0 512"]);
+            run_status(vd, &args).0 == 0
+        };
+        // vdisk adds sec1, qemu opens with it.
+        let r = amend(vd, "sec0", format!("{pre}state=active,{pre}new-secret=sec1,{pre}iter-time=10"), false);
+        assert_eq!(r.0, 0, "{r:?}");
+        assert!(qemu_opens("sec1") && qemu_opens("sec0"));
+        // vdisk removes sec0 by passphrase; qemu no longer opens with it.
+        let r = amend(vd, "sec1", format!("{pre}state=inactive,{pre}old-secret=sec0"), false);
+        assert_eq!(r.0, 0, "{r:?}");
+        assert!(!qemu_opens("sec0") && qemu_opens("sec1"));
+        // The last slot stays unless forced.
+        let r = amend(vd, "sec1", format!("{pre}state=inactive,{pre}keyslot=1"), false);
+        assert_ne!(r.0, 0);
+        assert!(r.2.contains("last active key slot"), "{}", r.2);
+        assert!(vdisk_opens("sec1"));
+        // qemu-img amend adds sec2 in slot 5 and removes sec1; vdisk follows.
+        let r = amend("qemu-img", "sec1", format!("{pre}state=active,{pre}new-secret=sec2,{pre}iter-time=10,{pre}keyslot=5"), false);
+        assert_eq!(r.0, 0, "{r:?}");
+        assert!(vdisk_opens("sec2") && vdisk_opens("sec1"));
+        let r = amend("qemu-img", "sec2", format!("{pre}state=inactive,{pre}keyslot=1"), false);
+        assert_eq!(r.0, 0, "{r:?}");
+        assert!(vdisk_opens("sec2") && !vdisk_opens("sec1"));
+        // vdisk refuses to overwrite qemu's active slot 5.
+        let r = amend(vd, "sec2", format!("{pre}state=active,{pre}new-secret=sec1,{pre}keyslot=5,{pre}iter-time=10"), false);
+        assert_ne!(r.0, 0);
+        if fmt == "qcow2" {
+            let io = with("sec2");
+            let mut args: Vec<&str> = vec!["check"];
+            args.extend(objs);
+            args.extend(["--image-opts", &io]);
+            assert_eq!(run_status("qemu-img", &args).0, 0);
+        }
+    }
+}

@@ -46,11 +46,6 @@ impl Cipher {
             Cipher::Luks(c) => c.decrypt(host / SECTOR, data),
         }
     }
-
-    /// Whether moving data to another host offset changes its ciphertext.
-    pub(crate) fn host_bound(&self) -> bool {
-        matches!(self, Cipher::Luks(_))
-    }
 }
 
 /// The LUKS header of a `crypt_method` 2 image, validated against the
