@@ -157,6 +157,8 @@ pub struct Qcow2Details {
     pub snapshots: Vec<SnapshotInfo>,
     /// Number of persistent bitmaps recorded.
     pub bitmaps: u32,
+    /// The LUKS header's facts (`encrypt.format=luks`).
+    pub luks: Option<crate::luks::LuksDetails>,
 }
 
 /// One internal snapshot, as `qemu-img snapshot -l` lists it.

@@ -469,3 +469,56 @@ fn keyslots_both_ways() {
         }
     }
 }
+
+/// `vdisk info` (no passphrase) shows the LUKS facts `qemu-img info` shows.
+#[test]
+fn info_matches_qemu_img() {
+    if !have_qemu() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    for (fmt, o) in [
+        ("luks", "key-secret=sec0,iter-time=10,cipher-mode=cbc,ivgen-alg=essiv"),
+        ("qcow2", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"),
+    ] {
+        let p = d.path().join(format!("i.{fmt}"));
+        let ps = p.display().to_string();
+        run("qemu-img", &["create", "-q", "--object", OBJ, "-f", fmt, "-o", o, &ps, "1M"]);
+        // The image's own format-specific object (qemu-img also lists its
+        // child file node's).
+        let fs = |s: String| {
+            let start = s
+                .match_indices("\"format-specific\"")
+                .map(|(i, _)| i)
+                .find(|&i| !s[i..].chars().filter(|c| !c.is_whitespace()).collect::<String>().contains("{\"type\":\"file\""))
+                .unwrap();
+            let v: String = s[start..].chars().filter(|c| !c.is_whitespace()).collect();
+            // Up to the closing brace of the object.
+            let mut depth = 0;
+            let mut end = 0;
+            for (i, c) in v.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            end = i;
+                            break;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            v[..=end].to_string()
+        };
+        let q = fs(run("qemu-img", &["info", "--output=json", &ps]));
+        let v = fs(run(env!("CARGO_BIN_EXE_vdisk"), &["info", "--output=json", &ps]));
+        // Same keys and values, whatever the key order.
+        let mut qs: Vec<char> = q.chars().collect();
+        let mut vs: Vec<char> = v.chars().collect();
+        qs.sort_unstable();
+        vs.sort_unstable();
+        assert_eq!(qs, vs, "\nqemu:  {q}\nvdisk: {v}");
+        assert!(v.contains("\"payload-offset\""), "{v}");
+    }
+}

@@ -378,6 +378,10 @@ impl Qcow2 {
             data_file_raw: h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
             snapshots: self.snapshots.read().iter().map(|s| s.info(size)).collect(),
             bitmaps: h.bitmaps.map_or(0, |b| b.nb_bitmaps),
+            luks: (h.crypt_method == header::CRYPT_LUKS)
+                .then(|| crypt::luks_header(&h, &*self.file).ok())
+                .flatten()
+                .map(|l| crate::luks::LuksDetails::of(&l, false)),
         }
     }
 

@@ -104,7 +104,11 @@ fn to_json(l: &Layer) -> Value {
                 d.insert("compression-type".into(), json!(q.compression_type));
             }
             d.insert("refcount-bits".into(), json!(q.refcount_bits));
-            if i.encrypted {
+            if let Some(l) = &q.luks {
+                let mut e = crate::luks_info::json(l);
+                e.insert("format".into(), json!("luks"));
+                d.insert("encrypt".into(), Value::Object(e));
+            } else if i.encrypted {
                 d.insert("encrypt".into(), json!({ "format": "aes" }));
             }
             d.insert("corrupt".into(), json!(q.corrupt));
@@ -114,6 +118,12 @@ fn to_json(l: &Layer) -> Value {
                 d.insert("data-file-raw".into(), json!(q.data_file_raw));
             }
             m.insert("format-specific".into(), json!({ "type": "qcow2", "data": Value::Object(d) }));
+        }
+        FormatDetails::Luks(l) => {
+            m.insert(
+                "format-specific".into(),
+                json!({ "type": "luks", "data": Value::Object(crate::luks_info::json(l)) }),
+            );
         }
         FormatDetails::Vmdk(v) => {
             let extents: Vec<Value> = v
@@ -206,7 +216,11 @@ fn print_human(l: &Layer) {
                 outln!("    lazy refcounts: {}", q.lazy_refcounts);
             }
             outln!("    refcount bits: {}", q.refcount_bits);
-            if i.encrypted {
+            if let Some(l) = &q.luks {
+                outln!("    encrypt:");
+                crate::luks_info::human(l, "        ");
+                outln!("        format: luks");
+            } else if i.encrypted {
                 outln!("    encrypt:");
                 outln!("        format: aes");
             }
@@ -235,6 +249,10 @@ fn print_human(l: &Layer) {
                 }
                 outln!("            format: {}", e.kind);
             }
+        }
+        FormatDetails::Luks(l) => {
+            outln!("Format specific information:");
+            crate::luks_info::human(l, "    ");
         }
         _ => {}
     }

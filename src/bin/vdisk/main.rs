@@ -24,6 +24,7 @@ mod convert;
 mod create;
 mod dd;
 mod info;
+mod luks_info;
 mod io;
 mod map;
 mod measure;
