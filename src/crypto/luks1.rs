@@ -612,6 +612,42 @@ pub fn area_len(p: &Luks1Params) -> u64 {
 mod tests {
     use super::*;
 
+    /// A tiny volume: aes-128-cbc-plain64, one-stripe key slots, slot 0
+    /// opened by `pass` with 1000 iterations, 4 KiB of payload holding
+    /// `0x5a` bytes. Seeds the `luks_header` fuzz corpus.
+    pub(crate) fn tiny_volume(pass: &str) -> Vec<u8> {
+        let p = Luks1Params { aes_bits: 128, mode: LuksMode::Cbc, iter_time_ms: 1, ..Default::default() };
+        let (mut h, mk, _) = create(&p, &Secret::new(pass)).unwrap();
+        for (i, s) in h.slots.iter_mut().enumerate() {
+            *s = KeySlot { active: false, iterations: 0, salt: [0; SALT_LEN], key_offset: 2 + i as u32, stripes: 1 };
+        }
+        h.payload_offset = 16;
+        h.mk_digest_iter = 1000;
+        h.hash.pbkdf2(mk.expose(), &h.mk_digest_salt, 1000, &mut h.mk_digest);
+        let (off, mat) = h.set_slot(0, &mk, &Secret::new(pass), 1000).unwrap();
+        let mut v = vec![0u8; 16 * SECTOR + 4096];
+        v[..HEADER_LEN].copy_from_slice(&h.encode());
+        v[off as usize..off as usize + mat.len()].copy_from_slice(&mat);
+        let mut payload = vec![0x5au8; 4096];
+        h.cipher(&mk).unwrap().encrypt(0, &mut payload).unwrap();
+        v[16 * SECTOR..].copy_from_slice(&payload);
+        v
+    }
+
+    #[test]
+    fn tiny_volume_unlocks() {
+        let v = tiny_volume("vdisk-fuzz");
+        let h = Luks1Header::parse(&v).unwrap();
+        let read = |o: u64, b: &mut [u8]| {
+            b.copy_from_slice(&v[o as usize..o as usize + b.len()]);
+            Ok(())
+        };
+        assert_eq!(h.unlock(&Secret::new("vdisk-fuzz"), None, &read).unwrap().1, 0);
+        if let Ok(p) = std::env::var("VDISK_WRITE_LUKS_SEED") {
+            std::fs::write(p, &v).unwrap();
+        }
+    }
+
     #[test]
     fn af_split_then_merge_gives_the_key() {
         let key: Vec<u8> = (0..64u8).collect();

@@ -28,13 +28,15 @@ use crate::vmdk::header::SparseHeader;
 use crate::{Qcow2, Qcow2Options, Raw, Secret, Vmdk, VmdkOptions};
 
 mod images;
+mod luks;
 mod ops;
 
 pub use images::{open_qcow2, open_vmdk, pool_xml, probe, split_files, vmdk_descriptor, FILE_MARKER};
+pub use luks::luks_header;
 pub use ops::qcow2_ops;
 
 /// The target names, as in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: &[&str] = &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml"];
+pub const TARGETS: &[&str] = &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml", "luks_header"];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> bool {
@@ -45,6 +47,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "probe" => probe(data),
         "qcow2_ops" => qcow2_ops(data),
         "pool_xml" => pool_xml(data),
+        "luks_header" => luks_header(data),
         _ => return false,
     }
     true
