@@ -118,6 +118,9 @@ impl Luks1Header {
             return Err(bad("magic", "not a LUKS header (bad magic)".into()));
         }
         let version = u16::from_be_bytes([b[6], b[7]]);
+        if version == 2 {
+            return Err(Error::unsupported("LUKS2 headers are not supported here (LUKS1 only)").with_field("version"));
+        }
         if version != 1 {
             return Err(Error::unsupported(format!("LUKS version {version} is not LUKS1")).with_field("version"));
         }
@@ -177,7 +180,14 @@ impl Luks1Header {
     fn validate_slots(&self) -> Result<()> {
         let mut spans: Vec<(u64, u64, usize)> = Vec::new();
         for (i, s) in self.slots.iter().enumerate() {
-            if s.stripes == 0 || s.stripes > LUKS_MAX_STRIPES {
+            if s.stripes > LUKS_MAX_STRIPES {
+                return Err(Error::limit(format!(
+                    "LUKS key slot {i} has {} stripes, above the limit of {LUKS_MAX_STRIPES}",
+                    s.stripes
+                ))
+                .with_field("key_slot.stripes"));
+            }
+            if s.stripes == 0 {
                 return Err(bad(
                     "key_slot.stripes",
                     format!("LUKS key slot {i} has {} stripes (1 to {LUKS_MAX_STRIPES})", s.stripes),
@@ -375,11 +385,14 @@ impl Luks1Header {
 }
 
 fn check_iterations(n: u32, field: &'static str) -> Result<()> {
-    if n == 0 || n > LUKS_MAX_PBKDF2_ITERATIONS {
-        return Err(bad(
-            field,
-            format!("LUKS PBKDF2 iteration count {n} is out of range (1 to {LUKS_MAX_PBKDF2_ITERATIONS})"),
-        ));
+    if n == 0 {
+        return Err(bad(field, "LUKS PBKDF2 iteration count is 0".into()));
+    }
+    if n > LUKS_MAX_PBKDF2_ITERATIONS {
+        return Err(Error::limit(format!(
+            "LUKS PBKDF2 iteration count {n} is above the limit of {LUKS_MAX_PBKDF2_ITERATIONS} (refused before any work)"
+        ))
+        .with_field(field));
     }
     Ok(())
 }

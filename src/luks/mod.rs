@@ -156,12 +156,6 @@ pub fn read_header(st: &dyn Storage) -> Result<Luks1Header> {
     }
     let mut b = vec![0u8; HEADER_LEN];
     st.read_at(&mut b, 0)?;
-    if luks1::is_luks(&b) && u16::from_be_bytes([b[6], b[7]]) == 2 {
-        return Err(lerr(
-            Error::unsupported("LUKS2 headers are not supported (LUKS1 only)").with_field("version"),
-            st,
-        ));
-    }
     let h = Luks1Header::parse(&b).map_err(|e| lerr(e, st))?;
     if h.area_end() > len {
         return Err(lerr(
@@ -192,6 +186,14 @@ impl Luks {
                 &*header_file,
             ));
         }
+        let plen = payload.len()?;
+        if plen < offset {
+            return Err(lerr(
+                Error::invalid(format!("the file of {plen} bytes ends before the LUKS payload offset {offset}"))
+                    .with_field("payload_offset"),
+                &*header_file,
+            ));
+        }
         let cipher = match &opts.key {
             Some(k) => {
                 let (mk, _) =
@@ -206,7 +208,7 @@ impl Luks {
                 ))
             }
         };
-        let size = payload.len()?.saturating_sub(offset) / S * S;
+        let size = (plen - offset) / S * S;
         Ok(Luks {
             header_file,
             payload,
