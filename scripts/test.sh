@@ -16,6 +16,9 @@ command -v qemu-img >/dev/null 2>&1 && command -v qemu-io >/dev/null 2>&1 || nee
 # replace qemu-utils with an older qemu.
 command -v virt-xml-validate >/dev/null 2>&1 || need+=(libvirt-clients)
 command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
+# cryptsetup formats and dumps LUKS headers on plain files (the LUKS tests'
+# second oracle; no device mapper needed).
+command -v cryptsetup >/dev/null 2>&1 || [ -x /usr/sbin/cryptsetup ] || need+=(cryptsetup-bin)
 if [ ${#need[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "missing ${need[*]} and apt-get is not available: install them, then run this again" >&2
