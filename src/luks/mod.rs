@@ -317,8 +317,13 @@ const PARALLEL_MIN: usize = 256 << 10;
 
 fn parallel(c: &LuksCipher, sector: u64, buf: &mut [u8], enc: bool) -> Result<()> {
     let run = |s: u64, b: &mut [u8]| if enc { c.encrypt(s, b) } else { c.decrypt(s, b) };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if buf.len() < PARALLEL_MIN || threads < 2 {
+    if buf.len() < PARALLEL_MIN {
+        return run(sector, buf);
+    }
+    // Asked once: the answer costs system calls (affinity, cgroup quota).
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads = *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(8));
+    if threads < 2 {
         return run(sector, buf);
     }
     let chunk = buf.len().div_ceil(threads).div_ceil(SECTOR) * SECTOR;
