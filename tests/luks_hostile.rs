@@ -63,7 +63,12 @@ fn pokes() -> Vec<Poke> {
         p("key offset past payload", vec![(slot(7, 40), be32(0x7fff_0000))], ErrorKind::InvalidImage, &["slot 7"]),
         p("slots overlap", vec![(slot(1, 40), be32(9))], ErrorKind::InvalidImage, &["overlapping"]),
         p("payload inside key material", vec![(104, be32(100))], ErrorKind::InvalidImage, &["payload"]),
-        p("all slots inactive", (0..8).map(|i| (slot(i, 0), be32(0xdead))).collect(), ErrorKind::Crypto, &["passphrase"]),
+        p(
+            "all slots inactive",
+            (0..8).map(|i| (slot(i, 0), be32(0xdead))).collect(),
+            ErrorKind::Crypto,
+            &["passphrase"],
+        ),
     ]
 }
 
@@ -104,7 +109,21 @@ fn hostile_standalone_headers() {
     }
     let d = tempfile::tempdir().unwrap();
     let orig = d.path().join("orig.luks");
-    run("qemu-img", &["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", orig.to_str().unwrap(), "64k"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            OBJ,
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            orig.to_str().unwrap(),
+            "64k",
+        ],
+    );
     for poke in pokes() {
         let img = d.path().join("poked.luks");
         std::fs::copy(&orig, &img).unwrap();
@@ -122,10 +141,22 @@ fn hostile_qcow2_luks_headers() {
     let orig = d.path().join("orig.qcow2");
     run(
         "qemu-img",
-        &["create", "-q", "--object", OBJ, "-f", "qcow2", "-o", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10", orig.to_str().unwrap(), "1M"],
+        &[
+            "create",
+            "-q",
+            "--object",
+            OBJ,
+            "-f",
+            "qcow2",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            orig.to_str().unwrap(),
+            "1M",
+        ],
     );
-    let base = vdisk::Qcow2::read_header(&vdisk::FileStorage::open(&orig, true).unwrap()).unwrap().crypto_header.unwrap().0
-        as usize;
+    let base =
+        vdisk::Qcow2::read_header(&vdisk::FileStorage::open(&orig, true).unwrap()).unwrap().crypto_header.unwrap().0
+            as usize;
     for poke in pokes() {
         // The payload offset is unused inside qcow2.
         if poke.name == "payload inside key material" || poke.name == "key offset past payload" {
@@ -145,7 +176,21 @@ fn truncated_volumes_are_refused() {
     }
     let d = tempfile::tempdir().unwrap();
     let orig = d.path().join("orig.luks");
-    run("qemu-img", &["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", orig.to_str().unwrap(), "64k"]);
+    run(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "--object",
+            OBJ,
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10",
+            orig.to_str().unwrap(),
+            "64k",
+        ],
+    );
     let full = std::fs::read(&orig).unwrap();
     for cut in [0usize, 6, 100, 591, 592, 4096, 100_000, full.len() - 65536 - 1] {
         let img = d.path().join("cut.luks");

@@ -111,7 +111,9 @@ fn model(writes: &[(u8, u64, u64)], size: usize) -> Vec<u8> {
 fn qemu_then_vdisk(fmt: &str, dir: &Path, n: usize, c: &[&str; 4]) {
     let p = dir.join(format!("q{n}.{fmt}"));
     let ps = p.display().to_string();
-    let o = if fmt == "luks" { format!("key-secret=sec0,{}", opts_of(c, "")) } else {
+    let o = if fmt == "luks" {
+        format!("key-secret=sec0,{}", opts_of(c, ""))
+    } else {
         format!("encrypt.format=luks,encrypt.key-secret=sec0,{}", opts_of(c, "encrypt."))
     };
     run("qemu-img", &["create", "-q", "--object", OBJ, "-f", fmt, "-o", &o, &ps, "1M"]);
@@ -168,10 +170,7 @@ fn vdisk_then_qemu(fmt: &str, dir: &Path, n: usize, c: &[&str; 4]) {
     }
     let out = p.with_extension("raw");
     let io = image_opts(fmt, &p);
-    run(
-        "qemu-img",
-        &["convert", "--object", OBJ, "--image-opts", &io, "-O", "raw", &out.display().to_string()],
-    );
+    run("qemu-img", &["convert", "--object", OBJ, "--image-opts", &io, "-O", "raw", &out.display().to_string()]);
     let got = std::fs::read(&out).unwrap();
     assert_eq!(got.len(), size);
     assert!(holds(&got, &VDISK_WRITES, fmt == "qcow2"), "{fmt} {c:?}: qemu reads differ from what vdisk wrote");
@@ -269,7 +268,9 @@ fn wrong_passphrase_is_a_crypto_error_and_writes_nothing() {
     for fmt in ["luks", "qcow2"] {
         let p = d.path().join(format!("w.{fmt}"));
         let ps = p.display().to_string();
-        let o = if fmt == "luks" { "key-secret=sec0,iter-time=10" } else {
+        let o = if fmt == "luks" {
+            "key-secret=sec0,iter-time=10"
+        } else {
             "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10"
         };
         run("qemu-img", &["create", "-q", "--object", OBJ, "-f", fmt, "-o", o, &ps, "1M"]);
@@ -282,7 +283,8 @@ fn wrong_passphrase_is_a_crypto_error_and_writes_nothing() {
         assert_eq!(e.kind(), ErrorKind::Crypto, "{e}");
         assert!(e.to_string().contains("passphrase"), "{e}");
         // No key at all: a clear error too, and inspection works.
-        let e = OpenOptions::new().format(if fmt == "luks" { Format::Luks } else { Format::Qcow2 }).open(&p).unwrap_err();
+        let e =
+            OpenOptions::new().format(if fmt == "luks" { Format::Luks } else { Format::Qcow2 }).open(&p).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Crypto, "{e}");
         assert_eq!(std::fs::read(&p).unwrap(), before, "a failed open changed the file");
         // The CLI says so too, and exits non-zero.
@@ -325,7 +327,19 @@ fn detached_header_both_ways() {
     run("qemu-img", &["create", "-q", "-f", "raw", &ds, "1M"]);
     run(
         "cryptsetup",
-        &["luksFormat", "-q", "--type", "luks1", "--iter-time", "10", "--key-file", &pass.display().to_string(), "--header", &hs, &ds],
+        &[
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks1",
+            "--iter-time",
+            "10",
+            "--key-file",
+            &pass.display().to_string(),
+            "--header",
+            &hs,
+            &ds,
+        ],
     );
     let io = format!("driver=luks,file.filename={ds},header.driver=file,header.filename={hs},key-secret=sec0");
     run("qemu-io", &["--object", OBJ, "--image-opts", &io, "-c", "write -P 0x77 1000 5000"]);
@@ -346,7 +360,18 @@ fn detached_header_both_ways() {
     let h2 = hdr2.display().to_string();
     run(
         env!("CARGO_BIN_EXE_vdisk"),
-        &["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10,detached-header=on", &h2, "0"],
+        &[
+            "create",
+            "-q",
+            "--object",
+            OBJ,
+            "-f",
+            "luks",
+            "-o",
+            "key-secret=sec0,iter-time=10,detached-header=on",
+            &h2,
+            "0",
+        ],
     );
     // (qemu-img info cannot open a header file alone: its payload offset
     // of 0 "overlaps the header"; cryptsetup reads it.)
@@ -354,7 +379,8 @@ fn detached_header_both_ways() {
     assert!(dump.contains("Payload offset:\t0"), "{dump}");
     let io2 = format!("driver=luks,file.filename={ds},header.driver=file,header.filename={h2},key-secret=sec0");
     run("qemu-io", &["--object", OBJ, "--image-opts", &io2, "-c", "write -P 0x55 0 4096"]);
-    let v = run(env!("CARGO_BIN_EXE_vdisk"), &["io", "--object", OBJ, "--image-opts", &io2, "-c", "read -P 0x55 0 4096"]);
+    let v =
+        run(env!("CARGO_BIN_EXE_vdisk"), &["io", "--object", OBJ, "--image-opts", &io2, "-c", "read -P 0x55 0 4096"]);
     assert!(v.contains("read 4096/4096"), "{v}");
 }
 
@@ -375,7 +401,21 @@ fn cryptsetup_luks1_header_reads() {
     let kf = pass.display().to_string();
     run(
         "cryptsetup",
-        &["luksFormat", "-q", "--type", "luks1", "--iter-time", "10", "--key-file", &kf, "--cipher", "aes-cbc-essiv:sha256", "--key-size", "256", &ps],
+        &[
+            "luksFormat",
+            "-q",
+            "--type",
+            "luks1",
+            "--iter-time",
+            "10",
+            "--key-file",
+            &kf,
+            "--cipher",
+            "aes-cbc-essiv:sha256",
+            "--key-size",
+            "256",
+            &ps,
+        ],
     );
     let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, false).unwrap());
     let l = Luks::open(st, LuksOptions { key: Some(Secret::new(PASS)), ..Default::default() }).unwrap();
@@ -406,7 +446,9 @@ fn keyslots_both_ways() {
     for fmt in ["luks", "qcow2"] {
         let p = d.path().join(format!("k.{fmt}"));
         let ps = p.display().to_string();
-        let (pre, o) = if fmt == "luks" { ("", "key-secret=sec0,iter-time=10") } else {
+        let (pre, o) = if fmt == "luks" {
+            ("", "key-secret=sec0,iter-time=10")
+        } else {
             ("encrypt.", "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10")
         };
         run(vd, &["create", "-q", "--object", OBJ, "-f", fmt, "-o", o, &ps, "1M"]);
@@ -451,14 +493,24 @@ fn keyslots_both_ways() {
         assert!(r.2.contains("last active key slot"), "{}", r.2);
         assert!(vdisk_opens("sec1"));
         // qemu-img amend adds sec2 in slot 5 and removes sec1; vdisk follows.
-        let r = amend("qemu-img", "sec1", format!("{pre}state=active,{pre}new-secret=sec2,{pre}iter-time=10,{pre}keyslot=5"), false);
+        let r = amend(
+            "qemu-img",
+            "sec1",
+            format!("{pre}state=active,{pre}new-secret=sec2,{pre}iter-time=10,{pre}keyslot=5"),
+            false,
+        );
         assert_eq!(r.0, 0, "{r:?}");
         assert!(vdisk_opens("sec2") && vdisk_opens("sec1"));
         let r = amend("qemu-img", "sec2", format!("{pre}state=inactive,{pre}keyslot=1"), false);
         assert_eq!(r.0, 0, "{r:?}");
         assert!(vdisk_opens("sec2") && !vdisk_opens("sec1"));
         // vdisk refuses to overwrite qemu's active slot 5.
-        let r = amend(vd, "sec2", format!("{pre}state=active,{pre}new-secret=sec1,{pre}keyslot=5,{pre}iter-time=10"), false);
+        let r = amend(
+            vd,
+            "sec2",
+            format!("{pre}state=active,{pre}new-secret=sec1,{pre}keyslot=5,{pre}iter-time=10"),
+            false,
+        );
         assert_ne!(r.0, 0);
         if fmt == "qcow2" {
             let io = with("sec2");
@@ -490,7 +542,9 @@ fn info_matches_qemu_img() {
             let start = s
                 .match_indices("\"format-specific\"")
                 .map(|(i, _)| i)
-                .find(|&i| !s[i..].chars().filter(|c| !c.is_whitespace()).collect::<String>().contains("{\"type\":\"file\""))
+                .find(|&i| {
+                    !s[i..].chars().filter(|c| !c.is_whitespace()).collect::<String>().contains("{\"type\":\"file\"")
+                })
                 .unwrap();
             let v: String = s[start..].chars().filter(|c| !c.is_whitespace()).collect();
             // Up to the closing brace of the object.

@@ -295,7 +295,12 @@ impl Luks1Header {
 
     /// Recovers the master key from slot `i` with `passphrase`: `None`
     /// when the passphrase does not open that slot.
-    fn try_slot(&self, i: usize, passphrase: &[u8], read: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<Option<Secret>> {
+    fn try_slot(
+        &self,
+        i: usize,
+        passphrase: &[u8],
+        read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Secret>> {
         let s = &self.slots[i];
         let kb = self.key_bytes as usize;
         let mut dk = vec![0u8; kb];
@@ -404,7 +409,7 @@ pub(crate) fn random(b: &mut [u8]) -> Result<()> {
 /// The anti-forensic diffusion: each digest-sized chunk `j` of `block`
 /// becomes `H(be32(j) || chunk)` (the last one truncated).
 fn diffuse(block: &mut [u8], hash: LuksHash) {
-    let ds = hash.len();
+    let ds = hash.digest_len();
     for (j, chunk) in block.chunks_mut(ds).enumerate() {
         let mut h = hash.digest(&[&(j as u32).to_be_bytes(), chunk]);
         let n = chunk.len();
@@ -502,7 +507,9 @@ impl Luks1Params {
                 self.mode = match value {
                     "xts" => LuksMode::Xts,
                     "cbc" => LuksMode::Cbc,
-                    other => return Err(Error::unsupported(format!("cipher-mode={other} is not supported (xts, cbc)"))),
+                    other => {
+                        return Err(Error::unsupported(format!("cipher-mode={other} is not supported (xts, cbc)")))
+                    }
                 }
             }
             "ivgen-alg" => {
@@ -527,11 +534,10 @@ impl Luks1Params {
             }
             "hash-alg" => self.hash = LuksHash::from_name(value)?,
             "iter-time" => {
-                self.iter_time_ms = value
-                    .parse()
-                    .ok()
-                    .filter(|&v: &u64| (1..=3_600_000).contains(&v))
-                    .ok_or_else(|| Error::invalid_argument(format!("iter-time={value} is not a number of milliseconds")))?
+                self.iter_time_ms =
+                    value.parse().ok().filter(|&v: &u64| (1..=3_600_000).contains(&v)).ok_or_else(|| {
+                        Error::invalid_argument(format!("iter-time={value} is not a number of milliseconds"))
+                    })?
             }
             _ => return Ok(false),
         }
@@ -590,7 +596,8 @@ pub fn create(p: &Luks1Params, passphrase: &Secret) -> Result<(Luks1Header, Secr
     let mut salt = [0u8; SALT_LEN];
     random(&mut salt)?;
     let iters = iterations_for(p.hash, p.iter_time_ms, key_bytes as usize);
-    let mut slots = [KeySlot { active: false, iterations: 0, salt: [0; SALT_LEN], key_offset: 0, stripes: STRIPES }; SLOTS];
+    let mut slots =
+        [KeySlot { active: false, iterations: 0, salt: [0; SALT_LEN], key_offset: 0, stripes: STRIPES }; SLOTS];
     for (i, s) in slots.iter_mut().enumerate() {
         s.key_offset = first + i as u32 * split_sectors;
     }

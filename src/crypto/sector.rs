@@ -71,7 +71,7 @@ impl LuksHash {
     }
 
     /// Digest length in bytes.
-    pub fn len(self) -> usize {
+    pub fn digest_len(self) -> usize {
         match self {
             LuksHash::Sha1 => 20,
             LuksHash::Sha224 => 28,
@@ -255,7 +255,7 @@ impl LuksCipher {
                     Error::unsupported(format!(
                         "essiv:{} gives a {}-byte key that no AES cipher takes",
                         h.name(),
-                        h.len()
+                        h.digest_len()
                     ))
                 });
                 wipe(&mut salt);

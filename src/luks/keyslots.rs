@@ -87,7 +87,8 @@ impl KeyslotChange {
                 other => return Err(Error::invalid_argument(format!("invalid key-slot option '{other}'"))),
             }
         }
-        c.state = state.ok_or_else(|| Error::invalid_argument("key-slot changes need state=active or state=inactive"))?;
+        c.state =
+            state.ok_or_else(|| Error::invalid_argument("key-slot changes need state=active or state=inactive"))?;
         match c.state {
             SlotState::Active if c.new_secret.is_none() => {
                 return Err(Error::invalid_argument("state=active needs new-secret (the passphrase to add)"))
@@ -114,17 +115,18 @@ pub(crate) fn apply(st: &dyn Storage, base: u64, unlock: &Secret, c: &KeyslotCha
     match c.state {
         SlotState::Active => {
             let (mk, _) = h.unlock(c.old_secret.as_ref().unwrap_or(unlock), None, &read)?;
-            let slot = match c.keyslot {
-                Some(n) if h.slots[n].active && !c.force => {
-                    return Err(Error::invalid_argument(format!(
-                        "refusing to overwrite active key slot {n} (erase it first, or force)"
-                    )))
-                }
-                Some(n) => n,
-                None => h.slots.iter().position(|s| !s.active).ok_or_else(|| {
-                    Error::new(ErrorKind::Crypto, "all 8 LUKS key slots are in use: erase one first")
-                })?,
-            };
+            let slot =
+                match c.keyslot {
+                    Some(n) if h.slots[n].active && !c.force => {
+                        return Err(Error::invalid_argument(format!(
+                            "refusing to overwrite active key slot {n} (erase it first, or force)"
+                        )))
+                    }
+                    Some(n) => n,
+                    None => h.slots.iter().position(|s| !s.active).ok_or_else(|| {
+                        Error::new(ErrorKind::Crypto, "all 8 LUKS key slots are in use: erase one first")
+                    })?,
+                };
             let new = c.new_secret.as_ref().ok_or_else(|| Error::internal("new-secret missing"))?;
             if new.expose().is_empty() {
                 return Err(Error::invalid_argument("the new passphrase is empty"));

@@ -7,7 +7,8 @@
 //!
 //! The header, key slots and ciphers live in the crate's `crypto` module
 //! and are re-exported here with the key-slot management `qemu-img amend`
-//! offers ([`Luks::add_key`], [`Luks::remove_keys`]) in `keyslots`.
+//! offers ([`Luks::change_keyslots`], [`KeyslotChange`]; qcow2 has
+//! [`Qcow2::change_luks_keyslots`](crate::Qcow2::change_luks_keyslots)).
 //!
 //! A volume opens with a passphrase that some key slot accepts; without
 //! one it opens read-only for inspection (`info`), data unreadable. A
@@ -159,8 +160,11 @@ pub fn read_header(st: &dyn Storage) -> Result<Luks1Header> {
     let h = Luks1Header::parse(&b).map_err(|e| lerr(e, st))?;
     if h.area_end() > len {
         return Err(lerr(
-            Error::invalid(format!("LUKS key material ends at {} bytes, past the end of the file ({len} bytes)", h.area_end()))
-                .with_field("key_slot.key_offset"),
+            Error::invalid(format!(
+                "LUKS key material ends at {} bytes, past the end of the file ({len} bytes)",
+                h.area_end()
+            ))
+            .with_field("key_slot.key_offset"),
             st,
         ));
     }
@@ -494,7 +498,8 @@ mod tests {
         let mut raw = vec![0u8; st.len().unwrap() as usize];
         st.read_at(&mut raw, 0).unwrap();
         assert!(!raw.windows(64).any(|w| w == &data[1000..1064]));
-        let e = Luks::open(st.clone(), LuksOptions { key: Some(Secret::new("bad")), ..Default::default() }).unwrap_err();
+        let e =
+            Luks::open(st.clone(), LuksOptions { key: Some(Secret::new("bad")), ..Default::default() }).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Crypto);
         let i = Luks::open(st, LuksOptions { inspect_only: true, read_only: true, ..Default::default() }).unwrap();
         assert!(i.read_at(&mut back, 0).is_err());

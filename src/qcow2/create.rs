@@ -166,9 +166,7 @@ impl CreateOptions {
                 "luks" => {
                     self.luks.get_or_insert_with(Luks1Params::default);
                 }
-                _ => {
-                    return Err(Error::unsupported(format!("encrypt.format={value} is not supported (aes, luks)")))
-                }
+                _ => return Err(Error::unsupported(format!("encrypt.format={value} is not supported (aes, luks)"))),
             },
             k if k.starts_with("encrypt.") => {
                 let p = self.luks.as_mut().ok_or_else(|| {

@@ -27,7 +27,7 @@ use crate::storage::Storage;
 #[derive(Debug)]
 pub(crate) enum Cipher {
     /// Legacy AES (guest offsets feed the IVs).
-    Aes(SectorCipher),
+    Aes(Box<SectorCipher>),
     /// LUKS (host offsets feed the IVs).
     Luks(LuksCipher),
 }
@@ -52,7 +52,8 @@ impl Cipher {
 /// header extension that locates it.
 pub(crate) fn luks_header(h: &Header, file: &dyn Storage) -> Result<Luks1Header> {
     let (off, len) = h.crypto_header.ok_or_else(|| {
-        Error::invalid("LUKS encrypted image without a full disk encryption header extension").with_field("crypt_method")
+        Error::invalid("LUKS encrypted image without a full disk encryption header extension")
+            .with_field("crypt_method")
     })?;
     let file_len = file.len()?;
     if !off.is_multiple_of(h.cluster_size()) || off == 0 || off.checked_add(len).is_none_or(|e| e > file_len) {
@@ -106,11 +107,13 @@ pub(crate) fn cipher_for(
                 luks_header(h, file)?;
                 Ok(None)
             }
-            None => Err(Error::new(ErrorKind::Crypto, "the image is encrypted (LUKS): a passphrase is needed to open it")
-                .with_field("crypt_method")),
+            None => {
+                Err(Error::new(ErrorKind::Crypto, "the image is encrypted (LUKS): a passphrase is needed to open it")
+                    .with_field("crypt_method"))
+            }
         },
         header::CRYPT_AES => match &opts.key {
-            Some(k) => Ok(Some(Cipher::Aes(SectorCipher::from_passphrase(k)?))),
+            Some(k) => Ok(Some(Cipher::Aes(Box::new(SectorCipher::from_passphrase(k)?)))),
             None if opts.inspect_only && read_only => Ok(None),
             None => Err(Error::new(
                 ErrorKind::Crypto,

@@ -98,7 +98,8 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
     let pattern = parse_byte(&a.pattern)?;
     let spec = a.secrets.image(&a.image, a.format.as_deref())?;
     let key = a.secrets.key(spec.key_secret.as_deref())?;
-    let mut opts = crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?.cache(cache);
+    let mut opts =
+        crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?.cache(cache);
     if let Some(h) = &spec.luks_header {
         opts = opts.luks_header(h);
     }

@@ -24,8 +24,8 @@ mod convert;
 mod create;
 mod dd;
 mod info;
-mod luks_info;
 mod io;
+mod luks_info;
 mod map;
 mod measure;
 mod pool;
@@ -70,7 +70,9 @@ fn parse() -> (Cli, Option<std::path::PathBuf>) {
         });
     }
     let matches = cmd.get_matches();
-    let config_dir = matches.subcommand().and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
+    let config_dir = matches
+        .subcommand()
+        .and_then(|(_, m)| m.try_get_one::<std::path::PathBuf>("config-dir").ok().flatten().cloned());
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     (cli, config_dir)
 }

@@ -35,7 +35,8 @@ pub fn luks_header(data: &[u8]) {
         let e = l.read_at(&mut b, 0);
         assert!(l.size() == 0 || e.is_err(), "read without a key succeeded");
         let h = l.header();
-        let cheap = h.mk_digest_iter <= CHEAP && (0..SLOTS).all(|i| !h.slots[i].active || h.slots[i].iterations <= CHEAP);
+        let cheap =
+            h.mk_digest_iter <= CHEAP && (0..SLOTS).all(|i| !h.slots[i].active || h.slots[i].iterations <= CHEAP);
         if cheap {
             let key = Some(Secret::new(super::PASSPHRASE));
             match Luks::open(st, LuksOptions { read_only: true, key, ..Default::default() }) {

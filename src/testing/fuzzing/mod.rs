@@ -36,7 +36,8 @@ pub use luks::luks_header;
 pub use ops::qcow2_ops;
 
 /// The target names, as in `fuzz/fuzz_targets/` and `fuzz/corpus/`.
-pub const TARGETS: &[&str] = &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml", "luks_header"];
+pub const TARGETS: &[&str] =
+    &["open_qcow2", "open_vmdk", "vmdk_descriptor", "probe", "qcow2_ops", "pool_xml", "luks_header"];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
 pub fn run(name: &str, data: &[u8]) -> bool {
