@@ -99,14 +99,14 @@ pub(crate) fn cipher_for(
     opts: &Qcow2Options,
     read_only: bool,
 ) -> Result<Option<Cipher>> {
+    if h.crypt_method == header::CRYPT_LUKS {
+        // The LUKS header is validated first, key or not.
+        luks_header(h, file)?;
+    }
     match h.crypt_method {
         header::CRYPT_LUKS => match &opts.key {
             Some(k) => Ok(Some(Cipher::Luks(luks_cipher(h, file, k)?))),
-            None if opts.inspect_only && read_only => {
-                // Still validate the LUKS header.
-                luks_header(h, file)?;
-                Ok(None)
-            }
+            None if opts.inspect_only && read_only => Ok(None),
             None => {
                 Err(Error::new(ErrorKind::Crypto, "the image is encrypted (LUKS): a passphrase is needed to open it")
                     .with_field("crypt_method"))
