@@ -635,12 +635,18 @@ fn qcow2_luks_backing_extended_l2_and_snapshots() {
         // still read from the backing file.
         v.write_at(&[0x63; 700], 6000).unwrap();
         v.write_at(&[0x64; 9000], 100_000).unwrap();
+        // A long run of new clusters: encrypted on several threads.
+        v.write_at(&[0x66; 400 << 10], 600_000).unwrap();
+        let mut back = vec![0u8; 400 << 10];
+        v.read_at(&mut back, 600_000).unwrap();
+        assert!(back.iter().all(|&b| b == 0x66));
         v.close().unwrap();
     }
     let mut model = vec![0x61u8; 1 << 20];
     model[5000..8000].fill(0x62);
     model[6000..6700].fill(0x63);
     model[100_000..109_000].fill(0x64);
+    model[600_000..600_000 + (400 << 10)].fill(0x66);
     assert!(want(&img) == model, "qemu reads differ from what vdisk wrote");
     qemu_check("qcow2", &img);
     // A snapshot, then a partial write to a shared cluster (copy on write).
