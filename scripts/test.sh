@@ -20,6 +20,9 @@ command -v xmllint >/dev/null 2>&1 || need+=(libxml2-utils)
 # run against `vdisk serve` and vdisk's NBD client.
 command -v nbdinfo >/dev/null 2>&1 && command -v nbdcopy >/dev/null 2>&1 || need+=(libnbd-bin python3-libnbd)
 command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
+# cryptsetup formats and dumps LUKS headers on plain files (the LUKS tests'
+# second oracle; no device mapper needed).
+command -v cryptsetup >/dev/null 2>&1 || [ -x /usr/sbin/cryptsetup ] || need+=(cryptsetup-bin)
 if [ ${#need[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "missing ${need[*]} and apt-get is not available: install them, then run this again" >&2

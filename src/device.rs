@@ -22,6 +22,8 @@ pub enum Format {
     Vdi,
     /// Hyper-V virtual hard disk v2.
     Vhdx,
+    /// LUKS1 encrypted volume (QEMU's `luks` driver).
+    Luks,
 }
 
 impl Format {
@@ -34,6 +36,7 @@ impl Format {
             Format::Vpc => "vpc",
             Format::Vdi => "vdi",
             Format::Vhdx => "vhdx",
+            Format::Luks => "luks",
         }
     }
 
@@ -46,6 +49,7 @@ impl Format {
             "vpc" => Ok(Format::Vpc),
             "vdi" => Ok(Format::Vdi),
             "vhdx" => Ok(Format::Vhdx),
+            "luks" => Ok(Format::Luks),
             other => Err(Error::unsupported(format!("unknown or unsupported image format '{other}'"))),
         }
     }
@@ -138,6 +142,8 @@ pub enum FormatDetails {
     Vmdk(VmdkDetails),
     /// VHDX facts.
     Vhdx(crate::vhdx::VhdxDetails),
+    /// LUKS facts.
+    Luks(crate::luks::LuksDetails),
 }
 
 /// qcow2 facts for `info`.
@@ -165,6 +171,8 @@ pub struct Qcow2Details {
     pub snapshots: Vec<SnapshotInfo>,
     /// The persistent dirty bitmaps.
     pub bitmaps: Vec<crate::qcow2::bitmap::BitmapInfo>,
+    /// The LUKS header's facts (`encrypt.format=luks`).
+    pub luks: Option<crate::luks::LuksDetails>,
 }
 
 /// One internal snapshot, as `qemu-img snapshot -l` lists it.

@@ -84,6 +84,7 @@ mod crypto;
 pub mod device;
 pub mod error;
 pub mod limits;
+pub mod luks;
 pub mod nbd;
 pub mod open;
 pub mod pool;

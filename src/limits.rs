@@ -108,3 +108,14 @@ pub const VHDX_MAX_LOG_GROWTH: u64 = 4 << 30;
 /// Largest VHDX BAT vdisk loads: 1 GiB of entries (a 64 TiB disk of 1 MiB
 /// blocks needs 512 MiB).
 pub const VHDX_MAX_BAT_BYTES: u64 = 1 << 30;
+/// Most PBKDF2 iterations vdisk runs for one LUKS key slot or master-key
+/// digest: 2^23, about four seconds of SHA-256 here and above what
+/// cryptsetup or QEMU choose for a two-second `iter-time` on current
+/// CPUs. A hostile header asking for more (the field allows 2^32 - 1,
+/// hours of work per slot) is refused before any derivation; trying all
+/// eight slots is bounded by eight times this.
+pub const LUKS_MAX_PBKDF2_ITERATIONS: u32 = 1 << 23;
+/// Most anti-forensic stripes in a LUKS key slot: 4000, what the LUKS
+/// specification, QEMU (which refuses any other count) and cryptsetup use;
+/// bounds the key material read per slot to 256 KiB.
+pub const LUKS_MAX_STRIPES: u32 = 4000;

@@ -53,6 +53,8 @@ pub struct OpenOptions {
     confine_to: Option<PathBuf>,
     vmdk_external_extents: bool,
     key: Option<crate::crypto::Secret>,
+    /// A LUKS volume's detached header file.
+    luks_header: Option<PathBuf>,
     inspect_only: bool,
     lock: LockMode,
     cache: CacheMode,
@@ -90,6 +92,7 @@ impl OpenOptions {
             confine_to: None,
             vmdk_external_extents: false,
             key: None,
+            luks_header: None,
             inspect_only: false,
             lock: LockMode::Auto,
             cache: CacheMode::Writeback,
@@ -113,7 +116,15 @@ impl OpenOptions {
         self
     }
 
-    /// The passphrase for encrypted (legacy AES qcow2) images in the chain.
+    /// The detached header of a LUKS volume (QEMU's `header=` of the `luks`
+    /// driver): the header is read from this file, the payload is the
+    /// opened file from its first byte.
+    pub fn luks_header(mut self, path: impl Into<PathBuf>) -> Self {
+        self.luks_header = Some(path.into());
+        self
+    }
+
+    /// The passphrase for encrypted (legacy AES or LUKS) images.
     pub fn key(mut self, key: crate::crypto::Secret) -> Self {
         self.key = Some(key);
         self
@@ -314,6 +325,19 @@ impl OpenOptions {
                 }
                 Ok(Image::Vhdx(Vhdx::open(storage, opts)?))
             }
+            Format::Luks => {
+                let header: Option<Arc<dyn Storage>> = match &self.luks_header {
+                    Some(p) if depth == 0 => Some(Arc::new(FileStorage::open_locked(p, read_only, self.lock)?)),
+                    _ => None,
+                };
+                let opts = crate::luks::LuksOptions {
+                    read_only,
+                    key: self.key.clone(),
+                    inspect_only: self.inspect_only,
+                    header,
+                };
+                Ok(Image::Luks(crate::luks::Luks::open(storage, opts)?))
+            }
         }
     }
 
@@ -467,6 +491,8 @@ pub enum Image {
     Vhdx(Vhdx),
     /// An NBD export (its guest bytes, as raw).
     Nbd(crate::nbd::Client),
+    /// A LUKS volume.
+    Luks(crate::luks::Luks),
 }
 
 impl Image {
@@ -479,6 +505,7 @@ impl Image {
             Image::Vdi(d) => d,
             Image::Vhdx(d) => d,
             Image::Nbd(d) => d,
+            Image::Luks(d) => d,
         }
     }
 
@@ -492,6 +519,7 @@ impl Image {
             Image::Vdi(_) => Format::Vdi,
             Image::Vhdx(_) => Format::Vhdx,
             Image::Nbd(_) => Format::Raw,
+            Image::Luks(_) => Format::Luks,
         }
     }
 
@@ -507,6 +535,7 @@ impl Image {
             Image::Vdi(d) => d.close(),
             Image::Vhdx(d) => d.close(),
             Image::Nbd(d) => d.flush(),
+            Image::Luks(d) => d.close(),
         }
     }
 
@@ -520,6 +549,7 @@ impl Image {
             Image::Vdi(v) => v.file().allocated_bytes(),
             Image::Vhdx(v) => v.allocated_bytes(),
             Image::Nbd(_) => None,
+            Image::Luks(l) => l.payload_file().allocated_bytes(),
         }
     }
 }

@@ -38,6 +38,9 @@ pub fn probe_bytes(head: &[u8]) -> Format {
     if looks_like_vmdk_descriptor(head) {
         return Format::Vmdk;
     }
+    if crate::crypto::luks1::is_luks(head) {
+        return Format::Luks;
+    }
     Format::Raw
 }
 

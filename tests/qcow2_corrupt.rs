@@ -73,9 +73,10 @@ const POKES: &[Poke] = &[
         expect: Expect::Open(ErrorKind::Crypto),
     },
     Poke {
-        name: "crypt_method 2 (luks)",
+        // LUKS without the encryption header extension that locates it.
+        name: "crypt_method 2 (luks) without its header",
         edit: |_| vec![(32, be(2, 4))],
-        expect: Expect::Open(ErrorKind::Unsupported),
+        expect: Expect::Open(ErrorKind::InvalidImage),
     },
     Poke { name: "crypt_method 3", edit: |_| vec![(32, be(3, 4))], expect: Expect::Open(ErrorKind::InvalidImage) },
     Poke {

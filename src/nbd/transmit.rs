@@ -333,7 +333,7 @@ fn fast_zero(dev: &dyn BlockDevice, mode: ZeroMode) -> bool {
         Format::Qcow2 => true,
         // They write zeros into allocated blocks (VHDX punches whole ones
         // only): not fast in general.
-        Format::Vmdk | Format::Vpc | Format::Vdi | Format::Vhdx => false,
+        Format::Vmdk | Format::Vpc | Format::Vdi | Format::Vhdx | Format::Luks => false,
     }
 }
 

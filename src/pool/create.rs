@@ -135,6 +135,7 @@ impl Pool {
         let mut tmp = TempBuild::new(&d, name)?;
         let path = tmp.file_path();
         let dev: Box<dyn BlockDevice> = match spec.format {
+            Format::Luks => return Err(Error::unsupported("luks volumes cannot be created in a pool yet")),
             Format::Raw => {
                 let s = raw_file(&path)?;
                 s.set_len(capacity)?;

@@ -74,6 +74,10 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             };
             f.backing = h.backing_file.map(|b| (b, h.backing_format));
         }),
+        Format::Luks => crate::luks::read_header(&st).map(|h| {
+            f.capacity = len.saturating_sub(h.payload_bytes());
+            f.encryption = Some("luks".to_string());
+        }),
         Format::Vmdk => Vmdk::read_descriptor(&st).map(|d| {
             f.capacity = d.total_sectors().saturating_mul(512);
             f.backing = d.parent_hint().map(|p| (p.to_string(), Some("vmdk".to_string())));

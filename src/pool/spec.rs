@@ -83,6 +83,7 @@ impl VolumeSpec {
                     "libvirt's storage volume schema has no 'vhdx' format, so pools do not create VHDX volumes",
                 ))
             }
+            Format::Luks => return Err(Error::unsupported("luks volumes cannot be created in a pool yet")),
             Format::Raw => {
                 if self.backing.is_some() {
                     return Err(Error::unsupported("backing storage not supported for raw volumes"));

@@ -380,6 +380,9 @@ fn count_references(
     if h.nb_snapshots > 0 {
         w.refs.add(&mut w.report, h.snapshots_offset, snap_table_len, "snapshot table");
     }
+    if let Some((o, l)) = h.crypto_header {
+        w.refs.add(&mut w.report, o, l, "LUKS header");
+    }
     if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
         count_bitmaps(&mut w, b.directory_offset, b.directory_size);
         verify_bitmaps(&mut w.report, w.file, h);

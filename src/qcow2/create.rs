@@ -8,6 +8,7 @@ use super::l2::{L2Entry, OFLAG_COPIED};
 use super::refcount::set_entry;
 use super::table;
 use super::{Qcow2, Qcow2Options};
+use crate::crypto::luks1::Luks1Params;
 use crate::crypto::Secret;
 use crate::device::{BlockDevice, Format, Resolver};
 use crate::error::{Error, Result};
@@ -83,8 +84,11 @@ pub struct CreateOptions {
     pub data_file: Option<String>,
     /// The external data file is valid raw (guest offset == file offset).
     pub data_file_raw: bool,
-    /// Legacy AES encryption with this passphrase.
+    /// Encryption with this passphrase: legacy AES, or LUKS when `luks`
+    /// is set.
     pub encrypt: Option<Secret>,
+    /// `encrypt.format=luks` with its `encrypt.*` parameters.
+    pub luks: Option<Luks1Params>,
 }
 
 impl CreateOptions {
@@ -105,6 +109,7 @@ impl CreateOptions {
             data_file: None,
             data_file_raw: false,
             encrypt: None,
+            luks: None,
         }
     }
 
@@ -155,11 +160,21 @@ impl CreateOptions {
                     ));
                 }
             }
-            "encrypt.format" => {
-                if value != "aes" {
-                    return Err(Error::unsupported(format!("encrypt.format={value} is not supported (only aes)")));
-                }
+            "encrypt.format" => match value {
                 // The key arrives separately (encrypt.key-secret).
+                "aes" => self.luks = None,
+                "luks" => {
+                    self.luks.get_or_insert_with(Luks1Params::default);
+                }
+                _ => return Err(Error::unsupported(format!("encrypt.format={value} is not supported (aes, luks)"))),
+            },
+            k if k.starts_with("encrypt.") => {
+                let p = self.luks.as_mut().ok_or_else(|| {
+                    Error::invalid_argument(format!("option {k} needs encrypt.format=luks before it"))
+                })?;
+                if !p.set(&k["encrypt.".len()..], value)? {
+                    return Err(Error::invalid_argument(format!("unknown qcow2 option '{k}'")));
+                }
             }
             other => return Err(Error::invalid_argument(format!("unknown qcow2 option '{other}'"))),
         }
@@ -238,6 +253,9 @@ impl CreateOptions {
         if self.encrypt.is_some() && self.version == 2 && self.preallocation != Preallocation::Off {
             return Err(Error::invalid_argument("preallocation of an encrypted compat 0.10 image is not supported"));
         }
+        if self.luks.is_some() && self.encrypt.is_none() {
+            return Err(Error::invalid_argument("encrypt.format=luks needs a passphrase (encrypt.key-secret)"));
+        }
         if self.encrypt.is_some() && self.data_file.is_some() {
             return Err(Error::invalid_argument("encryption and an external data file cannot be combined"));
         }
@@ -263,7 +281,11 @@ impl Qcow2 {
             backing_file_size: 0,
             cluster_bits,
             size,
-            crypt_method: if opts.encrypt.is_some() { header::CRYPT_AES } else { 0 },
+            crypt_method: match (&opts.encrypt, &opts.luks) {
+                (Some(_), Some(_)) => header::CRYPT_LUKS,
+                (Some(_), None) => header::CRYPT_AES,
+                (None, _) => 0,
+            },
             l1_size: 0,
             l1_table_offset: 3 * cs,
             refcount_table_offset: cs,
@@ -304,8 +326,21 @@ impl Qcow2 {
             )));
         }
         h.l1_size = l1_entries as u32;
-        let hbytes = h.encode()?;
         let l1_clusters = (l1_entries * 8).div_ceil(cs).max(1);
+        // LUKS: the header area follows the L1 table.
+        let luks = match (&opts.luks, &opts.encrypt) {
+            (Some(p), Some(key)) => {
+                let p = Luks1Params { detached: false, ..p.clone() };
+                let (lh, _mk, (off, mat)) = crate::crypto::luks1::create(&p, key)?;
+                let len = lh.payload_bytes();
+                let at = (3 + l1_clusters) * cs;
+                h.crypto_header = Some((at, len));
+                Some((at, len, lh.encode(), off, mat))
+            }
+            _ => None,
+        };
+        let luks_clusters = luks.as_ref().map_or(0, |l| l.1.div_ceil(cs));
+        let hbytes = h.encode()?;
         // Cluster 0 header, 1 refcount table, 2 refcount block, 3.. L1.
         file.set_len(0)?;
         let mut c0 = hbytes;
@@ -314,22 +349,27 @@ impl Qcow2 {
         let epb = (cs * 8) >> h.refcount_order;
         file.write_at(&table::encode([2 * cs], cs as usize), cs)?;
         let mut block = vec![0u8; cs as usize];
-        let first_clusters = (3 + l1_clusters).min(epb);
+        let first_clusters = (3 + l1_clusters + luks_clusters).min(epb);
         for c in 0..first_clusters {
             set_entry(&mut block, h.refcount_order, c as usize, 1);
         }
         file.write_at(&block, 2 * cs)?;
         file.write_at(&vec![0u8; (l1_clusters * cs) as usize], 3 * cs)?;
+        if let Some((at, _, hdr, off, mat)) = &luks {
+            file.write_at(&vec![0u8; (luks_clusters * cs) as usize], *at)?;
+            file.write_at(hdr, *at)?;
+            file.write_at(mat, at + off)?;
+        }
         file.sync()?;
         extra.read_only = false;
         if opts.encrypt.is_some() {
             extra.key = opts.encrypt.clone();
         }
         let q = Qcow2::open(file, extra)?;
-        // L1 clusters beyond the first refcount block's range.
-        if 3 + l1_clusters > epb {
+        // L1 (and LUKS) clusters beyond the first refcount block's range.
+        if 3 + l1_clusters + luks_clusters > epb {
             let mut a = q.alloc_lock()?;
-            for c in epb..3 + l1_clusters {
+            for c in epb..3 + l1_clusters + luks_clusters {
                 q.mark_used(&mut a, c)?;
             }
             q.flush_meta(&mut a)?;

@@ -67,7 +67,7 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex, RwLock};
 
 use crate::codec::ClusterCache;
-use crate::crypto::{Secret, SectorCipher};
+use crate::crypto::Secret;
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, FormatDetails, Qcow2Details};
 use crate::error::{Error, ErrorKind, Result};
 use crate::limits::*;
@@ -137,7 +137,7 @@ pub struct Qcow2 {
     /// Corruption was detected: writes refused from now on.
     corrupt: AtomicBool,
     /// The AES cipher of an encrypted image.
-    crypt: Option<SectorCipher>,
+    crypt: Option<crypt::Cipher>,
     /// The image is encrypted but was opened without its key.
     key_missing: bool,
     /// Allocation state (refcounts, in-flight clusters); `None` read-only.
@@ -206,7 +206,7 @@ impl Qcow2 {
     fn open_inner(file: Arc<dyn Storage>, opts: Qcow2Options) -> Result<Qcow2> {
         let h = Self::read_header(&*file)?;
         let read_only = opts.read_only || file.is_read_only();
-        let crypt = crypt::cipher_for(&h, &opts, read_only)?;
+        let crypt = crypt::cipher_for(&h, &*file, &opts, read_only)?;
         if h.incompatible_features & header::INCOMPAT_CORRUPT != 0 && !read_only {
             return Err(Error::corrupt(
                 "the image is marked corrupt: open it read-only, or repair it with check -r all",
@@ -311,7 +311,7 @@ impl Qcow2 {
             compression: h.compression_type,
             version: h.version,
             corrupt: AtomicBool::new(false),
-            key_missing: h.crypt_method == header::CRYPT_AES && crypt.is_none(),
+            key_missing: h.crypt_method != 0 && crypt.is_none(),
             crypt,
             alloc,
             alloc_cv: Condvar::new(),
@@ -390,6 +390,10 @@ impl Qcow2 {
             data_file_raw: h.autoclear_features & header::AUTOCLEAR_DATA_FILE_RAW != 0,
             snapshots: self.snapshots.read().iter().map(|s| s.info(size)).collect(),
             bitmaps: self.bitmaps(),
+            luks: (h.crypt_method == header::CRYPT_LUKS)
+                .then(|| crypt::luks_header(&h, &*self.file).ok())
+                .flatten()
+                .map(|l| crate::luks::LuksDetails::of(&l, false)),
         }
     }
 

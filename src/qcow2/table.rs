@@ -71,6 +71,8 @@ pub(crate) struct Reserved {
     header: Range<u64>,
     /// The bitmap directory, when the bitmaps extension is consistent.
     bitmap_directory: Range<u64>,
+    /// The LUKS header area (full disk encryption header extension).
+    crypto_header: Range<u64>,
     /// The active L1 table.
     l1: Range<u64>,
     /// The refcount table.
@@ -100,6 +102,9 @@ impl Reserved {
         r.set_snapshot_l1s(snapshots);
         if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
             r.bitmap_directory = r.span(b.directory_offset, b.directory_size);
+        }
+        if let Some((o, l)) = h.crypto_header {
+            r.crypto_header = r.span(o, l);
         }
         r
     }
@@ -151,7 +156,7 @@ impl Reserved {
     /// Whether `[offset, offset + len)` overlaps a reserved range.
     pub(crate) fn overlaps(&self, offset: u64, len: u64) -> bool {
         let end = offset.saturating_add(len);
-        [&self.header, &self.bitmap_directory, &self.l1, &self.refcount, &self.snapshots]
+        [&self.header, &self.bitmap_directory, &self.crypto_header, &self.l1, &self.refcount, &self.snapshots]
             .into_iter()
             .chain(&self.snapshot_l1s)
             .any(|r| offset < r.end && r.start < end)

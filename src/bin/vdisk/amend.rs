@@ -2,8 +2,12 @@
 //! (0.10 → 1.1), lazy_refcounts, size (grow), backing_file/backing_fmt
 //! (the name only, as qemu-img amend does). Options qemu-img takes only at
 //! creation are refused as it refuses them; the ones vdisk does not amend
-//! yet (data files, refcount width, LUKS key slots) are refused by name.
+//! yet (data files, refcount width) are refused by name. LUKS key slots:
+//! `encrypt.state`, `encrypt.keyslot`, `encrypt.new-secret`,
+//! `encrypt.old-secret`, `encrypt.iter-time` for qcow2, the same without
+//! the prefix for luks volumes; `--force` allows erasing the last slot.
 
+use vdisk::luks::KeyslotChange;
 use vdisk::{Error, Image, Result};
 
 use crate::common::{open_arg, parse_size};
@@ -24,6 +28,9 @@ pub struct AmendArgs {
     /// Show progress (accepted for qemu-img compatibility).
     #[arg(short = 'p')]
     pub progress: bool,
+    /// Allow dangerous changes (erasing the last LUKS key slot).
+    #[arg(long = "force")]
+    pub force: bool,
     #[command(flatten)]
     pub secrets: SecretArgs,
     /// The image.
@@ -45,13 +52,16 @@ pub fn run(a: &AmendArgs) -> Result<i32> {
         return Err(Error::invalid_argument("must specify options (-o)"));
     }
     let mut pairs = Vec::new();
+    let mut slots: Vec<(&str, &str)> = Vec::new();
     for kv in &opts {
         let (k, v) =
             kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+        let bare = k.strip_prefix("encrypt.").unwrap_or(k);
         match k {
             "compat" | "lazy_refcounts" | "size" | "backing_file" | "backing_fmt" => pairs.push((k, v)),
-            "data_file" | "data_file_raw" | "refcount_bits" | "encrypt.iter-time" | "encrypt.keyslot"
-            | "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state" => {
+            "encrypt.iter-time" | "encrypt.keyslot" | "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state"
+            | "iter-time" | "keyslot" | "new-secret" | "old-secret" | "state" => slots.push((bare, v)),
+            "data_file" | "data_file_raw" | "refcount_bits" => {
                 return Err(Error::unsupported(format!("amending '{k}' is not supported by vdisk yet")))
             }
             "cluster_size" | "preallocation" | "extended_l2" | "compression_type" | "encryption" | "encrypt.format"
@@ -64,6 +74,38 @@ pub fn run(a: &AmendArgs) -> Result<i32> {
         }
     }
     let (_, img) = open_arg(&a.secrets, &a.image, a.format.as_deref(), false, false)?;
+    if !slots.is_empty() {
+        let secret = |id: &str| {
+            a.secrets
+                .key(Some(id))?
+                .ok_or_else(|| Error::invalid_argument(format!("no secret with id '{id}' was defined with --object")))
+        };
+        let mut c = KeyslotChange::parse(&slots, &secret)?;
+        c.force = a.force;
+        let spec = a.secrets.image(&a.image, a.format.as_deref())?;
+        let key = a.secrets.key(spec.key_secret.as_deref())?;
+        match &img {
+            Image::Luks(l) => l.change_keyslots(&c)?,
+            Image::Qcow2(q) => {
+                let key = key.ok_or_else(|| Error::invalid_argument("the image's passphrase is needed"))?;
+                q.change_luks_keyslots(&key, &c)?;
+            }
+            _ => return Err(Error::unsupported("key slots exist only in LUKS encrypted images")),
+        }
+    }
+    if let Image::Luks(l) = img {
+        if !pairs.is_empty() {
+            return Err(Error::unsupported("luks volumes amend only their key slots"));
+        }
+        l.close()?;
+        return Ok(0);
+    }
+    if pairs.is_empty() {
+        if let Image::Qcow2(q) = img {
+            q.close()?;
+        }
+        return Ok(0);
+    }
     let Image::Qcow2(q) = img else {
         return Err(Error::unsupported(format!("amend works on qcow2 images; '{}' is {}", a.image, img.format())));
     };

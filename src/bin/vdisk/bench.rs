@@ -114,9 +114,12 @@ pub fn run(a: &BenchArgs) -> Result<i32> {
         None => {
             let spec = a.secrets.image(&a.image, a.format.as_deref())?;
             let key = a.secrets.key(spec.key_secret.as_deref())?;
-            crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?
-                .cache(cache)
-                .open(&spec.path)?
+            let mut opts =
+                crate::common::image_options(spec.format.as_deref(), !a.write, true, key, a.force_share)?.cache(cache);
+            if let Some(h) = &spec.luks_header {
+                opts = opts.luks_header(h);
+            }
+            opts.open(&spec.path)?
         }
     };
     let size = img.size();

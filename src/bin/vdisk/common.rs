@@ -226,7 +226,11 @@ pub fn open_arg_shared(
     }
     let spec = secrets.image(arg, format)?;
     let key = secrets.key(spec.key_secret.as_deref())?;
-    let img = open_image_locked(&spec.path, spec.format.as_deref(), read_only, follow_backing, key, force_share)?;
+    let mut opts = image_options(spec.format.as_deref(), read_only, follow_backing, key, force_share)?;
+    if let Some(h) = &spec.luks_header {
+        opts = opts.luks_header(h);
+    }
+    let img = opts.open(&spec.path)?;
     Ok((spec.path, img))
 }
 
@@ -254,6 +258,9 @@ pub fn open_inspect(
     match spec.format.as_deref() {
         Some(f) => opts = opts.format(Format::from_name(f)?),
         None => opts = opts.probe(true),
+    }
+    if let Some(h) = &spec.luks_header {
+        opts = opts.luks_header(h);
     }
     let img = opts.open(&spec.path)?;
     Ok((spec.path, img))

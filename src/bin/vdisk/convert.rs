@@ -192,6 +192,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 dst_q = Some(q.clone());
                 Box::new(q)
             }
+            Format::Luks => {
+                if a.compress {
+                    return Err(Error::invalid_argument("luks output cannot be compressed"));
+                }
+                let (p, key) = crate::secrets::luks_create_options(&opts, &a.secrets)?;
+                if p.detached {
+                    return Err(Error::invalid_argument("convert cannot write a detached LUKS header"));
+                }
+                let st = FileStorage::create(&a.dst)?;
+                Box::new(vdisk::luks::Luks::create(Arc::new(st), None, size, &p, &key)?)
+            }
             Format::Vmdk => {
                 let o = VmdkCreateOptions::parse(&opts.join(","))?;
                 if o.subformat == Subformat::StreamOptimized {

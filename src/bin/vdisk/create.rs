@@ -153,7 +153,7 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                     line.push_str(&format!(" backing_fmt={f}"));
                 }
                 if o.encrypt.is_some() {
-                    line.push_str(" encrypt.format=aes");
+                    line.push_str(if o.luks.is_some() { " encrypt.format=luks" } else { " encrypt.format=aes" });
                 }
                 line.push_str(&format!(
                     " lazy_refcounts={} refcount_bits={}",
@@ -161,6 +161,36 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                     o.refcount_bits
                 ));
                 outln!("{line}");
+            }
+        }
+        Format::Luks => {
+            let size = size.ok_or_else(|| Error::invalid_argument("luks volumes need a size"))?;
+            if a.backing.is_some() {
+                return Err(Error::invalid_argument("luks volumes cannot have a backing file"));
+            }
+            let (p, key) = crate::secrets::luks_create_options(&opts, &a.secrets)?;
+            let st: Arc<dyn Storage> = Arc::new(FileStorage::create(path)?);
+            // A detached header goes alone into the named file (QEMU's
+            // detached-header=on): the payload is elsewhere, of any size.
+            if p.detached {
+                vdisk::luks::Luks::create_header(&*st, &p, &key)?;
+            } else {
+                vdisk::luks::Luks::create(st, None, size, &p, &key)?.close()?;
+            }
+            if !a.quiet {
+                outln!(
+                    "Formatting '{}', fmt=luks size={size} key-secret=... cipher-alg=aes-{} cipher-mode={} ivgen-alg={} hash-alg={} iter-time={}{}",
+                    a.image,
+                    p.aes_bits,
+                    match p.mode {
+                        vdisk::luks::LuksMode::Xts => "xts",
+                        vdisk::luks::LuksMode::Cbc => "cbc",
+                    },
+                    p.ivgen.name().split(':').next().unwrap_or(""),
+                    p.hash.name(),
+                    p.iter_time_ms,
+                    if p.detached { " detached-header=on" } else { "" }
+                );
             }
         }
         Format::Vmdk => {

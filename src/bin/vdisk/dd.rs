@@ -104,6 +104,7 @@ fn copy(src: &dyn BlockDevice, dst_path: &std::path::Path, fmt: Format, start: u
         Format::Vmdk => Box::new(vdisk::Vmdk::create(dst_path, size, &vdisk::VmdkCreateOptions::default())?),
         Format::Vpc | Format::Vdi => crate::vpcvdi::create(fmt, dst_path, size, &[])?,
         Format::Vhdx => Box::new(vdisk::Vhdx::create(dst_path, size, &vdisk::VhdxCreateOptions::default())?),
+        Format::Luks => return Err(Error::unsupported("dd cannot create luks output (it needs a passphrase)")),
     };
     // Blocks of `bs`, read and written in pieces of at most 4 MiB.
     let chunk = bs.min(4 << 20);

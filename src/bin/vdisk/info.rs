@@ -198,7 +198,11 @@ fn to_json(l: &Layer) -> Value {
                 d.insert("compression-type".into(), json!(q.compression_type));
             }
             d.insert("refcount-bits".into(), json!(q.refcount_bits));
-            if i.encrypted {
+            if let Some(l) = &q.luks {
+                let mut e = crate::luks_info::json(l);
+                e.insert("format".into(), json!("luks"));
+                d.insert("encrypt".into(), Value::Object(e));
+            } else if i.encrypted {
                 d.insert("encrypt".into(), json!({ "format": "aes" }));
             }
             if q.compat != "0.10" {
@@ -210,6 +214,12 @@ fn to_json(l: &Layer) -> Value {
                 d.insert("data-file-raw".into(), json!(q.data_file_raw));
             }
             m.insert("format-specific".into(), json!({ "type": "qcow2", "data": Value::Object(d) }));
+        }
+        FormatDetails::Luks(l) => {
+            m.insert(
+                "format-specific".into(),
+                json!({ "type": "luks", "data": Value::Object(crate::luks_info::json(l)) }),
+            );
         }
         FormatDetails::Vmdk(v) => {
             let extents: Vec<Value> = v
@@ -314,7 +324,11 @@ fn print_human(l: &Layer) {
                 }
             }
             outln!("    refcount bits: {}", q.refcount_bits);
-            if i.encrypted {
+            if let Some(l) = &q.luks {
+                outln!("    encrypt:");
+                crate::luks_info::human(l, "        ");
+                outln!("        format: luks");
+            } else if i.encrypted {
                 outln!("    encrypt:");
                 outln!("        format: aes");
             }
@@ -348,6 +362,10 @@ fn print_human(l: &Layer) {
                 }
                 outln!("            format: {}", e.kind);
             }
+        }
+        FormatDetails::Luks(l) => {
+            outln!("Format specific information:");
+            crate::luks_info::human(l, "    ");
         }
         _ => {}
     }

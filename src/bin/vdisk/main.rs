@@ -26,6 +26,7 @@ mod create;
 mod dd;
 mod info;
 mod io;
+mod luks_info;
 mod map;
 mod measure;
 mod pool;

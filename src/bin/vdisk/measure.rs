@@ -80,6 +80,12 @@ pub fn run(a: &MeasureArgs) -> Result<i32> {
             return Err(Error::unsupported(format!("Block driver '{f}' does not support size measurement")))
         }
         Format::Vhdx => return Err(Error::unsupported("Block driver 'vhdx' does not support size measurement")),
+        Format::Luks => {
+            let (p, _) = crate::secrets::luks_create_options(&opts, &a.secrets)?;
+            let n = source.map_or(size.unwrap_or(0), |s| s.size()).div_ceil(512) * 512;
+            let h = if p.detached { 0 } else { vdisk::luks::area_len(&p) };
+            Measure { required: n + h, fully_allocated: n + h, bitmaps: None }
+        }
     };
     if json {
         // qemu-img's key order (a JSON map here would sort them).

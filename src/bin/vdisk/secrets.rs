@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+use vdisk::luks::Luks1Params;
 use vdisk::qcow2::create::CreateOptions;
 use vdisk::{Error, Result, Secret};
 
@@ -52,8 +53,11 @@ pub struct ImageSpec {
     pub path: PathBuf,
     /// Format, if named.
     pub format: Option<String>,
-    /// Secret id from `encrypt.key-secret`.
+    /// Secret id from `encrypt.key-secret` (or the `luks` driver's
+    /// `key-secret`).
     pub key_secret: Option<String>,
+    /// A LUKS volume's detached header (`header.file.filename`).
+    pub luks_header: Option<PathBuf>,
 }
 
 impl SecretArgs {
@@ -116,9 +120,14 @@ impl SecretArgs {
     /// `--image-opts`).
     pub fn image(&self, arg: &str, format: Option<&str>) -> Result<ImageSpec> {
         if !self.image_opts {
-            return Ok(ImageSpec { path: PathBuf::from(arg), format: format.map(str::to_string), key_secret: None });
+            return Ok(ImageSpec {
+                path: PathBuf::from(arg),
+                format: format.map(str::to_string),
+                key_secret: None,
+                luks_header: None,
+            });
         }
-        let mut spec = ImageSpec { path: PathBuf::new(), format: None, key_secret: None };
+        let mut spec = ImageSpec { path: PathBuf::new(), format: None, key_secret: None, luks_header: None };
         for kv in split_opts(arg) {
             let (k, v) = kv
                 .split_once('=')
@@ -127,8 +136,14 @@ impl SecretArgs {
                 "driver" => spec.format = Some(v.to_string()),
                 "file.filename" | "filename" => spec.path = PathBuf::from(v),
                 "file.driver" if v == "file" => {}
-                "encrypt.key-secret" => spec.key_secret = Some(v.to_string()),
-                "encrypt.format" if v == "aes" => {}
+                "encrypt.key-secret" | "key-secret" => spec.key_secret = Some(v.to_string()),
+                // QEMU's `header=` node of the luks driver: a file node
+                // (`header.driver=file,header.filename=P`) or a format node
+                // over one (`header.file.filename=P`).
+                "header.file.filename" | "header.filename" => spec.luks_header = Some(PathBuf::from(v)),
+                "header.driver" if v == "file" || v == "raw" => {}
+                "header.file.driver" if v == "file" => {}
+                "encrypt.format" if v == "aes" || v == "luks" => {}
                 _ => return Err(Error::invalid_argument(format!("image option '{k}' is not supported"))),
             }
         }
@@ -163,6 +178,38 @@ pub fn qcow2_create_options(size: u64, opts: &[String], secrets: &SecretArgs) ->
         o.encrypt = Some(key);
     }
     Ok(o)
+}
+
+/// A new LUKS volume from qemu-img's `luks` options (`key-secret`,
+/// `cipher-alg`, `cipher-mode`, `ivgen-alg`, `ivgen-hash-alg`, `hash-alg`,
+/// `iter-time`, `detached-header`): its parameters and passphrase.
+pub fn luks_create_options(opts: &[String], secrets: &SecretArgs) -> Result<(Luks1Params, Secret)> {
+    let mut p = Luks1Params::default();
+    let mut key_secret = None;
+    for kv in opts {
+        let (k, v) =
+            kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
+        match k {
+            "key-secret" => key_secret = Some(v.to_string()),
+            "detached-header" => {
+                p.detached = match v {
+                    "on" | "true" => true,
+                    "off" | "false" => false,
+                    _ => return Err(Error::invalid_argument(format!("detached-header takes on or off, not '{v}'"))),
+                }
+            }
+            "preallocation" if v == "off" => {}
+            _ => {
+                if !p.set(k, v)? {
+                    return Err(Error::invalid_argument(format!("unknown luks option '{k}'")));
+                }
+            }
+        }
+    }
+    let key = secrets.key(key_secret.as_deref())?.ok_or_else(|| {
+        Error::invalid_argument("a LUKS volume needs a passphrase: --object secret,id=ID,data=... with key-secret=ID")
+    })?;
+    Ok((p, key))
 }
 
 #[cfg(test)]

@@ -28,12 +28,14 @@ use crate::vmdk::header::SparseHeader;
 use crate::{Qcow2, Qcow2Options, Raw, Secret, Vmdk, VmdkOptions};
 
 mod images;
+mod luks;
 mod nbd;
 mod ops;
 mod vhdx;
 mod vpcvdi;
 
 pub use images::{open_qcow2, open_vmdk, pool_xml, probe, split_files, vmdk_descriptor, FILE_MARKER};
+pub use luks::luks_header;
 pub use nbd::{nbd_client, nbd_client_reads, nbd_server, nbd_server_export};
 pub use ops::qcow2_ops;
 pub use vhdx::{open_vhdx, vhdx_image, vhdx_runs};
@@ -51,6 +53,7 @@ pub const TARGETS: &[&str] = &[
     "open_vhdx",
     "nbd_server",
     "nbd_client",
+    "luks_header",
 ];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
@@ -66,6 +69,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "open_vhdx" => open_vhdx(data),
         "nbd_server" => nbd_server(data),
         "nbd_client" => nbd_client(data),
+        "luks_header" => luks_header(data),
         _ => return false,
     }
     true
