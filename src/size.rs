@@ -60,7 +60,9 @@ pub fn parse(s: &str) -> Result<u64> {
         // The fraction's bytes, truncated: frac * 2^shift / 10^digits.
         let mut num = 0u128;
         let mut den = 1u128;
-        for c in frac.bytes().take(30) {
+        // 19 digits keep `num` below 2^64, so `num << 60` fits in a u128;
+        // further digits cannot change a truncated byte count.
+        for c in frac.bytes().take(19) {
             num = num * 10 + u128::from(c - b'0');
             den *= 10;
         }
@@ -92,6 +94,8 @@ mod tests {
             ("1.1111k", 1137),
             (" 5k", 5120),
             ("1.0", 1),
+            ("0.5000000000000000000000E", 1 << 59),
+            ("0.50000000000000000000000000P", 1 << 49),
         ] {
             assert_eq!(parse(text).unwrap(), want, "{text}");
         }

@@ -455,3 +455,144 @@ fn serve_offers_a_bitmap_as_qemu_nbd_does() {
     server.kill().unwrap();
     let _ = server.wait();
 }
+
+fn with_bitmap(size: u64, cs: u64, g: u64) -> (Arc<MemStorage>, Qcow2) {
+    let st = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(size);
+    o.cluster_size = cs;
+    let q = Qcow2::create(st.clone(), &o, Qcow2Options::default()).unwrap();
+    q.bitmap_add("b", Some(g), true).unwrap();
+    (st, q)
+}
+
+#[test]
+fn bitmaps_and_empty_disks_are_refused_rather_than_stored_unloadable() {
+    let st = Arc::new(MemStorage::new());
+    let q = Qcow2::create(st, &CreateOptions::new(0), Qcow2Options::default()).unwrap();
+    assert!(q.bitmap_add("b", None, true).is_err());
+    let (_, q) = with_bitmap(1 << 20, 65536, 65536);
+    assert!(q.resize(0).is_err());
+}
+
+/// A crash right after a resize (no guest write, so nothing had marked the
+/// bitmaps before) leaves an image vdisk and QEMU open.
+#[test]
+fn a_crash_after_a_resize_leaves_loadable_bitmaps() {
+    for (from, to) in [(2u64 << 20, 256u64 << 20), (256 << 20, 2 << 20)] {
+        let (st, q) = with_bitmap(from, 4096, 4096);
+        q.close().unwrap();
+        let st = Arc::new(MemStorage::from_vec(st.to_vec()));
+        let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+        q.resize_with(to, true).unwrap();
+        let crashed = st.to_vec();
+        std::mem::forget(q);
+        let q = Qcow2::open(Arc::new(MemStorage::from_vec(crashed.clone())), Qcow2Options::default()).unwrap();
+        assert!(q.bitmaps()[0].inconsistent, "{from} -> {to}");
+        if have_qemu() {
+            let d = tmp();
+            let f = p(d.path(), "crashed.qcow2");
+            std::fs::write(&f, &crashed).unwrap();
+            qemu_img(&["info", s(&f)]);
+        }
+    }
+}
+
+/// Writes racing a grow into the new range keep their dirty bits.
+#[test]
+fn writes_racing_a_grow_keep_their_bits() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let base = 1u64 << 20;
+    let (_st, q) = with_bitmap(base, 65536, 512);
+    let q = Arc::new(q);
+    for _ in 0..50 {
+        let go = Arc::new(AtomicBool::new(false));
+        let hs: Vec<_> = (0..4u64)
+            .map(|k| {
+                let (q, go) = (q.clone(), go.clone());
+                std::thread::spawn(move || {
+                    while !go.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                    let off = base + k * 4096;
+                    while q.write_at(&[1u8; 512], off).is_err() {}
+                    off
+                })
+            })
+            .collect();
+        go.store(true, Ordering::Relaxed);
+        q.resize(base * 2).unwrap();
+        for h in hs {
+            let off = h.join().unwrap();
+            assert!(!q.bitmap_dirty_ranges("b", off, 512).unwrap().ranges.is_empty(), "bit of {off} lost");
+        }
+        q.resize_with(base, true).unwrap();
+    }
+}
+
+fn two_bitmaps(lazy: bool) -> Vec<u8> {
+    let st = Arc::new(MemStorage::new());
+    let mut o = CreateOptions::new(16 << 20);
+    o.lazy_refcounts = lazy;
+    let q = Qcow2::create(st.clone(), &o, Qcow2Options::default()).unwrap();
+    q.bitmap_add("first", Some(65536), true).unwrap();
+    q.bitmap_add("second", Some(65536), true).unwrap();
+    q.write_at(&[1u8; 65536], 1 << 20).unwrap();
+    q.close().unwrap();
+    st.to_vec()
+}
+
+/// `check` and the lazy-refcount repair count every bitmap's clusters (a
+/// miscount would free the second bitmap's, and guest data would land on
+/// them).
+#[test]
+fn check_and_lazy_repair_count_every_bitmap() {
+    let q =
+        Qcow2::open(Arc::new(MemStorage::from_vec(two_bitmaps(false)).read_only()), Qcow2Options::default()).unwrap();
+    let r = q.check(vdisk::qcow2::check::Repair::None).unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    // A crash with lazy refcounts, the repair on the next open, more writes,
+    // the second bitmap removed, and more writes: nothing overwritten.
+    let st = Arc::new(MemStorage::from_vec(two_bitmaps(true)));
+    let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+    q.write_at(&[2u8; 65536], 2 << 20).unwrap();
+    let crashed = st.to_vec();
+    std::mem::forget(q);
+    let st = Arc::new(MemStorage::from_vec(crashed));
+    let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+    for k in 0..4u64 {
+        q.write_at(&vec![10 + k as u8; 65536], (4 + k) << 20).unwrap();
+    }
+    q.bitmap_remove("second").unwrap();
+    q.close().unwrap();
+    let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+    for k in 0..4u64 {
+        q.write_at(&vec![100 + k as u8; 65536], (10 + k) << 20).unwrap();
+    }
+    for k in 0..4u64 {
+        let mut b = vec![0u8; 65536];
+        q.read_at(&mut b, (4 + k) << 20).unwrap();
+        assert!(b.iter().all(|&x| x == 10 + k as u8), "guest data at {} overwritten", (4 + k) << 20);
+    }
+    q.close().unwrap();
+    if have_qemu() {
+        let d = tmp();
+        let f = p(d.path(), "lazy.qcow2");
+        std::fs::write(&f, st.to_vec()).unwrap();
+        assert_qemu_clean(&f, "qcow2");
+    }
+}
+
+/// A bitmap removed, then a guest write (which rewrites the directory
+/// without it), then close: its clusters are freed, not leaked.
+#[test]
+fn a_removed_bitmap_is_freed_even_after_a_write() {
+    let st = Arc::new(MemStorage::from_vec(two_bitmaps(false)));
+    let q = Qcow2::open(st.clone(), Qcow2Options::default()).unwrap();
+    q.bitmap_remove("second").unwrap();
+    q.write_at(&[5u8; 4096], 3 << 20).unwrap();
+    q.close().unwrap();
+    let q = Qcow2::open(Arc::new(MemStorage::from_vec(st.to_vec()).read_only()), Qcow2Options::default()).unwrap();
+    let r = q.check(vdisk::qcow2::check::Repair::None).unwrap();
+    assert!(r.is_clean(), "{:?}", r.messages);
+    assert_eq!(q.bitmaps().len(), 1);
+}

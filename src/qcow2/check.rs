@@ -456,8 +456,10 @@ fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
     while pos + 24 <= dir.len() {
         let table_off = BigEndian::read_u64(&dir[pos..pos + 8]);
         let table_size = u64::from(BigEndian::read_u32(&dir[pos + 8..pos + 12]));
-        let name_size = usize::from(BigEndian::read_u16(&dir[pos + 14..pos + 16]));
-        let extra = BigEndian::read_u32(&dir[pos + 16..pos + 20]) as usize;
+        // Entry layout: table offset (8), table size (4), flags (4), type
+        // (1), granularity bits (1), name size (2), extra data size (4).
+        let name_size = usize::from(BigEndian::read_u16(&dir[pos + 18..pos + 20]));
+        let extra = BigEndian::read_u32(&dir[pos + 20..pos + 24]) as usize;
         if table_off % cs == 0 && table_size <= QCOW2_MAX_L1_BYTES / 8 {
             w.refs.add(&mut w.report, table_off, table_size * 8, "bitmap table");
             if let Some(t) = w.read_table(table_off, table_size, "a bitmap table") {

@@ -4,7 +4,7 @@ use super::alloc::AllocState;
 use super::alloc::FreeOld;
 use super::table::{self, HeaderTable};
 use super::zero::ZeroOp;
-use super::Qcow2;
+use super::{bitmap, Qcow2};
 use crate::device::{BlockDevice, ZeroMode};
 use crate::error::{Error, Result};
 use crate::limits::*;
@@ -19,7 +19,11 @@ impl Qcow2 {
         }
         let old = self.size();
         if new_size != old {
-            self.bitmaps_resizable()?;
+            self.bitmaps_resizable(new_size)?;
+            // Stored bitmaps are sized for the old disk: they must say
+            // in_use before the header's size changes (a crash between the
+            // two would leave bitmaps neither vdisk nor QEMU can load).
+            self.mark_bitmaps_for_change()?;
         }
         if new_size < old {
             if !self.snapshots.read().is_empty() {
@@ -50,6 +54,10 @@ impl Qcow2 {
                 }
             }
         }
+        // Held until the bits follow the new size, so no write into the new
+        // range can set a bit the resize would then drop (bitmaps come
+        // before alloc in the lock order; nothing below records writes).
+        let mut bitmaps = self.bitmaps.write();
         let a = self.alloc_lock()?;
         let mut a = self.wait_all_inflight(a);
         let needed = self.header.lock().l1_entries_for(new_size);
@@ -76,7 +84,7 @@ impl Qcow2 {
         self.file.sync()?;
         self.size.store(new_size, std::sync::atomic::Ordering::Release);
         drop(_a);
-        self.resize_bitmaps(new_size);
+        bitmap::resize_bits(&mut bitmaps, new_size);
         Ok(())
     }
 

@@ -154,6 +154,13 @@ fn merge(a: &BitmapArgs, q: &vdisk::qcow2::Qcow2, src: &str) -> Result<()> {
             let Image::Qcow2(sq) = s else {
                 return Err(Error::unsupported(format!("'{file}' is not qcow2: it has no persistent bitmaps")));
             };
+            // QEMU merges bitmaps of the same length only.
+            let (ss, ts) = (vdisk::BlockDevice::size(&sq), vdisk::BlockDevice::size(q));
+            if ss != ts {
+                return Err(Error::invalid_argument(format!(
+                    "bitmaps of different sizes cannot be merged: '{file}' is {ss} bytes, the image {ts}"
+                )));
+            }
             sq.bitmap_dirty_ranges(src, 0, u64::MAX)?
         }
     };

@@ -97,6 +97,9 @@ pub struct ConvertArgs {
 
 /// Runs `vdisk convert`; a failure removes the files it had created.
 pub fn run(a: &ConvertArgs) -> Result<i32> {
+    if a.salvage && a.snapshot.is_some() {
+        return Err(Error::unsupported("--salvage does not apply to a snapshot (-l)"));
+    }
     if a.copy_range {
         return Err(Error::unsupported(
             "copy offloading (-C) is not supported: vdisk copies through memory, detecting zeros",

@@ -21,6 +21,8 @@ pub(crate) struct DirtyBits {
     nbits: u64,
     /// Chunks of `CHUNK_WORDS` words; unset means all zero.
     chunks: Vec<OnceLock<Box<[AtomicU64]>>>,
+    /// Chunks allocated so far.
+    allocated: AtomicU64,
 }
 
 fn new_chunk() -> Box<[AtomicU64]> {
@@ -31,7 +33,7 @@ impl DirtyBits {
     /// `nbits` clear bits.
     pub(crate) fn new(nbits: u64) -> DirtyBits {
         let n = nbits.div_ceil(CHUNK_BITS) as usize;
-        DirtyBits { nbits, chunks: (0..n).map(|_| OnceLock::new()).collect() }
+        DirtyBits { nbits, chunks: (0..n).map(|_| OnceLock::new()).collect(), allocated: AtomicU64::new(0) }
     }
 
     #[cfg(test)]
@@ -40,14 +42,24 @@ impl DirtyBits {
         self.nbits
     }
 
-    /// Bytes of memory the allocated chunks take.
+    /// Bytes of memory the bits take: the chunk index and the chunks
+    /// allocated (O(1)).
     pub(crate) fn memory(&self) -> u64 {
-        self.chunks.iter().filter(|c| c.get().is_some()).count() as u64 * CHUNK_WORDS as u64 * 8
+        Self::index_bytes(self.nbits) + self.allocated.load(Ordering::Relaxed) * CHUNK_WORDS as u64 * 8
+    }
+
+    /// Bytes the chunk index of `nbits` bits takes, allocated up front.
+    pub(crate) fn index_bytes(nbits: u64) -> u64 {
+        nbits.div_ceil(CHUNK_BITS) * std::mem::size_of::<OnceLock<Box<[AtomicU64]>>>() as u64
     }
 
     fn word(&self, w: u64) -> &AtomicU64 {
         let c = &self.chunks[(w / CHUNK_WORDS as u64) as usize];
-        &c.get_or_init(new_chunk)[(w % CHUNK_WORDS as u64) as usize]
+        let chunk = c.get_or_init(|| {
+            self.allocated.fetch_add(1, Ordering::Relaxed);
+            new_chunk()
+        });
+        &chunk[(w % CHUNK_WORDS as u64) as usize]
     }
 
     fn peek_word(&self, w: u64) -> u64 {
@@ -86,6 +98,7 @@ impl DirtyBits {
         for c in &mut self.chunks {
             *c = OnceLock::new();
         }
+        self.allocated.store(0, Ordering::Relaxed);
     }
 
     #[cfg(test)]
@@ -109,6 +122,10 @@ impl DirtyBits {
     /// end are dropped.
     pub(crate) fn resize(&mut self, nbits: u64) {
         let n = nbits.div_ceil(CHUNK_BITS) as usize;
+        if n < self.chunks.len() {
+            let dropped = self.chunks[n..].iter().filter(|c| c.get().is_some()).count() as u64;
+            self.allocated.fetch_sub(dropped, Ordering::Relaxed);
+        }
         self.chunks.resize_with(n, OnceLock::new);
         if nbits < self.nbits && !nbits.is_multiple_of(64) {
             let w = nbits / 64;

@@ -105,6 +105,10 @@ pub(crate) struct BitmapState {
     changed: bool,
     /// The stored bitmaps carry this session's `in_use` flag.
     marked: bool,
+    /// Directory entries of stored bitmaps removed in this session, whose
+    /// clusters the next store frees (the directory on disk may no longer
+    /// name them).
+    removed: Vec<DirEntry>,
 }
 
 /// Most memory the bits loaded from one image may take (a hostile image
@@ -190,6 +194,12 @@ fn load_bits(file: &dyn Storage, e: &DirEntry, size: u64, cluster_size: u64, bud
         ))
         .with_field("bitmap table"));
     }
+    if DirtyBits::index_bytes(n) > *budget {
+        return Err(Error::limit(format!(
+            "the bitmaps of this image would take more than {MAX_LOADED_BYTES} bytes of memory"
+        ))
+        .with_field("bitmap table"));
+    }
     let table = read_table(file, e, cluster_size)?;
     let bits = DirtyBits::new(n);
     let words_per_cluster = cluster_size / 8;
@@ -242,7 +252,7 @@ impl BitmapState {
                 bits,
             });
         }
-        Ok(BitmapState { list, changed: false, marked: false })
+        Ok(BitmapState { list, changed: false, marked: false, removed: Vec::new() })
     }
 
     /// Whether some bitmap must see every write.
@@ -416,8 +426,13 @@ impl Qcow2 {
         }
         // Old tables nothing in the new directory uses (re-stored bitmaps,
         // removed ones); inconsistent bitmaps keep theirs.
-        let old_tables: Vec<DirEntry> =
-            old_dir.into_iter().filter(|d| !new_entries.iter().any(|n| n.table_offset == d.table_offset)).collect();
+        let mut old_tables: Vec<DirEntry> = Vec::new();
+        for d in old_dir.into_iter().chain(st.removed.iter().cloned()) {
+            let in_use = new_entries.iter().chain(&old_tables).any(|n| n.table_offset == d.table_offset);
+            if !in_use {
+                old_tables.push(d);
+            }
+        }
         // The new directory.
         let new_ext = if new_entries.is_empty() {
             None
@@ -476,6 +491,7 @@ impl Qcow2 {
         }
         st.changed = false;
         st.marked = false;
+        st.removed.clear();
         Ok(())
     }
 
@@ -497,6 +513,9 @@ impl Qcow2 {
         }
         let cs = self.geo.cluster_size();
         let size = self.size();
+        if size == 0 {
+            return Err(self.err(Error::unsupported("cannot add a bitmap to a disk of 0 bytes")));
+        }
         let g = granularity.unwrap_or(cs.clamp(4096, 65536));
         let gbits = dir::check_new(name, g, size, cs).map_err(|e| self.err(e))?;
         self.bitmap_op(|st| {
@@ -526,7 +545,8 @@ impl Qcow2 {
     pub fn bitmap_remove(&self, name: &str) -> Result<()> {
         self.bitmap_op(|st| {
             let i = st.find(name)?;
-            st.list.remove(i);
+            let b = st.list.remove(i);
+            st.removed.extend(b.disk);
             Ok(())
         })
     }
@@ -624,10 +644,25 @@ impl Qcow2 {
         self.track_write(0, self.size())
     }
 
-    /// Checks that every bitmap can follow a resize (QEMU refuses one with
-    /// inconsistent bitmaps).
-    pub(crate) fn bitmaps_resizable(&self) -> Result<()> {
+    /// Marks the stored bitmaps `in_use` (if any) before a change other
+    /// than a guest write makes them stale on disk (a resize).
+    pub(crate) fn mark_bitmaps_for_change(&self) -> Result<()> {
+        if self.bitmaps_tracking.load(Ordering::Acquire) {
+            self.mark_bitmaps_in_use()?;
+        }
+        Ok(())
+    }
+
+    /// Checks that every bitmap can follow a resize to `new_size` (QEMU
+    /// refuses one with inconsistent bitmaps; a bitmap of an empty disk
+    /// cannot be stored).
+    pub(crate) fn bitmaps_resizable(&self, new_size: u64) -> Result<()> {
         let st = self.bitmaps.read();
+        if new_size == 0 && !st.list.is_empty() {
+            return Err(self.err(Error::unsupported(
+                "cannot resize an image with persistent bitmaps to 0 bytes: remove them first",
+            )));
+        }
         if let Some(b) = st.list.iter().find(|b| b.inconsistent) {
             return Err(self.err(Error::unsupported(format!(
                 "cannot resize an image whose bitmap '{}' is inconsistent: remove it first",
@@ -640,18 +675,22 @@ impl Qcow2 {
     /// Gives every bitmap the length of a disk of `size` bytes (new bits
     /// clear).
     pub(crate) fn resize_bitmaps(&self, size: u64) {
-        let mut st = self.bitmaps.write();
-        if st.list.is_empty() {
-            return;
-        }
-        for b in st.list.iter_mut() {
-            let n = nbits(size, b.granularity_bits);
-            if let Some(bits) = b.bits.as_mut() {
-                bits.resize(n);
-            }
-        }
-        st.changed = true;
+        resize_bits(&mut self.bitmaps.write(), size);
     }
+}
+
+/// [`Qcow2::resize_bitmaps`] under a lock the caller holds.
+pub(crate) fn resize_bits(st: &mut BitmapState, size: u64) {
+    if st.list.is_empty() {
+        return;
+    }
+    for b in st.list.iter_mut() {
+        let n = nbits(size, b.granularity_bits);
+        if let Some(bits) = b.bits.as_mut() {
+            bits.resize(n);
+        }
+    }
+    st.changed = true;
 }
 
 fn ranges_of(bits: &DirtyBits, g: u8, offset: u64, end: u64) -> DirtyRanges {
