@@ -697,7 +697,17 @@ impl Qcow2 {
     /// references, placed past everything in use; the old structures become
     /// free space.
     pub(crate) fn rebuild_refcounts(&self) -> Result<()> {
-        let mut a = self.alloc_lock()?;
+        let order = self.header.lock().refcount_order;
+        self.rebuild_refcounts_as(order)
+    }
+
+    /// [`rebuild_refcounts`](Self::rebuild_refcounts) into refcounts of
+    /// `2^order` bits; the header switches to the new table and width in
+    /// one write, after the new structures are durable (a crash before
+    /// leaves the old ones in use and the new ones past the end, unused).
+    pub(crate) fn rebuild_refcounts_as(&self, order: u32) -> Result<()> {
+        let a = self.alloc_lock()?;
+        let mut a = self.wait_all_inflight(a);
         self.flush_meta(&mut a)?;
         let file = &*self.file;
         let h = self.header.lock().clone();
@@ -709,7 +719,6 @@ impl Qcow2 {
         if report.check_errors > 0 {
             return Err(self.err(Error::corrupt("cannot rebuild refcounts: the metadata could not be read")));
         }
-        let order = h.refcount_order;
         let max = if order == 6 { u64::MAX } else { (1u64 << (1 << order)) - 1 };
         if let Some(c) = refs.counts.iter().position(|&v| v > max) {
             return Err(self.err(Error::corrupt(format!(
@@ -765,6 +774,7 @@ impl Qcow2 {
             |hh| {
                 hh.refcount_table_offset = table_off;
                 hh.refcount_table_clusters = tc as u32;
+                hh.refcount_order = order;
             },
             FreeOld::Never,
         )?;

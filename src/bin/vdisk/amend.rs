@@ -58,12 +58,12 @@ pub fn run(a: &AmendArgs) -> Result<i32> {
             kv.split_once('=').ok_or_else(|| Error::invalid_argument(format!("option '{kv}' needs a value")))?;
         let bare = k.strip_prefix("encrypt.").unwrap_or(k);
         match k {
-            "compat" | "lazy_refcounts" | "size" | "backing_file" | "backing_fmt" => pairs.push((k, v)),
+            "compat" | "lazy_refcounts" | "size" | "backing_file" | "backing_fmt" | "refcount_bits" | "data_file" => {
+                pairs.push((k, v))
+            }
             "encrypt.iter-time" | "encrypt.keyslot" | "encrypt.new-secret" | "encrypt.old-secret" | "encrypt.state"
             | "iter-time" | "keyslot" | "new-secret" | "old-secret" | "state" => slots.push((bare, v)),
-            "data_file" | "data_file_raw" | "refcount_bits" => {
-                return Err(Error::unsupported(format!("amending '{k}' is not supported by vdisk yet")))
-            }
+            "data_file_raw" => return Err(Error::unsupported(format!("amending '{k}' is not supported by vdisk yet"))),
             "cluster_size" | "preallocation" | "extended_l2" | "compression_type" | "encryption" | "encrypt.format"
             | "encrypt.key-secret" => {
                 return Err(Error::invalid_argument(format!(
@@ -118,6 +118,10 @@ pub fn run(a: &AmendArgs) -> Result<i32> {
     for (k, v) in &pairs {
         match *k {
             "lazy_refcounts" => q.set_lazy_refcounts(on_off(k, v)?)?,
+            "refcount_bits" => q.set_refcount_bits(
+                v.parse().map_err(|_| Error::invalid_argument(format!("refcount_bits '{v}' is not a number")))?,
+            )?,
+            "data_file" => q.set_data_file(v)?,
             "size" => {
                 let size = parse_size(v)?;
                 q.resize_with(size, false)?;
