@@ -236,6 +236,11 @@ fn commit_rebase_resize_create_and_compare_flags_match_qemu_img() {
     assert_eq!(in_dir(dir, s(&bin), &["convert", "-C", "-O", "raw", "q-rt.qcow2", "d.raw"]).0, 1);
     assert!(!dir.join("d.raw").exists());
     assert_eq!(in_dir(dir, s(&bin), &["convert", "-t", "bogus", "-O", "raw", "q-rt.qcow2", "d.raw"]).0, 1);
+    // --target-image-opts: into an existing image named by options.
+    run_in("qemu-img", &["create", "-q", "-f", "qcow2", "t.qcow2", "4M"]);
+    run_in(s(&bin), &["convert", "-n", "--target-image-opts", "q-rt.qcow2", "driver=qcow2,file.filename=t.qcow2"]);
+    run_in("qemu-img", &["compare", "-q", "q-rt.qcow2", "t.qcow2"]);
+    assert_eq!(in_dir(dir, s(&bin), &["convert", "--target-image-opts", "q-rt.qcow2", "x"]).0, 2);
     // check -T and long names.
     run_in(s(&bin), &["check", "-T", "none", "--format", "qcow2", "--quiet", "c.qcow2"]);
 }

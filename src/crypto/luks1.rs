@@ -16,7 +16,7 @@
 use super::secret::{wipe, Secret};
 use super::sector::{parse_mode, IvGen, LuksCipher, LuksHash, LuksMode, SECTOR};
 use crate::error::{Error, ErrorKind, Result};
-use crate::limits::{LUKS_MAX_PBKDF2_ITERATIONS, LUKS_MAX_STRIPES};
+use crate::limits::{LUKS_MAX_PBKDF2_ITERATIONS, LUKS_MAX_STRIPES, LUKS_MAX_UNLOCK_ITERATIONS};
 
 /// The LUKS magic.
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -329,9 +329,17 @@ impl Luks1Header {
         only: Option<usize>,
         read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
     ) -> Result<(Secret, usize)> {
+        let mut spent = 0u64;
         for i in 0..SLOTS {
             if !self.slots[i].active || only.is_some_and(|o| o != i) {
                 continue;
+            }
+            spent += u64::from(self.slots[i].iterations) + u64::from(self.mk_digest_iter);
+            if spent > LUKS_MAX_UNLOCK_ITERATIONS {
+                return Err(Error::limit(format!(
+                    "trying LUKS key slot {i} would take the unlock past {LUKS_MAX_UNLOCK_ITERATIONS} PBKDF2 iterations"
+                ))
+                .with_field("key_slot.iterations"));
             }
             if let Some(mk) = self.try_slot(i, passphrase.expose(), read)? {
                 return Ok((mk, i));

@@ -81,6 +81,10 @@ pub struct ConvertArgs {
     /// written as zeros, each one reported.
     #[arg(long = "salvage")]
     pub salvage: bool,
+    /// The destination is an option string (`driver=FMT,file.filename=PATH`,
+    /// `encrypt.key-secret=ID`); needs -n.
+    #[arg(long = "target-image-opts", requires = "no_create")]
+    pub target_image_opts: bool,
     /// Copy the source's persistent dirty bitmaps (qcow2 to qcow2).
     #[arg(long = "bitmaps")]
     pub bitmaps: bool,
@@ -153,6 +157,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         // The existing target, its backing chain followed (what it reads
         // through is compared, not overwritten blindly).
         let img = crate::common::with_cache(a.target_cache.as_deref(), || {
+            if a.target_image_opts {
+                let dst = a.dst.to_str().ok_or_else(|| Error::invalid_argument("target options are not UTF-8"))?;
+                let spec = crate::secrets::image_opts_spec(dst)?;
+                let key = a.secrets.key(spec.key_secret.as_deref())?;
+                let fmt = spec.format.as_deref().unwrap_or(out.name()).to_string();
+                let mut o = crate::common::image_options(Some(&fmt), false, true, key, false)?;
+                if let Some(h) = &spec.luks_header {
+                    o = o.luks_header(h);
+                }
+                return o.open(&spec.path);
+            }
             crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
         })?;
         if img.size() < size {

@@ -127,6 +127,14 @@ impl SecretArgs {
                 luks_header: None,
             });
         }
+        image_opts_spec(arg)
+    }
+}
+
+/// An `--image-opts` option string (`driver=...,file.filename=...`) as an
+/// image to open.
+pub fn image_opts_spec(arg: &str) -> Result<ImageSpec> {
+    {
         let mut spec = ImageSpec { path: PathBuf::new(), format: None, key_secret: None, luks_header: None };
         for kv in split_opts(arg) {
             let (k, v) = kv
