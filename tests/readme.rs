@@ -72,6 +72,17 @@ fn readme_commands_run_verbatim() {
         run_status_in(&work, "qemu-img", &["compare", "-f", "qcow2", "-F", "qcow2", "overlay.qcow2", "thin.qcow2"]);
     assert_eq!(code, 0, "{o}{e}");
     assert!(home.join("vm-images/debian.qcow2").exists());
+    // The incremental backup copied exactly the two dirty ranges.
+    for (name, len) in [("delta-16777216.raw", 65536), ("delta-41943040.raw", 131072)] {
+        assert_eq!(std::fs::metadata(work.join(name)).map(|m| m.len()).ok(), Some(len), "{name}");
+    }
+    assert_eq!(
+        std::fs::read_dir(&work)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("delta-"))
+            .count(),
+        2
+    );
 }
 
 /// `run_status` in a directory.
