@@ -218,13 +218,21 @@ impl Decode {
     }
 }
 
+/// A unit not yet claimed: its compressed bytes and its output length.
+type Pending = (Vec<u8>, usize);
+
+/// A unit a helper decoded: its output and the bytes the stream produced.
+type Decoded = (Vec<u8>, usize);
+
 /// A request's units, shared with the helpers. Whoever claims index `i`
 /// (through `next`) decodes unit `i`; a helper leaves its output in `done`.
 struct Batch {
     decode: Decode,
     next: AtomicUsize,
-    inputs: Vec<Mutex<Option<(Vec<u8>, usize)>>>,
-    done: Mutex<Vec<Option<Result<(Vec<u8>, usize)>>>>,
+    /// Each unit's compressed bytes and output length, until claimed.
+    inputs: Vec<Mutex<Option<Pending>>>,
+    /// What helpers decoded: the output and the bytes produced.
+    done: Mutex<Vec<Option<Result<Decoded>>>>,
     finished: Condvar,
 }
 
