@@ -14,10 +14,12 @@
 //! encoder; not a supported API.
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
 use crate::error::{Error, Result};
@@ -174,6 +176,216 @@ pub fn compress(codec: Codec, input: &[u8], max_len: usize) -> Result<Option<Vec
     }
 }
 
+/// The least output one request must decompress before its units are
+/// offered to the helper threads: below it, handing a unit over costs
+/// about what it saves. A 4 KiB or 64 KiB read stays on the caller's
+/// thread, touching no lock and no other thread.
+pub(crate) const PARALLEL_MIN_BYTES: usize = 256 << 10;
+
+/// At most this many helper threads, however many cores there are.
+const MAX_HELPERS: usize = 7;
+
+/// One compressed unit (a cluster or a grain) of a request, read but not
+/// yet decompressed.
+#[derive(Debug)]
+pub(crate) struct Unit<'a> {
+    /// The compressed bytes, as the format's descriptor bounds them.
+    pub input: Vec<u8>,
+    /// Where the whole unit goes.
+    pub out: &'a mut [u8],
+}
+
+/// How the units of one request are decoded: [`decompress_exact`] or
+/// [`decompress_stream`], and the name of the unit in messages.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Decode {
+    /// The encoding.
+    pub codec: Codec,
+    /// One complete stream ending within the unit (vmdk grains) rather
+    /// than exactly one unit of output (qcow2 clusters).
+    pub stream: bool,
+    /// "cluster", "grain".
+    pub what: &'static str,
+}
+
+impl Decode {
+    fn run(&self, input: &[u8], out: &mut [u8]) -> Result<usize> {
+        if self.stream {
+            decompress_stream(self.codec, input, out, self.what)
+        } else {
+            decompress_exact(self.codec, input, out, self.what).map(|()| out.len())
+        }
+    }
+}
+
+/// A unit not yet claimed: its compressed bytes and its output length.
+type Pending = (Vec<u8>, usize);
+
+/// A unit a helper decoded: its output and the bytes the stream produced.
+type Decoded = (Vec<u8>, usize);
+
+/// A request's units, shared with the helpers. Whoever claims index `i`
+/// (through `next`) decodes unit `i`; a helper leaves its output in `done`.
+struct Batch {
+    decode: Decode,
+    next: AtomicUsize,
+    /// Each unit's compressed bytes and output length, until claimed.
+    inputs: Vec<Mutex<Option<Pending>>>,
+    /// What helpers decoded: the output and the bytes produced.
+    done: Mutex<Vec<Option<Result<Decoded>>>>,
+    finished: Condvar,
+}
+
+impl Batch {
+    /// Claims and decodes units until none is left. The caller's thread
+    /// writes in place (`outs`); a helper into a buffer of its own.
+    fn work(&self, mut outs: Option<&mut [&mut [u8]]>, results: &mut [Option<Result<usize>>]) {
+        loop {
+            let i = self.next.fetch_add(1, Ordering::AcqRel);
+            let Some(slot) = self.inputs.get(i) else { return };
+            let Some((input, out_len)) = slot.lock().take() else { continue };
+            match outs.as_deref_mut() {
+                Some(outs) => {
+                    if let (Some(out), Some(r)) = (outs.get_mut(i), results.get_mut(i)) {
+                        *r = Some(self.decode.run(&input, out));
+                    }
+                }
+                None => {
+                    let mut out = vec![0u8; out_len];
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.decode.run(&input, &mut out)))
+                            .unwrap_or_else(|_| Err(Error::internal("a decompression helper panicked")));
+                    if let Some(d) = self.done.lock().get_mut(i) {
+                        *d = Some(r.map(|n| (out, n)));
+                    }
+                    self.finished.notify_all();
+                }
+            }
+        }
+    }
+}
+
+/// The helper threads (one fewer than the cores, started on first use and
+/// then idle on a condition variable) and the batches waiting for them.
+struct Pool {
+    queue: Mutex<VecDeque<Arc<Batch>>>,
+    wake: Condvar,
+}
+
+static POOL: Pool = Pool { queue: Mutex::new(VecDeque::new()), wake: Condvar::new() };
+
+/// How many helper threads run (0 on one core, or if none could start).
+fn helpers() -> usize {
+    static STARTED: OnceLock<usize> = OnceLock::new();
+    *STARTED.get_or_init(|| {
+        let want = std::thread::available_parallelism().map_or(1, |n| n.get()).saturating_sub(1).min(MAX_HELPERS);
+        (0..want).take_while(|_| std::thread::Builder::new().name("vdisk-inflate".into()).spawn(helper).is_ok()).count()
+    })
+}
+
+fn helper() {
+    loop {
+        let batch = {
+            let mut q = POOL.queue.lock();
+            loop {
+                if let Some(b) = q.pop_front() {
+                    break b;
+                }
+                POOL.wake.wait(&mut q);
+            }
+        };
+        batch.work(None, &mut []);
+    }
+}
+
+/// Large requests decompressing right now (see [`decompress_units`]).
+static LARGE: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one large request out of [`LARGE`] when dropped.
+struct Large;
+
+impl Drop for Large {
+    fn drop(&mut self) {
+        LARGE.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Decompresses every unit of one request (`bytes` of output in all) and
+/// returns each unit's result in order: the bytes it produced, or its
+/// error. With two units or more and at least [`PARALLEL_MIN_BYTES`], the
+/// helper threads join in, as many as the other large requests in progress
+/// leave cores for: the caller's thread and the helpers each
+/// take the next unclaimed unit, so a helper that the scheduler does not
+/// run soon costs nothing (the caller does its share) and the caller waits
+/// only for units a helper is decoding. Otherwise the caller decodes them
+/// all.
+pub(crate) fn decompress_units(decode: Decode, units: Vec<Unit<'_>>, bytes: usize) -> Vec<Result<usize>> {
+    let n = units.len();
+    if n < 2 || bytes < PARALLEL_MIN_BYTES {
+        return units.into_iter().map(|u| decode.run(&u.input, u.out)).collect();
+    }
+    // Large requests in progress, this one included: when they already
+    // fill the cores (a convert's workers), helpers would only add hand-
+    // over costs.
+    LARGE.fetch_add(1, Ordering::AcqRel);
+    let _large = Large;
+    let idle = helpers().saturating_add(1).saturating_sub(LARGE.load(Ordering::Acquire));
+    let helpers = idle.min(n - 1);
+    if helpers == 0 {
+        return units.into_iter().map(|u| decode.run(&u.input, u.out)).collect();
+    }
+    let mut outs = Vec::with_capacity(n);
+    let mut inputs = Vec::with_capacity(n);
+    for u in units {
+        inputs.push(Mutex::new(Some((u.input, u.out.len()))));
+        outs.push(u.out);
+    }
+    let batch = Arc::new(Batch {
+        decode,
+        next: AtomicUsize::new(0),
+        inputs,
+        done: Mutex::new((0..n).map(|_| None).collect()),
+        finished: Condvar::new(),
+    });
+    {
+        let mut q = POOL.queue.lock();
+        for _ in 0..helpers {
+            q.push_back(batch.clone());
+        }
+    }
+    for _ in 0..helpers {
+        POOL.wake.notify_one();
+    }
+    let mut results: Vec<Option<Result<usize>>> = (0..n).map(|_| None).collect();
+    batch.work(Some(&mut outs), &mut results);
+    // What is left was claimed by helpers, which are running it.
+    let mut done = batch.done.lock();
+    results
+        .into_iter()
+        .zip(outs)
+        .enumerate()
+        .map(|(i, (r, out))| {
+            if let Some(r) = r {
+                return r;
+            }
+            loop {
+                match done.get_mut(i).map(Option::take) {
+                    Some(Some(r)) => {
+                        return r.and_then(|(data, produced)| {
+                            out.copy_from_slice(
+                                data.get(..out.len()).ok_or_else(|| Error::internal("short helper output"))?,
+                            );
+                            Ok(produced)
+                        })
+                    }
+                    Some(None) => batch.finished.wait(&mut done),
+                    None => return Err(Error::internal("decompression unit out of range")),
+                }
+            }
+        })
+        .collect()
+}
+
 /// How many decompressed clusters a [`ClusterCache`] keeps.
 const CLUSTER_CACHE_ENTRIES: usize = 8;
 
@@ -292,6 +504,54 @@ mod tests {
         let d = compress(Codec::Deflate, &data, 65536).unwrap().unwrap();
         decompress_exact(Codec::Deflate, &d, &mut out, "cluster").unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn units_of_a_large_request_decode_in_place_and_fail_alone() {
+        // 24 clusters of 64 KiB (past PARALLEL_MIN_BYTES, so the helpers
+        // join in on a multi-core machine), each different; one corrupt.
+        let clusters: Vec<Vec<u8>> =
+            (0..24u32).map(|k| (0..65536u32).map(|i| ((i / 7 + k * 13) % 251) as u8).collect()).collect();
+        for codec in [Codec::Deflate, Codec::Zstd] {
+            let mut out = vec![0u8; 24 * 65536];
+            let units: Vec<Unit<'_>> = out
+                .chunks_mut(65536)
+                .enumerate()
+                .map(|(k, o)| {
+                    let mut input = compress(codec, &clusters[k], 65536 - 512).unwrap().unwrap();
+                    if k == 9 {
+                        input.truncate(input.len() / 3);
+                    }
+                    Unit { input, out: o }
+                })
+                .collect();
+            let decode = Decode { codec, stream: false, what: "cluster" };
+            let res = decompress_units(decode, units, 24 * 65536);
+            assert_eq!(res.len(), 24);
+            for (k, r) in res.iter().enumerate() {
+                if k == 9 {
+                    assert!(r.is_err(), "{codec:?} unit {k}");
+                } else {
+                    assert_eq!(*r.as_ref().unwrap(), 65536);
+                    assert!(out[k * 65536..(k + 1) * 65536] == clusters[k][..], "{codec:?} unit {k}");
+                }
+            }
+        }
+        // Streams (vmdk grains) report what they produced.
+        let mut out = vec![0u8; 8 * 65536];
+        let units: Vec<Unit<'_>> = out
+            .chunks_mut(65536)
+            .enumerate()
+            .map(|(k, o)| Unit {
+                input: compress(Codec::Zlib, &clusters[k][..40000], 1 << 17).unwrap().unwrap(),
+                out: o,
+            })
+            .collect();
+        let res = decompress_units(Decode { codec: Codec::Zlib, stream: true, what: "grain" }, units, 8 * 65536);
+        for (k, r) in res.into_iter().enumerate() {
+            assert_eq!(r.unwrap(), 40000);
+            assert!(out[k * 65536..k * 65536 + 40000] == clusters[k][..40000]);
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use byteorder::{BigEndian, ByteOrder};
 use parking_lot::RwLock;
 
+use super::cache::OffsetHash;
 use super::table::{self, Reserved};
 use crate::error::{Error, Result};
 use crate::limits::*;
@@ -94,7 +95,7 @@ pub(crate) struct Refcounts {
     pub(crate) table_clusters: u32,
     /// Table entries changed since the last write of the table.
     pub(crate) table_dirty: bool,
-    blocks: HashMap<u64, Block>,
+    blocks: HashMap<u64, Block, OffsetHash>,
     capacity: usize,
     tick: u64,
     /// First cluster index worth scanning for free clusters.
@@ -143,7 +144,7 @@ impl Refcounts {
             table_offset,
             table_clusters,
             table_dirty: false,
-            blocks: HashMap::new(),
+            blocks: HashMap::with_hasher(OffsetHash),
             capacity: 64,
             tick: 0,
             free_hint: 0,
@@ -221,10 +222,7 @@ impl Refcounts {
     /// block (as [`add`](Self::add) makes sure).
     pub(crate) fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         if value > self.max_refcount() {
-            return Err(Error::corrupt(format!(
-                "refcount of cluster {cluster} would overflow {} bits",
-                1u32 << self.order
-            )));
+            return Err(overflow(cluster, self.order));
         }
         let epb = self.entries_per_block();
         let ti = (cluster / epb) as usize;
@@ -241,12 +239,29 @@ impl Refcounts {
 
     /// Adds `delta` to the refcount of `cluster`.
     pub(crate) fn add(&mut self, file: &dyn Storage, cluster: u64, delta: i64) -> Result<u64> {
+        let epb = self.entries_per_block();
+        let off = self.table.get((cluster / epb) as usize).map_or(0, |e| e & REFT_OFFSET_MASK);
+        if off != 0 {
+            // The block exists: one cache lookup reads and changes the entry.
+            let (order, max, cb) = (self.order, self.max_refcount(), self.cluster_bits);
+            let b = self.block(file, off)?;
+            let i = (cluster % epb) as usize;
+            let cur = get_entry(&b.data, order, i);
+            let new = change(cur, delta, cluster, cb)?;
+            if delta > 0 || cur != new {
+                if new > max {
+                    return Err(overflow(cluster, order));
+                }
+                set_entry(&mut b.data, order, i, new);
+                b.dirty = true;
+            }
+            if new == 0 && cluster < self.free_hint {
+                self.free_hint = cluster;
+            }
+            return Ok(new);
+        }
         let cur = self.get(file, cluster)?;
-        let new = if delta >= 0 { cur.checked_add(delta as u64) } else { cur.checked_sub(delta.unsigned_abs()) }
-            .ok_or_else(|| {
-                Error::corrupt(format!("refcount of cluster {cluster} ({cur}) cannot change by {delta}"))
-                    .with_offset(cluster << self.cluster_bits)
-            })?;
+        let new = change(cur, delta, cluster, self.cluster_bits)?;
         if delta > 0 || cur != new {
             self.ensure_block_for(file, cluster)?;
             self.set(file, cluster, new)?;
@@ -348,65 +363,18 @@ impl Refcounts {
             if block_off != 0 {
                 self.block(file, block_off)?;
             }
-            // Taken out of the cache for the scan and put back below.
-            let taken = if block_off != 0 { self.blocks.remove(&block_off) } else { None };
-            let data = taken.as_ref().map(|b| &b.data);
-            let found = self.scan_range(&mut c, range_end, data, n, &mut run, &mut start, &mut first_free);
-            if let Some(b) = taken {
-                self.blocks.insert(block_off, b);
-            }
+            let data = if block_off != 0 { self.blocks.get(&block_off).map(|b| b.data.as_slice()) } else { None };
+            let scan = Scan { cs: self.cluster_size(), epb, order: self.order, n };
+            let found =
+                scan.range(&self.reserved.read(), &mut c, range_end, data, &mut run, &mut start, &mut first_free);
             match found? {
-                Some(s) => return Ok(s),
+                Some((s, hint)) => {
+                    self.free_hint = hint;
+                    return Ok(s);
+                }
                 None => continue,
             }
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn scan_range(
-        &mut self,
-        c: &mut u64,
-        range_end: u64,
-        data: Option<&Vec<u8>>,
-        n: u64,
-        run: &mut u64,
-        start: &mut u64,
-        first_free: &mut Option<u64>,
-    ) -> Result<Option<u64>> {
-        let cs = self.cluster_size();
-        let epb = self.entries_per_block();
-        let order = self.order;
-        let reserved = Arc::clone(&self.reserved);
-        let reserved = reserved.read();
-        {
-            while *c < range_end {
-                let cc = *c;
-                if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
-                    return Err(Error::limit("image file would grow past the largest qcow2 offset"));
-                }
-                let free = !reserved.overlaps(cc * cs, cs)
-                    && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
-                if free {
-                    first_free.get_or_insert(cc);
-                    if *run == 0 {
-                        *start = cc;
-                    }
-                    *run += 1;
-                    if *run == n {
-                        if *first_free == Some(*start) {
-                            self.free_hint = *start + n;
-                        } else if let Some(f) = *first_free {
-                            self.free_hint = f;
-                        }
-                        return Ok(Some(*start));
-                    }
-                } else {
-                    *run = 0;
-                }
-                *c += 1;
-            }
-        }
-        Ok(None)
     }
 
     /// Whether any block or the table is dirty.
@@ -430,6 +398,73 @@ impl Refcounts {
     /// Encodes the table for writing (padded to its clusters).
     pub(crate) fn table_bytes(&self) -> Vec<u8> {
         table::encode(self.table.iter().copied(), (u64::from(self.table_clusters) * self.cluster_size()) as usize)
+    }
+}
+
+/// A refcount changed by `delta`, or the error naming the cluster.
+fn change(cur: u64, delta: i64, cluster: u64, cluster_bits: u32) -> Result<u64> {
+    if delta >= 0 { cur.checked_add(delta as u64) } else { cur.checked_sub(delta.unsigned_abs()) }.ok_or_else(|| {
+        Error::corrupt(format!("refcount of cluster {cluster} ({cur}) cannot change by {delta}"))
+            .with_offset(cluster << cluster_bits)
+    })
+}
+
+fn overflow(cluster: u64, order: u32) -> Error {
+    Error::corrupt(format!("refcount of cluster {cluster} would overflow {} bits", 1u32 << order))
+}
+
+/// The fixed parameters of one free-cluster search.
+struct Scan {
+    cs: u64,
+    epb: u64,
+    order: u32,
+    /// Clusters wanted in one run.
+    n: u64,
+}
+
+impl Scan {
+    /// Scans clusters `*c..range_end` (one refcount block's range, `data`
+    /// its block or None when it has none) for the rest of a run of free
+    /// clusters; returns the run's start and the new free hint once the
+    /// run is complete.
+    #[allow(clippy::too_many_arguments)]
+    fn range(
+        &self,
+        reserved: &Reserved,
+        c: &mut u64,
+        range_end: u64,
+        data: Option<&[u8]>,
+        run: &mut u64,
+        start: &mut u64,
+        first_free: &mut Option<u64>,
+    ) -> Result<Option<(u64, u64)>> {
+        let (cs, epb, order, n) = (self.cs, self.epb, self.order, self.n);
+        while *c < range_end {
+            let cc = *c;
+            if cc.saturating_mul(cs) >= QCOW2_MAX_HOST_OFFSET {
+                return Err(Error::limit("image file would grow past the largest qcow2 offset"));
+            }
+            let free =
+                !reserved.overlaps(cc * cs, cs) && data.is_none_or(|d| get_entry(d, order, (cc % epb) as usize) == 0);
+            if free {
+                first_free.get_or_insert(cc);
+                if *run == 0 {
+                    *start = cc;
+                }
+                *run += 1;
+                if *run == n {
+                    let hint = match *first_free {
+                        Some(f) if f != *start => f,
+                        _ => *start + n,
+                    };
+                    return Ok(Some((*start, hint)));
+                }
+            } else {
+                *run = 0;
+            }
+            *c += 1;
+        }
+        Ok(None)
     }
 }
 

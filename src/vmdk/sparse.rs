@@ -413,29 +413,54 @@ impl SparseExtent {
         Ok((m, end.min(limit) - off))
     }
 
-    /// Reads extent bytes `[off, off + buf.len())`.
+    /// Reads extent bytes `[off, off + buf.len())`. Compressed grains are
+    /// decompressed last, all together: a large read spreads them over the
+    /// cores (see [`codec::decompress_units`]).
     pub(crate) fn read(&self, buf: &mut [u8], off: u64, fb: &Fallback<'_>) -> Result<()> {
+        let total = buf.len();
+        let mut rest = buf;
         let mut pos = 0usize;
-        while pos < buf.len() {
+        let gb = self.grain_bytes();
+        // Whole compressed grains, read and waiting to be inflated (with
+        // their marker offsets and grain numbers).
+        let mut units = Vec::new();
+        let mut grains = Vec::new();
+        let mut unit_bytes = 0usize;
+        while pos < total {
             let cur = off + pos as u64;
-            let (m, n) = self.lookup(cur, (buf.len() - pos) as u64)?;
-            let n = usize::try_from(n).unwrap_or(usize::MAX).min(buf.len() - pos);
-            let chunk = &mut buf[pos..pos + n];
+            let (m, n) = self.lookup(cur, (total - pos) as u64)?;
+            let n = usize::try_from(n).unwrap_or(usize::MAX).min(total - pos);
+            let (chunk, tail) = std::mem::take(&mut rest).split_at_mut(n);
+            rest = tail;
             match m {
                 Mapping::Data { host } => self.file.read_at(chunk, host)?,
                 Mapping::Zero => chunk.fill(0),
                 Mapping::Unallocated => (fb.read)(chunk, fb.guest_base + cur)?,
                 Mapping::Compressed { host } => {
-                    let gb = self.grain_bytes();
-                    let grain = self.read_compressed(host, cur / gb)?;
                     let start = (cur % gb) as usize;
-                    let src = grain
-                        .get(start..start + n)
-                        .ok_or_else(|| Error::internal("compressed grain shorter than a grain"))?;
-                    chunk.copy_from_slice(src);
+                    if start == 0 && n as u64 == gb {
+                        // A whole grain: inflated straight into place below,
+                        // with the others of this request.
+                        units.push(codec::Unit { input: self.grain_input(host, cur / gb)?, out: chunk });
+                        grains.push((host, cur / gb));
+                        unit_bytes += n;
+                    } else {
+                        let grain = self.read_compressed(host, cur / gb)?;
+                        let src = grain
+                            .get(start..start + n)
+                            .ok_or_else(|| Error::internal("compressed grain shorter than a grain"))?;
+                        chunk.copy_from_slice(src);
+                    }
                 }
             }
             pos += n;
+        }
+        if units.is_empty() {
+            return Ok(());
+        }
+        let decode = codec::Decode { codec: Codec::Zlib, stream: true, what: "grain" };
+        for (r, (host, grain)) in codec::decompress_units(decode, units, unit_bytes).into_iter().zip(grains) {
+            self.check_inflated(host, grain, r)?;
         }
         Ok(())
     }
@@ -448,10 +473,24 @@ impl SparseExtent {
     /// Reads and decompresses the grain whose marker starts at `host`,
     /// into a new buffer of one grain.
     fn decompress_grain(&self, host: u64, grain: u64) -> Result<Vec<u8>> {
+        let mut out = vec![0u8; self.grain_bytes() as usize];
+        self.decompress_grain_into(host, grain, &mut out)?;
+        Ok(out)
+    }
+
+    /// Reads and decompresses the grain whose marker starts at `host` into
+    /// `out` (one grain).
+    fn decompress_grain_into(&self, host: u64, grain: u64, out: &mut [u8]) -> Result<()> {
+        let input = self.grain_input(host, grain)?;
+        self.check_inflated(host, grain, codec::decompress_stream(Codec::Zlib, &input, out, "grain"))
+    }
+
+    /// Reads the compressed bytes of the grain whose marker starts at
+    /// `host`, checking the marker.
+    fn grain_input(&self, host: u64, grain: u64) -> Result<Vec<u8>> {
         let gb = self.grain_bytes();
         let flen = self.file_len.load(Ordering::Acquire);
         let grain_start = grain.saturating_mul(gb);
-        let valid = self.len.saturating_sub(grain_start).min(gb);
         let (data_off, data_len) = if self.header.markers() {
             let mut mb = [0u8; GRAIN_MARKER_LEN as usize];
             self.file.read_at(&mut mb, host)?;
@@ -490,16 +529,22 @@ impl SparseExtent {
         // data_len ≤ 2 grains ≤ 32 MiB (MAX_COMPRESSED_GRAIN_BYTES).
         let mut input = vec![0u8; data_len as usize];
         self.file.read_at(&mut input, data_off)?;
-        let mut out = vec![0u8; gb as usize];
-        let produced =
-            codec::decompress_stream(Codec::Zlib, &input, &mut out, "grain").map_err(|e| e.with_offset(host))?;
+        Ok(input)
+    }
+
+    /// Turns the result of inflating grain `grain` (marker at `host`) into
+    /// an error unless it produced the bytes the grain must hold.
+    fn check_inflated(&self, host: u64, grain: u64, inflated: Result<usize>) -> Result<()> {
+        let gb = self.grain_bytes();
+        let valid = self.len.saturating_sub(grain.saturating_mul(gb)).min(gb);
+        let produced = inflated.map_err(|e| e.with_offset(host))?;
         if (produced as u64) < valid {
             return Err(corrupt(
                 format!("compressed grain at {host:#x} inflates to {produced} bytes, less than the {valid} bytes it must hold"),
                 host,
             ));
         }
-        Ok(out)
+        Ok(())
     }
 
     fn check_writable(&self) -> Result<()> {
