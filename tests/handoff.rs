@@ -284,3 +284,89 @@ fn formats_without_handoff_refuse_by_name() {
     let e = OpenOptions::new().format(Format::Vmdk).inactive(true).open(&img).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
 }
+
+/// A `vdisk serve --fork` process, stopped (SIGTERM by pid) when dropped.
+struct Served {
+    pid_file: std::path::PathBuf,
+}
+
+impl Served {
+    fn start(args: &[&str], pid_file: std::path::PathBuf) -> Served {
+        let mut all = vec!["serve", "--fork", "-t", "--pid-file", s(&pid_file)];
+        all.extend_from_slice(args);
+        let (code, out, err) = vdisk(&all);
+        assert_eq!(code, 0, "vdisk serve {args:?}: {out}{err}");
+        Served { pid_file }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Ok(pid) = std::fs::read_to_string(&self.pid_file) {
+            let pid = pid.trim().to_string();
+            let _ = Command::new("kill").arg(&pid).status();
+            // Wait until it has cleaned up (it removes its pid file).
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while self.pid_file.exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn nbd_io(sock: &Path, cmd: &str) -> (i32, String) {
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    let (code, out, err) = run_status("qemu-io", &["-f", "raw", &uri, "-c", cmd]);
+    (code, format!("{out}{err}"))
+}
+
+#[test]
+fn serve_hands_off_through_the_control_socket() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let d = dir.path();
+    let img = p(d, "guest.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", s(&img), "16M"]);
+    let (ctl_a, ctl_b, nbd_a, nbd_b) = (p(d, "a.ctl"), p(d, "b.ctl"), p(d, "a.nbd"), p(d, "b.nbd"));
+    // Host A serves the guest's disk; B waits, inactive.
+    let a = Served::start(&["-f", "qcow2", "--control", s(&ctl_a), "-k", s(&nbd_a), s(&img)], p(d, "a.pid"));
+    let (code, out) = nbd_io(&nbd_a, "write -P 0xa1 0 64k");
+    assert_eq!(code, 0, "{out}");
+    let b =
+        Served::start(&["-f", "qcow2", "--inactive", "--control", s(&ctl_b), "-k", s(&nbd_b), s(&img)], p(d, "b.pid"));
+    let (code, out, _) = vdisk(&["handoff", s(&ctl_b), "status"]);
+    assert_eq!((code, out.as_str()), (0, "(default): inactive\n"));
+    let (code, out) = nbd_io(&nbd_b, "read 0 4k");
+    assert!(code != 0 || out.contains("error") || out.contains("failed"), "read of an inactive export: {out}");
+    let (code, _, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another process"), "{err}");
+
+    // The handoff.
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_a), "inactivate"]);
+    assert_eq!((code, out.as_str()), (0, "(default): inactive\n"), "{err}");
+    assert_qemu_clean(&img, "qcow2");
+    assert_clean_header(&img);
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!((code, out.as_str()), (0, "(default): active\n"), "{err}");
+    let (code, out) = nbd_io(&nbd_b, "read -P 0xa1 0 64k");
+    assert!(code == 0 && !out.contains("Pattern verification failed"), "{out}");
+    let (code, out) = nbd_io(&nbd_b, "write -P 0xb2 1M 64k");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = nbd_io(&nbd_a, "write -P 0x01 0 4k");
+    assert!(code != 0 || out.contains("error") || out.contains("failed"), "write to the inactive source: {out}");
+    let (code, _, err) = vdisk(&["handoff", s(&ctl_a), "activate"]);
+    assert_eq!(code, 1, "the source cannot take the image back while the destination holds it");
+    assert!(err.contains("in use by another process"), "{err}");
+    let (code, _, err) = vdisk(&["handoff", s(&ctl_b), "bogus"]);
+    assert_ne!(code, 0, "{err}");
+    drop(a);
+    drop(b);
+    assert!(!ctl_a.exists() && !ctl_b.exists(), "the control sockets are removed on exit");
+    assert_qemu_clean(&img, "qcow2");
+    let data = qemu_export(&img, "qcow2");
+    assert!(data[..65536].iter().all(|&x| x == 0xa1));
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xb2));
+}
