@@ -137,6 +137,10 @@ pub struct PoolSource {
     pub dir: Option<String>,
     /// The filesystem type (`<format type>`).
     pub format: Option<String>,
+    /// netfs: the NFS protocol version (`<protocol ver>`).
+    pub protocol_ver: Option<String>,
+    /// Extra mount options (`<fs:mount_opts><fs:option name>`).
+    pub mount_opts: Vec<String>,
 }
 
 /// A pool definition (libvirt's `<pool>` document).
@@ -247,6 +251,15 @@ impl PoolDef {
             source.host = s.child("host").and_then(|d| d.attr("name")).map(str::to_string);
             source.dir = s.child("dir").and_then(|d| d.attr("path")).map(str::to_string);
             source.format = s.child("format").and_then(|d| d.attr("type")).map(str::to_string);
+            source.protocol_ver = s.child("protocol").and_then(|d| d.attr("ver")).map(str::to_string);
+        }
+        if let Some(m) = tree.child("fs:mount_opts") {
+            source.mount_opts = m
+                .elements()
+                .filter(|e| e.name == "fs:option")
+                .filter_map(|e| e.attr("name"))
+                .map(str::to_string)
+                .collect();
         }
         match kind {
             PoolType::Dir => {}

@@ -77,6 +77,7 @@ pub mod def;
 mod dir;
 mod headers;
 mod lifecycle;
+mod mount;
 pub mod name;
 mod probe_cache;
 mod records;
