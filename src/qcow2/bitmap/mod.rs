@@ -3,7 +3,7 @@
 //!
 //! A bitmap records which guest ranges were written while it was enabled
 //! (the `auto` flag on disk): the base of incremental backups. While the
-//! image is open read-write its bitmaps live in memory ([`DirtyBits`]),
+//! image is open read-write its bitmaps live in memory (`DirtyBits`),
 //! set by every guest write path from every thread at once; they reach the
 //! disk when the image is closed (or made clean).
 //!
@@ -23,7 +23,7 @@
 //!
 //! # Locking
 //!
-//! `bitmaps` (a read-write lock on [`BitmapState`]) comes before `alloc` in
+//! `bitmaps` (a read-write lock on `BitmapState`) comes before `alloc` in
 //! the lock order. Writers take it shared to set bits; changing the list,
 //! storing and resizing take it exclusively.
 
