@@ -19,10 +19,10 @@ use crate::error::{Error, Result};
 pub enum PoolType {
     /// A directory of image files.
     Dir,
-    /// A local filesystem mounted on the target (vdisk checks the mount,
-    /// it does not mount).
+    /// A local filesystem, mounted on the target by `pool-start`.
     Fs,
-    /// A network filesystem mounted on the target (checked, not mounted).
+    /// A network filesystem (NFS, GlusterFS, CIFS), mounted on the target
+    /// by `pool-start`.
     Netfs,
 }
 
@@ -125,8 +125,7 @@ impl Permissions {
     }
 }
 
-/// What a fs or netfs pool mounts (kept for the mount check and
-/// round-trips).
+/// What a fs or netfs pool mounts.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolSource {
     /// fs: the block device (`<device path>`).
