@@ -12,7 +12,14 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use vdisk::{BlockDevice, ErrorKind, Format, Image, LockMode, OpenOptions};
+use std::sync::Arc;
+
+use vdisk::qcow2::check::Repair;
+use vdisk::qcow2::create::CreateOptions;
+use vdisk::{
+    BlockDevice, ErrorKind, FaultMode, FaultyStorage, Format, Image, LockMode, MemStorage, OpenOptions, Qcow2,
+    Qcow2Options, Survivors,
+};
 
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
@@ -369,4 +376,98 @@ fn serve_hands_off_through_the_control_socket() {
     let data = qemu_export(&img, "qcow2");
     assert!(data[..65536].iter().all(|&x| x == 0xa1));
     assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xb2));
+}
+
+/// The handoff workload on one shared storage: A writes and inactivates, B
+/// (opened inactive) activates, writes and inactivates, A activates and
+/// writes again. Returns the guest content that must be durable when the
+/// storage failed (after each completed inactivate or close) and the ranges
+/// written since.
+fn handoff_workload(
+    st: &Arc<FaultyStorage>,
+    durable: &mut Vec<u8>,
+    touched: &mut Vec<(u64, u64)>,
+) -> vdisk::Result<()> {
+    let mut model = durable.clone();
+    let write = |q: &Qcow2, model: &mut Vec<u8>, touched: &mut Vec<(u64, u64)>, off: u64, len: usize, b: u8| {
+        touched.push((off, len as u64));
+        q.write_at(&vec![b; len], off)?;
+        model[off as usize..off as usize + len].fill(b);
+        Ok::<(), vdisk::Error>(())
+    };
+    let storage: Arc<dyn vdisk::Storage> = st.clone();
+    let a = Qcow2::open(storage.clone(), Qcow2Options::default())?;
+    write(&a, &mut model, touched, 0, 8192, 0xa1)?;
+    write(&a, &mut model, touched, 1 << 18, 4096, 0xa2)?;
+    a.inactivate()?;
+    (*durable, *touched) = (model.clone(), Vec::new());
+    let b = Qcow2::open(storage, Qcow2Options { inactive: true, ..Default::default() })?;
+    b.activate()?;
+    write(&b, &mut model, touched, 4096, 8192, 0xb1)?;
+    write(&b, &mut model, touched, 3 << 18, 65536, 0xb2)?;
+    touched.push((1 << 18, 4096));
+    b.discard(1 << 18, 4096)?;
+    model[1 << 18..(1 << 18) + 4096].fill(0);
+    b.inactivate()?;
+    (*durable, *touched) = (model.clone(), Vec::new());
+    a.activate()?;
+    write(&a, &mut model, touched, 2 << 18, 4096, 0xa3)?;
+    drop(b);
+    a.close()?;
+    *durable = model;
+    touched.clear();
+    Ok(())
+}
+
+#[test]
+fn a_crash_at_any_step_of_a_handoff_leaks_at_most() {
+    if !have_qemu() {
+        return;
+    }
+    const SIZE: u64 = 1 << 20;
+    let fresh = {
+        let st = Arc::new(MemStorage::new());
+        let mut o = CreateOptions::new(SIZE);
+        o.lazy_refcounts = true;
+        o.cluster_size = 4096;
+        Qcow2::create(st.clone(), &o, Qcow2Options::default()).unwrap().close().unwrap();
+        st.to_vec()
+    };
+    let run = |budget: Option<u64>| {
+        let st = Arc::new(FaultyStorage::new(fresh.clone(), budget, FaultMode::PowerLoss));
+        let (mut durable, mut touched) = (vec![0u8; SIZE as usize], Vec::new());
+        let r = handoff_workload(&st, &mut durable, &mut touched);
+        if budget.is_none() {
+            r.unwrap();
+        }
+        (st, durable, touched)
+    };
+    let (full, _, _) = run(None);
+    let total = full.ops();
+    let dir = tmp();
+    let img = p(dir.path(), "crash.qcow2");
+    for n in (1..=total).filter(|n| *n < 120 || n % 3 == 0) {
+        let (st, durable, touched) = run(Some(n));
+        for s in [Survivors::All, Survivors::None, Survivors::Some(n * 7919)] {
+            let what = format!("cut {n}/{total}, {s:?}");
+            let bytes = st.crashed_image(s);
+            let mem = Arc::new(MemStorage::from_vec(bytes.clone()));
+            // Opening read-write repairs what lazy refcounts left behind.
+            let q = Qcow2::open(mem.clone(), Qcow2Options::default()).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let rep = q.check(Repair::None).unwrap();
+            assert_eq!(rep.corruptions, 0, "{what}: {:?}", rep.messages);
+            let got = read_all(&q);
+            let mut mask = vec![true; SIZE as usize];
+            for &(o, l) in &touched {
+                mask[o as usize..(o + l) as usize].fill(false);
+            }
+            if let Some(i) = (0..SIZE as usize).find(|&i| mask[i] && got[i] != durable[i]) {
+                panic!("{what}: data made durable by a handoff lost at {i:#x}");
+            }
+            drop(q);
+            std::fs::write(&img, mem.to_vec()).unwrap();
+            let (code, out) = qemu_check(&img, "qcow2");
+            assert!(code == 0 || code == 3, "{what}: qemu-img check found corruption:\n{out}");
+        }
+    }
 }
