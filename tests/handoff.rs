@@ -498,3 +498,28 @@ fn activating_a_1tib_image_is_quick() {
     // in the README.
     assert!(activate < Duration::from_secs(1), "activate took {activate:?}");
 }
+
+#[test]
+fn activation_refuses_an_image_whose_fixed_parts_changed() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let (base, other, img) = (p(dir.path(), "base.raw"), p(dir.path(), "other.raw"), p(dir.path(), "top.qcow2"));
+    std::fs::write(&base, vec![0x11u8; 1 << 20]).unwrap();
+    std::fs::write(&other, vec![0x22u8; 1 << 20]).unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", s(&img)]);
+    let a = open_rw(&img, Format::Qcow2);
+    a.write_at(&[0xa1; 4096], 0).unwrap();
+    a.inactivate().unwrap();
+    // The other side moves the image onto another backing file.
+    qemu_img(&["rebase", "-q", "-u", "-f", "qcow2", "-b", "other.raw", "-F", "raw", s(&img)]);
+    let e = a.activate().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("backing file changed"), "{e}");
+    assert!(a.is_inactive(), "a refused activation leaves the device inactive");
+    // And the locks were handed back: another process can take the image.
+    qemu_io("qcow2", &img, &["write -P 0x33 4096 4096".to_string()]);
+    drop(a);
+    assert_qemu_clean(&img, "qcow2");
+}

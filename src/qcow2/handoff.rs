@@ -197,9 +197,15 @@ impl Qcow2 {
         }
         self.activity.store(ACTIVE, Ordering::Release);
         // Another host may have crashed with lazy refcounts: rebuild them
-        // now that writing is allowed, as an open does.
+        // now that writing is allowed, as an open does. If that fails the
+        // image is handed back rather than used with doubtful refcounts.
         if self.alloc.is_some() && self.header.lock().incompatible_features & header::INCOMPAT_DIRTY != 0 {
-            self.repair_dirty()?;
+            if let Err(e) = self.repair_dirty() {
+                self.activity.store(INACTIVE, Ordering::Release);
+                self.drop_caches();
+                self.downgrade_locks();
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -242,6 +248,17 @@ impl Qcow2 {
                     return Err(Error::new(
                         ErrorKind::Unsupported,
                         format!("{field} changed from {was} to {now} while the image was shared: reopen it"),
+                    )
+                    .with_field(field));
+                }
+            }
+            for (field, was, now) in
+                [("backing file", &old.backing_file, &h.backing_file), ("data file", &old.data_file, &h.data_file)]
+            {
+                if was != now {
+                    return Err(Error::new(
+                        ErrorKind::Unsupported,
+                        format!("the {field} changed from {was:?} to {now:?} while the image was shared: reopen it"),
                     )
                     .with_field(field));
                 }

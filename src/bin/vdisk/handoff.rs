@@ -38,6 +38,12 @@ pub type Controlled = Vec<(String, Arc<dyn BlockDevice>)>;
 pub fn start(path: &Path, devices: Controlled) -> Result<()> {
     let listener = UnixListener::bind(path)
         .map_err(|e| Error::io("cannot create the control socket (does the path exist already?)", e).with_path(path))?;
+    // Whoever can connect can take the images away: the owner only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| Error::io("cannot restrict the control socket to its owner", e).with_path(path))?;
+    }
     std::thread::Builder::new()
         .name("vdisk-control".into())
         .spawn(move || {
