@@ -174,3 +174,48 @@ fn conflicting_mounts_and_targets_are_refused() {
     assert!(e.contains("libvirt's pool 'lv-images'"), "{e}");
     assert_eq!(mount_source_of(&t1), None, "nothing was mounted");
 }
+
+#[test]
+fn without_root_the_error_says_root_is_needed() {
+    // As root, the test drops to nobody with setpriv; as anyone else, it
+    // runs as itself.
+    let have_setpriv = Command::new("setpriv").arg("--version").output().is_ok_and(|o| o.status.success());
+    if is_root() && !have_setpriv {
+        eprintln!("setpriv (util-linux) missing: cannot drop root; skipping");
+        return;
+    }
+    let h = Host::new();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&h.root, std::fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let target = h.root.join("pool");
+    let _u = Unmount(target.clone());
+    let dev = unique_device();
+    let xml = format!(
+        "<pool type='fs'><name>nr</name><source><device path='{dev}'/><format type='tmpfs'/></source><target><path>{}</path></target></pool>",
+        target.display()
+    );
+    std::fs::write(h.root.join("nr.xml"), xml).unwrap();
+    // vdisk as the unprivileged user.
+    let as_user = || {
+        let mut c = if is_root() {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups", env!("CARGO_BIN_EXE_vdisk")]);
+            c
+        } else {
+            Command::new(env!("CARGO_BIN_EXE_vdisk"))
+        };
+        c.env("VDISK_CONFIG_DIR", h.root.join("cfg")).env("VDISK_LIBVIRT_DIR", "").env("HOME", &h.root);
+        c
+    };
+    let run = |args: &[&str]| -> Output { as_user().args(args).output().unwrap() };
+    let o = run(&["pool-define", h.root.join("nr.xml").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::create_dir_all(&target).unwrap();
+    let o = run(&["pool-start", "nr"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("needs root") && err.contains(&format!("mount -t tmpfs {dev}")), "{err}");
+    assert_eq!(mount_source_of(&target), None);
+}
