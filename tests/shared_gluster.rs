@@ -204,6 +204,16 @@ fn two_hosts_share_a_glusterfs_volume() {
     let info = qemu_img(&["info", "-U", "--output=json", s(&b.img("guest.qcow2"))]);
     assert!(info.contains("\"format\": \"qcow2\""), "{info}");
 
+    // Host A's probe cache follows what host B changes: a volume grown on
+    // B, and a file B's qemu-img made behind vdisk's back.
+    assert!(a.ok(&["vol-info", "--pool", "shared", "guest.qcow2"]).contains("64.00 MiB"));
+    qemu_img(&["resize", "-q", "-f", "qcow2", s(&b.img("guest.qcow2")), "96M"]);
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&b.img("byqemu.qcow2")), "5M"]);
+    let info = a.ok(&["vol-info", "--pool", "shared", "guest.qcow2"]);
+    assert!(info.contains("96.00 MiB"), "host A sees the size host B gave: {info}");
+    let list = a.ok(&["vol-list", "shared", "--details"]);
+    assert!(list.contains("byqemu.qcow2") && list.contains("5.00 MiB"), "{list}");
+
     // The same volume created at once from both hosts: one wins.
     let mut racers: Vec<Child> = [&a, &b]
         .iter()
@@ -270,7 +280,7 @@ fn two_hosts_share_a_glusterfs_volume() {
     drop(w);
 
     // The handoff: A runs the guest, hands it to B, and takes it back.
-    let mut model = vec![0u8; 64 << 20];
+    let mut model = vec![0u8; 96 << 20];
     let src = open_rw(&a.img("guest.qcow2"), Format::Qcow2);
     src.write_at(&[0xa1; 65536], 0).unwrap();
     model[..65536].fill(0xa1);
@@ -286,6 +296,9 @@ fn two_hosts_share_a_glusterfs_volume() {
     assert_eq!(src.activate().unwrap_err().kind(), ErrorKind::Busy);
     dst.inactivate().unwrap();
     assert_qemu_clean(&b.img("guest.qcow2"), "qcow2");
+    // QEMU takes a turn through host B while both vdisk sides are inactive.
+    qemu_io("qcow2", &b.img("guest.qcow2"), &["write -P 0xc3 80M 64k".to_string()]);
+    model[80 << 20..(80 << 20) + 65536].fill(0xc3);
     src.activate().unwrap();
     assert_same("host A sees host B's data", &read_all(&src), &model);
     drop(dst);
