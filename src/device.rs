@@ -369,6 +369,42 @@ pub trait BlockDevice: Send + Sync + fmt::Debug {
         None
     }
 
+    /// Hands the image over to another host or process, as QEMU's
+    /// `bdrv_inactivate_all` does at the end of a live migration: flushes
+    /// everything and leaves the image clean (qcow2: lazy refcounts written,
+    /// dirty bit cleared, persistent bitmaps stored), drops cached metadata,
+    /// and releases the write lock while keeping the image open with a
+    /// shared read lock. While inactive, guest I/O is refused. Inactivating
+    /// an inactive device does nothing. `Unsupported` for formats that
+    /// cannot hand off.
+    fn inactivate(&self) -> Result<()> {
+        Err(Error::unsupported(format!("{}: handing the image off (inactivate) is not supported", self.info().format)))
+    }
+
+    /// Takes the image back after [`BlockDevice::inactivate`] (QEMU's
+    /// `bdrv_activate`): takes the write lock again and rereads the header
+    /// and every table, since another host may have written. Fails with
+    /// [`ErrorKind::Busy`](crate::ErrorKind::Busy) while another process
+    /// holds the image; the device then stays inactive. Activating an
+    /// active device does nothing.
+    fn activate(&self) -> Result<()> {
+        Err(Error::unsupported(format!("{}: taking the image back (activate) is not supported", self.info().format)))
+    }
+
+    /// Whether the device is inactive (handed off; see
+    /// [`BlockDevice::inactivate`]).
+    fn is_inactive(&self) -> bool {
+        false
+    }
+
+    /// Rereads the image's metadata, for a read-only open shared with a
+    /// writer elsewhere (force-share, `-U`): data that writer has flushed
+    /// becomes visible. The view may be mid-update if the writer has not
+    /// flushed. `Unsupported` for formats that cannot.
+    fn refresh(&self) -> Result<()> {
+        Err(Error::unsupported(format!("{}: rereading the metadata (refresh) is not supported", self.info().format)))
+    }
+
     /// Scatter read: fills the buffers in order from `offset`.
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         let total: u64 = bufs.iter().map(|b| b.len() as u64).sum();
@@ -449,6 +485,18 @@ macro_rules! forward_block_device {
             }
             fn backing(&self) -> Option<&dyn BlockDevice> {
                 (**self).backing()
+            }
+            fn inactivate(&self) -> Result<()> {
+                (**self).inactivate()
+            }
+            fn activate(&self) -> Result<()> {
+                (**self).activate()
+            }
+            fn is_inactive(&self) -> bool {
+                (**self).is_inactive()
+            }
+            fn refresh(&self) -> Result<()> {
+                (**self).refresh()
             }
             fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
                 (**self).read_vectored_at(bufs, offset)

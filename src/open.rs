@@ -59,6 +59,7 @@ pub struct OpenOptions {
     lock: LockMode,
     cache: CacheMode,
     vhdx_for_check: bool,
+    inactive: bool,
 }
 
 /// How image files use the host's page cache (QEMU's `cache=` modes).
@@ -97,6 +98,7 @@ impl OpenOptions {
             lock: LockMode::Auto,
             cache: CacheMode::Writeback,
             vhdx_for_check: false,
+            inactive: false,
         }
     }
 
@@ -207,8 +209,24 @@ impl OpenOptions {
         self
     }
 
+    /// Opens a read-write image *inactive*, as the destination of a live
+    /// migration does while the source still writes it: only a shared read
+    /// lock is taken, nothing is written, guest I/O is refused until
+    /// [`BlockDevice::activate`] takes the write lock and rereads the
+    /// metadata. raw and qcow2 only.
+    pub fn inactive(mut self, inactive: bool) -> Self {
+        self.inactive = inactive;
+        self
+    }
+
     /// Opens the image at `path`.
     pub fn open(&self, path: impl AsRef<Path>) -> Result<Image> {
+        if self.inactive && self.read_only {
+            return Err(Error::invalid_argument(
+                "an inactive open is a read-write open handed over later; drop read-only",
+            )
+            .with_path(path.as_ref()));
+        }
         if self.lock == LockMode::ForceShare && !self.read_only {
             return Err(Error::invalid_argument("force-share (-U) is only allowed for read-only opens")
                 .with_path(path.as_ref()));
@@ -228,17 +246,19 @@ impl OpenOptions {
         if depth > self.max_depth {
             return Err(Error::limit(format!("backing chain is deeper than {} images", self.max_depth)).with_path(path));
         }
+        let inactive = self.inactive && depth == 0;
         let storage: Arc<dyn Storage> = if depth == 0 && self.cache == CacheMode::Direct {
-            let d = crate::storage::direct::DirectFile::open(path, read_only)?;
-            if let Some(f) = Storage::file(&d) {
-                crate::storage::lock::lock_file(
-                    f,
-                    path,
-                    self.lock,
-                    crate::storage::lock::Access::from_read_only(read_only),
-                )?;
+            let mut d = crate::storage::direct::DirectFile::open(path, read_only)?;
+            if inactive {
+                d.lock_inactive(self.lock)?;
+            } else {
+                d.lock(self.lock)?;
             }
             Arc::new(d)
+        } else if inactive {
+            let mut f = FileStorage::open(path, read_only)?;
+            f.lock_inactive(self.lock)?;
+            Arc::new(f)
         } else {
             Arc::new(FileStorage::open_locked(path, read_only, self.lock)?)
         };
@@ -260,7 +280,12 @@ impl OpenOptions {
             }
         };
         match format {
+            Format::Raw if inactive => Ok(Image::Raw(Raw::open_inactive(storage)?)),
             Format::Raw => Ok(Image::Raw(Raw::open(storage)?)),
+            f if inactive && f != Format::Qcow2 => Err(Error::unsupported(format!(
+                "{f}: opening an image inactive (for a handoff) is supported for raw and qcow2 only"
+            ))
+            .with_path(path)),
             Format::Qcow2 => {
                 let h = Qcow2::read_header(&*storage)?;
                 let dir = path.parent().unwrap_or(Path::new("."));
@@ -269,6 +294,7 @@ impl OpenOptions {
                     l2_cache_bytes: self.l2_cache_bytes,
                     key: self.key.clone(),
                     inspect_only: self.inspect_only,
+                    inactive,
                     ..Default::default()
                 };
                 if let Some(name) = &h.backing_file {
@@ -279,7 +305,13 @@ impl OpenOptions {
                 {
                     if self.backing != BackingPolicy::Never {
                         let p = self.resolve(path, dir, name, "data file")?;
-                        opts.data_file = Some(Arc::new(FileStorage::open_locked(&p, read_only, self.lock)?));
+                        opts.data_file = Some(Arc::new(if inactive {
+                            let mut f = FileStorage::open(&p, read_only)?;
+                            f.lock_inactive(self.lock)?;
+                            f
+                        } else {
+                            FileStorage::open_locked(&p, read_only, self.lock)?
+                        }));
                     }
                 }
                 Ok(Image::Qcow2(Qcow2::open(storage, opts)?))
@@ -590,6 +622,18 @@ impl BlockDevice for Image {
     }
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.dev().backing()
+    }
+    fn inactivate(&self) -> Result<()> {
+        self.dev().inactivate()
+    }
+    fn activate(&self) -> Result<()> {
+        self.dev().activate()
+    }
+    fn is_inactive(&self) -> bool {
+        self.dev().is_inactive()
+    }
+    fn refresh(&self) -> Result<()> {
+        self.dev().refresh()
     }
     fn read_vectored_at(&self, bufs: &mut [IoSliceMut<'_>], offset: u64) -> Result<()> {
         self.dev().read_vectored_at(bufs, offset)

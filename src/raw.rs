@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use crate::device::{check_request, BlockDevice, DeviceInfo, Extent, ExtentKind, Format, ZeroMode};
 use crate::error::{ErrorKind, Result};
+use crate::storage::lock::{self, Held, LockPlan};
 use crate::storage::{write_zeroes_slow, Storage};
 
 /// A raw image over a [`Storage`].
@@ -20,6 +21,8 @@ pub struct Raw {
     read_only: bool,
     /// Something was written since the last flush.
     unsynced: AtomicBool,
+    /// Handed off to another host or process ([`BlockDevice::inactivate`]).
+    inactive: AtomicBool,
 }
 
 impl Raw {
@@ -27,7 +30,21 @@ impl Raw {
     pub fn open(storage: Arc<dyn Storage>) -> Result<Raw> {
         let size = storage.len()?;
         let read_only = storage.is_read_only();
-        Ok(Raw { storage, size: AtomicU64::new(size), read_only, unsynced: AtomicBool::new(false) })
+        Ok(Raw {
+            storage,
+            size: AtomicU64::new(size),
+            read_only,
+            unsynced: AtomicBool::new(false),
+            inactive: AtomicBool::new(false),
+        })
+    }
+
+    /// Opens `storage` as a raw image that starts inactive (the destination
+    /// of a handoff; see [`BlockDevice::activate`]).
+    pub fn open_inactive(storage: Arc<dyn Storage>) -> Result<Raw> {
+        let r = Raw::open(storage)?;
+        r.inactive.store(true, Ordering::Release);
+        Ok(r)
     }
 
     /// Creates a raw image of `size` bytes (sparse) on an empty storage.
@@ -47,10 +64,29 @@ impl Raw {
         self.flush()
     }
 
+    fn check_active(&self) -> Result<()> {
+        if self.inactive.load(Ordering::Acquire) {
+            return Err(crate::Error::new(
+                ErrorKind::ReadOnly,
+                "the image is inactive: it was handed off to another host or process (activate it to use it again)",
+            )
+            .with_format("raw"));
+        }
+        Ok(())
+    }
+
+    fn write_plan(&self) -> Option<(LockPlan, &std::fs::File)> {
+        match self.storage.image_locks() {
+            Held::Locked(plan) if !self.read_only => self.storage.file().map(|f| (plan, f)),
+            _ => None,
+        }
+    }
+
     fn check_writable(&self, what: &str) -> Result<()> {
         if self.read_only {
             return Err(crate::Error::read_only(what).with_format("raw"));
         }
+        self.check_active()?;
         // A load first: writers on many threads then share the cache line
         // instead of bouncing it with a store on every request.
         if !self.unsynced.load(Ordering::Relaxed) {
@@ -82,6 +118,7 @@ impl BlockDevice for Raw {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size())?;
+        self.check_active()?;
         self.storage.read_at(buf, offset)
     }
 
@@ -120,6 +157,7 @@ impl BlockDevice for Raw {
         let size = self.size();
         check_request(offset, 0, size)?;
         let max = max_len.min(size - offset);
+        self.check_active()?;
         let (data, end) = if max == 0 { (true, offset) } else { self.storage.region(offset)? };
         // Past the end of a shorter storage reads as zeros.
         let len = end.saturating_sub(offset).clamp(max.min(1), max);
@@ -137,6 +175,59 @@ impl BlockDevice for Raw {
         }
         self.unsynced.store(false, Ordering::Release);
         self.storage.sync().inspect_err(|_| self.unsynced.store(true, Ordering::Release))
+    }
+
+    fn inactivate(&self) -> Result<()> {
+        if self.inactive.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        if let Err(e) = self.flush() {
+            self.inactive.store(false, Ordering::Release);
+            return Err(e);
+        }
+        if let Some((plan, f)) = self.write_plan() {
+            lock::downgrade_to_inactive(f, plan);
+        }
+        Ok(())
+    }
+
+    fn activate(&self) -> Result<()> {
+        if !self.inactive.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let relock = self.write_plan();
+        if let Some((plan, f)) = relock {
+            let path = self.storage.path().map(|p| p.to_path_buf()).unwrap_or_default();
+            lock::reactivate(f, &path, plan).map_err(|e| e.with_format("raw"))?;
+        }
+        // Another host may have resized the file.
+        match self.storage.len() {
+            Ok(len) => self.size.store(len, Ordering::Release),
+            Err(e) => {
+                if let Some((plan, f)) = relock {
+                    lock::downgrade_to_inactive(f, plan);
+                }
+                return Err(e);
+            }
+        }
+        self.inactive.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    fn is_inactive(&self) -> bool {
+        self.inactive.load(Ordering::Acquire)
+    }
+
+    fn refresh(&self) -> Result<()> {
+        self.check_active()?;
+        if !self.read_only {
+            return Err(crate::Error::invalid_argument(
+                "refresh rereads a read-only open; a read-write open owns the image (inactivate and activate hand it over)",
+            )
+            .with_format("raw"));
+        }
+        self.size.store(self.storage.len()?, Ordering::Release);
+        Ok(())
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {

@@ -19,10 +19,10 @@ use crate::error::{Error, Result};
 pub enum PoolType {
     /// A directory of image files.
     Dir,
-    /// A local filesystem mounted on the target (vdisk checks the mount,
-    /// it does not mount).
+    /// A local filesystem, mounted on the target by `pool-start`.
     Fs,
-    /// A network filesystem mounted on the target (checked, not mounted).
+    /// A network filesystem (NFS, GlusterFS, CIFS), mounted on the target
+    /// by `pool-start`.
     Netfs,
 }
 
@@ -125,8 +125,7 @@ impl Permissions {
     }
 }
 
-/// What a fs or netfs pool mounts (kept for the mount check and
-/// round-trips).
+/// What a fs or netfs pool mounts.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct PoolSource {
     /// fs: the block device (`<device path>`).
@@ -137,6 +136,10 @@ pub struct PoolSource {
     pub dir: Option<String>,
     /// The filesystem type (`<format type>`).
     pub format: Option<String>,
+    /// netfs: the NFS protocol version (`<protocol ver>`).
+    pub protocol_ver: Option<String>,
+    /// Extra mount options (`<fs:mount_opts><fs:option name>`).
+    pub mount_opts: Vec<String>,
 }
 
 /// A pool definition (libvirt's `<pool>` document).
@@ -247,6 +250,15 @@ impl PoolDef {
             source.host = s.child("host").and_then(|d| d.attr("name")).map(str::to_string);
             source.dir = s.child("dir").and_then(|d| d.attr("path")).map(str::to_string);
             source.format = s.child("format").and_then(|d| d.attr("type")).map(str::to_string);
+            source.protocol_ver = s.child("protocol").and_then(|d| d.attr("ver")).map(str::to_string);
+        }
+        if let Some(m) = tree.child("fs:mount_opts") {
+            source.mount_opts = m
+                .elements()
+                .filter(|e| e.name == "fs:option")
+                .filter_map(|e| e.attr("name"))
+                .map(str::to_string)
+                .collect();
         }
         match kind {
             PoolType::Dir => {}

@@ -12,8 +12,9 @@ use std::time::Duration;
 use parking_lot::{Mutex, MutexGuard};
 
 use super::config::{canonical_target, lock, Origin, RegistryPaths};
-use super::def::{Permissions, PoolDef, PoolType};
+use super::def::{Permissions, PoolDef};
 use super::dir::{kind_name, PoolDir};
+use super::mount;
 use super::name::TEMP_PREFIX;
 use super::probe_cache::ProbeCache;
 use super::records::{Record, Records};
@@ -244,20 +245,12 @@ impl Pool {
             return Err(Error::invalid_argument("the pool target is not a directory").with_path(&t));
         }
         let def = &self.inner.def;
-        if def.kind() != PoolType::Dir {
-            let want = match def.kind() {
-                PoolType::Fs => def.source().device.clone().unwrap_or_default(),
-                _ => format!(
-                    "{}:{}",
-                    def.source().host.clone().unwrap_or_default(),
-                    def.source().dir.clone().unwrap_or_default()
-                ),
-            };
-            if !mounted(&t, &want) {
-                return Err(Error::unsupported(format!(
-                    "{} is not mounted on the target: vdisk does not mount {} pools, mount it first",
-                    want,
-                    def.kind().name()
+        if let Some(key) = mount::source_key(def) {
+            if !mount::is_mounted(&t, &key) {
+                return Err(Error::invalid_argument(format!(
+                    "{key} is not mounted on the target of {} pool '{}' (pool-start mounts it)",
+                    def.kind().name(),
+                    def.name()
                 ))
                 .with_path(&t));
             }
@@ -277,22 +270,136 @@ impl Pool {
         if self.is_active() {
             return Err(Error::invalid_argument(format!("storage pool '{}' is already active", self.name())));
         }
-        self.check_target()?;
-        let state = self.paths().state_file(self.name());
-        write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
-        if refresh {
-            if let Err(e) = self.cleanup(STALE_TEMP_AGE).and_then(|_| self.refresh().map(|_| ())) {
-                let _ = std::fs::remove_file(&state);
-                return Err(e);
+        self.check_no_neighbour()?;
+        let mounted_here = self.mount_source()?;
+        let r = self.check_target().and_then(|_| {
+            let state = self.paths().state_file(self.name());
+            write_atomic(&state, self.inner.def.to_xml().as_bytes())?;
+            if refresh {
+                if let Err(e) = self.cleanup(STALE_TEMP_AGE).and_then(|_| self.refresh().map(|_| ())) {
+                    let _ = std::fs::remove_file(&state);
+                    return Err(e);
+                }
+            }
+            Ok(())
+        });
+        if r.is_err() && mounted_here {
+            let _ = mount::unmount(&self.inner.def, &self.canonical_target());
+        }
+        r
+    }
+
+    /// Refuses to start on a target another pool (vdisk's or libvirt's,
+    /// whenever it was defined) also uses.
+    fn check_no_neighbour(&self) -> Result<()> {
+        let t = self.canonical_target();
+        let reg = super::registry::Registry::from_paths(self.inner.paths.clone());
+        for p in reg.list_unlocked()?.pools {
+            if p.name() != self.name() && p.canonical_target() == t {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!(
+                        "pool '{}' cannot start: its target is also the target of {} pool '{}' ({})",
+                        self.name(),
+                        if p.origin() == Origin::Libvirt { "libvirt's" } else { "vdisk's" },
+                        p.name(),
+                        p.definition_file().display()
+                    ),
+                )
+                .with_path(&t));
             }
         }
         Ok(())
     }
 
-    /// Stops the pool. Never touches data.
+    /// Mounts the source of a fs/netfs pool on its target, as libvirt does;
+    /// returns whether it mounted (a source already mounted there is
+    /// used as it is). Refused: something else mounted on the target, or
+    /// the source mounted elsewhere.
+    fn mount_source(&self) -> Result<bool> {
+        let def = &self.inner.def;
+        let Some(key) = mount::source_key(def) else {
+            return Ok(false);
+        };
+        let t = self.canonical_target();
+        if mount::is_mounted(&t, &key) {
+            return Ok(false);
+        }
+        if let Some(m) = mount::anything_mounted(&t) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("pool '{}' cannot mount {key}: {} is already mounted on its target", def.name(), m.source),
+            )
+            .with_path(&t));
+        }
+        if let Some(m) = mount::mounts().iter().find(|m| mount::same_source(m, &key)) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!(
+                    "pool '{}' cannot mount {key}: it is already mounted on {} (another pool, or by hand)",
+                    def.name(),
+                    m.mount_point.display()
+                ),
+            )
+            .with_path(&t));
+        }
+        std::fs::metadata(&t)
+            .map_err(|e| Error::io("cannot access the pool target (build it first?)", e).with_path(&t))?;
+        mount::mount(def, &t)?;
+        if !mount::is_mounted(&t, &key) {
+            let _ = mount::unmount(def, &t);
+            return Err(Error::new(
+                ErrorKind::Io,
+                format!("mount reported success but {key} is not mounted on the target of pool '{}'", def.name()),
+            )
+            .with_path(&t));
+        }
+        Ok(true)
+    }
+
+    /// The first volume of the pool another process (or a vdisk
+    /// operation here) has open, as QEMU's image locks or vdisk's busy
+    /// table tell.
+    fn volume_in_use(&self) -> Option<PathBuf> {
+        use std::os::unix::fs::MetadataExt;
+        let rd = std::fs::read_dir(self.canonical_target()).ok()?;
+        for e in rd.flatten() {
+            let Ok(md) = e.metadata() else { continue };
+            if !md.is_file() {
+                continue;
+            }
+            let path = e.path();
+            let locked = crate::storage::lock::users(&path).is_ok_and(|u| u.in_use());
+            if locked || super::busy::is_busy((md.dev(), md.ino())) {
+                return Some(path);
+            }
+        }
+        None
+    }
+
+    /// Stops the pool. Never touches data. A fs/netfs pool's source is
+    /// unmounted, which is refused while a volume is in use.
     pub fn destroy(&self) -> Result<()> {
         let _l = lock(self.paths())?;
         self.require_active()?;
+        let def = &self.inner.def;
+        if let Some(key) = mount::source_key(def) {
+            let t = self.canonical_target();
+            if mount::is_mounted(&t, &key) {
+                if let Some(v) = self.volume_in_use() {
+                    return Err(Error::new(
+                        ErrorKind::Busy,
+                        format!(
+                            "pool '{}' cannot be destroyed: volume '{}' is in use (unmounting would pull it from under its user)",
+                            def.name(),
+                            v.file_name().unwrap_or_default().to_string_lossy()
+                        ),
+                    )
+                    .with_path(&v));
+                }
+                mount::unmount(def, &t)?;
+            }
+        }
         let state = self.paths().state_file(self.name());
         std::fs::remove_file(&state).map_err(|e| Error::io("cannot remove the pool state", e).with_path(&state))
     }
@@ -409,56 +516,5 @@ impl Pool {
 
     pub(crate) fn records(&self) -> Result<Records> {
         Records::load(&self.records_file())
-    }
-}
-
-/// Whether `target` is a mount point whose source is `source`
-/// (`/proc/self/mountinfo`; escapes like `\040` decoded).
-fn mounted(target: &Path, source: &str) -> bool {
-    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let unescape = |s: &str| -> Vec<u8> {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            if b[i] == b'\\' && i + 3 < b.len() {
-                let oct = std::str::from_utf8(&b[i + 1..i + 4]).ok();
-                if let Some(v) = oct.and_then(|o| u8::from_str_radix(o, 8).ok()) {
-                    out.push(v);
-                    i += 4;
-                    continue;
-                }
-            }
-            out.push(b[i]);
-            i += 1;
-        }
-        out
-    };
-    let want = target.as_os_str().as_bytes();
-    text.lines().any(|l| {
-        let f: Vec<&str> = l.split(' ').collect();
-        let Some(sep) = f.iter().position(|x| *x == "-") else {
-            return false;
-        };
-        let mount_point = f.get(4).map(|m| unescape(m));
-        let src = f.get(sep + 2).map(|s| unescape(s));
-        mount_point.as_deref() == Some(want)
-            && src.as_deref().map(|s| s.strip_suffix(b"/").unwrap_or(s))
-                == Some(source.as_bytes().strip_suffix(b"/").unwrap_or(source.as_bytes()))
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn mount_check_reads_mountinfo() {
-        // /proc is mounted from "proc" wherever these tests run.
-        assert!(mounted(Path::new("/proc"), "proc"));
-        assert!(!mounted(Path::new("/proc"), "nfs.example.com:/export"));
-        assert!(!mounted(Path::new("/nonexistent-mount-point"), "proc"));
     }
 }

@@ -63,8 +63,8 @@
 //!   probes it. A new volume with a backing store defaults to qcow2.
 //! * **Pool `available`** is `f_bavail` (what unprivileged users can still
 //!   allocate; libvirt uses `f_bfree`), allocation is `capacity - f_bfree`.
-//! * **fs and netfs pools** are checked to be mounted on start; vdisk does
-//!   not mount, unmount or mkfs.
+//! * **fs and netfs pools** mount their source on start and unmount it on
+//!   destroy, as libvirt does (`mount.rs`); vdisk does not mkfs.
 //! * **Wipe** zeroes (or randomises) the whole file like libvirt, and the
 //!   volume is raw afterwards (its header is gone); the record follows.
 //! * **vmdk volumes** are created monolithicSparse (one file), so a volume
@@ -77,6 +77,7 @@ pub mod def;
 mod dir;
 mod headers;
 mod lifecycle;
+mod mount;
 pub mod name;
 mod probe_cache;
 mod records;

@@ -166,7 +166,13 @@ impl Registry {
         }
     }
 
-    fn list_unlocked(&self) -> Result<PoolList> {
+    /// A registry over `paths` that is already open (for pools that look
+    /// at their neighbours).
+    pub(crate) fn from_paths(paths: Arc<RegistryPaths>) -> Registry {
+        Registry { paths }
+    }
+
+    pub(crate) fn list_unlocked(&self) -> Result<PoolList> {
         let mut pools = Vec::new();
         let mut errors = Vec::new();
         self.load_dir(&self.paths.config_dir, Origin::Vdisk, &mut pools, &mut errors);

@@ -76,6 +76,13 @@ impl L2Cache {
         }
     }
 
+    /// Forgets every table (none may be dirty): another host may have
+    /// changed them. Readers that loaded one meanwhile discard it.
+    pub(crate) fn clear(&mut self) {
+        self.tables.clear();
+        self.generation += 1;
+    }
+
     /// The table at `offset`, if cached.
     #[inline]
     pub(crate) fn get(&self, offset: u64) -> Option<&Arc<L2Table>> {

@@ -243,6 +243,10 @@ impl Qcow2 {
     /// What [`Qcow2::close`] and `Drop` do; the device stays usable (a
     /// later lazy-refcount write sets the dirty bit again).
     pub(crate) fn close_impl(&self) -> Result<()> {
+        if self.inactive() {
+            // Handed off: the image belongs to someone else now.
+            return Ok(());
+        }
         if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
             // Nothing more is written to an image found corrupt; say so.
             return Err(self.err(Error::corrupt(

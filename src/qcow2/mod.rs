@@ -47,6 +47,7 @@ pub mod create;
 pub mod crypt;
 mod extension;
 mod flush;
+mod handoff;
 pub mod header;
 pub(crate) mod l2;
 pub mod measure;
@@ -59,9 +60,8 @@ mod table;
 mod write;
 mod zero;
 
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Condvar, Mutex, RwLock};
@@ -77,7 +77,6 @@ use alloc::AllocState;
 use cache::L2Cache;
 
 use l2::{Geometry, Mapping};
-use refcount::Refcounts;
 pub use snapshot::Snapshot;
 use table::Reserved;
 
@@ -105,6 +104,10 @@ pub struct Qcow2Options {
     /// Open an encrypted image without its key, for looking at metadata
     /// (`info`, `map`, snapshot lists): guest data reads then fail.
     pub inspect_only: bool,
+    /// Start inactive, as the destination of a handoff (live migration)
+    /// while another process still writes the image: nothing is written and
+    /// guest I/O is refused until [`BlockDevice::activate`].
+    pub inactive: bool,
 }
 
 /// State guarded by the `map` lock.
@@ -167,6 +170,8 @@ pub struct Qcow2 {
     zcache: ClusterCache,
     /// Path of the image file, for messages.
     path: Option<PathBuf>,
+    /// Active, inactivating or inactive (handed off; see `handoff`).
+    activity: AtomicU8,
 }
 
 fn qerr(e: Error, path: Option<&Path>) -> Error {
@@ -227,32 +232,7 @@ impl Qcow2 {
 
             _ => file.clone(),
         };
-        // Tables must lie inside the file: a table past the end means a
-        // truncated or hostile image (QEMU would read zeros there).
-        let file_len = file.len()?;
-        let rt_bytes = u64::from(h.refcount_table_clusters) * cs;
-        for (field, off, len) in [
-            ("l1_table_offset", h.l1_table_offset, u64::from(h.l1_size) * 8),
-            ("refcount_table_offset", h.refcount_table_offset, rt_bytes),
-        ] {
-            if len > 0 && off + len > file_len {
-                return Err(Error::invalid(format!(
-                    "table at {off:#x} of {len} bytes runs past the end of the file ({file_len} bytes)"
-                ))
-                .with_field(field)
-                .with_offset(off));
-            }
-        }
-        let l1 = table::read_u64_table(&*file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
-
-        // Snapshots (validated; their tables are read on demand).
-        let (mut snaps, snap_table_len) = snapshot::read_table(&*file, h.snapshots_offset, h.nb_snapshots, cs)?;
-        // An entry without the disk size (extra data shorter than 16 bytes,
-        // old QEMU) has the image's size, as QEMU reads it; recorded now so
-        // that rewriting the table does not turn it into 0.
-        for s in &mut snaps {
-            s.disk_size.get_or_insert(h.size);
-        }
+        let handoff::Tables { l1, snapshots: snaps, reserved } = handoff::read_tables(&*file, &h)?;
         let cache_bytes = opts.l2_cache_bytes.unwrap_or_else(|| {
             let needed = h.size.div_ceil(cs) * h.l2_entry_size();
             needed.min(QCOW2_DEFAULT_L2_CACHE_BYTES)
@@ -260,41 +240,8 @@ impl Qcow2 {
         let tables = (cache_bytes / cs).max(QCOW2_MIN_L2_CACHE_TABLES as u64) as usize;
         let path = file.path().map(Path::to_path_buf);
         // Fixed metadata the allocator must never hand out.
-        let reserved = Arc::new(RwLock::new(Reserved::new(&h, &snaps, snap_table_len)));
-        let alloc = if read_only {
-            None
-        } else {
-            let rc = Refcounts::load(
-                &*file,
-                h.refcount_order,
-                h.cluster_bits,
-                h.refcount_table_offset,
-                h.refcount_table_clusters,
-                Arc::clone(&reserved),
-            )?;
-            for (i, &e) in rc.table.iter().enumerate() {
-                let off = e & refcount::REFT_OFFSET_MASK;
-                if off != 0 && reserved.read().overlaps(off, cs) {
-                    return Err(Error::corrupt(format!(
-                        "refcount block {i} at {off:#x} overlaps the image's metadata"
-                    ))
-                    .with_field("refcount table"));
-                }
-            }
-            Some(Mutex::new(AllocState {
-                rc,
-                pending: Vec::new(),
-                pending_punch: Vec::new(),
-                inflight: HashSet::with_hasher(cache::OffsetHash),
-                l1_dirty: false,
-                data_written: false,
-                compressed_next: 0,
-                alloc_end: 0,
-                len_at_open: file.len()?,
-                lazy: h.compatible_features & header::COMPAT_LAZY_REFCOUNTS != 0,
-                marked_dirty: false,
-            }))
-        };
+        let reserved = Arc::new(RwLock::new(reserved));
+        let alloc = if read_only { None } else { Some(Mutex::new(handoff::load_alloc(&*file, &h, &reserved)?)) };
         let dirty = h.incompatible_features & header::INCOMPAT_DIRTY != 0;
         // Bitmaps: loaded (and then maintained) when the image is writable;
         // an extension without its autoclear bit was left by a program that
@@ -328,8 +275,9 @@ impl Qcow2 {
             header: Mutex::new(h),
             path,
             file,
+            activity: AtomicU8::new(if opts.inactive { handoff::INACTIVE } else { handoff::ACTIVE }),
         };
-        if !read_only {
+        if !read_only && !q.inactive() {
             if dirty {
                 // Refcounts may be stale (lazy refcounts, crash): rebuild
                 // them before anything is allocated.
@@ -401,6 +349,7 @@ impl Qcow2 {
         if self.read_only || self.alloc.is_none() {
             return Err(self.err(Error::read_only("write")));
         }
+        self.check_active()?;
         if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
             return Err(self.err(Error::new(
                 ErrorKind::ReadOnly,
@@ -449,6 +398,7 @@ impl BlockDevice for Qcow2 {
                 "the image is encrypted and was opened without its passphrase: data cannot be read",
             )));
         }
+        self.check_active()?;
         let _g = self.gate.enter();
         self.read_mapped(buf, offset)
     }
@@ -460,6 +410,7 @@ impl BlockDevice for Qcow2 {
         if max == 0 {
             return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
+        self.check_active()?;
         let _g = self.gate.enter();
         let (m, len) = self.lookup(offset, max)?;
         let encrypted = self.crypt.is_some();
@@ -513,6 +464,22 @@ impl BlockDevice for Qcow2 {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.backing.as_deref()
+    }
+
+    fn inactivate(&self) -> Result<()> {
+        self.inactivate_impl()
+    }
+
+    fn activate(&self) -> Result<()> {
+        self.activate_impl()
+    }
+
+    fn is_inactive(&self) -> bool {
+        self.inactive()
+    }
+
+    fn refresh(&self) -> Result<()> {
+        self.refresh_impl()
     }
 }
 

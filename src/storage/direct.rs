@@ -126,6 +126,19 @@ fn span(offset: u64, len: usize) -> Result<(u64, u64)> {
     Ok((offset & !(ALIGN - 1), end.div_ceil(ALIGN) * ALIGN))
 }
 
+impl DirectFile {
+    /// Takes the QEMU-compatible image locks (see [`FileStorage::lock`]).
+    pub fn lock(&mut self, mode: crate::storage::lock::LockMode) -> Result<()> {
+        self.inner.lock(mode)
+    }
+
+    /// Takes the locks of an inactive read-write open (see
+    /// [`FileStorage::lock_inactive`]).
+    pub fn lock_inactive(&mut self, mode: crate::storage::lock::LockMode) -> Result<()> {
+        self.inner.lock_inactive(mode)
+    }
+}
+
 impl Drop for DirectFile {
     /// Releases QEMU-style image locks (taken by `OpenOptions::open`) before
     /// the descriptor closes; see `FileStorage`'s `Drop`.
@@ -250,6 +263,10 @@ impl Storage for DirectFile {
 
     fn file(&self) -> Option<&File> {
         self.inner.file()
+    }
+
+    fn image_locks(&self) -> crate::storage::lock::Held {
+        self.inner.image_locks()
     }
 }
 

@@ -161,6 +161,16 @@ impl FileStorage {
         Ok(())
     }
 
+    /// Takes the image locks of a read-write open that starts inactive (the
+    /// destination of a migration; see [`lock::lock_inactive`]).
+    pub fn lock_inactive(&mut self, mode: LockMode) -> Result<()> {
+        if self.lock != Held::None {
+            return Err(Error::internal("the file's image locks were already taken").with_path(&self.path));
+        }
+        self.lock = lock::lock_inactive(&self.file, &self.path, mode)?;
+        Ok(())
+    }
+
     /// The image locks this storage's descriptor holds.
     pub fn held_locks(&self) -> Held {
         self.lock
@@ -322,6 +332,10 @@ impl Storage for FileStorage {
 
     fn file(&self) -> Option<&File> {
         Some(&self.file)
+    }
+
+    fn image_locks(&self) -> Held {
+        self.lock
     }
 }
 

@@ -200,6 +200,31 @@ pub fn lock_file(file: &File, path: &Path, mode: LockMode, access: Access) -> Re
     let Some(plan) = LockPlan::for_open(mode, access) else {
         return Ok(Held::None);
     };
+    take_plan(file, path, mode, plan)
+}
+
+/// The set an inactive read-write open holds: consistent read, sharing
+/// everything (what QEMU's inactive block nodes hold).
+const INACTIVE_PLAN: LockPlan = LockPlan { held: PERM_CONSISTENT_READ, unshared: 0 };
+
+/// Takes the locks of a read-write open that starts *inactive* — the
+/// destination of a migration, while the source still writes: only the
+/// inactive set ([`downgrade_to_inactive`]) is taken, and the answer names
+/// the full read-write plan, which [`reactivate`] takes on activation.
+pub fn lock_inactive(file: &File, path: &Path, mode: LockMode) -> Result<Held> {
+    if mode == LockMode::ForceShare {
+        return Err(Error::invalid_argument("force-share (-U) is only allowed for read-only opens").with_path(path));
+    }
+    let Some(plan) = LockPlan::for_open(mode, Access::ReadWrite) else {
+        return Ok(Held::None);
+    };
+    Ok(match take_plan(file, path, mode, INACTIVE_PLAN)? {
+        Held::Locked(_) => Held::Locked(plan),
+        other => other,
+    })
+}
+
+fn take_plan(file: &File, path: &Path, mode: LockMode, plan: LockPlan) -> Result<Held> {
     let fd = file.as_fd();
     for byte in plan.bytes() {
         if let Err(e) = sys::ofd_setlk(fd, LockType::Shared, byte, 1) {
@@ -240,6 +265,42 @@ fn check(file: &File, path: &Path, plan: LockPlan) -> Result<()> {
         if plan.unshared & (1 << i) != 0 && test(PERM_BASE + u64::from(i))? {
             return Err(busy(path, format!("failed to get shared \"{}\" lock", perm_name(i))));
         }
+    }
+    Ok(())
+}
+
+/// The locks an *inactive* image keeps while another host (or process)
+/// owns it during a migration handoff: consistent read (byte 100) only,
+/// sharing everything, like QEMU's inactive block nodes. Bytes of
+/// `plan` beyond that are released. Never conflicts.
+pub fn downgrade_to_inactive(file: &File, plan: LockPlan) {
+    let fd = file.as_fd();
+    for byte in plan.bytes() {
+        if byte != PERM_BASE {
+            let _ = sys::ofd_setlk(fd, LockType::Unlock, byte, 1);
+        }
+    }
+}
+
+/// Takes `plan`'s bytes again on a description that holds the inactive
+/// set ([`downgrade_to_inactive`]) and checks for conflicts the way
+/// [`lock_file`] does. On a conflict the description is left holding the
+/// inactive set and the error is [`ErrorKind::Busy`], naming `path`.
+pub fn reactivate(file: &File, path: &Path, plan: LockPlan) -> Result<()> {
+    let fd = file.as_fd();
+    let back = |file: &File| downgrade_to_inactive(file, plan);
+    for byte in plan.bytes() {
+        if let Err(e) = sys::ofd_setlk(fd, LockType::Shared, byte, 1) {
+            back(file);
+            if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EACCES)) {
+                return Err(busy(path, format!("failed to lock byte {byte}")));
+            }
+            return Err(Error::io(format!("cannot lock byte {byte}"), e).with_path(path));
+        }
+    }
+    if let Err(e) = check(file, path, plan) {
+        back(file);
+        return Err(e);
     }
     Ok(())
 }
@@ -370,5 +431,32 @@ mod tests {
             lock_file(&w3, &p, LockMode::ForceShare, Access::ReadWrite).unwrap_err().kind(),
             ErrorKind::InvalidArgument
         );
+    }
+
+    #[test]
+    fn handoff_downgrades_and_reactivates() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("img");
+        std::fs::write(&p, [0u8; 512]).unwrap();
+        let a = open(&p, true);
+        let Held::Locked(plan) = lock_file(&a, &p, LockMode::Auto, Access::ReadWrite).unwrap() else {
+            panic!("no locks on a local file");
+        };
+        let b = open(&p, true);
+        assert_eq!(lock_file(&b, &p, LockMode::Auto, Access::ReadWrite).unwrap_err().kind(), ErrorKind::Busy);
+        downgrade_to_inactive(&a, plan);
+        let u = users(&p).unwrap();
+        assert_eq!((u.held, u.unshared), (PERM_CONSISTENT_READ, 0));
+        // The other side takes the image; A cannot take it back meanwhile.
+        lock_file(&b, &p, LockMode::Auto, Access::ReadWrite).unwrap();
+        let e = reactivate(&a, &p, plan).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy);
+        assert!(e.to_string().contains(&p.display().to_string()), "{e}");
+        // The failed attempt left A inactive, not half-locked.
+        downgrade_to_inactive(&b, plan);
+        let u = users(&p).unwrap();
+        assert_eq!((u.held, u.unshared), (PERM_CONSISTENT_READ, 0));
+        reactivate(&a, &p, plan).unwrap();
+        assert_eq!(reactivate(&b, &p, plan).unwrap_err().kind(), ErrorKind::Busy);
     }
 }

@@ -94,6 +94,12 @@ pub trait Storage: Send + Sync + fmt::Debug {
     fn file(&self) -> Option<&File> {
         None
     }
+
+    /// The QEMU-compatible image locks taken on [`Storage::file`] when it
+    /// was opened (what a migration handoff drops and takes back).
+    fn image_locks(&self) -> lock::Held {
+        lock::Held::None
+    }
 }
 
 pub(crate) fn range_end(offset: u64, len: usize) -> Result<u64> {
@@ -177,6 +183,9 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
     }
     fn file(&self) -> Option<&File> {
         (**self).file()
+    }
+    fn image_locks(&self) -> lock::Held {
+        (**self).image_locks()
     }
 }
 

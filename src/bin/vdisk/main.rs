@@ -24,6 +24,7 @@ mod compare;
 mod convert;
 mod create;
 mod dd;
+mod handoff;
 mod info;
 mod io;
 mod luks_info;
@@ -120,6 +121,8 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Export images over NBD (qemu-nbd).
     Serve(serve::ServeArgs),
+    /// Hand the images of a running `serve --control` over: activate, inactivate, status.
+    Handoff(handoff::HandoffArgs),
     #[command(flatten)]
     Pool(pool::PoolCmd),
     #[command(flatten)]
@@ -146,6 +149,7 @@ fn main() {
         Cmd::Commit(a) => (commit::run(a), 1),
         Cmd::Amend(a) => (amend::run(a), 1),
         Cmd::Serve(a) => (serve::run(a), 1),
+        Cmd::Handoff(a) => (handoff::run(a), 1),
         Cmd::Pool(c) => return virsh_exit(pool::run(c, config_dir.as_ref())),
         Cmd::Vol(c) => return virsh_exit(vol::run(c, config_dir.as_ref())),
     };

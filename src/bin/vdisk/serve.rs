@@ -72,6 +72,14 @@ pub struct ServeArgs {
     /// Storage pool configuration directory (with --pool).
     #[arg(long = "config-dir", value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Open the images inactive, as the destination of a live migration
+    /// while the source host still writes them: clients' I/O is refused
+    /// until `vdisk handoff SOCKET activate` (raw and qcow2).
+    #[arg(long = "inactive", requires = "control")]
+    pub inactive: bool,
+    /// Listen for handoff requests (`vdisk handoff`) on this Unix socket.
+    #[arg(long = "control", value_name = "SOCKET")]
+    pub control: Option<PathBuf>,
     /// Internal: set by --fork in the background process.
     #[arg(long = "x-forked", hide = true)]
     pub forked: bool,
@@ -120,6 +128,18 @@ impl<D: BlockDevice> BlockDevice for WriteThrough<D> {
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.0.backing()
     }
+    fn inactivate(&self) -> Result<()> {
+        self.0.inactivate()
+    }
+    fn activate(&self) -> Result<()> {
+        self.0.activate()
+    }
+    fn is_inactive(&self) -> bool {
+        self.0.is_inactive()
+    }
+    fn refresh(&self) -> Result<()> {
+        self.0.refresh()
+    }
 }
 
 /// A device whose flushes do nothing (`cache=unsafe`).
@@ -157,6 +177,18 @@ impl<D: BlockDevice> BlockDevice for NoFlush<D> {
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.0.backing()
     }
+    fn inactivate(&self) -> Result<()> {
+        self.0.inactivate()
+    }
+    fn activate(&self) -> Result<()> {
+        self.0.activate()
+    }
+    fn is_inactive(&self) -> bool {
+        self.0.is_inactive()
+    }
+    fn refresh(&self) -> Result<()> {
+        self.0.refresh()
+    }
 }
 
 /// The devices to export, by name.
@@ -190,6 +222,9 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<Served>> {
     let direct = matches!(cache, "none" | "directsync");
     let mut out: Vec<Served> = Vec::new();
     if let Some(pool) = &a.pool {
+        if a.inactive {
+            return Err(Error::invalid_argument("--inactive serves images named by path, not --pool volumes"));
+        }
         // With --pool, the positional names are volumes (all when none).
         let reg = crate::pool::registry(a.config_dir.as_ref())?;
         let pool = reg.pool(pool)?;
@@ -226,7 +261,8 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<Served>> {
         let spec = a.secrets.image(arg, a.format.as_deref())?;
         let key = a.secrets.key(spec.key_secret.as_deref())?;
         let opts = crate::common::image_options(spec.format.as_deref(), a.read_only, true, key, false)?
-            .cache(if direct { CacheMode::Direct } else { CacheMode::Writeback });
+            .cache(if direct { CacheMode::Direct } else { CacheMode::Writeback })
+            .inactive(a.inactive);
         let img = opts.open(&spec.path)?;
         let name = match a.export_names.get(i) {
             Some(n) => n.clone(),
@@ -317,6 +353,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             ));
         }
     }
+    let mut controlled: crate::handoff::Controlled = Vec::new();
     for (name, dev, img) in exports {
         let bitmaps: Vec<(String, Arc<dyn vdisk::nbd::DirtyBitmap>)> = a
             .bitmaps
@@ -333,6 +370,7 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             "unsafe" => Arc::new(NoFlush(dev)),
             _ => dev,
         };
+        controlled.push((name.clone(), dev.clone()));
         let e = Export::new(name, dev)
             .read_only(a.read_only)
             .discard(discard)
@@ -350,6 +388,9 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
             Listener::tcp(&format!("{host}:{}", a.port))?
         }
     };
+    if let Some(p) = &a.control {
+        crate::handoff::start(p, controlled)?;
+    }
     if let Some(p) = &a.pid_file {
         std::fs::write(p, format!("{}\n", std::process::id()))
             .map_err(|e| Error::io("cannot write the pid file", e).with_path(p))?;
@@ -374,6 +415,9 @@ pub fn run(a: &ServeArgs) -> Result<i32> {
         }
     }
     if let Some(p) = &a.pid_file {
+        let _ = std::fs::remove_file(p);
+    }
+    if let Some(p) = &a.control {
         let _ = std::fs::remove_file(p);
     }
     r.map(|_| 0)

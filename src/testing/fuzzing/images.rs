@@ -33,10 +33,13 @@ pub fn open_qcow2(data: &[u8]) {
         }),
         key: Some(Secret::new(PASSPHRASE)),
         inspect_only: false,
+        inactive: false,
     };
     let Ok(q) = no_internal("open", Qcow2::open(file.clone(), opts)) else {
         return;
     };
+    // Rereading the same bytes (a shared image's refresh) must hold up too.
+    let _ = no_internal("refresh", q.refresh());
     let _ = q.info();
     walk(&q);
     snapshot_table_roundtrip(&q, &h);
