@@ -34,6 +34,16 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# GlusterFS, a real shared filesystem (tests/shared_gluster.rs: two FUSE
+# mounts as two hosts): best effort. Where it cannot be installed, or FUSE
+# or the daemon cannot run, those tests say so and skip.
+if ! command -v glusterd >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    gsudo=""
+    [ "$(id -u)" -eq 0 ] || gsudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    { $gsudo apt-get update -qq && $gsudo apt-get install -y -qq --no-install-recommends glusterfs-server glusterfs-client; } \
+        || echo "GlusterFS could not be installed: the GlusterFS tests will skip"
+fi
 qemu-img --version | head -1
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 
