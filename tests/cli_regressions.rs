@@ -142,19 +142,32 @@ fn force_share_reads_an_image_held_by_qemu() {
     qemu_img(&["create", "-f", "qcow2", s(&img), "16M"]);
     qemu_img(&["snapshot", "-c", "s1", s(&img)]);
     // qemu-io keeps the image open read-write while it sleeps.
-    let mut holder = Command::new("qemu-io")
-        .args(["-f", "qcow2", s(&img), "-c", "sleep 20000"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let spawn = || {
+        Command::new("qemu-io")
+            .args(["-f", "qcow2", s(&img), "-c", "sleep 20000"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut holder = spawn();
     let mut held = false;
     let mut last = String::new();
+    let mut restarts = 0;
     for _ in 0..200 {
         if let Some(status) = holder.try_wait().unwrap() {
             let mut err = String::new();
             let _ = holder.stderr.take().unwrap().read_to_string(&mut err);
+            // The probe below may hold its read lock just when qemu-io
+            // starts, and qemu-io then cannot take its write lock: start
+            // it again (a few times), anything else is a failure.
+            if err.contains("lock") && restarts < 5 {
+                restarts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                holder = spawn();
+                continue;
+            }
             panic!("qemu-io ended early ({status}): {err}");
         }
         let (code, out, err) = vdisk(&["check", s(&img)]);
