@@ -419,14 +419,7 @@ impl BlockDevice for Luks {
 
     fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
         // Zeros must be stored encrypted: no hole reads as zeros.
-        let mut pos = 0;
-        let zeros = vec![0u8; (1 << 20).min(len as usize)];
-        while pos < len {
-            let n = (len - pos).min(zeros.len() as u64);
-            self.write_at(&zeros[..n as usize], offset + pos)?;
-            pos += n;
-        }
-        Ok(())
+        crate::storage::write_zeros_with(offset, len, |buf, at| self.write_at(buf, at))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {

@@ -92,15 +92,7 @@ impl Qcow2 {
     }
 
     fn write_zero_data(&self, offset: u64, len: u64) -> Result<()> {
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut done = 0;
-        while done < len {
-            let n = CHUNK.min(len - done);
-            self.write_impl(&zeros[..n as usize], offset + done)?;
-            done += n;
-        }
-        Ok(())
+        crate::storage::write_zeros_with(offset, len, |buf, at| self.write_impl(buf, at))
     }
 
     /// Zeroes or discards whole granules from `start` up to `end` within one

@@ -191,12 +191,18 @@ impl<S: Storage + ?Sized> Storage for Arc<S> {
 
 /// Writes zeros over `[offset, offset + len)` in bounded chunks.
 pub(crate) fn write_zeroes_slow(s: &dyn Storage, offset: u64, len: u64) -> Result<()> {
+    write_zeros_with(offset, len, |buf, at| s.write_at(buf, at))
+}
+
+/// Writes zeros over `[offset, offset + len)` through `write`, in pieces of
+/// at most 1 MiB: how a file or a format without a cheaper way zeroes.
+pub(crate) fn write_zeros_with(offset: u64, len: u64, mut write: impl FnMut(&[u8], u64) -> Result<()>) -> Result<()> {
     const CHUNK: u64 = 1 << 20;
     let zeros = vec![0u8; CHUNK.min(len) as usize];
     let mut done = 0;
     while done < len {
         let n = CHUNK.min(len - done);
-        s.write_at(&zeros[..n as usize], offset + done)?;
+        write(&zeros[..n as usize], offset + done)?;
         done += n;
     }
     Ok(())

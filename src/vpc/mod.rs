@@ -522,15 +522,8 @@ impl BlockDevice for Vpc {
 
     fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
         check_request(offset, len, self.size)?;
-        const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; CHUNK.min(len) as usize];
-        let mut pos = 0;
-        while pos < len {
-            let n = CHUNK.min(len - pos);
-            self.write_inner(&zeros[..n as usize], offset + pos, true).map_err(|e| self.err(e))?;
-            pos += n;
-        }
-        Ok(())
+        crate::storage::write_zeros_with(offset, len, |buf, at| self.write_inner(buf, at, true))
+            .map_err(|e| self.err(e))
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {

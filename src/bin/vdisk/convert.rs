@@ -156,20 +156,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         }
         // The existing target, its backing chain followed (what it reads
         // through is compared, not overwritten blindly).
-        let img = crate::common::with_cache(a.target_cache.as_deref(), || {
-            if a.target_image_opts {
-                let dst = a.dst.to_str().ok_or_else(|| Error::invalid_argument("target options are not UTF-8"))?;
-                let spec = crate::secrets::image_opts_spec(dst)?;
-                let key = a.secrets.key(spec.key_secret.as_deref())?;
-                let fmt = spec.format.as_deref().unwrap_or(out.name()).to_string();
-                let mut o = crate::common::image_options(Some(&fmt), false, true, key, false)?;
-                if let Some(h) = &spec.luks_header {
-                    o = o.luks_header(h);
-                }
-                return o.open(&spec.path);
-            }
-            crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
-        })?;
+        let img = open_target(a, out)?;
         if img.size() < size {
             return Err(Error::invalid_argument(format!(
                 "the target of {} bytes is smaller than the source of {size} bytes",
@@ -179,14 +166,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         if compress {
             unit = unit.div_ceil(img.info().cluster_size.unwrap_or(65536)) * img.info().cluster_size.unwrap_or(65536);
         }
-        match img {
-            vdisk::Image::Qcow2(q) => {
-                let q = Arc::new(q);
-                dst_q = Some(q.clone());
-                Box::new(q)
-            }
-            other => Box::new(other),
-        }
+        into_target(img, &mut dst_q)
     } else {
         match out {
             Format::Raw => {
@@ -206,9 +186,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 }
                 // Whole clusters per unit, so compressed writes cover clusters.
                 unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
-                let q = Arc::new(crate::common::create_resolver().create_qcow2(&a.dst, &o)?);
-                dst_q = Some(q.clone());
-                Box::new(q)
+                into_target(vdisk::Image::Qcow2(crate::common::create_resolver().create_qcow2(&a.dst, &o)?), &mut dst_q)
             }
             Format::Luks => {
                 if a.compress {
@@ -298,17 +276,7 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
             dst.make_clean()?;
             dst_q = None;
             drop(dst);
-            let img = crate::common::with_cache(a.target_cache.as_deref(), || {
-                crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
-            })?;
-            match img {
-                vdisk::Image::Qcow2(q) => {
-                    let q = Arc::new(q);
-                    dst_q = Some(q.clone());
-                    Box::new(q)
-                }
-                other => Box::new(other),
-            }
+            into_target(open_target(a, out)?, &mut dst_q)
         }
         _ => dst,
     };
@@ -327,6 +295,38 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
         outln!("    (100.00/100%)");
     }
     Ok(0)
+}
+
+/// Opens the existing target (`-n`, or a new one reopened for `-t none`)
+/// read-write in the target cache mode, by path or `--target-image-opts`.
+fn open_target(a: &ConvertArgs, out: Format) -> Result<vdisk::Image> {
+    crate::common::with_cache(a.target_cache.as_deref(), || {
+        if a.target_image_opts {
+            let dst = a.dst.to_str().ok_or_else(|| Error::invalid_argument("target options are not UTF-8"))?;
+            let spec = crate::secrets::image_opts_spec(dst)?;
+            let key = a.secrets.key(spec.key_secret.as_deref())?;
+            let fmt = spec.format.as_deref().unwrap_or(out.name()).to_string();
+            let mut o = crate::common::image_options(Some(&fmt), false, true, key, false)?;
+            if let Some(h) = &spec.luks_header {
+                o = o.luks_header(h);
+            }
+            return o.open(&spec.path);
+        }
+        crate::common::image_options(Some(out.name()), false, true, None, false)?.open(&a.dst)
+    })
+}
+
+/// The target as the copy writes it; a qcow2 one is also kept in `dst_q`
+/// for `--bitmaps`.
+fn into_target(img: vdisk::Image, dst_q: &mut Option<Arc<vdisk::qcow2::Qcow2>>) -> Box<dyn BlockDevice> {
+    match img {
+        vdisk::Image::Qcow2(q) => {
+            let q = Arc::new(q);
+            *dst_q = Some(q.clone());
+            Box::new(q)
+        }
+        other => Box::new(other),
+    }
 }
 
 /// The bitmaps `--bitmaps` copies, after qemu-img's checks: a qcow2

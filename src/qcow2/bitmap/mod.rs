@@ -575,27 +575,32 @@ impl Qcow2 {
     /// len)`, clamped to it, as `(offset, length)` in guest bytes (each
     /// bit's whole granule, cut at the range's ends and the disk's end).
     pub fn bitmap_dirty_ranges(&self, name: &str, offset: u64, len: u64) -> Result<DirtyRanges> {
-        let size = self.size();
-        let end = offset.saturating_add(len).min(size);
+        let end = offset.saturating_add(len).min(self.size());
+        self.with_bits(name, |bits, g| ranges_of(bits, g, offset, end))
+    }
+
+    /// Runs `f` on the bits and granularity bits of the usable bitmap
+    /// `name`, loading them first in a read-only image (which loads bits on
+    /// demand only).
+    fn with_bits<T>(&self, name: &str, f: impl FnOnce(&DirtyBits, u8) -> T) -> Result<T> {
         {
             let st = self.bitmaps.read();
             let i = st.usable(name)?;
             if let Some(bits) = &st.list[i].bits {
-                return Ok(ranges_of(bits, st.list[i].granularity_bits, offset, end));
+                return Ok(f(bits, st.list[i].granularity_bits));
             }
         }
-        // A read-only image loads bits on demand.
         let mut st = self.bitmaps.write();
         let i = st.usable(name)?;
         if st.list[i].bits.is_none() {
             let e = st.list[i].disk.clone().ok_or_else(|| Error::internal("bitmap without bits or entry"))?;
             let mut budget = MAX_LOADED_BYTES;
-            let bits =
-                load_bits(&*self.file, &e, size, self.geo.cluster_size(), &mut budget).map_err(|e| self.err(e))?;
+            let bits = load_bits(&*self.file, &e, self.size(), self.geo.cluster_size(), &mut budget)
+                .map_err(|e| self.err(e))?;
             st.list[i].bits = Some(bits);
         }
         let b = &st.list[i];
-        Ok(ranges_of(b.bits.as_ref().expect("loaded above"), b.granularity_bits, offset, end))
+        Ok(f(b.bits.as_ref().expect("loaded above"), b.granularity_bits))
     }
 
     /// Whether guest offset `offset` is dirty in the bitmap `name`, and for
@@ -603,23 +608,17 @@ impl Qcow2 {
     /// `max_len > 0` and `offset` is inside the disk) that stays so: what an
     /// NBD `qemu:dirty-bitmap` block status answers.
     pub fn bitmap_extent(&self, name: &str, offset: u64, max_len: u64) -> Result<(u64, bool)> {
-        let size = self.size();
-        let end = offset.saturating_add(max_len).min(size);
+        let end = offset.saturating_add(max_len).min(self.size());
         if offset >= end {
             return Ok((0, false));
         }
-        self.bitmap_dirty_ranges(name, 0, 0)?; // loads the bits if needed, checks the name
-        let st = self.bitmaps.read();
-        let i = st.usable(name)?;
-        let b = &st.list[i];
-        let g = b.granularity_bits;
-        let bits = b.bits.as_ref().ok_or_else(|| Error::internal("bitmap bits not loaded"))?;
-        let first = offset >> g;
-        let last = end.div_ceil(1 << g);
-        Ok(match bits.runs(first, last, 1).first() {
-            Some(&(s, e)) if s <= first => ((e << g).min(end) - offset, true),
-            Some(&(s, _)) => ((s << g).min(end) - offset, false),
-            None => (end - offset, false),
+        self.with_bits(name, |bits, g| {
+            let first = offset >> g;
+            match bits.runs(first, end.div_ceil(1 << g), 1).first() {
+                Some(&(s, e)) if s <= first => ((e << g).min(end) - offset, true),
+                Some(&(s, _)) => ((s << g).min(end) - offset, false),
+                None => (end - offset, false),
+            }
         })
     }
 
