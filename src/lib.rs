@@ -1,8 +1,9 @@
 //! # vdisk — virtual-machine disk images
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
-//! `Send + Sync`), with backends for raw, qcow2, vmdk, VHD ([`Vpc`]) and
-//! VDI ([`Vdi`]), an opener with an
+//! `Send + Sync`), with backends for raw, qcow2, vmdk, VHD ([`Vpc`]), VDI
+//! ([`Vdi`]), VHDX ([`Vhdx`]) and LUKS ([`luks::Luks`]), an NBD server and
+//! client ([`nbd`]), an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).
 //!

@@ -4,12 +4,13 @@
 //! 512 B to 2 MiB; refcount widths 1 to 64 bits; unallocated, zero (with and
 //! without a preallocated host cluster) and compressed clusters (zlib and
 //! zstd); extended L2 entries (subclusters); backing chains; external data
-//! files; internal snapshot tables (listed); the dirty and corrupt bits.
+//! files; internal snapshots; persistent dirty bitmaps; legacy AES and
+//! LUKS encryption; the dirty and corrupt bits; the migration handoff
+//! (inactivate / activate).
 //!
 //! Refused: unknown incompatible feature bits (named from the image's
-//! feature table), LUKS encryption (`crypt_method` 2), and legacy AES
-//! (`crypt_method` 1) without a key. An image with the corrupt bit opens
-//! read-only only.
+//! feature table), and encrypted images without their key (except to look
+//! at metadata). An image with the corrupt bit opens read-only only.
 //!
 //! # Locking
 //!
@@ -17,7 +18,8 @@
 //! for a few nanoseconds; inserting a table or changing the L1 table takes it
 //! exclusively. L2 entries are atomics, stored only by a thread holding the
 //! allocation lock (`alloc`), after the data they point at is written. Lock
-//! order: `alloc` before `map` before `header` before `snapshots` (the
+//! order: `bitmaps` (persistent bitmap state) before `alloc` before `map`
+//! before `header` before `snapshots` (the
 //! snapshot table; `info` reads it under `header`); `reserved` (where the
 //! header's tables lie, shared with the allocator) is a leaf: nothing else
 //! is acquired while it is held. Data I/O never runs under `map`, `header`
@@ -33,8 +35,9 @@
 //! (write_zeroes, discard, make_empty), `flush` (metadata order, frees,
 //! close), `resize`, `snapshot/` (table, operations, view), `check`,
 //! `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
-//! `amend` (compat, lazy refcounts), `bitmap/` (persistent dirty bitmaps), `crypt` (how qcow2 uses the legacy AES
-//! cipher).
+//! `amend` (compat, lazy refcounts, refcount width, data file name),
+//! `bitmap/` (persistent dirty bitmaps), `crypt` (how qcow2 uses the legacy
+//! AES and LUKS ciphers), `handoff` (inactivate, activate, refresh).
 
 mod alloc;
 mod amend;
