@@ -23,6 +23,9 @@ struct Counter(AtomicUsize);
 pub struct Quiesce {
     epoch: AtomicU64,
     counters: [[Counter; SHARDS]; 2],
+    /// Serializes waiters: two overlapping waits would each flip the epoch
+    /// and the second would skip the readers of the first's old epoch.
+    waiters: parking_lot::Mutex<()>,
 }
 
 impl Default for Quiesce {
@@ -64,7 +67,7 @@ fn shard() -> usize {
 impl Quiesce {
     /// A new gate.
     pub fn new() -> Self {
-        Quiesce { epoch: AtomicU64::new(0), counters: Default::default() }
+        Quiesce { epoch: AtomicU64::new(0), counters: Default::default(), waiters: parking_lot::Mutex::new(()) }
     }
 
     /// Enters the gate for the duration of the returned guard.
@@ -82,10 +85,11 @@ impl Quiesce {
         }
     }
 
-    /// Waits until every guard taken before this call is dropped. Callers
-    /// serialize calls (they hold the allocation lock) and must not hold a
-    /// guard themselves.
+    /// Waits until every guard taken before this call is dropped. Calls are
+    /// serialized here (any thread may flush); the caller must not hold a
+    /// guard itself.
     pub fn wait_for_readers(&self) {
+        let _one_at_a_time = self.waiters.lock();
         let old = self.epoch.fetch_add(1, Ordering::SeqCst);
         let set = &self.counters[(old & 1) as usize];
         let mut spins = 0u32;

@@ -141,6 +141,19 @@ pub(crate) fn apply(st: &dyn Storage, base: u64, unlock: &Secret, c: &KeyslotCha
         SlotState::Inactive => {
             let mut erase: Vec<usize> = Vec::new();
             if let Some(old) = &c.old_secret {
+                // Every candidate slot is tried: the unlock budget holds for
+                // all of them together, not for each.
+                let work: u64 = (0..SLOTS)
+                    .filter(|&i| h.slots[i].active && c.keyslot.is_none_or(|k| k == i))
+                    .map(|i| u64::from(h.slots[i].iterations) + u64::from(h.mk_digest_iter))
+                    .sum();
+                if work > crate::limits::LUKS_MAX_UNLOCK_ITERATIONS {
+                    return Err(Error::limit(format!(
+                        "trying every key slot with old-secret would take {work} PBKDF2 iterations, more than {}",
+                        crate::limits::LUKS_MAX_UNLOCK_ITERATIONS
+                    ))
+                    .with_field("key_slot.iterations"));
+                }
                 for i in 0..SLOTS {
                     if h.slots[i].active && c.keyslot.is_none_or(|k| k == i) && h.unlock(old, Some(i), &read).is_ok() {
                         erase.push(i);

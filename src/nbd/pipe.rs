@@ -55,6 +55,42 @@ pub(crate) struct Outcome {
     pub data: Vec<u8>,
     /// Read bytes covered.
     covered: u64,
+    /// The read ranges received so far, as disjoint runs `start -> end`
+    /// (adjacent chunks merged): a chunk overlapping one is refused.
+    received: std::collections::BTreeMap<u64, u64>,
+}
+
+/// Most disjoint runs one read reply may arrive in (a hostile server
+/// cannot make the client keep one entry per byte).
+const MAX_READ_RUNS: usize = 1 << 16;
+/// Most block status chunks one request may receive (vdisk negotiates at
+/// most two meta contexts; each sends one).
+const MAX_STATUS_CHUNKS: usize = 8;
+
+impl Outcome {
+    /// Records read chunk `[start, end)`; refuses an overlap.
+    fn receive(&mut self, start: u64, end: u64) -> Result<()> {
+        let before = self.received.range(..=start).next_back().map(|(&s, &e)| (s, e));
+        let after = self.received.range(start..).next().map(|(&s, &e)| (s, e));
+        if before.is_some_and(|(_, e)| e > start) || after.is_some_and(|(s, _)| s < end) {
+            return Err(broken(format!("read chunk [{start}, {end}) overlaps one already received")));
+        }
+        let (mut s, mut e) = (start, end);
+        if let Some((bs, _)) = before.filter(|&(_, be)| be == start) {
+            self.received.remove(&bs);
+            s = bs;
+        }
+        if let Some((as_, ae)) = after.filter(|&(as_, _)| as_ == end) {
+            self.received.remove(&as_);
+            e = ae;
+        }
+        self.received.insert(s, e);
+        if self.received.len() > MAX_READ_RUNS {
+            return Err(broken(format!("read reply in more than {MAX_READ_RUNS} separate pieces")));
+        }
+        self.covered += end - start;
+        Ok(())
+    }
 }
 
 /// One request in flight.
@@ -256,7 +292,7 @@ impl Pipe {
                 } else {
                     dst.fill(0);
                 }
-                pend.out.covered += n;
+                pend.out.receive(off, off + n)?;
             }
             REPLY_TYPE_BLOCK_STATUS | REPLY_TYPE_BLOCK_STATUS_EXT => {
                 let ext = rh.typ == REPLY_TYPE_BLOCK_STATUS_EXT;
@@ -283,6 +319,9 @@ impl Pipe {
                 }
                 if descs.iter().any(|d| d.0 == 0) {
                     return Err(broken("block status descriptor of length 0"));
+                }
+                if pend.out.status.len() >= MAX_STATUS_CHUNKS || pend.out.status.iter().any(|(i, _)| *i == id) {
+                    return Err(broken(format!("a second or surplus block status chunk for context {id}")));
                 }
                 pend.out.status.push((id, descs));
             }

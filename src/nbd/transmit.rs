@@ -94,9 +94,15 @@ pub(crate) fn run(server: &Server, conn: Box<dyn Connection>, session: Session) 
                     Err(_) => return,
                 };
                 let held = job.held;
-                if !ctx.dead.load(Ordering::SeqCst) && handle(&ctx, job.req, job.payload).is_err() {
-                    ctx.dead.store(true, Ordering::SeqCst);
-                    ctx.sock.shutdown_conn();
+                if !ctx.dead.load(Ordering::SeqCst) {
+                    // A panic in the device (a bug, or a hostile image) ends
+                    // this connection, not the server and its other clients.
+                    let r =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handle(&ctx, job.req, job.payload)));
+                    if !matches!(r, Ok(Ok(_))) {
+                        ctx.dead.store(true, Ordering::SeqCst);
+                        ctx.sock.shutdown_conn();
+                    }
                 }
                 ctx.budget.release(held);
             });

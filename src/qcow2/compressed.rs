@@ -69,7 +69,7 @@ impl Qcow2 {
         let cb = geo.cluster_bits;
         let c = guest >> cb;
         let l2e = geo.l2_entries();
-        let _g = self.gate.enter();
+        let _g = self.enter_active()?;
         let a = self.alloc_lock()?;
         let mut a = self.wait_inflight(a, c, c);
         self.mark_dirty_if_lazy(&mut a)?;

@@ -122,6 +122,16 @@ pub(super) fn load_alloc(
 }
 
 impl Qcow2 {
+    /// Enters the I/O gate and then checks that the image is active: in this
+    /// order, so a request is either refused or waited for by `inactivate`
+    /// (which changes the state, then waits for the requests inside the gate).
+    #[inline]
+    pub(crate) fn enter_active(&self) -> Result<crate::quiesce::Guard<'_>> {
+        let g = self.gate.enter();
+        self.check_active()?;
+        Ok(g)
+    }
+
     /// Refuses guest I/O on an inactive (handed-off) image.
     #[inline]
     pub(crate) fn check_active(&self) -> Result<()> {

@@ -401,8 +401,7 @@ impl BlockDevice for Qcow2 {
                 "the image is encrypted and was opened without its passphrase: data cannot be read",
             )));
         }
-        self.check_active()?;
-        let _g = self.gate.enter();
+        let _g = self.enter_active()?;
         self.read_mapped(buf, offset)
     }
 
@@ -413,8 +412,7 @@ impl BlockDevice for Qcow2 {
         if max == 0 {
             return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
-        self.check_active()?;
-        let _g = self.gate.enter();
+        let _g = self.enter_active()?;
         let (m, len) = self.lookup(offset, max)?;
         let encrypted = self.crypt.is_some();
         let kind = match m {

@@ -70,7 +70,7 @@ impl Qcow2 {
         // should wait for (only allocating writes queue frees).
         let mut frees_due = false;
         {
-            let _g = self.gate.enter();
+            let _g = self.enter_active()?;
             let mut pos = 0usize;
             while pos < buf.len() {
                 let guest = offset + pos as u64;

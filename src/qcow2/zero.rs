@@ -81,7 +81,7 @@ impl Qcow2 {
         if data_fallback {
             self.write_zero_data(astart, aend.min(end) - astart)?;
         } else {
-            let _g = self.gate.enter();
+            let _g = self.enter_active()?;
             let mut pos = astart;
             while pos < aend {
                 pos = self.zero_batch(pos, aend, op)?;
@@ -211,7 +211,7 @@ impl Qcow2 {
     /// Makes every cluster of the range unallocated (the entries read
     /// through to the backing image, or as zeros without one).
     pub(crate) fn discard_all(&self, offset: u64, len: u64) -> Result<()> {
-        let _g = self.gate.enter();
+        let _g = self.enter_active()?;
         let mut pos = offset;
         let end = offset + len;
         while pos < end {

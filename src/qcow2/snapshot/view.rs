@@ -57,7 +57,7 @@ impl BlockDevice for SnapshotView<'_> {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size())?;
-        let _g = self.q.gate.enter();
+        let _g = self.q.enter_active()?;
         self.q.read_mapped_in(Some(self.l1_ref()), buf, offset)
     }
 
@@ -69,7 +69,7 @@ impl BlockDevice for SnapshotView<'_> {
             // Nothing to describe (an empty request, or the end).
             return Ok(Extent { offset, length: 0, kind: ExtentKind::Unallocated, depth: 0, encrypted: false });
         }
-        let _g = self.q.gate.enter();
+        let _g = self.q.enter_active()?;
         let (m, len) = self.q.lookup_in(Some(self.l1_ref()), offset, max)?;
         let len = len.min(max);
         let kind = match m {
