@@ -461,3 +461,37 @@ fn threads_allocating_and_overwriting_at_once() {
     assert!(read_all(&v) == want, "concurrent writes lost data after reopening");
     assert_eq!(v.check().corruptions, 0);
 }
+
+/// A metadata item claiming ~4 GiB in a small file is refused before any
+/// allocation (it once made the open allocate and zero-fill 4 GiB).
+#[test]
+fn a_metadata_item_larger_than_the_file_is_refused() {
+    use vdisk::vhdx::format::seal;
+    let st = std::sync::Arc::new(vdisk::MemStorage::new());
+    let v = vdisk::Vhdx::create_on(st.clone(), 20 << 20, &vdisk::VhdxCreateOptions::default()).unwrap();
+    v.close().unwrap();
+    let mut b = st.to_vec();
+    let mut meta_off = 0usize;
+    for rt in [192usize << 10, 256 << 10] {
+        let count = u32::from_le_bytes(b[rt + 8..rt + 12].try_into().unwrap()) as usize;
+        for i in 0..count {
+            let e = rt + 16 + 32 * i;
+            if b[e..e + 4] == [0x06, 0xa2, 0x7c, 0x8b] {
+                meta_off = u64::from_le_bytes(b[e + 16..e + 24].try_into().unwrap()) as usize;
+                b[e + 24..e + 28].copy_from_slice(&0xfff0_0000u32.to_le_bytes());
+            }
+        }
+        seal(&mut b[rt..rt + (64 << 10)], 4);
+    }
+    let m = meta_off;
+    let count = u16::from_le_bytes([b[m + 10], b[m + 11]]) as usize;
+    for i in 0..count {
+        let e = m + 32 + 32 * i;
+        if b[e..e + 4] == [0x37, 0x67, 0xa1, 0xca] {
+            b[e + 20..e + 24].copy_from_slice(&(0xfff0_0000u32 - 0x10000).to_le_bytes());
+        }
+    }
+    let f: std::sync::Arc<dyn vdisk::Storage> = std::sync::Arc::new(vdisk::MemStorage::from_vec(b));
+    let e = vdisk::Vhdx::open(f, vdisk::VhdxOptions { read_only: true, ..Default::default() }).unwrap_err();
+    assert!(e.to_string().contains("over 1 MiB or past the end"), "{e}");
+}

@@ -88,9 +88,21 @@ struct Scanner<'a> {
     len: u64,
     guid: Guid,
     budget: u64,
+    /// The image file's length: log bytes past it do not exist.
+    file_len: u64,
 }
 
 impl Scanner<'_> {
+    /// Whether the `bytes` log bytes from log position `pos` (wrapping)
+    /// all lie inside the file.
+    fn in_file(&self, pos: u64, bytes: u64) -> bool {
+        let avail = self.file_len.saturating_sub(self.start).min(self.len);
+        if avail == self.len {
+            return true;
+        }
+        pos.checked_add(bytes).is_some_and(|end| end <= avail)
+    }
+
     fn read(&mut self, pos: u64, sectors: u64) -> Result<Vec<u8>> {
         let bytes = sectors * SECTOR;
         if bytes > self.budget {
@@ -128,7 +140,7 @@ impl Scanner<'_> {
         }
         let desc_sectors = (count + 2).div_ceil(128);
         let sectors = length / SECTOR;
-        if desc_sectors > sectors {
+        if desc_sectors > sectors || !self.in_file(pos, length) {
             return Ok(None);
         }
         // The descriptors first: their data descriptors must account for
@@ -207,8 +219,14 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
         ))
         .with_field("LogLength"));
     }
-    let mut sc =
-        Scanner { file, start: hdr.log_offset, len, guid: hdr.log_guid, budget: len * VHDX_MAX_LOG_SCAN_FACTOR };
+    let mut sc = Scanner {
+        file,
+        start: hdr.log_offset,
+        len,
+        guid: hdr.log_guid,
+        budget: len * VHDX_MAX_LOG_SCAN_FACTOR,
+        file_len,
+    };
     let n = (len / SECTOR) as usize;
     // An entry cannot start where the file has no bytes (they read as zeros).
     let in_file = (file_len.saturating_sub(hdr.log_offset).div_ceil(SECTOR) as usize).min(n);
@@ -257,7 +275,7 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
             .with_field("FlushedFileOffset"));
         }
     }
-    let bound = file_len.max(head.last).saturating_add(crate::limits::VHDX_MAX_LOG_GROWTH);
+    let bound = file_len.saturating_add(crate::limits::VHDX_MAX_LOG_GROWTH);
     if head.last > file_len.saturating_add(crate::limits::VHDX_MAX_LOG_GROWTH) {
         return Err(Error::limit(format!("VHDX log would grow the file from {file_len} to {} bytes", head.last))
             .with_field("LastFileOffset"));

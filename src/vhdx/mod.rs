@@ -176,6 +176,7 @@ struct Meta {
 
 fn read_meta(view: &dyn Storage, rt: &RegionTable) -> Result<Meta> {
     let base = rt.metadata.offset;
+    let flen = view.len()?;
     let mut table = vec![0u8; TABLE_SIZE];
     view.read_at(&mut table, base)?;
     let entries = decode_metadata_table(&table, rt.metadata.length)?;
@@ -185,8 +186,19 @@ fn read_meta(view: &dyn Storage, rt: &RegionTable) -> Result<Meta> {
             return Err(Error::invalid(format!("VHDX metadata item {g} has {} bytes, fewer than {min}", e.length))
                 .with_field("Length"));
         }
+        // Items are at most 1 MiB (the spec's bound) and lie in the file:
+        // a hostile length allocates nothing it does not hold.
+        let at = base + u64::from(e.offset);
+        if e.length > 1 << 20 || at.checked_add(u64::from(e.length)).is_none_or(|end| end > flen) {
+            return Err(Error::invalid(format!(
+                "VHDX metadata item {g} of {} bytes at {at:#x} is over 1 MiB or past the end of the file ({flen} bytes)",
+                e.length
+            ))
+            .with_field("Length")
+            .with_offset(at));
+        }
         let mut b = vec![0u8; e.length as usize];
-        view.read_at(&mut b, base + u64::from(e.offset))?;
+        view.read_at(&mut b, at)?;
         Ok(Some(b))
     };
     for e in &entries {
