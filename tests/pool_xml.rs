@@ -126,6 +126,7 @@ fn pool_xml_validates_and_roundtrips() {
         .unwrap();
     let mut enc = VolumeSpec::new("e.qcow2", 1 << 20, Format::Qcow2).unwrap().qcow2_option("compat", "0.10");
     enc.encryption = Some(vdisk::Secret::new(b"secret".to_vec()));
+    enc.encryption_format = vdisk::pool::VolumeEncryption::Qcow;
     p.create_volume(&enc, None).unwrap();
     p.create_volume(&VolumeSpec::new("d.vmdk", 1 << 20, Format::Vmdk).unwrap(), None).unwrap();
     std::fs::create_dir(t.join("subdir")).unwrap();

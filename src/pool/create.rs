@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use super::lifecycle::Pool;
 use super::records::Record;
-use super::spec::VolumeSpec;
+use super::spec::{VolumeEncryption, VolumeSpec};
 use super::temp::TempBuild;
 use super::volume::Volume;
 use crate::convert::{ConvertOptions, Progress};
 use crate::device::{BlockDevice, Format};
 use crate::error::{Error, ErrorKind, Result};
+use crate::luks::{Luks, Luks1Params};
 use crate::open::{BackingPolicy, Image, OpenOptions};
 use crate::qcow2::create::{CreateOptions, Preallocation};
 use crate::qcow2::{Qcow2, Qcow2Options};
@@ -134,8 +135,23 @@ impl Pool {
         };
         let mut tmp = TempBuild::new(&d, name)?;
         let path = tmp.file_path();
-        let dev: Box<dyn BlockDevice> = match spec.format {
-            Format::Luks => return Err(Error::unsupported("luks volumes cannot be created in a pool yet")),
+        let dev: Box<dyn BlockDevice> = match spec.file_format() {
+            Format::Luks => {
+                let key = spec
+                    .encryption
+                    .as_ref()
+                    .ok_or_else(|| Error::invalid_argument("a luks volume needs a passphrase (--passphrase-file)"))?;
+                let mut params = Luks1Params::default();
+                for (k, v) in &spec.qcow2_options {
+                    let key = k.strip_prefix("encrypt.").unwrap_or(k);
+                    if !params.set(key, v).map_err(|e| e.context(format!("luks option {k}")))? {
+                        return Err(Error::unsupported(format!("option '{k}' does not apply to luks volumes")));
+                    }
+                }
+                // Sparse, as `qemu-img create -f luks` leaves the payload.
+                let s = raw_file(&path)?;
+                Box::new(Luks::create(Arc::new(s), None, capacity, &params, key).map_err(|e| e.with_path(&final_path))?)
+            }
             Format::Raw => {
                 let s = raw_file(&path)?;
                 s.set_len(capacity)?;
@@ -153,6 +169,9 @@ impl Pool {
             }
             Format::Qcow2 => {
                 let mut o = CreateOptions::new(capacity);
+                if spec.encryption.is_some() && spec.encryption_format == VolumeEncryption::Luks {
+                    o.set("encrypt.format", "luks")?;
+                }
                 for (k, v) in &spec.qcow2_options {
                     o.set(k, v).map_err(|e| e.context(format!("qcow2 option {k}")))?;
                 }
@@ -224,7 +243,7 @@ impl Pool {
         })?;
         // Already clean: dropping only releases the image's locks.
         drop(dev);
-        self.record(OsStr::new(name), Some(Record::of(&md, spec.format)))?;
+        self.record(OsStr::new(name), Some(Record::of(&md, spec.file_format())))?;
         Ok(Volume::new(self.clone(), OsString::from(name)))
     }
 }

@@ -100,7 +100,7 @@ pub use def::{Permissions, PoolDef, PoolSource, PoolType};
 pub use lifecycle::{Pool, PoolInfo, PoolState, STALE_TEMP_AGE};
 pub use registry::{PoolList, Registry, RegistryPaths};
 pub use scan::ScanReport;
-pub use spec::{BackingSpec, VolumeSpec};
+pub use spec::{BackingSpec, VolumeEncryption, VolumeSpec};
 pub use transfer::{DownloadOptions, UploadOptions};
 pub use uuid::Uuid;
 pub use volinfo::{Backing, FileStat, VolType, VolumeInfo};

@@ -10,6 +10,11 @@ use crate::crypto::Secret;
 use crate::device::Format;
 use crate::error::{Error, Result};
 
+/// The `-o` options a standalone luks volume takes (also with an
+/// `encrypt.` prefix), as `qemu-img create -f luks` names them.
+pub const LUKS_CREATE_OPTIONS: &[&str] =
+    &["cipher-alg", "cipher-mode", "ivgen-alg", "ivgen-hash-alg", "hash-alg", "iter-time"];
+
 /// The backing store of a linked clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackingSpec {
@@ -17,6 +22,29 @@ pub struct BackingSpec {
     pub path: PathBuf,
     /// Its format: required, never probed, recorded in the new image.
     pub format: Format,
+}
+
+/// How an encrypted volume is encrypted: libvirt's
+/// `<encryption format='luks'|'qcow'>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VolumeEncryption {
+    /// LUKS1 as QEMU writes it: a raw (or `luks`) volume becomes a
+    /// standalone LUKS volume (`qemu-img create -f luks`), a qcow2 volume
+    /// gets `encrypt.format=luks`. What libvirt creates by default.
+    #[default]
+    Luks,
+    /// qcow2's legacy AES (`encrypt.format=aes`), for old images only.
+    Qcow,
+}
+
+impl VolumeEncryption {
+    /// libvirt's name: `luks` or `qcow`.
+    pub fn name(self) -> &'static str {
+        match self {
+            VolumeEncryption::Luks => "luks",
+            VolumeEncryption::Qcow => "qcow",
+        }
+    }
 }
 
 /// What to create: `vol-create-as` arguments or a `<volume>` document.
@@ -43,8 +71,11 @@ pub struct VolumeSpec {
     /// qcow2 `-o` options (`compat`, `cluster_size`, `lazy_refcounts`,
     /// `refcount_bits`, `extended_l2`, `compression_type`, `preallocation`).
     pub qcow2_options: Vec<(String, String)>,
-    /// Legacy AES encryption of a qcow2 volume with this passphrase.
+    /// Encrypt the volume with this passphrase (key slot 0 for LUKS), as
+    /// `encryption_format` says.
     pub encryption: Option<Secret>,
+    /// LUKS (default) or qcow2's legacy AES.
+    pub encryption_format: VolumeEncryption,
 }
 
 impl VolumeSpec {
@@ -60,6 +91,7 @@ impl VolumeSpec {
             prealloc_metadata: false,
             qcow2_options: Vec::new(),
             encryption: None,
+            encryption_format: VolumeEncryption::Luks,
         })
     }
 
@@ -75,15 +107,47 @@ impl VolumeSpec {
         self
     }
 
+    /// The format of the file created: a raw volume with LUKS encryption is
+    /// a standalone `luks` volume (libvirt's `<format type='raw'/>` with
+    /// `<encryption format='luks'>`).
+    pub fn file_format(&self) -> Format {
+        match (self.format, &self.encryption, self.encryption_format) {
+            (Format::Raw, Some(_), VolumeEncryption::Luks) => Format::Luks,
+            (f, _, _) => f,
+        }
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         check_volume_name(&self.name)?;
-        match self.format {
+        match self.file_format() {
             Format::Vhdx => {
                 return Err(Error::unsupported(
                     "libvirt's storage volume schema has no 'vhdx' format, so pools do not create VHDX volumes",
                 ))
             }
-            Format::Luks => return Err(Error::unsupported("luks volumes cannot be created in a pool yet")),
+            Format::Luks => {
+                if self.encryption.is_none() {
+                    return Err(Error::invalid_argument("a luks volume needs a passphrase (--passphrase-file)"));
+                }
+                if self.encryption_format != VolumeEncryption::Luks {
+                    return Err(Error::unsupported("a luks volume cannot use qcow encryption"));
+                }
+                if self.backing.is_some() {
+                    return Err(Error::unsupported("backing storage not supported for luks volumes"));
+                }
+                if self.prealloc_metadata {
+                    return Err(Error::unsupported("metadata preallocation is not supported for luks volumes"));
+                }
+                for (k, _) in &self.qcow2_options {
+                    let key = k.strip_prefix("encrypt.").unwrap_or(k);
+                    if !LUKS_CREATE_OPTIONS.contains(&key) {
+                        return Err(Error::unsupported(format!(
+                            "option '{k}' does not apply to luks volumes ({})",
+                            LUKS_CREATE_OPTIONS.join(", ")
+                        )));
+                    }
+                }
+            }
             Format::Raw => {
                 if self.backing.is_some() {
                     return Err(Error::unsupported("backing storage not supported for raw volumes"));
@@ -93,7 +157,7 @@ impl VolumeSpec {
                 }
                 if self.encryption.is_some() {
                     return Err(Error::unsupported(
-                        "encrypted raw volumes (LUKS) are not supported: use qcow2 with legacy AES",
+                        "qcow encryption applies to qcow2 volumes only: encrypt a raw volume with luks",
                     ));
                 }
             }

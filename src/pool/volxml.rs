@@ -4,8 +4,9 @@
 //! Read: `name`, `capacity`, `allocation` (absent: fully allocated, as
 //! libvirt does), `target/format`, `target/permissions`, `target/compat`,
 //! `target/clusterSize`, `target/features/lazy_refcounts`,
-//! `target/encryption` (format `qcow`: the passphrase comes from the
-//! caller, libvirt's secret objects do not exist here) and
+//! `target/encryption` (format `luks` with its `cipher` and `ivgen`, or
+//! `qcow`; the passphrase comes from the caller, libvirt's secret objects
+//! do not exist here) and
 //! `backingStore/{path,format}` (the format is required). Output-only
 //! elements (`key`, `physical`, `target/path`, `timestamps`) are ignored
 //! on input, as libvirt ignores them.
@@ -13,7 +14,7 @@
 use std::fmt::Write as _;
 
 use super::def::{scaled_element, Permissions};
-use super::spec::{BackingSpec, VolumeSpec};
+use super::spec::{BackingSpec, VolumeEncryption, VolumeSpec};
 use super::volinfo::{FileStat, VolType, VolumeInfo};
 use super::xml::{self, escape, Element};
 use crate::crypto::Secret;
@@ -103,8 +104,44 @@ fn one<'a>(e: &'a Element, tag: &str) -> Result<Option<&'a Element>> {
     }
 }
 
+/// libvirt's `<cipher name='aes' size='256' mode='xts' hash='sha256'/>`
+/// and `<ivgen name='plain64' hash='sha256'/>` inside a LUKS
+/// `<encryption>`: the `cipher-alg`, `cipher-mode`, `hash-alg`, `ivgen-alg`
+/// and `ivgen-hash-alg` options of the new volume.
+fn luks_options(enc: &Element, spec: &mut VolumeSpec, what: &str) -> Result<()> {
+    // `encrypt.` names them for qcow2; a luks volume takes them either way.
+    let mut push = |k: &str, v: String| spec.qcow2_options.push((format!("encrypt.{k}"), v));
+    if let Some(c) = enc.child("cipher") {
+        match (c.attr("name"), c.attr("size")) {
+            (Some(n), Some(sz)) => push("cipher-alg", format!("{n}-{sz}")),
+            _ => {
+                return Err(Error::invalid_argument(format!("{what}: <cipher> needs name and size attributes"))
+                    .with_field("encryption/cipher"))
+            }
+        }
+        if let Some(m) = c.attr("mode") {
+            push("cipher-mode", m.to_string());
+        }
+        if let Some(h) = c.attr("hash") {
+            push("hash-alg", h.to_string());
+        }
+    }
+    if let Some(iv) = enc.child("ivgen") {
+        let n = iv.attr("name").ok_or_else(|| {
+            Error::invalid_argument(format!("{what}: <ivgen> needs a name attribute")).with_field("encryption/ivgen")
+        })?;
+        push("ivgen-alg", n.to_string());
+        if let Some(h) = iv.attr("hash") {
+            push("ivgen-hash-alg", h.to_string());
+        }
+    }
+    Ok(())
+}
+
 /// Reads a `<volume>` document into a [`VolumeSpec`]. `passphrase` is
-/// used when the document asks for `<encryption format='qcow'>`.
+/// the key of an `<encryption format='luks'|'qcow'>` volume (libvirt
+/// names a secret object there; vdisk takes the passphrase from the
+/// caller).
 pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpec> {
     let what = "volume XML";
     let root = xml::parse(text, what)?;
@@ -160,22 +197,30 @@ pub fn spec_from_xml(text: &str, passphrase: Option<Secret>) -> Result<VolumeSpe
         // <nocow/> is only meaningful on btrfs: accepted and ignored, as
         // libvirt ignores a failure to set it.
         if let Some(enc) = t.child("encryption") {
-            match enc.attr("format") {
-                Some("qcow") => {
-                    spec.encryption = Some(passphrase.ok_or_else(|| {
-                        Error::invalid_argument(format!(
-                            "{what}: <encryption format='qcow'> needs a passphrase (--passphrase-file)"
-                        ))
-                    })?);
-                }
+            spec.encryption_format = match enc.attr("format") {
+                Some("qcow") => VolumeEncryption::Qcow,
+                // libvirt creates LUKS for `default`.
+                Some("luks") | Some("default") => VolumeEncryption::Luks,
                 Some(other) => {
                     return Err(Error::unsupported(format!(
-                        "{what}: encryption format '{}' is not supported (qcow)",
+                        "{what}: encryption format '{}' is not supported (luks, qcow)",
                         other.escape_debug()
                     )))
                 }
                 None => return Err(Error::invalid_argument(format!("{what}: <encryption> needs a format attribute"))),
+            };
+            spec.encryption = Some(passphrase.clone().ok_or_else(|| {
+                Error::invalid_argument(format!(
+                    "{what}: <encryption format='{}'> needs a passphrase (--passphrase-file; \
+                     vdisk has no secret objects)",
+                    spec.encryption_format.name()
+                ))
+            })?);
+            if spec.encryption_format == VolumeEncryption::Luks {
+                luks_options(enc, &mut spec, what)?;
             }
+        } else if spec.format == Format::Luks {
+            spec.encryption = passphrase.clone();
         }
     }
     if let Some(b) = one(&root, "backingStore")? {

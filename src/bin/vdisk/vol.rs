@@ -5,7 +5,9 @@ use std::path::{Path, PathBuf};
 
 use clap::Subcommand;
 use vdisk::pool::units::{parse_size, pretty};
-use vdisk::pool::{CloneOptions, Registry, UploadOptions, VolType, Volume, VolumeSpec, WipeAlgorithm};
+use vdisk::pool::{
+    CloneOptions, Registry, UploadOptions, VolType, Volume, VolumeEncryption, VolumeSpec, WipeAlgorithm,
+};
 use vdisk::Secret;
 use vdisk::{Error, ErrorKind, Format, Result};
 
@@ -54,9 +56,14 @@ pub enum VolCmd {
         /// qcow2 options, qemu-img style: compat=0.10,cluster_size=64k,...
         #[arg(short = 'o', long = "options")]
         options: Option<String>,
-        /// Encrypt (qcow2, legacy AES) with the passphrase in this file.
+        /// Encrypt with the passphrase in this file: LUKS (a raw volume
+        /// becomes a standalone luks volume, qcow2 gets encrypt.format=luks)
+        /// unless --encryption-format qcow asks for qcow2's legacy AES.
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
+        /// luks (default) or qcow (legacy AES, qcow2 only).
+        #[arg(long = "encryption-format", requires = "passphrase_file")]
+        encryption_format: Option<String>,
         /// Print the volume XML instead of creating.
         #[arg(long = "print-xml")]
         print_xml: bool,
@@ -71,7 +78,7 @@ pub enum VolCmd {
         /// qcow2: preallocate metadata.
         #[arg(long = "prealloc-metadata")]
         prealloc_metadata: bool,
-        /// Passphrase file for `<encryption format='qcow'>`.
+        /// Passphrase file for `<encryption format='luks'|'qcow'>`.
         #[arg(long = "passphrase-file")]
         passphrase_file: Option<PathBuf>,
     },
@@ -299,6 +306,7 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
             backing_vol_format,
             options,
             passphrase_file,
+            encryption_format,
             print_xml,
         } => {
             let what = format!("Failed to create vol {name}");
@@ -322,6 +330,16 @@ pub fn run(cmd: &VolCmd, config_dir: Option<&PathBuf>) -> Result<i32> {
                 }
             }
             spec.encryption = passphrase(passphrase_file.as_ref())?;
+            spec.encryption_format = match encryption_format.as_deref() {
+                None | Some("luks") => VolumeEncryption::Luks,
+                Some("qcow") => VolumeEncryption::Qcow,
+                Some(other) => {
+                    return Err(Error::invalid_argument(format!(
+                        "--encryption-format '{}': expected luks or qcow",
+                        other.escape_debug()
+                    )))
+                }
+            };
             if let Some(b) = backing_vol {
                 let bf = backing_vol_format.as_deref().ok_or_else(|| {
                     Error::invalid_argument(
@@ -480,6 +498,9 @@ fn spec_xml(spec: &VolumeSpec) -> String {
     let mut target = Element::new("target").with_child(Element::new("format").with_attr("type", spec.format.name()));
     if let Some(p) = spec.permissions.to_element() {
         target.push(p);
+    }
+    if spec.encryption.is_some() {
+        target.push(Element::new("encryption").with_attr("format", spec.encryption_format.name()));
     }
     let mut doc = Element::new("volume")
         .with_child(Element::new("name").with_text(spec.name.clone()))
