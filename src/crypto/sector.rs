@@ -26,6 +26,8 @@ pub(crate) const SECTOR: usize = 512;
 const BLOCK: usize = 16;
 /// Blocks per sector.
 const BLOCKS: usize = SECTOR / BLOCK;
+/// Sectors per call into the AES backend.
+const BATCH: usize = 16;
 
 /// A hash LUKS names in its header (`hash_spec`, `essiv:HASH`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,17 +268,21 @@ impl LuksCipher {
         Ok(LuksCipher { mode, data, tweak, iv, essiv })
     }
 
-    fn iv_of(&self, sector: u64) -> aes::Block {
-        let mut iv = [0u8; BLOCK];
-        match self.iv {
-            IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
-            IvGen::Plain64 | IvGen::Essiv(_) => iv[..8].copy_from_slice(&sector.to_le_bytes()),
+    /// The IVs of the sectors from `first` on, one per element of `out`
+    /// (ESSIV encrypts them in one call).
+    fn ivs(&self, first: u64, out: &mut [aes::Block]) {
+        for (i, b) in out.iter_mut().enumerate() {
+            let sector = first.wrapping_add(i as u64);
+            let mut iv = [0u8; BLOCK];
+            match self.iv {
+                IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
+                IvGen::Plain64 | IvGen::Essiv(_) => iv[..8].copy_from_slice(&sector.to_le_bytes()),
+            }
+            *b = Array::from(iv);
         }
-        let mut b = Array::from(iv);
         if let Some(e) = &self.essiv {
-            e.encrypt(std::slice::from_mut(&mut b));
+            e.encrypt(out);
         }
-        b
     }
 
     fn check(len: usize) -> Result<()> {
@@ -289,36 +295,47 @@ impl LuksCipher {
     /// Encrypts whole sectors in place; `sector` is the number of the
     /// first one (the IV source).
     pub(crate) fn encrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
-        Self::check(data.len())?;
-        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
-            let iv = self.iv_of(sector.wrapping_add(i as u64));
-            let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
-            match &self.tweak {
-                Some(t) => self.xts(t, iv, blocks, true),
-                None => {
-                    let mut prev = iv;
-                    for b in blocks.iter_mut() {
-                        xor(b, &prev);
-                        self.data.encrypt(std::slice::from_mut(b));
-                        prev = *b;
-                    }
-                }
-            }
-        }
-        Ok(())
+        self.run(sector, data, true)
     }
 
     /// Decrypts whole sectors in place.
     pub(crate) fn decrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
+        self.run(sector, data, false)
+    }
+
+    /// Up to [`BATCH`] sectors at a time, so that each call into the AES
+    /// backend gets hundreds of blocks (its per-call set-up, broadcasting
+    /// the round keys, costs as much as a sector's worth of AES).
+    fn run(&self, sector: u64, data: &mut [u8], enc: bool) -> Result<()> {
         Self::check(data.len())?;
-        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
-            let iv = self.iv_of(sector.wrapping_add(i as u64));
-            let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
-            match &self.tweak {
-                Some(t) => self.xts(t, iv, blocks, false),
-                None => {
-                    let mut prev = [iv; BLOCKS];
-                    prev[1..].copy_from_slice(&blocks[..BLOCKS - 1]);
+        let mut ivs = [aes::Block::default(); BATCH];
+        for (k, chunk) in data.chunks_mut(SECTOR * BATCH).enumerate() {
+            let n = chunk.len() / SECTOR;
+            let ivs = &mut ivs[..n];
+            self.ivs(sector.wrapping_add((k * BATCH) as u64), ivs);
+            let (blocks, _) = aes::Block::slice_as_chunks_mut(chunk);
+            match (&self.tweak, enc) {
+                (Some(t), _) => self.xts(t, ivs, blocks, enc),
+                (None, true) => {
+                    // CBC encryption is a chain: one block at a time.
+                    for (iv, s) in ivs.iter().zip(blocks.chunks_exact_mut(BLOCKS)) {
+                        let mut prev = *iv;
+                        for b in s.iter_mut() {
+                            xor(b, &prev);
+                            self.data.encrypt(std::slice::from_mut(b));
+                            prev = *b;
+                        }
+                    }
+                }
+                (None, false) => {
+                    // Each plaintext block is the decrypted block XOR the
+                    // previous ciphertext block (the IV for a sector's first).
+                    let mut prev = [aes::Block::default(); BLOCKS * BATCH];
+                    let prev = &mut prev[..blocks.len()];
+                    prev[1..].copy_from_slice(&blocks[..blocks.len() - 1]);
+                    for (i, iv) in ivs.iter().enumerate() {
+                        prev[i * BLOCKS] = *iv;
+                    }
                     self.data.decrypt(blocks);
                     for (b, p) in blocks.iter_mut().zip(prev.iter()) {
                         xor(b, p);
@@ -329,14 +346,20 @@ impl LuksCipher {
         Ok(())
     }
 
-    fn xts(&self, tweak_key: &Aes, iv: aes::Block, blocks: &mut [aes::Block], enc: bool) {
-        let mut t = iv;
-        tweak_key.encrypt(std::slice::from_mut(&mut t));
-        let mut tweaks = [aes::Block::default(); BLOCKS];
-        for (i, b) in blocks.iter_mut().enumerate() {
-            tweaks[i] = t;
-            xor(b, &t);
-            t = gf_double(&t);
+    fn xts(&self, tweak_key: &Aes, ivs: &mut [aes::Block], blocks: &mut [aes::Block], enc: bool) {
+        tweak_key.encrypt(ivs);
+        // The tweaks as little-endian 128-bit numbers: doubling in
+        // GF(2^128) and the XORs are a few instructions each (byte loops
+        // cost three times the AES itself).
+        let mut tweaks = [0u128; BLOCKS * BATCH];
+        let tweaks = &mut tweaks[..blocks.len()];
+        for ((iv, s), ts) in ivs.iter().zip(blocks.chunks_exact_mut(BLOCKS)).zip(tweaks.chunks_exact_mut(BLOCKS)) {
+            let mut tw = u128::from_le_bytes((*iv).into());
+            for (b, slot) in s.iter_mut().zip(ts.iter_mut()) {
+                *slot = tw;
+                xor128(b, tw);
+                tw = gf_double(tw);
+            }
         }
         if enc {
             self.data.encrypt(blocks);
@@ -344,7 +367,7 @@ impl LuksCipher {
             self.data.decrypt(blocks);
         }
         for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
-            xor(b, t);
+            xor128(b, *t);
         }
     }
 
@@ -356,18 +379,16 @@ impl LuksCipher {
 }
 
 fn xor(b: &mut aes::Block, t: &aes::Block) {
-    for (x, y) in b.iter_mut().zip(t.iter()) {
-        *x ^= y;
-    }
+    xor128(b, u128::from_le_bytes((*t).into()));
+}
+
+fn xor128(b: &mut aes::Block, t: u128) {
+    *b = Array::from((u128::from_le_bytes((*b).into()) ^ t).to_le_bytes());
 }
 
 /// Multiplies an XTS tweak by x in GF(2^128) (little-endian bytes).
-fn gf_double(t: &aes::Block) -> aes::Block {
-    let v = u128::from_le_bytes((*t).into());
-    let carry = (v >> 127) as u8;
-    let mut out = (v << 1).to_le_bytes();
-    out[0] ^= 0x87 * carry;
-    Array::from(out)
+fn gf_double(t: u128) -> u128 {
+    (t << 1) ^ ((t >> 127) * 0x87)
 }
 
 #[cfg(test)]
