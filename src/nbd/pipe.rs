@@ -2,7 +2,8 @@
 //! connection, replies matched to them by cookie.
 //!
 //! Any thread may send a request (the writer is a mutex). Replies are read
-//! by whichever waiting thread takes the reader lock first: it reads one
+//! by whichever waiting thread claims the reader's place first (under the
+//! state lock, so no waiter sleeps while nobody reads): it reads one
 //! whole message, files it under its cookie, and wakes the others, so no
 //! thread is dedicated to reading and replies may come in any order, as
 //! NBD allows. Every message is checked against the request it answers:
@@ -14,7 +15,6 @@
 use std::collections::HashMap;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex};
 
@@ -109,6 +109,10 @@ struct State {
     pending: HashMap<u64, Pending>,
     /// Why the connection is out of step, once it is.
     broken: Option<String>,
+    /// A thread is reading a reply. Set and cleared under this lock, and
+    /// the others told when it clears, so a waiter never sleeps while
+    /// nobody reads.
+    reading: bool,
 }
 
 /// One connection in transmission.
@@ -195,31 +199,28 @@ impl Pipe {
                     return Err(e);
                 }
             }
-            match self.r.try_lock() {
-                Some(mut r) => {
-                    // Ours may have been finished by the previous reader.
-                    if self.st.lock().pending.get(&cookie).is_some_and(|p| p.done) {
-                        continue;
-                    }
-                    let res = self.read_one(&mut r);
-                    drop(r);
-                    if let Err(e) = res {
-                        let mut st = self.st.lock();
-                        st.broken.get_or_insert_with(|| e.to_string());
-                        st.pending.remove(&cookie);
-                        drop(st);
-                        self.cv.notify_all();
-                        return Err(e);
-                    }
-                    self.cv.notify_all();
-                }
-                None => {
-                    let mut st = self.st.lock();
-                    if !st.pending.get(&cookie).is_some_and(|p| p.done) && st.broken.is_none() {
-                        self.cv.wait_for(&mut st, Duration::from_millis(20));
-                    }
-                }
+            let mut st = self.st.lock();
+            if st.pending.get(&cookie).is_some_and(|p| p.done) || st.broken.is_some() {
+                continue;
             }
+            if st.reading {
+                self.cv.wait(&mut st);
+                continue;
+            }
+            st.reading = true;
+            drop(st);
+            let res = self.read_one(&mut self.r.lock());
+            let mut st = self.st.lock();
+            st.reading = false;
+            if let Err(e) = res {
+                st.broken.get_or_insert_with(|| e.to_string());
+                st.pending.remove(&cookie);
+                drop(st);
+                self.cv.notify_all();
+                return Err(e);
+            }
+            drop(st);
+            self.cv.notify_all();
         }
     }
 
