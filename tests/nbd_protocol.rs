@@ -659,3 +659,50 @@ fn one_client_many_threads() {
     });
     c.flush().unwrap();
 }
+
+#[test]
+fn client_refuses_a_go_that_never_ends() {
+    // A server that answers NBD_OPT_GO with informational replies and never
+    // an ACK: the client gives up with a clear error instead of entering
+    // transmission out of step.
+    let dir = common::tmp();
+    let sock = dir.path().join("endless.sock");
+    let l = UnixListener::bind(&sock).unwrap();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut g = NBDMAGIC.to_be_bytes().to_vec();
+        g.extend_from_slice(&IHAVEOPT.to_be_bytes());
+        g.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+        s.write_all(&g).unwrap();
+        let mut f = [0u8; 4];
+        s.read_exact(&mut f).unwrap();
+        loop {
+            let mut h = [0u8; 16];
+            if s.read_exact(&mut h).is_err() {
+                return;
+            }
+            let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
+            let len = u32::from_be_bytes(h[12..16].try_into().unwrap());
+            let mut d = vec![0u8; len as usize];
+            s.read_exact(&mut d).unwrap();
+            if opt == OPT_GO {
+                let mut i = INFO_EXPORT.to_be_bytes().to_vec();
+                i.extend_from_slice(&(1u64 << 20).to_be_bytes());
+                i.extend_from_slice(&TF_HAS_FLAGS.to_be_bytes());
+                for _ in 0..100 {
+                    if s.write_all(&option_reply(opt, REP_INFO, &i)).is_err() {
+                        return;
+                    }
+                }
+                let _ = s.read(&mut [0u8; 64]);
+                return;
+            }
+            s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[])).unwrap();
+        }
+    });
+    let e = Client::connect(&Target { address: Address::Unix(sock), export: String::new() }, true)
+        .err()
+        .expect("a GO without an ACK must fail");
+    assert!(e.to_string().contains("without an ACK"), "{e}");
+    t.join().unwrap();
+}

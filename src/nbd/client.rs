@@ -282,14 +282,20 @@ impl Client {
         d.extend_from_slice(&1u16.to_be_bytes());
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
         send_option(&mut w, OPT_GO, &d)?;
+        /// Informational replies one NBD_OPT_GO may get before its ACK.
+        const MAX_GO_REPLIES: usize = 64;
         let mut size = None;
         let mut flags = 0u16;
         let mut max_block = MAX_PAYLOAD;
         let mut preferred_block = 4096;
-        for _ in 0..64 {
+        let mut done = false;
+        for _ in 0..MAX_GO_REPLIES {
             let (typ, data) = read_option_reply(&mut r, OPT_GO)?;
             match typ {
-                REP_ACK => break,
+                REP_ACK => {
+                    done = true;
+                    break;
+                }
                 REP_INFO => {
                     let mut wire = Wire::new(&data, "export info");
                     match wire.u16()? {
@@ -313,11 +319,17 @@ impl Client {
                     let mut wire = Wire::new(&b, "export");
                     size = Some(wire.u64()?);
                     flags = wire.u16()?;
+                    done = true;
                     break;
                 }
                 t if t & (1 << 31) != 0 => return Err(option_error("NBD_OPT_GO", t, &data)),
                 _ => {}
             }
+        }
+        if !done {
+            return Err(Error::invalid_argument(format!(
+                "nbd: the server sent {MAX_GO_REPLIES} replies to NBD_OPT_GO without an ACK"
+            )));
         }
         let size = size.ok_or_else(|| Error::invalid_argument("nbd: the server sent no export size"))?;
         if size > i64::MAX as u64 {
