@@ -88,6 +88,7 @@ pub mod limits;
 pub mod luks;
 pub mod nbd;
 pub mod open;
+mod overlap;
 pub mod pool;
 pub mod probe;
 pub mod qcow2;

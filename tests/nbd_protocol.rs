@@ -700,9 +700,9 @@ fn client_refuses_a_go_that_never_ends() {
             s.write_all(&option_reply(opt, REP_ERR_UNSUP, &[])).unwrap();
         }
     });
-    let e = Client::connect(&Target { address: Address::Unix(sock), export: String::new() }, true)
-        .err()
-        .expect("a GO without an ACK must fail");
+    let Err(e) = Client::connect(&Target { address: Address::Unix(sock), export: String::new() }, true) else {
+        panic!("a GO without an ACK must fail");
+    };
     assert!(e.to_string().contains("without an ACK"), "{e}");
     t.join().unwrap();
 }

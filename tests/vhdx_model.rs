@@ -249,6 +249,14 @@ fn corruption_table() {
         ("BAT entry into the header area", |b| le64(b, BAT, 6), Some(ErrorKind::Corrupt)),
         ("BAT entry onto the BAT", |b| le64(b, BAT, (2 << 20) | 6), Some(ErrorKind::Corrupt)),
         (
+            "two BAT entries sharing a block",
+            |b| {
+                let e: [u8; 8] = b[BAT..BAT + 8].try_into().unwrap();
+                b[BAT + 8..BAT + 16].copy_from_slice(&e);
+            },
+            Some(ErrorKind::Corrupt),
+        ),
+        (
             "log version 1",
             |b| {
                 b[(64 << 10) + 64] = 1;

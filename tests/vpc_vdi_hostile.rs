@@ -191,6 +191,14 @@ fn vpc_corruption_table() {
             Some(ErrorKind::InvalidImage),
         ),
         (
+            "two BAT entries sharing a block",
+            |b| {
+                let e: [u8; 4] = b[1536 + 8..1536 + 12].try_into().unwrap();
+                b[1536..1540].copy_from_slice(&e);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
             "BAT entry over the footer copy",
             |b| {
                 put_be32(b, 1536 + 8, 0);
@@ -219,6 +227,12 @@ fn vpc_corruption_table() {
         ),
     ];
     let _ = end;
+    // Shared blocks are named as such (a write to one would change the other).
+    let mut b = vpc_image("");
+    let e: [u8; 4] = b[1536 + 8..1536 + 12].try_into().unwrap();
+    b[1536..1540].copy_from_slice(&e);
+    let err = open_vpc(b).err().unwrap().to_string();
+    assert!(err.contains("BAT entries 0 and 2 put blocks at overlapping places"), "{err}");
     for (what, poke, want) in cases {
         let mut b = vpc_image("");
         poke(&mut b);

@@ -438,6 +438,7 @@ impl Vhdx {
         let bat = self.bat.read();
         let mut out = Vec::new();
         let bs = u64::from(self.geo.block_size);
+        let mut spans = Vec::new();
         for (i, &e) in bat.iter().take(self.geo.bat_entries as usize).enumerate() {
             let i = i as u64;
             let st = e & 7;
@@ -458,7 +459,14 @@ impl Vhdx {
                 ));
             } else if let Some((s, l)) = self.reserved.iter().find(|(s, l)| off < s + l && *s < off + len) {
                 out.push(format!("BAT entry {i} at {off} overlaps metadata at {s}..{}", s + l));
+            } else {
+                spans.push((off, len, i as usize));
             }
+        }
+        for (i, a, j, b) in crate::overlap::overlaps(&mut spans, 16) {
+            out.push(format!(
+                "BAT entries {i} and {j} put blocks at overlapping places ({a} and {b}): a write to one would change the other"
+            ));
         }
         out
     }

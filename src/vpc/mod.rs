@@ -485,6 +485,19 @@ fn load_bat(
         }
         free = free.max(end);
     }
+    let mut spans: Vec<(u64, u64, usize)> = bat
+        .iter()
+        .enumerate()
+        .filter(|(_, &e)| e != BAT_UNALLOCATED)
+        .map(|(i, &e)| (u64::from(e) * 512, bitmap_len + block_size, i))
+        .collect();
+    if let Some(&(i, a, j, b)) = crate::overlap::overlaps(&mut spans, 1).first() {
+        return Err(Error::invalid(format!(
+            "BAT entries {i} and {j} put blocks at overlapping places ({a} and {b}): a write to one would change the other"
+        ))
+        .with_field("bat")
+        .with_offset(to + 4 * j as u64));
+    }
     if free > flen {
         return Err(Error::invalid(format!(
             "blocks reach byte {free}, past the end of the file ({flen} bytes): the image has been truncated"
