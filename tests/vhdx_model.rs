@@ -503,3 +503,35 @@ fn a_metadata_item_larger_than_the_file_is_refused() {
     let e = vdisk::Vhdx::open(f, vdisk::VhdxOptions { read_only: true, ..Default::default() }).unwrap_err();
     assert!(e.to_string().contains("over 1 MiB or past the end"), "{e}");
 }
+
+#[test]
+fn new_blocks_never_land_on_a_log_past_the_end_of_the_file() {
+    // The headers put the (empty) log at 64 MiB, past the end of the file:
+    // a new block must be placed after it, or the next log write would
+    // overwrite guest data.
+    let mut b = image();
+    for h in HEADER_OFFSETS {
+        le64(&mut b, h as usize + 72, 64 << 20);
+    }
+    reseal_headers(&mut b);
+    let st = Arc::new(MemStorage::from_vec(b));
+    let v = match Vhdx::open(st.clone(), VhdxOptions::default()) {
+        Ok(v) => v,
+        // Refusing such a header outright is as good.
+        Err(e) => {
+            assert!(e.to_string().contains("log"), "{e}");
+            return;
+        }
+    };
+    v.write_at(&pattern(9, 4096), 3 * MIB).unwrap();
+    v.close().unwrap();
+    let img = st.to_vec();
+    let e = u64::from_le_bytes(img[BAT + 24..BAT + 32].try_into().unwrap());
+    let off = e & !0xfffff;
+    assert!(e & 7 != 0, "block 3 allocated");
+    assert!(off >= 65 << 20, "block 3 at {off} is not past the log at 64 MiB (growing blocks would reach it)");
+    let v = open(img, true).unwrap();
+    let mut back = vec![0u8; 4096];
+    v.read_at(&mut back, 3 * MIB).unwrap();
+    assert_eq!(back, pattern(9, 4096));
+}

@@ -379,6 +379,15 @@ impl Vhdx {
         for r in &rt.all {
             reserved.push((r.offset, u64::from(r.length)));
         }
+        // New blocks go past the file and every metadata range (a log or
+        // region a hostile header puts past the end of the file must not
+        // be allocated over).
+        let end = reserved
+            .iter()
+            .map(|(o, l)| o.saturating_add(*l))
+            .fold(flen, u64::max)
+            .checked_next_multiple_of(MIB)
+            .ok_or_else(|| Error::invalid("VHDX metadata reaches the end of the address space").with_field("log"))?;
         let mut v = Vhdx {
             state: Mutex::new(State {
                 cur,
@@ -388,7 +397,7 @@ impl Vhdx {
                 pending_bytes: 0,
                 tail: 0,
                 unsynced: false,
-                end: flen.next_multiple_of(MIB),
+                end,
             }),
             session: AtomicBool::new(session),
             file,
