@@ -1,9 +1,12 @@
 //! Changing an existing image's options (`qemu-img amend`): the compat
-//! level (0.10 → 1.1) and lazy refcounts. Resizing and the backing file
+//! level (0.10 ↔ 1.1), lazy refcounts, the refcount width, the data file
+//! name. Resizing and the backing file
 //! name have their own calls ([`Qcow2::resize_with`],
 //! [`Qcow2::set_backing_file`]).
 
-use super::header;
+use super::header::{self, CompressionType};
+use super::l2::{OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_ZERO};
+use super::table;
 use super::Qcow2;
 use crate::error::{Error, Result};
 
@@ -104,7 +107,8 @@ impl Qcow2 {
     /// Upgrades a compat 0.10 (version 2) image to compat 1.1 (version 3)
     /// in place: only the header changes (a version 2 image uses nothing
     /// version 3 reads differently). Reopen the image to use what version 3
-    /// adds (zero clusters, lazy refcounts). Downgrading is refused.
+    /// adds (zero clusters, lazy refcounts). Downgrading works as
+    /// `qemu-img amend -o compat=0.10` does: see [`Qcow2::downgrade`].
     pub fn set_compat(&self, compat: &str) -> Result<()> {
         self.check_writable()?;
         let h = self.header.lock();
@@ -124,14 +128,170 @@ impl Qcow2 {
                 }
                 r.map_err(|e| self.err(e))
             }
-            ("0.10" | "v2", _) => Err(self.err(
-                Error::unsupported("downgrading an image to compat=0.10 is not supported by vdisk")
-                    .with_field("compat"),
-            )),
+            ("0.10" | "v2", _) => {
+                drop(h);
+                self.downgrade().map_err(|e| self.err(e))
+            }
             (other, _) => {
                 Err(self
                     .err(Error::invalid_argument(format!("compat '{other}' is not 0.10 or 1.1")).with_field("compat")))
             }
         }
     }
+
+    /// Downgrades a compat 1.1 image to compat 0.10 (version 2), as
+    /// `qemu-img amend -o compat=0.10`: refused, with QEMU's messages, for
+    /// refcount widths other than 16 bits, a data file, extended L2 entries
+    /// and zstd-compressed clusters; also refused (QEMU would leave them
+    /// inconsistent) for persistent bitmaps, and (QEMU rewrites them) for
+    /// internal snapshots holding zero clusters. Zero clusters of the
+    /// active layer with a host cluster keep it, written with zeros; those
+    /// without become unallocated (no backing file: they read as zeros
+    /// either way) or clusters of zeros (over a backing file); lazy
+    /// refcounts are written and turned off, and the header is written as
+    /// version 2 last: a crash before that leaves a valid version 3 image
+    /// with at most leaked clusters.
+    fn downgrade(&self) -> Result<()> {
+        {
+            let h = self.header.lock();
+            if h.refcount_order != 4 {
+                return Err(
+                    Error::invalid_argument("compat=0.10 requires refcount_bits=16").with_field("refcount_bits")
+                );
+            }
+            if self.geo.data_file {
+                return Err(
+                    Error::invalid_argument("Cannot downgrade an image with a data file").with_field("data_file")
+                );
+            }
+            let incompatible = h.incompatible_features
+                & !(header::INCOMPAT_DIRTY | header::INCOMPAT_COMPRESSION | header::INCOMPAT_DATA_FILE);
+            if incompatible != 0 {
+                return Err(Error::invalid_argument(format!(
+                    "Cannot downgrade an image with incompatible features {incompatible:#x} set"
+                ))
+                .with_field("incompatible_features"));
+            }
+        }
+        let names: Vec<String> = self.bitmaps().into_iter().map(|b| b.name).collect();
+        if !names.is_empty() {
+            return Err(Error::invalid_argument(format!(
+                "the image has persistent bitmaps ({}), which compat=0.10 cannot keep: remove them first (vdisk bitmap --remove)",
+                names.join(", ")
+            ))
+            .with_field("bitmaps"));
+        }
+        // Everything on disk, refcounts written, the dirty bit cleared.
+        self.close_impl()?;
+        let (l1_offset, l1_size, zstd) = {
+            let h = self.header.lock();
+            (h.l1_table_offset, h.l1_size, h.compression_type == CompressionType::Zstd)
+        };
+        let snapshots: Vec<(String, u64, u32)> =
+            self.snapshots.read().iter().map(|s| (s.name.clone(), s.l1_table_offset, s.l1_size)).collect();
+        let mut compressed = false;
+        for (name, off, n) in &snapshots {
+            let found = self.scan_l2_entries(*off, *n)?;
+            compressed |= found.compressed;
+            if !found.zero.is_empty() {
+                return Err(Error::invalid_argument(format!(
+                    "snapshot '{name}' holds zero clusters, which compat=0.10 cannot express: delete the snapshot first"
+                ))
+                .with_field("snapshots"));
+            }
+        }
+        let active = self.scan_l2_entries(l1_offset, l1_size)?;
+        if zstd && (compressed || active.compressed) {
+            return Err(Error::invalid_argument(
+                "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+            )
+            .with_field("compression_type"));
+        }
+        // Zero clusters of the active layer, as runs of clusters: those
+        // with a host cluster keep it, filled with zeros (a preallocated
+        // image stays preallocated), as do all of them over a backing file
+        // (which must not show through); the others become unallocated.
+        let cs = self.geo.cluster_size();
+        let size = crate::device::BlockDevice::size(self);
+        let backing = self.has_backing();
+        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+        for (c, allocated) in active.zero {
+            let off = c * cs;
+            let as_data = allocated || backing;
+            match runs.last_mut() {
+                Some((s, l, d)) if *s + *l == off && *d == as_data => *l += cs,
+                _ => runs.push((off, cs, as_data)),
+            }
+        }
+        for (off, len, as_data) in runs {
+            let len = len.min(size.saturating_sub(off));
+            if len == 0 {
+                continue;
+            }
+            if as_data {
+                crate::storage::write_zeros_with(off, len, |buf, at| self.write_impl(buf, at))?;
+            } else {
+                self.discard_all(off, len)?;
+            }
+        }
+        self.flush_impl()?;
+        self.set_lazy_refcounts(false)?;
+        let Some(alloc) = &self.alloc else {
+            return Err(Error::read_only("amend"));
+        };
+        let _a = alloc.lock();
+        let mut h = self.header.lock();
+        let old = h.clone();
+        h.version = 2;
+        h.refcount_order = 4;
+        h.incompatible_features = 0;
+        h.compatible_features = 0;
+        h.autoclear_features = 0;
+        h.compression_type = CompressionType::Zlib;
+        h.feature_names.clear();
+        let r = self.write_header_locked(&mut h).and_then(|_| self.file.sync());
+        if r.is_err() {
+            *h = old;
+            return r;
+        }
+        self.compression.store(0, std::sync::atomic::Ordering::Release);
+        self.version.store(2, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// The clusters of the image a table pair describes (an L1 table at
+    /// `l1_offset` of `l1_size` entries) whose L2 entry has the zero flag,
+    /// and whether any entry is compressed. Reads the tables from the file
+    /// (the caller flushed).
+    fn scan_l2_entries(&self, l1_offset: u64, l1_size: u32) -> Result<Scan> {
+        let file = &*self.file;
+        let l1 = table::read_u64_table(file, l1_offset, l1_size as usize, "L1 table")?;
+        let n = self.geo.l2_entries();
+        let mut out = Scan::default();
+        for (i, e) in l1.iter().enumerate() {
+            let l2 = e & OFFSET_MASK;
+            if l2 == 0 {
+                continue;
+            }
+            let t = table::read_u64_table(file, l2, n as usize, "L2 table")?;
+            for (j, &entry) in t.iter().enumerate() {
+                if entry & OFLAG_COMPRESSED != 0 {
+                    out.compressed = true;
+                } else if entry & OFLAG_ZERO != 0 {
+                    out.zero.push((i as u64 * n + j as u64, entry & OFFSET_MASK != 0));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Qcow2::scan_l2_entries`] found.
+#[derive(Default)]
+struct Scan {
+    /// Cluster indexes with the zero flag, ascending, and whether the entry
+    /// has a host cluster.
+    zero: Vec<(u64, bool)>,
+    /// Some entry is compressed.
+    compressed: bool,
 }

@@ -20,7 +20,7 @@ impl Qcow2 {
     pub(crate) fn decompress_into(&self, host: u64, len: u64, out: &mut [u8]) -> Result<()> {
         let mut input = vec![0u8; len as usize];
         self.file.read_at(&mut input, host)?;
-        codec::decompress_exact(self.compression.codec(), &input, out, "cluster")
+        codec::decompress_exact(self.compression().codec(), &input, out, "cluster")
             .map_err(|e| self.err(e.with_offset(host)))
     }
 
@@ -56,7 +56,7 @@ impl Qcow2 {
             let guest = offset + k as u64 * cs;
             let mut cluster = chunk.to_vec();
             cluster.resize(cs as usize, 0);
-            match codec::compress(self.compression.codec(), &cluster, cs as usize - 1)? {
+            match codec::compress(self.compression().codec(), &cluster, cs as usize - 1)? {
                 None => self.write_impl(chunk, guest)?,
                 Some(z) => self.link_compressed(guest, &z)?,
             }

@@ -135,9 +135,12 @@ pub struct Qcow2 {
     /// Decoding geometry (immutable).
     geo: Geometry,
     /// Compression type (immutable).
-    compression: CompressionType,
+    /// The codec of compressed clusters (zstd may become zlib at a
+    /// downgrade): 0 zlib, 1 zstd.
+    compression: std::sync::atomic::AtomicU8,
     /// Header version (2 or 3, immutable).
-    version: u32,
+    /// 2 or 3; 2 after a downgrade (`amend -o compat=0.10`).
+    version: std::sync::atomic::AtomicU32,
     /// Writes refused.
     read_only: bool,
     /// Corruption was detected: writes refused from now on.
@@ -258,8 +261,8 @@ impl Qcow2 {
             data,
             backing: opts.backing,
             geo,
-            compression: h.compression_type,
-            version: h.version,
+            compression: std::sync::atomic::AtomicU8::new(u8::from(h.compression_type == CompressionType::Zstd)),
+            version: std::sync::atomic::AtomicU32::new(h.version),
             corrupt: AtomicBool::new(false),
             key_missing: h.crypt_method != 0 && crypt.is_none(),
             crypt,
@@ -370,8 +373,16 @@ impl Qcow2 {
         self.backing.is_some() || self.header.lock().backing_file.is_some()
     }
 
+    /// How compressed clusters are compressed.
+    pub(crate) fn compression(&self) -> CompressionType {
+        match self.compression.load(std::sync::atomic::Ordering::Acquire) {
+            0 => CompressionType::Zlib,
+            _ => CompressionType::Zstd,
+        }
+    }
+
     pub(crate) fn is_v3(&self) -> bool {
-        self.version == 3
+        self.version.load(std::sync::atomic::Ordering::Acquire) == 3
     }
 }
 

@@ -90,7 +90,7 @@ impl Qcow2 {
         if units.is_empty() {
             return Ok(());
         }
-        let decode = codec::Decode { codec: self.compression.codec(), stream: false, what: "cluster" };
+        let decode = codec::Decode { codec: self.compression().codec(), stream: false, what: "cluster" };
         for (r, host) in codec::decompress_units(decode, units, unit_bytes).into_iter().zip(hosts) {
             r.map_err(|e| self.err(e.with_offset(host)))?;
         }
