@@ -470,6 +470,15 @@ fn differencing_vhd_through_the_backing_policy() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"depth\": 1"), "{out}");
     drop(img);
+    // What falls through to the parent is the parent's data to a copy and
+    // a compare (map asks the parent), not a hole.
+    let flat = p(d.path(), "flat.raw");
+    let (code, _, err) = vdisk(&["convert", "-f", "vpc", "-O", "raw", &s(&child), &s(&flat)]);
+    assert_eq!(code, 0, "{err}");
+    assert_same("converted differencing", &std::fs::read(&flat).unwrap()[..want.len()], &want);
+    std::fs::write(&flat, vec![0u8; want.len()]).unwrap();
+    let (code, out, _) = vdisk(&["compare", "-f", "vpc", "-F", "raw", &s(&child), &s(&flat)]);
+    assert_eq!(code, 1, "compare must see the parent's data: {out}");
     // Never: metadata works, reads that need the parent fail.
     let img = OpenOptions::new()
         .format(Format::Vpc)

@@ -547,6 +547,19 @@ impl BlockDevice for Vpc {
             return Ok(mk(len, ExtentKind::Data { host_offset: Some(offset) }, 0));
         };
         let diff = self.footer.disk_type == TYPE_DIFFERENCING;
+        // What falls through to the parent is what the parent maps there
+        // (a copy or compare must see the parent's data, not a hole); past
+        // the parent's end, zeros.
+        let through = |n: u64| -> Result<Extent> {
+            match &self.parent {
+                Some(p) if offset < p.size() => {
+                    let x = p.map(offset, n.min(p.size() - offset)).map_err(|e| self.err(e))?;
+                    Ok(mk(x.length, x.kind, x.depth + 1))
+                }
+                Some(_) => Ok(mk(n, ExtentKind::Zero { host_offset: None }, 1)),
+                None => Ok(mk(n, ExtentKind::Unallocated, 1)),
+            }
+        };
         let idx = (offset / d.block_size) as usize;
         let within = offset % d.block_size;
         let in_block = (d.block_size - within).min(len);
@@ -566,7 +579,7 @@ impl BlockDevice for Vpc {
                 if set {
                     Ok(mk(n, ExtentKind::Data { host_offset: Some(host + d.bitmap_len + within) }, 0))
                 } else {
-                    Ok(mk(n, ExtentKind::Unallocated, 1))
+                    through(n)
                 }
             }
             None => {
@@ -578,7 +591,7 @@ impl BlockDevice for Vpc {
                     i += 1;
                 }
                 if self.parent_name.is_some() {
-                    Ok(mk(n, ExtentKind::Unallocated, 1))
+                    through(n)
                 } else {
                     Ok(mk(n, ExtentKind::Zero { host_offset: None }, 0))
                 }
