@@ -111,32 +111,66 @@ pub(crate) fn apply(st: &dyn Storage, base: u64, unlock: &Secret, c: &KeyslotCha
     let mut b = vec![0u8; luks1::HEADER_LEN];
     st.read_at(&mut b, base)?;
     let mut h = Luks1Header::parse(&b)?;
+    if let Some(n) = c.keyslot.filter(|&n| n >= SLOTS) {
+        return Err(Error::invalid_argument(format!("keyslot {n} is not a slot number (0 to {})", SLOTS - 1)));
+    }
     let read = |o: u64, buf: &mut [u8]| st.read_at(buf, base + o);
     match c.state {
         SlotState::Active => {
             let (mk, _) = h.unlock(c.old_secret.as_ref().unwrap_or(unlock), None, &read)?;
-            let slot =
-                match c.keyslot {
-                    Some(n) if h.slots[n].active && !c.force => {
-                        return Err(Error::invalid_argument(format!(
-                            "refusing to overwrite active key slot {n} (erase it first, or force)"
-                        )))
-                    }
-                    Some(n) => n,
-                    None => h.slots.iter().position(|s| !s.active).ok_or_else(|| {
+            let free = h.slots.iter().position(|s| !s.active);
+            let (slot, overwrite) = match c.keyslot {
+                Some(n) if h.slots[n].active && !c.force => {
+                    return Err(Error::invalid_argument(format!(
+                        "refusing to overwrite active key slot {n} (erase it first, or force)"
+                    )))
+                }
+                Some(n) => (n, h.slots[n].active),
+                None => (
+                    free.ok_or_else(|| {
                         Error::new(ErrorKind::Crypto, "all 8 LUKS key slots are in use: erase one first")
                     })?,
-                };
+                    false,
+                ),
+            };
             let new = c.new_secret.as_ref().ok_or_else(|| Error::internal("new-secret missing"))?;
             if new.expose().is_empty() {
                 return Err(Error::invalid_argument("the new passphrase is empty"));
             }
             let iters = luks1::iterations_for(h.hash, c.iter_time_ms.unwrap_or(2000), h.key_bytes as usize);
-            let (off, mat) = h.set_slot(slot, &mk, new, iters)?;
-            st.write_at(&mat, base + off)?;
-            st.sync()?;
-            st.write_at(&h.encode(), base)?;
-            st.sync()?;
+            // Material synced before the header that points at it; the
+            // header synced before the material it stops pointing at is
+            // wiped.
+            let fill = |h: &mut Luks1Header, i: usize| -> Result<()> {
+                let (off, mat) = h.set_slot(i, &mk, new, iters)?;
+                st.write_at(&mat, base + off)?;
+                st.sync()?;
+                st.write_at(&h.encode(), base)?;
+                st.sync()
+            };
+            let erase = |h: &mut Luks1Header, i: usize| -> Result<()> {
+                let (off, junk) = h.clear_slot(i)?;
+                st.write_at(&h.encode(), base)?;
+                st.sync()?;
+                st.write_at(&junk, base + off)?;
+                st.sync()
+            };
+            match free {
+                // Overwriting an active slot in place would leave it opened
+                // by neither passphrase if a crash came between material
+                // and header (the whole volume lost if it was the only
+                // slot): the new passphrase goes to a free slot first, and
+                // moves into the asked slot once the old one is erased.
+                Some(f) if overwrite => {
+                    fill(&mut h, f)?;
+                    erase(&mut h, slot)?;
+                    fill(&mut h, slot)?;
+                    erase(&mut h, f)?;
+                }
+                // No free slot: the seven other active slots keep the
+                // volume openable while this one is rewritten.
+                _ => fill(&mut h, slot)?,
+            }
         }
         SlotState::Inactive => {
             let mut erase: Vec<usize> = Vec::new();
