@@ -124,3 +124,7 @@ pub const LUKS_MAX_UNLOCK_ITERATIONS: u64 = 1 << 27;
 /// specification, QEMU (which refuses any other count) and cryptsetup use;
 /// bounds the key material read per slot to 256 KiB.
 pub const LUKS_MAX_STRIPES: u32 = 4000;
+
+/// The largest passphrase or key file read (`--passphrase-file`, qemu's
+/// `secret,file=`): cryptsetup's default key-file limit is 8 MiB.
+pub const MAX_SECRET_FILE: u64 = 8 << 20;

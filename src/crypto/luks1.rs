@@ -379,8 +379,8 @@ impl Luks1Header {
         let cipher = LuksCipher::new(self.mode, self.ivgen, &dk);
         wipe(&mut dk);
         let cipher = cipher?;
-        let mut mat = af_split(master_key.expose(), s.stripes as usize, self.hash)?;
-        mat.resize(self.material_len(s.stripes) as usize, 0);
+        let mut mat =
+            af_split(master_key.expose(), s.stripes as usize, self.hash, self.material_len(s.stripes) as usize)?;
         cipher.encrypt(0, &mut mat)?;
         self.slots[i] = KeySlot { active: true, iterations, salt, ..s };
         Ok((u64::from(s.key_offset) * SECTOR as u64, mat))
@@ -442,9 +442,12 @@ fn af_merge(material: &[u8], kb: usize, stripes: usize, hash: LuksHash) -> Vec<u
 }
 
 /// AF-split: `key` into `stripes` blocks, all but the last random.
-fn af_split(key: &[u8], stripes: usize, hash: LuksHash) -> Result<Vec<u8>> {
+/// The anti-forensic split of `key` into `stripes` stripes, in a buffer of
+/// `capacity` bytes (at least the stripes; the rest zeros), so that the
+/// caller never reallocates (and leaves unwiped) plaintext material.
+fn af_split(key: &[u8], stripes: usize, hash: LuksHash, capacity: usize) -> Result<Vec<u8>> {
     let kb = key.len();
-    let mut out = vec![0u8; kb * stripes];
+    let mut out = vec![0u8; capacity.max(kb * stripes)];
     random(&mut out[..kb * (stripes - 1)])?;
     let mut d = vec![0u8; kb];
     for s in 0..stripes - 1 {
@@ -697,7 +700,7 @@ mod tests {
     fn af_split_then_merge_gives_the_key() {
         let key: Vec<u8> = (0..64u8).collect();
         for h in [LuksHash::Sha1, LuksHash::Sha256, LuksHash::Sha512] {
-            let m = af_split(&key, 50, h).unwrap();
+            let m = af_split(&key, 50, h, 0).unwrap();
             assert_eq!(af_merge(&m, 64, 50, h), key);
         }
     }

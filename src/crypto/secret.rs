@@ -14,8 +14,21 @@ impl Secret {
 
     /// Reads a secret from a file, dropping one trailing newline (as the
     /// contents of `--passphrase-file` and qemu's `secret,file=`).
+    /// At most [`MAX_SECRET_FILE`](crate::limits::MAX_SECRET_FILE) bytes
+    /// (`/dev/zero` given by mistake is an error, not all of memory).
     pub fn from_file(path: &std::path::Path) -> Result<Secret> {
-        let mut b = std::fs::read(path).map_err(|e| Error::io("cannot read the passphrase file", e).with_path(path))?;
+        use std::io::Read;
+        let max = crate::limits::MAX_SECRET_FILE;
+        let f =
+            std::fs::File::open(path).map_err(|e| Error::io("cannot read the passphrase file", e).with_path(path))?;
+        let mut b = Vec::new();
+        f.take(max + 1)
+            .read_to_end(&mut b)
+            .map_err(|e| Error::io("cannot read the passphrase file", e).with_path(path))?;
+        if b.len() as u64 > max {
+            wipe(&mut b);
+            return Err(Error::limit(format!("the passphrase file is larger than {max} bytes")).with_path(path));
+        }
         if b.last() == Some(&b'\n') {
             b.pop();
         }

@@ -241,13 +241,24 @@ impl Luks {
     ) -> Result<Luks> {
         let p = Luks1Params { detached: header.is_some(), ..params.clone() };
         let hf = header.clone().unwrap_or_else(|| payload.clone());
-        let h = Luks::create_header(&*hf, &p, passphrase)?;
+        if size > crate::limits::MAX_VIRTUAL_SIZE {
+            return Err(Error::limit(format!(
+                "LUKS volume size {size} is larger than {}",
+                crate::limits::MAX_VIRTUAL_SIZE
+            ))
+            .with_field("size")
+            .with_format("luks"));
+        }
         let size = size.div_ceil(S) * S;
+        let h = Luks::create_header(&*hf, &p, passphrase)?;
         if header.is_some() {
             payload.set_len(0)?;
             payload.set_len(size)?;
         } else {
-            payload.set_len(h.payload_bytes() + size)?;
+            let end = h.payload_bytes().checked_add(size).ok_or_else(|| {
+                Error::limit(format!("LUKS volume size {size} is too large")).with_field("size").with_format("luks")
+            })?;
+            payload.set_len(end)?;
         }
         hf.sync()?;
         payload.sync()?;
@@ -458,7 +469,14 @@ impl BlockDevice for Luks {
         if !new_size.is_multiple_of(S) {
             return Err(Error::invalid_argument(format!("LUKS volume size {new_size} is not a multiple of 512")));
         }
-        self.payload.set_len(self.offset + new_size)?;
+        let end = self.offset.checked_add(new_size).filter(|_| new_size <= crate::limits::MAX_VIRTUAL_SIZE);
+        let end = end.ok_or_else(|| {
+            Error::limit(format!("LUKS volume size {new_size} is too large")).with_field("size").with_format("luks")
+        })?;
+        // Unaligned writes (read-modify-write) are excluded while the
+        // file's length changes, so none extends a shrunk file again.
+        let _rmw = self.rmw.write();
+        self.payload.set_len(end)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
     }
@@ -471,6 +489,19 @@ mod tests {
 
     fn params() -> Luks1Params {
         Luks1Params { iter_time_ms: 1, ..Default::default() }
+    }
+
+    #[test]
+    fn sizes_near_the_top_of_u64_are_errors_not_overflows() {
+        let pass = Secret::new("p");
+        for size in [u64::MAX, u64::MAX - 511, 0xffff_ffff_ffff_fe00] {
+            let e = Luks::create(Arc::new(MemStorage::new()), None, size, &params(), &pass).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{size}: {e}");
+        }
+        let v = Luks::create(Arc::new(MemStorage::new()), None, 1 << 20, &params(), &pass).unwrap();
+        let e = v.resize(0xffff_ffff_ffff_fe00).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::LimitExceeded, "{e}");
+        assert_eq!(v.size(), 1 << 20);
     }
 
     #[test]
