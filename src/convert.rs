@@ -189,12 +189,20 @@ fn copy_unit(
         return Ok(len);
     }
     if opts.compress {
+        // A target that may hold data (`-n`) gets zeros where the source
+        // has none; a fresh one already reads zeros there.
+        let zero = || -> Result<u64> {
+            if !opts.dst_is_zeroed {
+                dst.write_zeroes(start, len, ZeroMode::MayUnmap)?;
+            }
+            Ok(0)
+        };
         if !any_data {
-            return Ok(0);
+            return zero();
         }
         src.read_at(buf, start)?;
         if buf.iter().all(|&b| b == 0) {
-            return Ok(0);
+            return zero();
         }
         dst.write_compressed(buf, start)?;
         return Ok(len);

@@ -53,6 +53,16 @@ fn convert_target_flags() {
             assert_qemu_clean(&target, "qcow2");
         }
     }
+    // -n -c: compressed into an image full of other bytes; where the source
+    // reads zeros the target must too.
+    let target = p(d.path(), "existing-c.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&target), "10M"]);
+    run("qemu-io", &["-c", "write -P 0x77 0 10M", s(&target)]);
+    ok(&["convert", "-n", "-c", "-O", "qcow2", s(&src), s(&target)]);
+    let got = qemu_export(&target, "qcow2");
+    let want = qemu_export(&src, "qcow2");
+    assert_same("-n -c into qcow2", &got[..want.len()], &want);
+    assert_qemu_clean(&target, "qcow2");
     // Refusals: -n into a smaller image, -F without -B, --target-is-zero without -n.
     let small = p(d.path(), "small.raw");
     std::fs::File::create(&small).unwrap().set_len(1 << 20).unwrap();
