@@ -282,6 +282,14 @@ fn vdi_corruption_table() {
         ("block map over the data", |b| put_le32(b, 0x158, 0x200), Some(ErrorKind::InvalidImage)),
         ("block map entry past the blocks", |b| put_le32(b, 0x200 + 16, 5000), Some(ErrorKind::Corrupt)),
         (
+            "two block map entries sharing a block",
+            |b| {
+                let e: [u8; 4] = b[0x200 + 16..0x200 + 20].try_into().unwrap();
+                b[0x200..0x204].copy_from_slice(&e);
+            },
+            Some(ErrorKind::InvalidImage),
+        ),
+        (
             "blocks_allocated full",
             |b| {
                 put_le32(b, 0x184, 8);
@@ -289,6 +297,14 @@ fn vdi_corruption_table() {
             Some(ErrorKind::Corrupt),
         ),
     ];
+    // Shared blocks: refused read-write, read (and checked) read-only.
+    let mut b = vdi_image();
+    let e: [u8; 4] = b[0x200 + 16..0x200 + 20].try_into().unwrap();
+    b[0x200..0x204].copy_from_slice(&e);
+    let ro =
+        Vdi::open(Arc::new(MemStorage::from_vec(b)), VdiOptions { read_only: true, ..Default::default() }).unwrap();
+    let rep = ro.check().unwrap();
+    assert!(rep.messages.iter().any(|m| m.contains("also used by")), "{:?}", rep.messages);
     for (what, poke, want) in cases {
         let mut b = vdi_image();
         poke(&mut b);

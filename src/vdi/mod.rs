@@ -144,9 +144,30 @@ impl Vdi {
         // Sizes that are not whole sectors (VBoxManage convertfromraw) are
         // rounded up, as QEMU does.
         let size = header.disk_size.next_multiple_of(512);
+        let read_only = opts.read_only || file.is_read_only();
+        if !read_only {
+            // Two guest blocks on one image block: a write to one would
+            // change the other. Read-only opens (and `check`, which reports
+            // it as QEMU does) still work.
+            let bs = u64::from(header.block_size);
+            let mut spans: Vec<(u64, u64, usize)> = bmap
+                .iter()
+                .enumerate()
+                .filter(|(_, &e)| is_allocated(e) && e < header.blocks_in_image)
+                .map(|(i, &e)| (u64::from(e) * bs, bs, i))
+                .collect();
+            if let Some(&(i, _, j, _)) = crate::overlap::overlaps(&mut spans, 1).first() {
+                return Err(Error::invalid(format!(
+                    "block map entries {i} and {j} name the same image block {}: a write to one would change the other (open read-only to read it)",
+                    bmap[j]
+                ))
+                .with_field("bmap")
+                .with_offset(u64::from(header.offset_bmap) + 4 * j as u64));
+            }
+        }
         Ok(Vdi {
             path: file.path().map(Path::to_path_buf),
-            read_only: opts.read_only || file.is_read_only(),
+            read_only,
             file,
             size,
             header,
