@@ -357,6 +357,10 @@ impl Vpc {
             .ok_or_else(|| Error::limit(format!("a new block at byte {pos} is beyond what a BAT entry can address")))?;
         let end = pos + d.bitmap_len + d.block_size;
         self.file.write_at(&self.footer.encode(), end)?;
+        // The block's place is taken from here on, even if a later step
+        // fails: the next allocation must not reuse bytes a failed one
+        // wrote (its unwritten parts would read them, not zeros).
+        *next = end;
         self.file.write_at(data, pos + d.bitmap_len + within)?;
         self.file.write_at(&vec![0xffu8; d.bitmap_len as usize], pos)?;
         if pos > gap_start {
@@ -369,7 +373,6 @@ impl Vpc {
         if let Some(slot) = d.bat.write().get_mut(idx) {
             *slot = sector;
         }
-        *next = end;
         Ok(())
     }
 
@@ -627,6 +630,61 @@ impl Drop for Vpc {
 mod tests {
     use super::*;
     use crate::storage::MemStorage;
+
+    /// Memory storage whose `fail_at`-th write fails once (a transient
+    /// I/O error: ENOSPC, a flaky disk), the others succeed.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: MemStorage,
+        writes: std::sync::atomic::AtomicU64,
+        fail_at: u64,
+    }
+
+    impl Storage for Flaky {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.inner.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            if self.writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1 == self.fail_at {
+                return Err(Error::io("write", std::io::Error::other("injected")));
+            }
+            self.inner.write_at(buf, offset)
+        }
+        fn len(&self) -> Result<u64> {
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync(&self) -> Result<()> {
+            self.inner.sync()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn a_failed_allocation_never_leaks_its_bytes_into_the_next_block() {
+        for fail_at in 2..=4 {
+            let img = Arc::new(MemStorage::new());
+            Vpc::create(img.clone(), 8 << 20, &VpcCreateOptions::default()).unwrap().close().unwrap();
+            let st = Arc::new(Flaky {
+                inner: MemStorage::from_vec(img.to_vec()),
+                writes: std::sync::atomic::AtomicU64::new(0),
+                fail_at,
+            });
+            let v = Vpc::open(st, VpcOptions::default()).unwrap();
+            // The failing allocation (data, bitmap or gap write fails)...
+            assert!(v.write_at(&[0x11; 65536], 512 << 10).is_err(), "write {fail_at} should fail");
+            // ...then a new block elsewhere: its unwritten parts read zeros.
+            v.write_at(&[0x22; 4096], 2 << 20).unwrap();
+            let mut back = vec![0u8; 2 << 20];
+            v.read_at(&mut back, 2 << 20).unwrap();
+            assert!(back[..4096].iter().all(|&b| b == 0x22));
+            assert!(back[4096..].iter().all(|&b| b == 0), "fail_at {fail_at}: stale bytes in a new block");
+        }
+    }
 
     fn model_check(sub: VpcSubformat) {
         let st = Arc::new(MemStorage::new());
