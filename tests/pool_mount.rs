@@ -219,3 +219,55 @@ fn without_root_the_error_says_root_is_needed() {
     assert!(err.contains("needs root") && err.contains(&format!("mount -t tmpfs {dev}")), "{err}");
     assert_eq!(mount_source_of(&target), None);
 }
+
+/// An `fs` pool whose device is named through a symlink (as
+/// `/dev/disk/by-uuid/...` names are) starts and stops: mountinfo lists the
+/// device under its own name, and the two are the same block device.
+/// Needs root and a loop device (skipped, saying so, without them).
+#[test]
+fn fs_pool_on_a_device_named_through_a_symlink() {
+    if !is_root() {
+        eprintln!("skipped: mounting needs root");
+        return;
+    }
+    let h = Host::new();
+    let backing = h.root.join("disk.img");
+    std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
+    let mk = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&backing).output();
+    if !mk.as_ref().is_ok_and(|o| o.status.success()) {
+        eprintln!("skipped: mkfs.ext4 is not usable here");
+        return;
+    }
+    let lo = Command::new("losetup").args(["-f", "--show"]).arg(&backing).output();
+    let loop_dev = match lo {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => {
+            eprintln!("skipped: no loop device can be attached here");
+            return;
+        }
+    };
+    struct Detach(String);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = Command::new("losetup").args(["-d", &self.0]).status();
+        }
+    }
+    let _d = Detach(loop_dev.clone());
+    let link = h.root.join("by-uuid-link");
+    std::os::unix::fs::symlink(&loop_dev, &link).unwrap();
+    let target = h.root.join("pool");
+    let _u = Unmount(target.clone());
+    let xml = format!(
+        "<pool type='fs'><name>linked</name><source><device path='{}'/><format type='ext4'/></source><target><path>{}</path></target></pool>",
+        link.display(),
+        target.display()
+    );
+    let f = h.root.join("linked.xml");
+    std::fs::write(&f, xml).unwrap();
+    h.ok(&["pool-define", f.to_str().unwrap()]);
+    h.ok(&["pool-build", "linked"]);
+    assert_eq!(h.ok(&["pool-start", "linked"]), "Pool linked started\n\n");
+    assert_eq!(mount_source_of(&target).as_deref(), Some(loop_dev.as_str()));
+    assert_eq!(h.ok(&["pool-destroy", "linked"]), "Pool linked destroyed\n\n");
+    assert_eq!(mount_source_of(&target), None);
+}

@@ -79,6 +79,17 @@ pub(crate) fn mount_args(def: &PoolDef, target: &Path) -> Result<Option<Vec<Stri
     }
     for o in &src.mount_opts {
         what("fs:mount_opts/fs:option", o)?;
+        // Options that make mount do something else than mount the source
+        // (or undo the safety options before them) are refused.
+        let name = o.split('=').next().unwrap_or_default();
+        if ["bind", "rbind", "move", "remount", "exec", "suid", "dev"].contains(&name) {
+            return Err(Error::invalid_argument(format!(
+                "pool '{}': mount option '{}' is not allowed (pools mount with nodev,nosuid,noexec)",
+                def.name(),
+                o.escape_debug()
+            ))
+            .with_field("fs:mount_opts/fs:option"));
+        }
         opts.push(',');
         opts.push_str(o);
     }
@@ -179,8 +190,19 @@ pub(crate) fn mounts() -> Vec<MountEntry> {
 }
 
 /// Whether `entry` mounts the source whose key is `key`.
+/// A device given by another name (`/dev/disk/by-uuid/...`, a symlink,
+/// `/dev/VG/LV` against `/dev/mapper/VG-LV`) is the same source when both
+/// names lead to the same block device.
 pub(crate) fn same_source(entry: &MountEntry, key: &str) -> bool {
-    normalize_source(&entry.source) == key
+    if normalize_source(&entry.source) == key {
+        return true;
+    }
+    if !(key.starts_with('/') && entry.source.starts_with('/')) {
+        return false;
+    }
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let dev = |p: &str| std::fs::metadata(p).ok().filter(|m| m.file_type().is_block_device()).map(|m| m.rdev());
+    matches!((dev(key), dev(&entry.source)), (Some(a), Some(b)) if a == b)
 }
 
 /// Whether `target` is a mount point of `key`'s source (the last mount on
@@ -285,6 +307,11 @@ mod tests {
             ("srv", "/v ol", "sync"),
             ("srv", "/vol", "--bind"),
             ("srv\n", "/vol", "sync"),
+            ("srv", "/vol", "exec"),
+            ("srv", "/vol", "suid"),
+            ("srv", "/vol", "dev"),
+            ("srv", "/vol", "bind"),
+            ("srv", "/vol", "remount"),
         ] {
             let x = format!(
                 "<pool type='netfs' xmlns:fs='http://libvirt.org/schemas/storagepool/fs/1.0'><name>n</name><source><host name='{host}'/><dir path='{dir}'/><format type='nfs'/></source><target><path>/mnt/n</path></target><fs:mount_opts><fs:option name='{opt}'/></fs:mount_opts></pool>"
