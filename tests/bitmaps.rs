@@ -472,6 +472,18 @@ fn bitmaps_and_empty_disks_are_refused_rather_than_stored_unloadable() {
     assert!(q.bitmap_add("b", None, true).is_err());
     let (_, q) = with_bitmap(1 << 20, 65536, 65536);
     assert!(q.resize(0).is_err());
+    // A grow that would make a bitmap larger than a qcow2 bitmap may be
+    // (512 MiB of data here: 4 TiB at 512-byte granularity) is refused; the
+    // image stays as it was and opens again.
+    let (st, q) = with_bitmap(1 << 40, 65536, 512);
+    let e = q.resize(4 << 40).unwrap_err();
+    assert!(e.to_string().contains("bitmap 'b'"), "{e}");
+    assert_eq!(q.size(), 1 << 40);
+    q.resize(2 << 40).unwrap();
+    q.close().unwrap();
+    let q = Qcow2::open(st, Qcow2Options::default()).unwrap();
+    assert_eq!(q.bitmaps().len(), 1);
+    assert_eq!(q.size(), 2 << 40);
 }
 
 /// A crash right after a resize (no guest write, so nothing had marked the

@@ -42,6 +42,10 @@ pub(crate) const ACTIVE: u8 = 0;
 pub(crate) const INACTIVATING: u8 = 1;
 /// Handed off: guest I/O is refused and nothing is written.
 pub(crate) const INACTIVE: u8 = 2;
+/// [`Qcow2::activate_impl`] is rereading and repairing: guest I/O is still
+/// refused (a write must not allocate from refcounts a crashed host left
+/// behind).
+pub(crate) const ACTIVATING: u8 = 3;
 
 /// The metadata tables read from the image, as an open or an activation
 /// finds them.
@@ -175,7 +179,7 @@ impl Qcow2 {
         match self.activity.compare_exchange(ACTIVE, INACTIVATING, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => {}
             Err(INACTIVE) => return Ok(()),
-            Err(_) => return Err(self.err(Error::new(ErrorKind::Busy, "the image is being inactivated already"))),
+            Err(_) => return Err(self.err(Error::new(ErrorKind::Busy, "the image is being activated or inactivated"))),
         }
         // Requests that got past the check before it changed finish first.
         self.gate.wait_for_readers();
@@ -190,33 +194,35 @@ impl Qcow2 {
     }
 
     pub(crate) fn activate_impl(&self) -> Result<()> {
-        match self.activity.load(Ordering::Acquire) {
-            ACTIVE => return Ok(()),
-            INACTIVE => {}
-            _ => return Err(self.err(Error::new(ErrorKind::Busy, "the image is being inactivated"))),
+        match self.activity.compare_exchange(INACTIVE, ACTIVATING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {}
+            Err(ACTIVE) => return Ok(()),
+            Err(_) => return Err(self.err(Error::new(ErrorKind::Busy, "the image is being activated or inactivated"))),
         }
+        let back = |e: Error| -> Result<()> {
+            self.drop_caches();
+            self.downgrade_locks();
+            self.activity.store(INACTIVE, Ordering::Release);
+            Err(self.err(e))
+        };
         for (plan, f, path) in self.handoff_locks() {
             if let Err(e) = lock::reactivate(f, path, plan) {
-                self.downgrade_locks();
-                return Err(self.err(e));
+                return back(e);
             }
         }
         if let Err(e) = self.reload() {
-            self.downgrade_locks();
-            return Err(self.err(e));
+            return back(e);
         }
-        self.activity.store(ACTIVE, Ordering::Release);
         // Another host may have crashed with lazy refcounts: rebuild them
-        // now that writing is allowed, as an open does. If that fails the
-        // image is handed back rather than used with doubtful refcounts.
+        // before any guest write may allocate, as an open does. If that
+        // fails the image is handed back rather than used with doubtful
+        // refcounts.
         if self.alloc.is_some() && self.header.lock().incompatible_features & header::INCOMPAT_DIRTY != 0 {
             if let Err(e) = self.repair_dirty() {
-                self.activity.store(INACTIVE, Ordering::Release);
-                self.drop_caches();
-                self.downgrade_locks();
-                return Err(e);
+                return back(e);
             }
         }
+        self.activity.store(ACTIVE, Ordering::Release);
         Ok(())
     }
 

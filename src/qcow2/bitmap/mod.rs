@@ -328,6 +328,11 @@ impl Qcow2 {
         if st.marked {
             return Ok(());
         }
+        // A write that got here after a handoff began (it is checked
+        // against the gate only later) must not write the header of an
+        // image another host may own by now: inactivation changes the
+        // state before it stores the bitmaps under this lock.
+        self.check_active()?;
         st.changed = true;
         let needs: bool = st.list.iter().any(|b| b.disk.as_ref().is_some_and(|d| d.flags & FLAG_IN_USE == 0));
         if !needs {
@@ -667,6 +672,22 @@ impl Qcow2 {
                 "cannot resize an image whose bitmap '{}' is inconsistent: remove it first",
                 b.name
             ))));
+        }
+        // A bitmap grown past what the format allows could not be stored,
+        // and the image would not open again (here or in QEMU).
+        let cs = self.geo.cluster_size();
+        for b in &st.list {
+            let bytes = dir::data_bytes(new_size, b.granularity_bits);
+            if bytes > dir::MAX_DATA_BYTES || bytes > dir::MAX_TABLE_ENTRIES * cs {
+                return Err(self.err(
+                    Error::invalid_argument(format!(
+                        "cannot resize to {new_size} bytes: bitmap '{}' (granularity {}) would take {bytes} bytes, more than a qcow2 bitmap may; remove it or merge it into one of a larger granularity first",
+                        b.name,
+                        1u64 << b.granularity_bits
+                    ))
+                    .with_field("size"),
+                ));
+            }
         }
         Ok(())
     }
