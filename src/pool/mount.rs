@@ -232,7 +232,33 @@ pub(crate) fn mount(def: &PoolDef, target: &Path) -> Result<()> {
     let Some(args) = mount_args(def, target)? else {
         return Ok(());
     };
-    run("mount", &args, &format!("mount the source of pool '{}'", def.name()))
+    run("mount", &args, &format!("mount the source of pool '{}'", def.name())).map_err(|e| {
+        match args.windows(2).find(|w| w[0] == "-t").map(|w| w[1].as_str()) {
+            Some(t) if e.kind() == ErrorKind::Io && !kernel_knows(t) => {
+                let what = if t == "nfs" { "NFS client" } else { "CIFS client" };
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{e} (this kernel has no {what}: '{t}' is not in /proc/filesystems and was not loaded)"),
+                )
+            }
+            _ => e,
+        }
+    })
+}
+
+/// Whether the kernel can mount `fstype` (`nfs` or `cifs`; anything else,
+/// such as a FUSE helper's type, is assumed known) after mount's attempt,
+/// which loads the module where there is one.
+fn kernel_knows(fstype: &str) -> bool {
+    let names: &[&str] = match fstype {
+        "nfs" => &["nfs", "nfs4"],
+        "cifs" => &["cifs", "smb3"],
+        _ => return true,
+    };
+    match std::fs::read_to_string("/proc/filesystems") {
+        Ok(list) => list.lines().any(|l| names.contains(&l.rsplit('\t').next().unwrap_or(""))),
+        Err(_) => true,
+    }
 }
 
 /// Unmounts `target`.
