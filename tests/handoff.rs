@@ -378,6 +378,62 @@ fn serve_hands_off_through_the_control_socket() {
     assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xb2));
 }
 
+/// `serve --pool --inactive`: pool volumes served by name hand off like
+/// images named by path.
+#[test]
+fn serve_hands_off_pool_volumes() {
+    use vdisk::pool::{PoolDef, Registry, RegistryPaths, VolumeSpec};
+    if !have_qemu() {
+        return;
+    }
+    let nbd_named = |sock: &Path, cmd: &str| {
+        let uri = format!("nbd+unix:///guest.qcow2?socket={}", sock.display());
+        let (code, out, err) = run_status("qemu-io", &["-f", "raw", &uri, "-c", cmd]);
+        (code, format!("{out}{err}"))
+    };
+    let dir = tmp();
+    let d = dir.path();
+    let cfg = p(d, "config");
+    let reg = Registry::open(RegistryPaths::new(&cfg).without_libvirt()).unwrap();
+    let pool = reg.define(PoolDef::dir("vms", p(d, "vms")).unwrap()).unwrap();
+    pool.build().unwrap();
+    pool.start().unwrap();
+    pool.create_volume(&VolumeSpec::new("guest.qcow2", 16 << 20, Format::Qcow2).unwrap(), None).unwrap();
+    let img = pool.canonical_target().join("guest.qcow2");
+    let (ctl_a, ctl_b, nbd_a, nbd_b) = (p(d, "a.ctl"), p(d, "b.ctl"), p(d, "a.nbd"), p(d, "b.nbd"));
+    let common = ["--config-dir", s(&cfg), "--pool", "vms"];
+    let a = Served::start(
+        &[&common[..], &["--control", s(&ctl_a), "-k", s(&nbd_a), "guest.qcow2"]].concat(),
+        p(d, "a.pid"),
+    );
+    let (code, out) = nbd_named(&nbd_a, "write -P 0xa1 0 64k");
+    assert_eq!(code, 0, "{out}");
+    let b = Served::start(
+        &[&common[..], &["--inactive", "--control", s(&ctl_b), "-k", s(&nbd_b), "guest.qcow2"]].concat(),
+        p(d, "b.pid"),
+    );
+    let (code, out, _) = vdisk(&["handoff", s(&ctl_b), "status"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: inactive\n"));
+    let (code, _, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another process"), "{err}");
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_a), "inactivate"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: inactive\n"), "{err}");
+    assert_qemu_clean(&img, "qcow2");
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: active\n"), "{err}");
+    let (code, out) = nbd_named(&nbd_b, "read -P 0xa1 0 64k");
+    assert!(code == 0 && !out.contains("Pattern verification failed"), "{out}");
+    let (code, out) = nbd_named(&nbd_b, "write -P 0xb2 1M 64k");
+    assert_eq!(code, 0, "{out}");
+    drop(a);
+    drop(b);
+    assert_qemu_clean(&img, "qcow2");
+    let data = qemu_export(&img, "qcow2");
+    assert!(data[..65536].iter().all(|&x| x == 0xa1));
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xb2));
+}
+
 /// The handoff workload on one shared storage: A writes and inactivates, B
 /// (opened inactive) activates, writes and inactivates, A activates and
 /// writes again. Returns the guest content that must be durable when the

@@ -94,9 +94,8 @@ fn two_hosts_share_a_glusterfs_volume() {
     let Some(vol) = Volume::start() else { return };
     let dir = tmp();
     let server = hostname();
-    let source = |host: &str| {
-        format!("<host name='{host}'/>\n    <dir path='/{}'/>\n    <format type='glusterfs'/>", vol.name)
-    };
+    let source =
+        |host: &str| format!("<host name='{host}'/>\n    <dir path='/{}'/>\n    <format type='glusterfs'/>", vol.name);
     let a = Host::new(dir.path(), "a", &source(&server), "");
     let b = Host::new(dir.path(), "b", &source("localhost"), "");
     let _u = Unmount(vec![a.target.clone(), b.target.clone()]);

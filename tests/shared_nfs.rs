@@ -123,9 +123,8 @@ fn two_hosts_share_an_nfs_export() {
     let source = |host: &str| {
         format!("<host name='{host}'/>\n    <dir path='/export'/>\n    <format type='nfs'/>\n    <protocol ver='4'/>")
     };
-    let opts = |extra: &str| {
-        format!("<fs:mount_opts>\n    <fs:option name='port={}'/>{extra}\n  </fs:mount_opts>", g.port)
-    };
+    let opts =
+        |extra: &str| format!("<fs:mount_opts>\n    <fs:option name='port={}'/>{extra}\n  </fs:mount_opts>", g.port);
     let a = Host::new(dir.path(), "a", &source("127.0.0.1"), &opts(""));
     let b = Host::new(dir.path(), "b", &source("localhost"), &opts("\n    <fs:option name='nosharecache'/>"));
     let _u = Unmount(vec![a.target.clone(), b.target.clone()]);

@@ -178,6 +178,20 @@ pub(crate) fn mounts() -> Vec<MountEntry> {
     std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t)).unwrap_or_default()
 }
 
+/// The filesystem type of the mount holding `path` (an absolute, canonical
+/// path): the deepest mount point above it, the last mounted there.
+pub(crate) fn fstype_of(path: &Path, mounts: &[MountEntry]) -> Option<String> {
+    let mut best: Option<&MountEntry> = None;
+    for m in mounts {
+        if path.starts_with(&m.mount_point)
+            && best.is_none_or(|b| m.mount_point.components().count() >= b.mount_point.components().count())
+        {
+            best = Some(m);
+        }
+    }
+    best.map(|m| m.fstype.clone())
+}
+
 /// Whether `entry` mounts the source whose key is `key`.
 pub(crate) fn same_source(entry: &MountEntry, key: &str) -> bool {
     normalize_source(&entry.source) == key
@@ -321,6 +335,19 @@ mod tests {
         }
         let bad_ver = def(&netfs("nfs", "<protocol ver='4,exec'/>"));
         assert!(mount_args(&bad_ver, t).is_err());
+    }
+
+    #[test]
+    fn the_mount_holding_a_path() {
+        let text = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    2 1 0:50 / /mnt rw - tmpfs tmpfs rw\n\
+                    3 2 0:51 / /mnt/g rw - fuse.glusterfs h:/v rw\n\
+                    4 2 0:52 / /mnt/g rw - nfs4 h:/e rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(fstype_of(Path::new("/mnt/g/pool/x"), &m).as_deref(), Some("nfs4"));
+        assert_eq!(fstype_of(Path::new("/mnt/gx"), &m).as_deref(), Some("tmpfs"));
+        assert_eq!(fstype_of(Path::new("/var"), &m).as_deref(), Some("ext4"));
+        assert_eq!(fstype_of(Path::new("/var"), &[]), None);
     }
 
     #[test]
