@@ -282,8 +282,8 @@ impl OpenOptions {
         match format {
             Format::Raw if inactive => Ok(Image::Raw(Raw::open_inactive(storage)?)),
             Format::Raw => Ok(Image::Raw(Raw::open(storage)?)),
-            f if inactive && f != Format::Qcow2 => Err(Error::unsupported(format!(
-                "{f}: opening an image inactive (for a handoff) is supported for raw and qcow2 only"
+            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi) => Err(Error::unsupported(format!(
+                "{f}: opening an image inactive (for a handoff) is supported for raw, qcow2 and vdi only"
             ))
             .with_path(path)),
             Format::Qcow2 => {
@@ -342,7 +342,7 @@ impl OpenOptions {
                 }
                 Ok(Image::Vpc(Vpc::open(storage, opts)?))
             }
-            Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only })?)),
+            Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only, inactive })?)),
             Format::Vhdx => {
                 let dir = path.parent().unwrap_or(Path::new("."));
                 let mut opts = VhdxOptions { read_only, for_check: self.vhdx_for_check, ..Default::default() };

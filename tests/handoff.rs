@@ -140,6 +140,63 @@ fn raw_handoff_between_two_opens() {
     assert_eq!(buf, [0xb1; 4096]);
 }
 
+/// VDI hands off too: each side rereads the block map on activation, so
+/// the blocks the other side allocated are seen and never allocated twice;
+/// QEMU allocates more while both are inactive; a read-only open sees the
+/// writer's new blocks after `refresh`.
+#[test]
+fn vdi_handoff_between_two_opens() {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let img = p(dir.path(), "guest.vdi");
+    qemu_img(&["create", "-q", "-f", "vdi", s(&img), "16M"]);
+    let mut model = vec![0u8; 16 << 20];
+    let a = open_rw(&img, Format::Vdi);
+    put(&a, &mut model, 0, 65536, 0xa1);
+    let b = open_inactive(&img, Format::Vdi);
+    assert!(b.is_inactive());
+    assert_refused(b.write_at(&[1; 512], 0), "write to an inactive vdi destination");
+    assert_refused(b.read_at(&mut [0; 512], 0), "read from an inactive vdi destination");
+    assert_busy(b.activate(), &img, "activating while the source is active");
+    a.inactivate().unwrap();
+    assert_refused(a.write_at(&[1; 512], 1 << 20), "vdi write after inactivate");
+    assert_qemu_clean(&img, "vdi");
+    b.activate().unwrap();
+    assert_same("B sees A's data", &read_all(&b), &model);
+    // B allocates blocks 3 and 5 (A knew blocks up to 0).
+    put(&b, &mut model, 3 << 20, 4096, 0xb1);
+    put(&b, &mut model, (5 << 20) + 512, 512, 0xb2);
+    assert_busy(a.activate(), &img, "vdi source activating while the destination holds it");
+    b.inactivate().unwrap();
+    assert_qemu_clean(&img, "vdi");
+    // QEMU allocates one more while both are inactive.
+    qemu_io("vdi", &img, &["write -P 0xc3 9M 64k".to_string()]);
+    model[9 << 20..(9 << 20) + 65536].fill(0xc3);
+    a.activate().unwrap();
+    assert_same("A sees B's and QEMU's blocks", &read_all(&a), &model);
+    // A's next allocation lands after every block the others allocated.
+    put(&a, &mut model, 12 << 20, 4096, 0xa2);
+    drop(b);
+    a.close().unwrap();
+    assert_qemu_clean(&img, "vdi");
+    assert_same("the image after the round trip", &qemu_export(&img, "vdi"), &model);
+
+    // A read-only open beside a writer sees new blocks after refresh.
+    let w = open_rw(&img, Format::Vdi);
+    let ro = OpenOptions::new().format(Format::Vdi).read_only(true).lock(LockMode::ForceShare).open(&img).unwrap();
+    put(&w, &mut model, 14 << 20, 4096, 0xd4);
+    w.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    ro.read_at(&mut buf, 14 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "before refresh the block is unknown to the reader");
+    ro.refresh().unwrap();
+    ro.read_at(&mut buf, 14 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xd4), "refresh rereads the block map");
+    assert_eq!(w.refresh().unwrap_err().kind(), ErrorKind::InvalidArgument, "a writer owns the image");
+}
+
 /// A `qemu-io` process holding the image read-write, fed commands on stdin.
 struct QemuIo {
     child: Child,

@@ -91,10 +91,14 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
                 f.cluster_size = v.info().cluster_size;
                 f.backing = v.parent().map(|p| (p.to_string(), Some("vpc".to_string())));
             }),
-        Format::Vdi => crate::vdi::Vdi::open(Arc::new(st), crate::vdi::VdiOptions { read_only: true }).map(|v| {
-            f.capacity = v.size();
-            f.cluster_size = v.info().cluster_size;
-        }),
+        Format::Vdi => {
+            crate::vdi::Vdi::open(Arc::new(st), crate::vdi::VdiOptions { read_only: true, ..Default::default() }).map(
+                |v| {
+                    f.capacity = v.size();
+                    f.cluster_size = v.info().cluster_size;
+                },
+            )
+        }
         // libvirt's volume formats have no VHDX: it reports such a file
         // as raw, and so does the pool.
         Format::Vhdx => {

@@ -23,7 +23,7 @@ pub fn open_vpc_vdi(data: &[u8]) {
     if let Ok(v) = no_internal("vpc open", Vpc::open(ro(), VpcOptions { read_only: true, parent: parent.clone() })) {
         walk(&v);
     }
-    if let Ok(v) = no_internal("vdi open", Vdi::open(ro(), VdiOptions { read_only: true })) {
+    if let Ok(v) = no_internal("vdi open", Vdi::open(ro(), VdiOptions { read_only: true, ..Default::default() })) {
         walk(&v);
         let _ = no_internal("vdi check", v.check());
     }
@@ -33,7 +33,7 @@ pub fn open_vpc_vdi(data: &[u8]) {
         write_back(&v, &st, |s| Vpc::open(s, VpcOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
     let st = Capped::new(data.to_vec(), len + (4 << 20));
-    if let Ok(v) = Vdi::open(st.clone(), VdiOptions { read_only: false }) {
+    if let Ok(v) = Vdi::open(st.clone(), VdiOptions { read_only: false, ..Default::default() }) {
         write_back(&v, &st, |s| Vdi::open(s, VdiOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
 }
