@@ -282,9 +282,15 @@ impl OpenOptions {
         match format {
             Format::Raw if inactive => Ok(Image::Raw(Raw::open_inactive(storage)?)),
             Format::Raw => Ok(Image::Raw(Raw::open(storage)?)),
-            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi) => Err(Error::unsupported(format!(
-                "{f}: opening an image inactive (for a handoff) is supported for raw, qcow2 and vdi only"
-            ))
+            // Not handed off: vmdk (several extent files, each locked on
+            // its own, and sparse extents whose grain directories would all
+            // have to be reread), vhdx (activation would have to replay the
+            // log the other side left and inactivation empty it; not
+            // written), luks (the header's key slots and segments can change
+            // under the other host; rereading them is not written).
+            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi | Format::Vpc) => Err(Error::unsupported(
+                format!("{f}: opening an image inactive (for a handoff) is supported for raw, qcow2, vpc and vdi only"),
+            )
             .with_path(path)),
             Format::Qcow2 => {
                 let h = Qcow2::read_header(&*storage)?;
@@ -335,7 +341,7 @@ impl OpenOptions {
             }
             Format::Vpc => {
                 let dir = path.parent().unwrap_or(Path::new("."));
-                let mut opts = VpcOptions { read_only, ..Default::default() };
+                let mut opts = VpcOptions { read_only, inactive, ..Default::default() };
                 if let Some(name) = Vpc::parent_name(&*storage)? {
                     // A differencing disk's parent is a VHD by definition.
                     opts.parent = self.open_backing(path, dir, &name, Some("vpc"), depth, seen)?;
