@@ -213,7 +213,7 @@ impl OpenOptions {
     /// migration does while the source still writes it: only a shared read
     /// lock is taken, nothing is written, guest I/O is refused until
     /// [`BlockDevice::activate`] takes the write lock and rereads the
-    /// metadata. raw and qcow2 only.
+    /// metadata. raw, qcow2, vdi, vpc and luks (not with a detached header).
     pub fn inactive(mut self, inactive: bool) -> Self {
         self.inactive = inactive;
         self
@@ -286,12 +286,18 @@ impl OpenOptions {
             // its own, and sparse extents whose grain directories would all
             // have to be reread), vhdx (activation would have to replay the
             // log the other side left and inactivation empty it; not
-            // written), luks (the header's key slots and segments can change
-            // under the other host; rereading them is not written).
-            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi | Format::Vpc) => Err(Error::unsupported(
-                format!("{f}: opening an image inactive (for a handoff) is supported for raw, qcow2, vpc and vdi only"),
-            )
-            .with_path(path)),
+            // written), luks with a detached header (a second file to
+            // relock).
+            Format::Luks if inactive && self.luks_header.is_some() => {
+                Err(Error::unsupported("luks: a volume with a detached header is not handed off (two files to relock)")
+                    .with_path(path))
+            }
+            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi | Format::Vpc | Format::Luks) => {
+                Err(Error::unsupported(format!(
+                    "{f}: opening an image inactive (for a handoff) is supported for raw, qcow2, vpc, vdi and luks only"
+                ))
+                .with_path(path))
+            }
             Format::Qcow2 => {
                 let h = Qcow2::read_header(&*storage)?;
                 let dir = path.parent().unwrap_or(Path::new("."));
@@ -373,6 +379,7 @@ impl OpenOptions {
                     key: self.key.clone(),
                     inspect_only: self.inspect_only,
                     header,
+                    inactive,
                 };
                 Ok(Image::Luks(crate::luks::Luks::open(storage, opts)?))
             }

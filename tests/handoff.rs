@@ -215,6 +215,74 @@ fn block_map_handoff(fmt: Format, q: &str, create_opts: &[&str]) {
     assert_eq!(w.refresh().unwrap_err().kind(), ErrorKind::InvalidArgument, "a writer owns the image");
 }
 
+/// LUKS hands off: activation rereads the key slots (cryptsetup added one
+/// while both sides were inactive) and the size (the other side grew it).
+#[test]
+fn luks_handoff_between_two_opens() {
+    use vdisk::Secret;
+    if !have_qemu() {
+        return;
+    }
+    const OBJ: &str = "secret,id=sec0,data=handoff-pass";
+    let dir = tmp();
+    let img = p(dir.path(), "guest.luks");
+    qemu_img(&["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", s(&img), "4M"]);
+    let open = |inactive: bool| {
+        OpenOptions::new().format(Format::Luks).key(Secret::new("handoff-pass")).inactive(inactive).open(&img).unwrap()
+    };
+    let a = open(false);
+    // Unwritten sectors decrypt to noise: what B reads is the model.
+    a.write_at(&[0xa1; 4096], 512).unwrap();
+    let b = open(true);
+    assert_refused(b.read_at(&mut [0; 512], 0), "read from an inactive luks destination");
+    assert_busy(b.activate(), &img, "activating while the source is active");
+    a.inactivate().unwrap();
+    assert_refused(a.write_at(&[1; 512], 0), "luks write after inactivate");
+    b.activate().unwrap();
+    let mut buf = vec![0u8; 4096];
+    b.read_at(&mut buf, 512).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xa1), "B decrypts what A wrote");
+    b.resize(8 << 20).unwrap();
+    b.write_at(&[0xb2; 3000], (6 << 20) + 100).unwrap();
+    let model = read_all(&b);
+    assert!(model[(6 << 20) + 100..(6 << 20) + 3100].iter().all(|&x| x == 0xb2));
+    assert_busy(a.activate(), &img, "luks source activating while the destination holds it");
+    b.inactivate().unwrap();
+    // cryptsetup adds a key slot while both sides are inactive (QEMU's
+    // `amend` would refuse: it wants the image to itself, and the inactive
+    // opens keep the consistent-read lock).
+    std::fs::write(p(dir.path(), "k1"), "handoff-pass").unwrap();
+    std::fs::write(p(dir.path(), "k2"), "second").unwrap();
+    run(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            s(&p(dir.path(), "k1")),
+            s(&img),
+            s(&p(dir.path(), "k2")),
+        ],
+    );
+    a.activate().unwrap();
+    assert_eq!(a.size(), 8 << 20, "activation rereads the size");
+    assert_same("A sees B's data", &read_all(&a), &model);
+    match a.info().details {
+        vdisk::device::FormatDetails::Luks(d) => {
+            assert_eq!(d.slots.iter().filter(|s| s.0).count(), 2, "activation rereads the key slots: {d:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(b);
+    drop(a);
+    let io2 = format!("driver=luks,key-secret=sec1,file.filename={}", s(&img));
+    let out = p(dir.path(), "plain.raw");
+    run("qemu-img", &["convert", "--object", "secret,id=sec1,data=second", "--image-opts", &io2, "-O", "raw", s(&out)]);
+    assert_same("QEMU reads it with the new key", &std::fs::read(&out).unwrap(), &model);
+}
+
 /// A `qemu-io` process holding the image read-write, fed commands on stdin.
 struct QemuIo {
     child: Child,

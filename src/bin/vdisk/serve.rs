@@ -74,7 +74,7 @@ pub struct ServeArgs {
     pub config_dir: Option<PathBuf>,
     /// Open the images inactive, as the destination of a live migration
     /// while the source host still writes them: clients' I/O is refused
-    /// until `vdisk handoff SOCKET activate` (raw and qcow2).
+    /// until `vdisk handoff SOCKET activate` (raw, qcow2, vdi, vpc, luks).
     #[arg(long = "inactive", requires = "control")]
     pub inactive: bool,
     /// Listen for handoff requests (`vdisk handoff`) on this Unix socket.
