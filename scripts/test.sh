@@ -44,6 +44,15 @@ if ! command -v glusterd >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; 
     { $gsudo apt-get update -qq && $gsudo apt-get install -y -qq --no-install-recommends glusterfs-server glusterfs-client; } \
         || echo "GlusterFS could not be installed: the GlusterFS tests will skip"
 fi
+# nfs-ganesha, a userspace NFS server (tests/shared_nfs.rs), and the NFS
+# clients: best effort too; mounting also needs the kernel's NFS client.
+if ! command -v ganesha.nfsd >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    nsudo=""
+    [ "$(id -u)" -eq 0 ] || nsudo="sudo"
+    export DEBIAN_FRONTEND=noninteractive
+    { $nsudo apt-get update -qq && $nsudo apt-get install -y -qq --no-install-recommends nfs-ganesha nfs-ganesha-vfs nfs-common libnfs-utils; } \
+        || echo "nfs-ganesha could not be installed: the NFS tests will skip"
+fi
 qemu-img --version | head -1
 rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt 2>/dev/null || true
 

@@ -84,6 +84,7 @@ pub mod convert;
 mod crypto;
 pub mod device;
 pub mod error;
+mod handoff;
 pub mod limits;
 pub mod luks;
 pub mod nbd;

@@ -213,7 +213,7 @@ impl OpenOptions {
     /// migration does while the source still writes it: only a shared read
     /// lock is taken, nothing is written, guest I/O is refused until
     /// [`BlockDevice::activate`] takes the write lock and rereads the
-    /// metadata. raw and qcow2 only.
+    /// metadata. raw, qcow2, vdi, vpc and luks (not with a detached header).
     pub fn inactive(mut self, inactive: bool) -> Self {
         self.inactive = inactive;
         self
@@ -282,10 +282,22 @@ impl OpenOptions {
         match format {
             Format::Raw if inactive => Ok(Image::Raw(Raw::open_inactive(storage)?)),
             Format::Raw => Ok(Image::Raw(Raw::open(storage)?)),
-            f if inactive && f != Format::Qcow2 => Err(Error::unsupported(format!(
-                "{f}: opening an image inactive (for a handoff) is supported for raw and qcow2 only"
-            ))
-            .with_path(path)),
+            // Not handed off: vmdk (several extent files, each locked on
+            // its own, and sparse extents whose grain directories would all
+            // have to be reread), vhdx (activation would have to replay the
+            // log the other side left and inactivation empty it; not
+            // written), luks with a detached header (a second file to
+            // relock).
+            Format::Luks if inactive && self.luks_header.is_some() => {
+                Err(Error::unsupported("luks: a volume with a detached header is not handed off (two files to relock)")
+                    .with_path(path))
+            }
+            f if inactive && !matches!(f, Format::Qcow2 | Format::Vdi | Format::Vpc | Format::Luks) => {
+                Err(Error::unsupported(format!(
+                    "{f}: opening an image inactive (for a handoff) is supported for raw, qcow2, vpc, vdi and luks only"
+                ))
+                .with_path(path))
+            }
             Format::Qcow2 => {
                 let h = Qcow2::read_header(&*storage)?;
                 let dir = path.parent().unwrap_or(Path::new("."));
@@ -335,14 +347,14 @@ impl OpenOptions {
             }
             Format::Vpc => {
                 let dir = path.parent().unwrap_or(Path::new("."));
-                let mut opts = VpcOptions { read_only, ..Default::default() };
+                let mut opts = VpcOptions { read_only, inactive, ..Default::default() };
                 if let Some(name) = Vpc::parent_name(&*storage)? {
                     // A differencing disk's parent is a VHD by definition.
                     opts.parent = self.open_backing(path, dir, &name, Some("vpc"), depth, seen)?;
                 }
                 Ok(Image::Vpc(Vpc::open(storage, opts)?))
             }
-            Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only })?)),
+            Format::Vdi => Ok(Image::Vdi(Vdi::open(storage, VdiOptions { read_only, inactive })?)),
             Format::Vhdx => {
                 let dir = path.parent().unwrap_or(Path::new("."));
                 let mut opts = VhdxOptions { read_only, for_check: self.vhdx_for_check, ..Default::default() };
@@ -367,6 +379,7 @@ impl OpenOptions {
                     key: self.key.clone(),
                     inspect_only: self.inspect_only,
                     header,
+                    inactive,
                 };
                 Ok(Image::Luks(crate::luks::Luks::open(storage, opts)?))
             }

@@ -140,6 +140,149 @@ fn raw_handoff_between_two_opens() {
     assert_eq!(buf, [0xb1; 4096]);
 }
 
+/// VDI and VHD hand off too: each side rereads the block map (BAT) on
+/// activation, so the blocks the other side allocated are seen and never
+/// allocated twice; QEMU allocates more while both are inactive; a
+/// read-only open sees the writer's new blocks after `refresh`.
+#[test]
+fn vdi_handoff_between_two_opens() {
+    block_map_handoff(Format::Vdi, "vdi", &[]);
+}
+
+#[test]
+fn vhd_handoff_between_two_opens() {
+    block_map_handoff(Format::Vpc, "vpc", &["-o", "subformat=dynamic"]);
+}
+
+fn block_map_handoff(fmt: Format, q: &str, create_opts: &[&str]) {
+    if !have_qemu() {
+        return;
+    }
+    let dir = tmp();
+    let img = p(dir.path(), &format!("guest.{q}"));
+    qemu_img(&[&["create", "-q", "-f", q], create_opts, &[s(&img), "16M"]].concat());
+    // qemu-img checks VDI; VHD neither qemu-img nor vdisk can check: QEMU
+    // opening it (its BAT read) and reading the data (below) judge.
+    let clean = |img: &Path| {
+        if q == "vpc" {
+            qemu_img(&["info", "-U", "-f", q, s(img)]);
+        } else {
+            assert_qemu_clean(img, q);
+        }
+    };
+    let a = open_rw(&img, fmt);
+    let mut model = vec![0u8; a.size() as usize];
+    put(&a, &mut model, 0, 65536, 0xa1);
+    let b = open_inactive(&img, fmt);
+    assert!(b.is_inactive());
+    assert_refused(b.write_at(&[1; 512], 0), "write to an inactive destination");
+    assert_refused(b.read_at(&mut [0; 512], 0), "read from an inactive destination");
+    assert_busy(b.activate(), &img, "activating while the source is active");
+    a.inactivate().unwrap();
+    assert_refused(a.write_at(&[1; 512], 1 << 20), "write after inactivate");
+    clean(&img);
+    b.activate().unwrap();
+    assert_same("B sees A's data", &read_all(&b), &model);
+    // B allocates blocks 3 and 5 (A knew blocks up to 0).
+    put(&b, &mut model, 3 << 20, 4096, 0xb1);
+    put(&b, &mut model, (5 << 20) + 512, 512, 0xb2);
+    assert_busy(a.activate(), &img, "source activating while the destination holds it");
+    b.inactivate().unwrap();
+    clean(&img);
+    // QEMU allocates one more while both are inactive.
+    qemu_io(q, &img, &["write -P 0xc3 9M 64k".to_string()]);
+    model[9 << 20..(9 << 20) + 65536].fill(0xc3);
+    a.activate().unwrap();
+    assert_same("A sees B's and QEMU's blocks", &read_all(&a), &model);
+    // A's next allocation lands after every block the others allocated.
+    put(&a, &mut model, 12 << 20, 4096, 0xa2);
+    drop(b);
+    a.close().unwrap();
+    clean(&img);
+    assert_same("the image after the round trip", &qemu_export(&img, q), &model);
+
+    // A read-only open beside a writer sees new blocks after refresh.
+    let w = open_rw(&img, fmt);
+    let ro = OpenOptions::new().format(fmt).read_only(true).lock(LockMode::ForceShare).open(&img).unwrap();
+    put(&w, &mut model, 14 << 20, 4096, 0xd4);
+    w.flush().unwrap();
+    let mut buf = vec![0u8; 4096];
+    ro.read_at(&mut buf, 14 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0), "before refresh the block is unknown to the reader");
+    ro.refresh().unwrap();
+    ro.read_at(&mut buf, 14 << 20).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xd4), "refresh rereads the block map");
+    assert_eq!(w.refresh().unwrap_err().kind(), ErrorKind::InvalidArgument, "a writer owns the image");
+}
+
+/// LUKS hands off: activation rereads the key slots (cryptsetup added one
+/// while both sides were inactive) and the size (the other side grew it).
+#[test]
+fn luks_handoff_between_two_opens() {
+    use vdisk::Secret;
+    if !have_qemu() {
+        return;
+    }
+    const OBJ: &str = "secret,id=sec0,data=handoff-pass";
+    let dir = tmp();
+    let img = p(dir.path(), "guest.luks");
+    qemu_img(&["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", s(&img), "4M"]);
+    let open = |inactive: bool| {
+        OpenOptions::new().format(Format::Luks).key(Secret::new("handoff-pass")).inactive(inactive).open(&img).unwrap()
+    };
+    let a = open(false);
+    // Unwritten sectors decrypt to noise: what B reads is the model.
+    a.write_at(&[0xa1; 4096], 512).unwrap();
+    let b = open(true);
+    assert_refused(b.read_at(&mut [0; 512], 0), "read from an inactive luks destination");
+    assert_busy(b.activate(), &img, "activating while the source is active");
+    a.inactivate().unwrap();
+    assert_refused(a.write_at(&[1; 512], 0), "luks write after inactivate");
+    b.activate().unwrap();
+    let mut buf = vec![0u8; 4096];
+    b.read_at(&mut buf, 512).unwrap();
+    assert!(buf.iter().all(|&x| x == 0xa1), "B decrypts what A wrote");
+    b.resize(8 << 20).unwrap();
+    b.write_at(&[0xb2; 3000], (6 << 20) + 100).unwrap();
+    let model = read_all(&b);
+    assert!(model[(6 << 20) + 100..(6 << 20) + 3100].iter().all(|&x| x == 0xb2));
+    assert_busy(a.activate(), &img, "luks source activating while the destination holds it");
+    b.inactivate().unwrap();
+    // cryptsetup adds a key slot while both sides are inactive (QEMU's
+    // `amend` would refuse: it wants the image to itself, and the inactive
+    // opens keep the consistent-read lock).
+    std::fs::write(p(dir.path(), "k1"), "handoff-pass").unwrap();
+    std::fs::write(p(dir.path(), "k2"), "second").unwrap();
+    run(
+        "cryptsetup",
+        &[
+            "luksAddKey",
+            "--batch-mode",
+            "--pbkdf-force-iterations",
+            "1000",
+            "--key-file",
+            s(&p(dir.path(), "k1")),
+            s(&img),
+            s(&p(dir.path(), "k2")),
+        ],
+    );
+    a.activate().unwrap();
+    assert_eq!(a.size(), 8 << 20, "activation rereads the size");
+    assert_same("A sees B's data", &read_all(&a), &model);
+    match a.info().details {
+        vdisk::device::FormatDetails::Luks(d) => {
+            assert_eq!(d.slots.iter().filter(|s| s.0).count(), 2, "activation rereads the key slots: {d:?}")
+        }
+        other => panic!("{other:?}"),
+    }
+    drop(b);
+    drop(a);
+    let io2 = format!("driver=luks,key-secret=sec1,file.filename={}", s(&img));
+    let out = p(dir.path(), "plain.raw");
+    run("qemu-img", &["convert", "--object", "secret,id=sec1,data=second", "--image-opts", &io2, "-O", "raw", s(&out)]);
+    assert_same("QEMU reads it with the new key", &std::fs::read(&out).unwrap(), &model);
+}
+
 /// A `qemu-io` process holding the image read-write, fed commands on stdin.
 struct QemuIo {
     child: Child,
@@ -372,6 +515,62 @@ fn serve_hands_off_through_the_control_socket() {
     drop(a);
     drop(b);
     assert!(!ctl_a.exists() && !ctl_b.exists(), "the control sockets are removed on exit");
+    assert_qemu_clean(&img, "qcow2");
+    let data = qemu_export(&img, "qcow2");
+    assert!(data[..65536].iter().all(|&x| x == 0xa1));
+    assert!(data[1 << 20..(1 << 20) + 65536].iter().all(|&x| x == 0xb2));
+}
+
+/// `serve --pool --inactive`: pool volumes served by name hand off like
+/// images named by path.
+#[test]
+fn serve_hands_off_pool_volumes() {
+    use vdisk::pool::{PoolDef, Registry, RegistryPaths, VolumeSpec};
+    if !have_qemu() {
+        return;
+    }
+    let nbd_named = |sock: &Path, cmd: &str| {
+        let uri = format!("nbd+unix:///guest.qcow2?socket={}", sock.display());
+        let (code, out, err) = run_status("qemu-io", &["-f", "raw", &uri, "-c", cmd]);
+        (code, format!("{out}{err}"))
+    };
+    let dir = tmp();
+    let d = dir.path();
+    let cfg = p(d, "config");
+    let reg = Registry::open(RegistryPaths::new(&cfg).without_libvirt()).unwrap();
+    let pool = reg.define(PoolDef::dir("vms", p(d, "vms")).unwrap()).unwrap();
+    pool.build().unwrap();
+    pool.start().unwrap();
+    pool.create_volume(&VolumeSpec::new("guest.qcow2", 16 << 20, Format::Qcow2).unwrap(), None).unwrap();
+    let img = pool.canonical_target().join("guest.qcow2");
+    let (ctl_a, ctl_b, nbd_a, nbd_b) = (p(d, "a.ctl"), p(d, "b.ctl"), p(d, "a.nbd"), p(d, "b.nbd"));
+    let common = ["--config-dir", s(&cfg), "--pool", "vms"];
+    let a = Served::start(
+        &[&common[..], &["--control", s(&ctl_a), "-k", s(&nbd_a), "guest.qcow2"]].concat(),
+        p(d, "a.pid"),
+    );
+    let (code, out) = nbd_named(&nbd_a, "write -P 0xa1 0 64k");
+    assert_eq!(code, 0, "{out}");
+    let b = Served::start(
+        &[&common[..], &["--inactive", "--control", s(&ctl_b), "-k", s(&nbd_b), "guest.qcow2"]].concat(),
+        p(d, "b.pid"),
+    );
+    let (code, out, _) = vdisk(&["handoff", s(&ctl_b), "status"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: inactive\n"));
+    let (code, _, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("in use by another process"), "{err}");
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_a), "inactivate"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: inactive\n"), "{err}");
+    assert_qemu_clean(&img, "qcow2");
+    let (code, out, err) = vdisk(&["handoff", s(&ctl_b), "activate"]);
+    assert_eq!((code, out.as_str()), (0, "guest.qcow2: active\n"), "{err}");
+    let (code, out) = nbd_named(&nbd_b, "read -P 0xa1 0 64k");
+    assert!(code == 0 && !out.contains("Pattern verification failed"), "{out}");
+    let (code, out) = nbd_named(&nbd_b, "write -P 0xb2 1M 64k");
+    assert_eq!(code, 0, "{out}");
+    drop(a);
+    drop(b);
     assert_qemu_clean(&img, "qcow2");
     let data = qemu_export(&img, "qcow2");
     assert!(data[..65536].iter().all(|&x| x == 0xa1));

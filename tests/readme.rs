@@ -64,7 +64,15 @@ fn readme_commands_run_verbatim() {
         }
     }
     // What the README's verbs wrote is clean and what they copied is equal.
-    for img in ["disk.qcow2", "overlay.qcow2", "disk-z.qcow2", "thin.qcow2", "enc.qcow2", "vm.qcow2"] {
+    for img in [
+        "disk.qcow2",
+        "overlay.qcow2",
+        "disk-z.qcow2",
+        "thin.qcow2",
+        "enc.qcow2",
+        "vm.qcow2",
+        "shared-store/guest.qcow2",
+    ] {
         let (code, out) = qemu_check(&work.join(img), "qcow2");
         assert!(code == 0 || img == "enc.qcow2", "{img}: {out}");
     }

@@ -47,6 +47,10 @@ pub struct LuksOptions {
     pub inspect_only: bool,
     /// The detached header, when the header is not at the payload's start.
     pub header: Option<Arc<dyn Storage>>,
+    /// Open read-write but inactive, as the destination of a handoff
+    /// ([`BlockDevice::activate`] makes it usable; not with a detached
+    /// header).
+    pub inactive: bool,
 }
 
 /// LUKS facts for `info` (what `qemu-img info` shows under `encrypt`).
@@ -128,6 +132,8 @@ pub struct Luks {
     unsynced: AtomicBool,
     /// Unaligned writes (read-modify-write of a sector) exclude others.
     rmw: RwLock<()>,
+    /// Handed off ([`BlockDevice::inactivate`]), and the gate requests pass.
+    handoff: crate::handoff::Handoff,
 }
 
 impl std::fmt::Debug for Luks {
@@ -225,7 +231,85 @@ impl Luks {
             read_only,
             unsynced: AtomicBool::new(false),
             rmw: RwLock::new(()),
+            handoff: crate::handoff::Handoff::new(opts.inactive),
         })
+    }
+
+    /// Rereads what another host or process may have changed while this
+    /// open was inactive (or read-only beside a writer): the key slots
+    /// (cryptsetup luksAddKey/luksKillSlot) and the volume's size. The
+    /// cipher, master-key digest, payload offset and UUID must be those
+    /// this open decrypts with; a header that changed them (reformatted)
+    /// is refused.
+    fn reload(&self) -> Result<()> {
+        let h = read_header(&*self.header_file)?;
+        {
+            let old = self.header.lock();
+            let same = h.cipher_name == old.cipher_name
+                && h.cipher_mode == old.cipher_mode
+                && h.hash_spec == old.hash_spec
+                && h.payload_offset == old.payload_offset
+                && h.key_bytes == old.key_bytes
+                && h.mk_digest == old.mk_digest
+                && h.mk_digest_salt == old.mk_digest_salt
+                && h.mk_digest_iter == old.mk_digest_iter
+                && h.uuid == old.uuid;
+            if !same {
+                return Err(lerr(
+                    Error::invalid("the LUKS header's cipher, master key or UUID changed while it was handed off: reopen the volume")
+                        .with_field("header"),
+                    &*self.header_file,
+                ));
+            }
+        }
+        let plen = self.payload.len()?;
+        if plen < self.offset {
+            return Err(lerr(
+                Error::invalid(format!("the file of {plen} bytes ends before the LUKS payload offset {}", self.offset))
+                    .with_field("payload_offset"),
+                &*self.header_file,
+            ));
+        }
+        *self.header.lock() = h;
+        self.size.store((plen - self.offset) / S * S, Ordering::Release);
+        Ok(())
+    }
+
+    /// A detached header is a second locked file; handing it over is not
+    /// written, so such a volume refuses.
+    fn check_handoff(&self) -> Result<()> {
+        if self.detached {
+            return Err(lerr(
+                Error::unsupported("a LUKS volume with a detached header is not handed off (two files to relock)"),
+                &*self.payload,
+            ));
+        }
+        Ok(())
+    }
+
+    fn write_inner(&self, buf: &[u8], offset: u64) -> Result<()> {
+        self.check_writable("write")?;
+        check_request(offset, buf.len() as u64, self.size())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let head = offset % S;
+        if head == 0 && buf.len().is_multiple_of(SECTOR) {
+            let _g = self.rmw.read();
+            return self.write_sectors(buf, offset);
+        }
+        let _g = self.rmw.write();
+        let start = offset - head;
+        let end = (offset + buf.len() as u64).div_ceil(S) * S;
+        let mut tmp = vec![0u8; (end - start) as usize];
+        // Only the first and last sectors need their old contents.
+        let n = tmp.len();
+        self.read_sectors(&mut tmp[..SECTOR], start)?;
+        if n > SECTOR {
+            self.read_sectors(&mut tmp[n - SECTOR..], end - S)?;
+        }
+        tmp[head as usize..head as usize + buf.len()].copy_from_slice(buf);
+        self.write_sectors(&tmp, start)
     }
 
     /// Creates a LUKS volume of `size` bytes (rounded up to sectors) in
@@ -391,6 +475,7 @@ impl BlockDevice for Luks {
         if buf.is_empty() {
             return Ok(());
         }
+        let _active = self.handoff.enter("luks")?;
         let head = offset % S;
         if head == 0 && buf.len().is_multiple_of(SECTOR) {
             return self.read_sectors(buf, offset);
@@ -404,44 +489,27 @@ impl BlockDevice for Luks {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
-        self.check_writable("write")?;
-        check_request(offset, buf.len() as u64, self.size())?;
-        if buf.is_empty() {
-            return Ok(());
-        }
-        let head = offset % S;
-        if head == 0 && buf.len().is_multiple_of(SECTOR) {
-            let _g = self.rmw.read();
-            return self.write_sectors(buf, offset);
-        }
-        let _g = self.rmw.write();
-        let start = offset - head;
-        let end = (offset + buf.len() as u64).div_ceil(S) * S;
-        let mut tmp = vec![0u8; (end - start) as usize];
-        // Only the first and last sectors need their old contents.
-        let n = tmp.len();
-        self.read_sectors(&mut tmp[..SECTOR], start)?;
-        if n > SECTOR {
-            self.read_sectors(&mut tmp[n - SECTOR..], end - S)?;
-        }
-        tmp[head as usize..head as usize + buf.len()].copy_from_slice(buf);
-        self.write_sectors(&tmp, start)
+        let _active = self.handoff.enter("luks")?;
+        self.write_inner(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
+        let _active = self.handoff.enter("luks")?;
         // Zeros must be stored encrypted: no hole reads as zeros.
-        crate::storage::write_zeros_with(offset, len, |buf, at| self.write_at(buf, at))
+        crate::storage::write_zeros_with(offset, len, |buf, at| self.write_inner(buf, at))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
         // Advisory; a hole would read as garbage, so nothing is given back.
         self.check_writable("discard")?;
+        let _active = self.handoff.enter("luks")?;
         check_request(offset, len, self.size())
     }
 
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         let size = self.size();
         check_request(offset, 0, size)?;
+        let _active = self.handoff.enter("luks")?;
         let len = max_len.min(size - offset);
         Ok(Extent {
             offset,
@@ -466,6 +534,7 @@ impl BlockDevice for Luks {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable("resize")?;
+        let _active = self.handoff.enter("luks")?;
         if !new_size.is_multiple_of(S) {
             return Err(Error::invalid_argument(format!("LUKS volume size {new_size} is not a multiple of 512")));
         }
@@ -479,6 +548,26 @@ impl BlockDevice for Luks {
         self.payload.set_len(end)?;
         self.size.store(new_size, Ordering::Release);
         Ok(())
+    }
+
+    /// Every write goes straight to the payload (no metadata changes), so
+    /// inactivating syncs, as a close does.
+    fn inactivate(&self) -> Result<()> {
+        self.check_handoff()?;
+        self.handoff.inactivate(&*self.payload, self.read_only, || self.flush())
+    }
+
+    fn activate(&self) -> Result<()> {
+        self.check_handoff()?;
+        self.handoff.activate(&*self.payload, self.read_only, "luks", || self.reload())
+    }
+
+    fn is_inactive(&self) -> bool {
+        self.handoff.is_inactive()
+    }
+
+    fn refresh(&self) -> Result<()> {
+        self.handoff.refresh(self.read_only, "luks", || self.reload())
     }
 }
 

@@ -85,16 +85,23 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             f.extents =
                 d.extents.iter().filter_map(|e| e.file.clone()).filter(|n| Some(n.as_bytes().to_vec()) != me).collect();
         }),
-        Format::Vpc => crate::vpc::Vpc::open(Arc::new(st), crate::vpc::VpcOptions { read_only: true, parent: None })
-            .map(|v| {
-                f.capacity = v.size();
-                f.cluster_size = v.info().cluster_size;
-                f.backing = v.parent().map(|p| (p.to_string(), Some("vpc".to_string())));
-            }),
-        Format::Vdi => crate::vdi::Vdi::open(Arc::new(st), crate::vdi::VdiOptions { read_only: true }).map(|v| {
-            f.capacity = v.size();
-            f.cluster_size = v.info().cluster_size;
-        }),
+        Format::Vpc => {
+            crate::vpc::Vpc::open(Arc::new(st), crate::vpc::VpcOptions { read_only: true, ..Default::default() }).map(
+                |v| {
+                    f.capacity = v.size();
+                    f.cluster_size = v.info().cluster_size;
+                    f.backing = v.parent().map(|p| (p.to_string(), Some("vpc".to_string())));
+                },
+            )
+        }
+        Format::Vdi => {
+            crate::vdi::Vdi::open(Arc::new(st), crate::vdi::VdiOptions { read_only: true, ..Default::default() }).map(
+                |v| {
+                    f.capacity = v.size();
+                    f.cluster_size = v.info().cluster_size;
+                },
+            )
+        }
         // libvirt's volume formats have no VHDX: it reports such a file
         // as raw, and so does the pool.
         Format::Vhdx => {

@@ -189,6 +189,20 @@ pub(crate) fn mounts() -> Vec<MountEntry> {
     std::fs::read_to_string("/proc/self/mountinfo").map(|t| parse_mountinfo(&t)).unwrap_or_default()
 }
 
+/// The filesystem type of the mount holding `path` (an absolute, canonical
+/// path): the deepest mount point above it, the last mounted there.
+pub(crate) fn fstype_of(path: &Path, mounts: &[MountEntry]) -> Option<String> {
+    let mut best: Option<&MountEntry> = None;
+    for m in mounts {
+        if path.starts_with(&m.mount_point)
+            && best.is_none_or(|b| m.mount_point.components().count() >= b.mount_point.components().count())
+        {
+            best = Some(m);
+        }
+    }
+    best.map(|m| m.fstype.clone())
+}
+
 /// Whether `entry` mounts the source whose key is `key`.
 /// A device given by another name (`/dev/disk/by-uuid/...`, a symlink,
 /// `/dev/VG/LV` against `/dev/mapper/VG-LV`) is the same source when both
@@ -254,7 +268,33 @@ pub(crate) fn mount(def: &PoolDef, target: &Path) -> Result<()> {
     let Some(args) = mount_args(def, target)? else {
         return Ok(());
     };
-    run("mount", &args, &format!("mount the source of pool '{}'", def.name()))
+    run("mount", &args, &format!("mount the source of pool '{}'", def.name())).map_err(|e| {
+        match args.windows(2).find(|w| w[0] == "-t").map(|w| w[1].as_str()) {
+            Some(t) if e.kind() == ErrorKind::Io && !kernel_knows(t) => {
+                let what = if t == "nfs" { "NFS client" } else { "CIFS client" };
+                Error::new(
+                    ErrorKind::Unsupported,
+                    format!("{e} (this kernel has no {what}: '{t}' is not in /proc/filesystems and was not loaded)"),
+                )
+            }
+            _ => e,
+        }
+    })
+}
+
+/// Whether the kernel can mount `fstype` (`nfs` or `cifs`; anything else,
+/// such as a FUSE helper's type, is assumed known) after mount's attempt,
+/// which loads the module where there is one.
+fn kernel_knows(fstype: &str) -> bool {
+    let names: &[&str] = match fstype {
+        "nfs" => &["nfs", "nfs4"],
+        "cifs" => &["cifs", "smb3"],
+        _ => return true,
+    };
+    match std::fs::read_to_string("/proc/filesystems") {
+        Ok(list) => list.lines().any(|l| names.contains(&l.rsplit('\t').next().unwrap_or(""))),
+        Err(_) => true,
+    }
 }
 
 /// Unmounts `target`.
@@ -322,6 +362,19 @@ mod tests {
         }
         let bad_ver = def(&netfs("nfs", "<protocol ver='4,exec'/>"));
         assert!(mount_args(&bad_ver, t).is_err());
+    }
+
+    #[test]
+    fn the_mount_holding_a_path() {
+        let text = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n\
+                    2 1 0:50 / /mnt rw - tmpfs tmpfs rw\n\
+                    3 2 0:51 / /mnt/g rw - fuse.glusterfs h:/v rw\n\
+                    4 2 0:52 / /mnt/g rw - nfs4 h:/e rw\n";
+        let m = parse_mountinfo(text);
+        assert_eq!(fstype_of(Path::new("/mnt/g/pool/x"), &m).as_deref(), Some("nfs4"));
+        assert_eq!(fstype_of(Path::new("/mnt/gx"), &m).as_deref(), Some("tmpfs"));
+        assert_eq!(fstype_of(Path::new("/var"), &m).as_deref(), Some("ext4"));
+        assert_eq!(fstype_of(Path::new("/var"), &[]), None);
     }
 
     #[test]

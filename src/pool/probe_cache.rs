@@ -5,7 +5,9 @@
 //! A listing reads the directory, `lstat`s every name and re-probes only
 //! files whose key changed, so listing thousands of unchanged volumes costs
 //! one `statx` each. A file changed within [`RACY_NS`] before it was probed
-//! is probed again next time (timestamps come from a coarse kernel clock).
+//! is probed again next time (timestamps come from a coarse kernel clock);
+//! "before" is measured on the filesystem's clock ([`probe_time`]), so a
+//! file server's clock skew cannot make a racy probe look settled.
 //! The cache is disposable: deleting it only costs one slow listing. It is
 //! an optimisation, never a source of trust: a file is recorded with the
 //! format of a fresh probe, never of a cache entry.
@@ -28,11 +30,44 @@ fn ns(t: (i64, i64)) -> i128 {
     i128::from(t.0) * 1_000_000_000 + i128::from(t.1)
 }
 
-/// The current time for [`ProbeCache::put`].
-pub(crate) fn probe_clock() -> i128 {
+/// The filesystem's clock for [`ProbeCache::put`]: the newest of `ctimes`,
+/// ctimes stat'ed before the probe (as seconds and nanoseconds). A file
+/// server stamps ctime with its own clock, which may be minutes from this
+/// host's; comparing its ctimes with each other, never with this host's
+/// clock, keeps the racy check sound under any skew. A user can set mtime
+/// (`touch -d`) but not ctime, so only ctimes count.
+pub(crate) fn fs_clock(ctimes: impl Iterator<Item = (i64, i64)>) -> i128 {
+    ctimes.map(ns).max().unwrap_or(i128::MIN)
+}
+
+/// Whether the filesystem of type `fstype` stamps ctimes with this host's
+/// clock: local filesystems do; NFS, CIFS, FUSE (GlusterFS), cluster
+/// filesystems and shared folders of a hypervisor stamp with another
+/// machine's (or each node's own), so only [`fs_clock`] may be trusted
+/// there. Unknown types count as not local.
+pub(crate) fn clock_is_local(fstype: &str) -> bool {
+    const LOCAL: &[&str] = &[
+        "ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "ramfs", "f2fs", "jfs", "reiserfs", "bcachefs", "zfs", "vfat",
+        "exfat", "ntfs", "ntfs3", "hfsplus", "nilfs2", "overlay",
+    ];
+    LOCAL.contains(&fstype)
+}
+
+/// The time a probe starts after: on a filesystem with this host's clock,
+/// the later of that clock and [`fs_clock`]; elsewhere [`fs_clock`] alone
+/// (a skewed server clock makes this host's meaningless there).
+pub(crate) fn probe_time(dir: &Path, ctimes: impl Iterator<Item = (i64, i64)>) -> i128 {
+    let fs = fs_clock(ctimes);
+    let local = std::fs::canonicalize(dir)
+        .ok()
+        .and_then(|p| crate::pool::mount::fstype_of(&p, &crate::pool::mount::mounts()))
+        .is_some_and(|t| clock_is_local(&t));
+    if !local {
+        return fs;
+    }
     match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(_) => 0,
+        Ok(d) => fs.max(d.as_nanos() as i128),
+        Err(_) => fs,
     }
 }
 
@@ -66,7 +101,9 @@ pub(crate) struct ProbeCache {
     loaded: bool,
 }
 
-const CACHE_MAGIC: &str = "vdisk-pool-cache 1";
+// Version 2: the probe time is on the filesystem's clock (version 1 kept
+// this host's, which a file server's clock skew made unsound).
+const CACHE_MAGIC: &str = "vdisk-pool-cache 2";
 
 fn opt_enc(v: &Option<String>) -> String {
     match v {
@@ -203,7 +240,8 @@ impl ProbeCache {
         (e.key == StatKey::of(stat) && e.probed_at.saturating_sub(e.key.ctime) > RACY_NS).then_some(&e.facts)
     }
 
-    /// Stores a fresh probe taken at `probed_at`.
+    /// Stores a fresh probe taken after `probed_at`, a time on the
+    /// filesystem's clock ([`fs_clock`]).
     pub fn put(&mut self, name: &OsStr, stat: &FileStat, probed_at: i128, facts: Facts) {
         self.entries.insert(name.to_os_string(), CacheEntry { key: StatKey::of(stat), probed_at, facts });
     }
@@ -256,5 +294,40 @@ mod tests {
         assert!(r.get(OsStr::new("x"), &st).is_none());
         std::fs::write(&p, "not a cache").unwrap();
         assert!(ProbeCache::load(&p).entries.is_empty());
+        std::fs::write(&p, text_v1()).unwrap();
+        assert!(ProbeCache::load(&p).entries.is_empty(), "a version 1 cache (this host's clock) is dropped");
+        assert!(ProbeCache::load(&p).entries.is_empty());
+    }
+
+    fn text_v1() -> String {
+        "vdisk-pool-cache 1\n".to_string()
+    }
+
+    /// A file server's clock an hour ahead of or behind this host's: the
+    /// racy check compares the server's ctimes with each other only.
+    #[test]
+    fn racy_check_ignores_this_hosts_clock() {
+        let hour = 3600i64;
+        let here = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+        for skew in [-hour, 0, hour] {
+            let server_now = here + skew;
+            let facts = Facts { format: Some(Format::Raw), ..Default::default() };
+            // Changed on the server just now, probed right away: whatever
+            // this host's clock says, the probe is racy.
+            let fresh = FileStat { dev: 1, ino: 2, size: 3, ctime: (server_now, 0), ..Default::default() };
+            let old = FileStat { ino: 3, ctime: (server_now - 60, 0), ..fresh };
+            let probed_at = fs_clock([fresh.ctime, old.ctime].into_iter());
+            let mut c = ProbeCache::default();
+            c.put(OsStr::new("fresh"), &fresh, probed_at, facts.clone());
+            c.put(OsStr::new("old"), &old, probed_at, facts.clone());
+            assert!(c.get(OsStr::new("fresh"), &fresh).is_none(), "skew {skew}: a fresh change is racy");
+            assert_eq!(c.get(OsStr::new("old"), &old), Some(&facts), "skew {skew}: a settled file is reused");
+            // Once the server's clock has visibly moved on (another file
+            // changed later), a new probe of the first file is settled.
+            let later = fs_clock([fresh.ctime, (server_now + 1, 0)].into_iter());
+            c.put(OsStr::new("fresh"), &fresh, later, facts.clone());
+            assert_eq!(c.get(OsStr::new("fresh"), &fresh), Some(&facts), "skew {skew}");
+        }
+        assert_eq!(fs_clock(std::iter::empty()), i128::MIN);
     }
 }

@@ -5,7 +5,9 @@
 //! A listing reads the directory, `lstat`s every name and re-probes only
 //! files whose (device, inode, size, mtime, ctime) changed since their
 //! cached probe ([`RACY_NS`]: a file changed just before its probe is
-//! probed again), so listing thousands of unchanged volumes costs one
+//! probed again; "before" is judged on the filesystem's clock, the newest
+//! ctime the listing saw, and on this host's clock only where the
+//! filesystem is local: a file server's clock may be skewed from it), so listing thousands of unchanged volumes costs one
 //! `statx` each; the cache (`<config>/cache/<pool uuid>.cache`) is
 //! disposable. A file without a format record is always probed afresh,
 //! since that probe becomes its record. Files appear with the format vdisk
@@ -28,7 +30,7 @@ use super::dir::{kind_name, PoolDir};
 use super::headers::{probe_file, probe_symlink, Facts};
 use super::lifecycle::Pool;
 use super::name::TEMP_PREFIX;
-use super::probe_cache::{probe_clock, ProbeCache};
+use super::probe_cache::{probe_time, ProbeCache};
 use super::records::{Record, Records};
 use super::volinfo::build_info;
 use crate::device::Format;
@@ -78,6 +80,17 @@ impl Pool {
             }
         }
         entries.sort_by(|a, b| a.0.cmp(&b.0));
+        // The time every probe below happens after, on the clock of the
+        // filesystem (for NFS or GlusterFS the server's, which may be
+        // skewed from this host's): the newest ctime stat'ed so far.
+        // On a local filesystem this host's clock counts too.
+        let probed_at = probe_time(
+            d.path(),
+            std::fs::metadata(d.path())
+                .iter()
+                .chain(entries.iter().map(|(_, m)| m))
+                .map(|m| (m.ctime(), m.ctime_nsec())),
+        );
         let alloc_of: HashMap<&OsStr, u64> = entries
             .iter()
             .filter(|(_, m)| m.is_file())
@@ -102,10 +115,9 @@ impl Pool {
                         f.clone()
                     }
                     None => {
-                        let t = probe_clock();
                         let f = probe_regular(&d, name).unwrap_or_else(|e| Facts::error(e.message()));
                         report.probed += 1;
-                        cache.put(name, stat, t, f.clone());
+                        cache.put(name, stat, probed_at, f.clone());
                         changed = true;
                         f
                     }

@@ -198,6 +198,18 @@ impl Volume {
     /// [`open`](Self::open) with a lock mode and the passphrase of an
     /// encrypted (legacy AES) qcow2 volume.
     pub fn open_with(&self, read_only: bool, mode: LockMode, key: Option<Secret>) -> Result<VolumeDevice> {
+        self.open_opts(read_only, mode, key, false)
+    }
+
+    /// Opens the volume read-write but inactive, as the destination of a
+    /// live migration while the source host still writes it (see
+    /// [`OpenOptions::inactive`](crate::OpenOptions::inactive)): nothing is written and only the shared
+    /// lock is held until [`BlockDevice::activate`].
+    pub fn open_inactive(&self, key: Option<Secret>) -> Result<VolumeDevice> {
+        self.open_opts(false, LockMode::Auto, key, true)
+    }
+
+    fn open_opts(&self, read_only: bool, mode: LockMode, key: Option<Secret>, inactive: bool) -> Result<VolumeDevice> {
         let format = self.recorded_format()?;
         let d = self.dir()?;
         let path = d.join(&self.name);
@@ -211,6 +223,7 @@ impl Volume {
             .lock(mode)
             .key_opt(key)
             .backing(BackingPolicy::RecordedFormat)
+            .inactive(inactive)
             .open(&path)?;
         // The name must still be the file checked above (no swap to a
         // symlink in between).
@@ -442,5 +455,17 @@ impl BlockDevice for VolumeDevice {
     }
     fn write_vectored_at(&self, bufs: &[IoSlice<'_>], offset: u64) -> Result<()> {
         self.image.write_vectored_at(bufs, offset)
+    }
+    fn inactivate(&self) -> Result<()> {
+        self.image.inactivate()
+    }
+    fn activate(&self) -> Result<()> {
+        self.image.activate()
+    }
+    fn is_inactive(&self) -> bool {
+        self.image.is_inactive()
+    }
+    fn refresh(&self) -> Result<()> {
+        self.image.refresh()
     }
 }

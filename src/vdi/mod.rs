@@ -62,6 +62,9 @@ use header::{is_allocated, Header, HEADER_LEN, QEMU_TEXT, TYPE_DYNAMIC, TYPE_STA
 pub struct VdiOptions {
     /// Refuse writes.
     pub read_only: bool,
+    /// Open read-write but inactive, as the destination of a handoff
+    /// ([`BlockDevice::activate`] makes it usable).
+    pub inactive: bool,
 }
 
 /// Options of a new VDI image, as `qemu-img create -f vdi -o` names them.
@@ -111,6 +114,8 @@ pub struct Vdi {
     /// The next block's index in the data area (the header's
     /// `blocks_allocated`, or past the highest entry if that is larger).
     alloc: Mutex<u32>,
+    /// Handed off ([`BlockDevice::inactivate`]), and the gate requests pass.
+    handoff: crate::handoff::Handoff,
 }
 
 fn verr(e: Error, path: Option<&Path>) -> Error {
@@ -136,11 +141,7 @@ impl Vdi {
         let mut b = [0u8; HEADER_LEN];
         file.read_at(&mut b, 0)?;
         let header = Header::decode(&b, flen)?;
-        let mut raw = vec![0u8; header.blocks_in_image as usize * 4];
-        file.read_at(&mut raw, u64::from(header.offset_bmap))?;
-        let bmap: Vec<u32> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
-        let highest = bmap.iter().filter(|&&e| is_allocated(e) && e < header.blocks_in_image).max().map(|&e| e + 1);
-        let next = header.blocks_allocated.max(highest.unwrap_or(0));
+        let (bmap, next) = Self::read_bmap(&*file, &header)?;
         // Sizes that are not whole sectors (VBoxManage convertfromraw) are
         // rounded up, as QEMU does.
         let size = header.disk_size.next_multiple_of(512);
@@ -173,7 +174,44 @@ impl Vdi {
             header,
             bmap: RwLock::new(bmap),
             alloc: Mutex::new(next),
+            handoff: crate::handoff::Handoff::new(opts.inactive),
         })
+    }
+
+    /// The block map and the next block to allocate.
+    fn read_bmap(file: &dyn Storage, header: &Header) -> Result<(Vec<u32>, u32)> {
+        let mut raw = vec![0u8; header.blocks_in_image as usize * 4];
+        file.read_at(&mut raw, u64::from(header.offset_bmap))?;
+        let bmap: Vec<u32> = raw.chunks_exact(4).map(LittleEndian::read_u32).collect();
+        let highest = bmap.iter().filter(|&&e| is_allocated(e) && e < header.blocks_in_image).max().map(|&e| e + 1);
+        let next = header.blocks_allocated.max(highest.unwrap_or(0));
+        Ok((bmap, next))
+    }
+
+    /// Rereads what another host or process may have changed while this
+    /// open was inactive (or read-only beside a writer): the allocation
+    /// count and the block map. Everything else in the header is fixed for
+    /// the image's life (vdisk and QEMU change only `blocks_allocated`, and
+    /// neither resizes a VDI); a header that changed otherwise is refused.
+    fn reload(&self) -> Result<()> {
+        let flen = self.file.len()?;
+        let mut b = [0u8; HEADER_LEN];
+        self.file.read_at(&mut b, 0)?;
+        let mut header = Header::decode(&b, flen)?;
+        let allocated = header.blocks_allocated;
+        header.blocks_allocated = self.header.blocks_allocated;
+        if header.encode() != self.header.encode() {
+            return Err(Error::invalid(
+                "the header changed while the image was handed off (only blocks_allocated may change): reopen the image",
+            )
+            .with_field("header"));
+        }
+        header.blocks_allocated = allocated;
+        let (bmap, next) = Self::read_bmap(&*self.file, &header)?;
+        let mut alloc = self.alloc.lock();
+        *self.bmap.write() = bmap;
+        *alloc = next;
+        Ok(())
     }
 
     /// Creates a VDI image in `file` (which should be empty) of `size`
@@ -366,6 +404,7 @@ impl BlockDevice for Vdi {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size)?;
+        let _active = self.handoff.enter("vdi")?;
         self.for_blocks(offset, buf.len() as u64, |idx, within, r| match self.block_at(idx)? {
             Some(host) => self.file.read_at(&mut buf[r], host + within),
             None => {
@@ -377,11 +416,13 @@ impl BlockDevice for Vdi {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _active = self.handoff.enter("vdi")?;
         self.write_inner(buf, offset, false).map_err(|e| self.err(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
         check_request(offset, len, self.size)?;
+        let _active = self.handoff.enter("vdi")?;
         crate::storage::write_zeros_with(offset, len, |buf, at| self.write_inner(buf, at, true))
             .map_err(|e| self.err(e))
     }
@@ -389,6 +430,7 @@ impl BlockDevice for Vdi {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         let len = max_len.min(self.size.saturating_sub(offset));
         check_request(offset, len, self.size)?;
+        let _active = self.handoff.enter("vdi")?;
         let bs = self.block_size();
         let idx = (offset / bs) as usize;
         let within = offset % bs;
@@ -426,6 +468,24 @@ impl BlockDevice for Vdi {
 
     fn resize(&self, _new_size: u64) -> Result<()> {
         Err(self.err(Error::unsupported("image format driver does not support resize")))
+    }
+
+    /// Every write leaves the image consistent (see the module docs), so
+    /// inactivating syncs, as a close does.
+    fn inactivate(&self) -> Result<()> {
+        self.handoff.inactivate(&*self.file, self.read_only, || self.flush())
+    }
+
+    fn activate(&self) -> Result<()> {
+        self.handoff.activate(&*self.file, self.read_only, "vdi", || self.reload()).map_err(|e| self.err(e))
+    }
+
+    fn is_inactive(&self) -> bool {
+        self.handoff.is_inactive()
+    }
+
+    fn refresh(&self) -> Result<()> {
+        self.handoff.refresh(self.read_only, "vdi", || self.reload()).map_err(|e| self.err(e))
     }
 }
 

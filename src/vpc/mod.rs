@@ -82,6 +82,9 @@ pub struct VpcOptions {
     /// The opened parent of a differencing disk. When the image names a
     /// parent and this is `None`, reads that fall through to it fail.
     pub parent: Option<Arc<dyn BlockDevice>>,
+    /// Open read-write but inactive, as the destination of a handoff
+    /// ([`BlockDevice::activate`] makes it usable).
+    pub inactive: bool,
 }
 
 /// The dynamic (and differencing) part of an image.
@@ -108,6 +111,8 @@ pub struct Vpc {
     read_only: bool,
     parent: Option<Arc<dyn BlockDevice>>,
     parent_name: Option<String>,
+    /// Handed off ([`BlockDevice::inactivate`]), and the gate requests pass.
+    handoff: crate::handoff::Handoff,
 }
 
 fn verr(e: Error, path: Option<&Path>) -> Error {
@@ -208,7 +213,39 @@ impl Vpc {
             read_only,
             parent: opts.parent,
             parent_name,
+            handoff: crate::handoff::Handoff::new(opts.inactive),
         })
+    }
+
+    /// Rereads what another host or process may have changed while this
+    /// open was inactive (or read-only beside a writer): the BAT and where
+    /// the next block goes. The footer and the dynamic header are fixed
+    /// for the image's life (neither vdisk nor QEMU resizes a VHD or
+    /// rewrites them on allocation); an image whose footer or header
+    /// changed is refused.
+    fn reload(&self) -> Result<()> {
+        let flen = self.file.len()?;
+        let (footer, at_end) = read_footer(&*self.file, flen)?;
+        if footer.encode() != self.footer.encode() {
+            return Err(Error::invalid("the footer changed while the image was handed off: reopen the image")
+                .with_field("footer"));
+        }
+        let Some(d) = &self.dynamic else {
+            return Ok(());
+        };
+        let header = read_dyn_header(&*self.file, &footer, flen)?;
+        if header != d.header {
+            return Err(Error::invalid(
+                "the dynamic disk header changed while the image was handed off: reopen the image",
+            )
+            .with_field("dynamic header"));
+        }
+        let footer_pos = if at_end { flen - FOOTER_LEN as u64 } else { flen.next_multiple_of(512) };
+        let fresh = load_bat(&*self.file, &footer, header, self.size, flen, footer_pos)?;
+        let mut alloc = d.alloc.lock();
+        *d.bat.write() = fresh.bat.into_inner();
+        *alloc = fresh.alloc.into_inner();
+        Ok(())
     }
 
     /// The footer as read at open.
@@ -525,6 +562,7 @@ impl BlockDevice for Vpc {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         check_request(offset, buf.len() as u64, self.size)?;
+        let _active = self.handoff.enter("vpc")?;
         let r = match &self.dynamic {
             None => self.file.read_at(buf, offset),
             Some(d) => self.read_dynamic(d, buf, offset),
@@ -533,11 +571,13 @@ impl BlockDevice for Vpc {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _active = self.handoff.enter("vpc")?;
         self.write_inner(buf, offset, false).map_err(|e| self.err(e))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, _mode: ZeroMode) -> Result<()> {
         check_request(offset, len, self.size)?;
+        let _active = self.handoff.enter("vpc")?;
         crate::storage::write_zeros_with(offset, len, |buf, at| self.write_inner(buf, at, true))
             .map_err(|e| self.err(e))
     }
@@ -545,6 +585,7 @@ impl BlockDevice for Vpc {
     fn map(&self, offset: u64, max_len: u64) -> Result<Extent> {
         let len = max_len.min(self.size.saturating_sub(offset));
         check_request(offset, len, self.size)?;
+        let _active = self.handoff.enter("vpc")?;
         let mk = |length, kind, depth| Extent { offset, length, kind, depth, encrypted: false };
         let Some(d) = &self.dynamic else {
             return Ok(mk(len, ExtentKind::Data { host_offset: Some(offset) }, 0));
@@ -615,6 +656,24 @@ impl BlockDevice for Vpc {
 
     fn backing(&self) -> Option<&dyn BlockDevice> {
         self.parent.as_deref()
+    }
+
+    /// Every write leaves the image consistent (block and footer, sync,
+    /// then the BAT entry), so inactivating syncs, as a close does.
+    fn inactivate(&self) -> Result<()> {
+        self.handoff.inactivate(&*self.file, self.read_only, || self.flush())
+    }
+
+    fn activate(&self) -> Result<()> {
+        self.handoff.activate(&*self.file, self.read_only, "vpc", || self.reload()).map_err(|e| self.err(e))
+    }
+
+    fn is_inactive(&self) -> bool {
+        self.handoff.is_inactive()
+    }
+
+    fn refresh(&self) -> Result<()> {
+        self.handoff.refresh(self.read_only, "vpc", || self.reload()).map_err(|e| self.err(e))
     }
 }
 
@@ -751,7 +810,8 @@ mod tests {
         assert_eq!(Vpc::parent_name(&*file).unwrap().as_deref(), Some("base.vhd"));
         let pdata: Vec<u8> = (0..size).map(|i| (i / 512) as u8 ^ 0x5c).collect();
         let parent = Arc::new(crate::Raw::open(Arc::new(MemStorage::from_vec(pdata.clone()))).unwrap());
-        let d = Vpc::open(file.clone(), VpcOptions { read_only: false, parent: Some(parent) }).unwrap();
+        let d = Vpc::open(file.clone(), VpcOptions { read_only: false, parent: Some(parent), ..Default::default() })
+            .unwrap();
         assert!(d.info().read_only);
         let mut got = vec![0u8; size as usize];
         d.read_at(&mut got, 0).unwrap();

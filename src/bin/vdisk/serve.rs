@@ -74,7 +74,7 @@ pub struct ServeArgs {
     pub config_dir: Option<PathBuf>,
     /// Open the images inactive, as the destination of a live migration
     /// while the source host still writes them: clients' I/O is refused
-    /// until `vdisk handoff SOCKET activate` (raw and qcow2).
+    /// until `vdisk handoff SOCKET activate` (raw, qcow2, vdi, vpc, luks).
     #[arg(long = "inactive", requires = "control")]
     pub inactive: bool,
     /// Listen for handoff requests (`vdisk handoff`) on this Unix socket.
@@ -222,9 +222,6 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<Served>> {
     let direct = matches!(cache, "none" | "directsync");
     let mut out: Vec<Served> = Vec::new();
     if let Some(pool) = &a.pool {
-        if a.inactive {
-            return Err(Error::invalid_argument("--inactive serves images named by path, not --pool volumes"));
-        }
         // With --pool, the positional names are volumes (all when none).
         let reg = crate::pool::registry(a.config_dir.as_ref())?;
         let pool = reg.pool(pool)?;
@@ -241,9 +238,8 @@ fn devices(a: &ServeArgs, cache: &str) -> Result<Vec<Served>> {
                     Error::invalid_argument(format!("volume name {vname:?} is not UTF-8: name its export with -x"))
                 })?,
             };
-            let dev = vol
-                .open(a.read_only)
-                .map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
+            let dev = if a.inactive { vol.open_inactive(None) } else { vol.open(a.read_only) };
+            let dev = dev.map_err(|e| e.context(format!("opening volume '{}'", vname.to_string_lossy())))?;
             out.push((name, Arc::new(dev), None));
         }
         if out.is_empty() {

@@ -20,20 +20,23 @@ pub fn open_vpc_vdi(data: &[u8]) {
     let ro = || -> Arc<dyn Storage> { Arc::new(MemStorage::from_vec(data.to_vec()).limit(len).read_only()) };
     let parent =
         no_internal("vpc parent name", Vpc::parent_name(&*ro())).ok().flatten().map(|_| pattern_device(1 << 20, 0x44));
-    if let Ok(v) = no_internal("vpc open", Vpc::open(ro(), VpcOptions { read_only: true, parent: parent.clone() })) {
+    if let Ok(v) = no_internal(
+        "vpc open",
+        Vpc::open(ro(), VpcOptions { read_only: true, parent: parent.clone(), ..Default::default() }),
+    ) {
         walk(&v);
     }
-    if let Ok(v) = no_internal("vdi open", Vdi::open(ro(), VdiOptions { read_only: true })) {
+    if let Ok(v) = no_internal("vdi open", Vdi::open(ro(), VdiOptions { read_only: true, ..Default::default() })) {
         walk(&v);
         let _ = no_internal("vdi check", v.check());
     }
     // Writable copies.
     let st = Capped::new(data.to_vec(), len + (4 << 20));
-    if let Ok(v) = Vpc::open(st.clone(), VpcOptions { read_only: false, parent }) {
+    if let Ok(v) = Vpc::open(st.clone(), VpcOptions { read_only: false, parent, ..Default::default() }) {
         write_back(&v, &st, |s| Vpc::open(s, VpcOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
     let st = Capped::new(data.to_vec(), len + (4 << 20));
-    if let Ok(v) = Vdi::open(st.clone(), VdiOptions { read_only: false }) {
+    if let Ok(v) = Vdi::open(st.clone(), VdiOptions { read_only: false, ..Default::default() }) {
         write_back(&v, &st, |s| Vdi::open(s, VdiOptions::default()).map(|d| Box::new(d) as Box<dyn BlockDevice>));
     }
 }
