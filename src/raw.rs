@@ -23,6 +23,10 @@ pub struct Raw {
     unsynced: AtomicBool,
     /// Handed off to another host or process ([`BlockDevice::inactivate`]).
     inactive: AtomicBool,
+    /// Writes enter this gate before they check `inactive`, so
+    /// `inactivate` (which sets the flag, then waits for the writes inside)
+    /// never flushes and lets the lock go under a write still running.
+    gate: crate::quiesce::Quiesce,
 }
 
 impl Raw {
@@ -36,6 +40,7 @@ impl Raw {
             read_only,
             unsynced: AtomicBool::new(false),
             inactive: AtomicBool::new(false),
+            gate: crate::quiesce::Quiesce::new(),
         })
     }
 
@@ -123,12 +128,14 @@ impl BlockDevice for Raw {
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+        let _g = self.gate.enter();
         self.check_writable("write")?;
         check_request(offset, buf.len() as u64, self.size())?;
         self.storage.write_at(buf, offset)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> Result<()> {
+        let _g = self.gate.enter();
         self.check_writable("write_zeroes")?;
         check_request(offset, len, self.size())?;
         if len == 0 {
@@ -145,6 +152,7 @@ impl BlockDevice for Raw {
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _g = self.gate.enter();
         self.check_writable("discard")?;
         check_request(offset, len, self.size())?;
         if len == 0 {
@@ -181,6 +189,10 @@ impl BlockDevice for Raw {
         if self.inactive.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
+        // Writes that passed the check before the flag changed finish
+        // first: the flush covers them and none lands after the lock is
+        // given to another host.
+        self.gate.wait_for_readers();
         if let Err(e) = self.flush() {
             self.inactive.store(false, Ordering::Release);
             return Err(e);
@@ -231,6 +243,7 @@ impl BlockDevice for Raw {
     }
 
     fn resize(&self, new_size: u64) -> Result<()> {
+        let _g = self.gate.enter();
         self.check_writable("resize")?;
         self.storage.set_len(new_size)?;
         self.size.store(new_size, Ordering::Release);
@@ -242,6 +255,50 @@ impl BlockDevice for Raw {
 mod tests {
     use super::*;
     use crate::storage::MemStorage;
+
+    /// Memory storage whose writes take a while.
+    #[derive(Debug)]
+    struct Slow(MemStorage);
+
+    impl Storage for Slow {
+        fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+            self.0.read_at(buf, offset)
+        }
+        fn write_at(&self, buf: &[u8], offset: u64) -> Result<()> {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            self.0.write_at(buf, offset)
+        }
+        fn len(&self) -> Result<u64> {
+            self.0.len()
+        }
+        fn set_len(&self, len: u64) -> Result<()> {
+            self.0.set_len(len)
+        }
+        fn sync(&self) -> Result<()> {
+            self.0.sync()
+        }
+        fn is_read_only(&self) -> bool {
+            false
+        }
+    }
+
+    #[test]
+    fn inactivate_waits_for_writes_in_flight() {
+        let mem = MemStorage::new();
+        mem.set_len(1 << 20).unwrap();
+        let r = Raw::open(Arc::new(Slow(mem))).unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                r.write_at(&[7; 512], 0).unwrap();
+                done.store(true, Ordering::Release);
+            });
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            r.inactivate().unwrap();
+            assert!(done.load(Ordering::Acquire), "inactivate returned while a write was still running");
+        });
+        assert!(r.write_at(&[1; 512], 0).is_err());
+    }
 
     #[test]
     fn read_write_bounds() {
