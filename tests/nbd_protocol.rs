@@ -706,3 +706,39 @@ fn client_refuses_a_go_that_never_ends() {
     assert!(e.to_string().contains("without an ACK"), "{e}");
     t.join().unwrap();
 }
+
+#[test]
+fn a_client_trickling_option_bytes_cannot_stretch_the_handshake() {
+    // One byte every 200 ms of a 1000-byte option: each read returns before
+    // a per-read timeout, so only a deadline over the whole handshake ends
+    // it. The server must hang up about when its 1 s limit passes.
+    let dir = common::tmp();
+    let opts = ServerOptions { handshake_timeout: Duration::from_secs(1), ..ServerOptions::default() };
+    let srv = start(dir.path(), opts, vec![Export::new("", mem_raw(1 << 20))]);
+    let mut s = UnixStream::connect(&srv.sock).unwrap();
+    let mut greet = [0u8; 18];
+    s.read_exact(&mut greet).unwrap();
+    s.write_all(&(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES).to_be_bytes()).unwrap();
+    let mut h = IHAVEOPT.to_be_bytes().to_vec();
+    h.extend_from_slice(&OPT_GO.to_be_bytes());
+    h.extend_from_slice(&1000u32.to_be_bytes());
+    s.write_all(&h).unwrap();
+    let t = Instant::now();
+    let mut hung_up = false;
+    for _ in 0..40 {
+        std::thread::sleep(Duration::from_millis(200));
+        if s.write_all(&[0]).is_err() {
+            hung_up = true;
+            break;
+        }
+        s.set_nonblocking(true).unwrap();
+        let mut b = [0u8; 1];
+        if let Ok(0) = s.read(&mut b) {
+            hung_up = true;
+            break;
+        }
+        s.set_nonblocking(false).unwrap();
+    }
+    assert!(hung_up, "the server kept a trickling handshake open for {:?}", t.elapsed());
+    assert!(t.elapsed() < Duration::from_secs(3), "hung up only after {:?}", t.elapsed());
+}

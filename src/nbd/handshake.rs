@@ -58,6 +58,63 @@ pub(crate) fn transmission_flags(e: &Export, structured: bool, extended: bool) -
     f
 }
 
+/// The handshake's connection: every read and write gets what is left of
+/// the handshake's deadline as its socket timeout, so a client trickling
+/// one byte at a time cannot stretch the handshake past it (a timeout set
+/// once per option would be per system call).
+#[derive(Debug)]
+struct Timed {
+    inner: Box<dyn Connection>,
+    deadline: Instant,
+}
+
+impl Timed {
+    fn left(&self) -> std::io::Result<std::time::Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the handshake deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+impl std::io::Read for Timed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.inner.set_read_timeout_conn(Some(left))?;
+        self.inner.read(buf)
+    }
+}
+
+impl std::io::Write for Timed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let left = self.left()?;
+        self.inner.set_write_timeout_conn(Some(left))?;
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Connection for Timed {
+    fn try_clone_conn(&self) -> std::io::Result<Box<dyn Connection>> {
+        self.inner.try_clone_conn()
+    }
+    fn set_read_timeout_conn(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_read_timeout_conn(t)
+    }
+    fn set_write_timeout_conn(&self, t: Option<std::time::Duration>) -> std::io::Result<()> {
+        self.inner.set_write_timeout_conn(t)
+    }
+    fn shutdown_conn(&self) {
+        self.inner.shutdown_conn()
+    }
+    fn peer(&self) -> String {
+        self.inner.peer()
+    }
+}
+
 /// Reads exactly `buf`, mapping a timeout to a clear error.
 fn read_exact(c: &mut dyn Connection, buf: &mut [u8], what: &str) -> Result<()> {
     c.read_exact(buf).map_err(|e| match e.kind() {
@@ -105,9 +162,10 @@ fn matching(e: &Export, query: &str, list: bool) -> Vec<Context> {
 /// Runs the handshake. `Ok(None)`: the client aborted (or went away
 /// politely); `Ok(Some)`: enter transmission.
 pub(crate) fn negotiate(server: &Server, conn: &dyn Connection) -> Result<Option<Session>> {
-    let mut c = conn.try_clone_conn().map_err(|e| Error::io("nbd: socket", e))?;
-    let c: &mut dyn Connection = &mut *c;
     let deadline = Instant::now() + server.opts.handshake_timeout;
+    let inner = conn.try_clone_conn().map_err(|e| Error::io("nbd: socket", e))?;
+    let mut c = Timed { inner, deadline };
+    let c: &mut dyn Connection = &mut c;
     let arm = |c: &dyn Connection| -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
