@@ -535,3 +535,50 @@ fn new_blocks_never_land_on_a_log_past_the_end_of_the_file() {
     v.read_at(&mut back, 3 * MIB).unwrap();
     assert_eq!(back, pattern(9, 4096));
 }
+
+#[test]
+fn zero_descriptors_past_the_end_of_the_file_extend_it_without_writing() {
+    // A log entry of 126 descriptors, each zeroing 256 MiB from the end of
+    // the file: replaying it must extend the file (holes), not write 32 GiB
+    // of zeros.
+    use std::os::unix::fs::MetadataExt;
+    let mut b = image();
+    let flen = b.len() as u64;
+    let guid = [0x42u8; 16];
+    let nops = 126usize;
+    let mut e = vec![0u8; 4096];
+    e[0..4].copy_from_slice(b"loge");
+    le32(&mut e, 8, 4096);
+    le64(&mut e, 16, 1);
+    le32(&mut e, 24, nops as u32);
+    e[32..48].copy_from_slice(&guid);
+    le64(&mut e, 48, flen);
+    le64(&mut e, 56, flen);
+    for i in 0..nops {
+        let p = 64 + 32 * i;
+        e[p..p + 4].copy_from_slice(b"zero");
+        le64(&mut e, p + 8, 256 << 20);
+        le64(&mut e, p + 16, flen);
+        le64(&mut e, p + 24, 1);
+    }
+    seal(&mut e, 4);
+    b[MIB as usize..MIB as usize + 4096].copy_from_slice(&e);
+    for h in HEADER_OFFSETS {
+        b[h as usize + 48..h as usize + 64].copy_from_slice(&guid);
+    }
+    reseal_headers(&mut b);
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("zeros.vhdx");
+    std::fs::write(&f, &b).unwrap();
+    let t = std::time::Instant::now();
+    let v = Vhdx::open(Arc::new(vdisk::FileStorage::open(&f, false).unwrap()), VhdxOptions::default()).unwrap();
+    assert!(v.log_replayed());
+    let mut buf = vec![0u8; 5000];
+    v.read_at(&mut buf, MIB - 100).unwrap();
+    assert_eq!(buf, pattern(5, 5000), "the guest data survived the replay");
+    drop(v);
+    let md = std::fs::metadata(&f).unwrap();
+    assert!(md.len() >= flen + (256 << 20), "the file was extended to {}", md.len());
+    assert!(md.blocks() * 512 < 64 << 20, "{} bytes were written", md.blocks() * 512);
+    assert!(t.elapsed() < std::time::Duration::from_secs(20));
+}

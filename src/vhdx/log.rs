@@ -300,11 +300,42 @@ pub fn find(file: &dyn Storage, hdr: &Header, file_len: u64) -> Result<Option<Re
 
 /// Applies a replay to the file and syncs it (the caller then clears the
 /// log GUID in the headers).
+///
+/// Zero descriptors past the end of the file only extend it (a hole reads
+/// zeros); the zeros written inside the file count against
+/// [`VHDX_MAX_LOG_GROWTH`](crate::limits::VHDX_MAX_LOG_GROWTH) over the
+/// whole replay, so a log of thousands of overlapping descriptors cannot
+/// make an open write terabytes.
 pub fn apply(file: &dyn Storage, r: &Replay) -> Result<()> {
+    let budget = crate::limits::VHDX_MAX_LOG_GROWTH;
+    let mut zeroed = 0u64;
+    // Past this offset the file reads zeros: its end, moved out by zero
+    // descriptors that extend it, and back by data written past it.
+    let mut zero_from = file.len()?;
     for op in &r.ops {
         match op {
-            Op::Data { offset, sector } => file.write_at(sector, *offset)?,
-            Op::Zero { offset, len } => crate::storage::write_zeroes_slow(file, *offset, *len)?,
+            Op::Data { offset, sector } => {
+                file.write_at(sector, *offset)?;
+                zero_from = zero_from.max(offset + sector.len() as u64);
+            }
+            Op::Zero { offset, len } => {
+                let end = offset.saturating_add(*len);
+                let inside = end.min(zero_from).saturating_sub(*offset);
+                if inside > 0 {
+                    zeroed = zeroed.saturating_add(inside);
+                    if zeroed > budget {
+                        return Err(Error::limit(format!(
+                            "VHDX log replay would write more than {budget} bytes of zeros (descriptors overlapping over and over)"
+                        ))
+                        .with_field("log zero descriptors")
+                        .with_offset(*offset));
+                    }
+                    crate::storage::write_zeroes_slow(file, *offset, inside)?;
+                }
+                if end > file.len()? {
+                    file.set_len(end)?;
+                }
+            }
         }
     }
     let flen = file.len()?;
