@@ -582,3 +582,26 @@ fn zero_descriptors_past_the_end_of_the_file_extend_it_without_writing() {
     assert!(md.blocks() * 512 < 64 << 20, "{} bytes were written", md.blocks() * 512);
     assert!(t.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[test]
+fn zeroing_a_terabyte_of_a_differencing_disk_takes_several_log_entries() {
+    // 2^20 BAT entries change: far more BAT sectors than one log entry of
+    // the 1 MiB log can carry.
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let o = VhdxCreateOptions::parse("block_size=1M").unwrap();
+    Vhdx::create(&base, 1 << 40, &o).unwrap().close().unwrap();
+    let child = dir.path().join("child.vhdx");
+    let o = VhdxCreateOptions::parse("backing_file=base.vhdx,block_size=1M").unwrap();
+    let v = vdisk::OpenOptions::new().create_vhdx(&child, 1 << 40, &o).unwrap();
+    v.write_at(&pattern(4, 4096), 3 * MIB).unwrap();
+    v.write_zeroes(0, 1 << 40, vdisk::ZeroMode::MayUnmap).unwrap();
+    v.close().unwrap();
+    let v = vdisk::OpenOptions::new().format(vdisk::Format::Vhdx).read_only(true).open(&child).unwrap();
+    let e = v.map(4 * MIB, (1 << 40) - 4 * MIB).unwrap();
+    assert_eq!(e.length, (1 << 40) - 4 * MIB, "{e:?}");
+    assert!(matches!(e.kind, vdisk::ExtentKind::Zero { .. }), "{e:?}");
+    let mut b = vec![1u8; 4096];
+    v.read_at(&mut b, 3 * MIB).unwrap();
+    assert!(b.iter().all(|&x| x == 0));
+}

@@ -63,6 +63,8 @@ impl Vhdx {
 
     /// Sets BAT entries through the log: the entry holding the changed BAT
     /// sectors is written and synced, then the sectors are written in place.
+    /// Changes touching more BAT sectors than one log entry can carry (a
+    /// zeroing of terabytes) go in several entries, each complete in itself.
     pub(super) fn update_bat(&self, st: &mut State, changes: &[(u64, u64)]) -> Result<()> {
         if changes.is_empty() {
             return Ok(());
@@ -70,22 +72,59 @@ impl Vhdx {
         if st.header.log_length == 0 {
             return Err(Error::unsupported("this VHDX image has no log, so its BAT cannot be updated safely"));
         }
+        // The last value asked for each entry, in entry order.
+        let mut all = changes.to_vec();
+        all.reverse();
+        all.sort_by_key(|c| c.0);
+        all.dedup_by_key(|c| c.0);
+        let per = SECTOR / 8;
+        let log_len = u64::from(st.header.log_length);
+        let mut max_sectors = 1u64;
+        while log_entry_len(max_sectors + 1) <= log_len / 2 && max_sectors < 1024 {
+            max_sectors += 1;
+        }
+        let mut chunk: Vec<(u64, u64)> = Vec::new();
+        let mut sectors = 0u64;
+        let mut last_sector = None;
+        for &(i, v) in &all {
+            let sec = i / per;
+            if last_sector != Some(sec) {
+                if sectors == max_sectors {
+                    self.update_bat_sectors(st, &chunk)?;
+                    chunk.clear();
+                    sectors = 0;
+                }
+                sectors += 1;
+                last_sector = Some(sec);
+            }
+            chunk.push((i, v));
+        }
+        self.update_bat_sectors(st, &chunk)
+    }
+
+    /// [`update_bat`](Self::update_bat) of changes (ascending, one per
+    /// entry) that fit one log entry.
+    fn update_bat_sectors(&self, st: &mut State, changes: &[(u64, u64)]) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
         self.begin(st, true)?;
         let mut sectors: Vec<u64> = changes.iter().map(|(i, _)| i * 8 / SECTOR).collect();
-        sectors.sort_unstable();
         sectors.dedup();
         let contents: Vec<(u64, Vec<u8>)> = {
             let bat = self.bat.read();
+            let per = (SECTOR / 8) as usize;
+            let mut next = changes.iter().peekable();
             sectors
                 .iter()
                 .map(|&s| {
-                    let per = (SECTOR / 8) as usize;
                     let mut b = vec![0u8; SECTOR as usize];
                     for k in 0..per {
                         let idx = s as usize * per + k;
                         let mut v = bat.get(idx).copied().unwrap_or(0);
-                        if let Some((_, nv)) = changes.iter().rev().find(|(i, _)| *i as usize == idx) {
-                            v = *nv;
+                        if let Some(&&(_, nv)) = next.peek().filter(|(i, _)| *i as usize == idx) {
+                            v = nv;
+                            next.next();
                         }
                         b[k * 8..k * 8 + 8].copy_from_slice(&v.to_le_bytes());
                     }
