@@ -227,6 +227,9 @@ pub(crate) struct LuksCipher {
     iv: IvGen,
     /// ESSIV: AES keyed by the hash of the key.
     essiv: Option<Aes>,
+    /// Bytes per encryption unit (LUKS2 `sector_size`; 512 otherwise).
+    /// The IV still counts 512-byte sectors, as dm-crypt does for LUKS2.
+    unit: usize,
 }
 
 impl std::fmt::Debug for LuksCipher {
@@ -263,7 +266,7 @@ impl LuksCipher {
             }
             _ => None,
         };
-        Ok(LuksCipher { mode, data, tweak, iv, essiv })
+        Ok(LuksCipher { mode, data, tweak, iv, essiv, unit: SECTOR })
     }
 
     fn iv_of(&self, sector: u64) -> aes::Block {
@@ -279,28 +282,76 @@ impl LuksCipher {
         b
     }
 
-    fn check(len: usize) -> Result<()> {
-        if !len.is_multiple_of(SECTOR) {
-            return Err(Error::internal(format!("encrypted I/O of {len} bytes is not whole sectors")));
+    /// The same cipher over units of `unit` bytes (512, 1024, 2048 or
+    /// 4096): each unit is one XTS data unit or one CBC chain, its IV the
+    /// number of its first 512-byte sector.
+    pub(crate) fn with_unit(mut self, unit: usize) -> Result<LuksCipher> {
+        if !unit.is_power_of_two() || !(SECTOR..=4096).contains(&unit) {
+            return Err(Error::unsupported(format!("encryption sector size {unit} is not 512, 1024, 2048 or 4096")));
+        }
+        self.unit = unit;
+        Ok(self)
+    }
+
+    /// Bytes per encryption unit.
+    pub(crate) fn unit(&self) -> usize {
+        self.unit
+    }
+
+    fn check(&self, len: usize) -> Result<()> {
+        if !len.is_multiple_of(self.unit) {
+            return Err(Error::internal(format!(
+                "encrypted I/O of {len} bytes is not whole {}-byte sectors",
+                self.unit
+            )));
         }
         Ok(())
     }
 
-    /// Encrypts whole sectors in place; `sector` is the number of the
-    /// first one (the IV source).
+    /// Encrypts whole units in place; `sector` is the number of the first
+    /// 512-byte sector (the IV source).
     pub(crate) fn encrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
-        Self::check(data.len())?;
-        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
-            let iv = self.iv_of(sector.wrapping_add(i as u64));
-            let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
+        self.run(sector, data, true)
+    }
+
+    /// Decrypts whole units in place.
+    pub(crate) fn decrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
+        self.run(sector, data, false)
+    }
+
+    fn run(&self, sector: u64, data: &mut [u8], enc: bool) -> Result<()> {
+        self.check(data.len())?;
+        let step = (self.unit / SECTOR) as u64;
+        for (i, u) in data.chunks_exact_mut(self.unit).enumerate() {
+            let iv = self.iv_of(sector.wrapping_add(i as u64 * step));
             match &self.tweak {
-                Some(t) => self.xts(t, iv, blocks, true),
+                Some(tk) => {
+                    let mut t = iv;
+                    tk.encrypt(std::slice::from_mut(&mut t));
+                    for s in u.chunks_exact_mut(SECTOR) {
+                        let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
+                        t = self.xts(t, blocks, enc);
+                    }
+                }
                 None => {
                     let mut prev = iv;
-                    for b in blocks.iter_mut() {
-                        xor(b, &prev);
-                        self.data.encrypt(std::slice::from_mut(b));
-                        prev = *b;
+                    for s in u.chunks_exact_mut(SECTOR) {
+                        let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
+                        if enc {
+                            for b in blocks.iter_mut() {
+                                xor(b, &prev);
+                                self.data.encrypt(std::slice::from_mut(b));
+                                prev = *b;
+                            }
+                        } else {
+                            let mut chain = [prev; BLOCKS];
+                            chain[1..].copy_from_slice(&blocks[..BLOCKS - 1]);
+                            prev = blocks[BLOCKS - 1];
+                            self.data.decrypt(blocks);
+                            for (b, p) in blocks.iter_mut().zip(chain.iter()) {
+                                xor(b, p);
+                            }
+                        }
                     }
                 }
             }
@@ -308,30 +359,9 @@ impl LuksCipher {
         Ok(())
     }
 
-    /// Decrypts whole sectors in place.
-    pub(crate) fn decrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
-        Self::check(data.len())?;
-        for (i, s) in data.chunks_exact_mut(SECTOR).enumerate() {
-            let iv = self.iv_of(sector.wrapping_add(i as u64));
-            let (blocks, _) = aes::Block::slice_as_chunks_mut(s);
-            match &self.tweak {
-                Some(t) => self.xts(t, iv, blocks, false),
-                None => {
-                    let mut prev = [iv; BLOCKS];
-                    prev[1..].copy_from_slice(&blocks[..BLOCKS - 1]);
-                    self.data.decrypt(blocks);
-                    for (b, p) in blocks.iter_mut().zip(prev.iter()) {
-                        xor(b, p);
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn xts(&self, tweak_key: &Aes, iv: aes::Block, blocks: &mut [aes::Block], enc: bool) {
-        let mut t = iv;
-        tweak_key.encrypt(std::slice::from_mut(&mut t));
+    /// XTS over one 512-byte run of blocks starting at tweak `t`; returns
+    /// the tweak of the block after them.
+    fn xts(&self, mut t: aes::Block, blocks: &mut [aes::Block], enc: bool) -> aes::Block {
         let mut tweaks = [aes::Block::default(); BLOCKS];
         for (i, b) in blocks.iter_mut().enumerate() {
             tweaks[i] = t;
@@ -346,6 +376,7 @@ impl LuksCipher {
         for (b, t) in blocks.iter_mut().zip(tweaks.iter()) {
             xor(b, t);
         }
+        t
     }
 
     /// The mode.
@@ -415,6 +446,41 @@ mod tests {
             assert_eq!(d, plain);
         }
         assert!(LuksCipher::new(LuksMode::Cbc, IvGen::Essiv(LuksHash::Sha1), &[0; 16]).is_err());
+    }
+
+    #[test]
+    fn large_units_chain_across_512_byte_runs() {
+        // XTS over a 4096-byte unit equals IEEE 1619 XTS with a 4096-byte
+        // data unit: its first 512 bytes match the 512-byte unit at the
+        // same IV, the rest differ (the tweak chain continues), and the IV
+        // of unit k is 8k (512-byte sectors).
+        let key: Vec<u8> = (0..64u8).collect();
+        let small = LuksCipher::new(LuksMode::Xts, IvGen::Plain64, &key).unwrap();
+        let big = small.clone().with_unit(4096).unwrap();
+        let plain: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        let mut a = plain.clone();
+        big.encrypt(16, &mut a).unwrap();
+        let mut b = plain[..512].to_vec();
+        small.encrypt(16, &mut b).unwrap();
+        assert_eq!(a[..512], b[..]);
+        let mut c = plain[4096..4608].to_vec();
+        small.encrypt(24, &mut c).unwrap();
+        assert_eq!(a[4096..4608], c[..]);
+        let mut d = plain[512..1024].to_vec();
+        small.encrypt(16, &mut d).unwrap();
+        assert_ne!(a[512..1024], d[..]);
+        big.decrypt(16, &mut a).unwrap();
+        assert_eq!(a, plain);
+        for mode in [LuksMode::Cbc] {
+            let c = LuksCipher::new(mode, IvGen::Essiv(LuksHash::Sha256), &key[..32]).unwrap().with_unit(2048).unwrap();
+            let mut x = plain.clone();
+            c.encrypt(4, &mut x).unwrap();
+            c.decrypt(4, &mut x).unwrap();
+            assert_eq!(x, plain);
+            assert!(c.encrypt(0, &mut x[..512]).is_err());
+        }
+        assert!(small.clone().with_unit(8192).is_err());
+        assert!(small.with_unit(768).is_err());
     }
 
     #[test]

@@ -16,8 +16,10 @@
 //! in the payload file read as whatever zeros decrypt to, as with QEMU.
 
 pub(crate) mod keyslots;
+mod v2;
 
 pub use keyslots::{KeyslotChange, SlotState};
+pub use v2::{Luks2Details, Luks2SlotDetails};
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -32,6 +34,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::storage::Storage;
 
 pub use crate::crypto::luks1::{area_len, KeySlot, Luks1Header, Luks1Params};
+pub use crate::crypto::luks2::{Kdf, KdfKind, Luks2Header, Luks2Keyslot, Luks2Params};
 pub use crate::crypto::sector::{IvGen, LuksHash, LuksMode};
 
 const S: u64 = SECTOR as u64;
@@ -72,6 +75,8 @@ pub struct LuksDetails {
     pub detached_header: bool,
     /// Key slots: active, iterations (active only), key offset in bytes, stripes.
     pub slots: Vec<(bool, Option<u32>, u64, u32)>,
+    /// The LUKS2 facts (`None` for LUKS1).
+    pub luks2: Option<Luks2Details>,
 }
 
 impl LuksDetails {
@@ -104,8 +109,16 @@ impl LuksDetails {
                 .iter()
                 .map(|s| (s.active, s.active.then_some(s.iterations), u64::from(s.key_offset) * S, s.stripes))
                 .collect(),
+            luks2: None,
         }
     }
+}
+
+/// The header of an open volume.
+#[derive(Debug, Clone)]
+enum Meta {
+    V1(Luks1Header),
+    V2(Box<Luks2Header>),
 }
 
 /// An open LUKS volume.
@@ -116,13 +129,19 @@ pub struct Luks {
     /// The payload file.
     payload: Arc<dyn Storage>,
     detached: bool,
-    header: Mutex<Luks1Header>,
+    header: Mutex<Meta>,
     /// `None` when opened for inspection only.
     cipher: Option<LuksCipher>,
     /// The passphrase it was opened with (for key-slot changes).
     passphrase: Option<Secret>,
     /// Payload byte offset in the payload file.
     offset: u64,
+    /// Bytes per encryption sector (LUKS2 `sector_size`; 512 for LUKS1).
+    unit: u64,
+    /// Added to the 512-byte sector number for the IV (LUKS2 `iv_tweak`).
+    iv_base: u64,
+    /// The payload length is fixed (a LUKS2 segment with a `size`).
+    fixed_size: bool,
     size: AtomicU64,
     read_only: bool,
     unsynced: AtomicBool,
@@ -177,6 +196,9 @@ impl Luks {
     pub fn open(payload: Arc<dyn Storage>, opts: LuksOptions) -> Result<Luks> {
         let detached = opts.header.is_some();
         let header_file = opts.header.clone().unwrap_or_else(|| payload.clone());
+        if v2::is_luks2_file(&*header_file)? {
+            return Luks::open_luks2(payload, header_file, opts);
+        }
         let h = read_header(&*header_file)?;
         let read_only = opts.read_only || payload.is_read_only() || header_file.is_read_only() && !detached;
         let offset = if detached { 0 } else { h.payload_bytes() };
@@ -217,10 +239,13 @@ impl Luks {
             header_file,
             payload,
             detached,
-            header: Mutex::new(h),
+            header: Mutex::new(Meta::V1(h)),
             cipher,
             passphrase: opts.key.clone(),
             offset,
+            unit: S,
+            iv_base: 0,
+            fixed_size: false,
             size: AtomicU64::new(size),
             read_only,
             unsynced: AtomicBool::new(false),
@@ -274,9 +299,20 @@ impl Luks {
         &self.payload
     }
 
-    /// The current header.
-    pub fn header(&self) -> Luks1Header {
-        self.header.lock().clone()
+    /// The current LUKS1 header (`None` for a LUKS2 volume).
+    pub fn header(&self) -> Option<Luks1Header> {
+        match &*self.header.lock() {
+            Meta::V1(h) => Some(h.clone()),
+            Meta::V2(_) => None,
+        }
+    }
+
+    /// The LUKS2 header (`None` for a LUKS1 volume).
+    pub fn luks2_header(&self) -> Option<Luks2Header> {
+        match &*self.header.lock() {
+            Meta::V1(_) => None,
+            Meta::V2(h) => Some((**h).clone()),
+        }
     }
 
     /// Flushes and closes the volume.
@@ -305,13 +341,13 @@ impl Luks {
     fn read_sectors(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         let c = self.cipher()?;
         self.payload.read_at(buf, self.offset + offset)?;
-        decrypt_parallel(c, offset / S, buf)
+        decrypt_parallel(c, self.iv_base.wrapping_add(offset / S), buf)
     }
 
     fn write_sectors(&self, buf: &[u8], offset: u64) -> Result<()> {
         let c = self.cipher()?;
         let mut enc = buf.to_vec();
-        encrypt_parallel(c, offset / S, &mut enc)?;
+        encrypt_parallel(c, self.iv_base.wrapping_add(offset / S), &mut enc)?;
         self.payload.write_at(&enc, self.offset + offset)
     }
 }
@@ -330,7 +366,8 @@ fn parallel(c: &LuksCipher, sector: u64, buf: &mut [u8], enc: bool) -> Result<()
     if threads < 2 {
         return run(sector, buf);
     }
-    let chunk = buf.len().div_ceil(threads).div_ceil(SECTOR) * SECTOR;
+    let unit = c.unit();
+    let chunk = buf.len().div_ceil(threads).div_ceil(unit) * unit;
     std::thread::scope(|sc| {
         let hs: Vec<_> = buf
             .chunks_mut(chunk)
@@ -367,7 +404,10 @@ impl BlockDevice for Luks {
         let mut info = DeviceInfo::new(Format::Luks, self.size(), self.read_only);
         info.encrypted = true;
         info.path = self.payload.path().map(|p| p.to_path_buf());
-        info.details = FormatDetails::Luks(LuksDetails::of(&self.header.lock(), self.detached));
+        info.details = FormatDetails::Luks(match &*self.header.lock() {
+            Meta::V1(h) => LuksDetails::of(h, self.detached),
+            Meta::V2(h) => LuksDetails::of_luks2(h, self.detached),
+        });
         info
     }
 
@@ -380,12 +420,13 @@ impl BlockDevice for Luks {
         if buf.is_empty() {
             return Ok(());
         }
-        let head = offset % S;
-        if head == 0 && buf.len().is_multiple_of(SECTOR) {
+        let u = self.unit;
+        let head = offset % u;
+        if head == 0 && (buf.len() as u64).is_multiple_of(u) {
             return self.read_sectors(buf, offset);
         }
         let start = offset - head;
-        let end = (offset + buf.len() as u64).div_ceil(S) * S;
+        let end = (offset + buf.len() as u64).div_ceil(u) * u;
         let mut tmp = vec![0u8; (end - start) as usize];
         self.read_sectors(&mut tmp, start)?;
         buf.copy_from_slice(&tmp[head as usize..head as usize + buf.len()]);
@@ -398,20 +439,22 @@ impl BlockDevice for Luks {
         if buf.is_empty() {
             return Ok(());
         }
-        let head = offset % S;
-        if head == 0 && buf.len().is_multiple_of(SECTOR) {
+        let u = self.unit;
+        let head = offset % u;
+        if head == 0 && (buf.len() as u64).is_multiple_of(u) {
             let _g = self.rmw.read();
             return self.write_sectors(buf, offset);
         }
         let _g = self.rmw.write();
         let start = offset - head;
-        let end = (offset + buf.len() as u64).div_ceil(S) * S;
+        let end = (offset + buf.len() as u64).div_ceil(u) * u;
         let mut tmp = vec![0u8; (end - start) as usize];
         // Only the first and last sectors need their old contents.
         let n = tmp.len();
-        self.read_sectors(&mut tmp[..SECTOR], start)?;
-        if n > SECTOR {
-            self.read_sectors(&mut tmp[n - SECTOR..], end - S)?;
+        let us = u as usize;
+        self.read_sectors(&mut tmp[..us], start)?;
+        if n > us {
+            self.read_sectors(&mut tmp[n - us..], end - u)?;
         }
         tmp[head as usize..head as usize + buf.len()].copy_from_slice(buf);
         self.write_sectors(&tmp, start)
@@ -455,8 +498,15 @@ impl BlockDevice for Luks {
 
     fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable("resize")?;
-        if !new_size.is_multiple_of(S) {
-            return Err(Error::invalid_argument(format!("LUKS volume size {new_size} is not a multiple of 512")));
+        if self.fixed_size {
+            return Err(Error::unsupported("this LUKS2 volume's segment has a fixed size: it cannot be resized")
+                .with_format("luks"));
+        }
+        if !new_size.is_multiple_of(self.unit) {
+            return Err(Error::invalid_argument(format!(
+                "LUKS volume size {new_size} is not a multiple of its {}-byte sectors",
+                self.unit
+            )));
         }
         self.payload.set_len(self.offset + new_size)?;
         self.size.store(new_size, Ordering::Release);

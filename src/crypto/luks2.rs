@@ -1,0 +1,1298 @@
+//! LUKS2 (the LUKS2 On-Disk Format Specification, as cryptsetup 2.x writes
+//! it): two copies of a binary header, each followed by a JSON metadata
+//! area and guarded by a checksum over both; key slots (PBKDF2, argon2i or
+//! argon2id, anti-forensic split, their key material in the key-slot
+//! area), a PBKDF2 digest of the volume key, and one `crypt` data segment.
+//!
+//! Reading: the copy with the higher `seqid` among those whose checksum
+//! holds wins, so one damaged copy is tolerated. Every JSON field is
+//! validated before any work (`crate::limits`): areas must lie inside the
+//! key-slot area and not overlap, the segment must start past it, argon2
+//! memory and time and PBKDF2 iterations are bounded. What vdisk does not
+//! do is refused by name: more than one segment (an unfinished
+//! reencryption), `integrity`, mandatory requirements, key-slot types other
+//! than `luks2`, ciphers other than AES in XTS or CBC.
+//!
+//! Creating: one header pair of 16 KiB each, the key-slot area up to 16
+//! MiB, the payload after it (cryptsetup's default layout), slot 0 opened
+//! by the passphrase.
+
+use argon2::{Algorithm, Argon2, Params, Version};
+
+use super::json::{b64_decode, b64_encode, digits_u64, Json};
+use super::luks1::{af_merge, af_split, iterations_for, random, STRIPES};
+use super::secret::{wipe, Secret};
+use super::sector::{parse_mode, IvGen, LuksCipher, LuksHash, LuksMode, SECTOR};
+use crate::error::{Error, ErrorKind, Result};
+use crate::limits::{
+    LUKS2_ARGON2_MAX_LANES, LUKS2_ARGON2_MAX_MEMORY_KIB, LUKS2_ARGON2_MAX_WORK, LUKS2_MAX_HDR_SIZE, LUKS2_MAX_OBJECTS,
+    LUKS2_MAX_UNLOCK_ARGON2_WORK, LUKS_MAX_PBKDF2_ITERATIONS, LUKS_MAX_STRIPES, LUKS_MAX_UNLOCK_ITERATIONS,
+};
+
+/// The primary header's magic.
+pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
+/// The secondary header's magic.
+pub const MAGIC2: [u8; 6] = *b"SKUL\xba\xbe";
+/// Bytes of the binary header (before the JSON area).
+pub const BIN_LEN: usize = 4096;
+/// Header sizes (binary and JSON) the format allows; the secondary copy
+/// starts at one of them.
+const HDR_SIZES: [u64; 9] = [16 << 10, 32 << 10, 64 << 10, 128 << 10, 256 << 10, 512 << 10, 1 << 20, 2 << 20, 4 << 20];
+/// Where the checksum lives in the binary header.
+const CSUM_AT: usize = 448;
+/// Its length.
+const CSUM_LEN: usize = 64;
+/// The header size vdisk writes.
+const NEW_HDR_SIZE: u64 = 16 << 10;
+/// Where vdisk puts the payload of a new volume (cryptsetup's default).
+const NEW_DATA_OFFSET: u64 = 16 << 20;
+/// Key-slot areas are aligned to this.
+const AREA_ALIGN: u64 = 4096;
+
+fn be64(b: &[u8], at: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[at..at + 8]);
+    u64::from_be_bytes(a)
+}
+
+fn text(b: &[u8]) -> String {
+    let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..end]).into_owned()
+}
+
+/// The binary header of one copy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Binary {
+    /// Header and JSON area size in bytes.
+    pub hdr_size: u64,
+    /// Sequence id: bumped at each metadata update.
+    pub seqid: u64,
+    /// The label (may be empty).
+    pub label: String,
+    /// The checksum algorithm (`sha256`).
+    pub csum_alg: String,
+    /// The volume UUID.
+    pub uuid: String,
+    /// The subsystem (may be empty).
+    pub subsystem: String,
+    /// Where this copy starts in the file.
+    pub hdr_offset: u64,
+}
+
+/// How a key slot derives its key from the passphrase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kdf {
+    /// PBKDF2-HMAC.
+    Pbkdf2 {
+        /// The hash.
+        hash: LuksHash,
+        /// Iterations.
+        iterations: u32,
+    },
+    /// Argon2 (`argon2i` or `argon2id`).
+    Argon2 {
+        /// argon2id rather than argon2i.
+        id: bool,
+        /// Time cost (passes).
+        time: u32,
+        /// Memory in KiB.
+        memory: u32,
+        /// Lanes.
+        cpus: u32,
+    },
+}
+
+impl Kdf {
+    /// The name in the metadata.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Kdf::Pbkdf2 { .. } => "pbkdf2",
+            Kdf::Argon2 { id: true, .. } => "argon2id",
+            Kdf::Argon2 { id: false, .. } => "argon2i",
+        }
+    }
+
+    /// Derives `out` from `pass` and `salt`.
+    fn derive(&self, pass: &[u8], salt: &[u8], out: &mut [u8]) -> Result<()> {
+        match *self {
+            Kdf::Pbkdf2 { hash, iterations } => {
+                hash.pbkdf2(pass, salt, iterations, out);
+                Ok(())
+            }
+            Kdf::Argon2 { id, time, memory, cpus } => {
+                let params = Params::new(memory, time, cpus, Some(out.len()))
+                    .map_err(|e| Error::invalid(format!("argon2 parameters refused: {e}")).with_field("kdf"))?;
+                let alg = if id { Algorithm::Argon2id } else { Algorithm::Argon2i };
+                Argon2::new(alg, Version::V0x13, params)
+                    .hash_password_into(pass, salt, out)
+                    .map_err(|e| Error::invalid(format!("argon2 refused the key slot: {e}")).with_field("kdf"))
+            }
+        }
+    }
+
+    /// The work this derivation costs: (PBKDF2 iterations, argon2 time x
+    /// KiB).
+    fn work(&self) -> (u64, u64) {
+        match *self {
+            Kdf::Pbkdf2 { iterations, .. } => (u64::from(iterations), 0),
+            Kdf::Argon2 { time, memory, .. } => (0, u64::from(time) * u64::from(memory)),
+        }
+    }
+}
+
+/// One LUKS2 key slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Keyslot {
+    /// Its number.
+    pub id: u32,
+    /// The volume key length in bytes.
+    pub key_size: u32,
+    /// Key material: offset in the header file.
+    pub area_offset: u64,
+    /// Key material area length.
+    pub area_size: u64,
+    /// The cipher of the key material (`aes-xts-plain64`).
+    pub area_encryption: String,
+    /// Its key length (the KDF output).
+    pub area_key_size: u32,
+    /// The key derivation.
+    pub kdf: Kdf,
+    /// The KDF salt.
+    pub salt: Vec<u8>,
+    /// Anti-forensic stripes.
+    pub stripes: u32,
+    /// The AF hash.
+    pub af_hash: LuksHash,
+    /// 0 ignore, 1 normal, 2 high.
+    pub priority: u8,
+    area_mode: (LuksMode, IvGen),
+}
+
+/// The PBKDF2 digest of the volume key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Digest {
+    /// Its number.
+    pub id: u32,
+    /// The hash.
+    pub hash: LuksHash,
+    /// Iterations.
+    pub iterations: u32,
+    /// Salt.
+    pub salt: Vec<u8>,
+    /// The digest.
+    pub digest: Vec<u8>,
+    /// Key slots whose key it checks.
+    pub keyslots: Vec<u32>,
+    /// Segments encrypted by that key.
+    pub segments: Vec<u32>,
+}
+
+/// The data segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Segment {
+    /// Its number.
+    pub id: u32,
+    /// Payload offset in bytes (in the data file).
+    pub offset: u64,
+    /// Payload length, `None` for `dynamic` (to the end of the file).
+    pub size: Option<u64>,
+    /// Added to the 512-byte sector number to make the IV.
+    pub iv_tweak: u64,
+    /// `aes-xts-plain64` and so on.
+    pub encryption: String,
+    /// Bytes per encryption sector (512 to 4096).
+    pub sector_size: u32,
+    /// Parsed from `encryption`.
+    pub mode: LuksMode,
+    /// Parsed from `encryption`.
+    pub ivgen: IvGen,
+}
+
+/// A validated LUKS2 header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Header {
+    /// The binary header of the copy in use.
+    pub bin: Luks2Binary,
+    /// Whether each copy (primary, secondary) was valid.
+    pub copies_ok: [bool; 2],
+    /// The key slots by number.
+    pub keyslots: Vec<Luks2Keyslot>,
+    /// The digest of the segment's key.
+    pub digest: Luks2Digest,
+    /// The data segment.
+    pub segment: Luks2Segment,
+    /// `config.keyslots_size`.
+    pub keyslots_size: u64,
+    /// Token count (kept, not used).
+    pub tokens: usize,
+    /// The volume key length of the segment.
+    pub key_bytes: u32,
+}
+
+fn bad(field: &'static str, msg: String) -> Error {
+    Error::invalid(msg).with_field(field)
+}
+
+/// Whether `b` starts a LUKS2 primary header.
+pub fn is_luks2(b: &[u8]) -> bool {
+    b.len() >= 8 && b[..6] == MAGIC && b[6..8] == [0, 2]
+}
+
+/// Parses one binary header expected at `at` with `magic`.
+fn parse_bin(b: &[u8], at: u64, magic: &[u8; 6]) -> Result<Luks2Binary> {
+    if b.len() < BIN_LEN {
+        return Err(Error::invalid(format!("LUKS2 header at {at} is truncated")).with_offset(at));
+    }
+    if b[..6] != *magic {
+        return Err(bad("magic", format!("no LUKS2 header magic at offset {at}")).with_offset(at));
+    }
+    let version = u16::from_be_bytes([b[6], b[7]]);
+    if version != 2 {
+        return Err(Error::unsupported(format!("LUKS header at {at} has version {version}, not 2"))
+            .with_field("version")
+            .with_offset(at));
+    }
+    let hdr_size = be64(b, 8);
+    if !HDR_SIZES.contains(&hdr_size) {
+        return Err(bad(
+            "hdr_size",
+            format!("LUKS2 hdr_size {hdr_size} at offset {at} is not 16 KiB to 4 MiB in powers of two"),
+        )
+        .with_offset(at + 8));
+    }
+    debug_assert!(hdr_size <= LUKS2_MAX_HDR_SIZE);
+    let hdr_offset = be64(b, 256);
+    if hdr_offset != at {
+        return Err(
+            bad("hdr_offset", format!("LUKS2 header at {at} says it is at offset {hdr_offset}")).with_offset(at + 256)
+        );
+    }
+    Ok(Luks2Binary {
+        hdr_size,
+        seqid: be64(b, 16),
+        label: text(&b[24..72]),
+        csum_alg: text(&b[72..104]),
+        uuid: text(&b[168..208]),
+        subsystem: text(&b[208..256]),
+        hdr_offset,
+    })
+}
+
+/// The checksum of one header copy (`whole` = binary header and JSON area)
+/// with its checksum field taken as zeros.
+fn checksum(whole: &[u8], alg: LuksHash) -> Vec<u8> {
+    let zeros = [0u8; CSUM_LEN];
+    alg.digest(&[&whole[..CSUM_AT], &zeros, &whole[CSUM_AT + CSUM_LEN..]])
+}
+
+/// Reads and checks the copy at `at`: its binary header, checksum and JSON
+/// syntax.
+fn read_copy(
+    read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    file_len: u64,
+    at: u64,
+    magic: &[u8; 6],
+) -> Result<(Luks2Binary, Json)> {
+    if file_len < at + BIN_LEN as u64 {
+        return Err(Error::invalid(format!("the file ends before the LUKS2 header at offset {at}")).with_offset(at));
+    }
+    let mut b = vec![0u8; BIN_LEN];
+    read(at, &mut b)?;
+    let bin = parse_bin(&b, at, magic)?;
+    if file_len < at + bin.hdr_size {
+        return Err(bad(
+            "hdr_size",
+            format!("LUKS2 header at {at} of {} bytes runs past the end of the file ({file_len} bytes)", bin.hdr_size),
+        )
+        .with_offset(at + 8));
+    }
+    let alg = LuksHash::from_name(&bin.csum_alg).map_err(|e| e.with_field("checksum_alg").with_offset(at + 72))?;
+    let mut whole = vec![0u8; bin.hdr_size as usize];
+    read(at, &mut whole)?;
+    let sum = checksum(&whole, alg);
+    let stored = &whole[CSUM_AT..CSUM_AT + CSUM_LEN];
+    if stored[..sum.len()] != sum[..] || stored[sum.len()..].iter().any(|&c| c != 0) {
+        return Err(Error::corrupt(format!("LUKS2 header at offset {at}: checksum mismatch"))
+            .with_field("csum")
+            .with_offset(at + CSUM_AT as u64));
+    }
+    let area = &whole[BIN_LEN..];
+    let end = area.iter().position(|&c| c == 0).unwrap_or(area.len());
+    let json = Json::parse(&area[..end]).map_err(|e| {
+        let off = e.offset().unwrap_or(0) + at + BIN_LEN as u64;
+        Error::new(e.kind(), format!("LUKS2 metadata at offset {}: {}", at + BIN_LEN as u64, e.message()))
+            .with_field("json")
+            .with_offset(off)
+    })?;
+    Ok((bin, json))
+}
+
+/// Field access with errors naming the JSON path, the value and the
+/// offset of the metadata area.
+struct Fields {
+    /// The JSON area's offset (for errors).
+    at: u64,
+}
+
+impl Fields {
+    fn err(&self, field: &'static str, msg: String) -> Error {
+        Error::invalid(format!("LUKS2 metadata (at offset {}): {msg}", self.at)).with_field(field).with_offset(self.at)
+    }
+
+    fn unsupported(&self, field: &'static str, msg: String) -> Error {
+        Error::unsupported(format!("LUKS2 metadata: {msg}")).with_field(field).with_offset(self.at)
+    }
+
+    fn limit(&self, field: &'static str, msg: String) -> Error {
+        Error::limit(format!("LUKS2 metadata: {msg} (refused before any work)")).with_field(field).with_offset(self.at)
+    }
+
+    fn get<'a>(&self, o: &'a Json, key: &str, path: &str, field: &'static str) -> Result<&'a Json> {
+        if o.members().is_none() {
+            return Err(self.err(field, format!("{path} is not an object")));
+        }
+        o.get(key).ok_or_else(|| self.err(field, format!("{path}.{key} is missing")))
+    }
+
+    fn obj<'a>(&self, o: &'a Json, key: &str, path: &str, field: &'static str) -> Result<&'a [(String, Json)]> {
+        let v = self.get(o, key, path, field)?;
+        v.members().ok_or_else(|| self.err(field, format!("{path}.{key} = {} is not an object", v.show())))
+    }
+
+    fn string<'a>(&self, o: &'a Json, key: &str, path: &str, field: &'static str) -> Result<&'a str> {
+        let v = self.get(o, key, path, field)?;
+        v.str().ok_or_else(|| self.err(field, format!("{path}.{key} = {} is not a string", v.show())))
+    }
+
+    /// A JSON number that is an unsigned integer up to `max`.
+    fn num(&self, o: &Json, key: &str, path: &str, field: &'static str, max: u64) -> Result<u64> {
+        let v = self.get(o, key, path, field)?;
+        let n = v
+            .u64()
+            .ok_or_else(|| self.err(field, format!("{path}.{key} = {} is not an unsigned integer", v.show())))?;
+        if n > max {
+            return Err(self.err(field, format!("{path}.{key} = {n} is out of range (at most {max})")));
+        }
+        Ok(n)
+    }
+
+    /// A 64-bit number written as a decimal string.
+    fn big(&self, o: &Json, key: &str, path: &str, field: &'static str) -> Result<u64> {
+        let v = self.get(o, key, path, field)?;
+        v.str().and_then(digits_u64).ok_or_else(|| {
+            self.err(field, format!("{path}.{key} = {} is not a decimal string of a 64-bit number", v.show()))
+        })
+    }
+
+    fn b64(
+        &self,
+        o: &Json,
+        key: &str,
+        path: &str,
+        field: &'static str,
+        len: std::ops::RangeInclusive<usize>,
+    ) -> Result<Vec<u8>> {
+        let s = self.string(o, key, path, field)?;
+        let b =
+            b64_decode(s).ok_or_else(|| self.err(field, format!("{path}.{key} = \"{}\" is not base64", short(s))))?;
+        if !len.contains(&b.len()) {
+            return Err(self.err(
+                field,
+                format!("{path}.{key} has {} bytes ({} to {} expected)", b.len(), len.start(), len.end()),
+            ));
+        }
+        Ok(b)
+    }
+
+    fn hash(&self, o: &Json, key: &str, path: &str, field: &'static str) -> Result<LuksHash> {
+        let s = self.string(o, key, path, field)?;
+        LuksHash::from_name(s).map_err(|e| self.unsupported(field, format!("{path}.{key}: {}", e.message())))
+    }
+
+    /// `aes-MODE-IV` with a key of `key_size` bytes.
+    fn cipher(&self, spec: &str, key_size: u32, path: &str, field: &'static str) -> Result<(LuksMode, IvGen)> {
+        let rest = spec.strip_prefix("aes-").ok_or_else(|| {
+            self.unsupported(field, format!("{path} cipher \"{}\" is not supported (aes only)", short(spec)))
+        })?;
+        let (mode, iv) = parse_mode(rest).map_err(|e| self.unsupported(field, format!("{path}: {}", e.message())))?;
+        let ok = match mode {
+            LuksMode::Xts => [32, 48, 64].contains(&key_size),
+            LuksMode::Cbc => [16, 24, 32].contains(&key_size),
+        };
+        if !ok {
+            return Err(self.err(field, format!("{path}: a key of {key_size} bytes does not fit {spec}")));
+        }
+        Ok((mode, iv))
+    }
+}
+
+fn short(s: &str) -> String {
+    Json::Str(s.to_string()).show().trim_matches('"').to_string()
+}
+
+/// The numbered members of `keyslots`, `digests`, `segments` or `tokens`.
+fn numbered<'a>(f: &Fields, m: &'a [(String, Json)], what: &str, field: &'static str) -> Result<Vec<(u32, &'a Json)>> {
+    if m.len() > LUKS2_MAX_OBJECTS {
+        return Err(f.limit(field, format!("{} {what} are more than {LUKS2_MAX_OBJECTS}", m.len())));
+    }
+    let mut out = Vec::new();
+    for (k, v) in m {
+        let id = digits_u64(k)
+            .filter(|&n| n < 1 << 20 && (k == "0" || !k.starts_with('0')))
+            .ok_or_else(|| f.err(field, format!("{what} key \"{}\" is not a number", short(k))))?;
+        if v.members().is_none() {
+            return Err(f.err(field, format!("{what}.{k} is not an object")));
+        }
+        out.push((id as u32, v));
+    }
+    out.sort_by_key(|x| x.0);
+    Ok(out)
+}
+
+fn ids(f: &Fields, o: &Json, key: &str, path: &str, field: &'static str) -> Result<Vec<u32>> {
+    let v = f.get(o, key, path, field)?;
+    let a = v.items().ok_or_else(|| f.err(field, format!("{path}.{key} is not an array")))?;
+    a.iter()
+        .map(|x| {
+            x.str()
+                .and_then(digits_u64)
+                .filter(|&n| n < 1 << 20)
+                .map(|n| n as u32)
+                .ok_or_else(|| f.err(field, format!("{path}.{key} holds {}, not a number string", x.show())))
+        })
+        .collect()
+}
+
+impl Luks2Header {
+    /// Reads the header pair through `read` (offsets from the header's
+    /// start) of a file of `file_len` bytes.
+    pub fn read(read: &dyn Fn(u64, &mut [u8]) -> Result<()>, file_len: u64) -> Result<Luks2Header> {
+        let primary = read_copy(read, file_len, 0, &MAGIC);
+        // The secondary copy follows the primary's header area; when the
+        // primary is damaged, each size the format allows is tried.
+        let tries: Vec<u64> = match &primary {
+            Ok((b, _)) => vec![b.hdr_size],
+            Err(_) => HDR_SIZES.to_vec(),
+        };
+        let mut secondary = Err(Error::invalid("no secondary LUKS2 header found").with_field("magic"));
+        for at in tries {
+            if at + BIN_LEN as u64 > file_len {
+                break;
+            }
+            secondary = read_copy(read, file_len, at, &MAGIC2);
+            if secondary.is_ok() {
+                break;
+            }
+        }
+        let copies_ok = [primary.is_ok(), secondary.is_ok()];
+        let (bin, json) = match (primary, secondary) {
+            (Ok(p), Ok(s)) => {
+                if s.0.seqid > p.0.seqid {
+                    s
+                } else {
+                    p
+                }
+            }
+            (Ok(p), Err(_)) => p,
+            (Err(_), Ok(s)) => s,
+            (Err(e), Err(e2)) => {
+                return Err(Error::new(
+                    e.kind(),
+                    format!(
+                        "both LUKS2 header copies are unusable: primary: {}; secondary: {}",
+                        e.message(),
+                        e2.message()
+                    ),
+                )
+                .with_field(e.field().unwrap_or("header"))
+                .with_offset(e.offset().unwrap_or(0)))
+            }
+        };
+        Luks2Header::from_json(bin, &json, copies_ok, file_len)
+    }
+
+    /// Validates the metadata of the chosen copy.
+    fn from_json(bin: Luks2Binary, j: &Json, copies_ok: [bool; 2], file_len: u64) -> Result<Luks2Header> {
+        let f = Fields { at: bin.hdr_offset + BIN_LEN as u64 };
+        if j.members().is_none() {
+            return Err(f.err("json", "the metadata is not a JSON object".into()));
+        }
+        // config
+        let config = f.get(j, "config", "", "config")?;
+        let json_size = f.big(config, "json_size", "config", "config.json_size")?;
+        if json_size != bin.hdr_size - BIN_LEN as u64 {
+            return Err(f.err(
+                "config.json_size",
+                format!("config.json_size = {json_size} does not match hdr_size {} less 4096", bin.hdr_size),
+            ));
+        }
+        let keyslots_size = f.big(config, "keyslots_size", "config", "config.keyslots_size")?;
+        if !keyslots_size.is_multiple_of(AREA_ALIGN) {
+            return Err(f.err(
+                "config.keyslots_size",
+                format!("config.keyslots_size = {keyslots_size} is not a multiple of 4096"),
+            ));
+        }
+        let area_start = 2 * bin.hdr_size;
+        let area_end = area_start.checked_add(keyslots_size).ok_or_else(|| {
+            f.err("config.keyslots_size", format!("config.keyslots_size = {keyslots_size} overflows"))
+        })?;
+        if let Some(req) = config.get("requirements") {
+            let mandatory = req.get("mandatory").and_then(Json::items).unwrap_or_default();
+            if !mandatory.is_empty() {
+                let names: Vec<String> = mandatory.iter().map(Json::show).collect();
+                return Err(f.unsupported(
+                    "config.requirements",
+                    format!("the volume has requirements vdisk does not meet: {}", names.join(", ")),
+                ));
+            }
+        }
+        // segments
+        let segs = numbered(&f, f.obj(j, "segments", "", "segments")?, "segments", "segments")?;
+        if segs.len() != 1 {
+            return Err(f.unsupported(
+                "segments",
+                format!(
+                    "{} segments (vdisk reads volumes with exactly one; more mean a reencryption in progress)",
+                    segs.len()
+                ),
+            ));
+        }
+        let (sid, s) = segs[0];
+        let sp = format!("segments.{sid}");
+        let ty = f.string(s, "type", &sp, "segments.type")?;
+        if ty != "crypt" {
+            return Err(
+                f.unsupported("segments.type", format!("{sp}.type = \"{}\" is not supported (crypt)", short(ty)))
+            );
+        }
+        if s.get("integrity").is_some() {
+            return Err(f.unsupported(
+                "segments.integrity",
+                format!("{sp} has integrity protection (dm-integrity), which vdisk does not do"),
+            ));
+        }
+        if let Some(fl) = s.get("flags").and_then(Json::items) {
+            if !fl.is_empty() {
+                return Err(f.unsupported(
+                    "segments.flags",
+                    format!(
+                        "{sp}.flags = {} (reencryption state) is not supported",
+                        s.get("flags").map(Json::show).unwrap_or_default()
+                    ),
+                ));
+            }
+        }
+        let offset = f.big(s, "offset", &sp, "segments.offset")?;
+        let size = match f.get(s, "size", &sp, "segments.size")? {
+            Json::Str(x) if x == "dynamic" => None,
+            _ => Some(f.big(s, "size", &sp, "segments.size")?),
+        };
+        let iv_tweak = f.big(s, "iv_tweak", &sp, "segments.iv_tweak")?;
+        let sector_size = f.num(s, "sector_size", &sp, "segments.sector_size", 4096)? as u32;
+        if ![512, 1024, 2048, 4096].contains(&sector_size) {
+            return Err(f.err(
+                "segments.sector_size",
+                format!("{sp}.sector_size = {sector_size} is not 512, 1024, 2048 or 4096"),
+            ));
+        }
+        if !offset.is_multiple_of(SECTOR as u64) {
+            return Err(f.err("segments.offset", format!("{sp}.offset = {offset} is not a multiple of 512")));
+        }
+        if let Some(n) = size {
+            if n == 0 || !n.is_multiple_of(u64::from(sector_size)) {
+                return Err(f.err(
+                    "segments.size",
+                    format!("{sp}.size = {n} is not a positive multiple of the sector size {sector_size}"),
+                ));
+            }
+            offset.checked_add(n).ok_or_else(|| f.err("segments.size", format!("{sp}.size = {n} overflows")))?;
+        }
+        let encryption = f.string(s, "encryption", &sp, "segments.encryption")?.to_string();
+        // digests: the one naming the segment
+        let digs = numbered(&f, f.obj(j, "digests", "", "digests")?, "digests", "digests")?;
+        let mut digest = None;
+        for (did, d) in &digs {
+            let dp = format!("digests.{did}");
+            let segments = ids(&f, d, "segments", &dp, "digests.segments")?;
+            if !segments.contains(&sid) {
+                continue;
+            }
+            let ty = f.string(d, "type", &dp, "digests.type")?;
+            if ty != "pbkdf2" {
+                return Err(
+                    f.unsupported("digests.type", format!("{dp}.type = \"{}\" is not supported (pbkdf2)", short(ty)))
+                );
+            }
+            let hash = f.hash(d, "hash", &dp, "digests.hash")?;
+            let iterations = f.num(d, "iterations", &dp, "digests.iterations", u64::from(u32::MAX))? as u32;
+            check_iters(&f, iterations, &format!("{dp}.iterations"), "digests.iterations")?;
+            digest = Some(Luks2Digest {
+                id: *did,
+                hash,
+                iterations,
+                salt: f.b64(d, "salt", &dp, "digests.salt", 1..=256)?,
+                digest: f.b64(d, "digest", &dp, "digests.digest", 16..=64)?,
+                keyslots: ids(&f, d, "keyslots", &dp, "digests.keyslots")?,
+                segments,
+            });
+            break;
+        }
+        let digest = digest.ok_or_else(|| f.err("digests", format!("no digest names segment {sid}")))?;
+        // key slots
+        let slots = numbered(&f, f.obj(j, "keyslots", "", "keyslots")?, "keyslots", "keyslots")?;
+        let mut keyslots: Vec<Luks2Keyslot> = Vec::new();
+        let mut key_bytes = None;
+        for (kid, k) in slots {
+            let kp = format!("keyslots.{kid}");
+            let ty = f.string(k, "type", &kp, "keyslots.type")?;
+            if ty != "luks2" {
+                return Err(
+                    f.unsupported("keyslots.type", format!("{kp}.type = \"{}\" is not supported (luks2)", short(ty)))
+                );
+            }
+            let key_size = f.num(k, "key_size", &kp, "keyslots.key_size", 64)? as u32;
+            let area = f.get(k, "area", &kp, "keyslots.area")?;
+            let ap = format!("{kp}.area");
+            let aty = f.string(area, "type", &ap, "keyslots.area.type")?;
+            if aty != "raw" {
+                return Err(f.unsupported(
+                    "keyslots.area.type",
+                    format!("{ap}.type = \"{}\" is not supported (raw)", short(aty)),
+                ));
+            }
+            let area_offset = f.big(area, "offset", &ap, "keyslots.area.offset")?;
+            let area_size = f.big(area, "size", &ap, "keyslots.area.size")?;
+            let area_key_size = f.num(area, "key_size", &ap, "keyslots.area.key_size", 64)? as u32;
+            let area_encryption = f.string(area, "encryption", &ap, "keyslots.area.encryption")?.to_string();
+            let area_mode = f.cipher(&area_encryption, area_key_size, &ap, "keyslots.area.encryption")?;
+            let af = f.get(k, "af", &kp, "keyslots.af")?;
+            let afp = format!("{kp}.af");
+            let afty = f.string(af, "type", &afp, "keyslots.af.type")?;
+            if afty != "luks1" {
+                return Err(f.unsupported(
+                    "keyslots.af.type",
+                    format!("{afp}.type = \"{}\" is not supported (luks1)", short(afty)),
+                ));
+            }
+            let stripes = f.num(af, "stripes", &afp, "keyslots.af.stripes", u64::from(u32::MAX))? as u32;
+            if stripes == 0 || stripes > LUKS_MAX_STRIPES {
+                return Err(f.limit(
+                    "keyslots.af.stripes",
+                    format!("{afp}.stripes = {stripes} is not 1 to {LUKS_MAX_STRIPES}"),
+                ));
+            }
+            let af_hash = f.hash(af, "hash", &afp, "keyslots.af.hash")?;
+            let kdf_o = f.get(k, "kdf", &kp, "keyslots.kdf")?;
+            let kdfp = format!("{kp}.kdf");
+            let kty = f.string(kdf_o, "type", &kdfp, "keyslots.kdf.type")?;
+            let kdf = match kty {
+                "pbkdf2" => {
+                    let iterations =
+                        f.num(kdf_o, "iterations", &kdfp, "keyslots.kdf.iterations", u64::from(u32::MAX))? as u32;
+                    check_iters(&f, iterations, &format!("{kdfp}.iterations"), "keyslots.kdf.iterations")?;
+                    Kdf::Pbkdf2 { hash: f.hash(kdf_o, "hash", &kdfp, "keyslots.kdf.hash")?, iterations }
+                }
+                "argon2i" | "argon2id" => {
+                    let time = f.num(kdf_o, "time", &kdfp, "keyslots.kdf.time", u64::from(u32::MAX))? as u32;
+                    let memory = f.num(kdf_o, "memory", &kdfp, "keyslots.kdf.memory", u64::from(u32::MAX))? as u32;
+                    let cpus = f.num(kdf_o, "cpus", &kdfp, "keyslots.kdf.cpus", u64::from(u32::MAX))? as u32;
+                    let kdf = Kdf::Argon2 { id: kty == "argon2id", time, memory, cpus };
+                    check_argon2(&f, &kdf, &kdfp)?;
+                    kdf
+                }
+                other => {
+                    return Err(f.unsupported(
+                        "keyslots.kdf.type",
+                        format!("{kdfp}.type = \"{}\" is not supported (pbkdf2, argon2i, argon2id)", short(other)),
+                    ))
+                }
+            };
+            let salt = f.b64(kdf_o, "salt", &kdfp, "keyslots.kdf.salt", 8..=256)?;
+            let priority = match k.get("priority") {
+                None => 1,
+                Some(_) => f.num(k, "priority", &kp, "keyslots.priority", 2)? as u8,
+            };
+            // The key material must fit its area, inside the key-slot area.
+            let mat = material_len(key_size, stripes);
+            if area_size < mat {
+                return Err(f.err(
+                    "keyslots.area.size",
+                    format!("{ap}.size = {area_size} is smaller than its key material ({mat} bytes)"),
+                ));
+            }
+            if !area_offset.is_multiple_of(SECTOR as u64) {
+                return Err(
+                    f.err("keyslots.area.offset", format!("{ap}.offset = {area_offset} is not a multiple of 512"))
+                );
+            }
+            let end = area_offset
+                .checked_add(area_size)
+                .ok_or_else(|| f.err("keyslots.area.size", format!("{ap}.size = {area_size} overflows")))?;
+            if area_offset < area_start || end > area_end {
+                return Err(f.err(
+                    "keyslots.area.offset",
+                    format!(
+                        "{ap} ({area_offset} to {end}) lies outside the key-slot area ({area_start} to {area_end})"
+                    ),
+                ));
+            }
+            if end > file_len {
+                return Err(f.err(
+                    "keyslots.area.offset",
+                    format!("{ap} ends at {end}, past the end of the file ({file_len} bytes)"),
+                ));
+            }
+            if let Some(o) = keyslots.iter().find(|o| o.area_offset < end && area_offset < o.area_offset + o.area_size)
+            {
+                return Err(f.err("keyslots.area.offset", format!("{ap} overlaps the area of keyslots.{}", o.id)));
+            }
+            if digest.keyslots.contains(&kid) {
+                if let Some(kb) = key_bytes {
+                    if kb != key_size {
+                        return Err(f.err("keyslots.key_size", format!("{kp}.key_size = {key_size} differs from {kb}")));
+                    }
+                }
+                key_bytes = Some(key_size);
+            }
+            keyslots.push(Luks2Keyslot {
+                id: kid,
+                key_size,
+                area_offset,
+                area_size,
+                area_encryption,
+                area_key_size,
+                kdf,
+                salt,
+                stripes,
+                af_hash,
+                priority,
+                area_mode,
+            });
+        }
+        let key_bytes = match key_bytes {
+            Some(k) => k,
+            None => match encryption.strip_prefix("aes-").and_then(|r| parse_mode(r).ok()) {
+                Some((LuksMode::Xts, _)) => 64,
+                _ => 32,
+            },
+        };
+        let (mode, ivgen) = f.cipher(&encryption, key_bytes, &sp, "segments.encryption")?;
+        if offset != 0 && offset < area_end {
+            return Err(f.err(
+                "segments.offset",
+                format!("{sp}.offset = {offset} lies inside the header and key-slot area (which ends at {area_end})"),
+            ));
+        }
+        for k in &digest.keyslots {
+            if !keyslots.iter().any(|s| s.id == *k) {
+                return Err(f.err(
+                    "digests.keyslots",
+                    format!("digests.{} names keyslot {k}, which does not exist", digest.id),
+                ));
+            }
+        }
+        let tokens = match j.get("tokens") {
+            Some(t) => numbered(
+                &f,
+                t.members().ok_or_else(|| f.err("tokens", "tokens is not an object".into()))?,
+                "tokens",
+                "tokens",
+            )?
+            .len(),
+            None => 0,
+        };
+        Ok(Luks2Header {
+            bin,
+            copies_ok,
+            keyslots,
+            digest,
+            segment: Luks2Segment { id: sid, offset, size, iv_tweak, encryption, sector_size, mode, ivgen },
+            keyslots_size,
+            tokens,
+            key_bytes,
+        })
+    }
+
+    /// The end of the key-slot area (bytes from the header's start).
+    pub fn area_end(&self) -> u64 {
+        2 * self.bin.hdr_size + self.keyslots_size
+    }
+
+    /// The payload cipher for `master_key`.
+    pub(crate) fn cipher(&self, master_key: &Secret) -> Result<LuksCipher> {
+        LuksCipher::new(self.segment.mode, self.segment.ivgen, master_key.expose())?
+            .with_unit(self.segment.sector_size as usize)
+    }
+
+    /// Whether `mk` matches the digest (compared in constant time).
+    fn digest_matches(&self, mk: &[u8]) -> bool {
+        let d = &self.digest;
+        let mut out = vec![0u8; d.digest.len()];
+        d.hash.pbkdf2(mk, &d.salt, d.iterations, &mut out);
+        let diff = out.iter().zip(d.digest.iter()).fold(0u8, |a, (x, y)| a | (x ^ y));
+        std::hint::black_box(diff) == 0
+    }
+
+    fn try_slot(
+        &self,
+        k: &Luks2Keyslot,
+        pass: &[u8],
+        read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<Option<Secret>> {
+        let mut dk = vec![0u8; k.area_key_size as usize];
+        let r = k.kdf.derive(pass, &k.salt, &mut dk);
+        let cipher = r.and_then(|_| LuksCipher::new(k.area_mode.0, k.area_mode.1, &dk));
+        wipe(&mut dk);
+        let cipher = cipher.map_err(|e| e.context(format_args!("LUKS2 keyslot {}", k.id)))?;
+        let kb = k.key_size as usize;
+        let mut mat = vec![0u8; material_len(k.key_size, k.stripes) as usize];
+        read(k.area_offset, &mut mat)?;
+        cipher.decrypt(0, &mut mat)?;
+        let mut mk = af_merge(&mat[..kb * k.stripes as usize], kb, k.stripes as usize, k.af_hash);
+        wipe(&mut mat);
+        if mk.len() == self.key_bytes as usize && self.digest_matches(&mk) {
+            Ok(Some(Secret::new(std::mem::take(&mut mk))))
+        } else {
+            wipe(&mut mk);
+            Ok(None)
+        }
+    }
+
+    /// Unlocks the volume: its key and the key slot `passphrase` opens, or
+    /// a `Crypto` error. Slots of priority 2 are tried first, those of
+    /// priority 0 never; the work over all slots tried is bounded.
+    pub fn unlock(&self, passphrase: &Secret, read: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<(Secret, u32)> {
+        let mut order: Vec<&Luks2Keyslot> =
+            self.keyslots.iter().filter(|k| k.priority > 0 && self.digest.keyslots.contains(&k.id)).collect();
+        order.sort_by_key(|k| (2 - k.priority, k.id));
+        let (mut iters, mut argon) = (0u64, 0u64);
+        for k in order {
+            let (i, a) = k.kdf.work();
+            iters += i + u64::from(self.digest.iterations);
+            argon += a;
+            if iters > LUKS_MAX_UNLOCK_ITERATIONS || argon > LUKS2_MAX_UNLOCK_ARGON2_WORK {
+                return Err(Error::limit(format!(
+                    "trying LUKS2 keyslot {} would take the unlock past its work limit ({LUKS_MAX_UNLOCK_ITERATIONS} PBKDF2 iterations, {LUKS2_MAX_UNLOCK_ARGON2_WORK} argon2 KiB-passes)",
+                    k.id
+                ))
+                .with_field("keyslots.kdf"));
+            }
+            if let Some(mk) = self.try_slot(k, passphrase.expose(), read)? {
+                return Ok((mk, k.id));
+            }
+        }
+        Err(Error::new(ErrorKind::Crypto, "invalid password: no LUKS2 key slot opens with this passphrase"))
+    }
+}
+
+fn check_iters(f: &Fields, n: u32, path: &str, field: &'static str) -> Result<()> {
+    if n == 0 {
+        return Err(f.err(field, format!("{path} = 0")));
+    }
+    if n > LUKS_MAX_PBKDF2_ITERATIONS {
+        return Err(f.limit(
+            field,
+            format!("{path} = {n} is above the limit of {LUKS_MAX_PBKDF2_ITERATIONS} PBKDF2 iterations"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_argon2(f: &Fields, k: &Kdf, path: &str) -> Result<()> {
+    let Kdf::Argon2 { time, memory, cpus, .. } = *k else { return Ok(()) };
+    if memory > LUKS2_ARGON2_MAX_MEMORY_KIB {
+        return Err(f.limit(
+            "keyslots.kdf.memory",
+            format!("{path}.memory = {memory} KiB is above the limit of {LUKS2_ARGON2_MAX_MEMORY_KIB} KiB"),
+        ));
+    }
+    if cpus == 0 || cpus > LUKS2_ARGON2_MAX_LANES {
+        return Err(f.limit("keyslots.kdf.cpus", format!("{path}.cpus = {cpus} is not 1 to {LUKS2_ARGON2_MAX_LANES}")));
+    }
+    if time == 0 {
+        return Err(f.err("keyslots.kdf.time", format!("{path}.time = 0")));
+    }
+    if u64::from(memory) < 8 * u64::from(cpus) {
+        return Err(f.err(
+            "keyslots.kdf.memory",
+            format!("{path}.memory = {memory} KiB is below 8 KiB per lane ({cpus} lanes)"),
+        ));
+    }
+    let work = u64::from(time) * u64::from(memory);
+    if work > LUKS2_ARGON2_MAX_WORK {
+        return Err(f.limit(
+            "keyslots.kdf.time",
+            format!(
+                "{path}: time {time} x memory {memory} KiB is above the limit of {LUKS2_ARGON2_MAX_WORK} KiB-passes"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes of key material on disk for a key of `key_size` bytes split in
+/// `stripes` (whole 512-byte sectors).
+pub fn material_len(key_size: u32, stripes: u32) -> u64 {
+    (u64::from(key_size) * u64::from(stripes)).div_ceil(SECTOR as u64) * SECTOR as u64
+}
+
+/// The key derivation of a new key slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KdfKind {
+    /// PBKDF2 with the volume's hash.
+    Pbkdf2,
+    /// argon2i.
+    Argon2i,
+    /// argon2id (cryptsetup's default for LUKS2).
+    Argon2id,
+}
+
+/// What a new LUKS2 volume uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Luks2Params {
+    /// AES key bits: 128, 192 or 256.
+    pub aes_bits: u32,
+    /// Cipher mode.
+    pub mode: LuksMode,
+    /// IV generator.
+    pub ivgen: IvGen,
+    /// PBKDF2 (key slot and digest) and AF hash.
+    pub hash: LuksHash,
+    /// Key slot derivation.
+    pub kdf: KdfKind,
+    /// Time to spend deriving a key, in milliseconds.
+    pub iter_time_ms: u64,
+    /// argon2 memory in KiB (default: 1 GiB or half the RAM, whichever is
+    /// less, as cryptsetup).
+    pub memory_kib: Option<u32>,
+    /// argon2 lanes (default: up to 4, no more than the CPUs).
+    pub parallel: Option<u32>,
+    /// Bytes per encryption sector: 512, 1024, 2048 or 4096.
+    pub sector_size: u32,
+    /// The label.
+    pub label: String,
+    /// The header is detached (payload offset 0 in the data file).
+    pub detached: bool,
+}
+
+impl Default for Luks2Params {
+    fn default() -> Self {
+        Luks2Params {
+            aes_bits: 256,
+            mode: LuksMode::Xts,
+            ivgen: IvGen::Plain64,
+            hash: LuksHash::Sha256,
+            kdf: KdfKind::Argon2id,
+            iter_time_ms: 2000,
+            memory_kib: None,
+            parallel: None,
+            sector_size: 512,
+            label: String::new(),
+            detached: false,
+        }
+    }
+}
+
+impl Luks2Params {
+    /// Master key length.
+    pub fn key_bytes(&self) -> u32 {
+        let k = self.aes_bits / 8;
+        match self.mode {
+            LuksMode::Xts => k * 2,
+            LuksMode::Cbc => k,
+        }
+    }
+
+    /// The `encryption` string.
+    pub fn encryption(&self) -> String {
+        let m = match self.mode {
+            LuksMode::Xts => "xts",
+            LuksMode::Cbc => "cbc",
+        };
+        format!("aes-{m}-{}", self.ivgen.name())
+    }
+}
+
+/// argon2 memory when none is asked: cryptsetup's 1 GiB, or half the RAM
+/// when that is less.
+fn default_memory_kib() -> u32 {
+    let ram_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+    });
+    let half = ram_kib.map_or(u64::from(LUKS2_ARGON2_MAX_MEMORY_KIB), |r| r / 2);
+    half.clamp(32 << 10, u64::from(LUKS2_ARGON2_MAX_MEMORY_KIB)) as u32
+}
+
+/// The argon2 parameters of a new slot: the memory asked, and the time
+/// cost that takes about `ms` here (at least 4, as cryptsetup, and within
+/// the limits vdisk opens).
+fn argon2_params(p: &Luks2Params, key_len: usize) -> Result<Kdf> {
+    let memory = p.memory_kib.unwrap_or_else(default_memory_kib);
+    let cpus = p.parallel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u32);
+    let id = p.kdf == KdfKind::Argon2id;
+    let f = Fields { at: 0 };
+    let probe = Kdf::Argon2 { id, time: 1, memory, cpus };
+    check_argon2(&f, &probe, "argon2").map_err(|e| Error::invalid_argument(e.message().to_string()))?;
+    let mut out = vec![0u8; key_len];
+    let t = std::time::Instant::now();
+    probe.derive(b"probe passphrase", &[0u8; 32], &mut out)?;
+    let per = t.elapsed().as_millis().max(1) as u64;
+    let max_time = (LUKS2_ARGON2_MAX_WORK / u64::from(memory)).max(1);
+    let time = (p.iter_time_ms / per).clamp(4.min(max_time), max_time) as u32;
+    Ok(Kdf::Argon2 { id, time, memory, cpus })
+}
+
+/// One JSON number.
+fn n(v: impl std::fmt::Display) -> Json {
+    Json::Num(v.to_string())
+}
+
+/// One 64-bit number as LUKS2 writes it (a decimal string).
+fn s64(v: u64) -> Json {
+    Json::Str(v.to_string())
+}
+
+fn obj(m: Vec<(&str, Json)>) -> Json {
+    Json::Obj(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}
+
+/// Encodes both header copies (`2 * hdr_size` bytes) for `json`, with
+/// `seqid`, `uuid` and `label`.
+pub fn encode_copies(json: &Json, hdr_size: u64, seqid: u64, uuid: &str, label: &str) -> Result<Vec<u8>> {
+    let mut text = String::new();
+    json.write(&mut text);
+    let json_size = (hdr_size - BIN_LEN as u64) as usize;
+    if text.len() >= json_size {
+        return Err(Error::invalid_argument(format!(
+            "LUKS2 metadata of {} bytes does not fit its {json_size}-byte area",
+            text.len()
+        )));
+    }
+    let mut out = vec![0u8; 2 * hdr_size as usize];
+    for (i, magic) in [MAGIC, MAGIC2].iter().enumerate() {
+        let at = i * hdr_size as usize;
+        let c = &mut out[at..at + hdr_size as usize];
+        c[..6].copy_from_slice(magic);
+        c[6..8].copy_from_slice(&2u16.to_be_bytes());
+        c[8..16].copy_from_slice(&hdr_size.to_be_bytes());
+        c[16..24].copy_from_slice(&seqid.to_be_bytes());
+        let put = |c: &mut [u8], off: usize, len: usize, s: &str| {
+            let k = s.len().min(len - 1);
+            c[off..off + k].copy_from_slice(&s.as_bytes()[..k]);
+        };
+        put(c, 24, 48, label);
+        put(c, 72, 32, "sha256");
+        random(&mut c[104..168])?;
+        put(c, 168, 40, uuid);
+        c[256..264].copy_from_slice(&(at as u64).to_be_bytes());
+        c[BIN_LEN..BIN_LEN + text.len()].copy_from_slice(text.as_bytes());
+        let sum = checksum(c, LuksHash::Sha256);
+        c[CSUM_AT..CSUM_AT + sum.len()].copy_from_slice(&sum);
+    }
+    Ok(out)
+}
+
+/// A new LUKS2 volume: the metadata (both header copies, to write at 0),
+/// the key material of slot 0 (opened by `passphrase`) to write at
+/// `(offset, bytes)`, the parsed header and the volume key. The caller
+/// zeroes the rest of the key-slot area (up to [`Luks2Header::area_end`]).
+pub fn create(p: &Luks2Params, passphrase: &Secret) -> Result<(Vec<u8>, (u64, Vec<u8>), Luks2Header, Secret)> {
+    if passphrase.expose().is_empty() {
+        return Err(Error::new(ErrorKind::Crypto, "the LUKS passphrase is empty"));
+    }
+    if ![512, 1024, 2048, 4096].contains(&p.sector_size) {
+        return Err(Error::invalid_argument(format!("sector-size={} is not 512, 1024, 2048 or 4096", p.sector_size)));
+    }
+    let kb = p.key_bytes();
+    let mut mk = vec![0u8; kb as usize];
+    random(&mut mk)?;
+    let mk = Secret::new(mk);
+    let seg_cipher = LuksCipher::new(p.mode, p.ivgen, mk.expose())?;
+    // The slot key.
+    let kdf = match p.kdf {
+        KdfKind::Pbkdf2 => {
+            Kdf::Pbkdf2 { hash: p.hash, iterations: iterations_for(p.hash, p.iter_time_ms, kb as usize) }
+        }
+        _ => argon2_params(p, kb as usize)?,
+    };
+    let mut salt = vec![0u8; 32];
+    random(&mut salt)?;
+    let mut dk = vec![0u8; kb as usize];
+    kdf.derive(passphrase.expose(), &salt, &mut dk)?;
+    let c = LuksCipher::new(p.mode, p.ivgen, &dk);
+    wipe(&mut dk);
+    let slot_cipher = c?;
+    let mut mat = af_split(mk.expose(), STRIPES as usize, p.hash)?;
+    mat.resize(material_len(kb, STRIPES) as usize, 0);
+    slot_cipher.encrypt(0, &mut mat)?;
+    drop(seg_cipher);
+    let area_offset = 2 * NEW_HDR_SIZE;
+    let area_size = material_len(kb, STRIPES).div_ceil(AREA_ALIGN) * AREA_ALIGN;
+    // The digest.
+    let dig_iters = iterations_for(p.hash, (p.iter_time_ms / 16).max(1), kb as usize);
+    let mut dsalt = vec![0u8; 32];
+    random(&mut dsalt)?;
+    let mut digest = vec![0u8; p.hash.digest_len()];
+    p.hash.pbkdf2(mk.expose(), &dsalt, dig_iters, &mut digest);
+    let kdf_json = match kdf {
+        Kdf::Pbkdf2 { hash, iterations } => obj(vec![
+            ("type", Json::Str("pbkdf2".into())),
+            ("hash", Json::Str(hash.name().into())),
+            ("iterations", n(iterations)),
+            ("salt", Json::Str(b64_encode(&salt))),
+        ]),
+        Kdf::Argon2 { time, memory, cpus, .. } => obj(vec![
+            ("type", Json::Str(kdf.name().into())),
+            ("time", n(time)),
+            ("memory", n(memory)),
+            ("cpus", n(cpus)),
+            ("salt", Json::Str(b64_encode(&salt))),
+        ]),
+    };
+    let encryption = p.encryption();
+    let keyslots_size = NEW_DATA_OFFSET - area_offset;
+    let json = obj(vec![
+        (
+            "keyslots",
+            obj(vec![(
+                "0",
+                obj(vec![
+                    ("type", Json::Str("luks2".into())),
+                    ("key_size", n(kb)),
+                    (
+                        "af",
+                        obj(vec![
+                            ("type", Json::Str("luks1".into())),
+                            ("stripes", n(STRIPES)),
+                            ("hash", Json::Str(p.hash.name().into())),
+                        ]),
+                    ),
+                    (
+                        "area",
+                        obj(vec![
+                            ("type", Json::Str("raw".into())),
+                            ("offset", s64(area_offset)),
+                            ("size", s64(area_size)),
+                            ("encryption", Json::Str(encryption.clone())),
+                            ("key_size", n(kb)),
+                        ]),
+                    ),
+                    ("kdf", kdf_json),
+                ]),
+            )]),
+        ),
+        ("tokens", obj(vec![])),
+        (
+            "segments",
+            obj(vec![(
+                "0",
+                obj(vec![
+                    ("type", Json::Str("crypt".into())),
+                    ("offset", s64(if p.detached { 0 } else { NEW_DATA_OFFSET })),
+                    ("size", Json::Str("dynamic".into())),
+                    ("iv_tweak", s64(0)),
+                    ("encryption", Json::Str(encryption)),
+                    ("sector_size", n(p.sector_size)),
+                ]),
+            )]),
+        ),
+        (
+            "digests",
+            obj(vec![(
+                "0",
+                obj(vec![
+                    ("type", Json::Str("pbkdf2".into())),
+                    ("keyslots", Json::Arr(vec![Json::Str("0".into())])),
+                    ("segments", Json::Arr(vec![Json::Str("0".into())])),
+                    ("hash", Json::Str(p.hash.name().into())),
+                    ("iterations", n(dig_iters)),
+                    ("salt", Json::Str(b64_encode(&dsalt))),
+                    ("digest", Json::Str(b64_encode(&digest))),
+                ]),
+            )]),
+        ),
+        ("config", obj(vec![("json_size", s64(NEW_HDR_SIZE - BIN_LEN as u64)), ("keyslots_size", s64(keyslots_size))])),
+    ]);
+    let uuid = crate::pool::uuid::Uuid::new_v4()?.to_string();
+    let meta = encode_copies(&json, NEW_HDR_SIZE, 1, &uuid, &p.label)?;
+    // Parse what was made: the same checks as any volume read.
+    let mut whole = meta.clone();
+    whole.resize(NEW_DATA_OFFSET as usize, 0);
+    let read = |o: u64, b: &mut [u8]| {
+        let s = whole.get(o as usize..o as usize + b.len()).ok_or_else(|| Error::internal("new LUKS2 header read"))?;
+        b.copy_from_slice(s);
+        Ok(())
+    };
+    let h = Luks2Header::read(&read, NEW_DATA_OFFSET)?;
+    Ok((meta, (area_offset, mat), h, mk))
+}
+
+/// Bytes of the header file of a new volume (headers and key-slot area).
+pub fn area_len() -> u64 {
+    NEW_DATA_OFFSET
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn params(kdf: KdfKind) -> Luks2Params {
+        Luks2Params { kdf, iter_time_ms: 1, memory_kib: Some(64), parallel: Some(1), ..Default::default() }
+    }
+
+    fn volume(p: &Luks2Params, pass: &str) -> (Vec<u8>, Secret) {
+        let (meta, (off, mat), _, mk) = create(p, &Secret::new(pass)).unwrap();
+        let mut v = meta;
+        v.resize(area_len() as usize + 8192, 0);
+        v[off as usize..off as usize + mat.len()].copy_from_slice(&mat);
+        (v, mk)
+    }
+
+    fn reader(v: &[u8]) -> impl Fn(u64, &mut [u8]) -> Result<()> + '_ {
+        move |o: u64, b: &mut [u8]| {
+            let s = v.get(o as usize..o as usize + b.len()).ok_or_else(|| Error::invalid("past end"))?;
+            b.copy_from_slice(s);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn create_read_unlock_each_kdf() {
+        for kdf in [KdfKind::Pbkdf2, KdfKind::Argon2i, KdfKind::Argon2id] {
+            let (v, mk) = volume(&params(kdf), "pw");
+            let h = Luks2Header::read(&reader(&v), v.len() as u64).unwrap();
+            assert_eq!(h.copies_ok, [true, true]);
+            assert_eq!(h.segment.offset, NEW_DATA_OFFSET);
+            let (k, slot) = h.unlock(&Secret::new("pw"), &reader(&v)).unwrap();
+            assert_eq!((k.expose(), slot), (mk.expose(), 0));
+            let e = h.unlock(&Secret::new("nope"), &reader(&v)).unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Crypto);
+        }
+    }
+
+    #[test]
+    fn one_damaged_copy_is_tolerated_and_seqid_wins() {
+        let (mut v, _) = volume(&params(KdfKind::Pbkdf2), "pw");
+        let len = v.len() as u64;
+        v[BIN_LEN + 10] ^= 1;
+        let h = Luks2Header::read(&reader(&v), len).unwrap();
+        assert_eq!(h.copies_ok, [false, true]);
+        assert_eq!(h.bin.hdr_offset, NEW_HDR_SIZE);
+        v[NEW_HDR_SIZE as usize + BIN_LEN + 10] ^= 1;
+        let e = Luks2Header::read(&reader(&v), len).unwrap_err();
+        assert!(e.to_string().contains("both"), "{e}");
+        v[BIN_LEN + 10] ^= 1;
+        v[NEW_HDR_SIZE as usize + BIN_LEN + 10] ^= 1;
+        // A secondary with a higher seqid wins.
+        let s = NEW_HDR_SIZE as usize;
+        v[s + 16..s + 24].copy_from_slice(&9u64.to_be_bytes());
+        let sum = checksum(&v[s..2 * s], LuksHash::Sha256);
+        v[s + CSUM_AT..s + CSUM_AT + 32].copy_from_slice(&sum);
+        let h = Luks2Header::read(&reader(&v), len).unwrap();
+        assert_eq!((h.bin.seqid, h.bin.hdr_offset), (9, NEW_HDR_SIZE));
+    }
+}

@@ -1,0 +1,336 @@
+//! LUKS2 volumes in the standalone `luks` format: opened and created
+//! through the same [`Luks`] device as LUKS1 (the header, key slots and
+//! JSON metadata are in `crate::crypto::luks2`). The payload is the one
+//! `crypt` segment; its sectors (`sector_size`, 512 to 4096 bytes) are
+//! encrypted with IVs counted in 512-byte sectors from `iv_tweak`, as
+//! dm-crypt does for LUKS2. A detached header (cryptsetup `--header`) is
+//! read like a LUKS1 one. QEMU has no LUKS2, so qcow2 keeps LUKS1.
+
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::{lerr, Luks, LuksDetails, LuksOptions, Meta};
+use crate::crypto::luks2::{self, Kdf, Luks2Header, Luks2Params};
+use crate::crypto::sector::{IvGen, LuksMode};
+use crate::crypto::Secret;
+use crate::error::{Error, ErrorKind, Result};
+use crate::storage::Storage;
+
+/// LUKS2 facts for `info` beyond the LUKS1 ones.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Luks2Details {
+    /// The label.
+    pub label: String,
+    /// The subsystem.
+    pub subsystem: String,
+    /// The metadata sequence id of the copy in use (cryptsetup's "Epoch").
+    pub seqid: u64,
+    /// Bytes of each header copy (binary header and JSON area).
+    pub hdr_size: u64,
+    /// Bytes of the key-slot area.
+    pub keyslots_size: u64,
+    /// Bytes per encryption sector.
+    pub sector_size: u32,
+    /// Whether the primary and the secondary header copy are intact.
+    pub copies_ok: [bool; 2],
+    /// Tokens in the metadata (not used by vdisk).
+    pub tokens: usize,
+    /// The key slots.
+    pub keyslots: Vec<Luks2SlotDetails>,
+}
+
+/// One LUKS2 key slot for `info`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Luks2SlotDetails {
+    /// Its number.
+    pub id: u32,
+    /// `pbkdf2`, `argon2i` or `argon2id`.
+    pub kdf: String,
+    /// PBKDF2 hash.
+    pub hash: Option<String>,
+    /// PBKDF2 iterations.
+    pub iterations: Option<u32>,
+    /// argon2 time cost.
+    pub time: Option<u32>,
+    /// argon2 memory in KiB.
+    pub memory_kib: Option<u32>,
+    /// argon2 lanes.
+    pub cpus: Option<u32>,
+    /// Volume key bytes.
+    pub key_size: u32,
+    /// Key material offset in bytes.
+    pub area_offset: u64,
+    /// Key material area bytes.
+    pub area_size: u64,
+    /// The key material's cipher.
+    pub area_encryption: String,
+    /// Anti-forensic stripes.
+    pub stripes: u32,
+    /// The AF hash.
+    pub af_hash: String,
+    /// 0 ignore, 1 normal, 2 high.
+    pub priority: u8,
+}
+
+impl LuksDetails {
+    /// The facts of LUKS2 header `h`.
+    pub fn of_luks2(h: &Luks2Header, detached: bool) -> LuksDetails {
+        let s = &h.segment;
+        let bits = match s.mode {
+            LuksMode::Xts => h.key_bytes * 4,
+            LuksMode::Cbc => h.key_bytes * 8,
+        };
+        let (iv, ivh) = match s.ivgen {
+            IvGen::Plain => ("plain", None),
+            IvGen::Plain64 => ("plain64", None),
+            IvGen::Essiv(x) => ("essiv", Some(x.name().to_string())),
+        };
+        let keyslots: Vec<Luks2SlotDetails> = h
+            .keyslots
+            .iter()
+            .map(|k| {
+                let mut d = Luks2SlotDetails {
+                    id: k.id,
+                    kdf: k.kdf.name().into(),
+                    key_size: k.key_size,
+                    area_offset: k.area_offset,
+                    area_size: k.area_size,
+                    area_encryption: k.area_encryption.clone(),
+                    stripes: k.stripes,
+                    af_hash: k.af_hash.name().into(),
+                    priority: k.priority,
+                    ..Default::default()
+                };
+                match k.kdf {
+                    Kdf::Pbkdf2 { hash, iterations } => {
+                        d.hash = Some(hash.name().into());
+                        d.iterations = Some(iterations);
+                    }
+                    Kdf::Argon2 { time, memory, cpus, .. } => {
+                        d.time = Some(time);
+                        d.memory_kib = Some(memory);
+                        d.cpus = Some(cpus);
+                    }
+                }
+                d
+            })
+            .collect();
+        LuksDetails {
+            cipher_alg: format!("aes-{bits}"),
+            cipher_mode: match s.mode {
+                LuksMode::Xts => "xts".into(),
+                LuksMode::Cbc => "cbc".into(),
+            },
+            ivgen_alg: iv.into(),
+            ivgen_hash_alg: ivh,
+            hash_alg: h.digest.hash.name().into(),
+            payload_offset: s.offset,
+            master_key_iters: h.digest.iterations,
+            uuid: h.bin.uuid.clone(),
+            detached_header: detached,
+            slots: keyslots.iter().map(|k| (true, k.iterations, k.area_offset, k.stripes)).collect(),
+            luks2: Some(Luks2Details {
+                label: h.bin.label.clone(),
+                subsystem: h.bin.subsystem.clone(),
+                seqid: h.bin.seqid,
+                hdr_size: h.bin.hdr_size,
+                keyslots_size: h.keyslots_size,
+                sector_size: s.sector_size,
+                copies_ok: h.copies_ok,
+                tokens: h.tokens,
+                keyslots,
+            }),
+        }
+    }
+}
+
+/// Whether `st` starts with a LUKS2 header (primary magic, version 2), or
+/// with a damaged primary whose secondary copy is there.
+pub(super) fn is_luks2_file(st: &dyn Storage) -> Result<bool> {
+    let len = st.len()?;
+    let mut b = [0u8; 8];
+    if len < 8 {
+        return Ok(false);
+    }
+    st.read_at(&mut b, 0)?;
+    if luks2::is_luks2(&b) {
+        return Ok(true);
+    }
+    if b[..6] == luks2::MAGIC {
+        return Ok(false);
+    }
+    // A primary too damaged to name its version: a secondary LUKS2 copy
+    // at one of the offsets the format allows makes it LUKS2.
+    let mut at = 16u64 << 10;
+    while at <= crate::limits::LUKS2_MAX_HDR_SIZE && at + 8 <= len {
+        st.read_at(&mut b, at)?;
+        if b[..6] == luks2::MAGIC2 && b[6..8] == [0, 2] {
+            return Ok(true);
+        }
+        at *= 2;
+    }
+    Ok(false)
+}
+
+/// Reads and validates the LUKS2 header pair at the start of `st`.
+pub fn read_luks2_header(st: &dyn Storage) -> Result<Luks2Header> {
+    let len = st.len()?;
+    let read = |o: u64, b: &mut [u8]| st.read_at(b, o);
+    Luks2Header::read(&read, len).map_err(|e| lerr(e, st))
+}
+
+impl Luks {
+    pub(super) fn open_luks2(
+        payload: Arc<dyn Storage>,
+        header_file: Arc<dyn Storage>,
+        opts: LuksOptions,
+    ) -> Result<Luks> {
+        let detached = opts.header.is_some();
+        let h = read_luks2_header(&*header_file)?;
+        let read_only = opts.read_only || payload.is_read_only() || header_file.is_read_only() && !detached;
+        let offset = h.segment.offset;
+        if !detached && offset == 0 {
+            return Err(lerr(
+                Error::invalid("this LUKS2 header's data segment starts at offset 0: its payload is in another file (open it with the header detached)")
+                    .with_field("segments.offset"),
+                &*header_file,
+            ));
+        }
+        let plen = payload.len()?;
+        if plen < offset {
+            return Err(lerr(
+                Error::invalid(format!("the file of {plen} bytes ends before the LUKS2 payload offset {offset}"))
+                    .with_field("segments.offset"),
+                &*header_file,
+            ));
+        }
+        let unit = u64::from(h.segment.sector_size);
+        let size = match h.segment.size {
+            Some(n) if offset + n > plen => {
+                return Err(lerr(
+                    Error::invalid(format!(
+                        "the LUKS2 segment of {n} bytes at offset {offset} runs past the end of the file ({plen} bytes)"
+                    ))
+                    .with_field("segments.size"),
+                    &*header_file,
+                ))
+            }
+            Some(n) => n,
+            None => (plen - offset) / unit * unit,
+        };
+        let cipher = match &opts.key {
+            Some(k) => {
+                let read = |o: u64, b: &mut [u8]| header_file.read_at(b, o);
+                let (mk, _) = h.unlock(k, &read).map_err(|e| lerr(e, &*header_file))?;
+                Some(h.cipher(&mk)?)
+            }
+            None if opts.inspect_only && opts.read_only => None,
+            None => {
+                return Err(lerr(
+                    Error::new(ErrorKind::Crypto, "the volume is encrypted (LUKS2): a passphrase is needed to open it"),
+                    &*header_file,
+                ))
+            }
+        };
+        Ok(Luks {
+            header_file,
+            payload,
+            detached,
+            iv_base: h.segment.iv_tweak,
+            fixed_size: h.segment.size.is_some(),
+            header: Mutex::new(Meta::V2(Box::new(h))),
+            cipher,
+            passphrase: opts.key.clone(),
+            offset,
+            unit,
+            size: AtomicU64::new(size),
+            read_only,
+            unsynced: AtomicBool::new(false),
+            rmw: RwLock::new(()),
+        })
+    }
+
+    /// Creates a LUKS2 volume of `size` bytes (rounded up to its sectors)
+    /// in `payload` (truncated), keyed by `passphrase` in key slot 0; with
+    /// `header` the header (and key-slot area) goes there and `payload`
+    /// holds only data.
+    pub fn create_luks2(
+        payload: Arc<dyn Storage>,
+        header: Option<Arc<dyn Storage>>,
+        size: u64,
+        params: &Luks2Params,
+        passphrase: &Secret,
+    ) -> Result<Luks> {
+        let p = Luks2Params { detached: header.is_some(), ..params.clone() };
+        let hf = header.clone().unwrap_or_else(|| payload.clone());
+        let h = Luks::create_luks2_header(&*hf, &p, passphrase)?;
+        let unit = u64::from(p.sector_size);
+        let size = size.div_ceil(unit) * unit;
+        if header.is_some() {
+            payload.set_len(0)?;
+            payload.set_len(size)?;
+        } else {
+            payload.set_len(h.segment.offset + size)?;
+        }
+        hf.sync()?;
+        payload.sync()?;
+        Luks::open(payload, LuksOptions { key: Some(passphrase.clone()), header, ..Default::default() })
+    }
+
+    /// Writes a new LUKS2 header pair and key-slot area (slot 0 opened by
+    /// `passphrase`) at the start of `hf`, which is truncated first.
+    pub fn create_luks2_header(hf: &dyn Storage, p: &Luks2Params, passphrase: &Secret) -> Result<Luks2Header> {
+        let (meta, (off, mat), h, _mk) = luks2::create(p, passphrase)?;
+        hf.set_len(0)?;
+        hf.set_len(luks2::area_len())?;
+        hf.write_at(&mat, off)?;
+        hf.write_at(&meta, 0)?;
+        hf.sync()?;
+        Ok(h)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::luks2::KdfKind;
+    use crate::device::BlockDevice;
+    use crate::storage::MemStorage;
+
+    #[test]
+    fn create_write_reopen_read_each_sector_size() {
+        for ss in [512u32, 4096] {
+            let st: Arc<dyn Storage> = Arc::new(MemStorage::new());
+            let pass = Secret::new("pw");
+            let p = Luks2Params {
+                kdf: KdfKind::Argon2id,
+                iter_time_ms: 1,
+                memory_kib: Some(64),
+                parallel: Some(1),
+                sector_size: ss,
+                ..Default::default()
+            };
+            let l = Luks::create_luks2(st.clone(), None, 1 << 20, &p, &pass).unwrap();
+            assert_eq!(l.size(), 1 << 20);
+            let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+            l.write_at(&data, 12345).unwrap();
+            l.flush().unwrap();
+            drop(l);
+            let l = Luks::open(st.clone(), LuksOptions { key: Some(pass), ..Default::default() }).unwrap();
+            let mut back = vec![0u8; data.len()];
+            l.read_at(&mut back, 12345).unwrap();
+            assert_eq!(back, data);
+            assert!(l.header().is_none());
+            let h = l.luks2_header().unwrap();
+            assert_eq!(h.segment.sector_size, ss);
+            let e = Luks::open(st.clone(), LuksOptions { key: Some(Secret::new("bad")), ..Default::default() })
+                .unwrap_err();
+            assert_eq!(e.kind(), ErrorKind::Crypto);
+            let i = Luks::open(st, LuksOptions { inspect_only: true, read_only: true, ..Default::default() }).unwrap();
+            let crate::device::FormatDetails::Luks(d) = i.info().details else { panic!() };
+            assert_eq!(d.luks2.unwrap().sector_size, ss);
+        }
+    }
+}
