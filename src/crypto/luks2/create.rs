@@ -3,11 +3,11 @@
 //! 0 with PBKDF2 or argon2 timed to `iter-time`, and the options the CLI
 //! takes (`Luks2Params::set`).
 
-use crate::crypto::json::{b64_encode, Json};
 use super::{
     check_argon2, checksum, material_len, Fields, Kdf, Luks2Header, AREA_ALIGN, BIN_LEN, CSUM_AT, MAGIC, MAGIC2,
     NEW_DATA_OFFSET, NEW_HDR_SIZE,
 };
+use crate::crypto::json::{b64_encode, Json};
 use crate::crypto::luks1::{af_split, iterations_for, random, STRIPES};
 use crate::crypto::secret::{wipe, Secret};
 use crate::crypto::sector::{IvGen, LuksCipher, LuksHash, LuksMode};
@@ -91,9 +91,11 @@ impl Luks2Params {
     /// `label`); `Ok(false)` when the key is none of them.
     pub fn set(&mut self, key: &str, value: &str) -> Result<bool> {
         let num = |what: &str, lo: u64, hi: u64| -> Result<u64> {
-            value.parse::<u64>().ok().filter(|v| (lo..=hi).contains(v)).ok_or_else(|| {
-                Error::invalid_argument(format!("{what}={value} is not a number from {lo} to {hi}"))
-            })
+            value
+                .parse::<u64>()
+                .ok()
+                .filter(|v| (lo..=hi).contains(v))
+                .ok_or_else(|| Error::invalid_argument(format!("{what}={value} is not a number from {lo} to {hi}")))
         };
         match key {
             "pbkdf" => {
@@ -112,15 +114,12 @@ impl Luks2Params {
                 self.memory_kib = Some(num("pbkdf-memory", 32, u64::from(LUKS2_ARGON2_MAX_MEMORY_KIB))? as u32)
             }
             "pbkdf-parallel" => {
-                self.parallel =
-                    Some(num("pbkdf-parallel", 1, u64::from(crate::limits::LUKS2_ARGON2_MAX_LANES))? as u32)
+                self.parallel = Some(num("pbkdf-parallel", 1, u64::from(crate::limits::LUKS2_ARGON2_MAX_LANES))? as u32)
             }
             "sector-size" => {
                 let n = num("sector-size", 512, 4096)? as u32;
                 if !n.is_power_of_two() {
-                    return Err(Error::invalid_argument(format!(
-                        "sector-size={value} is not 512, 1024, 2048 or 4096"
-                    )));
+                    return Err(Error::invalid_argument(format!("sector-size={value} is not 512, 1024, 2048 or 4096")));
                 }
                 self.sector_size = n;
             }
@@ -386,4 +385,3 @@ pub fn create(p: &Luks2Params, passphrase: &Secret) -> Result<(Vec<u8>, (u64, Ve
 pub fn area_len() -> u64 {
     NEW_DATA_OFFSET
 }
-
