@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use common::{run, run_status};
 use sha2::{Digest, Sha256};
-use vdisk::luks::{Luks, Luks2Params};
 use vdisk::device::FormatDetails;
+use vdisk::luks::{Luks, Luks2Params};
 use vdisk::{BlockDevice, ErrorKind, FileStorage, Format, OpenOptions, Secret, Storage};
 
 const PASS: &str = "correct horse";
@@ -235,7 +235,10 @@ fn cryptsetup_writes_the_payload_and_decrypts_what_vdisk_wrote() {
         v.close().unwrap();
         let mut want = plain.clone();
         want[12_345..82_345].copy_from_slice(&new);
-        run("cryptsetup", &["reencrypt", "--decrypt", "-q", "--force-offline-reencrypt", "--key-file", &kf, "--header", &hs, &ds]);
+        run(
+            "cryptsetup",
+            &["reencrypt", "--decrypt", "-q", "--force-offline-reencrypt", "--key-file", &kf, "--header", &hs, &ds],
+        );
         assert!(std::fs::read(&data).unwrap() == want, "sector {ss}: cryptsetup decrypts other bytes than vdisk wrote");
     }
 }

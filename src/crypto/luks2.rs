@@ -31,7 +31,7 @@ use crate::limits::{
 
 mod create;
 
-pub use create::{area_len, create, KdfKind, Luks2Params};
+pub use create::{area_len, create, encode_copies, KdfKind, Luks2Params};
 
 /// The primary header's magic.
 pub const MAGIC: [u8; 6] = *b"LUKS\xba\xbe";
@@ -947,6 +947,76 @@ mod tests {
 
     pub(crate) fn params(kdf: KdfKind) -> Luks2Params {
         Luks2Params { kdf, iter_time_ms: 1, memory_kib: Some(64), parallel: Some(1), ..Default::default() }
+    }
+
+    /// A tiny LUKS2 volume (40 KiB): two 16 KiB header copies, one key
+    /// slot of one stripe (4 KiB area), 4 KiB of payload holding `0x5a`
+    /// bytes in 512-byte sectors. `argon` picks argon2id (64 KiB, one pass)
+    /// over PBKDF2 (1000 iterations). Seeds the `luks2_header` fuzz corpus.
+    pub(crate) fn tiny_volume(pass: &str, argon: bool) -> Vec<u8> {
+        use crate::crypto::json::b64_encode;
+        let mk: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5c).collect();
+        let salt = [7u8; 32];
+        let kdf = if argon {
+            Kdf::Argon2 { id: true, time: 1, memory: 64, cpus: 1 }
+        } else {
+            Kdf::Pbkdf2 { hash: LuksHash::Sha256, iterations: 1000 }
+        };
+        let mut dk = vec![0u8; 64];
+        kdf.derive(pass.as_bytes(), &salt, &mut dk).unwrap();
+        let mut mat = mk.clone();
+        mat.resize(512, 0);
+        LuksCipher::new(LuksMode::Xts, IvGen::Plain64, &dk).unwrap().encrypt(0, &mut mat).unwrap();
+        let mut digest = [0u8; 32];
+        LuksHash::Sha256.pbkdf2(&mk, &salt, 1000, &mut digest);
+        let kdf_json = match kdf {
+            Kdf::Argon2 { .. } => r#"{"type":"argon2id","time":1,"memory":64,"cpus":1,"salt":"SALT"}"#,
+            Kdf::Pbkdf2 { .. } => r#"{"type":"pbkdf2","hash":"sha256","iterations":1000,"salt":"SALT"}"#,
+        }
+        .replace("SALT", &b64_encode(&salt));
+        let json = format!(
+            concat!(
+                r#"{{"keyslots":{{"0":{{"type":"luks2","key_size":64,"af":{{"type":"luks1","stripes":1,"hash":"sha256"}},"#,
+                r#""area":{{"type":"raw","offset":"32768","size":"4096","encryption":"aes-xts-plain64","key_size":64}},"kdf":{}}}}},"#,
+                r#""tokens":{{}},"segments":{{"0":{{"type":"crypt","offset":"36864","size":"dynamic","iv_tweak":"0","#,
+                r#""encryption":"aes-xts-plain64","sector_size":512}}}},"digests":{{"0":{{"type":"pbkdf2","keyslots":["0"],"#,
+                r#""segments":["0"],"hash":"sha256","iterations":1000,"salt":"{}","digest":"{}"}}}},"#,
+                r#""config":{{"json_size":"12288","keyslots_size":"4096"}}}}"#
+            ),
+            kdf_json,
+            b64_encode(&salt),
+            b64_encode(&digest)
+        );
+        let mut v = create::encode_copies(
+            &Json::parse(json.as_bytes()).unwrap(),
+            NEW_HDR_SIZE,
+            1,
+            "6ed1a7a5-1d6c-4a4f-9f76-2b1c0d8e7a11",
+            "tiny",
+        )
+        .unwrap();
+        v.resize(40960, 0);
+        v[32768..33280].copy_from_slice(&mat);
+        let mut payload = vec![0x5au8; 4096];
+        LuksCipher::new(LuksMode::Xts, IvGen::Plain64, &mk).unwrap().encrypt(0, &mut payload).unwrap();
+        v[36864..].copy_from_slice(&payload);
+        v
+    }
+
+    #[test]
+    fn tiny_volumes_unlock() {
+        for argon in [false, true] {
+            let v = tiny_volume("vdisk-fuzz", argon);
+            let h = Luks2Header::read(&reader(&v), v.len() as u64).unwrap();
+            let (mk, _) = h.unlock(&Secret::new("vdisk-fuzz"), &reader(&v)).unwrap();
+            let mut p = v[36864..].to_vec();
+            h.cipher(&mk).unwrap().decrypt(0, &mut p).unwrap();
+            assert_eq!(p, vec![0x5a; 4096]);
+            if let Ok(dir) = std::env::var("VDISK_WRITE_LUKS2_SEEDS") {
+                let name = if argon { "tiny-argon2id" } else { "tiny-pbkdf2" };
+                std::fs::write(std::path::Path::new(&dir).join(name), &v).unwrap();
+            }
+        }
     }
 
     fn volume(p: &Luks2Params, pass: &str) -> (Vec<u8>, Secret) {
