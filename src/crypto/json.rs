@@ -64,6 +64,30 @@ impl Json {
         }
     }
 
+    /// The member `key` of an object, to change.
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut Json> {
+        match self {
+            Json::Obj(m) => m.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v),
+            _ => None,
+        }
+    }
+
+    /// The object's members, to change.
+    pub fn members_mut(&mut self) -> Option<&mut Vec<(String, Json)>> {
+        match self {
+            Json::Obj(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The array's items, to change.
+    pub fn items_mut(&mut self) -> Option<&mut Vec<Json>> {
+        match self {
+            Json::Arr(a) => Some(a),
+            _ => None,
+        }
+    }
+
     /// The array's items.
     pub fn items(&self) -> Option<&[Json]> {
         match self {

@@ -29,6 +29,7 @@ use crate::limits::{
     LUKS2_MAX_UNLOCK_ARGON2_WORK, LUKS_MAX_PBKDF2_ITERATIONS, LUKS_MAX_STRIPES, LUKS_MAX_UNLOCK_ITERATIONS,
 };
 
+mod amend;
 mod create;
 
 pub use create::{area_len, create, encode_copies, KdfKind, Luks2Params};
@@ -231,6 +232,9 @@ pub struct Luks2Header {
     pub tokens: usize,
     /// The volume key length of the segment.
     pub key_bytes: u32,
+    /// The metadata as read (kept whole for rewriting: tokens and unknown
+    /// fields survive a key-slot change).
+    pub(crate) json: Json,
 }
 
 fn bad(field: &'static str, msg: String) -> Error {
@@ -512,11 +516,12 @@ impl Luks2Header {
                 .with_offset(e.offset().unwrap_or(0)))
             }
         };
-        Luks2Header::from_json(bin, &json, copies_ok, file_len)
+        Luks2Header::from_json(bin, json, copies_ok, file_len)
     }
 
     /// Validates the metadata of the chosen copy.
-    fn from_json(bin: Luks2Binary, j: &Json, copies_ok: [bool; 2], file_len: u64) -> Result<Luks2Header> {
+    fn from_json(bin: Luks2Binary, json: Json, copies_ok: [bool; 2], file_len: u64) -> Result<Luks2Header> {
+        let j = &json;
         let f = Fields { at: bin.hdr_offset + BIN_LEN as u64 };
         if j.members().is_none() {
             return Err(f.err("json", "the metadata is not a JSON object".into()));
@@ -815,6 +820,7 @@ impl Luks2Header {
             keyslots_size,
             tokens,
             key_bytes,
+            json: json.clone(),
         })
     }
 
@@ -867,8 +873,22 @@ impl Luks2Header {
     /// a `Crypto` error. Slots of priority 2 are tried first, those of
     /// priority 0 never; the work over all slots tried is bounded.
     pub fn unlock(&self, passphrase: &Secret, read: &dyn Fn(u64, &mut [u8]) -> Result<()>) -> Result<(Secret, u32)> {
-        let mut order: Vec<&Luks2Keyslot> =
-            self.keyslots.iter().filter(|k| k.priority > 0 && self.digest.keyslots.contains(&k.id)).collect();
+        self.unlock_in(passphrase, None, read)
+    }
+
+    /// [`unlock`](Self::unlock) trying only slot `only` when given (then
+    /// whatever its priority).
+    pub fn unlock_in(
+        &self,
+        passphrase: &Secret,
+        only: Option<u32>,
+        read: &dyn Fn(u64, &mut [u8]) -> Result<()>,
+    ) -> Result<(Secret, u32)> {
+        let mut order: Vec<&Luks2Keyslot> = self
+            .keyslots
+            .iter()
+            .filter(|k| self.digest.keyslots.contains(&k.id) && only.map_or(k.priority > 0, |o| o == k.id))
+            .collect();
         order.sort_by_key(|k| (2 - k.priority, k.id));
         let (mut iters, mut argon) = (0u64, 0u64);
         for k in order {
@@ -886,7 +906,13 @@ impl Luks2Header {
                 return Ok((mk, k.id));
             }
         }
-        Err(Error::new(ErrorKind::Crypto, "invalid password: no LUKS2 key slot opens with this passphrase"))
+        Err(Error::new(
+            ErrorKind::Crypto,
+            match only {
+                Some(o) => format!("the passphrase does not open LUKS2 key slot {o}"),
+                None => "invalid password: no LUKS2 key slot opens with this passphrase".into(),
+            },
+        ))
     }
 }
 
@@ -993,6 +1019,7 @@ mod tests {
             1,
             "6ed1a7a5-1d6c-4a4f-9f76-2b1c0d8e7a11",
             "tiny",
+            "",
         )
         .unwrap();
         v.resize(40960, 0);

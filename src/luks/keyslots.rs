@@ -198,11 +198,10 @@ impl Luks {
             Error::new(ErrorKind::Crypto, "the volume was opened without its passphrase").with_format("luks")
         })?;
         let mut h = self.header.lock();
-        if let super::Meta::V2(_) = &*h {
-            return Err(Error::unsupported(
-                "key-slot changes on LUKS2 volumes are not supported (cryptsetup luksAddKey / luksKillSlot do them)",
-            )
-            .with_format("luks"));
+        if let super::Meta::V2(h2) = &*h {
+            let new = self.change_luks2_keyslots(h2, key, c).map_err(|e| e.with_format("luks"))?;
+            *h = super::Meta::V2(Box::new(new));
+            return Ok(());
         }
         *h = super::Meta::V1(apply(&*self.header_file, 0, key, c).map_err(|e| e.with_format("luks"))?);
         Ok(())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use super::{lerr, Luks, LuksDetails, LuksOptions, Meta};
+use super::{lerr, KeyslotChange, Luks, LuksDetails, LuksOptions, Meta, SlotState};
 use crate::crypto::luks2::{self, Kdf, Luks2Header, Luks2Params};
 use crate::crypto::sector::{IvGen, LuksMode};
 use crate::crypto::Secret;
@@ -289,6 +289,83 @@ impl Luks {
         hf.write_at(&meta, 0)?;
         hf.sync()?;
         Ok(h)
+    }
+}
+
+impl Luks {
+    /// LUKS2 key-slot changes (see `crate::crypto::luks2` for the write
+    /// order that keeps the volume openable across a crash).
+    pub(super) fn change_luks2_keyslots(
+        &self,
+        h: &Luks2Header,
+        key: &Secret,
+        c: &KeyslotChange,
+    ) -> Result<Luks2Header> {
+        let st = &*self.header_file;
+        let read = |o: u64, b: &mut [u8]| st.read_at(b, o);
+        let change = match c.state {
+            SlotState::Active => {
+                let (mk, _) = h.unlock(c.old_secret.as_ref().unwrap_or(key), &read)?;
+                let new = c.new_secret.as_ref().ok_or_else(|| Error::internal("new-secret missing"))?;
+                if new.expose().is_empty() {
+                    return Err(Error::invalid_argument("the new passphrase is empty"));
+                }
+                let used = |i: u32| h.keyslots.iter().any(|k| k.id == i);
+                let id = match c.keyslot {
+                    Some(n) if used(n as u32) => {
+                        return Err(Error::invalid_argument(format!(
+                            "refusing to overwrite LUKS2 key slot {n}: erase it first"
+                        )))
+                    }
+                    Some(n) => n as u32,
+                    None => (0..crate::limits::LUKS2_MAX_OBJECTS as u32).find(|&i| !used(i)).ok_or_else(|| {
+                        Error::new(ErrorKind::Crypto, "all LUKS2 key slots are in use: erase one first")
+                    })?,
+                };
+                h.add_slot(id, &mk, new, c.iter_time_ms.unwrap_or(2000))?
+            }
+            SlotState::Inactive => {
+                let erase: Vec<u32> = match (&c.old_secret, c.keyslot) {
+                    (Some(old), only) => {
+                        let v = h.slots_opened_by(old, only.map(|n| n as u32), &read)?;
+                        if v.is_empty() {
+                            return Err(Error::new(ErrorKind::Crypto, "no LUKS2 key slot opens with old-secret"));
+                        }
+                        v
+                    }
+                    (None, Some(n)) => h.keyslots.iter().filter(|k| k.id == n as u32).map(|k| k.id).collect(),
+                    (None, None) => Vec::new(),
+                };
+                if erase.is_empty() {
+                    return Ok(h.clone());
+                }
+                let left = h.digest.keyslots.iter().filter(|i| !erase.contains(i)).count();
+                if left == 0 && !c.force {
+                    return Err(Error::invalid_argument(
+                        "refusing to erase the last LUKS2 key slot: the volume could never be opened again (force to do it anyway)",
+                    ));
+                }
+                h.remove_slots(&erase)?
+            }
+        };
+        if let Some((off, mat)) = &change.material {
+            st.write_at(mat, *off)?;
+            st.sync()?;
+        }
+        let hs = change.hdr_size as usize;
+        st.write_at(&change.headers[hs..], hs as u64)?;
+        st.sync()?;
+        st.write_at(&change.headers[..hs], 0)?;
+        st.sync()?;
+        if !change.wipe.is_empty() {
+            for (off, len) in &change.wipe {
+                let mut junk = vec![0u8; *len as usize];
+                crate::crypto::luks1::random(&mut junk)?;
+                st.write_at(&junk, *off)?;
+            }
+            st.sync()?;
+        }
+        read_luks2_header(st)
     }
 }
 

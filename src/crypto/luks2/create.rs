@@ -180,7 +180,7 @@ fn default_memory_kib() -> u32 {
 /// The argon2 parameters of a new slot: the memory asked, and the time
 /// cost that takes about `ms` here (at least 4, as cryptsetup, and within
 /// the limits vdisk opens).
-fn argon2_params(p: &Luks2Params, key_len: usize) -> Result<Kdf> {
+pub(super) fn argon2_params(p: &Luks2Params, key_len: usize) -> Result<Kdf> {
     let memory = p.memory_kib.unwrap_or_else(default_memory_kib);
     let cpus = p.parallel.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(4) as u32);
     let id = p.kdf == KdfKind::Argon2id;
@@ -197,22 +197,29 @@ fn argon2_params(p: &Luks2Params, key_len: usize) -> Result<Kdf> {
 }
 
 /// One JSON number.
-fn n(v: impl std::fmt::Display) -> Json {
+pub(super) fn n(v: impl std::fmt::Display) -> Json {
     Json::Num(v.to_string())
 }
 
 /// One 64-bit number as LUKS2 writes it (a decimal string).
-fn s64(v: u64) -> Json {
+pub(super) fn s64(v: u64) -> Json {
     Json::Str(v.to_string())
 }
 
-fn obj(m: Vec<(&str, Json)>) -> Json {
+pub(super) fn obj(m: Vec<(&str, Json)>) -> Json {
     Json::Obj(m.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }
 
 /// Encodes both header copies (`2 * hdr_size` bytes) for `json`, with
-/// `seqid`, `uuid` and `label`.
-pub fn encode_copies(json: &Json, hdr_size: u64, seqid: u64, uuid: &str, label: &str) -> Result<Vec<u8>> {
+/// `seqid`, `uuid`, `label` and `subsystem`.
+pub fn encode_copies(
+    json: &Json,
+    hdr_size: u64,
+    seqid: u64,
+    uuid: &str,
+    label: &str,
+    subsystem: &str,
+) -> Result<Vec<u8>> {
     let mut text = String::new();
     json.write(&mut text);
     let json_size = (hdr_size - BIN_LEN as u64) as usize;
@@ -238,6 +245,7 @@ pub fn encode_copies(json: &Json, hdr_size: u64, seqid: u64, uuid: &str, label: 
         put(c, 72, 32, "sha256");
         random(&mut c[104..168])?;
         put(c, 168, 40, uuid);
+        put(c, 208, 48, subsystem);
         c[256..264].copy_from_slice(&(at as u64).to_be_bytes());
         c[BIN_LEN..BIN_LEN + text.len()].copy_from_slice(text.as_bytes());
         let sum = checksum(c, LuksHash::Sha256);
@@ -368,7 +376,7 @@ pub fn create(p: &Luks2Params, passphrase: &Secret) -> Result<(Vec<u8>, (u64, Ve
         ("config", obj(vec![("json_size", s64(NEW_HDR_SIZE - BIN_LEN as u64)), ("keyslots_size", s64(keyslots_size))])),
     ]);
     let uuid = crate::pool::uuid::Uuid::new_v4()?.to_string();
-    let meta = encode_copies(&json, NEW_HDR_SIZE, 1, &uuid, &p.label)?;
+    let meta = encode_copies(&json, NEW_HDR_SIZE, 1, &uuid, &p.label, "")?;
     // Parse what was made: the same checks as any volume read.
     let mut whole = meta.clone();
     whole.resize(NEW_DATA_OFFSET as usize, 0);
