@@ -114,8 +114,9 @@ impl LuksDetails {
     }
 }
 
-/// The header of an open volume.
+/// The header of an open volume (one per volume: its size does not matter).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)]
 enum Meta {
     V1(Luks1Header),
     V2(Box<Luks2Header>),

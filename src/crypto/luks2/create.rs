@@ -254,11 +254,15 @@ pub fn encode_copies(
     Ok(out)
 }
 
+/// What [`create`] returns: both header copies, slot 0's key material
+/// `(offset, bytes)`, the header as read back, and the volume key.
+pub type NewVolume = (Vec<u8>, (u64, Vec<u8>), Luks2Header, Secret);
+
 /// A new LUKS2 volume: the metadata (both header copies, to write at 0),
 /// the key material of slot 0 (opened by `passphrase`) to write at
 /// `(offset, bytes)`, the parsed header and the volume key. The caller
 /// zeroes the rest of the key-slot area (up to [`Luks2Header::area_end`]).
-pub fn create(p: &Luks2Params, passphrase: &Secret) -> Result<(Vec<u8>, (u64, Vec<u8>), Luks2Header, Secret)> {
+pub fn create(p: &Luks2Params, passphrase: &Secret) -> Result<NewVolume> {
     if passphrase.expose().is_empty() {
         return Err(Error::new(ErrorKind::Crypto, "the LUKS passphrase is empty"));
     }
