@@ -187,10 +187,13 @@ impl Luks {
         header_file: Arc<dyn Storage>,
         opts: LuksOptions,
     ) -> Result<Luks> {
-        let detached = opts.header.is_some();
         let h = read_luks2_header(&*header_file)?;
-        let read_only = opts.read_only || payload.is_read_only() || header_file.is_read_only() && !detached;
         let offset = h.segment.offset;
+        // A detached header file opened alone (its segment at 0 names
+        // another file) can be looked at: no payload, nothing to unlock.
+        let header_alone = opts.header.is_none() && offset == 0 && opts.key.is_none() && opts.inspect_only;
+        let detached = opts.header.is_some() || header_alone;
+        let read_only = opts.read_only || payload.is_read_only() || header_file.is_read_only() && !detached;
         if !detached && offset == 0 {
             return Err(lerr(
                 Error::invalid("this LUKS2 header's data segment starts at offset 0: its payload is in another file (open it with the header detached)")
@@ -208,6 +211,7 @@ impl Luks {
         }
         let unit = u64::from(h.segment.sector_size);
         let size = match h.segment.size {
+            _ if header_alone => 0,
             Some(n) if offset + n > plen => {
                 return Err(lerr(
                     Error::invalid(format!(
