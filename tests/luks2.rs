@@ -590,6 +590,15 @@ fn hostile_headers() {
             "config.requirements",
         ),
         (
+            "33 key slots",
+            j.replace(
+                slot0,
+                &(0..33).map(|i| slot0.replacen("\"0\"", &format!("\"{i}\""), 1)).collect::<Vec<_>>().join(","),
+            ),
+            ErrorKind::LimitExceeded,
+            "keyslots",
+        ),
+        (
             "digest names no slot",
             j.replace("\"keyslots\":[\"0\"]", "\"keyslots\":[\"7\"]"),
             ErrorKind::InvalidImage,
@@ -725,6 +734,11 @@ fn amend_adds_and_removes_slots_cryptsetup_agrees() {
     a.extend(fast("pbkdf2"));
     a.extend([cs.as_str(), k2.as_str()]);
     run("cryptsetup", &a);
+    // A token bound to slot 0 (as systemd-cryptenroll leaves them): kept,
+    // and unbound when vdisk removes that slot.
+    let token = d.path().join("token.json");
+    std::fs::write(&token, r#"{"type":"vdisk-test","keyslots":["0"],"note":"kept"}"#).unwrap();
+    run("cryptsetup", &["token", "import", "--json-file", &s(&token), "--key-slot", "0", &cs]);
     let made_by_vdisk = d.path().join("vd.img");
     let vs = s(&made_by_vdisk);
     run(
@@ -771,6 +785,8 @@ fn amend_adds_and_removes_slots_cryptsetup_agrees() {
         assert!(unlocks(&k1));
         if img == &cs {
             assert!(unlocks(&k2), "cryptsetup's own second slot was lost");
+            let dump = run("cryptsetup", &["luksDump", "--dump-json-metadata", img]);
+            assert!(dump.contains("\"note\":\"kept\""), "the token was lost: {dump}");
             assert_eq!(amend("sec1", "state=inactive,keyslot=1", false).0, 0);
         }
         let (c, _, e) = amend("sec1", "state=inactive,old-secret=sec1", false);
