@@ -1,5 +1,5 @@
-//! LUKS: the standalone `luks` format (QEMU `block/crypto.c`): a LUKS1
-//! header with its key material, then the encrypted payload; or QEMU's
+//! LUKS: the standalone `luks` format (QEMU `block/crypto.c`): a LUKS1 (or
+//! LUKS2) header with its key material, then the encrypted payload; or QEMU's
 //! detached header (`detached-header=on`: the header in one file, the
 //! payload alone in another, payload offset 0). The guest disk is the
 //! payload; each 512-byte sector is encrypted with the LUKS cipher, its
@@ -9,6 +9,11 @@
 //! and are re-exported here with the key-slot management `qemu-img amend`
 //! offers ([`Luks::change_keyslots`], [`KeyslotChange`]; qcow2 has
 //! [`Qcow2::change_luks_keyslots`](crate::Qcow2::change_luks_keyslots)).
+//!
+//! LUKS2 volumes (`v2.rs`: as `cryptsetup luksFormat --type luks2` makes
+//! them, header attached or detached) open, read, write, are created and
+//! change key slots through the same [`Luks`] device; their sectors may be
+//! 512 to 4096 bytes ([`Luks::luks2_header`] has the metadata).
 //!
 //! A volume opens with a passphrase that some key slot accepts; without
 //! one it opens read-only for inspection (`info`), data unreadable. A
