@@ -632,23 +632,44 @@ fn hostile_headers() {
     let mut f = base.clone();
     f[4096 + 5] ^= 0x20;
     std::fs::write(&img, &f).unwrap();
-    let v = open(&img, PASS).unwrap();
+    let v = OpenOptions::new().format(Format::Luks).key(Secret::new(PASS)).read_only(true).open(&img).unwrap();
     assert_eq!(luks_details(&v).luks2.unwrap().copies_ok, [false, true]);
     let mut b = vec![0u8; 65536];
     v.read_at(&mut b, 0).unwrap();
     assert_eq!(b, vec![0x42; 65536]);
     drop(v);
+    assert_eq!(std::fs::read(&img).unwrap(), f, "a read-only open wrote");
     f[HDR + 4096 + 5] ^= 0x20;
     std::fs::write(&img, &f).unwrap();
     let e = open(&img, PASS).map(|_| ()).unwrap_err();
     assert_eq!((e.kind(), e.field()), (ErrorKind::Corrupt, Some("csum")), "{e}");
-    // The primary's magic gone: still found as LUKS2 through its secondary.
-    let mut f = base.clone();
-    f[..6].copy_from_slice(b"XXXXXX");
-    std::fs::write(&img, &f).unwrap();
-    let v = open(&img, PASS).unwrap();
-    assert_eq!(luks_details(&v).luks2.unwrap().copies_ok, [false, true]);
-    drop(v);
+    assert_eq!(std::fs::read(&img).unwrap(), f, "a failed open wrote");
+    // A damaged or stale copy is rewritten from the good one by a writable
+    // open with the passphrase (as cryptsetup does); the good one is not
+    // touched. The primary's magic gone: still found through its secondary.
+    let inspect = |img: &Path| {
+        let i = OpenOptions::new().format(Format::Luks).inspect_only(true).open(img).unwrap();
+        luks_details(&i).luks2.unwrap().copies_ok
+    };
+    for (what, damaged, good) in [("primary", 0usize, HDR), ("secondary", HDR, 0usize)] {
+        let mut f = base.clone();
+        f[damaged..damaged + 6].copy_from_slice(b"XXXXXX");
+        std::fs::write(&img, &f).unwrap();
+        assert!(inspect(&img).contains(&false), "{what}");
+        assert!(open(&img, "wrong").is_err());
+        assert_eq!(std::fs::read(&img).unwrap(), f, "{what}: a failed open wrote");
+        let v = open(&img, PASS).unwrap();
+        assert_eq!(luks_details(&v).luks2.unwrap().copies_ok, [true, true], "{what}");
+        drop(v);
+        let after = std::fs::read(&img).unwrap();
+        assert_eq!(after[good..good + HDR], base[good..good + HDR], "{what}: the good copy changed");
+        assert_eq!(inspect(&img), [true, true], "{what} not repaired");
+        assert_eq!(after[2 * HDR..], base[2 * HDR..], "{what}: more than the header copy was written");
+        if run_status("cryptsetup", &["--version"]).0 == 0 {
+            let (c, _, e) = run_status("cryptsetup", &["luksDump", &s(&img)]);
+            assert_eq!(c, 0, "{what}: cryptsetup refuses the repaired header: {e}");
+        }
+    }
     // A valid secondary with a higher seqid wins over the primary.
     let mut f = base.clone();
     let d_at = j.find("\"digests\"").unwrap();

@@ -220,7 +220,8 @@ pub struct Luks2Segment {
 pub struct Luks2Header {
     /// The binary header of the copy in use.
     pub bin: Luks2Binary,
-    /// Whether each copy (primary, secondary) was valid.
+    /// Whether each copy (primary, secondary) is valid and current (a
+    /// damaged copy, or one with an older seqid, is not).
     pub copies_ok: [bool; 2],
     /// The key slots by number.
     pub keyslots: Vec<Luks2Keyslot>,
@@ -358,12 +359,15 @@ impl Luks2Header {
                 break;
             }
         }
-        let copies_ok = [primary.is_ok(), secondary.is_ok()];
+        let mut copies_ok = [primary.is_ok(), secondary.is_ok()];
         let (bin, json) = match (primary, secondary) {
             (Ok(p), Ok(s)) => {
+                // An older copy (an update cut short) is not current.
                 if s.0.seqid > p.0.seqid {
+                    copies_ok[0] = false;
                     s
                 } else {
+                    copies_ok[1] = s.0.seqid == p.0.seqid;
                     p
                 }
             }

@@ -33,7 +33,8 @@ pub struct Luks2Details {
     pub keyslots_size: u64,
     /// Bytes per encryption sector.
     pub sector_size: u32,
-    /// Whether the primary and the secondary header copy are intact.
+    /// Whether the primary and the secondary header copy are intact and
+    /// current (same seqid).
     pub copies_ok: [bool; 2],
     /// Tokens in the metadata (not used by vdisk).
     pub tokens: usize,
@@ -181,13 +182,33 @@ pub fn read_luks2_header(st: &dyn Storage) -> Result<Luks2Header> {
     Luks2Header::read(&read, len).map_err(|e| lerr(e, st))
 }
 
+/// Rewrites the header copy that is damaged or stale from the one in use
+/// (as cryptsetup does on a writable open): only that copy's bytes are
+/// written, the copy in use is not touched, so a crash leaves it as it was.
+fn repair_copy(st: &dyn Storage, h: &mut Luks2Header) -> Result<()> {
+    let b = &h.bin;
+    let hs = b.hdr_size;
+    // Only the layout the format defines: copies at 0 and at hdr_size.
+    let other = match b.hdr_offset {
+        0 => 1u64,
+        o if o == hs => 0,
+        _ => return Ok(()),
+    };
+    let both = luks2::encode_copies(&h.json, hs, b.seqid, &b.uuid, &b.label, &b.subsystem)?;
+    let range = (other * hs) as usize..((other + 1) * hs) as usize;
+    st.write_at(&both[range], other * hs)?;
+    st.sync()?;
+    h.copies_ok = [true, true];
+    Ok(())
+}
+
 impl Luks {
     pub(super) fn open_luks2(
         payload: Arc<dyn Storage>,
         header_file: Arc<dyn Storage>,
         opts: LuksOptions,
     ) -> Result<Luks> {
-        let h = read_luks2_header(&*header_file)?;
+        let mut h = read_luks2_header(&*header_file)?;
         let offset = h.segment.offset;
         // A detached header file opened alone (its segment at 0 names
         // another file) can be looked at: no payload, nothing to unlock.
@@ -238,6 +259,9 @@ impl Luks {
                 ))
             }
         };
+        if cipher.is_some() && !read_only && h.copies_ok != [true, true] {
+            repair_copy(&*header_file, &mut h)?;
+        }
         Ok(Luks {
             header_file,
             payload,

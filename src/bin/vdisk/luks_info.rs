@@ -47,7 +47,7 @@ fn priority(p: u8) -> &'static str {
 }
 
 fn copies(c: [bool; 2]) -> [&'static str; 2] {
-    c.map(|ok| if ok { "ok" } else { "damaged" })
+    c.map(|ok| if ok { "ok" } else { "bad" })
 }
 
 /// The LUKS2 lines (after the LUKS1 ones, which LUKS2 shares).
