@@ -765,7 +765,7 @@ fn amend_adds_and_removes_slots_cryptsetup_agrees() {
     let k2 = keyfile(d.path(), "k2", "third");
     let mut a = vec!["luksAddKey", "-q", "--key-file", &k0];
     a.extend(fast("pbkdf2"));
-    a.extend([cs.as_str(), k2.as_str()]);
+    a.extend(["--key-slot", "12", cs.as_str(), k2.as_str()]);
     run("cryptsetup", &a);
     // A token bound to slot 0 (as systemd-cryptenroll leaves them): kept,
     // and unbound when vdisk removes that slot.
@@ -820,7 +820,9 @@ fn amend_adds_and_removes_slots_cryptsetup_agrees() {
             assert!(unlocks(&k2), "cryptsetup's own second slot was lost");
             let dump = run("cryptsetup", &["luksDump", "--dump-json-metadata", img]);
             assert!(dump.contains("\"note\":\"kept\""), "the token was lost: {dump}");
-            assert_eq!(amend("sec1", "state=inactive,keyslot=1", false).0, 0);
+            // Slot numbers past LUKS1's eight.
+            assert_eq!(amend("sec1", "state=inactive,keyslot=12", false).0, 0);
+            assert!(!unlocks(&k2), "slot 12 was not removed");
         }
         let (c, _, e) = amend("sec1", "state=inactive,old-secret=sec1", false);
         assert_ne!(c, 0);
@@ -829,6 +831,13 @@ fn amend_adds_and_removes_slots_cryptsetup_agrees() {
         let v = open(Path::new(img), "second").unwrap();
         assert_eq!(luks_details(&v).luks2.unwrap().keyslots.len(), 1);
     }
+    // LUKS1 has eight slots: a ninth is an error, not a crash.
+    let l1 = d.path().join("l1.img");
+    run(vd, &["create", "-q", "--object", OBJ, "-f", "luks", "-o", "key-secret=sec0,iter-time=10", &s(&l1), "64k"]);
+    let io = format!("driver=luks,file.filename={},key-secret=sec0", s(&l1));
+    let (c, _, e) = run_status(vd, &["amend", "--object", OBJ, "--image-opts", "-o", "state=inactive,keyslot=9", &io]);
+    assert_ne!(c, 0);
+    assert!(e.contains("LUKS1 slot"), "{e}");
 }
 
 /// A LUKS2 key-slot change cut by a power loss at every write and sync

@@ -69,8 +69,10 @@ impl KeyslotChange {
                     })
                 }
                 "keyslot" => {
-                    let n: usize = v.parse().ok().filter(|&n| n < SLOTS).ok_or_else(|| {
-                        Error::invalid_argument(format!("keyslot '{v}' is not a slot number (0 to {})", SLOTS - 1))
+                    // LUKS1 has 8 slots (checked where applied), LUKS2 32.
+                    let max = crate::limits::LUKS2_MAX_OBJECTS;
+                    let n: usize = v.parse().ok().filter(|&n| n < max).ok_or_else(|| {
+                        Error::invalid_argument(format!("keyslot '{v}' is not a slot number (0 to {})", max - 1))
                     })?;
                     c.keyslot = Some(n);
                 }
@@ -111,6 +113,9 @@ pub(crate) fn apply(st: &dyn Storage, base: u64, unlock: &Secret, c: &KeyslotCha
     let mut b = vec![0u8; luks1::HEADER_LEN];
     st.read_at(&mut b, base)?;
     let mut h = Luks1Header::parse(&b)?;
+    if let Some(n) = c.keyslot.filter(|&n| n >= SLOTS) {
+        return Err(Error::invalid_argument(format!("keyslot {n} is not a LUKS1 slot number (0 to {})", SLOTS - 1)));
+    }
     let read = |o: u64, buf: &mut [u8]| st.read_at(buf, base + o);
     match c.state {
         SlotState::Active => {
