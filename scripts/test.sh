@@ -23,6 +23,9 @@ command -v nbdkit >/dev/null 2>&1 || need+=(nbdkit)
 # cryptsetup formats and dumps LUKS headers on plain files (the LUKS tests'
 # second oracle; no device mapper needed).
 command -v cryptsetup >/dev/null 2>&1 || [ -x /usr/sbin/cryptsetup ] || need+=(cryptsetup-bin)
+# Python's cryptography (OpenSSL's AES): the LUKS2 tests' independent
+# payload cipher.
+python3 -c 'import cryptography' >/dev/null 2>&1 || need+=(python3-cryptography)
 if [ ${#need[@]} -gt 0 ]; then
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "missing ${need[*]} and apt-get is not available: install them, then run this again" >&2

@@ -22,7 +22,7 @@ pub enum Format {
     Vdi,
     /// Hyper-V virtual hard disk v2.
     Vhdx,
-    /// LUKS1 encrypted volume (QEMU's `luks` driver).
+    /// LUKS1 (QEMU's `luks` driver) or LUKS2 (cryptsetup's) encrypted volume.
     Luks,
 }
 

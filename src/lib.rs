@@ -2,7 +2,7 @@
 //!
 //! One format-agnostic [`BlockDevice`] trait (positional I/O on `&self`,
 //! `Send + Sync`), with backends for raw, qcow2, vmdk, VHD ([`Vpc`]), VDI
-//! ([`Vdi`]), VHDX ([`Vhdx`]) and LUKS ([`luks::Luks`]), an NBD server and
+//! ([`Vdi`]), VHDX ([`Vhdx`]) and LUKS1/LUKS2 ([`luks::Luks`]), an NBD server and
 //! client ([`nbd`]), an opener with an
 //! explicit backing-file policy, and a `vdisk` command-line tool in the
 //! spirit of `qemu-img` (feature `cli`, on by default).

@@ -128,3 +128,41 @@ pub const LUKS_MAX_STRIPES: u32 = 4000;
 /// The largest passphrase or key file read (`--passphrase-file`, qemu's
 /// `secret,file=`): cryptsetup's default key-file limit is 8 MiB.
 pub const MAX_SECRET_FILE: u64 = 8 << 20;
+/// Largest LUKS2 header copy (binary header and JSON area): 4 MiB, the
+/// largest `hdr_size` the LUKS2 on-disk format allows (16 KiB to 4 MiB in
+/// powers of two); both copies are read whole to check their checksums.
+pub const LUKS2_MAX_HDR_SIZE: u64 = 4 << 20;
+/// Deepest JSON nesting read from a LUKS2 metadata area: 16. cryptsetup's
+/// own objects nest four levels (`keyslots` / slot / `kdf` / value);
+/// tokens add a few more. Bounds the parser's recursion.
+pub const LUKS2_JSON_MAX_DEPTH: usize = 16;
+/// Most JSON values in a LUKS2 metadata area: 16384 (a full 32-slot
+/// header with tokens has a few hundred).
+pub const LUKS2_JSON_MAX_VALUES: usize = 16384;
+/// Longest JSON string in a LUKS2 metadata area: 64 KiB (salts and
+/// digests are under 100 bytes; token blobs a few KiB).
+pub const LUKS2_JSON_MAX_STRING: usize = 64 << 10;
+/// Most LUKS2 key slots, digests and tokens each: 32, cryptsetup's
+/// `LUKS2_KEYSLOTS_MAX` and `LUKS2_TOKENS_MAX`.
+pub const LUKS2_MAX_OBJECTS: usize = 32;
+/// Most argon2 memory a LUKS2 key slot may ask for: 1 GiB (in KiB, the
+/// unit of the `memory` field). cryptsetup's default is 1 GiB, lowered to
+/// half the RAM on smaller machines, so every volume made with its
+/// defaults opens; a header asking for more (cryptsetup accepts up to 4
+/// GiB when told to) is refused before anything is allocated, so a
+/// hostile volume cannot make an opener allocate gigabytes.
+pub const LUKS2_ARGON2_MAX_MEMORY_KIB: u32 = 1 << 20;
+/// Most argon2 lanes (`cpus`) in a LUKS2 key slot: 16 (cryptsetup uses at
+/// most 4 by default). vdisk derives on one thread; lanes only shape the
+/// computation.
+pub const LUKS2_ARGON2_MAX_LANES: u32 = 16;
+/// Most argon2 work in one LUKS2 key slot, as time cost x memory in KiB:
+/// 2^24 (16 GiB of memory passes, some 15 seconds on one core).
+/// cryptsetup's defaults write time 4 or a little more at 1 GiB (2^22 to
+/// 2^23); a slot with little memory and a huge time cost is refused by
+/// the same bound.
+pub const LUKS2_ARGON2_MAX_WORK: u64 = 1 << 24;
+/// Most argon2 work one LUKS2 unlock spends over all the key slots it
+/// tries: 2^25 (two slots at the per-slot limit), so several hostile slots
+/// cannot make an open take minutes.
+pub const LUKS2_MAX_UNLOCK_ARGON2_WORK: u64 = 1 << 25;

@@ -419,7 +419,7 @@ fn cryptsetup_luks1_header_reads() {
     );
     let st: Arc<dyn Storage> = Arc::new(FileStorage::open(&p, false).unwrap());
     let l = Luks::open(st, LuksOptions { key: Some(Secret::new(PASS)), ..Default::default() }).unwrap();
-    let h = l.header();
+    let h = l.header().unwrap();
     assert_eq!(h.cipher_mode, "cbc-essiv:sha256");
     assert_eq!(l.size(), (4 << 20) - h.payload_bytes());
     l.write_at(&[0x42; 4096], 0).unwrap();

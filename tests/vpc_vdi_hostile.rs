@@ -301,7 +301,8 @@ fn vdi_corruption_table() {
     let mut b = vdi_image();
     let e: [u8; 4] = b[0x200 + 16..0x200 + 20].try_into().unwrap();
     b[0x200..0x204].copy_from_slice(&e);
-    let ro = Vdi::open(Arc::new(MemStorage::from_vec(b)), VdiOptions { read_only: true, ..Default::default() }).unwrap();
+    let ro =
+        Vdi::open(Arc::new(MemStorage::from_vec(b)), VdiOptions { read_only: true, ..Default::default() }).unwrap();
     let rep = ro.check().unwrap();
     assert!(rep.messages.iter().any(|m| m.contains("also used by")), "{:?}", rep.messages);
     for (what, poke, want) in cases {

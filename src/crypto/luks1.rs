@@ -427,7 +427,7 @@ fn diffuse(block: &mut [u8], hash: LuksHash) {
 }
 
 /// AF-merge: `stripes` blocks of `kb` bytes back into one key.
-fn af_merge(material: &[u8], kb: usize, stripes: usize, hash: LuksHash) -> Vec<u8> {
+pub(crate) fn af_merge(material: &[u8], kb: usize, stripes: usize, hash: LuksHash) -> Vec<u8> {
     let mut d = vec![0u8; kb];
     for s in 0..stripes - 1 {
         for (x, y) in d.iter_mut().zip(&material[s * kb..(s + 1) * kb]) {
@@ -445,7 +445,7 @@ fn af_merge(material: &[u8], kb: usize, stripes: usize, hash: LuksHash) -> Vec<u
 /// The anti-forensic split of `key` into `stripes` stripes, in a buffer of
 /// `capacity` bytes (at least the stripes; the rest zeros), so that the
 /// caller never reallocates (and leaves unwiped) plaintext material.
-fn af_split(key: &[u8], stripes: usize, hash: LuksHash, capacity: usize) -> Result<Vec<u8>> {
+pub(crate) fn af_split(key: &[u8], stripes: usize, hash: LuksHash, capacity: usize) -> Result<Vec<u8>> {
     let kb = key.len();
     let mut out = vec![0u8; capacity.max(kb * stripes)];
     random(&mut out[..kb * (stripes - 1)])?;

@@ -229,6 +229,9 @@ pub(crate) struct LuksCipher {
     iv: IvGen,
     /// ESSIV: AES keyed by the hash of the key.
     essiv: Option<Aes>,
+    /// Bytes per encryption unit (LUKS2 `sector_size`; 512 otherwise).
+    /// The IV still counts 512-byte sectors, as dm-crypt does for LUKS2.
+    unit: usize,
 }
 
 impl std::fmt::Debug for LuksCipher {
@@ -265,14 +268,15 @@ impl LuksCipher {
             }
             _ => None,
         };
-        Ok(LuksCipher { mode, data, tweak, iv, essiv })
+        Ok(LuksCipher { mode, data, tweak, iv, essiv, unit: SECTOR })
     }
 
-    /// The IVs of the sectors from `first` on, one per element of `out`
-    /// (ESSIV encrypts them in one call).
-    fn ivs(&self, first: u64, out: &mut [aes::Block]) {
+    /// The IVs of units whose first 512-byte sectors are `first`,
+    /// `first + step`, ...: one per element of `out` (ESSIV encrypts them
+    /// in one call).
+    fn ivs(&self, first: u64, step: u64, out: &mut [aes::Block]) {
         for (i, b) in out.iter_mut().enumerate() {
-            let sector = first.wrapping_add(i as u64);
+            let sector = first.wrapping_add(i as u64 * step);
             let mut iv = [0u8; BLOCK];
             match self.iv {
                 IvGen::Plain => iv[..4].copy_from_slice(&(sector as u32).to_le_bytes()),
@@ -285,42 +289,66 @@ impl LuksCipher {
         }
     }
 
-    fn check(len: usize) -> Result<()> {
-        if !len.is_multiple_of(SECTOR) {
-            return Err(Error::internal(format!("encrypted I/O of {len} bytes is not whole sectors")));
+    /// The same cipher over units of `unit` bytes (512, 1024, 2048 or
+    /// 4096): each unit is one XTS data unit or one CBC chain, its IV the
+    /// number of its first 512-byte sector.
+    pub(crate) fn with_unit(mut self, unit: usize) -> Result<LuksCipher> {
+        if !unit.is_power_of_two() || !(SECTOR..=4096).contains(&unit) {
+            return Err(Error::unsupported(format!("encryption sector size {unit} is not 512, 1024, 2048 or 4096")));
+        }
+        self.unit = unit;
+        Ok(self)
+    }
+
+    /// Bytes per encryption unit.
+    pub(crate) fn unit(&self) -> usize {
+        self.unit
+    }
+
+    fn check(&self, len: usize) -> Result<()> {
+        if !len.is_multiple_of(self.unit) {
+            return Err(Error::internal(format!(
+                "encrypted I/O of {len} bytes is not whole {}-byte sectors",
+                self.unit
+            )));
         }
         Ok(())
     }
 
-    /// Encrypts whole sectors in place; `sector` is the number of the
-    /// first one (the IV source).
+    /// Encrypts whole units in place; `sector` is the number of the first
+    /// 512-byte sector (the IV source).
     pub(crate) fn encrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
         self.run(sector, data, true)
     }
 
-    /// Decrypts whole sectors in place.
+    /// Decrypts whole units in place.
     pub(crate) fn decrypt(&self, sector: u64, data: &mut [u8]) -> Result<()> {
         self.run(sector, data, false)
     }
 
-    /// Up to [`BATCH`] sectors at a time, so that each call into the AES
-    /// backend gets hundreds of blocks (its per-call set-up, broadcasting
-    /// the round keys, costs as much as a sector's worth of AES).
+    /// Up to [`BATCH`] sectors' worth of units at a time, so that each
+    /// call into the AES backend gets hundreds of blocks (its per-call
+    /// set-up, broadcasting the round keys, costs as much as a sector's
+    /// worth of AES).
     fn run(&self, sector: u64, data: &mut [u8], enc: bool) -> Result<()> {
-        Self::check(data.len())?;
+        self.check(data.len())?;
+        let unit = self.unit;
+        let step = (unit / SECTOR) as u64;
+        let per_batch = (SECTOR * BATCH / unit).max(1);
+        let ublocks = unit / BLOCK;
         let mut ivs = [aes::Block::default(); BATCH];
-        for (k, chunk) in data.chunks_mut(SECTOR * BATCH).enumerate() {
-            let n = chunk.len() / SECTOR;
+        for (k, chunk) in data.chunks_mut(unit * per_batch).enumerate() {
+            let n = chunk.len() / unit;
             let ivs = &mut ivs[..n];
-            self.ivs(sector.wrapping_add((k * BATCH) as u64), ivs);
+            self.ivs(sector.wrapping_add((k * per_batch) as u64 * step), step, ivs);
             let (blocks, _) = aes::Block::slice_as_chunks_mut(chunk);
             match (&self.tweak, enc) {
-                (Some(t), _) => self.xts(t, ivs, blocks, enc),
+                (Some(t), _) => self.xts(t, ivs, blocks, ublocks, enc),
                 (None, true) => {
                     // CBC encryption is a chain: one block at a time.
-                    for (iv, s) in ivs.iter().zip(blocks.chunks_exact_mut(BLOCKS)) {
+                    for (iv, u) in ivs.iter().zip(blocks.chunks_exact_mut(ublocks)) {
                         let mut prev = *iv;
-                        for b in s.iter_mut() {
+                        for b in u.iter_mut() {
                             xor(b, &prev);
                             self.data.encrypt(std::slice::from_mut(b));
                             prev = *b;
@@ -329,12 +357,12 @@ impl LuksCipher {
                 }
                 (None, false) => {
                     // Each plaintext block is the decrypted block XOR the
-                    // previous ciphertext block (the IV for a sector's first).
+                    // previous ciphertext block (the IV for a unit's first).
                     let mut prev = [aes::Block::default(); BLOCKS * BATCH];
                     let prev = &mut prev[..blocks.len()];
                     prev[1..].copy_from_slice(&blocks[..blocks.len() - 1]);
                     for (i, iv) in ivs.iter().enumerate() {
-                        prev[i * BLOCKS] = *iv;
+                        prev[i * ublocks] = *iv;
                     }
                     self.data.decrypt(blocks);
                     for (b, p) in blocks.iter_mut().zip(prev.iter()) {
@@ -346,16 +374,17 @@ impl LuksCipher {
         Ok(())
     }
 
-    fn xts(&self, tweak_key: &Aes, ivs: &mut [aes::Block], blocks: &mut [aes::Block], enc: bool) {
+    /// XTS over whole units of `ublocks` blocks, one IV each.
+    fn xts(&self, tweak_key: &Aes, ivs: &mut [aes::Block], blocks: &mut [aes::Block], ublocks: usize, enc: bool) {
         tweak_key.encrypt(ivs);
         // The tweaks as little-endian 128-bit numbers: doubling in
         // GF(2^128) and the XORs are a few instructions each (byte loops
         // cost three times the AES itself).
         let mut tweaks = [0u128; BLOCKS * BATCH];
         let tweaks = &mut tweaks[..blocks.len()];
-        for ((iv, s), ts) in ivs.iter().zip(blocks.chunks_exact_mut(BLOCKS)).zip(tweaks.chunks_exact_mut(BLOCKS)) {
+        for ((iv, u), ts) in ivs.iter().zip(blocks.chunks_exact_mut(ublocks)).zip(tweaks.chunks_exact_mut(ublocks)) {
             let mut tw = u128::from_le_bytes((*iv).into());
-            for (b, slot) in s.iter_mut().zip(ts.iter_mut()) {
+            for (b, slot) in u.iter_mut().zip(ts.iter_mut()) {
                 *slot = tw;
                 xor128(b, tw);
                 tw = gf_double(tw);
@@ -436,6 +465,43 @@ mod tests {
             assert_eq!(d, plain);
         }
         assert!(LuksCipher::new(LuksMode::Cbc, IvGen::Essiv(LuksHash::Sha1), &[0; 16]).is_err());
+    }
+
+    #[test]
+    fn large_units_chain_across_512_byte_runs() {
+        // XTS over a 4096-byte unit equals IEEE 1619 XTS with a 4096-byte
+        // data unit: its first 512 bytes match the 512-byte unit at the
+        // same IV, the rest differ (the tweak chain continues), and the IV
+        // of unit k is 8k (512-byte sectors).
+        let key: Vec<u8> = (0..64u8).collect();
+        let small = LuksCipher::new(LuksMode::Xts, IvGen::Plain64, &key).unwrap();
+        let big = small.clone().with_unit(4096).unwrap();
+        let plain: Vec<u8> = (0..8192u32).map(|i| (i * 7) as u8).collect();
+        let mut a = plain.clone();
+        big.encrypt(16, &mut a).unwrap();
+        let mut b = plain[..512].to_vec();
+        small.encrypt(16, &mut b).unwrap();
+        assert_eq!(a[..512], b[..]);
+        let mut c = plain[4096..4608].to_vec();
+        small.encrypt(24, &mut c).unwrap();
+        assert_eq!(a[4096..4608], c[..]);
+        let mut d = plain[512..1024].to_vec();
+        small.encrypt(16, &mut d).unwrap();
+        assert_ne!(a[512..1024], d[..]);
+        big.decrypt(16, &mut a).unwrap();
+        assert_eq!(a, plain);
+        let c = LuksCipher::new(LuksMode::Cbc, IvGen::Essiv(LuksHash::Sha256), &key[..32])
+            .unwrap()
+            .with_unit(2048)
+            .unwrap();
+        let mut x = plain.clone();
+        c.encrypt(4, &mut x).unwrap();
+        assert_ne!(x, plain);
+        c.decrypt(4, &mut x).unwrap();
+        assert_eq!(x, plain);
+        assert!(c.encrypt(0, &mut x[..512]).is_err());
+        assert!(small.clone().with_unit(8192).is_err());
+        assert!(small.with_unit(768).is_err());
     }
 
     #[test]

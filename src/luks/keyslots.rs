@@ -69,8 +69,10 @@ impl KeyslotChange {
                     })
                 }
                 "keyslot" => {
-                    let n: usize = v.parse().ok().filter(|&n| n < SLOTS).ok_or_else(|| {
-                        Error::invalid_argument(format!("keyslot '{v}' is not a slot number (0 to {})", SLOTS - 1))
+                    // LUKS1 has 8 slots (checked where applied), LUKS2 32.
+                    let max = crate::limits::LUKS2_MAX_OBJECTS;
+                    let n: usize = v.parse().ok().filter(|&n| n < max).ok_or_else(|| {
+                        Error::invalid_argument(format!("keyslot '{v}' is not a slot number (0 to {})", max - 1))
                     })?;
                     c.keyslot = Some(n);
                 }
@@ -112,7 +114,7 @@ pub(crate) fn apply(st: &dyn Storage, base: u64, unlock: &Secret, c: &KeyslotCha
     st.read_at(&mut b, base)?;
     let mut h = Luks1Header::parse(&b)?;
     if let Some(n) = c.keyslot.filter(|&n| n >= SLOTS) {
-        return Err(Error::invalid_argument(format!("keyslot {n} is not a slot number (0 to {})", SLOTS - 1)));
+        return Err(Error::invalid_argument(format!("keyslot {n} is not a LUKS1 slot number (0 to {})", SLOTS - 1)));
     }
     let read = |o: u64, buf: &mut [u8]| st.read_at(buf, base + o);
     match c.state {
@@ -232,7 +234,12 @@ impl Luks {
             Error::new(ErrorKind::Crypto, "the volume was opened without its passphrase").with_format("luks")
         })?;
         let mut h = self.header.lock();
-        *h = apply(&*self.header_file, 0, key, c).map_err(|e| e.with_format("luks"))?;
+        if let super::Meta::V2(h2) = &*h {
+            let new = self.change_luks2_keyslots(h2, key, c).map_err(|e| e.with_format("luks"))?;
+            *h = super::Meta::V2(Box::new(new));
+            return Ok(());
+        }
+        *h = super::Meta::V1(apply(&*self.header_file, 0, key, c).map_err(|e| e.with_format("luks"))?);
         Ok(())
     }
 }

@@ -188,6 +188,17 @@ fn convert(a: &ConvertArgs) -> Result<i32> {
                 unit = unit.div_ceil(o.cluster_size) * o.cluster_size;
                 into_target(vdisk::Image::Qcow2(crate::common::create_resolver().create_qcow2(&a.dst, &o)?), &mut dst_q)
             }
+            Format::Luks if crate::luks2_cli::wants_luks2(&opts) => {
+                if a.compress {
+                    return Err(Error::invalid_argument("luks output cannot be compressed"));
+                }
+                let (p, key) = crate::luks2_cli::create_options(&opts, &a.secrets)?;
+                if p.detached {
+                    return Err(Error::invalid_argument("convert cannot write a detached LUKS header"));
+                }
+                let st = FileStorage::create(&a.dst)?;
+                Box::new(vdisk::luks::Luks::create_luks2(Arc::new(st), None, size, &p, &key)?)
+            }
             Format::Luks => {
                 if a.compress {
                     return Err(Error::invalid_argument("luks output cannot be compressed"));

@@ -163,6 +163,13 @@ fn create(a: &CreateArgs, format: Format, size: Option<u64>, path: &std::path::P
                 outln!("{line}");
             }
         }
+        Format::Luks if crate::luks2_cli::wants_luks2(&opts) => {
+            let size = size.ok_or_else(|| Error::invalid_argument("luks volumes need a size"))?;
+            if a.backing.is_some() {
+                return Err(Error::invalid_argument("luks volumes cannot have a backing file"));
+            }
+            crate::luks2_cli::create(path, &a.image, size, &opts, &a.secrets, a.quiet)?;
+        }
         Format::Luks => {
             let size = size.ok_or_else(|| Error::invalid_argument("luks volumes need a size"))?;
             if a.backing.is_some() {

@@ -27,6 +27,7 @@ mod dd;
 mod handoff;
 mod info;
 mod io;
+mod luks2_cli;
 mod luks_info;
 mod map;
 mod measure;

@@ -207,6 +207,12 @@ pub fn luks_create_options(opts: &[String], secrets: &SecretArgs) -> Result<(Luk
                 }
             }
             "preallocation" if v == "off" => {}
+            "luks-version" if v == "1" => {}
+            "luks-version" | "pbkdf" | "pbkdf-memory" | "pbkdf-parallel" | "sector-size" | "label" => {
+                return Err(Error::invalid_argument(format!(
+                    "{k}={v} is a LUKS2 option: LUKS2 volumes need luks-version=2 (1 is the default)"
+                )));
+            }
             _ => {
                 if !p.set(k, v)? {
                     return Err(Error::invalid_argument(format!("unknown luks option '{k}'")));

@@ -34,9 +34,13 @@ pub fn luks_header(data: &[u8]) {
         let mut b = [0u8; 512];
         let e = l.read_at(&mut b, 0);
         assert!(l.size() == 0 || e.is_err(), "read without a key succeeded");
-        let h = l.header();
-        let cheap =
-            h.mk_digest_iter <= CHEAP && (0..SLOTS).all(|i| !h.slots[i].active || h.slots[i].iterations <= CHEAP);
+        let cheap = match l.header() {
+            Some(h) => {
+                h.mk_digest_iter <= CHEAP && (0..SLOTS).all(|i| !h.slots[i].active || h.slots[i].iterations <= CHEAP)
+            }
+            // LUKS2 has its own target (`luks2_header`).
+            None => false,
+        };
         if cheap {
             let key = Some(Secret::new(super::PASSPHRASE));
             match Luks::open(st, LuksOptions { read_only: true, key, ..Default::default() }) {

@@ -29,6 +29,7 @@ use crate::{Qcow2, Qcow2Options, Raw, Secret, Vmdk, VmdkOptions};
 
 mod images;
 mod luks;
+mod luks2;
 mod nbd;
 mod ops;
 mod vhdx;
@@ -36,6 +37,7 @@ mod vpcvdi;
 
 pub use images::{open_qcow2, open_vmdk, pool_xml, probe, split_files, vmdk_descriptor, FILE_MARKER};
 pub use luks::luks_header;
+pub use luks2::luks2_header;
 pub use nbd::{nbd_client, nbd_client_reads, nbd_server, nbd_server_export};
 pub use ops::qcow2_ops;
 pub use vhdx::{open_vhdx, vhdx_image, vhdx_runs};
@@ -54,6 +56,7 @@ pub const TARGETS: &[&str] = &[
     "nbd_server",
     "nbd_client",
     "luks_header",
+    "luks2_header",
 ];
 
 /// Runs the target called `name` on `data`; `false` for an unknown name.
@@ -70,6 +73,7 @@ pub fn run(name: &str, data: &[u8]) -> bool {
         "nbd_server" => nbd_server(data),
         "nbd_client" => nbd_client(data),
         "luks_header" => luks_header(data),
+        "luks2_header" => luks2_header(data),
         _ => return false,
     }
     true
