@@ -74,10 +74,15 @@ pub(crate) fn probe_file(file: File, path: &Path) -> Facts {
             };
             f.backing = h.backing_file.map(|b| (b, h.backing_format));
         }),
-        Format::Luks => crate::luks::read_header(&st).map(|h| {
-            f.capacity = len.saturating_sub(h.payload_bytes());
-            f.encryption = Some("luks".to_string());
-        }),
+        Format::Luks => {
+            // LUKS1 and LUKS2 alike: the header alone, no passphrase.
+            let opts = crate::luks::LuksOptions { read_only: true, inspect_only: true, ..Default::default() };
+            crate::luks::Luks::open(Arc::new(st), opts).map(|v| {
+                f.capacity = v.size();
+                let v2 = v.luks2_header().is_some();
+                f.encryption = Some(if v2 { "luks2" } else { "luks" }.to_string());
+            })
+        }
         Format::Vmdk => Vmdk::read_descriptor(&st).map(|d| {
             f.capacity = d.total_sectors().saturating_mul(512);
             f.backing = d.parent_hint().map(|p| (p.to_string(), Some("vmdk".to_string())));
