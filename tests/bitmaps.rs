@@ -608,3 +608,32 @@ fn a_removed_bitmap_is_freed_even_after_a_write() {
     assert!(r.is_clean(), "{:?}", r.messages);
     assert_eq!(q.bitmaps().len(), 1);
 }
+
+/// Bitmap names are bytes in qcow2 (QEMU does not require UTF-8): names
+/// that are not UTF-8 are written back exactly as they were, and a long one
+/// is measured in bytes, not in the characters that show it.
+#[test]
+fn bitmap_names_that_are_not_utf8_survive_a_write_session() {
+    use std::os::unix::ffi::OsStrExt;
+    if !have_qemu() {
+        return;
+    }
+    let d = tmp();
+    let img = p(d.path(), "names.qcow2");
+    qemu_img(&["create", "-q", "-f", "qcow2", s(&img), "4M"]);
+    let latin1 = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let long = std::ffi::OsStr::from_bytes(&[0xffu8; 400]);
+    for name in [latin1, long] {
+        let st =
+            std::process::Command::new("qemu-img").arg("bitmap").arg("--add").arg(&img).arg(name).status().unwrap();
+        assert!(st.success());
+    }
+    let (code, out, err) = vdisk(&["io", "-c", "write -P 1 0 64k", s(&img)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_qemu_clean(&img, "qcow2");
+    for name in [latin1, long] {
+        let st =
+            std::process::Command::new("qemu-img").arg("bitmap").arg("--remove").arg(&img).arg(name).status().unwrap();
+        assert!(st.success(), "qemu-img no longer finds a bitmap vdisk kept");
+    }
+}

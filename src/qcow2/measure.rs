@@ -104,7 +104,7 @@ pub fn measure(opts: &CreateOptions, source: Option<&dyn BlockDevice>) -> Result
             for b in &d.bitmaps {
                 let clusters = size.div_ceil(b.granularity).div_ceil(8).div_ceil(cs);
                 total += clusters * cs + (clusters * 8).div_ceil(cs) * cs;
-                dir_len += crate::qcow2::bitmap::dir::entry_len(&b.name);
+                dir_len += crate::qcow2::bitmap::dir::entry_len(b.name.as_bytes());
             }
             Some(total + dir_len.div_ceil(cs) * cs)
         }

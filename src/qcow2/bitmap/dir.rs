@@ -46,8 +46,11 @@ pub(crate) struct DirEntry {
     pub(crate) flags: u32,
     /// log2 of the granularity in bytes.
     pub(crate) granularity_bits: u8,
-    /// The name.
+    /// The name as shown (invalid UTF-8 replaced).
     pub(crate) name: String,
+    /// The name's bytes as stored (QEMU does not require UTF-8): what is
+    /// written back, measured and compared.
+    pub(crate) raw: Vec<u8>,
 }
 
 /// Bytes of bitmap data for a disk of `size` bytes at `granularity_bits`.
@@ -56,7 +59,7 @@ pub(crate) fn data_bytes(size: u64, granularity_bits: u8) -> u64 {
 }
 
 /// Bytes a directory entry named `name` takes.
-pub(crate) fn entry_len(name: &str) -> u64 {
+pub(crate) fn entry_len(name: &[u8]) -> u64 {
     (ENTRY_FIXED + name.len()).div_ceil(8) as u64 * 8
 }
 
@@ -127,14 +130,15 @@ pub(crate) fn parse(dir: &[u8], nb: u32, size: u64, cluster_size: u64) -> Result
         if extra != 0 {
             return Err(bad(pos, format!("bitmap extra data ({extra} bytes) is not supported")));
         }
-        let name = String::from_utf8_lossy(&e[ENTRY_FIXED..ENTRY_FIXED + name_size]).into_owned();
-        let entry = DirEntry { table_offset, table_size, flags, granularity_bits, name };
+        let raw = e[ENTRY_FIXED..ENTRY_FIXED + name_size].to_vec();
+        let name = String::from_utf8_lossy(&raw).into_owned();
+        let entry = DirEntry { table_offset, table_size, flags, granularity_bits, name, raw };
         check_entry(&entry, kind, size, cluster_size).map_err(|m| {
             Error::invalid(format!("bitmap '{}' does not satisfy the constraints: {m}", entry.name))
                 .with_field("bitmap directory")
                 .with_offset(pos as u64)
         })?;
-        if out.iter().any(|o| o.name == entry.name) {
+        if out.iter().any(|o| o.raw == entry.raw) {
             return Err(bad(pos, format!("bitmap name '{}' appears twice", entry.name)));
         }
         out.push(entry);
@@ -162,8 +166,8 @@ fn check_entry(e: &DirEntry, kind: u8, size: u64, cluster_size: u64) -> std::res
     if e.flags & !FLAGS_KNOWN != 0 {
         return Err(format!("reserved flags {:#x} set", e.flags & !FLAGS_KNOWN));
     }
-    if e.name.is_empty() || e.name.len() > MAX_NAME {
-        return Err(format!("name of {} bytes", e.name.len()));
+    if e.raw.is_empty() || e.raw.len() > MAX_NAME {
+        return Err(format!("name of {} bytes", e.raw.len()));
     }
     if kind != TYPE_DIRTY_TRACKING {
         return Err(format!("type {kind} is not a dirty tracking bitmap"));
@@ -185,15 +189,15 @@ pub(crate) fn encode(entries: &[DirEntry]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in entries {
         let start = out.len();
-        out.resize(start + entry_len(&e.name) as usize, 0);
+        out.resize(start + entry_len(&e.raw) as usize, 0);
         let b = &mut out[start..];
         BigEndian::write_u64(&mut b[0..8], e.table_offset);
         BigEndian::write_u32(&mut b[8..12], e.table_size);
         BigEndian::write_u32(&mut b[12..16], e.flags);
         b[16] = TYPE_DIRTY_TRACKING;
         b[17] = e.granularity_bits;
-        BigEndian::write_u16(&mut b[18..20], e.name.len() as u16);
-        b[ENTRY_FIXED..ENTRY_FIXED + e.name.len()].copy_from_slice(e.name.as_bytes());
+        BigEndian::write_u16(&mut b[18..20], e.raw.len() as u16);
+        b[ENTRY_FIXED..ENTRY_FIXED + e.raw.len()].copy_from_slice(&e.raw);
     }
     out
 }
@@ -220,8 +224,16 @@ mod tests {
                 flags: FLAG_AUTO,
                 granularity_bits: 16,
                 name: "b0".into(),
+                raw: b"b0".to_vec(),
             },
-            DirEntry { table_offset: 0x40000, table_size: 1, flags: 0, granularity_bits: 9, name: "x".repeat(40) },
+            DirEntry {
+                table_offset: 0x40000,
+                table_size: 1,
+                flags: 0,
+                granularity_bits: 9,
+                name: "\u{fffd}x".into(),
+                raw: b"\xffx".to_vec(),
+            },
         ];
         let d = encode(&es);
         assert_eq!(parse(&d, 2, 64 << 20, 65536).unwrap(), es);

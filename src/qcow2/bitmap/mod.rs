@@ -87,6 +87,8 @@ pub struct DirtyRanges {
 #[derive(Debug)]
 pub(crate) struct Bitmap {
     name: String,
+    /// The name's bytes as stored (see [`DirEntry::raw`]).
+    raw: Vec<u8>,
     granularity_bits: u8,
     enabled: bool,
     inconsistent: bool,
@@ -245,6 +247,7 @@ impl BitmapState {
                 if load && !inconsistent { Some(load_bits(file, &e, size, cluster_size, &mut budget)?) } else { None };
             list.push(Bitmap {
                 name: e.name.clone(),
+                raw: e.raw.clone(),
                 granularity_bits: e.granularity_bits,
                 enabled: e.flags & FLAG_AUTO != 0,
                 inconsistent,
@@ -427,6 +430,7 @@ impl Qcow2 {
                 flags: if b.enabled { FLAG_AUTO } else { 0 },
                 granularity_bits: b.granularity_bits,
                 name: b.name.clone(),
+                raw: b.raw.clone(),
             });
         }
         // Old tables nothing in the new directory uses (re-stored bitmaps,
@@ -524,18 +528,20 @@ impl Qcow2 {
         let g = granularity.unwrap_or(cs.clamp(4096, 65536));
         let gbits = dir::check_new(name, g, size, cs).map_err(|e| self.err(e))?;
         self.bitmap_op(|st| {
-            if st.list.iter().any(|b| b.name == name) {
+            if st.list.iter().any(|b| b.raw == name.as_bytes()) {
                 return Err(Error::new(ErrorKind::AlreadyExists, format!("bitmap already exists: {name}")));
             }
             if st.list.len() as u64 >= u64::from(QCOW2_MAX_BITMAPS) {
                 return Err(Error::limit(format!("the image already has {QCOW2_MAX_BITMAPS} bitmaps")));
             }
-            let dir_len: u64 = st.list.iter().map(|b| dir::entry_len(&b.name)).sum::<u64>() + dir::entry_len(name);
+            let dir_len: u64 =
+                st.list.iter().map(|b| dir::entry_len(&b.raw)).sum::<u64>() + dir::entry_len(name.as_bytes());
             if dir_len > QCOW2_MAX_BITMAP_DIRECTORY {
                 return Err(Error::limit("not enough space in the bitmap directory"));
             }
             st.list.push(Bitmap {
                 name: name.to_string(),
+                raw: name.as_bytes().to_vec(),
                 granularity_bits: gbits,
                 enabled,
                 inconsistent: false,
