@@ -132,6 +132,9 @@ pub struct Qcow2 {
     data: Arc<dyn Storage>,
     /// The backing image, if opened.
     backing: Option<Arc<dyn BlockDevice>>,
+    /// The header names a backing file (kept with the header's field, so
+    /// an allocating write need not take the header lock to ask).
+    backing_named: AtomicBool,
     /// Decoding geometry (immutable).
     geo: Geometry,
     /// Compression type (immutable).
@@ -257,6 +260,7 @@ impl Qcow2 {
         let q = Qcow2 {
             data,
             backing: opts.backing,
+            backing_named: AtomicBool::new(h.backing_file.is_some()),
             geo,
             compression: h.compression_type,
             version: h.version,
@@ -367,7 +371,7 @@ impl Qcow2 {
     }
 
     pub(crate) fn has_backing(&self) -> bool {
-        self.backing.is_some() || self.header.lock().backing_file.is_some()
+        self.backing.is_some() || self.backing_named.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_v3(&self) -> bool {
