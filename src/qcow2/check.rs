@@ -158,10 +158,46 @@ struct Walker<'a> {
 
     refs: Refs,
     report: CheckReport,
-    /// L2 tables named by L1 entries: offset → number of references.
-    l2_uses: HashMap<u64, u64>,
+    /// L2 tables named by L1 entries: offset → number of references, and
+    /// whether the active L1 table names it.
+    l2_uses: HashMap<u64, (u64, bool)>,
+    /// The active L1 table's L2 tables, in its order, as runs of one table
+    /// named by consecutive entries: (offset, entries). The statistics are
+    /// gathered from them once every table was read.
+    active_l2s: Vec<(u64, u64)>,
     /// Active-state statistics per L2 table.
     summaries: HashMap<u64, L2Summary>,
+    /// Stored refcounts, when the walk also checks the active L2 entries'
+    /// COPIED flags (so `check` reads each active table once).
+    stored: Option<&'a [u64]>,
+    /// Per active L2 table read: its entries whose COPIED flag disagrees
+    /// with the stored refcount.
+    copied: HashMap<u64, Vec<CopiedMismatch>>,
+}
+
+/// An L2 entry whose COPIED flag disagrees with its cluster's refcount:
+/// (entry index, entry word, refcount).
+type CopiedMismatch = (usize, u64, u64);
+
+/// The entries of L2 table `t` (`per` words each) whose COPIED flag
+/// disagrees with the refcount `refcount` gives their cluster.
+fn copied_mismatches(t: &[u64], per: usize, cs: u64, refcount: impl Fn(u64) -> u64) -> Vec<CopiedMismatch> {
+    let mut out = Vec::new();
+    for (j, e) in t.chunks_exact(per).enumerate() {
+        let w = e[0];
+        if w & OFLAG_COMPRESSED != 0 {
+            continue;
+        }
+        let off = w & OFFSET_MASK;
+        if off == 0 || off & (cs - 1) != 0 {
+            continue;
+        }
+        let rc = refcount(off);
+        if (rc == 1) != (w & OFLAG_COPIED != 0) {
+            out.push((j, w, rc));
+        }
+    }
+    out
 }
 
 impl Walker<'_> {
@@ -189,7 +225,6 @@ impl Walker<'_> {
         let Some(l1) = self.read_table(l1_offset, u64::from(l1_size), "the L1 table") else {
             return;
         };
-        let mut next_contiguous = 0u64;
         for &l1e in l1.iter() {
             if l1e & L1E_RESERVED_MASK != 0 {
                 self.report.corruptions += times;
@@ -206,31 +241,47 @@ impl Walker<'_> {
                     .push(format!("ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"));
                 continue;
             }
-            *self.l2_uses.entry(l2_off).or_default() += times;
+            let u = self.l2_uses.entry(l2_off).or_default();
+            u.0 += times;
+            u.1 |= active;
             if active {
-                let s = self.summary(l2_off);
-                let r = &mut self.report;
-                r.allocated_clusters += s.allocated;
-                r.compressed_clusters += s.compressed;
-                r.fragmented_clusters += s.fragments;
-                if let Some(f) = s.first {
-                    if next_contiguous != 0 && f != next_contiguous {
-                        r.fragmented_clusters += 1;
-                    }
-                    next_contiguous = s.end;
+                match self.active_l2s.last_mut() {
+                    Some((o, k)) if *o == l2_off => *k += 1,
+                    _ => self.active_l2s.push((l2_off, 1)),
                 }
             }
         }
     }
 
-    /// The active-state statistics of the L2 table at `l2_off` (read once).
-    fn summary(&mut self, l2_off: u64) -> L2Summary {
-        if let Some(s) = self.summaries.get(&l2_off) {
-            return *s;
+    /// Adds the active state's statistics, table by table in L1 order (the
+    /// tables were summarized when [`walk_l2s`](Self::walk_l2s) read them).
+    fn active_stats(&mut self) {
+        let mut next_contiguous = 0u64;
+        for (l2_off, k) in std::mem::take(&mut self.active_l2s) {
+            let s = self.summaries.get(&l2_off).copied().unwrap_or_default();
+            let r = &mut self.report;
+            r.allocated_clusters = r.allocated_clusters.saturating_add(s.allocated.saturating_mul(k));
+            r.compressed_clusters = r.compressed_clusters.saturating_add(s.compressed.saturating_mul(k));
+            r.fragmented_clusters = r.fragmented_clusters.saturating_add(s.fragments.saturating_mul(k));
+            if let Some(f) = s.first {
+                // The first use of the run follows the previous table; each
+                // repeat follows the same table's own end.
+                if next_contiguous != 0 && f != next_contiguous {
+                    r.fragmented_clusters += 1;
+                }
+                if f != s.end {
+                    r.fragmented_clusters = r.fragmented_clusters.saturating_add(k - 1);
+                }
+                next_contiguous = s.end;
+            }
         }
+    }
+
+    /// The active-state statistics of L2 table `t`.
+    fn summary(&self, t: &[u64]) -> L2Summary {
         let cs = self.geo.cluster_size();
         let mut s = L2Summary::default();
-        if let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") {
+        {
             let per = self.geo.words_per_entry();
             let mut next = 0u64;
             for e in t.chunks_exact(per) {
@@ -257,7 +308,6 @@ impl Walker<'_> {
                 s.end = next;
             }
         }
-        self.summaries.insert(l2_off, s);
         s
     }
 
@@ -265,14 +315,24 @@ impl Walker<'_> {
     /// table read once and its references multiplied by its uses.
     fn walk_l2s(&mut self) {
         let cs = self.geo.cluster_size();
-        let mut tables: Vec<(u64, u64)> = self.l2_uses.drain().collect();
+        let mut tables: Vec<(u64, (u64, bool))> = self.l2_uses.drain().collect();
         tables.sort_unstable();
-        for (l2_off, n) in tables {
+        for (l2_off, (n, active)) in tables {
             self.refs.add_n(&mut self.report, l2_off, cs, n, "L2 table");
             let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") else {
                 continue;
             };
             let per = self.geo.words_per_entry();
+            if active {
+                // What the active state needs of this table, from this one
+                // read: its statistics, and its COPIED flags.
+                let s = self.summary(&t);
+                self.summaries.insert(l2_off, s);
+                if let Some(stored) = self.stored.filter(|_| !self.geo.data_file) {
+                    let m = copied_mismatches(&t, per, cs, |off| stored.get((off / cs) as usize).copied().unwrap_or(0));
+                    self.copied.insert(l2_off, m);
+                }
+            }
             for (j, e) in t.chunks_exact(per).enumerate() {
                 let entry = L2Entry { word: e[0], bitmap: if per == 2 { e[1] } else { 0 } };
                 if entry.word & OFLAG_COMPRESSED != 0 {
@@ -332,11 +392,12 @@ impl Walker<'_> {
 }
 
 /// The full reference walk over an image's metadata. Every distinct L1
-/// and L2 table is walked once however many snapshots or entries name it
-/// (an active L2 table is read twice: once for the statistics, once for
-/// the references), and nothing past the end of the file is read or
-/// allocated, so the work is bounded by the file's size and the snapshot
-/// count.
+/// and L2 table is read once however many snapshots or entries name it
+/// (an active L2 table gives its references, the statistics and, given
+/// the stored refcounts, its COPIED mismatches from that one read), and
+/// nothing past the end of the file is read or allocated, so the work is
+/// bounded by the file's size and the snapshot count.
+#[allow(clippy::too_many_arguments)]
 fn count_references(
     file: &dyn Storage,
     h: &Header,
@@ -345,7 +406,8 @@ fn count_references(
     snap_table_len: u64,
     include_refcount_structures: bool,
     reftable: &[u64],
-) -> Result<(Refs, CheckReport)> {
+    stored: Option<&[u64]>,
+) -> Result<(Refs, CheckReport, HashMap<u64, Vec<CopiedMismatch>>)> {
     let cs = h.cluster_size();
     let file_len = file.len()?;
     let file_clusters = file_len.div_ceil(cs);
@@ -362,7 +424,10 @@ fn count_references(
         refs: Refs { counts: vec![0; file_clusters as usize], cluster_bits: h.cluster_bits, file_len },
         report: CheckReport::default(),
         l2_uses: HashMap::new(),
+        active_l2s: Vec::new(),
         summaries: HashMap::new(),
+        stored,
+        copied: HashMap::new(),
     };
     w.report.total_clusters = h.size.div_ceil(cs);
     w.refs.add(&mut w.report, 0, cs, "header");
@@ -377,6 +442,7 @@ fn count_references(
         w.walk_l1(off, size, false, n);
     }
     w.walk_l2s();
+    w.active_stats();
     if h.nb_snapshots > 0 {
         w.refs.add(&mut w.report, h.snapshots_offset, snap_table_len, "snapshot table");
     }
@@ -412,7 +478,7 @@ fn count_references(
             w.refs.add(&mut w.report, off, cs, "refcount block");
         }
     }
-    Ok((w.refs, w.report))
+    Ok((w.refs, w.report, w.copied))
 }
 
 /// Checks the bitmap directory and tables against the constraints QEMU
@@ -524,11 +590,25 @@ impl Qcow2 {
             (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
             "refcount table",
         )?;
-        let (refs, mut report) =
-            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, true, &reftable)?;
+        // The stored refcounts first, so the walk checks the COPIED flags
+        // of each active L2 table as it reads it.
         let file_clusters = file.len()?.div_ceil(cs);
+        let stored = stored_refcounts(file, &h, &reftable, file_clusters)?;
+        let (refs, mut report, copied) = count_references(
+            file,
+            &h,
+            (h.l1_table_offset, h.l1_size),
+            &snaps,
+            snap_len,
+            true,
+            &reftable,
+            Some(&stored),
+        )?;
         let n = (refs.counts.len() as u64).max(file_clusters);
-        let stored = stored_refcounts(file, &h, &reftable, n)?;
+        // References reaching into the cluster past the end need its stored
+        // refcount too: read them again, and the COPIED flags with them.
+        let (stored, copied) =
+            if n > file_clusters { (stored_refcounts(file, &h, &reftable, n)?, None) } else { (stored, Some(copied)) };
         let mut leaked = Vec::new();
         let mut need_rebuild = false;
         let mut end = 0u64;
@@ -553,7 +633,7 @@ impl Qcow2 {
         }
         report.image_end_offset = end * cs;
         // COPIED flags of the active tables.
-        let copied_fixes = self.check_copied(&h, &refs.counts, &stored, &mut report)?;
+        let copied_fixes = self.check_copied(&h, &stored, copied.as_ref(), &mut report)?;
         drop(guard);
         match repair {
             Repair::None => Ok(report),
@@ -596,11 +676,13 @@ impl Qcow2 {
 
     /// Lists active L1/L2 entries whose COPIED flag disagrees with the
     /// refcount: (is_l1, table offset or L1 index, entry index, want COPIED).
+    /// `walked` holds the mismatches of the tables the reference walk
+    /// already read (with the same `stored`); others are read here.
     fn check_copied(
         &self,
         h: &Header,
-        counts: &[u64],
         stored: &[u64],
+        walked: Option<&HashMap<u64, Vec<CopiedMismatch>>>,
         report: &mut CheckReport,
     ) -> Result<Vec<(bool, u64, usize, bool)>> {
         let mut fixes = Vec::new();
@@ -609,7 +691,6 @@ impl Qcow2 {
         }
         let cs = h.cluster_size();
         let file = &*self.file;
-        let _ = counts;
         let refcount = |off: u64| -> u64 { stored.get((off / cs) as usize).copied().unwrap_or(0) };
         let l1 = table::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
         let per = if h.extended_l2() { 2 } else { 1 };
@@ -634,23 +715,19 @@ impl Qcow2 {
             if l2_off >= file_len || !seen.insert(l2_off) {
                 continue;
             }
-            let t = table::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
-            for (j, e) in t.chunks_exact(per).enumerate() {
-                let w = e[0];
-                if w & OFLAG_COMPRESSED != 0 {
-                    continue;
+            let read;
+            let mismatches = match walked.and_then(|w| w.get(&l2_off)) {
+                Some(m) => m,
+                None => {
+                    let t = table::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
+                    read = copied_mismatches(&t, per, cs, refcount);
+                    &read
                 }
-                let off = w & OFFSET_MASK;
-                if off == 0 || off & (cs - 1) != 0 {
-                    continue;
-                }
-                let rc = refcount(off);
-                let want = rc == 1;
-                if want != (w & OFLAG_COPIED != 0) {
-                    report.corruptions += 1;
-                    report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"));
-                    fixes.push((false, l2_off, j, want));
-                }
+            };
+            for &(j, w, rc) in mismatches {
+                report.corruptions += 1;
+                report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"));
+                fixes.push((false, l2_off, j, rc == 1));
             }
         }
         Ok(fixes)
@@ -714,8 +791,8 @@ impl Qcow2 {
         let snaps = self.snapshots.read().clone();
         let cs = h.cluster_size();
         let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
-        let (mut refs, report) =
-            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, false, &[])?;
+        let (mut refs, report, _) =
+            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, false, &[], None)?;
         if report.check_errors > 0 {
             return Err(self.err(Error::corrupt("cannot rebuild refcounts: the metadata could not be read")));
         }
@@ -799,7 +876,7 @@ impl Qcow2 {
         let n = file.len()?.div_ceil(h.cluster_size());
         let stored = stored_refcounts(file, &h, &reftable, n)?;
         let mut r = CheckReport::default();
-        self.check_copied(&h, &stored, &stored, &mut r)
+        self.check_copied(&h, &stored, None, &mut r)
     }
 
     /// Rebuilds refcounts of an image opened read-write with the dirty bit
