@@ -34,7 +34,7 @@
 //! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
 //! (write_zeroes, discard, make_empty), `flush` (metadata order, frees,
 //! close), `resize`, `snapshot/` (table, operations, view), `check`,
-//! `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
+//! `check_walk` (its reference walk), `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
 //! `amend` (compat, lazy refcounts, refcount width, data file name),
 //! `bitmap/` (persistent dirty bitmaps), `crypt` (how qcow2 uses the legacy
 //! AES and LUKS ciphers), `handoff` (inactivate, activate, refresh).
@@ -44,6 +44,7 @@ mod amend;
 pub mod bitmap;
 mod cache;
 pub mod check;
+mod check_walk;
 mod cluster;
 mod compressed;
 pub mod create;
