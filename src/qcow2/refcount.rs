@@ -586,7 +586,7 @@ mod tests {
             x ^= x << 17;
             match x % 10 {
                 0..=5 => {
-                    let n = 1 + (x >> 8) % if x % 3 == 0 { 9 } else { 2 };
+                    let n = 1 + (x >> 8) % if x.is_multiple_of(3) { 9 } else { 2 };
                     b.known_free = 0..0;
                     let (sa, sb) = (a.find_free(&ma, n).unwrap(), b.find_free(&mb, n).unwrap());
                     assert_eq!(sa, sb, "step {step}: find_free({n})");
