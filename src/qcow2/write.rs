@@ -14,7 +14,9 @@
 //! new clusters into the same table, after checking, under the mapping
 //! lock, that the table is still the cached one its L1 entry names (a
 //! flush may have written and evicted it meanwhile; only then does it look
-//! the table up again). A reader never sees a mapping before its data.
+//! the table up again, and links under the mapping lock all the same, so
+//! a table just read back, clean, cannot be evicted between the look and
+//! the link). A reader never sees a mapping before its data.
 //! Other writers of an in-flight cluster wait on a condition variable.
 
 use std::sync::Arc;
@@ -231,11 +233,13 @@ impl Qcow2 {
         // The planned table, if it is still the cached one the L1 entry
         // names: checked and changed under the mapping lock, which keeps
         // the cache from evicting it in between.
+        let is_current = |m: &super::MapState, t: &Arc<L2Table>| {
+            m.l1.get(l1_index as usize).is_some_and(|&e| e & OFFSET_MASK == t.offset && e & OFLAG_COPIED != 0)
+                && m.l2.get(t.offset).is_some_and(|c| Arc::ptr_eq(c, t))
+        };
         let (linked, over) = {
             let m = self.map.read();
-            let current =
-                m.l1.get(l1_index as usize).is_some_and(|&e| e & OFFSET_MASK == t.offset && e & OFLAG_COPIED != 0)
-                    && m.l2.get(t.offset).is_some_and(|c| Arc::ptr_eq(c, &t));
+            let current = is_current(&m, &t);
             if current {
                 link(&mut a, &t);
             }
@@ -245,9 +249,19 @@ impl Qcow2 {
         let over = if linked {
             over
         } else {
-            let t = self.l2_for_write(&mut a, l1_index)?;
-            link(&mut a, &t);
-            self.map.read().l2.over_capacity()
+            // The table left the cache: look it up again and link under
+            // the mapping lock too. A table just read back from the disk is
+            // clean, and a reader's insert could evict it between the look
+            // and the link; the entries would then go into a copy nothing
+            // writes (the write lost at the next open, its cluster leaked).
+            loop {
+                let t = self.l2_for_write(&mut a, l1_index)?;
+                let m = self.map.read();
+                if is_current(&m, &t) {
+                    link(&mut a, &t);
+                    break m.l2.over_capacity();
+                }
+            }
         };
         a.data_written = true;
         if over {
