@@ -551,6 +551,142 @@ fn ratios(f: &Fixture, raw_img: Image, q_img: Image, aes_img: Image, offs: &[u64
         let ours = run(vdisk_bin);
         line(&format!("{name} vs qemu-img bench"), theirs, ours, 1.0);
     }
+    cli_rows(f, vdisk_bin);
+}
+
+/// Wall and CPU (user + system) time of one child process.
+fn run_child(prog: &str, args: &[&str]) -> (Duration, Duration) {
+    fn children_cpu() -> Duration {
+        let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+        // SAFETY: getrusage fills the struct it is given.
+        #[allow(unsafe_code)]
+        let ru = unsafe {
+            libc::getrusage(libc::RUSAGE_CHILDREN, ru.as_mut_ptr());
+            ru.assume_init()
+        };
+        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+        tv(ru.ru_utime) + tv(ru.ru_stime)
+    }
+    let c0 = children_cpu();
+    let t = Instant::now();
+    let out = std::process::Command::new(prog).args(args).output().unwrap();
+    let wall = t.elapsed();
+    assert!(out.status.success(), "{prog} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    (wall, children_cpu() - c0)
+}
+
+/// Like [`line`], with each side's median CPU time.
+fn line_cpu(name: &str, base: (Duration, Duration), ours: (Duration, Duration), goal: f64) {
+    line(name, base.0, ours.0, goal);
+    println!(
+        "{:<42} CPU: baseline {:>9.1} ms   vdisk {:>9.1} ms   ratio {:>5.2}",
+        "",
+        base.1.as_secs_f64() * 1e3,
+        ours.1.as_secs_f64() * 1e3,
+        base.1.as_secs_f64() / ours.1.as_secs_f64()
+    );
+}
+
+/// Alternates `base` and `ours` `passes` times; the median wall and CPU
+/// time of each side.
+fn pair_cpu(
+    passes: usize,
+    mut base: impl FnMut() -> (Duration, Duration),
+    mut ours: impl FnMut() -> (Duration, Duration),
+) -> ((Duration, Duration), (Duration, Duration)) {
+    let (mut b, mut o) = (Vec::new(), Vec::new());
+    for _ in 0..passes {
+        b.push(base());
+        o.push(ours());
+    }
+    let m =
+        |v: &[(Duration, Duration)]| (median(v.iter().map(|x| x.0).collect()), median(v.iter().map(|x| x.1).collect()));
+    (m(&b), m(&o))
+}
+
+/// Whole-command rows: `vdisk bench` allocating into an empty qcow2 against
+/// the same command on an empty sparse raw file; `cache=none` against the
+/// raw file and against `qemu-img bench` with threads and io_uring;
+/// compressed 1 MiB reads at depth 1 against `qemu-img bench`; `vdisk
+/// check` of a fully mapped 1 TiB image against `qemu-img check`. Each
+/// line gives wall and CPU time (the commands use threads).
+fn cli_rows(f: &Fixture, vdisk_bin: &str) {
+    let d = &f.dir;
+    let (raw, q) = (d.join("alloc.raw"), d.join("alloc.qcow2"));
+    let (rs, qs) = (raw.to_str().unwrap().to_string(), q.to_str().unwrap().to_string());
+    for (name, depth, bs, count) in [
+        ("vdisk bench alloc 4 KiB step 64k, depth 1", "1", "4k", "100000"),
+        ("vdisk bench alloc 4 KiB step 64k, depth 16", "16", "4k", "100000"),
+        ("vdisk bench alloc 64 KiB sequential, depth 1", "1", "64k", "16000"),
+    ] {
+        let args = |fmt: &'static str, img: &str| -> Vec<String> {
+            ["bench", "-q", "-f", fmt, "-w", "-s", bs, "-S", "64k", "-c", count, "-d", depth, img]
+                .iter()
+                .map(|a| a.to_string())
+                .collect()
+        };
+        let (r, v) = pair_cpu(
+            5,
+            || {
+                let _ = std::fs::remove_file(&raw);
+                std::fs::File::create(&raw).unwrap().set_len(8 << 30).unwrap();
+                let a = args("raw", &rs);
+                run_child(vdisk_bin, &a.iter().map(String::as_str).collect::<Vec<_>>())
+            },
+            || {
+                let _ = std::fs::remove_file(&q);
+                qemu_img(&["create", "-q", "-f", "qcow2", &qs, "8G"]);
+                let a = args("qcow2", &qs);
+                run_child(vdisk_bin, &a.iter().map(String::as_str).collect::<Vec<_>>())
+            },
+        );
+        line_cpu(&format!("{name}, qcow2 vs raw"), r, v, 0.95);
+    }
+    let _ = std::fs::remove_file(&raw);
+    let _ = std::fs::remove_file(&q);
+
+    // cache=none needs a file system that takes O_DIRECT (tmpfs refuses).
+    if vdisk::storage::DirectFile::open(&f.raw, true).is_ok() {
+        let (fr, fq) = (f.raw.to_str().unwrap(), f.qcow2.to_str().unwrap());
+        fn cmd<'a>(fmt: &'a str, img: &'a str, w: Option<&'a str>) -> Vec<&'a str> {
+            let mut a = vec!["bench", "-q", "-t", "none", "-f", fmt, "-c", "50000", "-d", "16", img];
+            a.extend(w);
+            a
+        }
+        for (mode, w) in [("read", None), ("write", Some("-w"))] {
+            let (r, v) =
+                pair_cpu(3, || run_child(vdisk_bin, &cmd("raw", fr, w)), || run_child(vdisk_bin, &cmd("qcow2", fq, w)));
+            line_cpu(&format!("bench -t none 4 KiB {mode}, depth 16, qcow2 vs raw"), r, v, 0.95);
+            for aio in ["threads", "io_uring"] {
+                let (t, v) = pair_cpu(
+                    3,
+                    || {
+                        let mut a = cmd("qcow2", fq, w);
+                        a.extend(["-i", aio]);
+                        run_child("qemu-img", &a)
+                    },
+                    || run_child(vdisk_bin, &cmd("qcow2", fq, w)),
+                );
+                line_cpu(&format!("bench -t none 4 KiB {mode}, depth 16, vs qemu-img -i {aio}"), t, v, 1.0);
+            }
+        }
+    } else {
+        println!("{} does not take O_DIRECT: the cache=none rows are skipped", d.display());
+    }
+
+    // Compressed 1 MiB reads at depth 1.
+    let z = f.zlib.to_str().unwrap();
+    let a = ["bench", "-q", "-f", "qcow2", "-c", "256", "-d", "1", "-s", "1M", z];
+    let (t, v) = pair_cpu(5, || run_child("qemu-img", &a), || run_child(vdisk_bin, &a));
+    line_cpu("bench zlib 1 MiB reads, depth 1 vs qemu-img bench", t, v, 2.0);
+
+    // check of a 1 TiB image, every cluster mapped (64 KiB clusters).
+    let big = d.join("mapped.qcow2");
+    let bs = big.to_str().unwrap();
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", "preallocation=metadata,cluster_size=64k", bs, "1T"]);
+    let (t, v) = pair_cpu(3, || run_child("qemu-img", &["check", bs]), || run_child(vdisk_bin, &["check", bs]));
+    line_cpu("check, 1 TiB fully mapped vs qemu-img check", t, v, 1.0);
+    let _ = std::fs::remove_file(&big);
 }
 
 /// Counts live heap bytes, for the memory figure of an open image.

@@ -153,3 +153,83 @@ fn leaks_left_by_an_interrupted_writer() {
     }
     assert!(found_leaks, "no cut left leaks: the test does not test anything");
 }
+
+/// Memory that records the offset of every read.
+#[derive(Debug, Default)]
+struct CountingReads {
+    mem: MemStorage,
+    reads: parking_lot::Mutex<Vec<u64>>,
+}
+
+impl vdisk::Storage for CountingReads {
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> vdisk::Result<()> {
+        self.reads.lock().push(offset);
+        self.mem.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> vdisk::Result<()> {
+        self.mem.write_at(buf, offset)
+    }
+    fn len(&self) -> vdisk::Result<u64> {
+        self.mem.len()
+    }
+    fn set_len(&self, len: u64) -> vdisk::Result<()> {
+        self.mem.set_len(len)
+    }
+    fn sync(&self) -> vdisk::Result<()> {
+        Ok(())
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// `check` reads each active L2 table once (statistics, references and
+/// COPIED flags from the same read), also when it finds a COPIED flag
+/// wrong, and still reports what it reported when it read them three
+/// times.
+#[test]
+fn check_reads_each_active_l2_table_once() {
+    use vdisk::qcow2::{Qcow2Options, Repair};
+    use vdisk::Storage;
+    let s = Arc::new(CountingReads::default());
+    let mut o = CreateOptions::new(16 << 20);
+    // 4 KiB clusters: one L2 table maps 2 MiB.
+    o.cluster_size = 4096;
+    let q = Qcow2::create(s.clone(), &o, Qcow2Options::default()).unwrap();
+    for i in 0..6u64 {
+        q.write_at(&vec![i as u8 + 1; 256 << 10], i * (2 << 20) + 4096).unwrap();
+    }
+    let h = q.header();
+    q.close().unwrap();
+    let mut l1 = vec![0u8; 8 * h.l1_size as usize];
+    s.read_at(&mut l1, h.l1_table_offset).unwrap();
+    let l2s: Vec<u64> = l1
+        .chunks_exact(8)
+        .map(|e| u64::from_be_bytes(e.try_into().unwrap()) & 0x00ff_ffff_ffff_fe00)
+        .filter(|&o| o != 0)
+        .collect();
+    assert_eq!(l2s.len(), 6);
+    let reads_of = |s: &CountingReads, o: u64| s.reads.lock().iter().filter(|&&r| r == o).count();
+    for poke in [false, true] {
+        if poke {
+            // Drop COPIED from the first entry of the third table.
+            let mut e = [0u8; 8];
+            s.read_at(&mut e, l2s[2] + 8).unwrap();
+            let w = u64::from_be_bytes(e) & !(1 << 63);
+            s.write_at(&w.to_be_bytes(), l2s[2] + 8).unwrap();
+        }
+        let q = Qcow2::open(s.clone(), Qcow2Options { read_only: true, ..Qcow2Options::default() }).unwrap();
+        s.reads.lock().clear();
+        let r = q.check(Repair::None).unwrap();
+        for &t in &l2s {
+            assert_eq!(reads_of(&s, t), 1, "L2 table at {t:#x} read {} times", reads_of(&s, t));
+        }
+        assert_eq!(r.allocated_clusters, 6 * 64);
+        if poke {
+            assert_eq!(r.corruptions, 1, "{:?}", r.messages);
+            assert!(r.messages.iter().any(|m| m.contains("ERROR OFLAG_COPIED data cluster")), "{:?}", r.messages);
+        } else {
+            assert!(r.is_clean(), "{r:?}");
+        }
+    }
+}

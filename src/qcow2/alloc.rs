@@ -7,11 +7,8 @@
 //! a pointer removed queues its cluster's decrement in
 //! [`AllocState::pending`], applied once the removal is durable.
 
-use std::collections::HashSet;
-
 use parking_lot::MutexGuard;
 
-use super::cache::OffsetHash;
 use super::header::Header;
 use super::l2::L2Entry;
 use super::refcount::Refcounts;
@@ -31,7 +28,7 @@ pub(crate) struct AllocState {
     /// Guest byte ranges of an external data file to punch after the flush.
     pub(crate) pending_punch: Vec<(u64, u64)>,
     /// Guest clusters being allocated by some request.
-    pub(crate) inflight: HashSet<u64, OffsetHash>,
+    pub(crate) inflight: InFlight,
     /// The in-memory L1 table differs from the disk.
     pub(crate) l1_dirty: bool,
     /// Guest data was written since the last sync.
@@ -50,6 +47,43 @@ pub(crate) struct AllocState {
     pub(crate) lazy: bool,
     /// The dirty bit was set on disk in this session (lazy refcounts).
     pub(crate) marked_dirty: bool,
+}
+
+/// The guest clusters allocating requests are writing, as one range per
+/// request: a request plans a contiguous run of clusters, and waits (under
+/// the allocation lock) until no other request's range meets its own before
+/// inserting it, so the ranges never overlap. A handful of ranges at most
+/// (one per request in flight): a scan beats hashing every cluster, and a
+/// request of 512 clusters checks its range once, not cluster by cluster.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    /// Inclusive ranges `(first, last)` of guest cluster indexes.
+    ranges: Vec<(u64, u64)>,
+}
+
+impl InFlight {
+    /// Whether some request in flight writes a cluster of `[c0, c1]`.
+    pub(crate) fn meets(&self, c0: u64, c1: u64) -> bool {
+        self.ranges.iter().any(|&(a, b)| a <= c1 && c0 <= b)
+    }
+
+    /// Marks `[c0, c1]` in flight; it must not meet a range in flight.
+    pub(crate) fn insert(&mut self, c0: u64, c1: u64) {
+        debug_assert!(!self.meets(c0, c1), "in-flight ranges overlap");
+        self.ranges.push((c0, c1));
+    }
+
+    /// Ends the request that inserted `[c0, c1]`.
+    pub(crate) fn remove(&mut self, c0: u64, c1: u64) {
+        if let Some(i) = self.ranges.iter().position(|&r| r == (c0, c1)) {
+            self.ranges.swap_remove(i);
+        }
+    }
+
+    /// Whether no request is in flight.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.ranges.is_empty()
+    }
 }
 
 impl AllocState {
@@ -217,7 +251,7 @@ impl Qcow2 {
         c0: u64,
         c1: u64,
     ) -> MutexGuard<'a, AllocState> {
-        while (c0..=c1).any(|c| a.inflight.contains(&c)) {
+        while a.inflight.meets(c0, c1) {
             self.alloc_cv.wait(&mut a);
         }
         a
@@ -228,6 +262,38 @@ impl Qcow2 {
             self.alloc_cv.wait(&mut a);
         }
         a
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::InFlight;
+
+    #[test]
+    fn in_flight_ranges() {
+        let mut f = InFlight::default();
+        assert!(f.is_empty());
+        f.insert(10, 12);
+        f.insert(20, 20);
+        for (c0, c1, meets) in [
+            (0, 9, false),
+            (0, 10, true),
+            (12, 15, true),
+            (13, 19, false),
+            (20, 20, true),
+            (21, 99, false),
+            (5, 30, true),
+        ] {
+            assert_eq!(f.meets(c0, c1), meets, "[{c0}, {c1}]");
+        }
+        // Removing a range that is not in flight changes nothing.
+        f.remove(10, 11);
+        assert!(f.meets(11, 11));
+        f.remove(10, 12);
+        assert!(!f.meets(0, 19));
+        assert!(f.meets(20, 20));
+        f.remove(20, 20);
+        assert!(f.is_empty());
     }
 }
 

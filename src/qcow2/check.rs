@@ -19,16 +19,11 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use byteorder::{BigEndian, ByteOrder};
-
 use super::alloc::FreeOld;
+use super::check_walk::{copied_mismatches, count_references, stored_refcounts, CopiedMismatch};
 use super::header::{self, Header};
-use super::l2::{
-    Geometry, L2Entry, L1E_RESERVED_MASK, L2E_STD_RESERVED_MASK, OFFSET_MASK, OFLAG_COMPRESSED, OFLAG_COPIED,
-    OFLAG_ZERO,
-};
-use super::refcount::{get_entry, set_entry, Refcounts, REFT_OFFSET_MASK};
-use super::snapshot::Snapshot;
+use super::l2::{OFFSET_MASK, OFLAG_COPIED};
+use super::refcount::{set_entry, Refcounts};
 use super::table::{self, HeaderTable};
 use super::Qcow2;
 use crate::error::{Error, Result};
@@ -97,407 +92,6 @@ impl CheckReport {
     }
 }
 
-/// The reference counts found by walking the metadata.
-struct Refs {
-    counts: Vec<u64>,
-    cluster_bits: u32,
-    /// References may end at most one cluster past this (the last cluster
-    /// may be half written, as QEMU allows); further ones are corruption
-    /// and are not counted, so nothing is sized or placed by them.
-    file_len: u64,
-}
-
-impl Refs {
-    fn add(&mut self, r: &mut CheckReport, offset: u64, len: u64, what: &str) {
-        self.add_n(r, offset, len, 1, what);
-    }
-
-    /// Adds `times` references to every cluster of `[offset, offset + len)`.
-    fn add_n(&mut self, r: &mut CheckReport, offset: u64, len: u64, times: u64, what: &str) {
-        if len == 0 || times == 0 {
-            return;
-        }
-        let first = offset >> self.cluster_bits;
-        let end = offset.saturating_add(len);
-        let last = (end - 1) >> self.cluster_bits;
-        if end.saturating_sub(self.file_len) >= 1 << self.cluster_bits {
-            r.corruptions = r.corruptions.saturating_add(times);
-            r.messages.push(format!(
-                "ERROR: counting reference for region exceeding the end of the file by one cluster or more: {what} at offset {offset:#x} size {len:#x}"
-            ));
-            return;
-        }
-        if self.counts.len() as u64 <= last {
-            self.counts.resize(last as usize + 1, 0);
-        }
-        for c in first..=last {
-            self.counts[c as usize] = self.counts[c as usize].saturating_add(times);
-        }
-    }
-}
-
-/// What one L2 table adds to the active state's statistics, so that a
-/// table named by many L1 entries is read once.
-#[derive(Debug, Clone, Copy, Default)]
-struct L2Summary {
-    allocated: u64,
-    compressed: u64,
-    /// Host offset of the first data cluster, if any.
-    first: Option<u64>,
-    /// Fragmentation among the table's own clusters (compressed clusters
-    /// count as fragmented, as in QEMU).
-    fragments: u64,
-    /// One past the last data cluster.
-    end: u64,
-}
-
-struct Walker<'a> {
-    file: &'a dyn Storage,
-    file_len: u64,
-    geo: Geometry,
-
-    refs: Refs,
-    report: CheckReport,
-    /// L2 tables named by L1 entries: offset → number of references.
-    l2_uses: HashMap<u64, u64>,
-    /// Active-state statistics per L2 table.
-    summaries: HashMap<u64, L2Summary>,
-}
-
-impl Walker<'_> {
-    /// Reads a table of up to `count` u64 entries. Entries past the end of
-    /// the file would read as zeros, which every caller skips: they are
-    /// left out, so a table claimed far past the end costs nothing.
-    fn read_table(&mut self, offset: u64, count: u64, what: &str) -> Option<Vec<u64>> {
-        let avail = self.file_len.saturating_sub(offset).min(count.saturating_mul(8)) / 8 * 8;
-        let mut buf = vec![0u8; avail as usize];
-        match self.file.read_at(&mut buf, offset) {
-            Ok(()) => Some(table::decode(&buf).collect()),
-            Err(e) => {
-                self.report.check_errors += 1;
-                self.report.messages.push(format!("ERROR: could not read {what} at {offset:#x}: {}", e.report()));
-                None
-            }
-        }
-    }
-
-    /// Counts the references of one L1 table (named `times` times) and
-    /// notes its L2 tables; `active` gathers the allocation statistics.
-    fn walk_l1(&mut self, l1_offset: u64, l1_size: u32, active: bool, times: u64) {
-        let cs = self.geo.cluster_size();
-        self.refs.add_n(&mut self.report, l1_offset, u64::from(l1_size) * 8, times, "L1 table");
-        let Some(l1) = self.read_table(l1_offset, u64::from(l1_size), "the L1 table") else {
-            return;
-        };
-        let mut next_contiguous = 0u64;
-        for &l1e in l1.iter() {
-            if l1e & L1E_RESERVED_MASK != 0 {
-                self.report.corruptions += times;
-                self.report.messages.push(format!("ERROR found L1 entry with reserved bits set: {l1e:x}"));
-            }
-            let l2_off = l1e & OFFSET_MASK;
-            if l2_off == 0 {
-                continue;
-            }
-            if l2_off & (cs - 1) != 0 {
-                self.report.corruptions += times;
-                self.report
-                    .messages
-                    .push(format!("ERROR l2_offset={l2_off:x}: Table is not cluster aligned; L1 entry corrupted"));
-                continue;
-            }
-            *self.l2_uses.entry(l2_off).or_default() += times;
-            if active {
-                let s = self.summary(l2_off);
-                let r = &mut self.report;
-                r.allocated_clusters += s.allocated;
-                r.compressed_clusters += s.compressed;
-                r.fragmented_clusters += s.fragments;
-                if let Some(f) = s.first {
-                    if next_contiguous != 0 && f != next_contiguous {
-                        r.fragmented_clusters += 1;
-                    }
-                    next_contiguous = s.end;
-                }
-            }
-        }
-    }
-
-    /// The active-state statistics of the L2 table at `l2_off` (read once).
-    fn summary(&mut self, l2_off: u64) -> L2Summary {
-        if let Some(s) = self.summaries.get(&l2_off) {
-            return *s;
-        }
-        let cs = self.geo.cluster_size();
-        let mut s = L2Summary::default();
-        if let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") {
-            let per = self.geo.words_per_entry();
-            let mut next = 0u64;
-            for e in t.chunks_exact(per) {
-                let w = e[0];
-                if w & OFLAG_COMPRESSED != 0 {
-                    s.allocated += 1;
-                    s.compressed += 1;
-                    s.fragments += 1;
-                    continue;
-                }
-                let off = w & OFFSET_MASK;
-                if off == 0 || off & (cs - 1) != 0 || self.geo.data_file {
-                    continue;
-                }
-                if self.geo.extended_l2 || w & OFLAG_ZERO == 0 {
-                    s.allocated += 1;
-                }
-                match s.first {
-                    None => s.first = Some(off),
-                    Some(_) if off != next => s.fragments += 1,
-                    _ => {}
-                }
-                next = off + cs;
-                s.end = next;
-            }
-        }
-        self.summaries.insert(l2_off, s);
-        s
-    }
-
-    /// Counts the references of every L2 table the L1 walks noted, each
-    /// table read once and its references multiplied by its uses.
-    fn walk_l2s(&mut self) {
-        let cs = self.geo.cluster_size();
-        let mut tables: Vec<(u64, u64)> = self.l2_uses.drain().collect();
-        tables.sort_unstable();
-        for (l2_off, n) in tables {
-            self.refs.add_n(&mut self.report, l2_off, cs, n, "L2 table");
-            let Some(t) = self.read_table(l2_off, cs / 8, "an L2 table") else {
-                continue;
-            };
-            let per = self.geo.words_per_entry();
-            for (j, e) in t.chunks_exact(per).enumerate() {
-                let entry = L2Entry { word: e[0], bitmap: if per == 2 { e[1] } else { 0 } };
-                if entry.word & OFLAG_COMPRESSED != 0 {
-                    if entry.word & OFLAG_COPIED != 0 {
-                        self.report.corruptions += n;
-                        self.report.messages.push(format!(
-                            "ERROR: coffset={:#x}: Compressed cluster has the COPIED flag",
-                            entry.word & self.geo.compressed_offset_mask()
-                        ));
-                    }
-                    if entry.bitmap != 0 {
-                        self.report.corruptions += n;
-                        self.report.messages.push(format!(
-                            "ERROR compressed cluster {j} with non-zero subcluster allocation bitmap, entry={:#x}",
-                            entry.word
-                        ));
-                    }
-                    let (host, len) = entry.compressed(&self.geo);
-                    self.refs.add_n(&mut self.report, host, len, n, "compressed cluster");
-                    continue;
-                }
-                if entry.word & L2E_STD_RESERVED_MASK != 0 {
-                    self.report.corruptions += n;
-                    self.report.messages.push(format!("ERROR found l2 entry with reserved bits set: {:x}", entry.word));
-                }
-                let off = entry.word & OFFSET_MASK;
-                if self.geo.extended_l2 {
-                    let alloc = entry.bitmap & 0xffff_ffff;
-                    let zero = entry.bitmap >> 32;
-                    // Offset 0 is a real cluster of an external data file
-                    // when COPIED is set (as QEMU's cluster types say).
-                    let unallocated = entry.host_offset(&self.geo).is_none();
-                    if alloc & zero != 0 || (unallocated && alloc != 0) {
-                        self.report.corruptions += n;
-                        self.report.messages.push(format!(
-                            "ERROR invalid cluster entry found (L2 offset: {l2_off:#x}, L2 index: {j:#x})"
-                        ));
-                    }
-                }
-                if off == 0 {
-                    continue;
-                }
-                if off & (cs - 1) != 0 {
-                    self.report.corruptions += n;
-                    self.report
-                        .messages
-                        .push(format!("ERROR offset={off:x}: Cluster is not properly aligned; L2 entry corrupted."));
-                    continue;
-                }
-                if self.geo.data_file {
-                    continue;
-                }
-                self.refs.add_n(&mut self.report, off, cs, n, "data cluster");
-            }
-        }
-    }
-}
-
-/// The full reference walk over an image's metadata. Every distinct L1
-/// and L2 table is walked once however many snapshots or entries name it
-/// (an active L2 table is read twice: once for the statistics, once for
-/// the references), and nothing past the end of the file is read or
-/// allocated, so the work is bounded by the file's size and the snapshot
-/// count.
-fn count_references(
-    file: &dyn Storage,
-    h: &Header,
-    l1: (u64, u32),
-    snaps: &[Snapshot],
-    snap_table_len: u64,
-    include_refcount_structures: bool,
-    reftable: &[u64],
-) -> Result<(Refs, CheckReport)> {
-    let cs = h.cluster_size();
-    let file_len = file.len()?;
-    let file_clusters = file_len.div_ceil(cs);
-    let geo = Geometry {
-        cluster_bits: h.cluster_bits,
-        extended_l2: h.extended_l2(),
-        data_file: h.incompatible_features & header::INCOMPAT_DATA_FILE != 0,
-    };
-    let mut w = Walker {
-        file,
-        file_len,
-        geo,
-
-        refs: Refs { counts: vec![0; file_clusters as usize], cluster_bits: h.cluster_bits, file_len },
-        report: CheckReport::default(),
-        l2_uses: HashMap::new(),
-        summaries: HashMap::new(),
-    };
-    w.report.total_clusters = h.size.div_ceil(cs);
-    w.refs.add(&mut w.report, 0, cs, "header");
-    w.walk_l1(l1.0, l1.1, true, 1);
-    let mut snap_l1s: HashMap<(u64, u32), u64> = HashMap::new();
-    for s in snaps {
-        *snap_l1s.entry((s.l1_table_offset, s.l1_size)).or_default() += 1;
-    }
-    let mut snap_l1s: Vec<((u64, u32), u64)> = snap_l1s.into_iter().collect();
-    snap_l1s.sort_unstable();
-    for ((off, size), n) in snap_l1s {
-        w.walk_l1(off, size, false, n);
-    }
-    w.walk_l2s();
-    if h.nb_snapshots > 0 {
-        w.refs.add(&mut w.report, h.snapshots_offset, snap_table_len, "snapshot table");
-    }
-    if let Some((o, l)) = h.crypto_header {
-        w.refs.add(&mut w.report, o, l, "LUKS header");
-    }
-    if let (Some(b), true) = (h.bitmaps, h.autoclear_features & header::AUTOCLEAR_BITMAPS != 0) {
-        count_bitmaps(&mut w, b.directory_offset, b.directory_size);
-        verify_bitmaps(&mut w.report, w.file, h);
-    } else if let Some(b) = h.bitmaps {
-        // Inconsistent bitmaps are still stored and referenced.
-        count_bitmaps(&mut w, b.directory_offset, b.directory_size);
-    }
-    if include_refcount_structures {
-        w.refs.add(&mut w.report, h.refcount_table_offset, u64::from(h.refcount_table_clusters) * cs, "refcount table");
-        for (i, &e) in reftable.iter().enumerate() {
-            let off = e & REFT_OFFSET_MASK;
-            if off == 0 {
-                continue;
-            }
-            if off & (cs - 1) != 0 {
-                w.report.corruptions += 1;
-                w.report
-                    .messages
-                    .push(format!("ERROR refcount block {i} is not cluster aligned; refcount table entry corrupted"));
-                continue;
-            }
-            if off >> h.cluster_bits >= file_clusters {
-                w.report.corruptions += 1;
-                w.report.messages.push(format!("ERROR refcount block {i} is outside image"));
-                continue;
-            }
-            w.refs.add(&mut w.report, off, cs, "refcount block");
-        }
-    }
-    Ok((w.refs, w.report))
-}
-
-/// Checks the bitmap directory and tables against the constraints QEMU
-/// enforces; a bitmap left `in_use` is reported (it is not an error of the
-/// image: QEMU ignores its contents, and removing it is the way out).
-fn verify_bitmaps(report: &mut CheckReport, file: &dyn Storage, h: &Header) {
-    match super::bitmap::read_directory(file, h) {
-        Err(e) => {
-            report.corruptions += 1;
-            report.messages.push(format!("ERROR bitmap directory: {e}"));
-        }
-        Ok(entries) => {
-            for e in entries {
-                if let Err(err) = super::bitmap::check_table(file, &e, h.cluster_size()) {
-                    report.corruptions += 1;
-                    report.messages.push(format!("ERROR bitmap '{}': {err}", e.name));
-                } else if e.flags & super::bitmap::dir::FLAG_IN_USE != 0 {
-                    report.notes.push(format!(
-                        "Bitmap '{}' is in use (left inconsistent by a program that did not close the image); remove it with: bitmap --remove",
-                        e.name
-                    ));
-                }
-            }
-        }
-    }
-}
-
-/// Counts the bitmap directory, bitmap tables and bitmap data clusters.
-fn count_bitmaps(w: &mut Walker<'_>, dir_off: u64, dir_size: u64) {
-    let cs = w.geo.cluster_size();
-    if dir_size > QCOW2_MAX_BITMAP_DIRECTORY || !dir_off.is_multiple_of(cs) {
-        return;
-    }
-    w.refs.add(&mut w.report, dir_off, dir_size, "bitmap directory");
-    let mut dir = vec![0u8; dir_size as usize];
-    if w.file.read_at(&mut dir, dir_off).is_err() {
-        w.report.check_errors += 1;
-        return;
-    }
-    let mut pos = 0usize;
-    while pos + 24 <= dir.len() {
-        let table_off = BigEndian::read_u64(&dir[pos..pos + 8]);
-        let table_size = u64::from(BigEndian::read_u32(&dir[pos + 8..pos + 12]));
-        // Entry layout: table offset (8), table size (4), flags (4), type
-        // (1), granularity bits (1), name size (2), extra data size (4).
-        let name_size = usize::from(BigEndian::read_u16(&dir[pos + 18..pos + 20]));
-        let extra = BigEndian::read_u32(&dir[pos + 20..pos + 24]) as usize;
-        if table_off % cs == 0 && table_size <= QCOW2_MAX_L1_BYTES / 8 {
-            w.refs.add(&mut w.report, table_off, table_size * 8, "bitmap table");
-            if let Some(t) = w.read_table(table_off, table_size, "a bitmap table") {
-                for e in t {
-                    let off = e & 0x00ff_ffff_ffff_fe00;
-                    if off != 0 {
-                        w.refs.add(&mut w.report, off, cs, "bitmap data");
-                    }
-                }
-            }
-        }
-        pos += (24 + extra + name_size).div_ceil(8) * 8;
-    }
-}
-
-/// Reads stored refcounts for clusters `0..n`.
-fn stored_refcounts(file: &dyn Storage, h: &Header, reftable: &[u64], n: u64) -> Result<Vec<u64>> {
-    let cs = h.cluster_size();
-    let epb = (cs * 8) >> h.refcount_order;
-    let mut out = vec![0u64; n as usize];
-    let mut block = vec![0u8; cs as usize];
-    for (ti, &e) in reftable.iter().enumerate() {
-        let start = ti as u64 * epb;
-        if start >= n {
-            break;
-        }
-        let off = e & REFT_OFFSET_MASK;
-        if off == 0 || off & (cs - 1) != 0 {
-            continue;
-        }
-        file.read_at(&mut block, off)?;
-        for i in 0..epb.min(n - start) {
-            out[(start + i) as usize] = get_entry(&block, h.refcount_order, i as usize);
-        }
-    }
-    Ok(out)
-}
-
 impl Qcow2 {
     /// Checks the image's metadata, repairing what `repair` asks for.
     /// Repairs need the image open read-write.
@@ -524,11 +118,25 @@ impl Qcow2 {
             (u64::from(h.refcount_table_clusters) * cs / 8) as usize,
             "refcount table",
         )?;
-        let (refs, mut report) =
-            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, true, &reftable)?;
+        // The stored refcounts first, so the walk checks the COPIED flags
+        // of each active L2 table as it reads it.
         let file_clusters = file.len()?.div_ceil(cs);
+        let stored = stored_refcounts(file, &h, &reftable, file_clusters)?;
+        let (refs, mut report, copied) = count_references(
+            file,
+            &h,
+            (h.l1_table_offset, h.l1_size),
+            &snaps,
+            snap_len,
+            true,
+            &reftable,
+            Some(&stored),
+        )?;
         let n = (refs.counts.len() as u64).max(file_clusters);
-        let stored = stored_refcounts(file, &h, &reftable, n)?;
+        // References reaching into the cluster past the end need its stored
+        // refcount too: read them again, and the COPIED flags with them.
+        let (stored, copied) =
+            if n > file_clusters { (stored_refcounts(file, &h, &reftable, n)?, None) } else { (stored, Some(copied)) };
         let mut leaked = Vec::new();
         let mut need_rebuild = false;
         let mut end = 0u64;
@@ -553,7 +161,7 @@ impl Qcow2 {
         }
         report.image_end_offset = end * cs;
         // COPIED flags of the active tables.
-        let copied_fixes = self.check_copied(&h, &refs.counts, &stored, &mut report)?;
+        let copied_fixes = self.check_copied(&h, &stored, copied.as_ref(), &mut report)?;
         drop(guard);
         match repair {
             Repair::None => Ok(report),
@@ -596,11 +204,13 @@ impl Qcow2 {
 
     /// Lists active L1/L2 entries whose COPIED flag disagrees with the
     /// refcount: (is_l1, table offset or L1 index, entry index, want COPIED).
+    /// `walked` holds the mismatches of the tables the reference walk
+    /// already read (with the same `stored`); others are read here.
     fn check_copied(
         &self,
         h: &Header,
-        counts: &[u64],
         stored: &[u64],
+        walked: Option<&HashMap<u64, Vec<CopiedMismatch>>>,
         report: &mut CheckReport,
     ) -> Result<Vec<(bool, u64, usize, bool)>> {
         let mut fixes = Vec::new();
@@ -609,7 +219,6 @@ impl Qcow2 {
         }
         let cs = h.cluster_size();
         let file = &*self.file;
-        let _ = counts;
         let refcount = |off: u64| -> u64 { stored.get((off / cs) as usize).copied().unwrap_or(0) };
         let l1 = table::read_u64_table(file, h.l1_table_offset, h.l1_size as usize, "L1 table")?;
         let per = if h.extended_l2() { 2 } else { 1 };
@@ -634,23 +243,19 @@ impl Qcow2 {
             if l2_off >= file_len || !seen.insert(l2_off) {
                 continue;
             }
-            let t = table::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
-            for (j, e) in t.chunks_exact(per).enumerate() {
-                let w = e[0];
-                if w & OFLAG_COMPRESSED != 0 {
-                    continue;
+            let read;
+            let mismatches = match walked.and_then(|w| w.get(&l2_off)) {
+                Some(m) => m,
+                None => {
+                    let t = table::read_u64_table(file, l2_off, (cs / 8) as usize, "L2 table")?;
+                    read = copied_mismatches(&t, per, cs, refcount);
+                    &read
                 }
-                let off = w & OFFSET_MASK;
-                if off == 0 || off & (cs - 1) != 0 {
-                    continue;
-                }
-                let rc = refcount(off);
-                let want = rc == 1;
-                if want != (w & OFLAG_COPIED != 0) {
-                    report.corruptions += 1;
-                    report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"));
-                    fixes.push((false, l2_off, j, want));
-                }
+            };
+            for &(j, w, rc) in mismatches {
+                report.corruptions += 1;
+                report.messages.push(format!("ERROR OFLAG_COPIED data cluster: l2_entry={w:x} refcount={rc}"));
+                fixes.push((false, l2_off, j, rc == 1));
             }
         }
         Ok(fixes)
@@ -714,8 +319,8 @@ impl Qcow2 {
         let snaps = self.snapshots.read().clone();
         let cs = h.cluster_size();
         let snap_len = super::snapshot::encode_table(&snaps).len() as u64;
-        let (mut refs, report) =
-            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, false, &[])?;
+        let (mut refs, report, _) =
+            count_references(file, &h, (h.l1_table_offset, h.l1_size), &snaps, snap_len, false, &[], None)?;
         if report.check_errors > 0 {
             return Err(self.err(Error::corrupt("cannot rebuild refcounts: the metadata could not be read")));
         }
@@ -799,7 +404,7 @@ impl Qcow2 {
         let n = file.len()?.div_ceil(h.cluster_size());
         let stored = stored_refcounts(file, &h, &reftable, n)?;
         let mut r = CheckReport::default();
-        self.check_copied(&h, &stored, &stored, &mut r)
+        self.check_copied(&h, &stored, None, &mut r)
     }
 
     /// Rebuilds refcounts of an image opened read-write with the dirty bit

@@ -216,15 +216,22 @@ impl Qcow2 {
 
     /// The L2 table for `l1_index`, allocated or copied so the image owns it.
     pub(crate) fn l2_for_write(&self, a: &mut AllocState, l1_index: u64) -> Result<Arc<L2Table>> {
-        let l1e = {
+        // The common case, an owned table in the cache that an earlier
+        // write already checked, in one look under the mapping lock.
+        let (l1e, owned) = {
             let m = self.map.read();
-            match m.l1.get(l1_index as usize) {
-                Some(&e) => e,
-                None => {
-                    return Err(Error::internal(format!("L1 index {l1_index} is beyond the L1 table")));
-                }
-            }
+            let Some(&e) = m.l1.get(l1_index as usize) else {
+                return Err(Error::internal(format!("L1 index {l1_index} is beyond the L1 table")));
+            };
+            let off = e & OFFSET_MASK;
+            let owned = (off != 0 && e & OFLAG_COPIED != 0 && e & L1E_RESERVED_MASK == 0)
+                .then(|| m.l2.get(off).filter(|t| t.write_checked()).cloned())
+                .flatten();
+            (e, owned)
         };
+        if let Some(t) = owned {
+            return Ok(t);
+        }
         self.check_l1(None, l1e, l1_index)?;
         let off = l1e & OFFSET_MASK;
         let cs = self.geo.cluster_size();
@@ -236,7 +243,9 @@ impl Qcow2 {
                 ));
             }
             if l1e & OFLAG_COPIED != 0 {
-                return self.load_l2(off);
+                let t = self.load_l2(off)?;
+                t.set_write_checked();
+                return Ok(t);
             }
         }
         let new_off = self.alloc_clusters(a, 1)?;

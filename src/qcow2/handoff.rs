@@ -22,7 +22,6 @@
 //! file, version, compression type, encryption — must not have changed: the
 //! image is then refused until reopened.
 
-use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -31,7 +30,7 @@ use super::header::{self, Header};
 use super::refcount::{self, Refcounts};
 use super::snapshot::{self, Snapshot};
 use super::table::{self, Reserved};
-use super::{bitmap, cache, Qcow2};
+use super::{bitmap, Qcow2};
 use crate::error::{Error, ErrorKind, Result};
 use crate::storage::lock::{self, Held};
 use crate::storage::Storage;
@@ -114,7 +113,7 @@ pub(super) fn load_alloc(
         rc,
         pending: Vec::new(),
         pending_punch: Vec::new(),
-        inflight: HashSet::with_hasher(cache::OffsetHash),
+        inflight: super::alloc::InFlight::default(),
         l1_dirty: false,
         data_written: false,
         compressed_next: 0,

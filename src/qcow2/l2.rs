@@ -285,13 +285,24 @@ pub(crate) struct L2Table {
     /// a random read workload has evicted from the CPU caches. Cleared by
     /// the first [`set`](Self::set).
     linear: AtomicU64,
+    /// The table's own cluster was found outside the image's fixed
+    /// metadata when a writer first asked for it (see
+    /// `Qcow2::l2_for_write`); later writers need not look again.
+    write_checked: AtomicBool,
 }
 
 impl L2Table {
     /// A table decoded from its on-disk bytes.
     pub(crate) fn from_bytes(offset: u64, bytes: &[u8]) -> L2Table {
         let words: Box<[AtomicU64]> = table::decode(bytes).map(AtomicU64::new).collect();
-        L2Table { offset, words, dirty: AtomicBool::new(false), last_use: AtomicU64::new(0), linear: AtomicU64::new(0) }
+        L2Table {
+            offset,
+            words,
+            dirty: AtomicBool::new(false),
+            last_use: AtomicU64::new(0),
+            linear: AtomicU64::new(0),
+            write_checked: AtomicBool::new(false),
+        }
     }
 
     /// An all-zero (unallocated) table.
@@ -302,6 +313,8 @@ impl L2Table {
             dirty: AtomicBool::new(true),
             last_use: AtomicU64::new(0),
             linear: AtomicU64::new(0),
+            // Placed by the allocator: never inside the fixed metadata.
+            write_checked: AtomicBool::new(true),
         }
     }
 
@@ -313,6 +326,8 @@ impl L2Table {
             dirty: AtomicBool::new(true),
             last_use: AtomicU64::new(0),
             linear: AtomicU64::new(0),
+            // Placed by the allocator: never inside the fixed metadata.
+            write_checked: AtomicBool::new(true),
         }
     }
 
@@ -362,6 +377,17 @@ impl L2Table {
     pub(crate) fn linear_base(&self) -> Option<u64> {
         let l = self.linear.load(Ordering::Acquire);
         (l != 0).then_some(l & !1)
+    }
+
+    /// Whether a writer already checked where the table lies.
+    #[inline]
+    pub(crate) fn write_checked(&self) -> bool {
+        self.write_checked.load(Ordering::Relaxed)
+    }
+
+    /// Records that the table lies outside the image's fixed metadata.
+    pub(crate) fn set_write_checked(&self) {
+        self.write_checked.store(true, Ordering::Relaxed);
     }
 
     /// Stores entry `i` and marks the table dirty. Callers hold the image's

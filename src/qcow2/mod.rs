@@ -34,7 +34,7 @@
 //! `read`, `write` (allocating writes, copy-on-write), `compressed`, `zero`
 //! (write_zeroes, discard, make_empty), `flush` (metadata order, frees,
 //! close), `resize`, `snapshot/` (table, operations, view), `check`,
-//! `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
+//! `check_walk` (its reference walk), `create`, `measure` (qemu-img measure), `rebase` (backing file changes),
 //! `amend` (compat, lazy refcounts, refcount width, data file name),
 //! `bitmap/` (persistent dirty bitmaps), `crypt` (how qcow2 uses the legacy
 //! AES and LUKS ciphers), `handoff` (inactivate, activate, refresh).
@@ -44,6 +44,7 @@ mod amend;
 pub mod bitmap;
 mod cache;
 pub mod check;
+mod check_walk;
 mod cluster;
 mod compressed;
 pub mod create;
@@ -132,6 +133,9 @@ pub struct Qcow2 {
     data: Arc<dyn Storage>,
     /// The backing image, if opened.
     backing: Option<Arc<dyn BlockDevice>>,
+    /// The header names a backing file (kept with the header's field, so
+    /// an allocating write need not take the header lock to ask).
+    backing_named: AtomicBool,
     /// Decoding geometry (immutable).
     geo: Geometry,
     /// Compression type (immutable).
@@ -260,6 +264,7 @@ impl Qcow2 {
         let q = Qcow2 {
             data,
             backing: opts.backing,
+            backing_named: AtomicBool::new(h.backing_file.is_some()),
             geo,
             compression: std::sync::atomic::AtomicU8::new(u8::from(h.compression_type == CompressionType::Zstd)),
             version: std::sync::atomic::AtomicU32::new(h.version),
@@ -370,7 +375,7 @@ impl Qcow2 {
     }
 
     pub(crate) fn has_backing(&self) -> bool {
-        self.backing.is_some() || self.header.lock().backing_file.is_some()
+        self.backing.is_some() || self.backing_named.load(Ordering::Acquire)
     }
 
     /// How compressed clusters are compressed.

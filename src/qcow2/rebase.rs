@@ -41,6 +41,7 @@ impl Qcow2 {
             // Keep the in-memory header what the disk most likely holds.
             (h.backing_file, h.backing_format) = old;
         }
+        self.backing_named.store(h.backing_file.is_some(), std::sync::atomic::Ordering::Release);
         drop(h);
         r.map_err(|e| self.err(e))
     }

@@ -8,12 +8,15 @@
 //! twice. The first time it looks its L2 table up (once: the table is
 //! allocated or copied if the image does not own it), plans every cluster
 //! from the entries, reserves host clusters (refcounts raised) and marks
-//! the guest clusters in flight; then it releases the lock for the
+//! the guest clusters in flight (one range per request); then it releases
+//! the lock for the
 //! copy-on-write reads and the data write. The second time it links the
 //! new clusters into the same table, after checking, under the mapping
 //! lock, that the table is still the cached one its L1 entry names (a
 //! flush may have written and evicted it meanwhile; only then does it look
-//! the table up again). A reader never sees a mapping before its data.
+//! the table up again, and links under the mapping lock all the same, so
+//! a table just read back, clean, cannot be evicted between the look and
+//! the link). A reader never sees a mapping before its data.
 //! Other writers of an in-flight cluster wait on a condition variable.
 
 use std::sync::Arc;
@@ -164,7 +167,7 @@ impl Qcow2 {
         let mut a = self.wait_inflight(a, c0, c_last);
         self.mark_dirty_if_lazy(&mut a)?;
         let t = self.l2_for_write(&mut a, l1_index)?;
-        let mut plans = Vec::with_capacity((c_last - c0 + 1) as usize);
+        let mut plan_buf = Plans::new();
         let mut allocs = 0u64;
         for c in c0..=c_last {
             let old = t.get(&geo, (c % l2e) as usize);
@@ -182,8 +185,9 @@ impl Qcow2 {
                     }
                 }
             };
-            plans.push(Plan { c, old, ws, we, action, fresh: false });
+            plan_buf.push(Plan { c, old, ws, we, action, fresh: false });
         }
+        let plans = plan_buf.as_mut_slice();
         if allocs > 0 {
             // Clusters at or past this bound lie past the end of the file
             // and read as zeros (asked before the allocation moves it).
@@ -197,22 +201,19 @@ impl Qcow2 {
                 }
             }
         }
-        for p in &plans {
-            a.inflight.insert(p.c);
-        }
+        a.inflight.insert(c0, c_last);
         drop(a);
+        let plans = &*plans;
 
-        let result = self.write_plans(&plans, buf, guest);
+        let result = self.write_plans(plans, buf, guest);
 
         let mut a = self.alloc_lock()?;
-        for p in &plans {
-            a.inflight.remove(&p.c);
-        }
+        a.inflight.remove(c0, c_last);
         self.alloc_cv.notify_all();
         if let Err(e) = result {
             // Nothing points at the new clusters yet: give them back.
             if !geo.data_file {
-                for p in &plans {
+                for p in plans {
                     if let Action::New(h) = p.action {
                         let _ = a.rc.add(&*self.file, h / cs, -1);
                     }
@@ -222,7 +223,7 @@ impl Qcow2 {
             return Err(e);
         }
         let link = |a: &mut AllocState, t: &L2Table| {
-            for p in &plans {
+            for p in plans {
                 if let Action::New(_) = p.action {
                     self.release_entry(a, p.old, p.c);
                 }
@@ -232,11 +233,13 @@ impl Qcow2 {
         // The planned table, if it is still the cached one the L1 entry
         // names: checked and changed under the mapping lock, which keeps
         // the cache from evicting it in between.
+        let is_current = |m: &super::MapState, t: &Arc<L2Table>| {
+            m.l1.get(l1_index as usize).is_some_and(|&e| e & OFFSET_MASK == t.offset && e & OFLAG_COPIED != 0)
+                && m.l2.get(t.offset).is_some_and(|c| Arc::ptr_eq(c, t))
+        };
         let (linked, over) = {
             let m = self.map.read();
-            let current =
-                m.l1.get(l1_index as usize).is_some_and(|&e| e & OFFSET_MASK == t.offset && e & OFLAG_COPIED != 0)
-                    && m.l2.get(t.offset).is_some_and(|c| Arc::ptr_eq(c, &t));
+            let current = is_current(&m, &t);
             if current {
                 link(&mut a, &t);
             }
@@ -246,9 +249,19 @@ impl Qcow2 {
         let over = if linked {
             over
         } else {
-            let t = self.l2_for_write(&mut a, l1_index)?;
-            link(&mut a, &t);
-            self.map.read().l2.over_capacity()
+            // The table left the cache: look it up again and link under
+            // the mapping lock too. A table just read back from the disk is
+            // clean, and a reader's insert could evict it between the look
+            // and the link; the entries would then go into a copy nothing
+            // writes (the write lost at the next open, its cluster leaked).
+            loop {
+                let t = self.l2_for_write(&mut a, l1_index)?;
+                let m = self.map.read();
+                if is_current(&m, &t) {
+                    link(&mut a, &t);
+                    break m.l2.over_capacity();
+                }
+            }
         };
         a.data_written = true;
         if over {
@@ -425,6 +438,34 @@ impl Qcow2 {
     }
 }
 
+/// The plans of one request: a single cluster (the common allocating
+/// write) without a heap allocation, more in a vector.
+enum Plans {
+    One(Option<Plan>),
+    Many(Vec<Plan>),
+}
+
+impl Plans {
+    fn new() -> Self {
+        Plans::One(None)
+    }
+
+    fn push(&mut self, p: Plan) {
+        match self {
+            Plans::One(slot @ None) => *slot = Some(p),
+            Plans::One(Some(first)) => *self = Plans::Many(vec![*first, p]),
+            Plans::Many(v) => v.push(p),
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [Plan] {
+        match self {
+            Plans::One(slot) => slot.as_mut_slice(),
+            Plans::Many(v) => v,
+        }
+    }
+}
+
 impl Plan {
     fn action_host(&self) -> u64 {
         match self.action {
@@ -471,6 +512,39 @@ mod tests {
         fn is_read_only(&self) -> bool {
             false
         }
+    }
+
+    /// A table found in the cache (a read loaded it) is still checked
+    /// against the image's fixed metadata before the first write changes
+    /// it: an L1 entry pointing at the refcount table must not let a write
+    /// store L2 entries over it.
+    #[test]
+    fn cached_table_inside_metadata_is_refused_for_writes() {
+        let m = Arc::new(MemStorage::new());
+        let o = CreateOptions::new(4 << 20);
+        let q = Qcow2::create(m.clone(), &o, Qcow2Options::default()).unwrap();
+        q.write_at(&[7u8; 512], 0).unwrap();
+        let h = q.header();
+        q.close().unwrap();
+        // L1 entry 0 -> the refcount table's cluster, marked COPIED.
+        let bad = h.refcount_table_offset | (1 << 63);
+        m.write_at(&bad.to_be_bytes(), h.l1_table_offset).unwrap();
+        let reftable_before = {
+            let mut b = vec![0u8; 512];
+            m.read_at(&mut b, h.refcount_table_offset).unwrap();
+            b
+        };
+        let q = Qcow2::open(m.clone(), Qcow2Options::default()).unwrap();
+        // The read loads the "table" into the cache (its entries, refcount
+        // block offsets, look like plain unowned clusters).
+        let mut buf = vec![0u8; 512];
+        q.read_at(&mut buf, 0).unwrap();
+        let e = q.write_at(&[1u8; 512], 5 * 65536).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::Corrupt, "{e}");
+        drop(q);
+        let mut after = vec![0u8; 512];
+        m.read_at(&mut after, h.refcount_table_offset).unwrap();
+        assert_eq!(after, reftable_before, "the refcount table was written over");
     }
 
     /// Allocating writes link into the table they planned with, unless it

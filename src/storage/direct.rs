@@ -1,8 +1,9 @@
 //! Host files opened with `O_DIRECT` (QEMU's `cache=none`): I/O bypasses
 //! the page cache. The kernel wants offsets, lengths and buffers aligned to
 //! the device's block size; [`DirectFile`] sends requests that already are
-//! (offset, length and buffer on 4 KiB boundaries, inside the file) straight
-//! to the file, aligns the others with bounce buffers, and serializes the
+//! (offset, length and buffer on 4 KiB boundaries) straight to the file,
+//! without an `fstat` (it keeps a lower bound of the file's length), aligns
+//! the others with bounce buffers, and serializes the
 //! read-modify-write of partial blocks so
 //! concurrent partial writes to one block do not lose each other's bytes
 //! (a whole-block write racing a partial write of the same block may be
@@ -173,14 +174,28 @@ impl Storage for DirectFile {
         }
         let (a0, a1) = span(offset, buf.len())?;
         let end = offset + buf.len() as u64;
-        if aligned(buf, offset) && end <= self.known_len.load(Ordering::Acquire) {
-            // Whole blocks inside the file: straight from the caller's
-            // buffer, no fstat, no lock.
-            return self
-                .inner
+        if aligned(buf, offset) {
+            if end <= self.known_len.load(Ordering::Acquire) {
+                // Whole blocks inside the file: straight from the caller's
+                // buffer, no fstat, no lock.
+                return self
+                    .inner
+                    .std_file()
+                    .write_all_at(buf, offset)
+                    .map_err(|e| self.err("O_DIRECT write failed", e, offset));
+            }
+            // Whole blocks reaching past what this descriptor knows of the
+            // file (a new qcow2 cluster): still straight from the caller's
+            // buffer and without fstat, since the file ends at least at
+            // `end` afterwards. Under `grow`, so a concurrent `set_len`
+            // cannot come between the write and the length noted.
+            let _grow = self.grow.lock();
+            self.inner
                 .std_file()
                 .write_all_at(buf, offset)
-                .map_err(|e| self.err("O_DIRECT write failed", e, offset));
+                .map_err(|e| self.err("O_DIRECT write failed", e, offset))?;
+            self.known_len.fetch_max(end, Ordering::AcqRel);
+            return Ok(());
         }
         let partial = a0 != offset || a1 != end;
         // Lock the stripes of partial edge blocks, in order.
@@ -192,10 +207,12 @@ impl Storage for DirectFile {
         idx.sort_unstable();
         idx.dedup();
         let _guards: Vec<_> = idx.iter().map(|&i| self.stripes[i].lock()).collect();
-        // Writes that reach past the end are serialized, and see the length
-        // they will extend.
-        let _grow = if a1 > self.len()? { Some(self.grow.lock()) } else { None };
-        let old_len = self.len()?;
+        // Writes that may reach past the end are serialized, and see the
+        // length they will extend (one fstat); the others lie inside the
+        // known length, so the file is at least `a1` long.
+        let grows = a1 > self.known_len.load(Ordering::Acquire);
+        let _grow = grows.then(|| self.grow.lock());
+        let old_len = if grows { self.len()? } else { a1 };
         let mut b = Aligned::new((a1 - a0) as usize);
         if partial {
             self.read_aligned(b.as_mut_slice(), a0)?;
@@ -211,7 +228,7 @@ impl Storage for DirectFile {
                 self.inner.set_len(want)?;
             }
         }
-        if _grow.is_some() {
+        if grows {
             // Only under `grow`, so a concurrent set_len cannot be undone.
             self.known_len.fetch_max(old_len.max(end), Ordering::AcqRel);
         }
