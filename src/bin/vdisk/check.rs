@@ -142,6 +142,16 @@ fn check(a: &CheckArgs) -> Result<i32> {
     if crate::vhdx_cli::is_vhdx(a) {
         return crate::vhdx_cli::check(a, json, repair != Repair::None);
     }
+    // Formats without repairs (qemu-img's exit 63 for `-r`) are opened
+    // read-only: a VDI that refuses read-write opens (blocks shared by two
+    // entries) is still checked.
+    let no_repairs = match a.format.as_deref() {
+        Some(f) => f == "vdi" || f == "vpc",
+        None => vdisk::FileStorage::open(std::path::Path::new(&a.image), true)
+            .and_then(|st| vdisk::probe::probe(&st))
+            .is_ok_and(|f| matches!(f, vdisk::Format::Vdi | vdisk::Format::Vpc)),
+    };
+    let read_only = read_only || no_repairs;
     let (path, img) = open_arg_shared(&a.secrets, &a.image, a.format.as_deref(), read_only, false, a.force_share)?;
     let filename = path.display().to_string();
     match img {
