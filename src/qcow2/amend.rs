@@ -108,7 +108,13 @@ impl Qcow2 {
     /// in place: only the header changes (a version 2 image uses nothing
     /// version 3 reads differently). Reopen the image to use what version 3
     /// adds (zero clusters, lazy refcounts). Downgrading works as
-    /// `qemu-img amend -o compat=0.10` does: see [`Qcow2::downgrade`].
+    /// `qemu-img amend -o compat=0.10` does: refused, with QEMU's messages,
+    /// for refcount widths other than 16 bits, a data file, extended L2
+    /// entries and zstd-compressed clusters, and also for persistent
+    /// bitmaps and snapshots holding zero clusters; zero clusters of the
+    /// active layer keep their host cluster filled with zeros, or become
+    /// unallocated (zeros as data over a backing file); lazy refcounts are
+    /// written and turned off; the header is written last.
     pub fn set_compat(&self, compat: &str) -> Result<()> {
         self.check_writable()?;
         let h = self.header.lock();
