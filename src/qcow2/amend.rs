@@ -195,51 +195,70 @@ impl Qcow2 {
         };
         let snapshots: Vec<(String, u64, u32)> =
             self.snapshots.read().iter().map(|s| (s.name.clone(), s.l1_table_offset, s.l1_size)).collect();
+        // Every table is looked at one L2 table at a time: nothing here
+        // is sized by the number of clusters of the image.
         let mut compressed = false;
         for (name, off, n) in &snapshots {
-            let found = self.scan_l2_entries(*off, *n)?;
-            compressed |= found.compressed;
-            if !found.zero.is_empty() {
+            let mut zero = false;
+            self.scan_l2_tables(*off, *n, &mut |_, t| {
+                compressed |= t.iter().any(|&e| e & OFLAG_COMPRESSED != 0);
+                zero |= t.iter().any(|&e| e & OFLAG_COMPRESSED == 0 && e & OFLAG_ZERO != 0);
+                Ok(())
+            })?;
+            if zero {
                 return Err(Error::invalid_argument(format!(
                     "snapshot '{name}' holds zero clusters, which compat=0.10 cannot express: delete the snapshot first"
                 ))
                 .with_field("snapshots"));
             }
         }
-        let active = self.scan_l2_entries(l1_offset, l1_size)?;
-        if zstd && (compressed || active.compressed) {
-            return Err(Error::invalid_argument(
-                "Cannot downgrade an image with zstd compression type and existing compressed clusters",
-            )
-            .with_field("compression_type"));
+        if zstd {
+            self.scan_l2_tables(l1_offset, l1_size, &mut |_, t| {
+                compressed |= t.iter().any(|&e| e & OFLAG_COMPRESSED != 0);
+                Ok(())
+            })?;
+            if compressed {
+                return Err(Error::invalid_argument(
+                    "Cannot downgrade an image with zstd compression type and existing compressed clusters",
+                )
+                .with_field("compression_type"));
+            }
         }
-        // Zero clusters of the active layer, as runs of clusters: those
-        // with a host cluster keep it, filled with zeros (a preallocated
-        // image stays preallocated), as do all of them over a backing file
-        // (which must not show through); the others become unallocated.
+        // Zero clusters of the active layer, as runs of clusters within each
+        // L2 table: those with a host cluster keep it, filled with zeros (a
+        // preallocated image stays preallocated), as do all of them over a
+        // backing file (which must not show through); the others become
+        // unallocated. A table is read from the file before any of its
+        // entries change, and changes touch only that table's entries.
         let cs = self.geo.cluster_size();
         let size = crate::device::BlockDevice::size(self);
         let backing = self.has_backing();
-        let mut runs: Vec<(u64, u64, bool)> = Vec::new();
-        for (c, allocated) in active.zero {
-            let off = c * cs;
-            let as_data = allocated || backing;
-            match runs.last_mut() {
-                Some((s, l, d)) if *s + *l == off && *d == as_data => *l += cs,
-                _ => runs.push((off, cs, as_data)),
+        self.scan_l2_tables(l1_offset, l1_size, &mut |first, t| {
+            let mut runs: Vec<(u64, u64, bool)> = Vec::new();
+            for (j, &e) in t.iter().enumerate() {
+                if e & OFLAG_COMPRESSED != 0 || e & OFLAG_ZERO == 0 {
+                    continue;
+                }
+                let off = (first + j as u64) * cs;
+                let as_data = e & OFFSET_MASK != 0 || backing;
+                match runs.last_mut() {
+                    Some((s, l, d)) if *s + *l == off && *d == as_data => *l += cs,
+                    _ => runs.push((off, cs, as_data)),
+                }
             }
-        }
-        for (off, len, as_data) in runs {
-            let len = len.min(size.saturating_sub(off));
-            if len == 0 {
-                continue;
+            for (off, len, as_data) in runs {
+                let len = len.min(size.saturating_sub(off));
+                if len == 0 {
+                    continue;
+                }
+                if as_data {
+                    crate::storage::write_zeros_with(off, len, |buf, at| self.write_impl(buf, at))?;
+                } else {
+                    self.discard_all(off, len)?;
+                }
             }
-            if as_data {
-                crate::storage::write_zeros_with(off, len, |buf, at| self.write_impl(buf, at))?;
-            } else {
-                self.discard_all(off, len)?;
-            }
-        }
+            Ok(())
+        })?;
         self.flush_impl()?;
         self.set_lazy_refcounts(false)?;
         let Some(alloc) = &self.alloc else {
@@ -265,39 +284,21 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The clusters of the image a table pair describes (an L1 table at
-    /// `l1_offset` of `l1_size` entries) whose L2 entry has the zero flag,
-    /// and whether any entry is compressed. Reads the tables from the file
-    /// (the caller flushed).
-    fn scan_l2_entries(&self, l1_offset: u64, l1_size: u32) -> Result<Scan> {
+    /// Calls `f` with each L2 table an L1 table at `l1_offset` of
+    /// `l1_size` entries points at, read from the file (the caller
+    /// flushed), and the index of the table's first cluster.
+    fn scan_l2_tables(&self, l1_offset: u64, l1_size: u32, f: &mut dyn FnMut(u64, &[u64]) -> Result<()>) -> Result<()> {
         let file = &*self.file;
         let l1 = table::read_u64_table(file, l1_offset, l1_size as usize, "L1 table")?;
         let n = self.geo.l2_entries();
-        let mut out = Scan::default();
         for (i, e) in l1.iter().enumerate() {
             let l2 = e & OFFSET_MASK;
             if l2 == 0 {
                 continue;
             }
             let t = table::read_u64_table(file, l2, n as usize, "L2 table")?;
-            for (j, &entry) in t.iter().enumerate() {
-                if entry & OFLAG_COMPRESSED != 0 {
-                    out.compressed = true;
-                } else if entry & OFLAG_ZERO != 0 {
-                    out.zero.push((i as u64 * n + j as u64, entry & OFFSET_MASK != 0));
-                }
-            }
+            f(i as u64 * n, &t)?;
         }
-        Ok(out)
+        Ok(())
     }
-}
-
-/// What [`Qcow2::scan_l2_entries`] found.
-#[derive(Default)]
-struct Scan {
-    /// Cluster indexes with the zero flag, ascending, and whether the entry
-    /// has a host cluster.
-    zero: Vec<(u64, bool)>,
-    /// Some entry is compressed.
-    compressed: bool,
 }
