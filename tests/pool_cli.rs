@@ -3,48 +3,11 @@
 //! 9.0 against libvirt's test driver), and errors as `error:` lines.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
-struct Cli {
-    _tmp: tempfile::TempDir,
-    root: std::path::PathBuf,
-}
+mod common;
 
-impl Cli {
-    fn new() -> Cli {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        Cli { _tmp: tmp, root }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vdisk"))
-            .env("VDISK_CONFIG_DIR", self.root.join("cfg"))
-            .env("VDISK_LIBVIRT_DIR", "")
-            .current_dir(&self.root)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vdisk {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "vdisk {} should fail", args.join(" "));
-        String::from_utf8(o.stderr).unwrap()
-    }
-}
+use common::VirshCli as Cli;
 
 #[test]
 fn a_virsh_users_session() {

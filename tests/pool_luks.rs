@@ -7,58 +7,26 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-struct Cli {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
+mod common;
+
+use common::VirshCli;
+
+/// A started dir pool `default` and a passphrase file `pw`.
+fn setup() -> VirshCli {
+    let c = VirshCli::new();
+    let t = c.root.join("images");
+    c.ok(&["pool-define-as", "default", "dir", "--target", t.to_str().unwrap()]);
+    c.ok(&["pool-start", "default", "--build"]);
+    std::fs::write(c.root.join("pw"), "correct horse").unwrap();
+    c
 }
 
-impl Cli {
-    fn new() -> Cli {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let c = Cli { _tmp: tmp, root };
-        let t = c.root.join("images");
-        c.ok(&["pool-define-as", "default", "dir", "--target", t.to_str().unwrap()]);
-        c.ok(&["pool-start", "default", "--build"]);
-        std::fs::write(c.root.join("pw"), "correct horse").unwrap();
-        c
-    }
+fn vol(c: &VirshCli, name: &str) -> PathBuf {
+    c.root.join("images").join(name)
+}
 
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vdisk"))
-            .env("VDISK_CONFIG_DIR", self.root.join("cfg"))
-            .env("VDISK_LIBVIRT_DIR", "")
-            .current_dir(&self.root)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vdisk {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "vdisk {} should fail", args.join(" "));
-        String::from_utf8(o.stderr).unwrap()
-    }
-
-    fn vol(&self, name: &str) -> PathBuf {
-        self.root.join("images").join(name)
-    }
-
-    fn pw(&self) -> String {
-        self.root.join("pw").to_str().unwrap().to_string()
-    }
+fn pw(c: &VirshCli) -> String {
+    c.root.join("pw").to_str().unwrap().to_string()
 }
 
 /// qemu-img with the passphrase as a secret object, over `--image-opts`.
@@ -90,11 +58,11 @@ fn validate(dir: &Path, name: &str, xml: &str) {
 
 #[test]
 fn vol_create_as_makes_luks_volumes_qemu_opens() {
-    let c = Cli::new();
-    let pw = c.pw();
+    let c = setup();
+    let pw = pw(&c);
     // raw + passphrase: a standalone LUKS volume (qemu-img create -f luks).
     c.ok(&["vol-create-as", "default", "enc.img", "64M", "--passphrase-file", &pw, "-o", "iter-time=10"]);
-    let img = c.vol("enc.img");
+    let img = vol(&c, "enc.img");
     let opts = format!("driver=luks,file.filename={},key-secret=sec0", img.display());
     let info = qemu_info(&pw, &opts);
     assert_eq!(info["virtual-size"], 64 << 20, "{info}");
@@ -134,7 +102,7 @@ fn vol_create_as_makes_luks_volumes_qemu_opens() {
         "-o",
         "encrypt.iter-time=10",
     ]);
-    let q = c.vol("enc.qcow2");
+    let q = vol(&c, "enc.qcow2");
     let qopts = format!("driver=qcow2,file.filename={},encrypt.key-secret=sec0", q.display());
     let info = qemu_info(&pw, &qopts);
     assert_eq!(info["format-specific"]["data"]["encrypt"]["format"], "luks", "{info}");
@@ -174,7 +142,7 @@ fn vol_create_as_makes_luks_volumes_qemu_opens() {
     assert!(e.contains("needs a passphrase"), "{e}");
     let e = c.fails(&["vol-create-as", "default", "bad.img", "8M", "--passphrase-file", &pw, "-o", "cluster_size=4k"]);
     assert!(e.contains("cluster_size") && e.contains("luks"), "{e}");
-    assert!(!c.vol("bad.img").exists());
+    assert!(!vol(&c, "bad.img").exists());
 
     // --print-xml says what would be made, and it validates.
     let printed = c.ok(&["vol-create-as", "default", "p.img", "1G", "--passphrase-file", &pw, "--print-xml"]);
@@ -187,8 +155,8 @@ fn vol_create_as_makes_luks_volumes_qemu_opens() {
 
 #[test]
 fn vol_create_from_libvirt_xml_with_cipher_and_ivgen() {
-    let c = Cli::new();
-    let pw = c.pw();
+    let c = setup();
+    let pw = pw(&c);
     // What libvirt's documentation shows for a LUKS volume; the secret
     // object's UUID is accepted and the passphrase comes from the file.
     let doc = "<volume>
@@ -209,10 +177,10 @@ fn vol_create_from_libvirt_xml_with_cipher_and_ivgen() {
     // Without a passphrase: a clear error, nothing created.
     let e = c.fails(&["vol-create", "default", f.to_str().unwrap()]);
     assert!(e.contains("needs a passphrase"), "{e}");
-    assert!(!c.vol("cbc.img").exists());
+    assert!(!vol(&c, "cbc.img").exists());
     // The iteration time comes from the default (2 s), as libvirt's does.
     c.ok(&["vol-create", "default", f.to_str().unwrap(), "--passphrase-file", &pw]);
-    let opts = format!("driver=luks,file.filename={},key-secret=sec0", c.vol("cbc.img").display());
+    let opts = format!("driver=luks,file.filename={},key-secret=sec0", vol(&c, "cbc.img").display());
     let d = qemu_info(&pw, &opts)["format-specific"]["data"].clone();
     assert_eq!(d["cipher-alg"], "aes-128", "{d}");
     assert_eq!(d["cipher-mode"], "cbc", "{d}");
@@ -223,7 +191,7 @@ fn vol_create_from_libvirt_xml_with_cipher_and_ivgen() {
     let q = doc.replace("cbc.img", "cbc.qcow2").replace("type='raw'", "type='qcow2'");
     std::fs::write(&f, q).unwrap();
     c.ok(&["vol-create", "default", f.to_str().unwrap(), "--passphrase-file", &pw]);
-    let qopts = format!("driver=qcow2,file.filename={},encrypt.key-secret=sec0", c.vol("cbc.qcow2").display());
+    let qopts = format!("driver=qcow2,file.filename={},encrypt.key-secret=sec0", vol(&c, "cbc.qcow2").display());
     let d = qemu_info(&pw, &qopts)["format-specific"]["data"]["encrypt"].clone();
     assert_eq!(d["cipher-alg"], "aes-128", "{d}");
     assert_eq!(d["hash-alg"], "sha1", "{d}");

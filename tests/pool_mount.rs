@@ -11,56 +11,18 @@ use std::process::{Command, Output};
 
 use vdisk::{BlockDevice, Format, OpenOptions};
 
-struct Host {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
+mod common;
 
-impl Host {
-    fn new() -> Host {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        std::fs::create_dir_all(root.join("libvirt")).unwrap();
-        Host { _tmp: tmp, root }
-    }
+use common::VirshCli as Host;
 
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_vdisk"))
-            .env("VDISK_CONFIG_DIR", self.root.join("cfg"))
-            .env("VDISK_LIBVIRT_DIR", self.root.join("libvirt"))
-            .current_dir(&self.root)
-            .args(args)
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "vdisk {} failed: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-
-    fn fails(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert_eq!(o.status.code(), Some(1), "vdisk {} should fail", args.join(" "));
-        String::from_utf8(o.stderr).unwrap()
-    }
-
-    fn define_fs(&self, name: &str, device: &str, target: &Path) {
-        let xml = format!(
-            "<pool type='fs'><name>{name}</name><source><device path='{device}'/><format type='tmpfs'/></source><target><path>{}</path></target></pool>",
-            target.display()
-        );
-        let f = self.root.join(format!("{name}.xml"));
-        std::fs::write(&f, xml).unwrap();
-        self.ok(&["pool-define", f.to_str().unwrap()]);
-    }
+fn define_fs(h: &Host, name: &str, device: &str, target: &Path) {
+    let xml = format!(
+        "<pool type='fs'><name>{name}</name><source><device path='{device}'/><format type='tmpfs'/></source><target><path>{}</path></target></pool>",
+        target.display()
+    );
+    let f = h.root.join(format!("{name}.xml"));
+    std::fs::write(&f, xml).unwrap();
+    h.ok(&["pool-define", f.to_str().unwrap()]);
 }
 
 fn mount_source_of(target: &Path) -> Option<String> {
@@ -103,11 +65,11 @@ impl Drop for Unmount {
 
 #[test]
 fn fs_pool_start_mounts_and_destroy_unmounts() {
-    let h = Host::new();
+    let h = Host::with_libvirt_dir();
     let target = h.root.join("pool");
     let _u = Unmount(target.clone());
     let dev = unique_device();
-    h.define_fs("scratch", &dev, &target);
+    define_fs(&h, "scratch", &dev, &target);
     h.ok(&["pool-build", "scratch"]);
     if !is_root() {
         let e = h.fails(&["pool-start", "scratch"]);
@@ -142,12 +104,12 @@ fn conflicting_mounts_and_targets_are_refused() {
         eprintln!("not root: mounting is refused before any conflict can be seen; skipping");
         return;
     }
-    let h = Host::new();
+    let h = Host::with_libvirt_dir();
     let (t1, t2) = (h.root.join("one"), h.root.join("two"));
     let (_u1, _u2) = (Unmount(t1.clone()), Unmount(t2.clone()));
     let dev = unique_device();
-    h.define_fs("one", &dev, &t1);
-    h.define_fs("two", &dev, &t2);
+    define_fs(&h, "one", &dev, &t1);
+    define_fs(&h, "two", &dev, &t2);
     h.ok(&["pool-build", "one"]);
     h.ok(&["pool-build", "two"]);
     h.ok(&["pool-start", "one"]);
@@ -184,7 +146,7 @@ fn without_root_the_error_says_root_is_needed() {
         eprintln!("setpriv (util-linux) missing: cannot drop root; skipping");
         return;
     }
-    let h = Host::new();
+    let h = Host::with_libvirt_dir();
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&h.root, std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -230,7 +192,7 @@ fn fs_pool_on_a_device_named_through_a_symlink() {
         eprintln!("skipped: mounting needs root");
         return;
     }
-    let h = Host::new();
+    let h = Host::with_libvirt_dir();
     let backing = h.root.join("disk.img");
     std::fs::File::create(&backing).unwrap().set_len(16 << 20).unwrap();
     let mk = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&backing).output();

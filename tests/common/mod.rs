@@ -225,3 +225,60 @@ pub fn assert_qemu_compare(img: &Path, fmt: &str, model: &Model) {
     );
     assert_eq!(code, 0, "qemu-img compare {}: {out}{err}", img.display());
 }
+
+/// The `vdisk` command as a virsh user runs it, with a configuration
+/// directory of its own (`VDISK_CONFIG_DIR`) and either no libvirt
+/// configuration (`VDISK_LIBVIRT_DIR` empty) or an empty one of its own.
+pub struct VirshCli {
+    _tmp: tempfile::TempDir,
+    /// The test's directory (the working directory of every command).
+    pub root: PathBuf,
+    libvirt: PathBuf,
+}
+
+impl VirshCli {
+    /// No libvirt configuration is read.
+    pub fn new() -> VirshCli {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        VirshCli { _tmp: tmp, root, libvirt: PathBuf::new() }
+    }
+
+    /// An empty libvirt configuration directory of its own (`root/libvirt`).
+    pub fn with_libvirt_dir() -> VirshCli {
+        let mut c = VirshCli::new();
+        c.libvirt = c.root.join("libvirt");
+        std::fs::create_dir_all(&c.libvirt).unwrap();
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_vdisk"))
+            .env("VDISK_CONFIG_DIR", self.root.join("cfg"))
+            .env("VDISK_LIBVIRT_DIR", &self.libvirt)
+            .current_dir(&self.root)
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// Runs and expects success; the standard output.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "vdisk {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Runs and expects exit status 1; the standard error.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(1), "vdisk {} should fail", args.join(" "));
+        String::from_utf8(o.stderr).unwrap()
+    }
+}
